@@ -1,0 +1,8 @@
+//! `edgeshift slice` (being built: see issue 2).
+
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("`edgeshift slice` is not built yet")
+}

@@ -1,0 +1,386 @@
+//! A chunk store in a directory on this edge.
+//!
+//! Layout: `DIR/edgeshift-store` (marker), `DIR/chunks/ab/<64 hex>` (one file
+//! per chunk, fanned out by the first byte), `DIR/manifests/<64 hex>`, and
+//! `DIR/tmp/` for writes in progress. A chunk is written to `tmp/`, synced,
+//! then renamed into place and its directory synced: a chunk file under
+//! `chunks/` is always whole and durable, and a crash leaves at most a stray
+//! temp file, which the next open removes.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use edgeshift_common::{Fingerprint, Manifest, ManifestId};
+
+use super::{ChunkStore, PutOutcome, StoreError, StoreStats};
+
+pub const STORE_MARKER: &str = "edgeshift-store";
+const MARKER_TEXT: &str = "edgeshift chunk store, layout 1\n";
+
+/// A chunk store rooted at a directory.
+#[derive(Debug)]
+pub struct LocalStore {
+    root: PathBuf,
+    tmp_seq: AtomicU64,
+}
+
+pub(crate) fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Syncs a directory so that a rename into it is durable.
+pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("sync directory", dir))
+}
+
+impl LocalStore {
+    /// Opens an existing store; a missing directory or one without the marker
+    /// is an error (so a typo never silently creates an empty store).
+    pub fn open(root: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let root = root.as_ref().to_path_buf();
+        if !root.exists() {
+            return Err(StoreError::Missing(root));
+        }
+        if !root.join(STORE_MARKER).is_file() {
+            return Err(StoreError::NotAStore(root));
+        }
+        let store = LocalStore {
+            root,
+            tmp_seq: AtomicU64::new(0),
+        };
+        store.clean_tmp()?;
+        Ok(store)
+    }
+
+    /// Opens the store at `root`, creating it (and its directory) if absent.
+    /// An existing non-empty directory that is not a store is refused.
+    pub fn open_or_create(root: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let root = root.as_ref().to_path_buf();
+        if root.join(STORE_MARKER).is_file() {
+            return Self::open(root);
+        }
+        if root.exists() {
+            let mut entries = fs::read_dir(&root).map_err(io_err("read directory", &root))?;
+            if entries.next().is_some() {
+                return Err(StoreError::NotAStore(root));
+            }
+        }
+        for sub in ["chunks", "manifests", "tmp"] {
+            let p = root.join(sub);
+            fs::create_dir_all(&p).map_err(io_err("create directory", &p))?;
+        }
+        let marker = root.join(STORE_MARKER);
+        fs::write(&marker, MARKER_TEXT).map_err(io_err("write", &marker))?;
+        sync_dir(&root)?;
+        Self::open(root)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where chunk `fp` lives (whether or not it is there). The transfer sends
+    /// chunk payloads straight from this file.
+    pub fn chunk_path(&self, fp: &Fingerprint) -> PathBuf {
+        let hex = fp.to_hex();
+        self.root.join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    pub fn manifest_path(&self, id: &ManifestId) -> PathBuf {
+        self.root.join("manifests").join(id.to_hex())
+    }
+
+    /// Directory for writes in progress; files there are never read as chunks.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// A fresh temp file path under `tmp/`, unique within this process.
+    pub fn tmp_path(&self, tag: &str) -> PathBuf {
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        self.tmp_dir().join(format!("{tag}.{}.{n}", std::process::id()))
+    }
+
+    fn clean_tmp(&self) -> Result<(), StoreError> {
+        let tmp = self.tmp_dir();
+        match fs::read_dir(&tmp) {
+            Ok(entries) => {
+                for e in entries.flatten() {
+                    // Another live process may own some of these; only remove
+                    // files whose writer pid is gone.
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let pid_alive = name
+                        .split('.')
+                        .nth(1)
+                        .and_then(|p| p.parse::<u32>().ok())
+                        .map(|pid| Path::new(&format!("/proc/{pid}")).exists())
+                        .unwrap_or(false);
+                    if !pid_alive {
+                        let _ = fs::remove_file(e.path());
+                    }
+                }
+                Ok(())
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                fs::create_dir_all(&tmp).map_err(io_err("create directory", &tmp))
+            }
+            Err(e) => Err(StoreError::Io {
+                op: "read directory",
+                path: tmp,
+                source: e,
+            }),
+        }
+    }
+
+    /// Moves a whole, synced temp file into place as chunk `fp`.
+    /// The caller guarantees the file holds bytes that hash to `fp` and has
+    /// synced it.
+    pub fn commit_tmp_chunk(&self, tmp: &Path, fp: &Fingerprint) -> Result<PutOutcome, StoreError> {
+        let dest = self.chunk_path(fp);
+        if dest.exists() {
+            let _ = fs::remove_file(tmp);
+            return Ok(PutOutcome::AlreadyPresent);
+        }
+        let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
+        if !dir.exists() {
+            fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+            sync_dir(&self.root.join("chunks"))?;
+        }
+        fs::rename(tmp, &dest).map_err(io_err("rename into", &dest))?;
+        sync_dir(&dir)?;
+        Ok(PutOutcome::Stored)
+    }
+
+    /// Writes `data` to a temp file and syncs it; returns the temp path.
+    fn write_tmp(&self, tag: &str, data: &[u8]) -> Result<PathBuf, StoreError> {
+        let tmp = self.tmp_path(tag);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io_err("create", &tmp))?;
+        f.write_all(data).map_err(io_err("write", &tmp))?;
+        f.sync_all().map_err(io_err("sync", &tmp))?;
+        Ok(tmp)
+    }
+
+    /// Deletes a chunk (on the coordinator's word; pin checks are the caller's).
+    pub fn remove_chunk(&self, fp: &Fingerprint) -> Result<bool, StoreError> {
+        let p = self.chunk_path(fp);
+        match fs::remove_file(&p) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StoreError::Io {
+                op: "remove",
+                path: p,
+                source: e,
+            }),
+        }
+    }
+
+    /// Every chunk fingerprint in the store (directory walk).
+    pub fn list_chunks(&self) -> Result<Vec<Fingerprint>, StoreError> {
+        let mut out = Vec::new();
+        self.walk_chunks(|fp, _| out.push(fp))?;
+        Ok(out)
+    }
+
+    fn walk_chunks(&self, mut f: impl FnMut(Fingerprint, u64)) -> Result<(), StoreError> {
+        let chunks = self.root.join("chunks");
+        for fan in fs::read_dir(&chunks)
+            .map_err(io_err("read directory", &chunks))?
+            .flatten()
+        {
+            let fan_path = fan.path();
+            let Ok(entries) = fs::read_dir(&fan_path) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name();
+                if let Some(fp) = name.to_str().and_then(|s| s.parse::<Fingerprint>().ok()) {
+                    let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                    f(fp, len);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ChunkStore for LocalStore {
+    fn has_chunk(&self, fp: &Fingerprint) -> Result<bool, StoreError> {
+        Ok(self.chunk_path(fp).is_file())
+    }
+
+    fn get_chunk(&self, fp: &Fingerprint) -> Result<Vec<u8>, StoreError> {
+        let p = self.chunk_path(fp);
+        let mut f = match File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(StoreError::ChunkMissing(*fp)),
+            Err(e) => {
+                return Err(StoreError::Io {
+                    op: "open",
+                    path: p,
+                    source: e,
+                })
+            }
+        };
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf).map_err(io_err("read", &p))?;
+        let actual = Fingerprint::of(&buf);
+        if actual != *fp {
+            metrics::counter!("edgeshift_store_corrupt_chunks_total").increment(1);
+            return Err(StoreError::ChunkInvalid { fp: *fp, actual });
+        }
+        Ok(buf)
+    }
+
+    fn put_chunk(&self, fp: &Fingerprint, data: &[u8]) -> Result<PutOutcome, StoreError> {
+        if fp.is_zero_chunk() {
+            return Err(StoreError::ZeroChunk);
+        }
+        if self.has_chunk(fp)? {
+            return Ok(PutOutcome::AlreadyPresent);
+        }
+        let tmp = self.write_tmp("chunk", data)?;
+        self.commit_tmp_chunk(&tmp, fp)
+    }
+
+    fn get_manifest(&self, id: &ManifestId) -> Result<Manifest, StoreError> {
+        let p = self.manifest_path(id);
+        let bytes = match fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(StoreError::ManifestMissing(*id)),
+            Err(e) => {
+                return Err(StoreError::Io {
+                    op: "read",
+                    path: p,
+                    source: e,
+                })
+            }
+        };
+        Manifest::from_bytes_checked(&bytes, id)
+            .map_err(|source| StoreError::ManifestInvalid { id: *id, source })
+    }
+
+    fn put_manifest(&self, manifest: &Manifest) -> Result<ManifestId, StoreError> {
+        let bytes = manifest.to_bytes();
+        let id = Fingerprint::of(&bytes);
+        let dest = self.manifest_path(&id);
+        if dest.is_file() {
+            return Ok(id);
+        }
+        let tmp = self.write_tmp("manifest", &bytes)?;
+        fs::rename(&tmp, &dest).map_err(io_err("rename into", &dest))?;
+        sync_dir(&self.root.join("manifests"))?;
+        Ok(id)
+    }
+
+    fn list_manifests(&self) -> Result<Vec<ManifestId>, StoreError> {
+        let dir = self.root.join("manifests");
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir)
+            .map_err(io_err("read directory", &dir))?
+            .flatten()
+        {
+            if let Some(id) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
+                out.push(id);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn stats(&self) -> Result<StoreStats, StoreError> {
+        let mut s = StoreStats::default();
+        self.walk_chunks(|_, len| {
+            s.chunks += 1;
+            s.chunk_bytes += len;
+        })?;
+        s.manifests = self.list_manifests()?.len() as u64;
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgeshift_common::ChunkSize;
+
+    #[test]
+    fn put_get_and_verify() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LocalStore::open_or_create(dir.path().join("s")).expect("create");
+        let data = b"hello chunk".to_vec();
+        let fp = Fingerprint::of(&data);
+        assert_eq!(store.put_chunk(&fp, &data).expect("put"), PutOutcome::Stored);
+        assert_eq!(
+            store.put_chunk(&fp, &data).expect("put"),
+            PutOutcome::AlreadyPresent
+        );
+        assert_eq!(store.get_chunk(&fp).expect("get"), data);
+        let wrong = Fingerprint::of(b"other");
+        assert!(matches!(
+            store.put_chunk_verified(&wrong, &data),
+            Err(StoreError::ChunkRejected { .. })
+        ));
+        assert!(matches!(
+            store.get_chunk(&wrong),
+            Err(StoreError::ChunkMissing(_))
+        ));
+
+        // A flipped byte on disk is reported by name, never returned.
+        let p = store.chunk_path(&fp);
+        let mut bytes = fs::read(&p).expect("read");
+        bytes[0] ^= 0xff;
+        fs::write(&p, bytes).expect("write");
+        match store.get_chunk(&fp) {
+            Err(StoreError::ChunkInvalid { fp: named, .. }) => assert_eq!(named, fp),
+            other => panic!("expected ChunkInvalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn manifests_and_stats() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LocalStore::open_or_create(dir.path()).expect("create");
+        let a = Fingerprint::of(b"a");
+        store.put_chunk(&a, b"a").expect("put");
+        let m = Manifest::new(ChunkSize::new(4096).expect("cs"), 10, vec![a]);
+        let id = store.put_manifest(&m).expect("put manifest");
+        assert_eq!(store.get_manifest(&id).expect("get"), m);
+        assert_eq!(
+            store.stats().expect("stats"),
+            StoreStats {
+                chunks: 1,
+                chunk_bytes: 1,
+                manifests: 1
+            }
+        );
+        assert!(matches!(
+            LocalStore::open(dir.path().join("nope")),
+            Err(StoreError::Missing(_))
+        ));
+    }
+
+    #[test]
+    fn stray_temp_files_are_cleaned_and_never_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LocalStore::open_or_create(dir.path()).expect("create");
+        // A writer killed mid-chunk leaves a temp file owned by a dead pid.
+        let stray = store.tmp_dir().join("chunk.999999999.0");
+        fs::write(&stray, b"torn").expect("write");
+        drop(store);
+        let store = LocalStore::open(dir.path()).expect("reopen");
+        assert!(!stray.exists());
+        assert_eq!(store.stats().expect("stats").chunks, 0);
+    }
+}

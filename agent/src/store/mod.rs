@@ -1,0 +1,76 @@
+//! The chunk store seam. A store is content-addressed: a chunk is named by its
+//! BLAKE3 fingerprint, and a manifest by the BLAKE3 of its bytes.
+//!
+//! Implementations: [`local::LocalStore`] (a directory on this edge). Peer and
+//! tiered stores are composed from the same trait by the transfer module.
+
+pub mod local;
+
+use edgeshift_common::{Fingerprint, Manifest, ManifestError, ManifestId};
+
+pub use local::LocalStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no chunk store at {0} (create one with `edgeshift slice IMAGE --store DIR`)")]
+    Missing(std::path::PathBuf),
+    #[error("{0} is not an edgeshift chunk store (no {marker} file)", marker = local::STORE_MARKER)]
+    NotAStore(std::path::PathBuf),
+    #[error("chunk {0} is not in the store")]
+    ChunkMissing(Fingerprint),
+    #[error("chunk {fp} is corrupt in the store: its bytes hash to {actual}")]
+    ChunkInvalid { fp: Fingerprint, actual: Fingerprint },
+    #[error("received bytes for chunk {fp} hash to {actual}: rejected")]
+    ChunkRejected { fp: Fingerprint, actual: Fingerprint },
+    #[error("the all-zero chunk is never stored")]
+    ZeroChunk,
+    #[error("manifest {0} is not in the store")]
+    ManifestMissing(ManifestId),
+    #[error("manifest {id} in the store is invalid: {source}")]
+    ManifestInvalid { id: ManifestId, source: ManifestError },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What a put did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Stored,
+    AlreadyPresent,
+}
+
+/// Usage figures a store reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreStats {
+    pub chunks: u64,
+    pub chunk_bytes: u64,
+    pub manifests: u64,
+}
+
+/// A content-addressed chunk store.
+pub trait ChunkStore: Send + Sync {
+    fn has_chunk(&self, fp: &Fingerprint) -> Result<bool, StoreError>;
+    /// Reads a chunk and checks its fingerprint; a chunk that fails is
+    /// reported as [`StoreError::ChunkInvalid`], never returned.
+    fn get_chunk(&self, fp: &Fingerprint) -> Result<Vec<u8>, StoreError>;
+    /// Stores bytes the caller has just hashed to `fp` itself (the slicer).
+    fn put_chunk(&self, fp: &Fingerprint, data: &[u8]) -> Result<PutOutcome, StoreError>;
+    /// Stores bytes that came from elsewhere: hashes them first and rejects
+    /// them with [`StoreError::ChunkRejected`] unless they hash to `fp`.
+    fn put_chunk_verified(&self, fp: &Fingerprint, data: &[u8]) -> Result<PutOutcome, StoreError> {
+        let actual = Fingerprint::of(data);
+        if actual != *fp {
+            return Err(StoreError::ChunkRejected { fp: *fp, actual });
+        }
+        self.put_chunk(fp, data)
+    }
+    fn get_manifest(&self, id: &ManifestId) -> Result<Manifest, StoreError>;
+    /// Stores a manifest; returns its id.
+    fn put_manifest(&self, manifest: &Manifest) -> Result<ManifestId, StoreError>;
+    fn list_manifests(&self) -> Result<Vec<ManifestId>, StoreError>;
+    fn stats(&self) -> Result<StoreStats, StoreError>;
+}

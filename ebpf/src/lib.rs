@@ -1,0 +1,1 @@
+//! The dirty tracker BPF program and its map layout (being built: see issue 5).
