@@ -3,9 +3,14 @@
 
 use clap::{Parser, Subcommand};
 
+mod agent;
+mod dirty;
+mod fetch;
 mod inspect;
+mod migrate;
 mod restore;
 mod slice;
+mod vm;
 
 /// edgeshift moves running VMs between edge servers: images as
 /// content-addressed chunks, only what the destination lacks on the wire.
@@ -27,6 +32,16 @@ pub enum Command {
     Restore(restore::Args),
     /// Show an image's figures: size, chunk size, chunks, unique and zero chunks.
     Inspect(inspect::Args),
+    /// Run the agent daemon: serve chunks and manifests to authenticated peers.
+    Agent(agent::Args),
+    /// Fetch an image's missing chunks from several peers at once.
+    Fetch(fetch::Args),
+    /// Watch a block device and report per-chunk write rates.
+    Dirty(dirty::Args),
+    /// Run, list and stop VMs on this edge.
+    Vm(vm::Args),
+    /// Hand a running VM over to another edge.
+    Migrate(migrate::Args),
 }
 
 pub fn init_logging(verbose: u8) {
@@ -48,5 +63,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Slice(a) => slice::run(a),
         Command::Restore(a) => restore::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Agent(a) => agent::run(a),
+        Command::Fetch(a) => fetch::run(a),
+        Command::Dirty(a) => dirty::run(a),
+        Command::Vm(a) => vm::run(a),
+        Command::Migrate(a) => migrate::run(a),
     }
 }

@@ -1,0 +1,1 @@
+//! Slicing images into chunks with io_uring, and rebuilding them (issue 2).

@@ -1,0 +1,1 @@
+//! Running VMs under QEMU, driven through QMP (issue 9).
