@@ -5,6 +5,7 @@
 pub mod fingerprint;
 pub mod manifest;
 pub mod size;
+pub mod wire;
 
 pub use fingerprint::{Fingerprint, FingerprintError};
 pub use manifest::{Manifest, ManifestError, ManifestHeader, ManifestId};

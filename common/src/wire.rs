@@ -1,0 +1,532 @@
+//! The agent-to-agent data-plane protocol: frames on a TCP stream.
+//!
+//! Every frame is a fixed 24-byte little-endian [`FrameHeader`] followed by
+//! `length` bytes of body. Bodies start with a fixed `zerocopy` struct where
+//! they have one; the variable tail (fingerprint lists, chunk bytes, manifest
+//! bytes, UTF-8 text) follows it. The full description, including the
+//! authentication exchange, is in `docs/wire.md`. Nothing here does I/O: the
+//! agent's transfer module reads and writes frames with these types.
+
+use zerocopy::byteorder::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::fingerprint::Fingerprint;
+
+/// First four bytes of every frame.
+pub const MAGIC: [u8; 4] = *b"ESW1";
+/// Protocol version carried in every header; a peer speaking another is refused.
+pub const VERSION: u8 = 1;
+/// Length of [`FrameHeader`] on the wire.
+pub const HEADER_LEN: usize = std::mem::size_of::<FrameHeader>();
+/// Largest body accepted once a peer is authenticated: a 16 MiB chunk plus its
+/// head, or a manifest of up to ~2 M chunks. Checked before any allocation.
+pub const MAX_FRAME_LEN: u32 = 64 << 20;
+/// Largest body accepted before authentication (hello, challenge, response):
+/// an unauthenticated peer cannot make us allocate more than this.
+pub const MAX_AUTH_FRAME_LEN: u32 = 1024;
+/// Longest node id a peer may announce, in bytes.
+pub const MAX_PEER_ID_LEN: usize = 128;
+/// Most fingerprints one chunk request may carry.
+pub const MAX_BATCH: usize = 4096;
+/// Largest decompressed chunk (the largest chunk size).
+pub const MAX_CHUNK_LEN: u32 = 16 << 20;
+
+/// Header flag on a chunk request: the client accepts zstd-compressed payloads.
+pub const FLAG_ZSTD_OK: u16 = 1;
+/// Header flag on a chunk payload: the bytes are a zstd frame.
+pub const FLAG_ZSTD: u16 = 1 << 1;
+
+/// Errors from decoding frames.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("not an edgeshift frame (bad magic {0:02x?})")]
+    BadMagic([u8; 4]),
+    #[error("peer speaks protocol version {0}, this build speaks {VERSION}")]
+    Version(u8),
+    #[error("unknown frame type {0}")]
+    UnknownKind(u8),
+    #[error("frame body of {len} bytes exceeds the limit of {max}")]
+    TooLong { len: u32, max: u32 },
+    #[error("{kind:?} frame body is {len} bytes, which is malformed for that type")]
+    BadBody { kind: FrameKind, len: usize },
+    #[error("peer id is {0} bytes (limit {MAX_PEER_ID_LEN}) or not UTF-8")]
+    BadPeerId(usize),
+    #[error("chunk request carries {0} fingerprints (limit {MAX_BATCH})")]
+    BatchTooLarge(usize),
+    #[error("chunk payload announces {0} bytes decompressed (limit {MAX_CHUNK_LEN})")]
+    ChunkTooLong(u32),
+}
+
+/// Frame types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// client → server: [`HelloBody`] + client id.
+    Hello = 1,
+    /// server → client: [`ChallengeBody`] + server id.
+    Challenge = 2,
+    /// client → server: [`ResponseBody`].
+    Response = 3,
+    /// server → client: empty; the peer may now send requests.
+    AuthOk = 4,
+    /// client → server: a manifest id (32 bytes).
+    ManifestRequest = 5,
+    /// server → client: the manifest's bytes.
+    Manifest = 6,
+    /// client → server: [`ChunkRequestHead`] + N × 32-byte fingerprints.
+    ChunkRequest = 7,
+    /// server → client: [`ChunkHead`] + the chunk's bytes (zstd if FLAG_ZSTD).
+    Chunk = 8,
+    /// server → client: the fingerprint (chunk or manifest) it does not hold.
+    Missing = 9,
+    /// either way: [`ErrorHead`] + UTF-8 message; the sender closes after it.
+    Error = 10,
+}
+
+impl TryFrom<u8> for FrameKind {
+    type Error = WireError;
+    fn try_from(v: u8) -> Result<Self, WireError> {
+        use FrameKind::*;
+        Ok(match v {
+            1 => Hello,
+            2 => Challenge,
+            3 => Response,
+            4 => AuthOk,
+            5 => ManifestRequest,
+            6 => Manifest,
+            7 => ChunkRequest,
+            8 => Chunk,
+            9 => Missing,
+            10 => FrameKind::Error,
+            other => return Err(WireError::UnknownKind(other)),
+        })
+    }
+}
+
+/// The fixed header in front of every frame (24 bytes, little-endian).
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct FrameHeader {
+    pub magic: [u8; 4],
+    pub version: u8,
+    pub kind: u8,
+    pub flags: U16,
+    /// Chosen by the requester, echoed on every frame that answers it.
+    pub request_id: U64,
+    /// Body length in bytes, not counting this header.
+    pub length: U32,
+    pub reserved: U32,
+}
+
+impl FrameHeader {
+    pub fn new(kind: FrameKind, flags: u16, request_id: u64, length: u32) -> Self {
+        FrameHeader {
+            magic: MAGIC,
+            version: VERSION,
+            kind: kind as u8,
+            flags: U16::new(flags),
+            request_id: U64::new(request_id),
+            length: U32::new(length),
+            reserved: U32::new(0),
+        }
+    }
+
+    /// Decodes and checks a header: magic, version, type, and a body length
+    /// no larger than `max_len` (checked before the body is read or allocated).
+    pub fn decode(bytes: &[u8; HEADER_LEN], max_len: u32) -> Result<(Self, FrameKind), WireError> {
+        // A [u8; HEADER_LEN] always holds exactly one header.
+        let h = FrameHeader::read_from_bytes(bytes.as_slice()).map_err(|_| WireError::BadBody {
+            kind: FrameKind::Error,
+            len: bytes.len(),
+        })?;
+        if h.magic != MAGIC {
+            return Err(WireError::BadMagic(h.magic));
+        }
+        if h.version != VERSION {
+            return Err(WireError::Version(h.version));
+        }
+        let kind = FrameKind::try_from(h.kind)?;
+        if h.length.get() > max_len {
+            return Err(WireError::TooLong {
+                len: h.length.get(),
+                max: max_len,
+            });
+        }
+        Ok((h, kind))
+    }
+
+    pub fn flags(&self) -> u16 {
+        self.flags.get()
+    }
+
+    pub fn request_id(&self) -> u64 {
+        self.request_id.get()
+    }
+
+    pub fn body_len(&self) -> u32 {
+        self.length.get()
+    }
+}
+
+/// Fixed part of a hello; the client's id (UTF-8) follows.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct HelloBody {
+    pub client_nonce: [u8; 32],
+}
+
+/// Fixed part of a challenge; the server's id (UTF-8) follows.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct ChallengeBody {
+    pub server_nonce: [u8; 32],
+    /// Proves the server holds the key: [`auth_proof`] over the client's nonce.
+    pub server_proof: [u8; 32],
+}
+
+/// The client's answer to a challenge.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct ResponseBody {
+    pub client_proof: [u8; 32],
+}
+
+/// Fixed part of a chunk request; the fingerprints follow.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct ChunkRequestHead {
+    /// The client's measured goodput of this path in bytes per second (0 =
+    /// not yet known). The server uses it to decide whether compressing a
+    /// chunk would make it arrive sooner.
+    pub path_rate: U64,
+}
+
+/// Fixed part of a chunk payload; the bytes follow.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct ChunkHead {
+    pub fingerprint: Fingerprint,
+    /// Length of the chunk itself (after decompression if FLAG_ZSTD).
+    pub raw_len: U32,
+    pub reserved: U32,
+}
+
+pub const CHUNK_HEAD_LEN: usize = std::mem::size_of::<ChunkHead>();
+
+/// Fixed part of an error frame; a UTF-8 message follows.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct ErrorHead {
+    pub code: U32,
+}
+
+/// Error codes carried in [`ErrorHead`].
+pub mod error_code {
+    pub const MALFORMED: u32 = 1;
+    pub const AUTH_FAILED: u32 = 2;
+    pub const TOO_LONG: u32 = 3;
+    pub const UNEXPECTED: u32 = 4;
+    pub const INTERNAL: u32 = 5;
+}
+
+/// Which side of the exchange a proof is for; part of the hashed message so a
+/// proof can never be reflected back as the other side's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Client,
+    Server,
+}
+
+impl Role {
+    fn tag(self) -> &'static [u8] {
+        match self {
+            Role::Client => b"edgeshift-auth-client",
+            Role::Server => b"edgeshift-auth-server",
+        }
+    }
+}
+
+/// The proof one side sends: `keyed_blake3(key, nonce || role || len(own_id) || own_id || len(peer_id) || peer_id)`
+/// (lengths as u32 little-endian),
+/// where `nonce` is the one the *other* side chose.
+pub fn auth_proof(key: &[u8; 32], nonce: &[u8; 32], role: Role, own_id: &str, peer_id: &str) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(nonce);
+    h.update(role.tag());
+    h.update(&(own_id.len() as u32).to_le_bytes());
+    h.update(own_id.as_bytes());
+    h.update(&(peer_id.len() as u32).to_le_bytes());
+    h.update(peer_id.as_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// Checks a received proof in constant time (`blake3::Hash` equality is).
+pub fn verify_proof(
+    key: &[u8; 32],
+    nonce: &[u8; 32],
+    role: Role,
+    prover_id: &str,
+    verifier_id: &str,
+    proof: &[u8; 32],
+) -> bool {
+    let want = blake3::Hash::from(auth_proof(key, nonce, role, prover_id, verifier_id));
+    want == blake3::Hash::from(*proof)
+}
+
+/// Whole frame (header + body) in one buffer.
+pub fn encode(kind: FrameKind, flags: u16, request_id: u64, parts: &[&[u8]]) -> Vec<u8> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut out = Vec::with_capacity(HEADER_LEN + len);
+    out.extend_from_slice(FrameHeader::new(kind, flags, request_id, len as u32).as_bytes());
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+fn peer_id_from(tail: &[u8]) -> Result<String, WireError> {
+    if tail.len() > MAX_PEER_ID_LEN {
+        return Err(WireError::BadPeerId(tail.len()));
+    }
+    String::from_utf8(tail.to_vec()).map_err(|_| WireError::BadPeerId(tail.len()))
+}
+
+pub fn encode_hello(nonce: &[u8; 32], id: &str) -> Vec<u8> {
+    let body = HelloBody { client_nonce: *nonce };
+    encode(FrameKind::Hello, 0, 0, &[body.as_bytes(), id.as_bytes()])
+}
+
+pub fn decode_hello(body: &[u8]) -> Result<(HelloBody, String), WireError> {
+    let (h, tail) = HelloBody::read_from_prefix(body).map_err(|_| WireError::BadBody {
+        kind: FrameKind::Hello,
+        len: body.len(),
+    })?;
+    Ok((h, peer_id_from(tail)?))
+}
+
+pub fn encode_challenge(c: &ChallengeBody, id: &str) -> Vec<u8> {
+    encode(FrameKind::Challenge, 0, 0, &[c.as_bytes(), id.as_bytes()])
+}
+
+pub fn decode_challenge(body: &[u8]) -> Result<(ChallengeBody, String), WireError> {
+    let (c, tail) = ChallengeBody::read_from_prefix(body).map_err(|_| WireError::BadBody {
+        kind: FrameKind::Challenge,
+        len: body.len(),
+    })?;
+    Ok((c, peer_id_from(tail)?))
+}
+
+pub fn decode_response(body: &[u8]) -> Result<ResponseBody, WireError> {
+    ResponseBody::read_from_bytes(body).map_err(|_| WireError::BadBody {
+        kind: FrameKind::Response,
+        len: body.len(),
+    })
+}
+
+/// A body that is exactly one fingerprint (manifest request, missing).
+pub fn decode_fingerprint(kind: FrameKind, body: &[u8]) -> Result<Fingerprint, WireError> {
+    Fingerprint::read_from_bytes(body).map_err(|_| WireError::BadBody {
+        kind,
+        len: body.len(),
+    })
+}
+
+pub fn encode_chunk_request(request_id: u64, zstd_ok: bool, path_rate: u64, fps: &[Fingerprint]) -> Vec<u8> {
+    let head = ChunkRequestHead {
+        path_rate: U64::new(path_rate),
+    };
+    let flags = if zstd_ok { FLAG_ZSTD_OK } else { 0 };
+    encode(
+        FrameKind::ChunkRequest,
+        flags,
+        request_id,
+        &[head.as_bytes(), fps.as_bytes()],
+    )
+}
+
+pub fn decode_chunk_request(body: &[u8]) -> Result<(ChunkRequestHead, &[Fingerprint]), WireError> {
+    let bad = || WireError::BadBody {
+        kind: FrameKind::ChunkRequest,
+        len: body.len(),
+    };
+    let (head, tail) = ChunkRequestHead::read_from_prefix(body).map_err(|_| bad())?;
+    let fps = <[Fingerprint]>::ref_from_bytes(tail).map_err(|_| bad())?;
+    if fps.is_empty() {
+        return Err(bad());
+    }
+    if fps.len() > MAX_BATCH {
+        return Err(WireError::BatchTooLarge(fps.len()));
+    }
+    Ok((head, fps))
+}
+
+/// Header + chunk head for a payload of `wire_len` bytes; the payload itself
+/// is sent separately (straight from the chunk file when uncompressed).
+pub fn encode_chunk_prefix(
+    request_id: u64,
+    fp: &Fingerprint,
+    raw_len: u32,
+    wire_len: u32,
+    zstd: bool,
+) -> Vec<u8> {
+    let head = ChunkHead {
+        fingerprint: *fp,
+        raw_len: U32::new(raw_len),
+        reserved: U32::new(0),
+    };
+    let flags = if zstd { FLAG_ZSTD } else { 0 };
+    let mut out = Vec::with_capacity(HEADER_LEN + CHUNK_HEAD_LEN);
+    let hdr = FrameHeader::new(
+        FrameKind::Chunk,
+        flags,
+        request_id,
+        CHUNK_HEAD_LEN as u32 + wire_len,
+    );
+    out.extend_from_slice(hdr.as_bytes());
+    out.extend_from_slice(head.as_bytes());
+    out
+}
+
+/// Splits a chunk body into its head and payload bytes.
+pub fn decode_chunk(body: &[u8]) -> Result<(ChunkHead, &[u8]), WireError> {
+    let (head, tail) = ChunkHead::ref_from_prefix(body).map_err(|_| WireError::BadBody {
+        kind: FrameKind::Chunk,
+        len: body.len(),
+    })?;
+    if head.raw_len.get() > MAX_CHUNK_LEN {
+        return Err(WireError::ChunkTooLong(head.raw_len.get()));
+    }
+    Ok((*head, tail))
+}
+
+pub fn encode_error(request_id: u64, code: u32, message: &str) -> Vec<u8> {
+    let head = ErrorHead { code: U32::new(code) };
+    encode(
+        FrameKind::Error,
+        0,
+        request_id,
+        &[head.as_bytes(), message.as_bytes()],
+    )
+}
+
+pub fn decode_error(body: &[u8]) -> (u32, String) {
+    match ErrorHead::read_from_prefix(body) {
+        Ok((h, tail)) => (h.code.get(), String::from_utf8_lossy(tail).into_owned()),
+        Err(_) => (0, String::from("(malformed error frame)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header_of(frame: &[u8]) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h.copy_from_slice(&frame[..HEADER_LEN]);
+        h
+    }
+
+    #[test]
+    fn header_is_24_bytes_and_round_trips() {
+        assert_eq!(HEADER_LEN, 24);
+        let fps = [Fingerprint::of(b"a"), Fingerprint::of(b"b")];
+        let f = encode_chunk_request(7, true, 1234, &fps);
+        let (h, kind) = FrameHeader::decode(&header_of(&f), MAX_FRAME_LEN).expect("valid header");
+        assert_eq!(kind, FrameKind::ChunkRequest);
+        assert_eq!(h.request_id(), 7);
+        assert_eq!(h.flags(), FLAG_ZSTD_OK);
+        assert_eq!(h.body_len() as usize, f.len() - HEADER_LEN);
+        let (head, got) = decode_chunk_request(&f[HEADER_LEN..]).expect("valid body");
+        assert_eq!(head.path_rate.get(), 1234);
+        assert_eq!(got, &fps);
+    }
+
+    #[test]
+    fn bad_headers_are_refused() {
+        let f = encode_hello(&[1; 32], "node-a");
+        let mut h = header_of(&f);
+        h[0] = b'X';
+        assert!(matches!(
+            FrameHeader::decode(&h, MAX_FRAME_LEN),
+            Err(WireError::BadMagic(_))
+        ));
+        let mut h = header_of(&f);
+        h[4] = 9;
+        assert_eq!(
+            FrameHeader::decode(&h, MAX_FRAME_LEN).err(),
+            Some(WireError::Version(9))
+        );
+        let mut h = header_of(&f);
+        h[5] = 200;
+        assert_eq!(
+            FrameHeader::decode(&h, MAX_FRAME_LEN).err(),
+            Some(WireError::UnknownKind(200))
+        );
+        let big = FrameHeader::new(FrameKind::Chunk, 0, 0, MAX_FRAME_LEN + 1);
+        let mut h = [0u8; HEADER_LEN];
+        h.copy_from_slice(big.as_bytes());
+        assert!(matches!(
+            FrameHeader::decode(&h, MAX_FRAME_LEN),
+            Err(WireError::TooLong { .. })
+        ));
+        // Before authentication the limit is far smaller.
+        let (_, _) = FrameHeader::decode(&header_of(&f), MAX_AUTH_FRAME_LEN).expect("hello fits");
+        let manifest = FrameHeader::new(FrameKind::Manifest, 0, 0, 4096);
+        h.copy_from_slice(manifest.as_bytes());
+        assert!(FrameHeader::decode(&h, MAX_AUTH_FRAME_LEN).is_err());
+    }
+
+    #[test]
+    fn bad_bodies_are_refused() {
+        assert!(decode_hello(&[0u8; 10]).is_err());
+        let mut long_id = vec![0u8; 32];
+        long_id.extend(std::iter::repeat_n(b'a', MAX_PEER_ID_LEN + 1));
+        assert!(matches!(decode_hello(&long_id), Err(WireError::BadPeerId(_))));
+        // Not a whole number of fingerprints.
+        assert!(decode_chunk_request(&[0u8; 8 + 33]).is_err());
+        // Empty request.
+        assert!(decode_chunk_request(&[0u8; 8]).is_err());
+        let too_many = vec![0u8; 8 + 32 * (MAX_BATCH + 1)];
+        assert!(matches!(
+            decode_chunk_request(&too_many),
+            Err(WireError::BatchTooLarge(_))
+        ));
+        assert!(decode_chunk(&[0u8; 10]).is_err());
+        let mut huge = encode_chunk_prefix(1, &Fingerprint::of(b"x"), MAX_CHUNK_LEN + 1, 0, true);
+        huge.drain(..HEADER_LEN);
+        assert!(matches!(decode_chunk(&huge), Err(WireError::ChunkTooLong(_))));
+        assert!(decode_fingerprint(FrameKind::Missing, &[0u8; 31]).is_err());
+    }
+
+    #[test]
+    fn proofs_bind_key_nonce_role_and_ids() {
+        let key = [7u8; 32];
+        let nonce = [3u8; 32];
+        let p = auth_proof(&key, &nonce, Role::Client, "a", "b");
+        assert!(verify_proof(&key, &nonce, Role::Client, "a", "b", &p));
+        assert!(!verify_proof(&[8u8; 32], &nonce, Role::Client, "a", "b", &p));
+        assert!(!verify_proof(&key, &[4u8; 32], Role::Client, "a", "b", &p));
+        assert!(!verify_proof(&key, &nonce, Role::Server, "a", "b", &p));
+        assert!(!verify_proof(&key, &nonce, Role::Client, "b", "a", &p));
+        // Length-prefixing keeps ("ab","") and ("a","b") apart.
+        assert_ne!(p, auth_proof(&key, &nonce, Role::Client, "ab", ""));
+    }
+
+    #[test]
+    fn chunk_prefix_and_error_round_trip() {
+        let fp = Fingerprint::of(b"payload");
+        let mut f = encode_chunk_prefix(9, &fp, 7, 7, false);
+        f.extend_from_slice(b"payload");
+        let (h, kind) = FrameHeader::decode(&header_of(&f), MAX_FRAME_LEN).expect("header");
+        assert_eq!(kind, FrameKind::Chunk);
+        assert_eq!(h.body_len() as usize, f.len() - HEADER_LEN);
+        let (head, bytes) = decode_chunk(&f[HEADER_LEN..]).expect("chunk");
+        assert_eq!(head.fingerprint, fp);
+        assert_eq!(bytes, b"payload");
+        let e = encode_error(3, error_code::AUTH_FAILED, "nope");
+        assert_eq!(
+            decode_error(&e[HEADER_LEN..]),
+            (error_code::AUTH_FAILED, "nope".to_string())
+        );
+    }
+}
