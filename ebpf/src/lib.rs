@@ -1,1 +1,198 @@
-//! The dirty tracker BPF program and its map layout (being built: see issue 5).
+//! The dirty tracker's BPF program and its map layout.
+//!
+//! The program itself is C (`src/dirty.bpf.c`), compiled by Debian's clang
+//! with BTF; this crate holds the `#[repr(C)]` twins of its map keys and
+//! values, the names the loader uses, and [`build_object`]: the one recipe
+//! that both `agent/build.rs` and `cargo xtask build-ebpf` run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The C source of the BPF program.
+pub const SOURCE_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/dirty.bpf.c");
+/// The file name the object is written under in the output directory.
+pub const OBJECT_FILE: &str = "dirty.bpf.o";
+/// The program's name (its C function).
+pub const PROGRAM: &str = "dirty_bio_queue";
+/// The tracepoint it attaches to: category and name.
+pub const TRACEPOINT: (&str, &str) = ("block", "block_bio_queue");
+/// `.rodata` global: log2 of the chunk size, set by the loader.
+pub const CHUNK_SHIFT_GLOBAL: &str = "CHUNK_SHIFT";
+/// Hash map of watched devices (kernel `dev_t` → 1).
+pub const WATCHED_MAP: &str = "WATCHED";
+/// Per-CPU hash map [`ChunkKey`] → [`ChunkCounts`].
+pub const CHUNKS_MAP: &str = "CHUNKS";
+/// Per-CPU array with one [`TrackerStats`].
+pub const STATS_MAP: &str = "STATS";
+/// Most chunks one bio is counted into; wider bios bump `truncated`.
+pub const MAX_SPAN_CHUNKS: u64 = 1024;
+
+/// Key of the `CHUNKS` map: `struct chunk_key` in the C source.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct ChunkKey {
+    /// Kernel-internal `dev_t` (see [`kernel_dev`]).
+    pub dev: u32,
+    pub pad: u32,
+    /// Byte offset on the device >> chunk shift.
+    pub chunk: u64,
+}
+
+/// One CPU's value in the `CHUNKS` map: `struct chunk_counts`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ChunkCounts {
+    pub writes: u64,
+    pub bytes: u64,
+}
+
+/// One CPU's value in the `STATS` map: `struct tracker_stats`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TrackerStats {
+    /// Write bios counted on watched devices.
+    pub events: u64,
+    /// Chunk updates lost because `CHUNKS` was full.
+    pub dropped: u64,
+    /// Bios wider than [`MAX_SPAN_CHUNKS`] chunks (only the first ones counted).
+    pub truncated: u64,
+}
+
+// The C side's sizes (x86_64/aarch64, both little-endian LP64 like BPF).
+const _: () = assert!(std::mem::size_of::<ChunkKey>() == 16);
+const _: () = assert!(std::mem::size_of::<ChunkCounts>() == 16);
+const _: () = assert!(std::mem::size_of::<TrackerStats>() == 24);
+
+/// The tracepoint's `dev` field is the kernel's internal `dev_t`,
+/// `MKDEV(major, minor) = major << 20 | minor`, not glibc's encoding of
+/// `st_rdev`; this converts a major/minor pair into it.
+pub fn kernel_dev(major: u32, minor: u32) -> u32 {
+    (major << 20) | (minor & 0xfffff)
+}
+
+/// Why the BPF object could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A tool is missing; the message says which package brings it.
+    #[error("cannot build the dirty tracker's BPF object: `{tool}` is missing; {hint}")]
+    MissingTool { tool: String, hint: &'static str },
+    /// A tool ran and failed.
+    #[error("{what} failed:\n{stderr}")]
+    ToolFailed { what: String, stderr: String },
+    #[error("building the BPF object: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+const INSTALL_HINT: &str = "install it with `apt-get install clang libbpf-dev bpftool` \
+     (or run `sudo bash .ci/setup`)";
+
+fn run_tool(tool: &str, cmd: &mut Command) -> Result<std::process::Output, BuildError> {
+    match cmd.output() {
+        Ok(out) if out.status.success() => Ok(out),
+        Ok(out) => Err(BuildError::ToolFailed {
+            what: format!("{cmd:?}"),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(BuildError::MissingTool {
+            tool: tool.to_owned(),
+            hint: INSTALL_HINT,
+        }),
+        Err(e) => Err(BuildError::Io(e)),
+    }
+}
+
+/// Compiles `src/dirty.bpf.c` into `out_dir/dirty.bpf.o` and returns its path.
+///
+/// Recipe: `vmlinux.h` is generated into `out_dir` from the running kernel's
+/// BTF (`bpftool btf dump file /sys/kernel/btf/vmlinux format c`; the
+/// program reads the tracepoint through CO-RE, so the loader fixes field
+/// offsets for the kernel it runs on), then
+/// `clang -target bpf -O2 -g` (`-g` puts BTF in the object, which aya needs
+/// for the `.maps` definitions and CO-RE) with libbpf-dev's headers.
+/// `CLANG` and `BPFTOOL` override the tools' names.
+pub fn build_object(out_dir: &Path) -> Result<PathBuf, BuildError> {
+    std::fs::create_dir_all(out_dir)?;
+    let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".into());
+    let bpftool = std::env::var("BPFTOOL").unwrap_or_else(|_| "bpftool".into());
+
+    if !Path::new("/usr/include/bpf/bpf_helpers.h").exists() {
+        return Err(BuildError::MissingTool {
+            tool: "libbpf-dev (/usr/include/bpf/bpf_helpers.h)".into(),
+            hint: INSTALL_HINT,
+        });
+    }
+    let vmlinux_btf = "/sys/kernel/btf/vmlinux";
+    let btf = run_tool(
+        &bpftool,
+        Command::new(&bpftool).args(["btf", "dump", "file", vmlinux_btf, "format", "c"]),
+    )?;
+    std::fs::write(out_dir.join("vmlinux.h"), &btf.stdout)?;
+
+    let object = out_dir.join(OBJECT_FILE);
+    let arch = match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        "x86_64" => "x86",
+        other => other,
+    };
+    run_tool(
+        &clang,
+        Command::new(&clang)
+            .args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror"])
+            .arg(format!("-D__TARGET_ARCH_{arch}"))
+            .arg("-I")
+            .arg(out_dir)
+            .args(["-c", SOURCE_PATH, "-o"])
+            .arg(&object),
+    )?;
+    Ok(object)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_dev_matches_mkdev() {
+        // loop0 is 7:0, nbd0 43:0, sda1 8:1; MKDEV shifts the major by 20.
+        assert_eq!(kernel_dev(7, 0), 7 << 20);
+        assert_eq!(kernel_dev(8, 1), 0x0080_0001);
+        assert_eq!(kernel_dev(259, 0x12345), (259 << 20) | 0x12345);
+    }
+
+    #[test]
+    fn layout_field_offsets_match_c() {
+        assert_eq!(std::mem::offset_of!(ChunkKey, chunk), 8);
+        assert_eq!(std::mem::offset_of!(ChunkCounts, bytes), 8);
+        assert_eq!(std::mem::offset_of!(TrackerStats, dropped), 8);
+        assert_eq!(std::mem::offset_of!(TrackerStats, truncated), 16);
+    }
+
+    #[test]
+    fn object_builds_and_its_btf_matches_this_layout() {
+        let dir = std::env::temp_dir().join(format!("edgeshift-ebpf-test-{}", std::process::id()));
+        let obj = match build_object(&dir) {
+            Ok(o) => o,
+            Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+                eprintln!("skipping: {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        // The object's BTF describes the C structs; their sizes must be ours.
+        let out = Command::new("bpftool")
+            .args(["btf", "dump", "file"])
+            .arg(&obj)
+            .output()
+            .expect("bpftool runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let _ = std::fs::remove_dir_all(&dir);
+        for (name, size) in [
+            ("chunk_key", std::mem::size_of::<ChunkKey>()),
+            ("chunk_counts", std::mem::size_of::<ChunkCounts>()),
+            ("tracker_stats", std::mem::size_of::<TrackerStats>()),
+        ] {
+            let needle = format!("STRUCT '{name}' size={size} ");
+            assert!(text.contains(&needle), "BTF lacks `{needle}`:\n{text}");
+        }
+    }
+}
