@@ -1,0 +1,581 @@
+//! The coordinator's operations, independent of HTTP: the ledger, the
+//! settings, hints and the database, kept consistent. Every change that must
+//! survive a restart is written to the database before memory changes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use edgeshift_common::{Fingerprint, Manifest, ManifestError, ManifestId};
+use roaring::RoaringBitmap;
+use serde::{Deserialize, Serialize};
+
+use crate::gc::{self, GcError, Watermarks};
+use crate::ledger::{ChunkId, EdgeIx, Ledger, LedgerError};
+use crate::persist::{PersistError, Store};
+use crate::planner::{self, ChunkJob, PlanError, Source};
+use crate::policy::Policy;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Gc(#[from] GcError),
+    #[error("manifest bytes are not valid: {0}")]
+    BadManifest(#[from] ManifestError),
+    #[error("manifest_hex is not hex: {0}")]
+    BadHex(String),
+    #[error("stored setting {0:?} cannot be read: {1}")]
+    BadSetting(String, serde_json::Error),
+    #[error("unknown lease {0} (released or expired)")]
+    UnknownLease(u64),
+    #[error("no hint for manifest {0} on edge {1:?}")]
+    UnknownHint(ManifestId, String),
+}
+
+/// Settings an operator changes at run time; persisted.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub policy: Policy,
+    pub watermarks: Watermarks,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            policy: Policy::Lru,
+            watermarks: Watermarks::default(),
+        }
+    }
+}
+
+/// Knobs fixed at start-up.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Rate assumed for a path nobody measured, bytes/s.
+    pub default_path_rate: f64,
+    /// How long a plan or prefetch order protects its source chunks from GC.
+    pub lease_ms: u64,
+    /// Byte length assumed for a chunk no published manifest describes.
+    pub default_chunk_len: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            default_path_rate: 12.5e6,
+            lease_ms: 15 * 60 * 1000,
+            default_chunk_len: 256 << 10,
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PlanSource {
+    pub edge: String,
+    pub addr: String,
+    pub rate: f64,
+    pub measured: bool,
+    pub chunks: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PlanChunk {
+    pub fp: Fingerprint,
+    pub bytes: u64,
+    /// The edge assigned to send it; null when no edge holds it.
+    pub source: Option<String>,
+    /// Edges holding it, best path to the destination first (at most `alternatives`).
+    pub holders: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Plan {
+    pub manifest: ManifestId,
+    pub dest: String,
+    pub missing_chunks: u64,
+    pub missing_bytes: u64,
+    pub unavailable_chunks: u64,
+    pub makespan_secs: f64,
+    pub lower_bound_secs: f64,
+    /// Lease protecting the assigned chunks on their sources; release it with
+    /// DELETE /v1/leases/{id} when the transfer is done.
+    pub lease: Option<u64>,
+    pub sources: Vec<PlanSource>,
+    pub chunks: Vec<PlanChunk>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PrefetchChunk {
+    pub fp: Fingerprint,
+    pub bytes: u64,
+    pub source: String,
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PrefetchOrder {
+    pub manifest: ManifestId,
+    pub chunks: Vec<PrefetchChunk>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Orders {
+    pub policy: String,
+    /// Drop these chunks (first victim first) unless a local pin holds them.
+    pub drop: Vec<Fingerprint>,
+    pub drop_bytes: u64,
+    /// Pull these in the background, at low priority.
+    pub prefetch: Vec<PrefetchOrder>,
+    pub lease: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChunkInfo {
+    pub fp: Fingerprint,
+    pub bytes: u64,
+    /// Edges holding it.
+    pub holders: Vec<String>,
+    /// How many catalogue images use it (fleet popularity).
+    pub images: u64,
+    /// Per edge: how many manifests pinned there use it.
+    pub pins: BTreeMap<String, u32>,
+    /// Edges where an in-flight transfer holds a lease on it.
+    pub leased_on: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EdgeInfo {
+    pub id: String,
+    pub addr: String,
+    pub capacity: u64,
+    pub usage: u64,
+    pub chunks: u64,
+    pub reported: bool,
+    pub pinned_manifests: BTreeMap<String, u32>,
+    pub pinned_chunks: u64,
+    pub leased_chunks: u64,
+    pub high_watermark_bytes: u64,
+    pub low_watermark_bytes: u64,
+    pub hints: Vec<ManifestId>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HintOutcome {
+    pub manifest: ManifestId,
+    pub edge: String,
+    pub missing_chunks: u64,
+    pub missing_bytes: u64,
+}
+
+pub struct Coordinator {
+    pub ledger: Ledger,
+    pub settings: Settings,
+    pub options: Options,
+    /// (edge, manifest) → when the hint was given (ms since the epoch).
+    hints: BTreeMap<(String, ManifestId), u64>,
+    store: Store,
+}
+
+const SETTINGS_KEY: &str = "settings";
+
+impl Coordinator {
+    /// Opens the database under `data` and restores catalogue, settings,
+    /// paths and hints from it. Edges and inventories come back as agents
+    /// re-register and report.
+    pub fn open(data: &Path, options: Options) -> Result<Self, ServiceError> {
+        let store = Store::open(data)?;
+        let snap = store.load()?;
+        let mut ledger = Ledger::new(options.default_chunk_len);
+        for bytes in &snap.manifests {
+            ledger.publish(&Manifest::from_bytes(bytes)?);
+        }
+        let mut settings = Settings::default();
+        for (k, v) in &snap.settings {
+            if k == SETTINGS_KEY {
+                settings = serde_json::from_str(v).map_err(|e| ServiceError::BadSetting(k.clone(), e))?;
+            }
+        }
+        for (s, d, r) in &snap.paths {
+            ledger.set_path(s, d, *r)?;
+        }
+        let hints = snap.hints.into_iter().map(|(e, m, at)| ((e, m), at)).collect();
+        Ok(Coordinator {
+            ledger,
+            settings,
+            options,
+            hints,
+            store,
+        })
+    }
+
+    pub fn store_path(&self) -> &Path {
+        self.store.path()
+    }
+
+    pub fn set_settings(
+        &mut self,
+        policy: Option<Policy>,
+        high: Option<f64>,
+        low: Option<f64>,
+    ) -> Result<Settings, ServiceError> {
+        let marks = Watermarks::new(
+            high.unwrap_or(self.settings.watermarks.high),
+            low.unwrap_or(self.settings.watermarks.low),
+        )?;
+        let next = Settings {
+            policy: policy.unwrap_or(self.settings.policy),
+            watermarks: marks,
+        };
+        let json =
+            serde_json::to_string(&next).map_err(|e| ServiceError::BadSetting(SETTINGS_KEY.into(), e))?;
+        self.store.put_setting(SETTINGS_KEY, &json)?;
+        self.settings = next;
+        Ok(next)
+    }
+
+    /// Publishes raw manifest bytes; returns the id.
+    pub fn publish_bytes(
+        &mut self,
+        bytes: &[u8],
+    ) -> Result<(ManifestId, &crate::ledger::CatalogueEntry), ServiceError> {
+        let m = Manifest::from_bytes(bytes)?;
+        let id = Fingerprint::of(bytes);
+        if !self.ledger.catalogue.contains_key(&id) {
+            self.store.put_manifest(&id, bytes)?;
+            self.ledger.publish(&m);
+        }
+        let entry = self
+            .ledger
+            .catalogue
+            .get(&id)
+            .ok_or(LedgerError::UnknownManifest(id))?;
+        Ok((id, entry))
+    }
+
+    pub fn publish_hex(
+        &mut self,
+        hex_text: &str,
+    ) -> Result<(ManifestId, &crate::ledger::CatalogueEntry), ServiceError> {
+        let bytes = hex::decode(hex_text.trim()).map_err(|e| ServiceError::BadHex(e.to_string()))?;
+        self.publish_bytes(&bytes)
+    }
+
+    pub fn set_paths(&mut self, dest: &str, rates: &[(String, f64)]) -> Result<(), ServiceError> {
+        self.ledger.edge_ix(dest)?;
+        // Validate all before writing any.
+        let mut probe = Ledger::new(1);
+        for (s, r) in rates {
+            probe.set_path(s, dest, *r)?;
+        }
+        self.store.put_paths(dest, rates)?;
+        for (s, r) in rates {
+            self.ledger.set_path(s, dest, *r)?;
+        }
+        Ok(())
+    }
+
+    pub fn hint(&mut self, manifest: &ManifestId, edge: &str) -> Result<HintOutcome, ServiceError> {
+        let missing = self.ledger.missing(manifest, edge)?;
+        let at = now_ms();
+        self.store.put_hint(edge, manifest, at)?;
+        self.hints.insert((edge.to_string(), *manifest), at);
+        metrics::counter!("coordinator_hints_total").increment(1);
+        Ok(HintOutcome {
+            manifest: *manifest,
+            edge: edge.to_string(),
+            missing_chunks: missing.len() as u64,
+            missing_bytes: missing.iter().map(|(_, b)| b).sum(),
+        })
+    }
+
+    pub fn delete_hint(&mut self, manifest: &ManifestId, edge: &str) -> Result<(), ServiceError> {
+        if !self.hints.contains_key(&(edge.to_string(), *manifest)) {
+            return Err(ServiceError::UnknownHint(*manifest, edge.to_string()));
+        }
+        self.store.delete_hint(edge, manifest)?;
+        self.hints.remove(&(edge.to_string(), *manifest));
+        Ok(())
+    }
+
+    pub fn hints(&self) -> impl Iterator<Item = (&str, &ManifestId)> {
+        self.hints.keys().map(|(e, m)| (e.as_str(), m))
+    }
+
+    pub fn release(&mut self, lease: u64) -> Result<(), ServiceError> {
+        if self.ledger.release(lease) {
+            Ok(())
+        } else {
+            Err(ServiceError::UnknownLease(lease))
+        }
+    }
+
+    fn source_for(&self, ix: EdgeIx, dest: &str) -> Source {
+        let e = &self.ledger.edges[ix as usize];
+        match self.ledger.path_rate(&e.id, dest) {
+            Some(rate) => Source {
+                name: e.id.clone(),
+                rate,
+                measured: true,
+            },
+            None => Source {
+                name: e.id.clone(),
+                rate: self.options.default_path_rate,
+                measured: false,
+            },
+        }
+    }
+
+    /// Runs the planner over `chunks` (ids with bytes) for `dest`: returns
+    /// the sources (edge indices, by name), the planner's input and output.
+    fn assign(
+        &self,
+        dest_ix: EdgeIx,
+        chunks: &[(ChunkId, u64)],
+    ) -> Result<(Vec<EdgeIx>, Vec<Source>, planner::Assignment), ServiceError> {
+        let dest = &self.ledger.edges[dest_ix as usize].id;
+        let wanted: RoaringBitmap = chunks.iter().map(|&(c, _)| c).collect();
+        let pos: HashMap<ChunkId, usize> = chunks.iter().enumerate().map(|(i, &(c, _))| (c, i)).collect();
+        let mut src_ix: Vec<EdgeIx> = Vec::new();
+        let mut held: Vec<RoaringBitmap> = Vec::new();
+        for (ix, e) in self.ledger.edges.iter().enumerate() {
+            if ix == dest_ix as usize || !e.reported {
+                continue;
+            }
+            let both = &e.chunks & &wanted;
+            if !both.is_empty() {
+                src_ix.push(ix as EdgeIx);
+                held.push(both);
+            }
+        }
+        // Source numbering by name, so plans do not depend on registration order.
+        let mut order: Vec<usize> = (0..src_ix.len()).collect();
+        order.sort_by(|&a, &b| {
+            self.ledger.edges[src_ix[a] as usize]
+                .id
+                .cmp(&self.ledger.edges[src_ix[b] as usize].id)
+        });
+        let src_ix: Vec<EdgeIx> = order.iter().map(|&i| src_ix[i]).collect();
+        let held: Vec<&RoaringBitmap> = order.iter().map(|&i| &held[i]).collect();
+        let mut jobs: Vec<ChunkJob> = chunks
+            .iter()
+            .map(|&(_, bytes)| ChunkJob {
+                bytes,
+                holders: Vec::new(),
+            })
+            .collect();
+        for (s, bm) in held.iter().enumerate() {
+            for c in bm.iter() {
+                if let Some(&p) = pos.get(&c) {
+                    jobs[p].holders.push(s);
+                }
+            }
+        }
+        let sources: Vec<Source> = src_ix.iter().map(|&ix| self.source_for(ix, dest)).collect();
+        let a = planner::assign(&sources, &jobs)?;
+        Ok((src_ix, sources, a))
+    }
+
+    /// The plan to bring `manifest` to `dest`: every chunk it lacks, the
+    /// edges holding each ranked by path rate, and the assignment.
+    pub fn plan(
+        &mut self,
+        manifest: &ManifestId,
+        dest: &str,
+        alternatives: usize,
+        take_lease: bool,
+    ) -> Result<Plan, ServiceError> {
+        let dest_ix = self.ledger.edge_ix(dest)?;
+        let missing = self.ledger.missing(manifest, dest)?;
+        let (src_ix, sources, a) = self.assign(dest_ix, &missing)?;
+        let mut plan_sources: Vec<PlanSource> = src_ix
+            .iter()
+            .zip(&sources)
+            .zip(&a.load)
+            .map(|((&ix, s), &bytes)| PlanSource {
+                edge: s.name.clone(),
+                addr: self.ledger.edges[ix as usize].addr.clone(),
+                rate: s.rate,
+                measured: s.measured,
+                chunks: 0,
+                bytes,
+            })
+            .collect();
+        let mut lease_entries = Vec::new();
+        let mut chunks = Vec::with_capacity(missing.len());
+        let mut unavailable = 0;
+        for (i, &(cid, bytes)) in missing.iter().enumerate() {
+            let source = a.source[i].map(|s| {
+                plan_sources[s].chunks += 1;
+                lease_entries.push((src_ix[s], cid));
+                sources[s].name.clone()
+            });
+            if source.is_none() {
+                unavailable += 1;
+            }
+            chunks.push(PlanChunk {
+                fp: self.ledger.interner.fp(cid),
+                bytes,
+                source,
+                holders: a.ranked[i]
+                    .iter()
+                    .take(alternatives)
+                    .map(|&s| sources[s].name.clone())
+                    .collect(),
+            });
+        }
+        plan_sources.retain(|s| s.chunks > 0);
+        let lease = if take_lease && !lease_entries.is_empty() {
+            Some(self.ledger.lease(lease_entries, now_ms() + self.options.lease_ms))
+        } else {
+            None
+        };
+        metrics::counter!("coordinator_plans_total").increment(1);
+        Ok(Plan {
+            manifest: *manifest,
+            dest: dest.to_string(),
+            missing_chunks: missing.len() as u64,
+            missing_bytes: missing.iter().map(|(_, b)| b).sum(),
+            unavailable_chunks: unavailable,
+            makespan_secs: a.makespan_secs,
+            lower_bound_secs: a.lower_bound_secs,
+            lease,
+            sources: plan_sources,
+            chunks,
+        })
+    }
+
+    /// What `edge` should do now: drop chunks (GC) and prefetch for hints.
+    pub fn orders(&mut self, edge: &str) -> Result<Orders, ServiceError> {
+        let ix = self.ledger.edge_ix(edge)?;
+        self.ledger.expire_leases(now_ms());
+        let Settings { policy, watermarks } = self.settings;
+        let e = &self.ledger.edges[ix as usize];
+        let g = gc::plan(&self.ledger, e, policy, watermarks);
+        let mut orders = Orders {
+            policy: policy.to_string(),
+            drop: g.drop.iter().map(|&c| self.ledger.interner.fp(c)).collect(),
+            drop_bytes: g.bytes,
+            ..Default::default()
+        };
+        if !g.drop.is_empty() {
+            metrics::counter!("coordinator_gc_orders_total").increment(1);
+            return Ok(orders);
+        }
+        // Prefetch fills the room under the low watermark, never more, so it
+        // never makes GC run.
+        let mut room = watermarks.low_bytes(e.capacity).saturating_sub(e.usage);
+        let mut lease_entries = Vec::new();
+        let hinted: Vec<ManifestId> = self
+            .hints
+            .keys()
+            .filter(|(he, _)| he == edge)
+            .map(|(_, m)| *m)
+            .collect();
+        let mut taken = RoaringBitmap::new();
+        for m in hinted {
+            if room == 0 {
+                break;
+            }
+            let Ok(missing) = self.ledger.missing(&m, edge) else {
+                continue;
+            };
+            let mut want = Vec::new();
+            for (cid, bytes) in missing {
+                if bytes > room {
+                    break;
+                }
+                if taken.insert(cid) {
+                    room -= bytes;
+                    want.push((cid, bytes));
+                }
+            }
+            if want.is_empty() {
+                continue;
+            }
+            let (src_ix, sources, a) = self.assign(ix, &want)?;
+            let mut chunks = Vec::new();
+            for (i, &(cid, bytes)) in want.iter().enumerate() {
+                if let Some(s) = a.source[i] {
+                    lease_entries.push((src_ix[s], cid));
+                    chunks.push(PrefetchChunk {
+                        fp: self.ledger.interner.fp(cid),
+                        bytes,
+                        source: sources[s].name.clone(),
+                        addr: self.ledger.edges[src_ix[s] as usize].addr.clone(),
+                    });
+                }
+            }
+            if !chunks.is_empty() {
+                orders.prefetch.push(PrefetchOrder { manifest: m, chunks });
+            }
+        }
+        if !lease_entries.is_empty() {
+            orders.lease = Some(self.ledger.lease(lease_entries, now_ms() + self.options.lease_ms));
+        }
+        Ok(orders)
+    }
+
+    pub fn chunk_info(&self, fp: &Fingerprint) -> Option<ChunkInfo> {
+        let cid = self.ledger.interner.get(fp)?;
+        let mut info = ChunkInfo {
+            fp: *fp,
+            bytes: self.ledger.chunk_len(cid),
+            holders: Vec::new(),
+            images: self.ledger.image_refs(cid) as u64,
+            pins: BTreeMap::new(),
+            leased_on: Vec::new(),
+        };
+        for e in &self.ledger.edges {
+            if e.holds(cid) {
+                info.holders.push(e.id.clone());
+            }
+            if let Some(&n) = e.pinned.get(&cid) {
+                info.pins.insert(e.id.clone(), n);
+            }
+            if e.leased.contains_key(&cid) {
+                info.leased_on.push(e.id.clone());
+            }
+        }
+        info.holders.sort();
+        info.leased_on.sort();
+        Some(info)
+    }
+
+    pub fn edge_info(&self, id: &str) -> Result<EdgeInfo, ServiceError> {
+        let e = self.ledger.edge(id)?;
+        let marks = self.settings.watermarks;
+        Ok(EdgeInfo {
+            id: e.id.clone(),
+            addr: e.addr.clone(),
+            capacity: e.capacity,
+            usage: e.usage,
+            chunks: e.chunks.len(),
+            reported: e.reported,
+            pinned_manifests: e.pins.iter().map(|(m, &n)| (m.to_hex(), n)).collect(),
+            pinned_chunks: e.pinned.len() as u64,
+            leased_chunks: e.leased.len() as u64,
+            high_watermark_bytes: marks.high_bytes(e.capacity),
+            low_watermark_bytes: marks.low_bytes(e.capacity),
+            hints: self
+                .hints
+                .keys()
+                .filter(|(he, _)| he == id)
+                .map(|(_, m)| *m)
+                .collect(),
+        })
+    }
+}
