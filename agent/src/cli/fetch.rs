@@ -1,8 +1,147 @@
-//! `edgeshift fetch` (being built).
+//! `edgeshift fetch`: pull an image's missing chunks from several peers at once.
 
+use std::io::IsTerminal;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use edgeshift_agent::store::LocalStore;
+use edgeshift_agent::transfer::fetch::{FetchOptions, Fetcher};
+use edgeshift_agent::transfer::ClusterKey;
+use edgeshift_common::ManifestId;
+
+/// Fetch manifest ID and every chunk the local store lacks, from all peers at once.
+///
+/// The manifest comes from the first peer that has it and must hash to ID.
+/// Chunks are striped over the peers by measured path throughput; a slow path's
+/// work is taken by faster ones at the tail. Every chunk is hashed before it is
+/// stored; a peer that sends wrong bytes is dropped for this fetch, and a peer
+/// that dies or stalls costs only its in-flight chunks. Stored chunks are
+/// durable, so running the same fetch again after an interruption fetches only
+/// what is still missing. Restore the image afterwards with `edgeshift restore`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Manifest id (64 hex digits) of the image to fetch.
+    id: ManifestId,
+    /// The local chunk store to fill (created if absent).
+    #[arg(long)]
+    store: PathBuf,
+    /// A peer agent's address (HOST:PORT); repeat for several.
+    #[arg(long = "peer", required = true)]
+    peers: Vec<String>,
+    /// File holding the cluster key: 64 hex digits.
+    #[arg(long)]
+    cluster_key_file: PathBuf,
+    /// Print one JSON object with the figures instead of a summary line.
+    #[arg(long)]
+    json: bool,
+    /// This node's id announced to peers (default: the host name).
+    #[arg(long)]
+    id_name: Option<String>,
+    /// Drop a peer that sends nothing for this many seconds while chunks are outstanding.
+    #[arg(long, default_value_t = 10.0)]
+    stall_timeout: f64,
+    /// Never ask peers for zstd-compressed chunks.
+    #[arg(long)]
+    no_zstd: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`edgeshift fetch` is not built yet")
+fn resolve(peer: &str) -> anyhow::Result<SocketAddr> {
+    peer.to_socket_addrs()
+        .with_context(|| format!("peer address {peer:?} (expected HOST:PORT)"))?
+        .next()
+        .with_context(|| format!("peer address {peer:?} resolves to nothing"))
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let key = ClusterKey::from_file(&args.cluster_key_file)?;
+    let peers = args
+        .peers
+        .iter()
+        .map(|p| resolve(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let store = LocalStore::open_or_create(&args.store)
+        .with_context(|| format!("opening the store {}", args.store.display()))?;
+    if !(args.stall_timeout > 0.0 && args.stall_timeout.is_finite()) {
+        anyhow::bail!("--stall-timeout must be a positive number of seconds");
+    }
+    let mut opts = FetchOptions {
+        stall_timeout: Duration::from_secs_f64(args.stall_timeout),
+        zstd: !args.no_zstd,
+        ..FetchOptions::default()
+    };
+    if let Some(id) = args.id_name {
+        opts.id = id;
+    }
+    let fetcher = Fetcher::with_options(Arc::new(store), peers, key, opts);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let progress = fetcher.progress();
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    let report = rt.block_on(async {
+        let ticker = bar.clone().map(|bar| {
+            let progress = progress.clone();
+            tokio::spawn(async move {
+                loop {
+                    bar.set_length(progress.total_bytes.load(Ordering::Relaxed));
+                    bar.set_position(progress.bytes.load(Ordering::Relaxed));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        });
+        let r = fetcher.fetch(&args.id).await;
+        if let Some(t) = ticker {
+            t.abort();
+        }
+        r
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let report = report.with_context(|| format!("fetching {}", args.id))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "fetched {} chunks, {} bytes in {:.2} s ({:.1} Mbit/s)",
+            report.chunks_fetched,
+            report.bytes_received,
+            report.seconds,
+            if report.seconds > 0.0 {
+                report.bytes_received as f64 * 8.0 / report.seconds / 1e6
+            } else {
+                0.0
+            }
+        );
+        for p in &report.peers {
+            println!(
+                "  {}: {} chunks, {} bytes, {:.1} Mbit/s{}",
+                p.addr,
+                p.chunks,
+                p.bytes,
+                p.mbit_per_s,
+                p.dropped
+                    .as_deref()
+                    .map(|d| format!(" (dropped: {d})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
 }

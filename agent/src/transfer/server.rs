@@ -1,0 +1,341 @@
+//! The chunk server inside `edgeshift agent`.
+//!
+//! One task per connection: authenticate, then answer manifest and chunk
+//! requests in order. An uncompressed chunk goes from its store file to the
+//! socket with `sendfile(2)`: the kernel moves page-cache pages to the socket
+//! and the bytes never enter user space (see docs/wire.md for why sendfile
+//! rather than io_uring). A chunk is compressed with zstd only when the client
+//! allows it and doing so makes it arrive sooner on that client's path.
+
+use std::fs::File;
+use std::io::{ErrorKind, Read};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgeshift_common::wire::{self, error_code, FrameKind, MAX_CHUNK_LEN, MAX_FRAME_LEN};
+use edgeshift_common::Fingerprint;
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use super::conn::{read_frame, server_handshake, AUTH_TIMEOUT};
+use super::{ClusterKey, TransferError};
+use crate::store::LocalStore;
+
+/// What a server needs: its id, the cluster key and the store it serves.
+#[derive(Debug)]
+pub struct ServerConfig {
+    pub id: String,
+    pub key: ClusterKey,
+    pub store: Arc<LocalStore>,
+    pub zstd: ZstdPolicy,
+}
+
+/// When to compress: zstd level 1 speed on this machine, measured once.
+#[derive(Debug, Clone, Copy)]
+pub struct ZstdPolicy {
+    /// Bytes per second zstd level 1 compresses on this machine (0 = never compress).
+    pub compress_rate: f64,
+}
+
+impl ZstdPolicy {
+    pub const LEVEL: i32 = 1;
+
+    /// Measures compression speed on 4 MiB of half-compressible bytes.
+    pub fn calibrate() -> Self {
+        let mut sample = vec![0u8; 4 << 20];
+        let mut x: u32 = 0x9e37_79b9;
+        for (i, b) in sample.iter_mut().enumerate() {
+            // Alternate random-looking and repetitive runs of 4 KiB.
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            *b = if (i / 4096) % 2 == 0 {
+                (x >> 24) as u8
+            } else {
+                (i % 7) as u8
+            };
+        }
+        let t = Instant::now();
+        match zstd::bulk::compress(&sample, Self::LEVEL) {
+            Ok(_) => {
+                let secs = t.elapsed().as_secs_f64().max(1e-6);
+                ZstdPolicy {
+                    compress_rate: sample.len() as f64 / secs,
+                }
+            }
+            Err(_) => ZstdPolicy { compress_rate: 0.0 },
+        }
+    }
+
+    /// Worth trying at all on a path of `path_rate` bytes/s: compressing must
+    /// be clearly faster than the path, or it only adds delay.
+    pub fn worth_trying(&self, path_rate: u64) -> bool {
+        path_rate > 0 && self.compress_rate > 4.0 * path_rate as f64
+    }
+
+    /// After compressing: does sending `compressed` bytes (having spent
+    /// `spent`) finish sooner than sending `raw` bytes at `path_rate`?
+    pub fn finishes_sooner(raw: usize, compressed: usize, spent: Duration, path_rate: u64) -> bool {
+        let rate = path_rate.max(1) as f64;
+        spent.as_secs_f64() + compressed as f64 / rate < raw as f64 / rate
+    }
+}
+
+/// Accepts connections until the listener fails; one task per peer.
+pub async fn serve(listener: TcpListener, cfg: Arc<ServerConfig>) -> Result<(), TransferError> {
+    loop {
+        let (sock, addr) = listener.accept().await?;
+        let _ = sock.set_nodelay(true);
+        let cfg = cfg.clone();
+        tokio::spawn(async move {
+            handle_connection(sock, addr, cfg).await;
+        });
+    }
+}
+
+/// Per-connection compression bookkeeping: after repeated chunks that did not
+/// shrink enough, only every 16th is tried (incompressible images waste no CPU).
+#[derive(Default)]
+struct ZstdState {
+    misses: u32,
+    skipped: u32,
+}
+
+async fn handle_connection(mut sock: TcpStream, addr: SocketAddr, cfg: Arc<ServerConfig>) {
+    let label = addr.to_string();
+    let peer = match tokio::time::timeout(
+        AUTH_TIMEOUT,
+        server_handshake(&mut sock, &cfg.key, &cfg.id, &label),
+    )
+    .await
+    {
+        Ok(Ok(id)) => id,
+        Ok(Err(e)) => {
+            warn!(peer = %addr, error = %e, "peer failed authentication; dropped");
+            metrics::counter!("edgeshift_auth_failures_total", "side" => "server").increment(1);
+            return;
+        }
+        Err(_) => {
+            warn!(peer = %addr, "peer did not authenticate in time; dropped");
+            metrics::counter!("edgeshift_auth_failures_total", "side" => "server").increment(1);
+            return;
+        }
+    };
+    info!(peer = %addr, id = %peer, "peer authenticated");
+    let mut zstate = ZstdState::default();
+    loop {
+        let frame = match read_frame(&mut sock, MAX_FRAME_LEN, None).await {
+            Ok(f) => f,
+            Err(TransferError::Closed) => {
+                debug!(peer = %addr, "peer closed the connection");
+                return;
+            }
+            Err(TransferError::Wire(e)) => {
+                warn!(peer = %addr, error = %e, "malformed frame; connection dropped");
+                metrics::counter!("edgeshift_malformed_frames_total", "peer" => peer.clone()).increment(1);
+                let code = if matches!(e, wire::WireError::TooLong { .. }) {
+                    error_code::TOO_LONG
+                } else {
+                    error_code::MALFORMED
+                };
+                let _ = sock.write_all(&wire::encode_error(0, code, &e.to_string())).await;
+                return;
+            }
+            Err(e) => {
+                debug!(peer = %addr, error = %e, "connection lost");
+                return;
+            }
+        };
+        let rid = frame.header.request_id();
+        let result = match frame.kind {
+            FrameKind::ManifestRequest => match wire::decode_fingerprint(frame.kind, &frame.body) {
+                Ok(id) => send_manifest(&mut sock, &cfg, rid, &id).await,
+                Err(e) => Err(e.into()),
+            },
+            FrameKind::ChunkRequest => match wire::decode_chunk_request(&frame.body) {
+                Ok((head, fps)) => {
+                    let zstd_ok = frame.header.flags() & wire::FLAG_ZSTD_OK != 0;
+                    let path_rate = head.path_rate.get();
+                    let mut r = Ok(());
+                    for fp in fps {
+                        r = send_chunk(&mut sock, &cfg, &peer, rid, fp, zstd_ok, path_rate, &mut zstate)
+                            .await;
+                        if r.is_err() {
+                            break;
+                        }
+                    }
+                    r
+                }
+                Err(e) => Err(e.into()),
+            },
+            other => Err(TransferError::Unexpected(format!("{other:?}"))),
+        };
+        if let Err(e) = result {
+            warn!(peer = %addr, id = %peer, error = %e, "request failed; connection dropped");
+            if matches!(e, TransferError::Wire(_) | TransferError::Unexpected(_)) {
+                metrics::counter!("edgeshift_malformed_frames_total", "peer" => peer.clone()).increment(1);
+                let _ = sock
+                    .write_all(&wire::encode_error(rid, error_code::MALFORMED, &e.to_string()))
+                    .await;
+            }
+            return;
+        }
+    }
+}
+
+async fn send_manifest(
+    sock: &mut TcpStream,
+    cfg: &ServerConfig,
+    rid: u64,
+    id: &Fingerprint,
+) -> Result<(), TransferError> {
+    let path = cfg.store.manifest_path(id);
+    match tokio::fs::read(&path).await {
+        Ok(bytes) if bytes.len() <= MAX_FRAME_LEN as usize => {
+            sock.write_all(&wire::encode(FrameKind::Manifest, 0, rid, &[&bytes]))
+                .await?;
+        }
+        Ok(_) => {
+            sock.write_all(&wire::encode_error(
+                rid,
+                error_code::INTERNAL,
+                "manifest too large for one frame",
+            ))
+            .await?;
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            sock.write_all(&wire::encode(FrameKind::Missing, 0, rid, &[id.as_bytes()]))
+                .await?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_chunk(
+    sock: &mut TcpStream,
+    cfg: &ServerConfig,
+    peer: &str,
+    rid: u64,
+    fp: &Fingerprint,
+    zstd_ok: bool,
+    path_rate: u64,
+    zstate: &mut ZstdState,
+) -> Result<(), TransferError> {
+    let path = cfg.store.chunk_path(fp);
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            metrics::counter!("edgeshift_chunks_missing_total", "peer" => peer.to_string()).increment(1);
+            sock.write_all(&wire::encode(FrameKind::Missing, 0, rid, &[fp.as_bytes()]))
+                .await?;
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let len = file.metadata()?.len();
+    if len > MAX_CHUNK_LEN as u64 || fp.is_zero_chunk() {
+        warn!(chunk = %fp, len, "refusing to serve an oversized or reserved chunk");
+        sock.write_all(&wire::encode(FrameKind::Missing, 0, rid, &[fp.as_bytes()]))
+            .await?;
+        return Ok(());
+    }
+    let len32 = len as u32;
+
+    let try_zstd = zstd_ok && cfg.zstd.worth_trying(path_rate) && {
+        if zstate.misses >= 4 {
+            zstate.skipped += 1;
+            zstate.skipped % 16 == 0
+        } else {
+            true
+        }
+    };
+    let wire_bytes = if try_zstd {
+        // Compression needs the bytes in user space; this path is only taken
+        // on links slow enough that the CPU is not the bottleneck.
+        let mut raw = Vec::with_capacity(len as usize);
+        let mut f = file;
+        f.read_to_end(&mut raw)?;
+        let t = Instant::now();
+        let compressed = zstd::bulk::compress(&raw, ZstdPolicy::LEVEL)?;
+        if ZstdPolicy::finishes_sooner(raw.len(), compressed.len(), t.elapsed(), path_rate) {
+            zstate.misses = 0;
+            let prefix = wire::encode_chunk_prefix(rid, fp, raw.len() as u32, compressed.len() as u32, true);
+            sock.write_all(&prefix).await?;
+            sock.write_all(&compressed).await?;
+            metrics::counter!("edgeshift_chunks_compressed_total", "peer" => peer.to_string()).increment(1);
+            compressed.len() as u64
+        } else {
+            zstate.misses += 1;
+            let prefix = wire::encode_chunk_prefix(rid, fp, raw.len() as u32, raw.len() as u32, false);
+            sock.write_all(&prefix).await?;
+            sock.write_all(&raw).await?;
+            raw.len() as u64
+        }
+    } else {
+        let prefix = wire::encode_chunk_prefix(rid, fp, len32, len32, false);
+        sock.write_all(&prefix).await?;
+        sendfile_all(sock, &file, len).await?;
+        len
+    };
+    metrics::counter!("edgeshift_served_bytes_total", "peer" => peer.to_string()).increment(wire_bytes);
+    metrics::counter!("edgeshift_served_chunks_total", "peer" => peer.to_string()).increment(1);
+    Ok(())
+}
+
+/// Sends `len` bytes of `file` from offset 0 on `sock` with sendfile(2),
+/// waiting for socket space between partial sends.
+async fn sendfile_all(sock: &TcpStream, file: &File, len: u64) -> Result<(), TransferError> {
+    let sock_fd = sock.as_raw_fd();
+    let file_fd = file.as_raw_fd();
+    let mut offset: libc::off_t = 0;
+    while (offset as u64) < len {
+        sock.writable().await?;
+        let remaining = (len - offset as u64) as usize;
+        let res = sock.try_io(Interest::WRITABLE, || {
+            // SAFETY: both descriptors are owned by values borrowed for the
+            // whole call, and `offset` is a live local the kernel updates.
+            let n = unsafe { libc::sendfile(sock_fd, file_fd, &mut offset, remaining) };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        match res {
+            Ok(0) => {
+                return Err(TransferError::Io(std::io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "chunk file shrank while being sent",
+                )))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zstd_policy_decisions() {
+        let p = ZstdPolicy { compress_rate: 400e6 };
+        // Unknown path rate: never.
+        assert!(!p.worth_trying(0));
+        // 20 Mbit/s path: compression is far faster than the wire.
+        assert!(p.worth_trying(2_500_000));
+        // 10 Gbit/s path: the CPU would be the bottleneck.
+        assert!(!p.worth_trying(1_250_000_000));
+        // Halving 256 KiB in 2 ms on a 2.5 MB/s path wins; shaving 1% in 2 ms does not.
+        let spent = Duration::from_millis(2);
+        assert!(ZstdPolicy::finishes_sooner(262_144, 131_072, spent, 2_500_000));
+        assert!(!ZstdPolicy::finishes_sooner(262_144, 259_500, spent, 2_500_000));
+        assert!(ZstdPolicy::calibrate().compress_rate > 0.0);
+    }
+}
