@@ -1,0 +1,492 @@
+//! Transfer over real TCP on loopback: `edgeshift agent` processes serving,
+//! `edgeshift fetch` (and the library fetcher) pulling, test peers that lie or
+//! speak garbage written with the wire module.
+
+mod transfer_support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgeshift_agent::store::{ChunkStore, LocalStore};
+use edgeshift_agent::transfer::conn::{client_handshake, read_frame, server_handshake};
+use edgeshift_agent::transfer::fetch::{ChunkWant, FetchOptions, Fetcher};
+use edgeshift_agent::transfer::{ClusterKey, TransferError};
+use edgeshift_common::wire::{self, error_code, FrameHeader, FrameKind};
+use edgeshift_common::{Fingerprint, ManifestId};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use transfer_support::*;
+
+const CHUNK: usize = 64 << 10;
+
+/// A source store holding one sliced test image.
+struct Source {
+    dir: tempfile::TempDir,
+    image: std::path::PathBuf,
+    store: std::path::PathBuf,
+    key: std::path::PathBuf,
+    id: String,
+}
+
+fn source(chunks: usize, seed: u64) -> Source {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("image.raw");
+    write_image(&image, chunks, CHUNK, seed);
+    let store = dir.path().join("src");
+    let id = slice(&image, &store, "64KiB");
+    let key = write_key(dir.path(), "key", 0x42);
+    Source {
+        dir,
+        image,
+        store,
+        key,
+        id,
+    }
+}
+
+fn peers_json(r: &serde_json::Value) -> Vec<serde_json::Value> {
+    r["peers"].as_array().expect("peers array").clone()
+}
+
+#[test]
+fn fetch_from_one_two_and_three_peers_is_byte_exact() {
+    let src = source(300, 1);
+    let agents: Vec<Agent> = (0..3)
+        .map(|i| {
+            Agent::local(
+                &src.store,
+                &src.key,
+                false,
+                &src.dir.path().join(format!("agent{i}.log")),
+            )
+        })
+        .collect();
+    let addrs: Vec<SocketAddr> = agents.iter().map(|a| a.addr).collect();
+    for k in 1..=3 {
+        let dst = src.dir.path().join(format!("dst{k}"));
+        let out = fetch(&src.id, &dst, &src.key, &addrs[..k]);
+        let r = report(&out);
+        let unique = chunk_files(&src.store);
+        assert_eq!(r["chunks_fetched"].as_u64(), Some(unique as u64), "k={k}");
+        assert!(r["bytes_received"].as_u64().unwrap_or(0) > 0);
+        assert!(r["seconds"].as_f64().unwrap_or(-1.0) >= 0.0);
+        let peers = peers_json(&r);
+        assert_eq!(peers.len(), k);
+        let per_peer: u64 = peers.iter().map(|p| p["chunks"].as_u64().unwrap_or(0)).sum();
+        assert_eq!(
+            per_peer, unique as u64,
+            "every chunk is credited to exactly one peer"
+        );
+        for p in &peers {
+            assert!(p["dropped"].is_null(), "no peer dropped: {p}");
+            assert!(p["mbit_per_s"].is_number());
+        }
+        assert_restores(&src.id, &dst, &src.image);
+        // A second run has nothing left to fetch.
+        let again = report(&fetch(&src.id, &dst, &src.key, &addrs[..k]));
+        assert_eq!(again["chunks_fetched"].as_u64(), Some(0));
+    }
+}
+
+#[test]
+fn peers_holding_different_subsets_together_supply_the_image() {
+    let src = source(200, 2);
+    let a_store = src.dir.path().join("a");
+    let b_store = src.dir.path().join("b");
+    // a: even chunks plus the manifest; b: odd chunks plus every 5th (overlap), no manifest.
+    partial_copy(&src.store, &a_store, |i| i % 2 == 0, true);
+    partial_copy(&src.store, &b_store, |i| i % 2 == 1 || i % 5 == 0, false);
+    let a = Agent::local(&a_store, &src.key, false, &src.dir.path().join("a.log"));
+    let b = Agent::local(&b_store, &src.key, false, &src.dir.path().join("b.log"));
+    // b first: it lacks the manifest, so the fetcher must fall back to a.
+    let dst = src.dir.path().join("dst");
+    let r = report(&fetch(&src.id, &dst, &src.key, &[b.addr, a.addr]));
+    let peers = peers_json(&r);
+    assert!(
+        peers.iter().all(|p| p["chunks"].as_u64().unwrap_or(0) > 0),
+        "both peers contributed: {r}"
+    );
+    assert_restores(&src.id, &dst, &src.image);
+
+    // With only a, the odd chunks exist nowhere: a clear error naming the count.
+    let dst2 = src.dir.path().join("dst2");
+    let out = fetch(&src.id, &dst2, &src.key, &[a.addr]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let odd = chunk_files(&src.store) / 2;
+    assert!(
+        err.contains(&format!("{odd} chunk(s) could not be fetched")),
+        "error names the missing count {odd}: {err}"
+    );
+    // What a had is stored; a rerun with both peers fetches only the rest.
+    let have = chunk_files(&dst2);
+    assert!(have > 0);
+    let r = report(&fetch(&src.id, &dst2, &src.key, &[a.addr, b.addr]));
+    assert_eq!(
+        r["chunks_fetched"].as_u64(),
+        Some((chunk_files(&src.store) - have) as u64)
+    );
+    assert_restores(&src.id, &dst2, &src.image);
+}
+
+#[test]
+fn wrong_cluster_key_is_refused_on_both_sides() {
+    let src = source(40, 3);
+    let agent = Agent::local(&src.store, &src.key, true, &src.dir.path().join("agent.log"));
+    let wrong = write_key(src.dir.path(), "wrong", 0x43);
+    let dst = src.dir.path().join("dst");
+    let out = fetch(&src.id, &dst, &wrong, &[agent.addr]);
+    assert!(!out.status.success(), "a fetch with the wrong key must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("authentication"), "stderr explains: {err}");
+    assert_eq!(chunk_files(&dst), 0, "nothing flowed");
+    assert!(!dst.join("manifests").join(&src.id).exists());
+    let m = agent.metrics_text();
+    assert!(
+        metric(&m, "edgeshift_auth_failures_total", "server") >= 1.0,
+        "metrics:\n{m}"
+    );
+    assert!(
+        agent.log().contains("failed authentication"),
+        "agent logs the failure"
+    );
+    // The agent keeps serving peers with the right key.
+    let r = report(&fetch(&src.id, &dst, &src.key, &[agent.addr]));
+    assert!(r["chunks_fetched"].as_u64().unwrap_or(0) > 0);
+    let m = agent.metrics_text();
+    assert!(metric(&m, "edgeshift_served_chunks_total", "") >= r["chunks_fetched"].as_f64().unwrap_or(1.0));
+    assert!(metric(&m, "edgeshift_served_bytes_total", "") > 0.0);
+}
+
+#[test]
+fn bad_key_files_are_explained() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let short = dir.path().join("short");
+    std::fs::write(&short, "abcd\n").expect("write");
+    let out = std::process::Command::new(BIN)
+        .args(["agent", "--listen", "127.0.0.1:0", "--store"])
+        .arg(dir.path().join("s"))
+        .arg("--cluster-key-file")
+        .arg(&short)
+        .output()
+        .expect("run agent");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("64 hex digits"));
+    let missing = dir.path().join("nope");
+    let out = std::process::Command::new(BIN)
+        .args(["fetch", &"ab".repeat(32), "--peer", "127.0.0.1:1", "--store"])
+        .arg(dir.path().join("d"))
+        .arg("--cluster-key-file")
+        .arg(&missing)
+        .output()
+        .expect("run fetch");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cluster key file"));
+}
+
+/// How a test peer misbehaves.
+#[derive(Clone, Copy, PartialEq)]
+enum Lie {
+    /// Flips a byte of the first chunk it is asked for; honest otherwise.
+    FirstChunkBytes,
+    /// Answers manifest requests with bytes that do not hash to the id.
+    Manifest,
+}
+
+/// A peer that speaks the protocol (real TCP, real handshake) but lies.
+fn spawn_liar(store: &Path, key: ClusterKey, lie: Lie) -> SocketAddr {
+    let store = LocalStore::open(store).expect("liar store");
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind liar");
+    let addr = std_listener.local_addr().expect("liar addr");
+    std_listener.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("liar runtime");
+        rt.block_on(async move {
+            let listener = TcpListener::from_std(std_listener).expect("tokio listener");
+            let store = Arc::new(store);
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let (store, key) = (store.clone(), key.clone());
+                tokio::spawn(async move {
+                    let _ = liar_session(sock, &store, &key, lie).await;
+                });
+            }
+        });
+    });
+    addr
+}
+
+async fn liar_session(
+    mut sock: TcpStream,
+    store: &LocalStore,
+    key: &ClusterKey,
+    lie: Lie,
+) -> Result<(), TransferError> {
+    server_handshake(&mut sock, key, "liar", "test").await?;
+    let mut lied = false;
+    loop {
+        let f = read_frame(&mut sock, wire::MAX_FRAME_LEN, None).await?;
+        let rid = f.header.request_id();
+        match f.kind {
+            FrameKind::ManifestRequest => {
+                let id = wire::decode_fingerprint(f.kind, &f.body)?;
+                if lie == Lie::Manifest {
+                    let mut bytes = store.get_manifest(&id)?.to_bytes();
+                    let last = bytes.len() - 1;
+                    bytes[last] ^= 1;
+                    sock.write_all(&wire::encode(FrameKind::Manifest, 0, rid, &[&bytes]))
+                        .await?;
+                } else {
+                    sock.write_all(&wire::encode(FrameKind::Missing, 0, rid, &[id.as_bytes()]))
+                        .await?;
+                }
+            }
+            FrameKind::ChunkRequest => {
+                let (_, fps) = wire::decode_chunk_request(&f.body)?;
+                for fp in fps.to_vec() {
+                    let mut bytes = store.get_chunk(&fp)?;
+                    if lie == Lie::FirstChunkBytes && !lied {
+                        bytes[0] ^= 0xff;
+                        lied = true;
+                    }
+                    let n = bytes.len() as u32;
+                    sock.write_all(&wire::encode_chunk_prefix(rid, &fp, n, n, false))
+                        .await?;
+                    sock.write_all(&bytes).await?;
+                }
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
+#[test]
+fn a_peer_sending_wrong_bytes_is_dropped_and_its_chunks_reassigned() {
+    let src = source(200, 4);
+    let key = ClusterKey::from_file(&src.key).expect("key");
+    let liar = spawn_liar(&src.store, key.clone(), Lie::FirstChunkBytes);
+    let honest = Agent::local(&src.store, &src.key, false, &src.dir.path().join("agent.log"));
+    let dst = src.dir.path().join("dst");
+    let r = report(&fetch(&src.id, &dst, &src.key, &[liar, honest.addr]));
+    let peers = peers_json(&r);
+    let liar_report = peers
+        .iter()
+        .find(|p| p["addr"] == liar.to_string())
+        .expect("liar in report");
+    let reason = liar_report["dropped"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("wrong bytes"),
+        "liar dropped for its lie: {liar_report}"
+    );
+    assert_eq!(r["chunks_fetched"].as_u64(), Some(chunk_files(&src.store) as u64));
+    assert_restores(&src.id, &dst, &src.image);
+
+    // The liar alone: the fetch fails and the lied-about bytes never enter the store.
+    let dst3 = src.dir.path().join("dst3");
+    std::fs::create_dir_all(&dst3).expect("mkdir");
+    let s3 = LocalStore::open_or_create(&dst3).expect("store");
+    let m = LocalStore::open(&src.store)
+        .expect("src")
+        .get_manifest(&src.id.parse().expect("id"))
+        .expect("manifest");
+    s3.put_manifest(&m).expect("manifest");
+    drop(s3);
+    let out = fetch(&src.id, &dst3, &src.key, &[liar]);
+    assert!(
+        !out.status.success(),
+        "a fetch from the liar alone cannot complete"
+    );
+    let s3 = LocalStore::open(&dst3).expect("store");
+    for fp in s3.list_chunks().expect("list") {
+        assert!(s3.get_chunk(&fp).is_ok(), "every stored chunk verifies");
+    }
+}
+
+#[test]
+fn a_manifest_that_does_not_hash_to_its_id_is_refused() {
+    let src = source(30, 5);
+    let key = ClusterKey::from_file(&src.key).expect("key");
+    let liar = spawn_liar(&src.store, key, Lie::Manifest);
+    let dst = src.dir.path().join("dst");
+    let out = fetch(&src.id, &dst, &src.key, &[liar]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("hash"), "error explains the id mismatch: {err}");
+    // With an honest peer after the liar, the fetch succeeds.
+    let honest = Agent::local(&src.store, &src.key, false, &src.dir.path().join("agent.log"));
+    report(&fetch(&src.id, &dst, &src.key, &[liar, honest.addr]));
+    assert_restores(&src.id, &dst, &src.image);
+}
+
+/// Reads frames until an error frame or the end of the stream; returns the
+/// error code seen (if any) and whether the server closed the connection.
+async fn error_then_close(sock: &mut TcpStream) -> (Option<u32>, bool) {
+    let mut code = None;
+    loop {
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            read_frame(sock, wire::MAX_FRAME_LEN, None),
+        )
+        .await
+        {
+            Ok(Ok(f)) if f.kind == FrameKind::Error => code = Some(wire::decode_error(&f.body).0),
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return (code, true),
+            Err(_) => return (code, false),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_frames_drop_the_connection() {
+    let src = source(20, 6);
+    let agent = Agent::local(&src.store, &src.key, true, &src.dir.path().join("agent.log"));
+    let key = ClusterKey::from_file(&src.key).expect("key");
+
+    // Garbage before authentication.
+    let mut s = TcpStream::connect(agent.addr).await.expect("connect");
+    s.write_all(&[0x55; 64]).await.expect("write");
+    let (_, closed) = error_then_close(&mut s).await;
+    assert!(closed, "garbage closes the connection");
+
+    // An oversized hello: refused from its header, before any allocation.
+    let mut s = TcpStream::connect(agent.addr).await.expect("connect");
+    let hdr = FrameHeader::new(FrameKind::Hello, 0, 0, 512 << 20);
+    s.write_all(zerocopy::IntoBytes::as_bytes(&hdr))
+        .await
+        .expect("write");
+    let (_, closed) = error_then_close(&mut s).await;
+    assert!(closed);
+
+    // Authenticated, then a frame longer than the limit.
+    let mut s = TcpStream::connect(agent.addr).await.expect("connect");
+    client_handshake(&mut s, &key, "tester", "agent")
+        .await
+        .expect("auth");
+    let hdr = FrameHeader::new(FrameKind::ChunkRequest, 0, 1, wire::MAX_FRAME_LEN + 1);
+    s.write_all(zerocopy::IntoBytes::as_bytes(&hdr))
+        .await
+        .expect("write");
+    let (code, closed) = error_then_close(&mut s).await;
+    assert_eq!(code, Some(error_code::TOO_LONG));
+    assert!(closed);
+
+    // Authenticated, then a chunk request that is not a whole number of fingerprints.
+    let mut s = TcpStream::connect(agent.addr).await.expect("connect");
+    client_handshake(&mut s, &key, "tester", "agent")
+        .await
+        .expect("auth");
+    s.write_all(&wire::encode(FrameKind::ChunkRequest, 0, 2, &[&[0u8; 8 + 33]]))
+        .await
+        .expect("write");
+    let (code, closed) = error_then_close(&mut s).await;
+    assert_eq!(code, Some(error_code::MALFORMED));
+    assert!(closed);
+
+    // A frame type only servers send.
+    let mut s = TcpStream::connect(agent.addr).await.expect("connect");
+    client_handshake(&mut s, &key, "tester", "agent")
+        .await
+        .expect("auth");
+    s.write_all(&wire::encode(FrameKind::AuthOk, 0, 3, &[]))
+        .await
+        .expect("write");
+    let (code, closed) = error_then_close(&mut s).await;
+    assert_eq!(code, Some(error_code::MALFORMED));
+    assert!(closed);
+
+    // A request for a chunk it does not hold: a Missing frame, connection kept.
+    let mut s = TcpStream::connect(agent.addr).await.expect("connect");
+    client_handshake(&mut s, &key, "tester", "agent")
+        .await
+        .expect("auth");
+    let absent = Fingerprint::of(b"not in any store");
+    s.write_all(&wire::encode_chunk_request(4, false, 0, &[absent]))
+        .await
+        .expect("write");
+    let f = read_frame(&mut s, wire::MAX_FRAME_LEN, None)
+        .await
+        .expect("answer");
+    assert_eq!(f.kind, FrameKind::Missing);
+    assert_eq!(f.header.request_id(), 4);
+    assert_eq!(wire::decode_fingerprint(f.kind, &f.body).expect("fp"), absent);
+
+    let m = tokio::task::spawn_blocking(move || {
+        let text = agent.metrics_text();
+        drop(agent);
+        text
+    })
+    .await
+    .expect("join");
+    assert!(
+        metric(&m, "edgeshift_malformed_frames_total", "tester") >= 3.0,
+        "metrics:\n{m}"
+    );
+    assert!(
+        metric(&m, "edgeshift_auth_failures_total", "") >= 2.0,
+        "metrics:\n{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn library_fetcher_respects_per_chunk_sources_and_priority() {
+    let src = source(120, 7);
+    let a = Agent::local(&src.store, &src.key, false, &src.dir.path().join("a.log"));
+    let b = Agent::local(&src.store, &src.key, false, &src.dir.path().join("b.log"));
+    let key = ClusterKey::from_file(&src.key).expect("key");
+    let dst = src.dir.path().join("dst");
+    let store = Arc::new(LocalStore::open_or_create(&dst).expect("dst store"));
+    let opts = FetchOptions {
+        id: "lib-test".into(),
+        ..FetchOptions::default()
+    };
+    let fetcher = Fetcher::with_options(store.clone(), vec![a.addr, b.addr], key, opts);
+    let id: ManifestId = src.id.parse().expect("id");
+    let manifest = fetcher.fetch_manifest(&id).await.expect("manifest");
+    let mut wants = fetcher.missing_chunks(&manifest).expect("missing");
+    assert!(!wants.is_empty());
+    // Coldest-first order is the caller's; here: reversed, and the first
+    // half may only come from a, the second half only from b.
+    wants.reverse();
+    let half = wants.len() / 2;
+    for (i, w) in wants.iter_mut().enumerate() {
+        w.sources = Some(vec![if i < half { a.addr } else { b.addr }]);
+    }
+    let n = wants.len() as u64;
+    let report = fetcher.fetch_chunks(wants.clone()).await.expect("fetch");
+    assert_eq!(report.chunks_fetched, n);
+    let pa = report
+        .peers
+        .iter()
+        .find(|p| p.addr == a.addr.to_string())
+        .expect("a");
+    let pb = report
+        .peers
+        .iter()
+        .find(|p| p.addr == b.addr.to_string())
+        .expect("b");
+    assert_eq!(pa.chunks, half as u64);
+    assert_eq!(pb.chunks, n - half as u64);
+    for w in &wants {
+        assert!(store.has_chunk(&w.fp).expect("has"));
+    }
+
+    // A chunk whose only allowed source is not among the peers is unavailable.
+    let ghost = ChunkWant {
+        fp: Fingerprint::of(b"ghost"),
+        len: 5,
+        sources: Some(vec!["127.0.0.1:9".parse().expect("addr")]),
+    };
+    match fetcher.fetch_chunks(vec![ghost]).await {
+        Err(TransferError::ChunksUnavailable { missing: 1, .. }) => {}
+        other => panic!("expected ChunksUnavailable, got {other:?}"),
+    }
+    drop((a, b));
+}
