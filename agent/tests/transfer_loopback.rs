@@ -250,14 +250,14 @@ async fn liar_session(
             }
             FrameKind::ChunkRequest => {
                 let (_, fps) = wire::decode_chunk_request(&f.body)?;
-                for fp in fps.to_vec() {
-                    let mut bytes = store.get_chunk(&fp)?;
+                for fp in fps {
+                    let mut bytes = store.get_chunk(fp)?;
                     if lie == Lie::FirstChunkBytes && !lied {
                         bytes[0] ^= 0xff;
                         lied = true;
                     }
                     let n = bytes.len() as u32;
-                    sock.write_all(&wire::encode_chunk_prefix(rid, &fp, n, n, false))
+                    sock.write_all(&wire::encode_chunk_prefix(rid, fp, n, n, false))
                         .await?;
                     sock.write_all(&bytes).await?;
                 }

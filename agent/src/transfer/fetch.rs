@@ -10,7 +10,8 @@
 //! that a slower peer would deliver last (work stealing); the first verified
 //! copy wins and the other is discarded.
 //!
-//! Every chunk is hashed and stored with `put_chunk_verified`; a peer whose
+//! Every chunk is hashed and checked against its fingerprint before it is
+//! stored (in batches made durable together); a peer whose
 //! bytes do not match is dropped for the rest of the fetch and its in-flight
 //! chunks go back to the others, as do those of a peer that dies or stalls.
 
@@ -201,7 +202,7 @@ impl Fetcher {
                 Manifest::from_bytes_checked(&f.body, id).map_err(|source| TransferError::BadManifest {
                     id: *id,
                     peer: addr.to_string(),
-                    source,
+                    source: Box::new(source),
                 })
             }
             FrameKind::Missing => Err(TransferError::Store(StoreError::ManifestMissing(*id))),
@@ -256,6 +257,11 @@ impl Fetcher {
                 .total_bytes
                 .store(s.wants.iter().map(|w| w.len).sum(), Ordering::Relaxed);
         }
+        let (writer, writer_rx) = std::sync::mpsc::channel();
+        let writer_store = self.store.clone();
+        let writer_handle = std::thread::Builder::new()
+            .name("chunk-writer".into())
+            .spawn(move || writer_thread(writer_store, writer_rx))?;
         let mut tasks = JoinSet::new();
         for (i, addr) in self.peers.iter().enumerate() {
             let ctx = PeerCtx {
@@ -263,9 +269,9 @@ impl Fetcher {
                 addr: *addr,
                 key: self.key.clone(),
                 opts: self.opts.clone(),
-                store: self.store.clone(),
                 sched: sched.clone(),
                 progress: self.progress.clone(),
+                writer: writer.clone(),
             };
             tasks.spawn(async move {
                 let reason = run_peer(&ctx).await;
@@ -274,6 +280,9 @@ impl Fetcher {
             });
         }
         while tasks.join_next().await.is_some() {}
+        drop(writer);
+        // Every sender is gone now, so the writer ends after its last batch.
+        let _ = tokio::task::spawn_blocking(move || writer_handle.join()).await;
 
         let s = sched.lock();
         if let Some(e) = &s.fatal {
@@ -357,7 +366,10 @@ struct PeerState {
     queue: VecDeque<usize>,
     /// Requested and not yet received, in request order.
     inflight: VecDeque<usize>,
+    /// Bytes of `inflight`: what the window limits.
     inflight_bytes: u64,
+    /// Received, being verified and made durable.
+    storing: Vec<usize>,
     /// Smoothed goodput, bytes/s (0 = not measured yet).
     rate: f64,
     bytes: u64,
@@ -468,6 +480,7 @@ impl Sched {
                 queue: (0..ws.len()).filter(|&c| ws[c].allowed & (1 << i) != 0).collect(),
                 inflight: VecDeque::new(),
                 inflight_bytes: 0,
+                storing: Vec::new(),
                 rate: 0.0,
                 bytes: 0,
                 chunks: 0,
@@ -574,16 +587,27 @@ impl Sched {
         best.map(|(_, c)| c)
     }
 
-    /// Forgets chunk `c` from peer `p`'s in-flight list.
-    fn release(&mut self, p: usize, c: usize) -> bool {
+    /// Chunk `c` arrived from `p`: it no longer counts against the window,
+    /// but stays `p`'s until stored. False if `p` was not asked for it.
+    fn arrived(&mut self, p: usize, c: usize) -> bool {
         let peer = &mut self.peers[p];
         let Some(pos) = peer.inflight.iter().position(|&x| x == c) else {
             return false;
         };
         peer.inflight.remove(pos);
         peer.inflight_bytes = peer.inflight_bytes.saturating_sub(self.wants[c].len);
-        self.holders[c] &= !(1 << p);
+        peer.storing.push(c);
         true
+    }
+
+    /// Forgets chunk `c` from peer `p` (requested or arrived).
+    fn release(&mut self, p: usize, c: usize) {
+        self.arrived(p, c);
+        let peer = &mut self.peers[p];
+        if let Some(pos) = peer.storing.iter().position(|&x| x == c) {
+            peer.storing.swap_remove(pos);
+        }
+        self.holders[c] &= !(1 << p);
     }
 
     /// Puts `c` back for other peers, or marks it unavailable if none may serve it.
@@ -640,8 +664,9 @@ impl Sched {
         if self.peers[p].dropped.is_none() {
             self.peers[p].dropped = reason;
         }
-        let inflight: Vec<usize> = self.peers[p].inflight.iter().copied().collect();
-        for c in inflight {
+        let mut held: Vec<usize> = self.peers[p].inflight.iter().copied().collect();
+        held.extend(self.peers[p].storing.iter().copied());
+        for c in held {
             self.release(p, c);
             self.requeue(c);
         }
@@ -663,9 +688,9 @@ struct PeerCtx {
     addr: SocketAddr,
     key: ClusterKey,
     opts: FetchOptions,
-    store: Arc<LocalStore>,
     sched: Arc<Shared>,
     progress: Arc<FetchProgress>,
+    writer: std::sync::mpsc::Sender<WriteJob>,
 }
 
 /// Outcome of verifying and storing one received chunk.
@@ -840,7 +865,7 @@ fn on_frame(ctx: &PeerCtx, label: &str, frame: Frame, stores: &mut JoinSet<Store
                 let Some(&c) = s.index.get(&fp) else {
                     return Err(format!("sent chunk {fp}, which was never requested"));
                 };
-                if !s.peers[ctx.index].inflight.contains(&c) {
+                if !s.arrived(ctx.index, c) {
                     return Err(format!("sent chunk {fp}, which was not requested from it"));
                 }
                 let surplus = s.state[c] == ChunkState::Done;
@@ -855,16 +880,32 @@ fn on_frame(ctx: &PeerCtx, label: &str, frame: Frame, stores: &mut JoinSet<Store
                     .increment(wire_len);
                 return Ok(());
             }
-            let store = ctx.store.clone();
-            stores.spawn_blocking(move || {
-                let result = verify_and_store(
-                    &store,
-                    &fp,
-                    want_len,
-                    head.raw_len.get(),
-                    zstd,
-                    &frame.body[wire::CHUNK_HEAD_LEN..],
-                );
+            let writer = ctx.writer.clone();
+            stores.spawn(async move {
+                let raw_len = head.raw_len.get();
+                let verified = tokio::task::spawn_blocking(move || {
+                    verify(&fp, want_len, raw_len, zstd, frame.body, wire::CHUNK_HEAD_LEN)
+                })
+                .await;
+                let result = match verified {
+                    Ok(Ok(bytes)) => {
+                        let (done, wait) = tokio::sync::oneshot::channel();
+                        if writer.send(WriteJob { fp, bytes, done }).is_err() {
+                            Err(TransferError::Timeout("storing: the writer has stopped"))
+                        } else {
+                            match wait.await {
+                                Ok(Ok(())) => Ok(()),
+                                Ok(Err(e)) => Err(TransferError::Store(e)),
+                                Err(_) => Err(TransferError::Timeout("storing: the writer has stopped")),
+                            }
+                        }
+                    }
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(TransferError::BadChunk {
+                        fp,
+                        reason: "verification panicked".into(),
+                    }),
+                };
                 Stored {
                     c,
                     wire_len,
@@ -894,28 +935,28 @@ fn on_frame(ctx: &PeerCtx, label: &str, frame: Frame, stores: &mut JoinSet<Store
     }
 }
 
-fn verify_and_store(
-    store: &LocalStore,
+/// Checks a received chunk against the manifest's length and its
+/// fingerprint (decompressing first if needed); returns its bytes.
+fn verify(
     fp: &Fingerprint,
     want_len: u64,
     raw_len: u32,
     zstd: bool,
-    payload: &[u8],
-) -> Result<(), TransferError> {
+    mut body: Vec<u8>,
+    head_len: usize,
+) -> Result<Vec<u8>, TransferError> {
     let bad = |reason: String| TransferError::BadChunk { fp: *fp, reason };
     if raw_len as u64 != want_len {
         return Err(bad(format!(
             "announced {raw_len} bytes, the manifest says {want_len}"
         )));
     }
-    let decompressed;
     let bytes = if zstd {
         // Bounded by the manifest's length, so a zstd bomb cannot grow past it.
-        decompressed =
-            zstd::bulk::decompress(payload, want_len as usize).map_err(|e| bad(format!("zstd: {e}")))?;
-        &decompressed[..]
+        zstd::bulk::decompress(&body[head_len..], want_len as usize).map_err(|e| bad(format!("zstd: {e}")))?
     } else {
-        payload
+        body.drain(..head_len);
+        body
     };
     if bytes.len() as u64 != want_len {
         return Err(bad(format!(
@@ -923,8 +964,73 @@ fn verify_and_store(
             bytes.len()
         )));
     }
-    store.put_chunk_verified(fp, bytes)?;
-    Ok(())
+    let actual = Fingerprint::of_parallel(&bytes);
+    if actual != *fp {
+        return Err(TransferError::Store(StoreError::ChunkRejected {
+            fp: *fp,
+            actual,
+        }));
+    }
+    Ok(bytes)
+}
+
+/// A verified chunk for the writer thread, and where to report its outcome.
+struct WriteJob {
+    fp: Fingerprint,
+    bytes: Vec<u8>,
+    done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// Longest a received chunk waits before its batch is made durable.
+const COMMIT_DELAY: Duration = Duration::from_millis(100);
+
+/// Makes verified chunks durable in batches ([`LocalStore::batch`]: one
+/// parallel sync per batch instead of one per chunk). A chunk counts as
+/// fetched only once its batch is committed, so an interrupted fetch never
+/// believes it has a chunk that is not on disk.
+fn writer_thread(store: Arc<LocalStore>, rx: std::sync::mpsc::Receiver<WriteJob>) {
+    use std::sync::mpsc::RecvTimeoutError;
+    while let Ok(first) = rx.recv() {
+        let mut batch = store.batch();
+        let mut waiting = Vec::new();
+        let started = Instant::now();
+        let mut next = Some(first);
+        loop {
+            if let Some(job) = next.take() {
+                match batch.stage(&job.fp, &job.bytes) {
+                    Ok(()) => waiting.push(job.done),
+                    Err(e) => {
+                        let _ = job.done.send(Err(e));
+                    }
+                }
+            }
+            if batch.is_full() || started.elapsed() >= COMMIT_DELAY {
+                break;
+            }
+            // Commit as soon as the stream pauses, so the tail is not delayed.
+            match rx.recv_timeout(Duration::from_millis(2)) {
+                Ok(job) => next = Some(job),
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        match batch.commit() {
+            Ok(_) => {
+                for d in waiting {
+                    let _ = d.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                let text = e.to_string();
+                for d in waiting {
+                    let _ = d.send(Err(StoreError::Io {
+                        op: "commit chunk batch",
+                        path: store.root().to_path_buf(),
+                        source: std::io::Error::other(text.clone()),
+                    }));
+                }
+            }
+        }
+    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

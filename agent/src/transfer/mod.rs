@@ -46,7 +46,7 @@ pub enum TransferError {
     BadManifest {
         id: ManifestId,
         peer: String,
-        source: ManifestError,
+        source: Box<ManifestError>,
     },
     #[error("no peer could supply manifest {id}: {reasons}")]
     ManifestUnavailable { id: ManifestId, reasons: String },

@@ -247,7 +247,7 @@ async fn send_chunk(
     let try_zstd = zstd_ok && cfg.zstd.worth_trying(path_rate) && {
         if zstate.misses >= 4 {
             zstate.skipped += 1;
-            zstate.skipped % 16 == 0
+            zstate.skipped.is_multiple_of(16)
         } else {
             true
         }
