@@ -116,6 +116,8 @@ pub struct Plan {
     pub lease: Option<u64>,
     pub sources: Vec<PlanSource>,
     pub chunks: Vec<PlanChunk>,
+    /// Chunk-server address of every edge named in `chunks`.
+    pub addrs: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -438,6 +440,26 @@ impl Coordinator {
             });
         }
         plan_sources.retain(|s| s.chunks > 0);
+        let mut named = vec![false; sources.len()];
+        for r in &a.ranked {
+            for &s in r.iter().take(alternatives) {
+                named[s] = true;
+            }
+        }
+        for s in a.source.iter().flatten() {
+            named[*s] = true;
+        }
+        let addrs = named
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n)
+            .map(|(s, _)| {
+                (
+                    sources[s].name.clone(),
+                    self.ledger.edges[src_ix[s] as usize].addr.clone(),
+                )
+            })
+            .collect();
         let lease = if take_lease && !lease_entries.is_empty() {
             Some(self.ledger.lease(lease_entries, now_ms() + self.options.lease_ms))
         } else {
@@ -455,6 +477,7 @@ impl Coordinator {
             lease,
             sources: plan_sources,
             chunks,
+            addrs,
         })
     }
 

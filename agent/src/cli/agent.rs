@@ -40,6 +40,16 @@ pub struct Args {
     /// Never compress chunks, even when a fetcher allows it.
     #[arg(long)]
     no_zstd: bool,
+    /// Report to the cache coordinator at URL (http://HOST:PORT): inventory and
+    /// deltas, then carry out its GC (never a locally pinned chunk) and prefetch orders.
+    #[arg(long, requires = "capacity")]
+    coordinator: Option<String>,
+    /// File holding the coordinator's bearer token.
+    #[arg(long, requires = "coordinator")]
+    token_file: Option<PathBuf>,
+    /// Bytes the store may use, e.g. 200GiB; the coordinator's GC keeps it under its watermarks.
+    #[arg(long, value_parser = edgeshift_common::parse_size)]
+    capacity: Option<u64>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -74,10 +84,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             writeln!(out, "listening on {local}")?;
             out.flush()?;
         }
+        let store = Arc::new(store);
+        let _link = match (&args.coordinator, args.capacity) {
+            (Some(url), Some(capacity)) => Some(edgeshift_agent::coordination::link::start(
+                url, args.token_file.as_deref(), capacity, &id, local, store.clone(), key.clone(),
+            )?),
+            _ => None,
+        };
         let cfg = Arc::new(ServerConfig {
             id,
             key,
-            store: Arc::new(store),
+            store,
             zstd,
         });
         serve(listener, cfg).await.context("serving peers")?;

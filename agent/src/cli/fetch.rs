@@ -30,7 +30,7 @@ pub struct Args {
     #[arg(long)]
     store: PathBuf,
     /// A peer agent's address (HOST:PORT); repeat for several.
-    #[arg(long = "peer", required = true)]
+    #[arg(long = "peer", required_unless_present = "coordinator")]
     peers: Vec<String>,
     /// File holding the cluster key: 64 hex digits.
     #[arg(long)]
@@ -47,6 +47,13 @@ pub struct Args {
     /// Never ask peers for zstd-compressed chunks.
     #[arg(long)]
     no_zstd: bool,
+    /// Ask the cache coordinator at URL (http://HOST:PORT) for the sources instead
+    /// of --peer: pins the image here, fetches from the planned holders, reports path rates.
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// File holding the coordinator's bearer token.
+    #[arg(long, requires = "coordinator")]
+    token_file: Option<PathBuf>,
 }
 
 fn resolve(peer: &str) -> anyhow::Result<SocketAddr> {
@@ -76,6 +83,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(id) = args.id_name {
         opts.id = id;
     }
+    let coordinated = match &args.coordinator {
+        Some(url) => Some(edgeshift_agent::coordination::fetch::CoordinatedFetch::begin_url(
+            url,
+            args.token_file.as_deref(),
+            &store,
+            &opts.id,
+            &args.id,
+        )?),
+        None => None,
+    };
+    let peers = coordinated.as_ref().map(|c| c.peers.clone()).unwrap_or(peers);
     let fetcher = Fetcher::with_options(Arc::new(store), peers, key, opts);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -105,7 +123,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 }
             })
         });
-        let r = fetcher.fetch(&args.id).await;
+        let r = match &coordinated {
+            Some(c) => c.run(&fetcher).await,
+            None => fetcher.fetch(&args.id).await.map_err(Into::into),
+        };
         if let Some(t) = ticker {
             t.abort();
         }

@@ -1,0 +1,155 @@
+//! `edgeshift fetch --coordinator`: the coordinator's plan instead of a peer
+//! list. The image is pinned here first (locally and at the coordinator) so
+//! GC keeps what arrives; the plan's lease keeps the sources' chunks; the
+//! chunks the local store lacks are fetched from the holders the plan names
+//! (best path first); the measured path rates go back to the coordinator and
+//! the lease is released.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+
+use edgeshift_common::ManifestId;
+
+use super::client::{Client, Plan};
+use super::pins::LocalPins;
+use super::CoordError;
+use crate::store::LocalStore;
+use crate::transfer::fetch::{ChunkWant, FetchReport, Fetcher};
+
+/// Holders listed per chunk in the plan asked for.
+const ALTERNATIVES: usize = 4;
+
+/// Measured rates per peer (by its node id), in bytes/s, from a fetch report.
+/// Paths that carried under 1 MiB are left out: too short to measure.
+pub fn path_rates(report: &FetchReport) -> Vec<(String, f64)> {
+    report
+        .peers
+        .iter()
+        .filter(|p| p.bytes >= 1 << 20 && p.mbit_per_s > 0.0 && p.dropped.is_none())
+        .filter_map(|p| p.id.clone().map(|id| (id, p.mbit_per_s * 1e6 / 8.0)))
+        .collect()
+}
+
+/// A fetch planned by the coordinator.
+pub struct CoordinatedFetch {
+    client: Client,
+    edge: String,
+    manifest: ManifestId,
+    pub plan: Plan,
+    /// Every peer the plan names, for the fetcher.
+    pub peers: Vec<SocketAddr>,
+    by_edge: HashMap<String, SocketAddr>,
+}
+
+impl CoordinatedFetch {
+    /// [`Self::begin`] with a client for `url` and the token in `token_file`.
+    pub fn begin_url(
+        url: &str,
+        token_file: Option<&std::path::Path>,
+        store: &LocalStore,
+        edge: &str,
+        manifest: &ManifestId,
+    ) -> Result<Self, CoordError> {
+        let token = token_file.map(super::read_token).transpose()?;
+        Self::begin(Client::new(url, token)?, store, edge, manifest)
+    }
+
+    /// Pins `manifest` on this edge (locally, then at the coordinator) and
+    /// asks for the plan.
+    pub fn begin(
+        client: Client,
+        store: &LocalStore,
+        edge: &str,
+        manifest: &ManifestId,
+    ) -> Result<Self, CoordError> {
+        LocalPins::for_store(store)?.pin(manifest, "edgeshift fetch")?;
+        client.pin(edge, manifest)?;
+        let plan = client.plan(manifest, edge, ALTERNATIVES)?;
+        let mut by_edge = HashMap::new();
+        let mut peers = Vec::new();
+        for (name, addr) in &plan.addrs {
+            let a = addr
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| CoordError::BadPeer {
+                    addr: addr.clone(),
+                    reason: "does not resolve".into(),
+                })?;
+            by_edge.insert(name.clone(), a);
+            if !peers.contains(&a) {
+                peers.push(a);
+            }
+        }
+        tracing::info!(
+            manifest = %manifest,
+            missing = plan.missing_chunks,
+            sources = plan.sources.len(),
+            makespan_s = plan.makespan_secs,
+            lower_bound_s = plan.lower_bound_secs,
+            "coordinator plan"
+        );
+        Ok(CoordinatedFetch {
+            client,
+            edge: edge.to_string(),
+            manifest: *manifest,
+            plan,
+            peers,
+            by_edge,
+        })
+    }
+
+    /// The fetcher's work list: what the local store lacks, each chunk
+    /// restricted to the holders the plan names (assigned source first).
+    /// A chunk the plan does not list (the coordinator thought it was here)
+    /// may come from any planned peer.
+    pub fn wants(
+        &self,
+        fetcher: &Fetcher,
+        manifest: &edgeshift_common::Manifest,
+    ) -> Result<Vec<ChunkWant>, CoordError> {
+        let planned: HashMap<_, _> = self.plan.chunks.iter().map(|c| (c.fp, c)).collect();
+        let mut wants = fetcher.missing_chunks(manifest)?;
+        for w in &mut wants {
+            if let Some(c) = planned.get(&w.fp) {
+                let mut srcs: Vec<SocketAddr> = Vec::new();
+                for name in c.source.iter().chain(&c.holders) {
+                    if let Some(a) = self.by_edge.get(name) {
+                        if !srcs.contains(a) {
+                            srcs.push(*a);
+                        }
+                    }
+                }
+                if !srcs.is_empty() {
+                    w.sources = Some(srcs);
+                }
+            }
+        }
+        Ok(wants)
+    }
+
+    /// Runs the fetch with `fetcher` (built over [`Self::peers`]), reports
+    /// path rates and releases the plan's lease, whatever the outcome.
+    pub async fn run(&self, fetcher: &Fetcher) -> Result<FetchReport, CoordError> {
+        let result = async {
+            let manifest = fetcher.fetch_manifest(&self.manifest).await?;
+            let wants = self.wants(fetcher, &manifest)?;
+            Ok::<_, CoordError>(fetcher.fetch_chunks(wants).await?)
+        }
+        .await;
+        if let Ok(report) = &result {
+            let rates = path_rates(report);
+            if !rates.is_empty() {
+                if let Err(e) = self.client.paths(&self.edge, &rates) {
+                    tracing::warn!(error = %e, "could not report path rates");
+                }
+            }
+        }
+        if let Some(lease) = self.plan.lease {
+            if let Err(e) = self.client.release(lease) {
+                tracing::warn!(lease, error = %e, "could not release the plan's lease (it expires by itself)");
+            }
+        }
+        result
+    }
+}

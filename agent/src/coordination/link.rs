@@ -1,0 +1,367 @@
+//! The agent daemon's background link to the coordinator.
+//!
+//! On (re)connect: register (address, capacity), publish local manifests,
+//! report the full inventory with the local pins. Then every interval: a
+//! delta (chunks added and removed since the last report, usage), and a poll
+//! of the orders: GC drops are checked against the local pins under the pin
+//! lock before deleting; prefetch orders run through the transfer fetcher,
+//! one at a time, and their lease is released after. A 404 "unknown edge"
+//! (the coordinator restarted) or a lost connection leads to a reconnect.
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use edgeshift_common::{Fingerprint, ManifestId};
+
+use super::client::{Client, Delta, Orders};
+use super::pins::{GcOutcome, LocalPins};
+use super::CoordError;
+use crate::store::{ChunkStore, LocalStore};
+use crate::transfer::fetch::{ChunkWant, FetchOptions, Fetcher};
+use crate::transfer::ClusterKey;
+
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// This edge's id at the coordinator (the agent's node id).
+    pub edge: String,
+    /// Where peers reach this edge's chunk server.
+    pub advertise: String,
+    /// Bytes the store may use.
+    pub capacity: u64,
+    /// Time between heartbeats.
+    pub interval: Duration,
+}
+
+/// What one step did (for logs and tests).
+#[derive(Debug, Clone, Default)]
+pub struct StepReport {
+    pub reconnected: bool,
+    pub added: usize,
+    pub removed: usize,
+    pub gc: GcOutcome,
+    pub prefetched_chunks: u64,
+}
+
+pub struct Link {
+    client: Client,
+    cfg: LinkConfig,
+    store: Arc<LocalStore>,
+    pins: LocalPins,
+    key: Option<ClusterKey>,
+    /// Chunks the coordinator has been told about; None = must (re)connect.
+    reported: Option<HashSet<Fingerprint>>,
+    published: HashSet<ManifestId>,
+    /// Chunks this process is working on; GC never deletes them.
+    busy: Arc<Mutex<HashSet<Fingerprint>>>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+/// The address peers should use: `listen`, or when it is a wildcard, this
+/// host's address on the route to the coordinator.
+pub fn advertise_addr(listen: SocketAddr, coordinator_url: &str) -> String {
+    if !listen.ip().is_unspecified() {
+        return listen.to_string();
+    }
+    let hostport = coordinator_url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let ip = hostport
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .and_then(|target| {
+            let s = UdpSocket::bind(("0.0.0.0", 0)).ok()?;
+            s.connect(target).ok()?;
+            s.local_addr().ok()
+        })
+        .map(|a| a.ip());
+    match ip {
+        Some(ip) => SocketAddr::new(ip, listen.port()).to_string(),
+        None => listen.to_string(),
+    }
+}
+
+impl Link {
+    pub fn new(
+        client: Client,
+        cfg: LinkConfig,
+        store: Arc<LocalStore>,
+        key: Option<ClusterKey>,
+    ) -> Result<Self, CoordError> {
+        let pins = LocalPins::for_store(&store)?;
+        Ok(Link {
+            client,
+            cfg,
+            store,
+            pins,
+            key,
+            reported: None,
+            published: HashSet::new(),
+            busy: Arc::new(Mutex::new(HashSet::new())),
+            rt: None,
+        })
+    }
+
+    /// The set GC must leave alone; other parts of the agent may add to it.
+    pub fn busy(&self) -> Arc<Mutex<HashSet<Fingerprint>>> {
+        self.busy.clone()
+    }
+
+    fn publish_new_manifests(&mut self) -> Result<(), CoordError> {
+        for id in self.store.list_manifests()? {
+            if self.published.contains(&id) {
+                continue;
+            }
+            let m = self.store.get_manifest(&id)?;
+            self.client.publish(&m)?;
+            self.published.insert(id);
+        }
+        Ok(())
+    }
+
+    /// Register, publish, full inventory with pins.
+    pub fn connect(&mut self) -> Result<(), CoordError> {
+        self.client
+            .register(&self.cfg.edge, &self.cfg.advertise, self.cfg.capacity)?;
+        self.published.clear();
+        self.publish_new_manifests()?;
+        let chunks = self.store.list_chunks()?;
+        let usage = self.store.stats()?.chunk_bytes;
+        let pins = self.pins.list()?;
+        // A pin whose manifest is not here cannot be published; report the rest.
+        let pins: Vec<_> = pins.into_iter().filter(|p| self.published.contains(p)).collect();
+        self.client.inventory(&self.cfg.edge, &chunks, usage, &pins)?;
+        tracing::info!(
+            edge = %self.cfg.edge,
+            coordinator = %self.client.base(),
+            chunks = chunks.len(),
+            pins = pins.len(),
+            "reported full inventory"
+        );
+        self.reported = Some(chunks.into_iter().collect());
+        Ok(())
+    }
+
+    /// Sends what changed since the last report.
+    pub fn heartbeat(&mut self) -> Result<(usize, usize), CoordError> {
+        self.publish_new_manifests()?;
+        let now: HashSet<Fingerprint> = self.store.list_chunks()?.into_iter().collect();
+        let usage = self.store.stats()?.chunk_bytes;
+        let before = self.reported.get_or_insert_with(HashSet::new);
+        let delta = Delta {
+            added: now.difference(before).copied().collect(),
+            removed: before.difference(&now).copied().collect(),
+            accessed: Vec::new(),
+            usage,
+        };
+        self.client.delta(&self.cfg.edge, &delta)?;
+        self.reported = Some(now);
+        Ok((delta.added.len(), delta.removed.len()))
+    }
+
+    /// Carries out GC drops (after the local check) and prefetch orders.
+    pub fn execute(&mut self, orders: &Orders) -> Result<(GcOutcome, u64), CoordError> {
+        let mut gc = GcOutcome::default();
+        if !orders.drop.is_empty() {
+            let busy = self.busy.lock().map(|b| b.clone()).unwrap_or_default();
+            gc = self.pins.collect(&self.store, &orders.drop, &busy)?;
+            tracing::info!(
+                removed = gc.removed.len(),
+                kept = gc.kept_pinned.len(),
+                policy = %orders.policy,
+                "GC order carried out"
+            );
+        }
+        let mut fetched = 0;
+        if !orders.prefetch.is_empty() {
+            let r = self.prefetch(orders);
+            if let Some(lease) = orders.lease {
+                if let Err(e) = self.client.release(lease) {
+                    tracing::debug!(lease, error = %e, "releasing the prefetch lease");
+                }
+            }
+            fetched = r?;
+        }
+        Ok((gc, fetched))
+    }
+
+    fn prefetch(&mut self, orders: &Orders) -> Result<u64, CoordError> {
+        let Some(key) = self.key.clone() else {
+            tracing::debug!("prefetch order ignored: no cluster key to talk to peers");
+            return Ok(0);
+        };
+        let mut peers: Vec<SocketAddr> = Vec::new();
+        let mut wants = Vec::new();
+        for o in &orders.prefetch {
+            for c in &o.chunks {
+                if self.store.has_chunk(&c.fp)? {
+                    continue;
+                }
+                let addr = c
+                    .addr
+                    .to_socket_addrs()
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or_else(|| CoordError::BadPeer {
+                        addr: c.addr.clone(),
+                        reason: "does not resolve".into(),
+                    })?;
+                if !peers.contains(&addr) {
+                    peers.push(addr);
+                }
+                wants.push(ChunkWant {
+                    fp: c.fp,
+                    len: c.bytes,
+                    sources: Some(vec![addr]),
+                });
+            }
+        }
+        if wants.is_empty() {
+            return Ok(0);
+        }
+        if let Ok(mut b) = self.busy.lock() {
+            b.extend(wants.iter().map(|w| w.fp));
+        }
+        let fps: Vec<Fingerprint> = wants.iter().map(|w| w.fp).collect();
+        let opts = FetchOptions {
+            id: self.cfg.edge.clone(),
+            ..FetchOptions::default()
+        };
+        let fetcher = Fetcher::with_options(self.store.clone(), peers, key, opts);
+        if self.rt.is_none() {
+            self.rt = Some(
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| CoordError::Transfer(e.into()))?,
+            );
+        }
+        let result = match &self.rt {
+            Some(rt) => rt.block_on(fetcher.fetch_chunks(wants)),
+            None => return Ok(0),
+        };
+        if let Ok(mut b) = self.busy.lock() {
+            for f in &fps {
+                b.remove(f);
+            }
+        }
+        let report = result?;
+        let rates = super::fetch::path_rates(&report);
+        if !rates.is_empty() {
+            self.client.paths(&self.cfg.edge, &rates)?;
+        }
+        metrics::counter!("edgeshift_prefetched_chunks_total").increment(report.chunks_fetched);
+        tracing::info!(chunks = report.chunks_fetched, "prefetch done");
+        Ok(report.chunks_fetched)
+    }
+
+    /// One round: (re)connect if needed, heartbeat, poll and carry out orders.
+    pub fn step(&mut self) -> Result<StepReport, CoordError> {
+        let mut rep = StepReport::default();
+        if self.reported.is_none() {
+            self.connect()?;
+            rep.reconnected = true;
+        }
+        let r = (|| -> Result<(), CoordError> {
+            let (added, removed) = self.heartbeat()?;
+            rep.added = added;
+            rep.removed = removed;
+            let orders = self.client.orders(&self.cfg.edge)?;
+            let (gc, fetched) = self.execute(&orders)?;
+            rep.gc = gc;
+            rep.prefetched_chunks = fetched;
+            if !rep.gc.removed.is_empty() || fetched > 0 {
+                self.heartbeat()?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            if e.is_unknown_edge() || matches!(e, CoordError::Unreachable { .. }) {
+                // Start over with a full report next time.
+                self.reported = None;
+            }
+            return Err(e);
+        }
+        Ok(rep)
+    }
+
+    /// Runs until `stop` is set, logging errors and retrying.
+    pub fn run(mut self, stop: Arc<AtomicBool>) {
+        let mut backoff = self.cfg.interval;
+        while !stop.load(Ordering::Relaxed) {
+            match self.step() {
+                Ok(r) => {
+                    backoff = self.cfg.interval;
+                    tracing::debug!(?r.added, ?r.removed, removed = r.gc.removed.len(), prefetched = r.prefetched_chunks, "coordinator step");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "coordinator link");
+                    metrics::counter!("edgeshift_coordinator_errors_total").increment(1);
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                }
+            }
+            let mut slept = Duration::ZERO;
+            while slept < backoff && !stop.load(Ordering::Relaxed) {
+                let d = Duration::from_millis(200).min(backoff - slept);
+                std::thread::sleep(d);
+                slept += d;
+            }
+        }
+    }
+}
+
+/// Starts the link in its own thread; set `stop` to end it.
+pub fn spawn(link: Link, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("coordinator-link".into())
+        .spawn(move || link.run(stop))
+}
+
+/// A running link; stops (and joins its thread) on drop.
+pub struct LinkHandle {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for LinkHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What `edgeshift agent --coordinator URL --token-file FILE --capacity SIZE`
+/// starts: a link for edge `edge` whose chunk server listens on `listen`.
+pub fn start(
+    url: &str,
+    token_file: Option<&std::path::Path>,
+    capacity: u64,
+    edge: &str,
+    listen: SocketAddr,
+    store: Arc<LocalStore>,
+    key: ClusterKey,
+) -> Result<LinkHandle, CoordError> {
+    let token = token_file.map(super::read_token).transpose()?;
+    let client = Client::new(url, token)?;
+    let cfg = LinkConfig {
+        edge: edge.to_string(),
+        advertise: advertise_addr(listen, url),
+        capacity,
+        interval: Duration::from_secs(5),
+    };
+    tracing::info!(coordinator = %url, advertise = %cfg.advertise, capacity, "coordinator link starting");
+    let link = Link::new(client, cfg, store, Some(key))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = spawn(link, stop.clone()).map_err(|e| CoordError::Transfer(e.into()))?;
+    Ok(LinkHandle {
+        stop,
+        thread: Some(thread),
+    })
+}

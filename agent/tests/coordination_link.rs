@@ -1,0 +1,402 @@
+//! The agent's coordinator link against a real coordinator (the axum app on
+//! 127.0.0.1:0) and real chunk servers: inventory, GC re-checked against
+//! local pins, prefetch through the transfer fetcher, the planned fetch, a
+//! coordinator restart, and pins racing GC.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgeshift_agent::coordination::client::Client;
+use edgeshift_agent::coordination::fetch::CoordinatedFetch;
+use edgeshift_agent::coordination::link::{Link, LinkConfig};
+use edgeshift_agent::coordination::pins::LocalPins;
+use edgeshift_agent::store::{ChunkStore, LocalStore};
+use edgeshift_agent::transfer::fetch::{FetchOptions, Fetcher};
+use edgeshift_agent::transfer::server::{serve, ServerConfig, ZstdPolicy};
+use edgeshift_agent::transfer::ClusterKey;
+use edgeshift_common::{ChunkSize, Fingerprint, Manifest, ManifestId};
+use edgeshift_coordinator::{AppState, Coordinator, Options};
+
+const TOKEN: &str = "link-test-token";
+const CHUNK: usize = 4096;
+
+/// A coordinator served in-process on its own runtime; stopped on drop.
+struct Coord {
+    url: String,
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Coord {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn start_coord(data: &Path, addr: &str) -> Coord {
+    let coord = Coordinator::open(data, Options::default()).expect("open coordinator");
+    let app = AppState::new(coord, Some(TOKEN.into()));
+    let std_listener = std::net::TcpListener::bind(addr).expect("bind coordinator");
+    std_listener.set_nonblocking(true).expect("nonblocking");
+    let local = std_listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+            edgeshift_coordinator::serve(listener, app, 64 << 20, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("serve");
+        });
+    });
+    Coord {
+        url: format!("http://{local}"),
+        addr: local,
+        stop: Some(tx),
+        thread: Some(thread),
+    }
+}
+
+fn client(c: &Coord) -> Client {
+    Client::new(&c.url, Some(TOKEN.into())).expect("client")
+}
+
+/// Raw GET for checks, as JSON.
+fn get(c: &Coord, path: &str) -> serde_json::Value {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut r = agent
+        .get(format!("{}{}", c.url, path))
+        .header("Authorization", format!("Bearer {TOKEN}"))
+        .call()
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 200, "GET {path}");
+    r.body_mut().read_json().expect("json")
+}
+
+fn put_policy(c: &Coord, body: serde_json::Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let r = agent
+        .put(format!("{}/v1/policy", c.url))
+        .header("Authorization", format!("Bearer {TOKEN}"))
+        .send_json(body)
+        .expect("put");
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+fn chunk_data(n: u32) -> Vec<u8> {
+    let mut d = vec![0u8; CHUNK];
+    d[..4].copy_from_slice(&n.to_le_bytes());
+    d[CHUNK - 1] = 7;
+    d
+}
+
+/// Puts chunks `ns` and their manifest into `store`; returns the manifest id.
+fn image(store: &LocalStore, ns: impl IntoIterator<Item = u32>) -> (ManifestId, Manifest) {
+    let mut fps = Vec::new();
+    for n in ns {
+        let d = chunk_data(n);
+        let f = Fingerprint::of(&d);
+        store.put_chunk(&f, &d).expect("put chunk");
+        fps.push(f);
+    }
+    let m = Manifest::new(
+        ChunkSize::new(CHUNK as u64).expect("cs"),
+        (CHUNK * fps.len()) as u64,
+        fps,
+    );
+    (store.put_manifest(&m).expect("manifest"), m)
+}
+
+fn link(
+    c: &Coord,
+    edge: &str,
+    store: &Arc<LocalStore>,
+    capacity: u64,
+    key: Option<ClusterKey>,
+    addr: &str,
+) -> Link {
+    Link::new(
+        client(c),
+        LinkConfig {
+            edge: edge.into(),
+            advertise: addr.into(),
+            capacity,
+            interval: Duration::from_millis(100),
+        },
+        store.clone(),
+        key,
+    )
+    .expect("link")
+}
+
+/// A chunk server for `store` on 127.0.0.1:0, on its own runtime thread.
+struct Server {
+    addr: SocketAddr,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn start_server(id: &str, store: Arc<LocalStore>, key: ClusterKey) -> Server {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let cfg = Arc::new(ServerConfig {
+        id: id.into(),
+        key,
+        store,
+        zstd: ZstdPolicy { compress_rate: 0.0 },
+    });
+    rt.spawn(async move {
+        let _ = serve(listener, cfg).await;
+    });
+    Server { addr, _rt: rt }
+}
+
+#[test]
+fn gc_orders_are_rechecked_against_local_pins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_coord(&dir.path().join("coord"), "127.0.0.1:0");
+    let store = Arc::new(LocalStore::open_or_create(dir.path().join("store")).expect("store"));
+    let (pinned_id, pinned_m) = image(&store, 0..4);
+    let (_other_id, _) = image(&store, 4..20);
+    // Pinned locally before connecting: the coordinator learns it in the inventory.
+    let pins = LocalPins::for_store(&store).expect("pins");
+    pins.pin(&pinned_id, "vm").expect("pin");
+    put_policy(
+        &c,
+        serde_json::json!({ "policy": "lru", "high_watermark": 0.8, "low_watermark": 0.5 }),
+    );
+    // 20 chunks of 4 KiB in a 20-chunk capacity: over the high watermark.
+    let mut l = link(&c, "edge-a", &store, 20 * CHUNK as u64, None, "127.0.0.1:1");
+    l.connect().expect("connect");
+    let e = get(&c, "/v1/edges/edge-a");
+    assert_eq!(e["chunks"], 20);
+    assert_eq!(e["pinned_chunks"], 4);
+    assert_eq!(e["pinned_manifests"][pinned_id.to_hex()], 1);
+
+    // A second manifest is pinned locally only (the coordinator does not know).
+    let late_fps: Vec<_> = (4..8u32).map(|n| Fingerprint::of(&chunk_data(n))).collect();
+    let late = Manifest::new(
+        ChunkSize::new(CHUNK as u64).expect("cs"),
+        4 * CHUNK as u64,
+        late_fps.clone(),
+    );
+    let late_id = store.put_manifest(&late).expect("manifest");
+    // Publish it but do not pin it at the coordinator: only the local pin protects it.
+    client(&c).publish(&late).expect("publish");
+    pins.pin(&late_id, "incoming vm").expect("pin");
+
+    let rep = l.step().expect("step");
+    // Low watermark: 10 chunks. 10 unpinned (by the coordinator's view) go, in
+    // LRU order, which includes chunks of the locally pinned manifest.
+    assert!(!rep.gc.kept_pinned.is_empty(), "{rep:?}");
+    for f in pinned_m.chunks.iter().chain(&late_fps) {
+        assert!(store.has_chunk(f).expect("has"), "a pinned chunk was deleted");
+        assert!(!rep.gc.removed.contains(f));
+    }
+    assert!(rep.gc.removed.len() >= 6, "{rep:?}");
+    for f in &rep.gc.removed {
+        assert!(!store.has_chunk(f).expect("has"));
+    }
+    // The follow-up delta told the coordinator what went.
+    let e = get(&c, "/v1/edges/edge-a");
+    assert_eq!(e["chunks"], 20 - rep.gc.removed.len() as u64);
+}
+
+#[test]
+fn pins_racing_gc_are_never_undercut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(LocalStore::open_or_create(dir.path().join("store")).expect("store"));
+    let images: Vec<(ManifestId, Manifest)> = (0..8u32).map(|i| image(&store, i * 10..i * 10 + 10)).collect();
+    let all: Vec<Fingerprint> = images.iter().flat_map(|(_, m)| m.chunks.clone()).collect();
+    let pins = LocalPins::for_store(&store).expect("pins");
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        // GC: keeps ordering every chunk dropped, and re-creates dropped ones
+        // so there is always something to race over.
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                pins.collect(&store, &all, &HashSet::new()).expect("gc");
+                for n in 0..80u32 {
+                    let d = chunk_data(n);
+                    store.put_chunk(&Fingerprint::of(&d), &d).expect("put");
+                }
+            }
+        });
+        for (id, m) in &images {
+            pins.pin(id, "race").expect("pin");
+            // From here on, nothing of m that exists may disappear.
+            let present: Vec<_> = m
+                .chunks
+                .iter()
+                .filter(|f| store.has_chunk(f).expect("has"))
+                .copied()
+                .collect();
+            std::thread::sleep(Duration::from_millis(20));
+            for f in &present {
+                assert!(
+                    store.has_chunk(f).expect("has"),
+                    "GC deleted a chunk of a pinned manifest"
+                );
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    // Every image is pinned and whole now that GC has stopped re-running.
+    let out = pins.collect(&store, &all, &HashSet::new()).expect("gc");
+    assert!(out.removed.is_empty(), "{out:?}");
+}
+
+#[test]
+fn hints_prefetch_through_the_fetcher_and_planned_fetch_completes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_coord(&dir.path().join("coord"), "127.0.0.1:0");
+    let key = ClusterKey::from_bytes([7u8; 32]);
+    let src_store = Arc::new(LocalStore::open_or_create(dir.path().join("src")).expect("store"));
+    let (id, m) = image(&src_store, 100..160);
+    let server = start_server("src", src_store.clone(), key.clone());
+    let mut src = link(&c, "src", &src_store, 1 << 30, None, &server.addr.to_string());
+    src.connect().expect("src connect");
+
+    // Prefetch: the hint makes the coordinator order dst to pull within its room.
+    put_policy(
+        &c,
+        serde_json::json!({ "high_watermark": 0.9, "low_watermark": 0.5 }),
+    );
+    let dst_store = Arc::new(LocalStore::open_or_create(dir.path().join("dst")).expect("store"));
+    let mut dst = link(
+        &c,
+        "dst",
+        &dst_store,
+        80 * CHUNK as u64,
+        Some(key.clone()),
+        "127.0.0.1:2",
+    );
+    dst.connect().expect("dst connect");
+    client(&c).hint(&id, "dst").expect("hint");
+    let rep = dst.step().expect("step");
+    // Room under the low watermark: 40 chunks of the 60.
+    assert_eq!(rep.prefetched_chunks, 40, "{rep:?}");
+    let have = m
+        .chunks
+        .iter()
+        .filter(|f| dst_store.has_chunk(f).expect("has"))
+        .count();
+    assert_eq!(have, 40);
+    let e = get(&c, "/v1/edges/dst");
+    assert_eq!(e["chunks"], 40);
+    assert_eq!(
+        get(&c, "/v1/edges/src")["leased_chunks"],
+        0,
+        "prefetch lease released"
+    );
+
+    // The planned fetch brings the remaining 20 and pins the image here.
+    let cf = CoordinatedFetch::begin(client(&c), &dst_store, "dst", &id).expect("plan");
+    assert_eq!(cf.plan.missing_chunks, 20);
+    assert_eq!(cf.peers, vec![server.addr]);
+    assert_eq!(get(&c, "/v1/edges/src")["leased_chunks"], 20);
+    let opts = FetchOptions {
+        id: "dst".into(),
+        ..FetchOptions::default()
+    };
+    let fetcher = Fetcher::with_options(dst_store.clone(), cf.peers.clone(), key, opts);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let report = rt.block_on(cf.run(&fetcher)).expect("fetch");
+    assert_eq!(report.chunks_fetched, 20);
+    assert!(m.chunks.iter().all(|f| dst_store.has_chunk(f).expect("has")));
+    assert_eq!(
+        LocalPins::for_store(&dst_store)
+            .expect("pins")
+            .list()
+            .expect("list"),
+        vec![id]
+    );
+    assert_eq!(
+        get(&c, "/v1/edges/src")["leased_chunks"],
+        0,
+        "plan lease released"
+    );
+    assert_eq!(get(&c, "/v1/edges/dst")["pinned_manifests"][id.to_hex()], 1);
+    dst.step().expect("step");
+    assert_eq!(get(&c, "/v1/edges/dst")["chunks"], 60);
+    // Now dst holds everything: its plan is empty.
+    let p = client(&c).plan(&id, "dst", 4).expect("plan");
+    assert_eq!(p.missing_chunks, 0);
+    assert!(p.chunks.is_empty());
+}
+
+#[test]
+fn link_reports_again_after_a_coordinator_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("coord");
+    let c = start_coord(&data, "127.0.0.1:0");
+    let addr = c.addr;
+    let store = Arc::new(LocalStore::open_or_create(dir.path().join("store")).expect("store"));
+    let (id, _) = image(&store, 0..10);
+    LocalPins::for_store(&store)
+        .expect("pins")
+        .pin(&id, "vm")
+        .expect("pin");
+    let mut l = link(&c, "edge-r", &store, 1 << 30, None, "127.0.0.1:3");
+    assert!(l.step().expect("first step").reconnected);
+    assert!(!l.step().expect("second step").reconnected);
+    drop(c);
+    // While it is down, the link fails and will report in full later.
+    assert!(l.step().is_err());
+    image(&store, 10..15);
+    let c = start_coord(&data, &addr.to_string());
+    let rep = l.step().expect("step after restart");
+    assert!(rep.reconnected);
+    let e = get(&c, "/v1/edges/edge-r");
+    assert_eq!(e["chunks"], 15);
+    assert_eq!(e["pinned_manifests"][id.to_hex()], 1);
+    // The catalogue survived the restart too.
+    assert_eq!(get(&c, &format!("/v1/manifests/{id}"))["chunks"], 10);
+}
+
+#[test]
+fn bad_coordinator_urls_and_tokens_are_refused() {
+    assert!(Client::new("ftp://x", None).is_err());
+    assert!(Client::new("http://", None).is_err());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_coord(&dir.path().join("coord"), "127.0.0.1:0");
+    let wrong = Client::new(&c.url, Some("nope".into())).expect("client");
+    let e = wrong.register("e", "x:1", 1).expect_err("wrong token must fail");
+    assert!(e.to_string().contains("401"), "{e}");
+    let unknown = client(&c).orders("ghost").expect_err("unknown edge");
+    assert!(unknown.is_unknown_edge(), "{unknown}");
+    let empty = dir.path().join("empty-token");
+    std::fs::write(&empty, "  \n").expect("write");
+    assert!(edgeshift_agent::coordination::read_token(&empty).is_err());
+}
