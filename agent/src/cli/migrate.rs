@@ -1,8 +1,167 @@
-//! `edgeshift migrate` (being built).
+//! `edgeshift migrate NAME --to EDGE`: hand a running VM over to another edge;
+//! `edgeshift vm host`: the listener that receives VMs and serves chunks.
 
+use std::io::IsTerminal;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use edgeshift_agent::migrate::engine::Phase;
+use edgeshift_agent::migrate::proto::read_key;
+use edgeshift_agent::migrate::temperature::Ordering;
+use edgeshift_agent::migrate::{self, Host, HostConfig, MigrateOptions};
+use edgeshift_agent::vm::Qemu;
+
+use crate::cli::vm::StateArgs;
+
+/// Hand a running VM over to another edge: its disk as the chunks the
+/// destination lacks (pulled from every holder at once, coldest first), its
+/// memory by QEMU live migration, the last dirty chunks in the switchover
+/// pause. On any failure before the switchover the VM keeps running here.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// The VM to move (see `edgeshift vm list`).
+    name: String,
+    /// The destination's migration listener (`edgeshift vm host`), HOST:PORT.
+    #[arg(long)]
+    to: String,
+    /// This edge's own listener as the destination reaches it (HOST:PORT):
+    /// the destination pulls the VM's chunks from it.
+    #[arg(long = "source-addr")]
+    source_addr: String,
+    /// Another edge holding chunks of the image (repeatable).
+    #[arg(long = "peer")]
+    peers: Vec<String>,
+    /// The cluster key file (32 raw bytes or 64 hex digits).
+    #[arg(long, env = "EDGESHIFT_KEY_FILE")]
+    key_file: PathBuf,
+    /// This edge's name in handshakes.
+    #[arg(long, default_value = "edge")]
+    id: String,
+    /// cold-first (by observed write rate, hottest in the pause) or index.
+    #[arg(long, value_enum, default_value = "cold-first")]
+    order: Ordering,
+    /// Most pre-copy rounds after the first.
+    #[arg(long, default_value_t = 6)]
+    max_rounds: u32,
+    /// End pre-copy once a round needs at most this many chunks.
+    #[arg(long, default_value_t = 8)]
+    converge_chunks: usize,
+    /// QEMU's memory downtime limit in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    downtime_limit_ms: u64,
+    /// Seconds between the two slices that sample chunk temperature.
+    #[arg(long, default_value_t = 1.0)]
+    sample_secs: f64,
+    /// Testing: fail on purpose after this phase (the VM must stay at the source).
+    #[arg(long, value_enum, hide = true)]
+    fail_after: Option<Phase>,
+    #[command(flatten)]
+    state: StateArgs,
+    /// Print the report (phases with seconds and bytes, rounds, downtime,
+    /// bytes from each source) as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`edgeshift migrate` is not built yet")
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let key = read_key(&a.key_file)?;
+    anyhow::ensure!(
+        a.sample_secs >= 0.0 && a.sample_secs < 600.0,
+        "--sample-secs out of range"
+    );
+    let opts = MigrateOptions {
+        name: a.name.clone(),
+        state_dir: a.state.state_dir.clone(),
+        to: a.to.clone(),
+        source_addr: a.source_addr,
+        peers: a.peers,
+        key,
+        id: a.id,
+        ordering: a.order,
+        max_rounds: a.max_rounds,
+        converge_chunks: a.converge_chunks,
+        downtime_limit_ms: a.downtime_limit_ms,
+        sample_interval: Duration::from_secs_f64(a.sample_secs),
+        fail_after: a.fail_after,
+    };
+    let bar = if std::io::stderr().is_terminal() {
+        let pb = indicatif::ProgressBar::new_spinner();
+        pb.enable_steady_tick(Duration::from_millis(120));
+        Some(pb)
+    } else {
+        None
+    };
+    let progress = |phase: Phase, msg: &str| {
+        if let Some(pb) = &bar {
+            pb.set_message(format!("{phase:?}: {msg}"));
+        }
+        tracing::debug!(?phase, msg, "progress");
+    };
+    let result = migrate::migrate(opts, &progress);
+    if let Some(pb) = &bar {
+        pb.finish_and_clear();
+    }
+    let report = result.with_context(|| {
+        format!(
+            "migrating {} to {} failed; the VM keeps running here",
+            a.name, a.to
+        )
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{} moved to {} in {:.2} s (downtime {} ms): disk {} bytes in {} rounds ({} chunks re-sent), memory {} bytes",
+            report.vm,
+            report.to,
+            report.total_seconds,
+            report.downtime_ms,
+            report.disk_bytes,
+            report.rounds.len(),
+            report.chunks_resent,
+            report.memory_bytes
+        );
+        for (src, bytes) in &report.bytes_by_source {
+            println!("  from {src}: {bytes} bytes");
+        }
+    }
+    Ok(())
+}
+
+/// Serve migrations into this edge and chunks out of it.
+#[derive(Debug, clap::Args)]
+pub struct HostArgs {
+    /// Address to listen on (HOST:PORT).
+    #[arg(long)]
+    listen: String,
+    /// This edge's chunk store (created if absent).
+    #[arg(long)]
+    store: PathBuf,
+    /// The cluster key file (32 raw bytes or 64 hex digits).
+    #[arg(long, env = "EDGESHIFT_KEY_FILE")]
+    key_file: PathBuf,
+    /// This edge's name in handshakes.
+    #[arg(long, default_value = "edge")]
+    id: String,
+    #[command(flatten)]
+    state: StateArgs,
+}
+
+pub fn host(a: HostArgs) -> anyhow::Result<()> {
+    let key = read_key(&a.key_file)?;
+    let host = Host::new(HostConfig {
+        store: a.store,
+        state_dir: a.state.state_dir,
+        key,
+        id: a.id,
+        qemu: Qemu::default(),
+    })?;
+    let listener = TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
+    // Readiness line for scripts: the address actually bound.
+    println!("listening {}", listener.local_addr()?);
+    Arc::new(host).serve(listener)?;
+    Ok(())
 }

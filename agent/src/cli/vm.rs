@@ -1,8 +1,272 @@
-//! `edgeshift vm` (being built).
+//! `edgeshift vm run|list|stop|host`: VMs on this edge, and the listener that
+//! receives VMs from other edges.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use edgeshift_agent::store::{ChunkStore, LocalStore};
+use edgeshift_agent::vm::state::{is_running, DEFAULT_STATE_DIR};
+use edgeshift_agent::vm::{
+    self, AccelChoice, Hypervisor, LaunchConfig, NetSpec, Qemu, StateDir, VmRecord, VmSpec,
+};
+use edgeshift_common::{parse_size, Fingerprint};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`edgeshift vm` is not built yet")
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Restore an image from the store, expose it as a loop device and boot it under QEMU.
+    Run(RunArgs),
+    /// List the VMs on this edge.
+    List(ListArgs),
+    /// Stop a VM (QMP quit), detach its disk and forget it.
+    Stop(StopArgs),
+    /// Serve migrations into this edge and chunks out of it (the control
+    /// listener a migration's source talks to).
+    Host(crate::cli::migrate::HostArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StateArgs {
+    /// Where VM records, sockets, logs and disks live.
+    #[arg(long, env = "EDGESHIFT_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The VM's name on this edge (letters, digits, '-', '_').
+    name: String,
+    /// Manifest id (64 hex digits) of the disk image.
+    #[arg(long)]
+    image: String,
+    /// The chunk store holding the image.
+    #[arg(long)]
+    store: PathBuf,
+    /// Guest memory (e.g. 256MiB).
+    #[arg(long, default_value = "256MiB")]
+    memory: String,
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Attach the VM's NIC (a tap) to this existing bridge.
+    #[arg(long)]
+    net: Option<String>,
+    /// auto: KVM where a probe guest really runs under it, else TCG.
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: AccelChoice,
+    /// Boot this kernel directly (the test VM) instead of the disk's boot loader.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (with --kernel).
+    #[arg(long, requires = "kernel")]
+    append: Option<String>,
+    #[command(flatten)]
+    state: StateArgs,
+    /// Print the VM's record as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct ListArgs {
+    #[command(flatten)]
+    state: StateArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct StopArgs {
+    name: String,
+    #[command(flatten)]
+    state: StateArgs,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.cmd {
+        Cmd::Run(a) => run_vm(a),
+        Cmd::List(a) => list(a),
+        Cmd::Stop(a) => stop(a),
+        Cmd::Host(a) => crate::cli::migrate::host(a),
+    }
+}
+
+fn parse_id(s: &str) -> anyhow::Result<Fingerprint> {
+    let bytes = hex::decode(s).with_context(|| format!("image id {s:?} is not hex"))?;
+    let arr: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("image id {s:?} is not 64 hex digits"))?;
+    Ok(Fingerprint(arr))
+}
+
+fn run_vm(a: RunArgs) -> anyhow::Result<()> {
+    vm::check_name(&a.name)?;
+    let memory = parse_size(&a.memory).with_context(|| format!("--memory {}", a.memory))?;
+    anyhow::ensure!(
+        memory >= 16 << 20,
+        "--memory {} is too small (at least 16MiB)",
+        a.memory
+    );
+    anyhow::ensure!(a.cpus >= 1 && a.cpus <= 64, "--cpus must be 1..=64");
+    let id = parse_id(&a.image)?;
+    let sd = StateDir::new(&a.state.state_dir);
+    anyhow::ensure!(
+        !sd.exists(&a.name)?,
+        "a VM named {} already exists on this edge",
+        a.name
+    );
+    let store = LocalStore::open(&a.store).with_context(|| format!("opening store {}", a.store.display()))?;
+    let manifest = store.get_manifest(&id)?;
+    let missing = manifest
+        .unique_chunks()
+        .into_iter()
+        .filter(|fp| !store.has_chunk(fp).unwrap_or(false))
+        .count();
+    anyhow::ensure!(
+        missing == 0,
+        "the store lacks {missing} chunks of image {}; fetch them first (`edgeshift fetch`)",
+        a.image
+    );
+    let dir = sd.vm_dir(&a.name)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cleanup = DirGuard(Some(dir.clone()));
+    let image_path = dir.join("disk.raw");
+    vm::image::restore(&store, &manifest, &image_path).context("restoring the disk image")?;
+    let dev = vm::loopdev::LoopDevice::attach(&image_path)?;
+    let spec = VmSpec {
+        name: a.name.clone(),
+        memory_mib: memory >> 20,
+        cpus: a.cpus,
+        accel: a.accel,
+        kernel: a.kernel.map(absolute).transpose()?,
+        initrd: a.initrd.map(absolute).transpose()?,
+        append: a.append,
+        net: a.net.map(|bridge| NetSpec {
+            bridge,
+            mac: VmSpec::mac_for(&a.name),
+        }),
+    };
+    let qemu = Qemu::default();
+    let launched = qemu.launch(&LaunchConfig {
+        spec: spec.clone(),
+        disk: dev.path().to_path_buf(),
+        run_dir: dir.clone(),
+        incoming: None,
+    })?;
+    let rec = VmRecord {
+        spec,
+        pid: launched.pid,
+        accel: launched.accel,
+        qmp_socket: launched.qmp_socket,
+        loop_device: dev.keep(),
+        image_path,
+        manifest_id: id.to_hex(),
+        store: a.store.canonicalize().unwrap_or(a.store),
+        started_at: now_secs(),
+    };
+    sd.save(&rec)?;
+    std::mem::forget(cleanup);
+    if a.json {
+        println!("{}", serde_json::to_string(&rec)?);
+    } else {
+        println!(
+            "VM {} running: pid {}, {} , disk {} ({}), QMP {}",
+            rec.spec.name,
+            rec.pid,
+            rec.accel.as_str(),
+            rec.loop_device.display(),
+            rec.image_path.display(),
+            rec.qmp_socket.display()
+        );
+    }
+    Ok(())
+}
+
+fn absolute(p: PathBuf) -> anyhow::Result<PathBuf> {
+    p.canonicalize()
+        .with_context(|| format!("{} does not exist", p.display()))
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Removes a half-made VM directory on error paths.
+struct DirGuard(Option<PathBuf>);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+struct ListEntry<'a> {
+    #[serde(flatten)]
+    rec: &'a VmRecord,
+    state: String,
+}
+
+fn list(a: ListArgs) -> anyhow::Result<()> {
+    let sd = StateDir::new(&a.state.state_dir);
+    let recs = sd.list()?;
+    let entries: Vec<ListEntry> = recs
+        .iter()
+        .map(|rec| {
+            let state = if !is_running(rec) {
+                "dead".to_string()
+            } else {
+                match vm::QmpClient::connect(&rec.qmp_socket, Duration::from_millis(500))
+                    .and_then(|mut q| q.query_status())
+                {
+                    Ok(s) => s.status,
+                    Err(e) => format!("unreachable ({e})"),
+                }
+            };
+            ListEntry { rec, state }
+        })
+        .collect();
+    if a.json {
+        println!("{}", serde_json::to_string(&entries)?);
+    } else {
+        println!(
+            "{:<20} {:>8} {:<6} {:<12} {:<12} image",
+            "NAME", "PID", "ACCEL", "STATE", "DISK"
+        );
+        for e in &entries {
+            println!(
+                "{:<20} {:>8} {:<6} {:<12} {:<12} {}",
+                e.rec.spec.name,
+                e.rec.pid,
+                e.rec.accel.as_str(),
+                e.state,
+                e.rec.loop_device.display(),
+                &e.rec.manifest_id[..16.min(e.rec.manifest_id.len())]
+            );
+        }
+    }
+    Ok(())
+}
+
+fn stop(a: StopArgs) -> anyhow::Result<()> {
+    let sd = StateDir::new(&a.state.state_dir);
+    let rec = sd.load(&a.name)?;
+    vm::teardown(&Qemu::default(), &rec)?;
+    sd.remove_record(&a.name)?;
+    let dir = sd.vm_dir(&a.name)?;
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    println!("VM {} stopped", a.name);
+    Ok(())
 }

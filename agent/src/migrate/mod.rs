@@ -1,1 +1,51 @@
-//! The migration engine: plan, disk pre-copy by temperature, memory, switchover (issue 9).
+//! The migration engine: plan, disk pre-copy by temperature, memory through
+//! QEMU, final chunks in the pause, switchover.
+//!
+//! - [`proto`]: the authenticated control channel between agents.
+//! - [`host`]: the listener every edge runs: serves chunks to peers and
+//!   receives incoming VMs (the destination half).
+//! - [`engine`]: the source half, driving both QEMUs and the destination.
+//! - [`temperature`]: the order chunks go in (coldest first, hottest last).
+
+pub mod engine;
+pub mod host;
+pub mod proto;
+pub mod temperature;
+
+pub use engine::{migrate, MigrateOptions, MigrationReport};
+pub use host::{Host, HostConfig};
+
+/// Errors of a migration, named by what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("control channel: {0}")]
+    Channel(String),
+    #[error("control protocol: {0}")]
+    Protocol(String),
+    #[error("authentication: {0}")]
+    Auth(String),
+    #[error("cluster key: {0}")]
+    Key(String),
+    #[error("the destination reported: {0}")]
+    Remote(String),
+    #[error("chunks unavailable: {0}")]
+    Unavailable(String),
+    #[error("disk check failed: {0}")]
+    Verify(String),
+    #[error("QEMU migration {0}")]
+    Memory(String),
+    #[error("{0}")]
+    State(String),
+    #[error(transparent)]
+    Vm(#[from] crate::vm::VmError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("manifest: {0}")]
+    Manifest(#[from] edgeshift_common::ManifestError),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,579 @@
+//! The source half of a migration, step by step:
+//!
+//! 1. **plan**: slice the live disk; the destination says what its store lacks.
+//! 2. **pre-copy**: the destination pulls from every holder at once, coldest
+//!    first; each round re-slices the live disk and sends what changed since,
+//!    until the rounds stop shrinking; the hottest chunks wait for the pause.
+//! 3. **memory**: the destination QEMU waits with `-incoming`; the source runs
+//!    QMP `migrate` with `pause-before-switchover`.
+//! 4. **pause**: the source VM is stopped and its disk flushed; the last
+//!    dirty chunks go over, the destination's disk is checked equal to the
+//!    source's manifest, then `migrate-continue`.
+//! 5. **after**: the destination keeps the VM and announces it; the source
+//!    stops its QEMU and frees the disk.
+//!
+//! Any failure before step 4's `migrate-continue` cancels the migration,
+//! resumes the source VM if it was paused, and tells the destination to tear
+//! its half down.
+
+use std::collections::BTreeMap;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use edgeshift_common::{Fingerprint, Manifest};
+use serde::Serialize;
+
+use super::proto::{self, PullStats, Request, Response};
+use super::temperature::{Ordering, Temperature};
+use super::MigrateError;
+use crate::store::{ChunkStore, LocalStore};
+use crate::vm::{self, Qemu, QmpClient, StateDir};
+
+/// What to migrate and how.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    pub name: String,
+    pub state_dir: std::path::PathBuf,
+    /// The destination's host listener.
+    pub to: String,
+    /// This edge's host listener as the destination reaches it (a holder).
+    pub source_addr: String,
+    /// Other holders (edges with some of the image's chunks).
+    pub peers: Vec<String>,
+    pub key: [u8; 32],
+    pub id: String,
+    pub ordering: Ordering,
+    /// Most pre-copy rounds after the first.
+    pub max_rounds: u32,
+    /// Pre-copy ends once a round has at most this many chunks to send.
+    pub converge_chunks: usize,
+    /// QEMU's downtime limit for memory, ms.
+    pub downtime_limit_ms: u64,
+    /// Seconds between the first slice and the second (a temperature sample).
+    pub sample_interval: Duration,
+    /// Fault injection for tests: stop with an error after this phase.
+    pub fail_after: Option<Phase>,
+}
+
+/// The phases, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Plan,
+    Precopy,
+    Incoming,
+    Memory,
+    Pause,
+}
+
+/// One phase's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseReport {
+    pub phase: Phase,
+    pub seconds: f64,
+    pub bytes: u64,
+}
+
+/// One disk round's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundReport {
+    pub round: u32,
+    /// Indices asked for.
+    pub chunks: u64,
+    /// Bytes pulled from holders.
+    pub bytes: u64,
+    /// Indices sent before that were sent again (written in between).
+    pub resent_chunks: u64,
+    pub seconds: f64,
+}
+
+/// What a migration did.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationReport {
+    pub vm: String,
+    pub to: String,
+    pub ordering: Ordering,
+    pub total_seconds: f64,
+    pub downtime_ms: u64,
+    /// Time the source VM was paused for the disk (within the downtime).
+    pub pause_disk_seconds: f64,
+    pub phases: Vec<PhaseReport>,
+    pub rounds: Vec<RoundReport>,
+    pub disk_bytes: u64,
+    pub memory_bytes: u64,
+    pub bytes_by_source: BTreeMap<String, u64>,
+    pub chunks_resent: u64,
+    pub missing_at_plan_chunks: u64,
+    pub missing_at_plan_bytes: u64,
+    pub manifest_id: String,
+}
+
+const QMP_WAIT: Duration = Duration::from_secs(5);
+const MEMORY_TIMEOUT: Duration = Duration::from_secs(900);
+
+struct Run {
+    opts: MigrateOptions,
+    ctl: Option<TcpStream>,
+    rounds: Vec<RoundReport>,
+    bytes_by_source: BTreeMap<String, u64>,
+    /// What the destination was last asked to hold at each index.
+    sent: Vec<Option<Fingerprint>>,
+    resent: u64,
+}
+
+impl Run {
+    fn holders(&self) -> Vec<String> {
+        let mut h = vec![self.opts.source_addr.clone()];
+        h.extend(self.opts.peers.iter().cloned());
+        h
+    }
+
+    fn ctl(&mut self) -> Result<&mut TcpStream, MigrateError> {
+        self.ctl
+            .as_mut()
+            .ok_or_else(|| MigrateError::Channel("no control connection".into()))
+    }
+
+    /// One disk round: asks the destination to match `m` at `indices`.
+    fn round(&mut self, m: &Manifest, indices: Vec<u32>) -> Result<PullStats, MigrateError> {
+        let start = Instant::now();
+        let n = indices.len() as u64;
+        let mut resent = 0;
+        for &i in &indices {
+            if self.sent[i as usize].is_some() {
+                resent += 1;
+            }
+        }
+        let holders = self.holders();
+        let req = Request::Pull {
+            manifest: m.to_bytes(),
+            indices: indices.clone(),
+            holders,
+        };
+        let stats = match proto::call(self.ctl()?, &req)? {
+            Response::Pulled(s) => s,
+            other => {
+                return Err(MigrateError::Protocol(format!(
+                    "unexpected answer to Pull: {other:?}"
+                )))
+            }
+        };
+        for &i in &indices {
+            self.sent[i as usize] = Some(m.chunks[i as usize]);
+        }
+        let bytes: u64 = stats.holders.iter().map(|h| h.bytes).sum();
+        for h in &stats.holders {
+            *self.bytes_by_source.entry(h.holder.clone()).or_default() += h.bytes;
+        }
+        self.resent += resent;
+        let r = RoundReport {
+            round: self.rounds.len() as u32,
+            chunks: n,
+            bytes,
+            resent_chunks: resent,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        tracing::info!(
+            round = r.round,
+            chunks = r.chunks,
+            bytes = r.bytes,
+            resent = r.resent_chunks,
+            seconds = r.seconds,
+            "disk round"
+        );
+        self.rounds.push(r);
+        Ok(stats)
+    }
+
+    /// Indices whose current fingerprint the destination was not yet asked for.
+    fn stale(&self, m: &Manifest) -> Vec<u32> {
+        (0..m.chunks.len())
+            .filter(|&i| self.sent[i] != Some(m.chunks[i]))
+            .map(|i| i as u32)
+            .collect()
+    }
+}
+
+fn injected(opts: &MigrateOptions, phase: Phase) -> Result<(), MigrateError> {
+    if opts.fail_after == Some(phase) {
+        return Err(MigrateError::State(format!(
+            "failure injected after the {phase:?} phase"
+        )));
+    }
+    Ok(())
+}
+
+fn sync_device(dev: &std::path::Path) -> Result<(), MigrateError> {
+    std::fs::File::open(dev)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| MigrateError::Io {
+            op: "flush",
+            path: dev.to_path_buf(),
+            source,
+        })
+}
+
+/// Migrates a VM of this edge to another. On error before the switchover
+/// the VM keeps running here and the destination's half is torn down.
+pub fn migrate(
+    opts: MigrateOptions,
+    progress: &dyn Fn(Phase, &str),
+) -> Result<MigrationReport, MigrateError> {
+    let t0 = Instant::now();
+    let sd = StateDir::new(&opts.state_dir);
+    let rec = sd.load(&opts.name)?;
+    if !vm::state::is_running(&rec) {
+        return Err(MigrateError::State(format!(
+            "VM {} is not running (pid {} gone)",
+            opts.name, rec.pid
+        )));
+    }
+    let mut qmp = QmpClient::connect(&rec.qmp_socket, QMP_WAIT)?;
+    let status = qmp.query_status()?;
+    if !status.running {
+        return Err(MigrateError::State(format!(
+            "VM {} is {}, not running",
+            opts.name, status.status
+        )));
+    }
+    let store = LocalStore::open(&rec.store)?;
+    let boot_id = Fingerprint(
+        hex::decode(&rec.manifest_id)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| {
+                MigrateError::State(format!("VM record has a bad manifest id {:?}", rec.manifest_id))
+            })?,
+    );
+    let boot = store.get_manifest(&boot_id)?;
+    let mut run = Run {
+        ctl: None,
+        rounds: Vec::new(),
+        bytes_by_source: BTreeMap::new(),
+        sent: vec![None; boot.chunks.len()],
+        resent: 0,
+        opts,
+    };
+    let mut phases = Vec::new();
+    let mut migration_started = false;
+    let result = drive(
+        &mut run,
+        &mut qmp,
+        &rec,
+        &store,
+        &boot,
+        &mut phases,
+        &mut migration_started,
+        progress,
+    );
+    match result {
+        Ok((downtime_ms, memory_bytes, pause_disk_seconds, final_id, missing)) => {
+            // The VM runs at the destination: stop the source's copy.
+            if let Err(e) = vm::teardown(&Qemu::default(), &rec) {
+                tracing::warn!(error = %e, "source QEMU teardown incomplete");
+            }
+            let _ = sd.remove_record(&rec.spec.name);
+            if let Ok(dir) = sd.vm_dir(&rec.spec.name) {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            let disk_bytes = run.bytes_by_source.values().sum();
+            Ok(MigrationReport {
+                vm: rec.spec.name.clone(),
+                to: run.opts.to.clone(),
+                ordering: run.opts.ordering,
+                total_seconds: t0.elapsed().as_secs_f64(),
+                downtime_ms,
+                pause_disk_seconds,
+                phases,
+                chunks_resent: run.resent,
+                rounds: run.rounds,
+                disk_bytes,
+                memory_bytes,
+                bytes_by_source: run.bytes_by_source,
+                missing_at_plan_chunks: missing.0,
+                missing_at_plan_bytes: missing.1,
+                manifest_id: final_id,
+            })
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "migration failed; keeping the VM at the source");
+            rollback(&mut run, &mut qmp, &rec, migration_started);
+            Err(e)
+        }
+    }
+}
+
+/// Puts the source back as it was: migration cancelled, VM running,
+/// destination told to drop its half.
+fn rollback(run: &mut Run, qmp: &mut QmpClient, rec: &vm::VmRecord, migration_started: bool) {
+    // A fresh QMP session: the old one may be mid-reply after an error.
+    let mut fresh = QmpClient::connect(&rec.qmp_socket, QMP_WAIT);
+    let q = match fresh.as_mut() {
+        Ok(q) => q,
+        Err(_) => qmp,
+    };
+    if migration_started {
+        if let Err(e) = q.migrate_cancel() {
+            tracing::warn!(error = %e, "migrate_cancel failed");
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            match q.query_migrate() {
+                Ok(m)
+                    if matches!(
+                        m.status.as_deref(),
+                        Some("cancelled" | "failed" | "completed") | None
+                    ) =>
+                {
+                    break
+                }
+                Ok(_) => std::thread::sleep(Duration::from_millis(50)),
+                Err(_) => break,
+            }
+        }
+    }
+    match q.query_status() {
+        Ok(s) if !s.running => {
+            if let Err(e) = q.cont() {
+                tracing::error!(error = %e, "the source VM could not be resumed");
+            } else {
+                tracing::info!("source VM resumed");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "source VM state unknown"),
+    }
+    if let Some(mut s) = run.ctl.take() {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        match proto::call(&mut s, &Request::Abort) {
+            Ok(_) => tracing::info!("destination tore its half down"),
+            Err(e) => {
+                tracing::warn!(error = %e, "destination not reachable for abort (it tears down when the connection drops)")
+            }
+        }
+    }
+}
+
+type Outcome = (u64, u64, f64, String, (u64, u64));
+
+#[allow(clippy::too_many_arguments)]
+fn drive(
+    run: &mut Run,
+    qmp: &mut QmpClient,
+    rec: &vm::VmRecord,
+    store: &LocalStore,
+    boot: &Manifest,
+    phases: &mut Vec<PhaseReport>,
+    migration_started: &mut bool,
+    progress: &dyn Fn(Phase, &str),
+) -> Result<Outcome, MigrateError> {
+    let dev = rec.loop_device.clone();
+    let cs = boot.chunk_size;
+    let mut temp = Temperature::new(boot.chunks.len());
+    let ordering = run.opts.ordering;
+
+    // 1. Plan.
+    let t = Instant::now();
+    progress(Phase::Plan, "slicing the live disk");
+    let mut cur = vm::image::slice(&dev, cs, Some(store))?;
+    temp.observe(boot, &cur);
+    if ordering == Ordering::ColdFirst && !run.opts.sample_interval.is_zero() {
+        std::thread::sleep(run.opts.sample_interval);
+        let next = vm::image::slice(&dev, cs, Some(store))?;
+        temp.observe(&cur, &next);
+        cur = next;
+    }
+    let ctl = proto::connect_auth(&run.opts.to, &run.opts.key, &run.opts.id, Duration::from_secs(5))?;
+    ctl.set_read_timeout(Some(Duration::from_secs(600)))
+        .map_err(|e| MigrateError::Channel(e.to_string()))?;
+    run.ctl = Some(ctl);
+    progress(Phase::Plan, "asking the destination what it lacks");
+    let missing = match proto::call(
+        run.ctl()?,
+        &Request::Prepare {
+            spec: rec.spec.clone(),
+            manifest: cur.to_bytes(),
+        },
+    )? {
+        Response::Prepared {
+            missing_chunks,
+            missing_bytes,
+            local_chunks,
+        } => {
+            tracing::info!(missing_chunks, missing_bytes, local_chunks, "plan");
+            (missing_chunks, missing_bytes)
+        }
+        other => {
+            return Err(MigrateError::Protocol(format!(
+                "unexpected answer to Prepare: {other:?}"
+            )))
+        }
+    };
+    phases.push(PhaseReport {
+        phase: Phase::Plan,
+        seconds: t.elapsed().as_secs_f64(),
+        bytes: 0,
+    });
+    injected(&run.opts, Phase::Plan)?;
+
+    // 2. Disk pre-copy in shrinking rounds.
+    let t = Instant::now();
+    let before = run.bytes_by_source.values().sum::<u64>();
+    progress(Phase::Precopy, "round 0");
+    let all: Vec<u32> = (0..cur.chunks.len() as u32).collect();
+    run.round(&cur, temp.order(all, ordering, true))?;
+    let mut last_len = usize::MAX;
+    for r in 1..=run.opts.max_rounds {
+        let next = vm::image::slice(&dev, cs, Some(store))?;
+        temp.observe(&cur, &next);
+        cur = next;
+        let todo = temp.order(run.stale(&cur), ordering, true);
+        let n = todo.len();
+        progress(Phase::Precopy, &format!("round {r}: {n} chunks"));
+        if n == 0 {
+            break;
+        }
+        run.round(&cur, todo)?;
+        if n <= run.opts.converge_chunks || n >= last_len {
+            break;
+        }
+        last_len = n;
+    }
+    phases.push(PhaseReport {
+        phase: Phase::Precopy,
+        seconds: t.elapsed().as_secs_f64(),
+        bytes: run.bytes_by_source.values().sum::<u64>() - before,
+    });
+    injected(&run.opts, Phase::Precopy)?;
+
+    // 3. Destination QEMU waits for memory.
+    let t = Instant::now();
+    progress(Phase::Incoming, "starting the destination QEMU");
+    let uri = match proto::call(run.ctl()?, &Request::StartIncoming)? {
+        Response::Incoming { uri } => uri,
+        other => {
+            return Err(MigrateError::Protocol(format!(
+                "unexpected answer to StartIncoming: {other:?}"
+            )))
+        }
+    };
+    phases.push(PhaseReport {
+        phase: Phase::Incoming,
+        seconds: t.elapsed().as_secs_f64(),
+        bytes: 0,
+    });
+    injected(&run.opts, Phase::Incoming)?;
+
+    // 4. Memory, up to the pause before switchover.
+    let t = Instant::now();
+    progress(Phase::Memory, &format!("QEMU migrate to {uri}"));
+    qmp.migrate_set_capabilities(&[("pause-before-switchover", true), ("events", true)])?;
+    qmp.migrate_set_parameters(Some(run.opts.downtime_limit_ms), Some(1 << 30))?;
+    *migration_started = true;
+    qmp.migrate(&uri)?;
+    let info = loop {
+        let m = qmp.query_migrate()?;
+        match m.status.as_deref() {
+            Some("pre-switchover") => break m,
+            Some("failed") | Some("cancelled") => {
+                return Err(MigrateError::Memory(format!(
+                    "failed before the switchover: {}",
+                    m.error_desc.unwrap_or_else(|| "no reason given".into())
+                )))
+            }
+            _ => {}
+        }
+        if t.elapsed() > MEMORY_TIMEOUT {
+            return Err(MigrateError::Memory("did not converge in time".into()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mem_bytes_precopy = info.ram.map(|r| r.transferred).unwrap_or(0);
+    phases.push(PhaseReport {
+        phase: Phase::Memory,
+        seconds: t.elapsed().as_secs_f64(),
+        bytes: mem_bytes_precopy,
+    });
+    injected(&run.opts, Phase::Memory)?;
+
+    // 5. The pause: the source is stopped; send the last chunks and check.
+    let t = Instant::now();
+    progress(Phase::Pause, "final chunks");
+    let st = qmp.query_status()?;
+    if st.running {
+        return Err(MigrateError::Memory(format!(
+            "source VM still {} in the pause",
+            st.status
+        )));
+    }
+    sync_device(&dev)?;
+    let fin = vm::image::slice(&dev, cs, Some(store))?;
+    temp.observe(&cur, &fin);
+    let last = run.stale(&fin);
+    let last_n = last.len();
+    let before = run.bytes_by_source.values().sum::<u64>();
+    run.round(&fin, last.clone())?;
+    let fin_id = fin.id();
+    let (ok, detail) = match proto::call(
+        run.ctl()?,
+        &Request::Verify {
+            manifest_id: fin_id.0,
+            recheck: last,
+        },
+    )? {
+        Response::Verified { ok, detail } => (ok, detail),
+        other => {
+            return Err(MigrateError::Protocol(format!(
+                "unexpected answer to Verify: {other:?}"
+            )))
+        }
+    };
+    if !ok {
+        return Err(MigrateError::Verify(detail));
+    }
+    tracing::info!(final_chunks = last_n, %detail, "destination disk equals the source's");
+    injected(&run.opts, Phase::Pause)?;
+    let pause_disk_seconds = t.elapsed().as_secs_f64();
+    qmp.migrate_continue("pre-switchover")?;
+    let done = loop {
+        let m = qmp.query_migrate()?;
+        match m.status.as_deref() {
+            Some("completed") => break m,
+            Some("failed") | Some("cancelled") => {
+                return Err(MigrateError::Memory(format!(
+                    "failed at the switchover: {}",
+                    m.error_desc.unwrap_or_else(|| "no reason given".into())
+                )))
+            }
+            _ => {}
+        }
+        if t.elapsed() > MEMORY_TIMEOUT {
+            return Err(MigrateError::Memory("switchover did not complete".into()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // Past this point the VM is the destination's: no rollback.
+    *migration_started = false;
+    phases.push(PhaseReport {
+        phase: Phase::Pause,
+        seconds: t.elapsed().as_secs_f64(),
+        bytes: run.bytes_by_source.values().sum::<u64>() - before,
+    });
+    let downtime = done.downtime.unwrap_or(0);
+    let memory_bytes = done.ram.map(|r| r.transferred).unwrap_or(mem_bytes_precopy);
+    progress(Phase::Pause, "finishing at the destination");
+    match proto::call(run.ctl()?, &Request::Finish) {
+        Ok(Response::Done) => {}
+        Ok(other) => tracing::warn!(?other, "unexpected answer to Finish"),
+        Err(e) => {
+            tracing::warn!(error = %e, "destination did not confirm Finish; it keeps a VM that switched over")
+        }
+    }
+    Ok((
+        downtime,
+        memory_bytes,
+        pause_disk_seconds,
+        fin_id.to_hex(),
+        missing,
+    ))
+}

@@ -1,0 +1,686 @@
+//! The listener every edge runs for migrations (`edgeshift vm host`): it
+//! serves chunks from the local store to peers that pull them, and receives
+//! incoming VMs — the destination half of a migration.
+//!
+//! An incoming VM belongs to the control connection that prepared it. If
+//! that connection ends before `Finish`, the destination half is torn down
+//! (QEMU killed, tap removed, loop device detached, image deleted) — unless
+//! the migration had already switched over and the VM runs here, in which
+//! case it is kept and recorded, so nothing of the VM is ever lost.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use edgeshift_common::{Fingerprint, Manifest};
+
+use super::proto::{self, Fp, HolderStats, PullStats, Request, Response};
+use super::MigrateError;
+use crate::store::{ChunkStore, LocalStore};
+use crate::vm::loopdev::LoopDevice;
+use crate::vm::{self, Hypervisor, LaunchConfig, Launched, Qemu, QmpClient, StateDir, VmRecord, VmSpec};
+
+/// Chunks per request when pulling from a holder.
+const PULL_BATCH: usize = 8;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A holder that sends nothing for this long is given up on.
+const HOLDER_IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a host needs.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    pub store: PathBuf,
+    pub state_dir: PathBuf,
+    pub key: [u8; 32],
+    /// This edge's name in handshakes.
+    pub id: String,
+    pub qemu: Qemu,
+}
+
+/// A running host.
+#[derive(Debug)]
+pub struct Host {
+    cfg: HostConfig,
+    store: LocalStore,
+    state: StateDir,
+    /// Names of VMs being received right now.
+    receiving: Mutex<HashSet<String>>,
+}
+
+/// The destination half of one migration.
+struct Incoming<'h> {
+    host: &'h Host,
+    spec: VmSpec,
+    chunk_size: edgeshift_common::ChunkSize,
+    image_size: u64,
+    /// What the image file holds now, per chunk.
+    current: Vec<Fingerprint>,
+    image_path: PathBuf,
+    dir: PathBuf,
+    file: File,
+    loop_dev: Option<LoopDevice>,
+    qemu: Option<Launched>,
+    finished: bool,
+}
+
+fn io<'a>(op: &'static str, path: &'a std::path::Path) -> impl FnOnce(std::io::Error) -> MigrateError + 'a {
+    move |source| MigrateError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Host {
+    pub fn new(cfg: HostConfig) -> Result<Self, MigrateError> {
+        let store = LocalStore::open_or_create(&cfg.store)?;
+        let state = StateDir::new(&cfg.state_dir);
+        Ok(Host {
+            cfg,
+            store,
+            state,
+            receiving: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Accepts connections forever, one thread each.
+    pub fn serve(self: Arc<Self>, listener: TcpListener) -> Result<(), MigrateError> {
+        tracing::info!(addr = ?listener.local_addr().ok(), id = %self.cfg.id, "migration host listening");
+        for conn in listener.incoming() {
+            let s = match conn {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            };
+            let host = Arc::clone(&self);
+            std::thread::spawn(move || {
+                let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                if let Err(e) = host.handle(s) {
+                    tracing::info!(peer = %peer, error = %e, "control connection ended");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    fn handle(&self, mut s: TcpStream) -> Result<(), MigrateError> {
+        let _ = s.set_nodelay(true);
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| MigrateError::Channel(e.to_string()))?;
+        let peer = proto::accept_auth(&mut s, &self.cfg.key, &self.cfg.id)?;
+        // A migration can sit between requests while QEMU moves memory.
+        s.set_read_timeout(None)
+            .map_err(|e| MigrateError::Channel(e.to_string()))?;
+        tracing::debug!(peer = %peer, "peer authenticated");
+        let mut incoming: Option<Incoming> = None;
+        loop {
+            let req: Request = match proto::recv(&mut s) {
+                Ok(r) => r,
+                Err(MigrateError::Channel(_)) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let resp = match self.dispatch(req, &mut incoming, &s) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(peer = %peer, error = %e, "request failed");
+                    Response::Error(e.to_string())
+                }
+            };
+            proto::send(&mut s, &resp)?;
+        }
+    }
+
+    fn dispatch<'h>(
+        &'h self,
+        req: Request,
+        incoming: &mut Option<Incoming<'h>>,
+        conn: &TcpStream,
+    ) -> Result<Response, MigrateError> {
+        match req {
+            Request::Has { fps } => {
+                let mut held = Vec::with_capacity(fps.len());
+                for fp in fps {
+                    held.push(self.store.has_chunk(&Fingerprint(fp))?);
+                }
+                Ok(Response::Has { held })
+            }
+            Request::GetChunks { fps } => {
+                let mut chunks = Vec::with_capacity(fps.len());
+                for fp in fps.into_iter().take(64) {
+                    match self.store.get_chunk(&Fingerprint(fp)) {
+                        Ok(data) => {
+                            metrics::counter!("edgeshift_migrate_chunks_served_total").increment(1);
+                            chunks.push((fp, data))
+                        }
+                        Err(crate::store::StoreError::ChunkMissing(_)) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(Response::Chunks { chunks })
+            }
+            Request::Prepare { spec, manifest } => {
+                if incoming.is_some() {
+                    return Err(MigrateError::State(
+                        "this connection already prepared a VM".into(),
+                    ));
+                }
+                let manifest = Manifest::from_bytes(&manifest)?;
+                let (inc, resp) = self.prepare(spec, &manifest)?;
+                *incoming = Some(inc);
+                Ok(resp)
+            }
+            Request::Pull {
+                manifest,
+                indices,
+                holders,
+            } => {
+                let inc = incoming
+                    .as_mut()
+                    .ok_or_else(|| MigrateError::State("Pull before Prepare".into()))?;
+                let manifest = Manifest::from_bytes(&manifest)?;
+                Ok(Response::Pulled(inc.pull(&manifest, &indices, &holders)?))
+            }
+            Request::StartIncoming => {
+                let inc = incoming
+                    .as_mut()
+                    .ok_or_else(|| MigrateError::State("StartIncoming before Prepare".into()))?;
+                let ip = conn
+                    .local_addr()
+                    .map_err(|e| MigrateError::Channel(e.to_string()))?
+                    .ip();
+                Ok(Response::Incoming { uri: inc.start(ip)? })
+            }
+            Request::Verify { manifest_id, recheck } => {
+                let inc = incoming
+                    .as_mut()
+                    .ok_or_else(|| MigrateError::State("Verify before Prepare".into()))?;
+                let (ok, detail) = inc.verify(&Fingerprint(manifest_id), &recheck)?;
+                Ok(Response::Verified { ok, detail })
+            }
+            Request::Finish => {
+                let inc = incoming
+                    .as_mut()
+                    .ok_or_else(|| MigrateError::State("Finish before Prepare".into()))?;
+                inc.finish()?;
+                *incoming = None;
+                Ok(Response::Done)
+            }
+            Request::Abort => {
+                // Dropping the incoming VM tears it down.
+                *incoming = None;
+                Ok(Response::Done)
+            }
+        }
+    }
+
+    fn prepare(&self, spec: VmSpec, manifest: &Manifest) -> Result<(Incoming<'_>, Response), MigrateError> {
+        vm::check_name(&spec.name)?;
+        if self.state.exists(&spec.name)? {
+            return Err(MigrateError::State(format!(
+                "a VM named {} already runs on this edge",
+                spec.name
+            )));
+        }
+        {
+            let mut r = self
+                .receiving
+                .lock()
+                .map_err(|_| MigrateError::State("host state poisoned".into()))?;
+            if !r.insert(spec.name.clone()) {
+                return Err(MigrateError::State(format!(
+                    "{} is already being received",
+                    spec.name
+                )));
+            }
+        }
+        let dir = self.state.vm_dir(&spec.name)?;
+        let made = (|| {
+            std::fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
+            let image_path = dir.join("disk.raw");
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&image_path)
+                .map_err(io("create", &image_path))?;
+            file.set_len(manifest.image_size)
+                .map_err(io("size", &image_path))?;
+            Ok::<_, MigrateError>((image_path, file))
+        })();
+        let (image_path, file) = match made {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                self.unmark(&spec.name);
+                return Err(e);
+            }
+        };
+        let mut missing_chunks = 0;
+        let mut missing_bytes = 0;
+        let mut local_chunks = 0;
+        let mut seen = HashSet::new();
+        for (i, fp) in manifest.chunks.iter().enumerate() {
+            if fp.is_zero_chunk() || !seen.insert(*fp) {
+                continue;
+            }
+            if self.store.has_chunk(fp)? {
+                local_chunks += 1;
+            } else {
+                missing_chunks += 1;
+                missing_bytes += manifest.chunk_len(i);
+            }
+        }
+        tracing::info!(vm = %spec.name, missing_chunks, missing_bytes, local_chunks, "prepared incoming VM");
+        let inc = Incoming {
+            host: self,
+            chunk_size: manifest.chunk_size,
+            image_size: manifest.image_size,
+            current: vec![Fingerprint::ZERO_CHUNK; manifest.chunks.len()],
+            spec,
+            image_path,
+            dir,
+            file,
+            loop_dev: None,
+            qemu: None,
+            finished: false,
+        };
+        Ok((
+            inc,
+            Response::Prepared {
+                missing_chunks,
+                missing_bytes,
+                local_chunks,
+            },
+        ))
+    }
+
+    fn unmark(&self, name: &str) {
+        if let Ok(mut r) = self.receiving.lock() {
+            r.remove(name);
+        }
+    }
+}
+
+impl Incoming<'_> {
+    fn write_at(&self, data: &[u8], index: usize) -> Result<(), MigrateError> {
+        let off = index as u64 * self.chunk_size.bytes();
+        self.file
+            .write_all_at(data, off)
+            .map_err(io("write", &self.image_path))
+    }
+
+    fn pull(
+        &mut self,
+        target: &Manifest,
+        indices: &[u32],
+        holders: &[String],
+    ) -> Result<PullStats, MigrateError> {
+        let start = Instant::now();
+        if target.chunk_size != self.chunk_size || target.image_size != self.image_size {
+            return Err(MigrateError::State(
+                "the manifest's geometry changed during the migration".into(),
+            ));
+        }
+        let mut stats = PullStats::default();
+        let mut wanted: HashMap<Fingerprint, Vec<usize>> = HashMap::new();
+        let mut order: VecDeque<Fingerprint> = VecDeque::new();
+        let store = &self.host.store;
+        for &i in indices {
+            let i = i as usize;
+            let want = *target
+                .chunks
+                .get(i)
+                .ok_or_else(|| MigrateError::Protocol(format!("chunk index {i} out of range")))?;
+            if self.current[i] == want {
+                continue;
+            }
+            stats.indices_written += 1;
+            if want.is_zero_chunk() {
+                self.write_at(&vec![0u8; target.chunk_len(i) as usize], i)?;
+                self.current[i] = want;
+                stats.zero_chunks += 1;
+            } else if let Some(v) = wanted.get_mut(&want) {
+                v.push(i);
+            } else if store.has_chunk(&want)? {
+                let data = store.get_chunk(&want)?;
+                self.write_at(&data, i)?;
+                self.current[i] = want;
+                stats.local_chunks += 1;
+            } else {
+                wanted.insert(want, vec![i]);
+                order.push_back(want);
+            }
+        }
+        if !order.is_empty() {
+            let fetched = self.fetch_from_holders(order, &wanted, holders, &mut stats)?;
+            for fp in fetched {
+                for &i in wanted.get(&fp).map(|v| v.as_slice()).unwrap_or(&[]) {
+                    self.current[i] = fp;
+                }
+            }
+        }
+        stats.seconds = start.elapsed().as_secs_f64();
+        metrics::counter!("edgeshift_migrate_pulled_bytes_total")
+            .increment(stats.holders.iter().map(|h| h.bytes).sum::<u64>());
+        Ok(stats)
+    }
+
+    /// Pulls the chunks in `order` from every holder at once: each holder's
+    /// worker takes the next chunks it holds from the shared queue, so faster
+    /// paths take more and the order (coldest first) is kept as far as the
+    /// holders allow. A failing holder's chunks go back for the others.
+    fn fetch_from_holders(
+        &self,
+        order: VecDeque<Fingerprint>,
+        wanted: &HashMap<Fingerprint, Vec<usize>>,
+        holders: &[String],
+        stats: &mut PullStats,
+    ) -> Result<Vec<Fingerprint>, MigrateError> {
+        let all: Vec<Fp> = order.iter().map(|f| f.0).collect();
+        let queue = Mutex::new(order);
+        let fetched = Mutex::new(Vec::new());
+        let results: Vec<HolderStats> = std::thread::scope(|sc| {
+            let handles: Vec<_> = holders
+                .iter()
+                .map(|h| {
+                    let (queue, fetched, all) = (&queue, &fetched, &all);
+                    sc.spawn(move || {
+                        let mut st = HolderStats {
+                            holder: h.clone(),
+                            ..Default::default()
+                        };
+                        if let Err(e) = self.pull_worker(h, all, queue, wanted, fetched, &mut st) {
+                            tracing::warn!(holder = %h, error = %e, "holder failed; its chunks go to the others");
+                            st.error = Some(e.to_string());
+                        }
+                        st
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| HolderStats {
+                        error: Some("worker panicked".into()),
+                        ..Default::default()
+                    })
+                })
+                .collect()
+        });
+        let left = queue.into_inner().map(|q| q.len()).unwrap_or(usize::MAX);
+        let errors: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.error.as_ref().map(|e| format!("{}: {e}", r.holder)))
+            .collect();
+        stats.holders = results;
+        if left > 0 {
+            return Err(MigrateError::Unavailable(format!(
+                "{left} chunks held by no reachable holder ({})",
+                if errors.is_empty() {
+                    "none of them holds those".to_string()
+                } else {
+                    errors.join("; ")
+                }
+            )));
+        }
+        fetched
+            .into_inner()
+            .map_err(|_| MigrateError::State("fetch state poisoned".into()))
+    }
+
+    fn pull_worker(
+        &self,
+        holder: &str,
+        all: &[Fp],
+        queue: &Mutex<VecDeque<Fingerprint>>,
+        wanted: &HashMap<Fingerprint, Vec<usize>>,
+        fetched: &Mutex<Vec<Fingerprint>>,
+        st: &mut HolderStats,
+    ) -> Result<(), MigrateError> {
+        let mut s = proto::connect_auth(holder, &self.host.cfg.key, &self.host.cfg.id, CONNECT_TIMEOUT)?;
+        s.set_read_timeout(Some(HOLDER_IO_TIMEOUT))
+            .map_err(|e| MigrateError::Channel(e.to_string()))?;
+        let held: HashSet<Fp> = match proto::call(&mut s, &Request::Has { fps: all.to_vec() })? {
+            Response::Has { held } => all
+                .iter()
+                .zip(held)
+                .filter(|(_, h)| *h)
+                .map(|(f, _)| *f)
+                .collect(),
+            other => {
+                return Err(MigrateError::Protocol(format!(
+                    "unexpected answer to Has: {other:?}"
+                )))
+            }
+        };
+        loop {
+            let batch: Vec<Fingerprint> = {
+                let mut q = queue
+                    .lock()
+                    .map_err(|_| MigrateError::State("queue poisoned".into()))?;
+                let mut batch = Vec::new();
+                let mut i = 0;
+                while i < q.len() && batch.len() < PULL_BATCH {
+                    if held.contains(&q[i].0) {
+                        if let Some(fp) = q.remove(i) {
+                            batch.push(fp);
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+                batch
+            };
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let got = self.fetch_batch(&mut s, &batch, wanted, st);
+            let done = got.as_ref().map(|v| v.clone()).unwrap_or_default();
+            let not_done: Vec<Fingerprint> = batch.iter().filter(|f| !done.contains(f)).copied().collect();
+            fetched
+                .lock()
+                .map_err(|_| MigrateError::State("fetch state poisoned".into()))?
+                .extend(done);
+            if !not_done.is_empty() {
+                let mut q = queue
+                    .lock()
+                    .map_err(|_| MigrateError::State("queue poisoned".into()))?;
+                for fp in not_done.into_iter().rev() {
+                    q.push_front(fp);
+                }
+                // A holder that lost a chunk it claimed, or failed, stops taking more.
+                got?;
+                return Err(MigrateError::Unavailable(format!(
+                    "{holder} no longer holds some chunks it listed"
+                )));
+            }
+            got?;
+        }
+    }
+
+    fn fetch_batch(
+        &self,
+        s: &mut TcpStream,
+        batch: &[Fingerprint],
+        wanted: &HashMap<Fingerprint, Vec<usize>>,
+        st: &mut HolderStats,
+    ) -> Result<Vec<Fingerprint>, MigrateError> {
+        let fps: Vec<Fp> = batch.iter().map(|f| f.0).collect();
+        let chunks = match proto::call(s, &Request::GetChunks { fps })? {
+            Response::Chunks { chunks } => chunks,
+            other => {
+                return Err(MigrateError::Protocol(format!(
+                    "unexpected answer to GetChunks: {other:?}"
+                )))
+            }
+        };
+        let mut done = Vec::new();
+        for (fp, data) in chunks {
+            let fp = Fingerprint(fp);
+            let Some(indices) = wanted.get(&fp) else {
+                return Err(MigrateError::Protocol(format!(
+                    "holder sent chunk {fp:?} nobody asked for"
+                )));
+            };
+            // Checks the bytes hash to the name before anything is written.
+            self.host.store.put_chunk_verified(&fp, &data)?;
+            for &i in indices {
+                self.write_at(&data, i)?;
+            }
+            st.chunks += 1;
+            st.bytes += data.len() as u64;
+            done.push(fp);
+        }
+        Ok(done)
+    }
+
+    fn start(&mut self, ip: std::net::IpAddr) -> Result<String, MigrateError> {
+        if self.qemu.is_some() {
+            return Err(MigrateError::State("QEMU already started for this VM".into()));
+        }
+        self.file.sync_all().map_err(io("sync", &self.image_path))?;
+        let dev = LoopDevice::attach(&self.image_path)?;
+        let port = {
+            let l = TcpListener::bind((ip, 0))
+                .map_err(|e| MigrateError::Channel(format!("no free port: {e}")))?;
+            l.local_addr()
+                .map_err(|e| MigrateError::Channel(e.to_string()))?
+                .port()
+        };
+        let uri = format!("tcp:{ip}:{port}");
+        let launched = self.host.cfg.qemu.launch(&LaunchConfig {
+            spec: self.spec.clone(),
+            disk: dev.path().to_path_buf(),
+            run_dir: self.dir.clone(),
+            incoming: Some(uri.clone()),
+        })?;
+        self.loop_dev = Some(dev);
+        self.qemu = Some(launched);
+        Ok(uri)
+    }
+
+    fn verify(&mut self, id: &Fingerprint, recheck: &[u32]) -> Result<(bool, String), MigrateError> {
+        self.file.sync_all().map_err(io("sync", &self.image_path))?;
+        let mine = Manifest::new(self.chunk_size, self.image_size, self.current.clone());
+        if mine.id() != *id {
+            return Ok((
+                false,
+                format!(
+                    "destination disk is manifest {}, source's is {}",
+                    mine.id().to_hex(),
+                    id.to_hex()
+                ),
+            ));
+        }
+        for &i in recheck {
+            let i = i as usize;
+            if i >= self.current.len() {
+                return Err(MigrateError::Protocol(format!("chunk index {i} out of range")));
+            }
+            let data =
+                vm::image::read_chunk(&self.file, &self.image_path, self.chunk_size, self.image_size, i)?;
+            let fp = vm::image::fingerprint_chunk(&data);
+            if fp != self.current[i] {
+                return Ok((false, format!("chunk {i} reads back as {} on disk", fp.to_hex())));
+            }
+        }
+        self.host.store.put_manifest(&mine)?;
+        Ok((
+            true,
+            format!("{} chunks match, {} re-read", self.current.len(), recheck.len()),
+        ))
+    }
+
+    fn finish(&mut self) -> Result<(), MigrateError> {
+        let launched = self
+            .qemu
+            .clone()
+            .ok_or_else(|| MigrateError::State("Finish before QEMU started".into()))?;
+        let mut q = QmpClient::connect(&launched.qmp_socket, Duration::from_secs(5))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = q.query_status()?;
+            if st.running {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(MigrateError::Memory(format!(
+                    "destination VM is {} after the switchover",
+                    st.status
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        q.announce_self()?;
+        self.adopt(&launched)?;
+        Ok(())
+    }
+
+    /// Records the VM as this edge's own and keeps its loop device.
+    fn adopt(&mut self, launched: &Launched) -> Result<(), MigrateError> {
+        let manifest = Manifest::new(self.chunk_size, self.image_size, self.current.clone());
+        let rec = VmRecord {
+            spec: self.spec.clone(),
+            pid: launched.pid,
+            accel: launched.accel,
+            qmp_socket: launched.qmp_socket.clone(),
+            loop_device: self
+                .loop_dev
+                .take()
+                .map(|d| d.keep())
+                .ok_or_else(|| MigrateError::State("no loop device".into()))?,
+            image_path: self.image_path.clone(),
+            manifest_id: manifest.id().to_hex(),
+            store: self.host.cfg.store.clone(),
+            started_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        self.host.state.save(&rec)?;
+        self.finished = true;
+        tracing::info!(vm = %self.spec.name, pid = launched.pid, "incoming VM runs here now");
+        Ok(())
+    }
+}
+
+impl Drop for Incoming<'_> {
+    fn drop(&mut self) {
+        self.host.unmark(&self.spec.name);
+        if self.finished {
+            return;
+        }
+        if let Some(l) = self.qemu.clone() {
+            // Only a VM that already switched over runs here; keep it then.
+            let running = QmpClient::connect(&l.qmp_socket, Duration::from_millis(500))
+                .and_then(|mut q| q.query_status())
+                .map(|s| s.running)
+                .unwrap_or(false);
+            if running {
+                tracing::warn!(vm = %self.spec.name, "control connection lost after the switchover; keeping the VM");
+                if self.adopt(&l).is_ok() {
+                    return;
+                }
+            }
+            if let Err(e) = self.host.cfg.qemu.kill(l.pid, &l.qmp_socket) {
+                tracing::warn!(vm = %self.spec.name, error = %e, "destination QEMU not stopped");
+            }
+            if self.spec.net.is_some() {
+                vm::qemu::remove_tap(&self.spec.name);
+            }
+        }
+        // Detaches the loop device before the image goes.
+        self.loop_dev = None;
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "destination half not removed");
+        }
+        tracing::info!(vm = %self.spec.name, "incoming VM torn down");
+    }
+}

@@ -1,0 +1,397 @@
+//! A typed QMP client over a Unix socket: greeting, capability negotiation,
+//! commands with typed arguments and returns, and asynchronous events.
+//!
+//! QMP sends one JSON object per line. A reply is `{"return": ...}` or
+//! `{"error": {...}}`, tagged with the `id` we sent; events
+//! (`{"event": ...}`) may arrive at any time and are queued for
+//! [`QmpClient::wait_event`].
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::VmError;
+
+/// Longest a single reply may take before the client gives up.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An event QEMU emitted (`STOP`, `RESUME`, `MIGRATION`, ...).
+#[derive(Debug, Clone, Deserialize)]
+pub struct QmpEvent {
+    pub event: String,
+    #[serde(default)]
+    pub data: Value,
+}
+
+#[derive(Debug, Deserialize)]
+struct QmpErrorBody {
+    class: String,
+    desc: String,
+}
+
+/// One line from QEMU, whichever kind it is.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Incoming {
+    Return {
+        #[serde(rename = "return")]
+        ret: Value,
+        id: Option<u64>,
+    },
+    Error {
+        error: QmpErrorBody,
+        id: Option<u64>,
+    },
+    Event(QmpEvent),
+    Greeting {
+        #[serde(rename = "QMP")]
+        _qmp: Value,
+    },
+}
+
+/// `query-status`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct StatusInfo {
+    pub running: bool,
+    pub status: String,
+}
+
+/// RAM figures of `query-migrate`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationRam {
+    #[serde(default)]
+    pub transferred: u64,
+    #[serde(default)]
+    pub remaining: u64,
+    #[serde(default)]
+    pub total: u64,
+    #[serde(default)]
+    pub dirty_sync_count: u64,
+}
+
+/// `query-migrate`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationInfo {
+    /// `setup`, `active`, `pre-switchover`, `device`, `completed`, `failed`, `cancelled`, ...
+    pub status: Option<String>,
+    pub total_time: Option<u64>,
+    /// Milliseconds the VM was stopped, once completed.
+    pub downtime: Option<u64>,
+    pub ram: Option<MigrationRam>,
+    pub error_desc: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Capability<'a> {
+    capability: &'a str,
+    state: bool,
+}
+
+#[derive(Serialize)]
+struct SetCapabilities<'a> {
+    capabilities: Vec<Capability<'a>>,
+}
+
+#[derive(Serialize)]
+struct MigrateArgs<'a> {
+    uri: &'a str,
+}
+
+#[derive(Serialize)]
+struct MigrateContinueArgs<'a> {
+    state: &'a str,
+}
+
+#[derive(Serialize)]
+struct AnnounceArgs {
+    initial: u64,
+    max: u64,
+    rounds: u64,
+    step: u64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct MigrateParameters {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    downtime_limit: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_bandwidth: Option<u64>,
+}
+
+/// A connected, negotiated QMP session.
+#[derive(Debug)]
+pub struct QmpClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    events: VecDeque<QmpEvent>,
+    next_id: u64,
+}
+
+impl QmpClient {
+    /// Connects to `socket`, retrying until `wait` has passed (QEMU creates
+    /// the socket a moment after it starts), reads the greeting and leaves
+    /// capability negotiation mode.
+    pub fn connect(socket: &Path, wait: Duration) -> Result<Self, VmError> {
+        let deadline = Instant::now() + wait;
+        let stream = loop {
+            match UnixStream::connect(socket) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::trace!(socket = %socket.display(), error = %e, "QMP socket not ready");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(source) => {
+                    return Err(VmError::Io {
+                        op: "connect to QMP socket",
+                        path: socket.to_path_buf(),
+                        source,
+                    })
+                }
+            }
+        };
+        let io = |op: &'static str| {
+            let path = socket.to_path_buf();
+            move |source| VmError::Io { op, path, source }
+        };
+        stream
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .map_err(io("set QMP read timeout"))?;
+        let writer = stream.try_clone().map_err(io("clone QMP socket"))?;
+        let mut client = QmpClient {
+            reader: BufReader::new(stream),
+            writer,
+            events: VecDeque::new(),
+            next_id: 1,
+        };
+        match client.read_message()? {
+            Incoming::Greeting { .. } => {}
+            other => return Err(VmError::Qmp(format!("expected the QMP greeting, got {other:?}"))),
+        }
+        client.execute_raw("qmp_capabilities", None)?;
+        Ok(client)
+    }
+
+    fn read_message(&mut self) -> Result<Incoming, VmError> {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                VmError::Timeout("a QMP message".into())
+            }
+            _ => VmError::Qmp(format!("reading from QEMU: {e}")),
+        })?;
+        if n == 0 {
+            return Err(VmError::QmpClosed);
+        }
+        serde_json::from_str(&line).map_err(|e| VmError::Qmp(format!("malformed QMP message {line:?}: {e}")))
+    }
+
+    /// Sends a command and waits for its reply, queueing events that arrive
+    /// meanwhile.
+    pub fn execute_raw(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, VmError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut msg = serde_json::json!({ "execute": command, "id": id });
+        if let Some(args) = arguments {
+            msg["arguments"] = args;
+        }
+        let mut bytes = serde_json::to_vec(&msg).map_err(|e| VmError::Qmp(e.to_string()))?;
+        bytes.push(b'\n');
+        self.writer
+            .write_all(&bytes)
+            .map_err(|e| VmError::Qmp(format!("sending {command}: {e}")))?;
+        loop {
+            match self.read_message()? {
+                Incoming::Return { ret, id: rid } if rid == Some(id) => return Ok(ret),
+                Incoming::Error { error, id: rid } if rid == Some(id) => {
+                    return Err(VmError::QmpCommand {
+                        command: command.to_string(),
+                        class: error.class,
+                        desc: error.desc,
+                    })
+                }
+                Incoming::Event(ev) => {
+                    tracing::debug!(event = %ev.event, data = %ev.data, "QMP event");
+                    self.events.push_back(ev);
+                }
+                other => tracing::debug!(?other, "QMP message for another request ignored"),
+            }
+        }
+    }
+
+    /// Sends a command with typed arguments and parses its typed return.
+    pub fn execute<A: Serialize, R: DeserializeOwned>(
+        &mut self,
+        command: &str,
+        args: Option<&A>,
+    ) -> Result<R, VmError> {
+        let args = args
+            .map(serde_json::to_value)
+            .transpose()
+            .map_err(|e| VmError::Qmp(e.to_string()))?;
+        let ret = self.execute_raw(command, args)?;
+        serde_json::from_value(ret).map_err(|e| VmError::Qmp(format!("unexpected return of {command}: {e}")))
+    }
+
+    fn execute_unit<A: Serialize>(&mut self, command: &str, args: Option<&A>) -> Result<(), VmError> {
+        self.execute::<A, Value>(command, args).map(|_| ())
+    }
+
+    pub fn query_status(&mut self) -> Result<StatusInfo, VmError> {
+        self.execute::<(), _>("query-status", None)
+    }
+
+    pub fn stop(&mut self) -> Result<(), VmError> {
+        self.execute_unit::<()>("stop", None)
+    }
+
+    pub fn cont(&mut self) -> Result<(), VmError> {
+        self.execute_unit::<()>("cont", None)
+    }
+
+    /// Asks QEMU to exit; the socket closes right after the reply.
+    pub fn quit(&mut self) -> Result<(), VmError> {
+        match self.execute_unit::<()>("quit", None) {
+            Ok(()) | Err(VmError::QmpClosed) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn migrate_set_capabilities(&mut self, caps: &[(&str, bool)]) -> Result<(), VmError> {
+        let args = SetCapabilities {
+            capabilities: caps
+                .iter()
+                .map(|(capability, state)| Capability {
+                    capability,
+                    state: *state,
+                })
+                .collect(),
+        };
+        self.execute_unit("migrate-set-capabilities", Some(&args))
+    }
+
+    /// Sets the allowed downtime (ms) and the migration bandwidth cap (bytes/s).
+    pub fn migrate_set_parameters(
+        &mut self,
+        downtime_limit_ms: Option<u64>,
+        max_bandwidth: Option<u64>,
+    ) -> Result<(), VmError> {
+        let args = MigrateParameters {
+            downtime_limit: downtime_limit_ms,
+            max_bandwidth,
+        };
+        self.execute_unit("migrate-set-parameters", Some(&args))
+    }
+
+    pub fn migrate(&mut self, uri: &str) -> Result<(), VmError> {
+        self.execute_unit("migrate", Some(&MigrateArgs { uri }))
+    }
+
+    pub fn query_migrate(&mut self) -> Result<MigrationInfo, VmError> {
+        self.execute::<(), _>("query-migrate", None)
+    }
+
+    /// Leaves the pause that `pause-before-switchover` made (`state` is the
+    /// state being left, `pre-switchover`).
+    pub fn migrate_continue(&mut self, state: &str) -> Result<(), VmError> {
+        self.execute_unit("migrate-continue", Some(&MigrateContinueArgs { state }))
+    }
+
+    pub fn migrate_cancel(&mut self) -> Result<(), VmError> {
+        self.execute_unit::<()>("migrate_cancel", None)
+    }
+
+    /// Makes QEMU send gratuitous ARP/RARP for the VM's NICs so switches
+    /// learn its new port.
+    pub fn announce_self(&mut self) -> Result<(), VmError> {
+        self.execute_unit(
+            "announce-self",
+            Some(&AnnounceArgs {
+                initial: 50,
+                max: 550,
+                rounds: 5,
+                step: 100,
+            }),
+        )
+    }
+
+    /// Events received so far and not yet taken.
+    pub fn take_events(&mut self) -> Vec<QmpEvent> {
+        self.events.drain(..).collect()
+    }
+
+    /// Waits for an event named `name` (a queued one counts).
+    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<QmpEvent, VmError> {
+        if let Some(pos) = self.events.iter().position(|e| e.event == name) {
+            if let Some(ev) = self.events.remove(pos) {
+                return Ok(ev);
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(VmError::Timeout(format!("QMP event {name}")));
+            }
+            self.reader
+                .get_ref()
+                .set_read_timeout(Some(left))
+                .map_err(|e| VmError::Qmp(e.to_string()))?;
+            let msg = self.read_message();
+            self.reader
+                .get_ref()
+                .set_read_timeout(Some(REPLY_TIMEOUT))
+                .map_err(|e| VmError::Qmp(e.to_string()))?;
+            match msg {
+                Ok(Incoming::Event(ev)) if ev.event == name => return Ok(ev),
+                Ok(Incoming::Event(ev)) => self.events.push_back(ev),
+                Ok(_) => {}
+                Err(VmError::Timeout(_)) => return Err(VmError::Timeout(format!("QMP event {name}"))),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_replies_events_and_errors() {
+        let r: Incoming =
+            serde_json::from_str(r#"{"return": {"running": true, "status": "running"}, "id": 3}"#)
+                .expect("return");
+        assert!(matches!(r, Incoming::Return { id: Some(3), .. }));
+        let e: Incoming =
+            serde_json::from_str(r#"{"error": {"class": "GenericError", "desc": "no"}, "id": 4}"#)
+                .expect("error");
+        assert!(matches!(e, Incoming::Error { id: Some(4), .. }));
+        let ev: Incoming = serde_json::from_str(
+            r#"{"event": "MIGRATION", "data": {"status": "pre-switchover"}, "timestamp": {"seconds": 1, "microseconds": 2}}"#,
+        )
+        .expect("event");
+        match ev {
+            Incoming::Event(ev) => assert_eq!(ev.data["status"], "pre-switchover"),
+            other => panic!("not an event: {other:?}"),
+        }
+        let g: Incoming =
+            serde_json::from_str(r#"{"QMP": {"version": {}, "capabilities": []}}"#).expect("greeting");
+        assert!(matches!(g, Incoming::Greeting { .. }));
+        assert!(serde_json::from_str::<Incoming>("[1,2]").is_err());
+        let m: MigrationInfo = serde_json::from_str(
+            r#"{"status": "completed", "total-time": 5000, "downtime": 31, "ram": {"transferred": 100, "remaining": 0, "total": 200, "dirty-sync-count": 3}}"#,
+        )
+        .expect("migration info");
+        assert_eq!(m.downtime, Some(31));
+        assert_eq!(m.ram.expect("ram").dirty_sync_count, 3);
+    }
+}
