@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use edgeshift_agent::migrate::engine::Phase;
-use edgeshift_agent::migrate::proto::read_key;
 use edgeshift_agent::migrate::temperature::Ordering;
 use edgeshift_agent::migrate::{self, Host, HostConfig, MigrateOptions};
+use edgeshift_agent::transfer::ClusterKey;
 use edgeshift_agent::vm::Qemu;
 
 use crate::cli::vm::StateArgs;
@@ -27,16 +27,16 @@ pub struct Args {
     /// The destination's migration listener (`edgeshift vm host`), HOST:PORT.
     #[arg(long)]
     to: String,
-    /// This edge's own listener as the destination reaches it (HOST:PORT):
-    /// the destination pulls the VM's chunks from it.
+    /// This edge's chunk server (`edgeshift agent --listen`) as the
+    /// destination reaches it (IP:PORT): the live disk's chunks come from it.
     #[arg(long = "source-addr")]
     source_addr: String,
-    /// Another edge holding chunks of the image (repeatable).
+    /// Another edge's chunk server holding chunks of the image (IP:PORT, repeatable).
     #[arg(long = "peer")]
     peers: Vec<String>,
-    /// The cluster key file (32 raw bytes or 64 hex digits).
-    #[arg(long, env = "EDGESHIFT_KEY_FILE")]
-    key_file: PathBuf,
+    /// File holding the cluster key (64 hex digits), as for `edgeshift agent`.
+    #[arg(long)]
+    cluster_key_file: PathBuf,
     /// This edge's name in handshakes.
     #[arg(long, default_value = "edge")]
     id: String,
@@ -67,7 +67,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let key = read_key(&a.key_file)?;
+    let key = *ClusterKey::from_file(&a.cluster_key_file)?.as_bytes();
     anyhow::ensure!(
         a.sample_secs >= 0.0 && a.sample_secs < 600.0,
         "--sample-secs out of range"
@@ -140,9 +140,9 @@ pub struct HostArgs {
     /// This edge's chunk store (created if absent).
     #[arg(long)]
     store: PathBuf,
-    /// The cluster key file (32 raw bytes or 64 hex digits).
-    #[arg(long, env = "EDGESHIFT_KEY_FILE")]
-    key_file: PathBuf,
+    /// File holding the cluster key (64 hex digits), as for `edgeshift agent`.
+    #[arg(long)]
+    cluster_key_file: PathBuf,
     /// This edge's name in handshakes.
     #[arg(long, default_value = "edge")]
     id: String,
@@ -151,7 +151,7 @@ pub struct HostArgs {
 }
 
 pub fn host(a: HostArgs) -> anyhow::Result<()> {
-    let key = read_key(&a.key_file)?;
+    let key = *ClusterKey::from_file(&a.cluster_key_file)?.as_bytes();
     let host = Host::new(HostConfig {
         store: a.store,
         state_dir: a.state.state_dir,

@@ -1,6 +1,7 @@
 //! The listener every edge runs for migrations (`edgeshift vm host`): it
-//! serves chunks from the local store to peers that pull them, and receives
-//! incoming VMs — the destination half of a migration.
+//! receives incoming VMs — the destination half of a migration. Chunks come
+//! from the holders' chunk servers (`edgeshift agent`) through the transfer
+//! module's fetcher.
 //!
 //! An incoming VM belongs to the control connection that prepared it. If
 //! that connection ends before `Finish`, the destination half is torn down
@@ -8,9 +9,9 @@
 //! the migration had already switched over and the VM runs here, in which
 //! case it is kept and recorded, so nothing of the VM is ever lost.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -18,17 +19,13 @@ use std::time::{Duration, Instant};
 
 use edgeshift_common::{Fingerprint, Manifest};
 
-use super::proto::{self, Fp, HolderStats, PullStats, Request, Response};
+use super::proto::{self, HolderStats, PullStats, Request, Response};
 use super::MigrateError;
 use crate::store::{ChunkStore, LocalStore};
+use crate::transfer::fetch::{ChunkWant, FetchOptions, Fetcher};
+use crate::transfer::ClusterKey;
 use crate::vm::loopdev::LoopDevice;
 use crate::vm::{self, Hypervisor, LaunchConfig, Launched, Qemu, QmpClient, StateDir, VmRecord, VmSpec};
-
-/// Chunks per request when pulling from a holder.
-const PULL_BATCH: usize = 8;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// A holder that sends nothing for this long is given up on.
-const HOLDER_IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What a host needs.
 #[derive(Debug, Clone)]
@@ -45,7 +42,7 @@ pub struct HostConfig {
 #[derive(Debug)]
 pub struct Host {
     cfg: HostConfig,
-    store: LocalStore,
+    store: Arc<LocalStore>,
     state: StateDir,
     /// Names of VMs being received right now.
     receiving: Mutex<HashSet<String>>,
@@ -77,7 +74,7 @@ fn io<'a>(op: &'static str, path: &'a std::path::Path) -> impl FnOnce(std::io::E
 
 impl Host {
     pub fn new(cfg: HostConfig) -> Result<Self, MigrateError> {
-        let store = LocalStore::open_or_create(&cfg.store)?;
+        let store = Arc::new(LocalStore::open_or_create(&cfg.store)?);
         let state = StateDir::new(&cfg.state_dir);
         Ok(Host {
             cfg,
@@ -143,27 +140,6 @@ impl Host {
         conn: &TcpStream,
     ) -> Result<Response, MigrateError> {
         match req {
-            Request::Has { fps } => {
-                let mut held = Vec::with_capacity(fps.len());
-                for fp in fps {
-                    held.push(self.store.has_chunk(&Fingerprint(fp))?);
-                }
-                Ok(Response::Has { held })
-            }
-            Request::GetChunks { fps } => {
-                let mut chunks = Vec::with_capacity(fps.len());
-                for fp in fps.into_iter().take(64) {
-                    match self.store.get_chunk(&Fingerprint(fp)) {
-                        Ok(data) => {
-                            metrics::counter!("edgeshift_migrate_chunks_served_total").increment(1);
-                            chunks.push((fp, data))
-                        }
-                        Err(crate::store::StoreError::ChunkMissing(_)) => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                Ok(Response::Chunks { chunks })
-            }
             Request::Prepare { spec, manifest } => {
                 if incoming.is_some() {
                     return Err(MigrateError::State(
@@ -330,7 +306,7 @@ impl Incoming<'_> {
         }
         let mut stats = PullStats::default();
         let mut wanted: HashMap<Fingerprint, Vec<usize>> = HashMap::new();
-        let mut order: VecDeque<Fingerprint> = VecDeque::new();
+        let mut order: Vec<(Fingerprint, u64)> = Vec::new();
         let store = &self.host.store;
         for &i in indices {
             let i = i as usize;
@@ -355,7 +331,7 @@ impl Incoming<'_> {
                 stats.local_chunks += 1;
             } else {
                 wanted.insert(want, vec![i]);
-                order.push_back(want);
+                order.push((want, target.chunk_len(i)));
             }
         }
         if !order.is_empty() {
@@ -372,170 +348,65 @@ impl Incoming<'_> {
         Ok(stats)
     }
 
-    /// Pulls the chunks in `order` from every holder at once: each holder's
-    /// worker takes the next chunks it holds from the shared queue, so faster
-    /// paths take more and the order (coldest first) is kept as far as the
-    /// holders allow. A failing holder's chunks go back for the others.
+    /// Pulls the chunks in `order` from every holder at once with the
+    /// transfer module's striped fetcher (faster paths take more, a path that
+    /// falls behind has its queue stolen, earlier chunks are asked for
+    /// first), into this edge's store; then writes them into the image.
     fn fetch_from_holders(
         &self,
-        order: VecDeque<Fingerprint>,
+        order: Vec<(Fingerprint, u64)>,
         wanted: &HashMap<Fingerprint, Vec<usize>>,
         holders: &[String],
         stats: &mut PullStats,
     ) -> Result<Vec<Fingerprint>, MigrateError> {
-        let all: Vec<Fp> = order.iter().map(|f| f.0).collect();
-        let queue = Mutex::new(order);
-        let fetched = Mutex::new(Vec::new());
-        let results: Vec<HolderStats> = std::thread::scope(|sc| {
-            let handles: Vec<_> = holders
-                .iter()
-                .map(|h| {
-                    let (queue, fetched, all) = (&queue, &fetched, &all);
-                    sc.spawn(move || {
-                        let mut st = HolderStats {
-                            holder: h.clone(),
-                            ..Default::default()
-                        };
-                        if let Err(e) = self.pull_worker(h, all, queue, wanted, fetched, &mut st) {
-                            tracing::warn!(holder = %h, error = %e, "holder failed; its chunks go to the others");
-                            st.error = Some(e.to_string());
-                        }
-                        st
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| HolderStats {
-                        error: Some("worker panicked".into()),
-                        ..Default::default()
-                    })
-                })
-                .collect()
-        });
-        let left = queue.into_inner().map(|q| q.len()).unwrap_or(usize::MAX);
-        let errors: Vec<String> = results
+        let mut peers = Vec::with_capacity(holders.len());
+        for h in holders {
+            let addr: SocketAddr = h
+                .parse()
+                .map_err(|e| MigrateError::Protocol(format!("holder address {h:?}: {e}")))?;
+            peers.push(addr);
+        }
+        let wants: Vec<ChunkWant> = order
             .iter()
-            .filter_map(|r| r.error.as_ref().map(|e| format!("{}: {e}", r.holder)))
+            .map(|&(fp, len)| ChunkWant {
+                fp,
+                len,
+                sources: None,
+            })
             .collect();
-        stats.holders = results;
-        if left > 0 {
-            return Err(MigrateError::Unavailable(format!(
-                "{left} chunks held by no reachable holder ({})",
-                if errors.is_empty() {
-                    "none of them holds those".to_string()
-                } else {
-                    errors.join("; ")
-                }
-            )));
-        }
-        fetched
-            .into_inner()
-            .map_err(|_| MigrateError::State("fetch state poisoned".into()))
-    }
-
-    fn pull_worker(
-        &self,
-        holder: &str,
-        all: &[Fp],
-        queue: &Mutex<VecDeque<Fingerprint>>,
-        wanted: &HashMap<Fingerprint, Vec<usize>>,
-        fetched: &Mutex<Vec<Fingerprint>>,
-        st: &mut HolderStats,
-    ) -> Result<(), MigrateError> {
-        let mut s = proto::connect_auth(holder, &self.host.cfg.key, &self.host.cfg.id, CONNECT_TIMEOUT)?;
-        s.set_read_timeout(Some(HOLDER_IO_TIMEOUT))
-            .map_err(|e| MigrateError::Channel(e.to_string()))?;
-        let held: HashSet<Fp> = match proto::call(&mut s, &Request::Has { fps: all.to_vec() })? {
-            Response::Has { held } => all
-                .iter()
-                .zip(held)
-                .filter(|(_, h)| *h)
-                .map(|(f, _)| *f)
-                .collect(),
-            other => {
-                return Err(MigrateError::Protocol(format!(
-                    "unexpected answer to Has: {other:?}"
-                )))
-            }
-        };
-        loop {
-            let batch: Vec<Fingerprint> = {
-                let mut q = queue
-                    .lock()
-                    .map_err(|_| MigrateError::State("queue poisoned".into()))?;
-                let mut batch = Vec::new();
-                let mut i = 0;
-                while i < q.len() && batch.len() < PULL_BATCH {
-                    if held.contains(&q[i].0) {
-                        if let Some(fp) = q.remove(i) {
-                            batch.push(fp);
-                        }
-                    } else {
-                        i += 1;
-                    }
-                }
-                batch
-            };
-            if batch.is_empty() {
-                return Ok(());
-            }
-            let got = self.fetch_batch(&mut s, &batch, wanted, st);
-            let done = got.as_ref().map(|v| v.clone()).unwrap_or_default();
-            let not_done: Vec<Fingerprint> = batch.iter().filter(|f| !done.contains(f)).copied().collect();
-            fetched
-                .lock()
-                .map_err(|_| MigrateError::State("fetch state poisoned".into()))?
-                .extend(done);
-            if !not_done.is_empty() {
-                let mut q = queue
-                    .lock()
-                    .map_err(|_| MigrateError::State("queue poisoned".into()))?;
-                for fp in not_done.into_iter().rev() {
-                    q.push_front(fp);
-                }
-                // A holder that lost a chunk it claimed, or failed, stops taking more.
-                got?;
-                return Err(MigrateError::Unavailable(format!(
-                    "{holder} no longer holds some chunks it listed"
-                )));
-            }
-            got?;
-        }
-    }
-
-    fn fetch_batch(
-        &self,
-        s: &mut TcpStream,
-        batch: &[Fingerprint],
-        wanted: &HashMap<Fingerprint, Vec<usize>>,
-        st: &mut HolderStats,
-    ) -> Result<Vec<Fingerprint>, MigrateError> {
-        let fps: Vec<Fp> = batch.iter().map(|f| f.0).collect();
-        let chunks = match proto::call(s, &Request::GetChunks { fps })? {
-            Response::Chunks { chunks } => chunks,
-            other => {
-                return Err(MigrateError::Protocol(format!(
-                    "unexpected answer to GetChunks: {other:?}"
-                )))
-            }
-        };
-        let mut done = Vec::new();
-        for (fp, data) in chunks {
-            let fp = Fingerprint(fp);
-            let Some(indices) = wanted.get(&fp) else {
-                return Err(MigrateError::Protocol(format!(
-                    "holder sent chunk {fp:?} nobody asked for"
-                )));
-            };
-            // Checks the bytes hash to the name before anything is written.
-            self.host.store.put_chunk_verified(&fp, &data)?;
-            for &i in indices {
+        let fetcher = Fetcher::with_options(
+            Arc::clone(&self.host.store),
+            peers,
+            ClusterKey::from_bytes(self.host.cfg.key),
+            FetchOptions {
+                id: self.host.cfg.id.clone(),
+                ..FetchOptions::default()
+            },
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| MigrateError::State(format!("async runtime: {e}")))?;
+        let report = rt
+            .block_on(fetcher.fetch_chunks(wants))
+            .map_err(|e| MigrateError::Unavailable(e.to_string()))?;
+        stats.holders = report
+            .peers
+            .iter()
+            .map(|p| HolderStats {
+                holder: p.addr.clone(),
+                chunks: p.chunks,
+                bytes: p.bytes,
+                error: p.dropped.clone(),
+            })
+            .collect();
+        let mut done = Vec::with_capacity(order.len());
+        for (fp, _) in order {
+            // The fetcher verified the bytes on arrival; the store re-checks on read.
+            let data = self.host.store.get_chunk(&fp)?;
+            for &i in wanted.get(&fp).map(|v| v.as_slice()).unwrap_or(&[]) {
                 self.write_at(&data, i)?;
             }
-            st.chunks += 1;
-            st.bytes += data.len() as u64;
             done.push(fp);
         }
         Ok(done)

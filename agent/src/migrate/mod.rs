@@ -2,8 +2,8 @@
 //! QEMU, final chunks in the pause, switchover.
 //!
 //! - [`proto`]: the authenticated control channel between agents.
-//! - [`host`]: the listener every edge runs: serves chunks to peers and
-//!   receives incoming VMs (the destination half).
+//! - [`host`]: the listener every edge runs to receive incoming VMs (the
+//!   destination half); chunks come through [`crate::transfer`]'s fetcher.
 //! - [`engine`]: the source half, driving both QEMUs and the destination.
 //! - [`temperature`]: the order chunks go in (coldest first, hottest last).
 
@@ -24,8 +24,6 @@ pub enum MigrateError {
     Protocol(String),
     #[error("authentication: {0}")]
     Auth(String),
-    #[error("cluster key: {0}")]
-    Key(String),
     #[error("the destination reported: {0}")]
     Remote(String),
     #[error("chunks unavailable: {0}")]

@@ -18,8 +18,8 @@ use super::MigrateError;
 use crate::vm::VmSpec;
 
 pub const CONTROL_MAGIC: [u8; 4] = *b"ESC1";
-/// Largest body once authenticated: a batch of chunks or a big manifest.
-pub const MAX_BODY: u32 = 96 << 20;
+/// Largest body once authenticated: a manifest of ~1 M chunks plus indices.
+pub const MAX_BODY: u32 = 64 << 20;
 /// Largest body before authentication.
 const MAX_AUTH_BODY: u32 = 512;
 
@@ -36,15 +36,11 @@ pub type Fp = [u8; 32];
 /// What a client asks.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
-    /// Which of these chunks does the store hold?
-    Has { fps: Vec<Fp> },
-    /// Send these chunks (those held).
-    GetChunks { fps: Vec<Fp> },
     /// Destination: get ready to receive `spec` whose disk is `manifest`.
     Prepare { spec: VmSpec, manifest: Vec<u8> },
     /// Destination: make the image's chunks at `indices` equal to
     /// `manifest`'s, pulling what the store lacks from `holders` at once,
-    /// in the order given.
+    /// in the order given (holders are chunk servers: `edgeshift agent`).
     Pull {
         manifest: Vec<u8>,
         indices: Vec<u32>,
@@ -85,12 +81,6 @@ pub struct PullStats {
 /// What a server answers.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Response {
-    Has {
-        held: Vec<bool>,
-    },
-    Chunks {
-        chunks: Vec<(Fp, Vec<u8>)>,
-    },
     Prepared {
         missing_chunks: u64,
         missing_bytes: u64,
@@ -240,26 +230,6 @@ pub fn call(s: &mut TcpStream, req: &Request) -> Result<Response, MigrateError> 
         Response::Error(e) => Err(MigrateError::Remote(e)),
         r => Ok(r),
     }
-}
-
-/// Reads a 32-byte cluster key file (raw bytes or 64 hex digits).
-pub fn read_key(path: &std::path::Path) -> Result<[u8; 32], MigrateError> {
-    let raw = std::fs::read(path).map_err(|e| MigrateError::Key(format!("{}: {e}", path.display())))?;
-    if raw.len() == 32 {
-        let mut k = [0u8; 32];
-        k.copy_from_slice(&raw);
-        return Ok(k);
-    }
-    let text = String::from_utf8_lossy(&raw);
-    let bytes = hex::decode(text.trim()).map_err(|_| {
-        MigrateError::Key(format!(
-            "{}: neither 32 raw bytes nor 64 hex digits",
-            path.display()
-        ))
-    })?;
-    bytes
-        .try_into()
-        .map_err(|_| MigrateError::Key(format!("{}: key is not 32 bytes", path.display())))
 }
 
 #[cfg(test)]
