@@ -1,1 +1,4 @@
-//! Evaluation harness: emulated edge cloud, baselines, reports (being built: see issues 2–9).
+//! Evaluation harness: the emulated edge cloud ([`testbed`]), baselines, reports.
+//! Must never depend on the agent crate: the agent's tests dev-depend on this.
+
+pub mod testbed;
