@@ -475,27 +475,13 @@ fn fallback_ignores_unwatched_and_cleans_up_its_instance() {
         of_device(&counts, watched.id()),
         [(1, (2, 8192))].into_iter().collect()
     );
-    let instances = |pid: u32| -> Vec<String> {
-        [
-            "/sys/kernel/tracing/instances",
-            "/sys/kernel/debug/tracing/instances",
-        ]
-        .iter()
-        .filter_map(|d| std::fs::read_dir(d).ok())
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(&format!("edgeshift-dirty-{pid}-")))
-        .collect()
-    };
-    let before = instances(std::process::id());
-    assert!(!before.is_empty());
+    let instance = t.instance().to_path_buf();
+    assert!(instance.join("trace_pipe").exists(), "{instance:?}");
+    assert!(instance
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("edgeshift-dirty-")));
     drop(t);
-    let after = instances(std::process::id());
-    assert!(
-        after.len() < before.len(),
-        "instance not removed: {before:?} → {after:?}"
-    );
+    assert!(!instance.exists(), "{instance:?} left behind");
 }
 
 fn edgeshift() -> Command {

@@ -137,6 +137,11 @@ impl FtraceTracker {
         Ok(tracker)
     }
 
+    /// The tracefs instance directory this tracker created (removed on drop).
+    pub fn instance(&self) -> &Path {
+        &self.instance
+    }
+
     fn event_file(&self, file: &str) -> PathBuf {
         self.instance.join("events/block/block_bio_queue").join(file)
     }

@@ -33,10 +33,10 @@ use serde::Serialize;
 )]
 struct Args {
     /// Rounds of (none, eBPF, fallback) fio runs for the overhead figure.
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 15)]
     rounds: usize,
     /// Seconds per fio run.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 2)]
     seconds: u64,
     /// Size of the tmpfs-backed loop device, in MiB.
     #[arg(long, default_value_t = 1024)]
@@ -190,6 +190,10 @@ struct LoadPoint {
 
 #[derive(Serialize)]
 struct Report {
+    /// /proc/loadavg before and after: other work on the machine makes the
+    /// IOPS figures noisy, and this says how much there was.
+    loadavg_before: String,
+    loadavg_after: String,
     kernel: String,
     cpus: usize,
     rounds: usize,
@@ -217,6 +221,13 @@ struct Report {
     fallback_first_drop_events_per_sec: Option<f64>,
 }
 
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -240,6 +251,7 @@ fn main() -> anyhow::Result<()> {
         bail!("dirty-bench needs root (loop devices, BPF, tracefs)");
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let loadavg_before = loadavg();
     let loopdev = LoopOnTmpfs::new(args.size_mib << 20)?;
     let dev = DeviceId::of_path(&loopdev.dev)?;
     let chunk = args.chunk_kib << 10;
@@ -413,6 +425,8 @@ fn main() -> anyhow::Result<()> {
     let ebpf_ns = load.iter().filter_map(|p| p.ns_per_event).reduce(f64::max);
 
     let report = Report {
+        loadavg_before,
+        loadavg_after: loadavg(),
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim()
@@ -520,6 +534,14 @@ fn markdown(r: &Report) -> String {
         runs(&r.fallback),
         seen(&r.fallback),
         r.fallback.dropped.iter().sum::<u64>()
+    ));
+    s.push_str(&format!(
+        "Machine load (/proc/loadavg) before: `{}`, after: `{}`.\n\n",
+        r.loadavg_before, r.loadavg_after
+    ));
+    s.push_str(&format!(
+        "Median of the per-round paired losses: {:.2} %.\n",
+        median(&r.ebpf_paired_lost_pct)
     ));
     s.push_str(&format!(
         "eBPF IOPS lost per round (paired with the same round's untracked run): {}\n\n",
