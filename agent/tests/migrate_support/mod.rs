@@ -1,0 +1,648 @@
+//! Shared harness of the VM and migration tests: the test VM (built by
+//! perf/images/build-test-vm.sh, cached under target/images/vm/), edges in
+//! network namespaces joined by tbf-limited veth links through a hub, one L2
+//! segment for the VMs' NICs across all edges, a client namespace on it, and
+//! the agents (`edgeshift agent`, `edgeshift vm host`) as real processes.
+//! Everything is named with a per-test tag and removed on drop.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_edgeshift");
+pub const VM_IP: &str = "198.19.0.10";
+pub const CLIENT_IP: &str = "198.19.0.100";
+pub const CHUNK_PORT: u16 = 7070;
+pub const HOST_PORT: u16 = 7080;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Returns why this test cannot run here, if it cannot. Under CI=true a
+/// missing capability is a failure, not a skip.
+pub fn require_capabilities() -> Option<String> {
+    let mut why = Vec::new();
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        why.push("not root".to_string());
+    }
+    for tool in ["qemu-system-x86_64", "ip", "losetup", "socat", "tc", "mkfs.ext4"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            why.push(format!("{tool} missing"));
+        }
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        why.push("/dev/net/tun missing".into());
+    }
+    if why.is_empty() {
+        return None;
+    }
+    let why = why.join(", ");
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true and this test cannot run: {why} (run .ci/setup as root)");
+    }
+    eprintln!("skipping: {why} (set CI=true to make this a failure)");
+    Some(why)
+}
+
+pub fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn ip(args: &[&str]) {
+    sh(Command::new("ip").args(args));
+}
+
+/// The test VM's files.
+pub struct TestVm {
+    pub dir: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub base: PathBuf,
+}
+
+/// Builds (or reuses) the test VM; one build at a time across test binaries.
+pub fn test_vm() -> TestVm {
+    let out = sh(Command::new("flock")
+        .arg(repo().join("target/.build-test-vm.lock"))
+        .arg("bash")
+        .arg(repo().join("perf/images/build-test-vm.sh")));
+    let dir = PathBuf::from(
+        out.lines()
+            .last()
+            .expect("build-test-vm.sh prints its directory")
+            .trim(),
+    );
+    TestVm {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initramfs.gz"),
+        base: dir.join("base.raw"),
+        dir,
+    }
+}
+
+/// A store holding the base image, sliced once and cached; returns (store, id).
+pub fn base_store(vm: &TestVm) -> (PathBuf, String) {
+    let store = vm.dir.join("store-256k");
+    let id_file = vm.dir.join("store-256k.id");
+    let lock = vm.dir.join("store.lock");
+    let script = format!(
+        "set -e; if [ ! -s '{id}' ]; then rm -rf '{st}'; '{bin}' slice '{base}' --store '{st}' --chunk-size 256KiB | tail -n1 > '{id}.tmp'; mv '{id}.tmp' '{id}'; fi",
+        id = id_file.display(),
+        st = store.display(),
+        bin = BIN,
+        base = vm.base.display()
+    );
+    sh(Command::new("flock").arg(&lock).args(["sh", "-c", &script]));
+    let id = std::fs::read_to_string(&id_file)
+        .expect("read base id")
+        .trim()
+        .to_string();
+    assert_eq!(id.len(), 64, "bad base id {id:?}");
+    (store, id)
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A per-test tag short enough for interface names.
+pub fn tag() -> String {
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("m{:x}{}", std::process::id() % 0xfffff, n)
+}
+
+/// One edge: a namespace with a WAN address, a VM bridge, a store, a state
+/// dir, and its two daemons.
+pub struct Edge {
+    pub name: String,
+    pub ns: String,
+    pub wan_ip: String,
+    pub store: PathBuf,
+    pub state: PathBuf,
+    pub agent: Option<Child>,
+    pub host: Option<Child>,
+}
+
+impl Edge {
+    pub fn chunk_addr(&self) -> String {
+        format!("{}:{CHUNK_PORT}", self.wan_ip)
+    }
+    pub fn host_addr(&self) -> String {
+        format!("{}:{HOST_PORT}", self.wan_ip)
+    }
+}
+
+/// The whole emulated cloud of one test.
+pub struct Cloud {
+    pub tag: String,
+    pub hub: String,
+    pub client_ns: String,
+    pub edges: Vec<Edge>,
+    pub dir: tempfile::TempDir,
+    pub key: PathBuf,
+    pub vm: TestVm,
+    pub base_id: String,
+}
+
+impl Cloud {
+    /// Edges `names` linked to a hub at `mbit` each way, one VM segment.
+    pub fn new(names: &[&str], mbit: u32) -> Cloud {
+        let vm = test_vm();
+        let (base_store, base_id) = base_store(&vm);
+        let tag = tag();
+        let dir = tempfile::Builder::new()
+            .prefix("edgeshift-mig")
+            .tempdir()
+            .expect("temp dir");
+        let key = dir.path().join("cluster.key");
+        std::fs::write(&key, hex::encode(rand_key())).expect("key");
+        let hub = format!("{tag}-hub");
+        let mut cloud = Cloud {
+            client_ns: format!("{tag}-cl"),
+            hub: hub.clone(),
+            edges: Vec::new(),
+            tag: tag.clone(),
+            key,
+            vm,
+            base_id,
+            dir,
+        };
+        ip(&["netns", "add", &hub]);
+        cloud.in_ns(&hub, "ip", &["link", "set", "lo", "up"]);
+        cloud.in_ns(&hub, "ip", &["link", "add", "wan", "type", "bridge"]);
+        cloud.in_ns(&hub, "ip", &["link", "set", "wan", "up"]);
+        cloud.in_ns(&hub, "ip", &["link", "add", "vmnet", "type", "bridge"]);
+        cloud.in_ns(&hub, "ip", &["link", "set", "vmnet", "up"]);
+        for (i, name) in names.iter().enumerate() {
+            let ns = format!("{tag}-{name}");
+            ip(&["netns", "add", &ns]);
+            let wan_ip = format!("198.18.0.{}", i + 1);
+            // WAN link, shaped both ways.
+            let (e, h) = (format!("{tag}w{i}"), format!("{tag}W{i}"));
+            ip(&["link", "add", &e, "type", "veth", "peer", "name", &h]);
+            ip(&["link", "set", &e, "netns", &ns]);
+            ip(&["link", "set", &h, "netns", &hub]);
+            cloud.in_ns(&ns, "ip", &["link", "set", "lo", "up"]);
+            cloud.in_ns(&ns, "ip", &["addr", "add", &format!("{wan_ip}/24"), "dev", &e]);
+            cloud.in_ns(&ns, "ip", &["link", "set", &e, "up"]);
+            cloud.in_ns(&hub, "ip", &["link", "set", &h, "master", "wan", "up"]);
+            let rate = format!("{mbit}mbit");
+            let burst = format!("{}", (mbit as u64 * 1_000_000 / 8 / 100).max(64 * 1024));
+            for (n, dev) in [(&ns, &e), (&hub, &h)] {
+                cloud.in_ns(
+                    n,
+                    "tc",
+                    &[
+                        "qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate, "burst", &burst, "latency",
+                        "50ms",
+                    ],
+                );
+            }
+            // VM segment: br0 in the edge, a leg into the hub's vmnet.
+            let (ve, vh) = (format!("{tag}v{i}"), format!("{tag}V{i}"));
+            ip(&["link", "add", &ve, "type", "veth", "peer", "name", &vh]);
+            ip(&["link", "set", &ve, "netns", &ns]);
+            ip(&["link", "set", &vh, "netns", &hub]);
+            cloud.in_ns(&ns, "ip", &["link", "add", "br0", "type", "bridge"]);
+            cloud.in_ns(&ns, "ip", &["link", "set", "br0", "up"]);
+            cloud.in_ns(&ns, "ip", &["link", "set", &ve, "master", "br0", "up"]);
+            cloud.in_ns(&hub, "ip", &["link", "set", &vh, "master", "vmnet", "up"]);
+            let store = cloud.dir.path().join(format!("store-{name}"));
+            let state = cloud.dir.path().join(format!("state-{name}"));
+            std::fs::create_dir_all(&state).expect("state dir");
+            cloud.edges.push(Edge {
+                name: name.to_string(),
+                ns,
+                wan_ip,
+                store,
+                state,
+                agent: None,
+                host: None,
+            });
+        }
+        // The client on the VM segment.
+        let cl = cloud.client_ns.clone();
+        ip(&["netns", "add", &cl]);
+        let (ce, ch) = (format!("{tag}c"), format!("{tag}C"));
+        ip(&["link", "add", &ce, "type", "veth", "peer", "name", &ch]);
+        ip(&["link", "set", &ce, "netns", &cl]);
+        ip(&["link", "set", &ch, "netns", &hub]);
+        cloud.in_ns(&cl, "ip", &["link", "set", "lo", "up"]);
+        cloud.in_ns(
+            &cl,
+            "ip",
+            &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", &ce],
+        );
+        cloud.in_ns(&cl, "ip", &["link", "set", &ce, "up"]);
+        cloud.in_ns(&hub, "ip", &["link", "set", &ch, "master", "vmnet", "up"]);
+        let _ = base_store;
+        cloud
+    }
+
+    pub fn in_ns(&self, ns: &str, prog: &str, args: &[&str]) -> String {
+        sh(Command::new("ip").args(["netns", "exec", ns, prog]).args(args))
+    }
+
+    pub fn edge(&self, name: &str) -> &Edge {
+        self.edges.iter().find(|e| e.name == name).expect("no such edge")
+    }
+
+    fn edge_mut(&mut self, name: &str) -> &mut Edge {
+        self.edges
+            .iter_mut()
+            .find(|e| e.name == name)
+            .expect("no such edge")
+    }
+
+    /// Gives `edge` a copy of the base image's chunks.
+    pub fn seed_base(&self, edge: &str) {
+        let (store, _) = base_store(&self.vm);
+        let dst = &self.edge(edge).store;
+        sh(Command::new("cp")
+            .args(["-a", "--reflink=auto"])
+            .arg(&store)
+            .arg(dst));
+    }
+
+    /// The edgeshift command run inside `edge`'s namespace.
+    pub fn cmd(&self, edge: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.edge(edge).ns, BIN]);
+        c
+    }
+
+    /// Starts `edgeshift agent` (chunk server) and `edgeshift vm host` on `edge`.
+    pub fn start_daemons(&mut self, edge: &str) {
+        let (ns, ip, store, state) = {
+            let e = self.edge(edge);
+            (e.ns.clone(), e.wan_ip.clone(), e.store.clone(), e.state.clone())
+        };
+        let log = |what: &str| {
+            std::fs::File::create(self.dir.path().join(format!("{edge}-{what}.log"))).expect("log file")
+        };
+        let agent = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                BIN,
+                "agent",
+                "--listen",
+                &format!("{ip}:{CHUNK_PORT}"),
+                "--store",
+            ])
+            .arg(&store)
+            .arg("--cluster-key-file")
+            .arg(&self.key)
+            .args(["--id", &format!("{edge}-chunks"), "--no-zstd"])
+            .stdout(Stdio::piped())
+            .stderr(log("agent"))
+            .spawn()
+            .expect("start agent");
+        let agent = wait_line(agent, "listening");
+        let host = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                BIN,
+                "vm",
+                "host",
+                "--listen",
+                &format!("{ip}:{HOST_PORT}"),
+                "--store",
+            ])
+            .arg(&store)
+            .arg("--cluster-key-file")
+            .arg(&self.key)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--id", edge])
+            .stdout(Stdio::piped())
+            .stderr(log("host"))
+            .spawn()
+            .expect("start vm host");
+        let host = wait_line(host, "listening");
+        let e = self.edge_mut(edge);
+        e.agent = Some(agent);
+        e.host = Some(host);
+    }
+
+    /// Kills `edge`'s vm host (as a crash would).
+    pub fn kill_host(&mut self, edge: &str) {
+        if let Some(mut c) = self.edge_mut(edge).host.take() {
+            kill_tree(&mut c);
+        }
+    }
+
+    pub fn kill_agent(&mut self, edge: &str) {
+        if let Some(mut c) = self.edge_mut(edge).agent.take() {
+            kill_tree(&mut c);
+        }
+    }
+
+    /// `edgeshift vm run` of the test VM on `edge`.
+    pub fn run_vm(&self, edge: &str, name: &str, image: &str) {
+        let e = self.edge(edge);
+        let append = format!("console=ttyS0 quiet es_ip={VM_IP}/24");
+        sh(self
+            .cmd(edge)
+            .args(["vm", "run", name, "--image", image, "--store"])
+            .arg(&e.store)
+            .arg("--state-dir")
+            .arg(&e.state)
+            .args([
+                "--net", "br0", "--memory", "128MiB", "--accel", "auto", "--kernel",
+            ])
+            .arg(&self.vm.kernel)
+            .arg("--initrd")
+            .arg(&self.vm.initrd)
+            .args(["--append", &append]));
+    }
+
+    /// `edgeshift vm list --json` on `edge`.
+    pub fn list(&self, edge: &str) -> Vec<serde_json::Value> {
+        let out = sh(self
+            .cmd(edge)
+            .args(["vm", "list", "--json", "--state-dir"])
+            .arg(&self.edge(edge).state));
+        serde_json::from_str(&out).expect("vm list --json parses")
+    }
+
+    /// Runs `edgeshift migrate` from `from` to `to` with extra args; returns
+    /// (success, stdout, stderr).
+    pub fn migrate(
+        &self,
+        name: &str,
+        from: &str,
+        to: &str,
+        peers: &[&str],
+        extra: &[&str],
+    ) -> (bool, String, String) {
+        let mut c = self.cmd(from);
+        c.args([
+            "migrate",
+            name,
+            "--to",
+            &self.edge(to).host_addr(),
+            "--source-addr",
+            &self.edge(from).chunk_addr(),
+        ])
+        .arg("--cluster-key-file")
+        .arg(&self.key)
+        .arg("--state-dir")
+        .arg(&self.edge(from).state)
+        .args(["--id", from, "--json"]);
+        for p in peers {
+            c.args(["--peer", &self.edge(p).chunk_addr()]);
+        }
+        c.args(extra);
+        let out = c.output().expect("run migrate");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+
+    /// One line from a TCP service of the VM, read from the client namespace.
+    pub fn ask_vm(&self, port: u16, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &self.client_ns, "timeout", "60", "socat", "-u"])
+                .arg(format!("TCP:{VM_IP}:{port},connect-timeout=2"))
+                .arg("-")
+                .output()
+                .expect("run socat");
+            let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if !text.is_empty() {
+                return Some(text);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        None
+    }
+
+    /// The VM's disk check (reads back every remembered write bypassing the cache).
+    pub fn check_disk(&self) -> String {
+        self.ask_vm(7001, Duration::from_secs(60))
+            .expect("the VM's check service answers")
+    }
+
+    /// Opens a long-lived connection to the VM's counter stream from the client.
+    pub fn counter_stream(&self) -> CounterStream {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let mut child = Command::new("ip")
+                .args(["netns", "exec", &self.client_ns, "socat", "-u"])
+                .arg(format!("TCP:{VM_IP}:7000,connect-timeout=2"))
+                .arg("-")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start socat");
+            let stdout = child.stdout.take().expect("socat stdout");
+            let values = Arc::new(Mutex::new(Vec::new()));
+            let closed = Arc::new(Mutex::new(None));
+            let (v, c) = (values.clone(), closed.clone());
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(n) = line
+                        .strip_prefix("counter ")
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                    {
+                        if let Ok(mut v) = v.lock() {
+                            v.push((start.elapsed(), n));
+                        }
+                    }
+                }
+                if let Ok(mut c) = c.lock() {
+                    *c = Some(start.elapsed());
+                }
+            });
+            std::thread::sleep(Duration::from_secs(1));
+            let got = values.lock().map(|v| !v.is_empty()).unwrap_or(false);
+            if got {
+                return CounterStream {
+                    child,
+                    values,
+                    closed,
+                };
+            }
+            kill_tree(&mut child);
+            assert!(
+                Instant::now() < deadline,
+                "the VM's counter service never answered"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// A client's open connection to the VM's counter stream.
+pub struct CounterStream {
+    child: Child,
+    values: Arc<Mutex<Vec<(Duration, u64)>>>,
+    closed: Arc<Mutex<Option<Duration>>>,
+}
+
+impl CounterStream {
+    pub fn last(&self) -> Option<u64> {
+        self.values.lock().ok().and_then(|v| v.last().map(|x| x.1))
+    }
+    pub fn is_open(&self) -> bool {
+        self.closed.lock().map(|c| c.is_none()).unwrap_or(false)
+    }
+    /// Values seen, in order.
+    pub fn values(&self) -> Vec<u64> {
+        self.values
+            .lock()
+            .map(|v| v.iter().map(|x| x.1).collect())
+            .unwrap_or_default()
+    }
+    /// Longest gap between two consecutive lines.
+    pub fn longest_gap(&self) -> Duration {
+        let v = self.values.lock().map(|v| v.clone()).unwrap_or_default();
+        v.windows(2).map(|w| w[1].0 - w[0].0).max().unwrap_or_default()
+    }
+    /// Waits until the counter exceeds `n`.
+    pub fn wait_above(&self, n: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.last().is_some_and(|l| l > n) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+}
+
+impl Drop for CounterStream {
+    fn drop(&mut self) {
+        kill_tree(&mut self.child);
+    }
+}
+
+fn rand_key() -> [u8; 32] {
+    let mut k = [0u8; 32];
+    let s = format!("{:?}{}", Instant::now(), std::process::id());
+    k.copy_from_slice(blake3::hash(s.as_bytes()).as_bytes());
+    k
+}
+
+/// Waits for a daemon's readiness line on stdout.
+fn wait_line(mut child: Child, want: &str) -> Child {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let want = want.to_string();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => {
+                    let _ = tx.send(false);
+                    return;
+                }
+                Ok(_) if line.contains(&want) => {
+                    let _ = tx.send(true);
+                    // Keep draining so the daemon never blocks on stdout.
+                    let mut sink = String::new();
+                    while r.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                        sink.clear();
+                    }
+                    return;
+                }
+                Ok(_) => {}
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(true) => child,
+        _ => {
+            kill_tree(&mut child);
+            panic!("daemon did not get ready");
+        }
+    }
+}
+
+/// Kills a process started through `ip netns exec` (which execs, so the pid
+/// is the daemon's own).
+pub fn kill_tree(c: &mut Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        // VMs first (QEMU, taps, loop devices), then daemons, then namespaces.
+        for e in &self.edges {
+            if let Ok(out) = Command::new(BIN)
+                .args(["vm", "list", "--json", "--state-dir"])
+                .arg(&e.state)
+                .output()
+            {
+                let vms: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                for v in vms {
+                    if let Some(name) = v["spec"]["name"].as_str() {
+                        let _ = Command::new("ip")
+                            .args(["netns", "exec", &e.ns, BIN, "vm", "stop", name, "--state-dir"])
+                            .arg(&e.state)
+                            .output();
+                    }
+                }
+            }
+        }
+        for e in &mut self.edges {
+            for c in [e.agent.take(), e.host.take()].into_iter().flatten() {
+                let mut c = c;
+                kill_tree(&mut c);
+            }
+        }
+        // Any QEMU still in our namespaces (e.g. a half-made destination).
+        for e in &self.edges {
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", &e.ns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).output();
+                }
+            }
+            for dir in std::fs::read_dir(&e.state).into_iter().flatten().flatten() {
+                let img = dir.path().join("disk.raw");
+                if let Ok(out) = Command::new("losetup").args(["-j"]).arg(&img).output() {
+                    for line in String::from_utf8_lossy(&out.stdout).lines() {
+                        if let Some(dev) = line.split(':').next() {
+                            let _ = Command::new("losetup").args(["-d", dev]).output();
+                        }
+                    }
+                }
+            }
+        }
+        let mut all: Vec<String> = self.edges.iter().map(|e| e.ns.clone()).collect();
+        all.push(self.hub.clone());
+        all.push(self.client_ns.clone());
+        for ns in all {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        }
+    }
+}
