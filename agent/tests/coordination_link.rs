@@ -288,7 +288,7 @@ fn hints_prefetch_through_the_fetcher_and_planned_fetch_completes() {
     // Prefetch: the hint makes the coordinator order dst to pull within its room.
     put_policy(
         &c,
-        serde_json::json!({ "high_watermark": 0.9, "low_watermark": 0.5 }),
+        serde_json::json!({ "high_watermark": 0.5, "low_watermark": 0.4 }),
     );
     let dst_store = Arc::new(LocalStore::open_or_create(dir.path().join("dst")).expect("store"));
     let mut dst = link(
@@ -302,7 +302,7 @@ fn hints_prefetch_through_the_fetcher_and_planned_fetch_completes() {
     dst.connect().expect("dst connect");
     client(&c).hint(&id, "dst").expect("hint");
     let rep = dst.step().expect("step");
-    // Room under the low watermark: 40 chunks of the 60.
+    // Room under the high watermark: 40 chunks of the 60.
     assert_eq!(rep.prefetched_chunks, 40, "{rep:?}");
     let have = m
         .chunks

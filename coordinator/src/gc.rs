@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use roaring::RoaringBitmap;
+
 use crate::ledger::{ChunkId, Edge, Ledger};
 use crate::policy::Policy;
 
@@ -56,14 +58,26 @@ pub struct GcPlan {
     pub short: bool,
 }
 
-/// Chunks `edge` should drop now, first victim first (empty under the high watermark).
-pub fn plan(ledger: &Ledger, edge: &Edge, policy: Policy, marks: Watermarks) -> GcPlan {
+/// Chunks `edge` should drop now, first victim first (empty under the high
+/// watermark). Chunks in `deferred` (those of images hinted to arrive here)
+/// go only after every other candidate, each group in policy order.
+pub fn plan(
+    ledger: &Ledger,
+    edge: &Edge,
+    policy: Policy,
+    marks: Watermarks,
+    deferred: &RoaringBitmap,
+) -> GcPlan {
     if edge.usage <= marks.high_bytes(edge.capacity) {
         return GcPlan::default();
     }
     let target = edge.usage - marks.low_bytes(edge.capacity);
     let mut out = GcPlan::default();
-    for cid in policy.eviction_order(ledger, edge) {
+    let (later, first): (Vec<ChunkId>, Vec<ChunkId>) = policy
+        .eviction_order(ledger, edge)
+        .into_iter()
+        .partition(|c| deferred.contains(*c));
+    for cid in first.into_iter().chain(later) {
         if out.bytes >= target {
             break;
         }
@@ -98,7 +112,13 @@ mod tests {
     #[test]
     fn nothing_under_high_watermark() {
         let l = edge_with(9);
-        let p = plan(&l, l.edge("a").expect("edge"), Policy::Lru, Watermarks::default());
+        let p = plan(
+            &l,
+            l.edge("a").expect("edge"),
+            Policy::Lru,
+            Watermarks::default(),
+            &RoaringBitmap::new(),
+        );
         assert_eq!(p, GcPlan::default());
     }
 
@@ -106,7 +126,13 @@ mod tests {
     fn drops_oldest_until_under_low() {
         let l = edge_with(10);
         let marks = Watermarks::new(0.9, 0.6).expect("marks");
-        let p = plan(&l, l.edge("a").expect("edge"), Policy::Lru, marks);
+        let p = plan(
+            &l,
+            l.edge("a").expect("edge"),
+            Policy::Lru,
+            marks,
+            &RoaringBitmap::new(),
+        );
         // 10 chunks, low = 6 chunks: drop the 4 oldest.
         let got: Vec<_> = p.drop.iter().map(|&c| l.interner.fp(c)).collect();
         assert_eq!(got, vec![fp(0), fp(1), fp(2), fp(3)]);
@@ -125,7 +151,7 @@ mod tests {
         l.lease(vec![(a, c3)], u64::MAX);
         let marks = Watermarks::new(0.9, 0.6).expect("marks");
         for p in [Policy::Lru, Policy::Lfu, Policy::Popularity] {
-            let g = plan(&l, l.edge("a").expect("edge"), p, marks);
+            let g = plan(&l, l.edge("a").expect("edge"), p, marks, &RoaringBitmap::new());
             let got: Vec<_> = g.drop.iter().map(|&c| l.interner.fp(c)).collect();
             for kept in [0, 1, 2, 3] {
                 assert!(!got.contains(&fp(kept)), "{p} dropped protected chunk {kept}");
@@ -135,8 +161,27 @@ mod tests {
         // Everything pinned: nothing to drop, and GC says it fell short.
         let all = l.publish(&Manifest::new(cs, 10 * 4096, (0..10).map(fp).collect()));
         l.pin("a", &all).expect("pin");
-        let g = plan(&l, l.edge("a").expect("edge"), Policy::Lru, marks);
+        let g = plan(
+            &l,
+            l.edge("a").expect("edge"),
+            Policy::Lru,
+            marks,
+            &RoaringBitmap::new(),
+        );
         assert!(g.drop.is_empty() && g.short);
+    }
+
+    #[test]
+    fn hinted_chunks_go_last() {
+        let l = edge_with(10);
+        let marks = Watermarks::new(0.9, 0.6).expect("marks");
+        let deferred: RoaringBitmap = [0u32, 1]
+            .iter()
+            .map(|&n| l.interner.get(&fp(n)).expect("id"))
+            .collect();
+        let p = plan(&l, l.edge("a").expect("edge"), Policy::Lru, marks, &deferred);
+        let got: Vec<_> = p.drop.iter().map(|&c| l.interner.fp(c)).collect();
+        assert_eq!(got, vec![fp(2), fp(3), fp(4), fp(5)]);
     }
 
     #[test]

@@ -80,8 +80,15 @@ pub fn assign(sources: &[Source], chunks: &[ChunkJob]) -> Result<Assignment, Pla
     }
     let ranked: Vec<Vec<usize>> = chunks.iter().map(|c| rank(sources, &c.holders)).collect();
     let mut order: Vec<usize> = (0..chunks.len()).collect();
-    // Stable: equal sizes keep image order.
-    order.sort_by(|&a, &b| chunks[b].bytes.cmp(&chunks[a].bytes));
+    // Largest first (LPT); among equal sizes — nearly all chunks of an image —
+    // the chunks with the fewest holders first, so the flexible ones fill in
+    // around the constrained ones. Stable: ties keep image order.
+    order.sort_by(|&a, &b| {
+        chunks[b]
+            .bytes
+            .cmp(&chunks[a].bytes)
+            .then(chunks[a].holders.len().cmp(&chunks[b].holders.len()))
+    });
     let mut load = vec![0u64; sources.len()];
     let mut source = vec![None; chunks.len()];
     for &ci in &order {
@@ -114,10 +121,11 @@ pub fn assign(sources: &[Source], chunks: &[ChunkJob]) -> Result<Assignment, Pla
 }
 
 /// A lower bound on any assignment's makespan: no chunk finishes before its
-/// fastest holder could send it alone, and all bytes cannot move faster than
-/// every useful source at once.
+/// fastest holder could send it alone; a source must send every chunk only it
+/// holds; and all bytes cannot move faster than every useful source at once.
 pub fn lower_bound(sources: &[Source], chunks: &[ChunkJob]) -> f64 {
     let mut useful = vec![false; sources.len()];
+    let mut exclusive = vec![0u64; sources.len()];
     let mut per_chunk: f64 = 0.0;
     let mut total: u64 = 0;
     for c in chunks {
@@ -125,6 +133,9 @@ pub fn lower_bound(sources: &[Source], chunks: &[ChunkJob]) -> f64 {
             continue;
         }
         total += c.bytes;
+        if let [only] = c.holders[..] {
+            exclusive[only] += c.bytes;
+        }
         let best = c
             .holders
             .iter()
@@ -146,7 +157,12 @@ pub fn lower_bound(sources: &[Source], chunks: &[ChunkJob]) -> f64 {
     } else {
         0.0
     };
-    per_chunk.max(all)
+    let sole = exclusive
+        .iter()
+        .zip(sources)
+        .map(|(&b, s)| b as f64 / s.rate)
+        .fold(0.0, f64::max);
+    per_chunk.max(all).max(sole)
 }
 
 #[cfg(test)]

@@ -486,8 +486,20 @@ impl Coordinator {
         let ix = self.ledger.edge_ix(edge)?;
         self.ledger.expire_leases(now_ms());
         let Settings { policy, watermarks } = self.settings;
+        let hinted: Vec<ManifestId> = self
+            .hints
+            .keys()
+            .filter(|(he, _)| he == edge)
+            .map(|(_, m)| *m)
+            .collect();
+        let mut deferred = RoaringBitmap::new();
+        for m in &hinted {
+            if let Some(entry) = self.ledger.catalogue.get(m) {
+                deferred.extend(entry.unique.iter().copied());
+            }
+        }
         let e = &self.ledger.edges[ix as usize];
-        let g = gc::plan(&self.ledger, e, policy, watermarks);
+        let g = gc::plan(&self.ledger, e, policy, watermarks, &deferred);
         let mut orders = Orders {
             policy: policy.to_string(),
             drop: g.drop.iter().map(|&c| self.ledger.interner.fp(c)).collect(),
@@ -498,16 +510,10 @@ impl Coordinator {
             metrics::counter!("coordinator_gc_orders_total").increment(1);
             return Ok(orders);
         }
-        // Prefetch fills the room under the low watermark, never more, so it
-        // never makes GC run.
-        let mut room = watermarks.low_bytes(e.capacity).saturating_sub(e.usage);
+        // Prefetch fills the room under the high watermark, never more, so it
+        // never makes GC run by itself; GC then drops hinted chunks last.
+        let mut room = watermarks.high_bytes(e.capacity).saturating_sub(e.usage);
         let mut lease_entries = Vec::new();
-        let hinted: Vec<ManifestId> = self
-            .hints
-            .keys()
-            .filter(|(he, _)| he == edge)
-            .map(|(_, m)| *m)
-            .collect();
         let mut taken = RoaringBitmap::new();
         for m in hinted {
             if room == 0 {

@@ -388,8 +388,8 @@ fn hints_turn_into_prefetch_orders_within_capacity() {
     let pf = &o["prefetch"][0];
     assert_eq!(pf["manifest"], m.as_str());
     let chunks = pf["chunks"].as_array().expect("chunks");
-    // Room under the low watermark: 10 chunks - 4 held = 6.
-    assert_eq!(chunks.len(), 6, "{o}");
+    // Room under the high watermark: 18 chunks - 4 held = 14.
+    assert_eq!(chunks.len(), 14, "{o}");
     assert_eq!(chunks[0]["fp"], fp(4).to_string());
     assert_eq!(chunks[0]["source"], "src");
     assert_eq!(chunks[0]["addr"], "src.test:7700");
