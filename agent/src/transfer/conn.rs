@@ -50,15 +50,15 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     }
     let (header, kind) = FrameHeader::decode(&hdr, max_len)?;
     let len = header.body_len() as usize;
-    let mut body = vec![0u8; len];
-    let mut done = 0;
-    while done < len {
-        let end = (done + READ_PIECE).min(len);
-        let n = r.read(&mut body[done..end]).await?;
+    // Read into spare capacity: no zero-fill pass over a buffer that the
+    // socket is about to overwrite anyway.
+    let mut body = Vec::with_capacity(len);
+    while body.len() < len {
+        let want = (len - body.len()).min(READ_PIECE);
+        let n = (&mut *r).take(want as u64).read_buf(&mut body).await?;
         if n == 0 {
             return Err(TransferError::Closed);
         }
-        done += n;
         if let Some(p) = progress {
             p.fetch_add(n as u64, Ordering::Relaxed);
         }

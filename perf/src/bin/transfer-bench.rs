@@ -1,0 +1,511 @@
+//! `transfer-bench`: goodput of the striped chunk fetcher over emulated WAN
+//! paths (network namespaces + veth + tbf), compared with the targets of
+//! issue 3, and against iperf3 on one unthrottled veth pair in the same run.
+//!
+//! Runs the real `edgeshift` binary (agents in peer namespaces, `edgeshift
+//! fetch` in the destination's). Build it first:
+//!   cargo build --release -p edgeshift-agent -p edgeshift-perf
+//!   sudo target/release/transfer-bench            # writes perf/reports/transfer/
+//! Options: --size 256MiB  --bin PATH  --out DIR  --iperf-seconds 5
+//! Needs root (namespaces, tc) and iperf3.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use edgeshift_perf::testbed::{LinkSpec, Testbed};
+use serde_json::{json, Value};
+
+const TAG: &str = "tbench";
+const AGENT_PORT: u16 = 7070;
+const IPERF_PORT: u16 = 5201;
+
+struct Opts {
+    size: u64,
+    bin: PathBuf,
+    out: PathBuf,
+    iperf_seconds: u32,
+}
+
+fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n.parse().with_context(|| format!("size {s:?}"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        _ => bail!("size {s:?}: use bytes, KiB, MiB or GiB"),
+    };
+    Ok(n << shift)
+}
+
+fn parse_opts() -> Result<Opts> {
+    let exe_dir = std::env::current_exe()?
+        .parent()
+        .map(Path::to_path_buf)
+        .context("executable has no directory")?;
+    let mut o = Opts {
+        size: 256 << 20,
+        bin: std::env::var_os("EDGESHIFT_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| exe_dir.join("edgeshift")),
+        out: Path::new(env!("CARGO_MANIFEST_DIR")).join("reports/transfer"),
+        iperf_seconds: 5,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--size" => o.size = parse_size(&val()?)?,
+            "--bin" => o.bin = PathBuf::from(val()?),
+            "--out" => o.out = PathBuf::from(val()?),
+            "--iperf-seconds" => o.iperf_seconds = val()?.parse()?,
+            "-h" | "--help" => {
+                println!(
+                    "transfer-bench [--size 256MiB] [--bin PATH/edgeshift] [--out DIR] [--iperf-seconds 5]\n\
+                     Goodput of `edgeshift fetch` from 1, 2, 3 peers over tbf-limited veth paths, \
+                     unequal paths, and one unthrottled pair against iperf3. Needs root and iperf3."
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    if !o.bin.is_file() {
+        bail!(
+            "no edgeshift binary at {} (cargo build --release -p edgeshift-agent, or --bin)",
+            o.bin.display()
+        );
+    }
+    Ok(o)
+}
+
+/// CPU seconds (user + system) of a reaped child.
+fn wait_rusage(child: &mut Child) -> Result<(i32, f64)> {
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own unreaped child; status and ru point to live locals.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error()).context("wait4");
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok((status, secs(ru.ru_utime) + secs(ru.ru_stime)))
+}
+
+/// An agent running in a peer namespace; stopped with SIGTERM on drop.
+struct AgentProc {
+    child: Child,
+    addr: Ipv4Addr,
+    reaped: bool,
+}
+
+impl AgentProc {
+    fn start(
+        tb: &Testbed,
+        host: &str,
+        addr: Ipv4Addr,
+        o: &Opts,
+        store: &Path,
+        key: &Path,
+        log: &Path,
+    ) -> Result<Self> {
+        let mut cmd = tb.command(host, &o.bin);
+        cmd.args([
+            "agent",
+            "--id",
+            host,
+            "--listen",
+            &format!("{addr}:{AGENT_PORT}"),
+            "--store",
+        ])
+        .arg(store)
+        .arg("--cluster-key-file")
+        .arg(key)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log)?);
+        let mut child = cmd.spawn().context("spawn agent")?;
+        let stdout = child.stdout.take().context("agent stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        if !line.starts_with("listening on") {
+            let _ = child.kill();
+            bail!("agent in {host} did not start; see {}", log.display());
+        }
+        Ok(AgentProc {
+            child,
+            addr,
+            reaped: false,
+        })
+    }
+
+    /// Stops the agent and returns its CPU seconds.
+    fn stop(mut self) -> Result<f64> {
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let (_, cpu) = wait_rusage(&mut self.child)?;
+        self.reaped = true;
+        Ok(cpu)
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One fetch into a fresh store; returns the fetch's JSON report plus its CPU seconds.
+fn fetch(tb: &Testbed, o: &Opts, id: &str, dst: &Path, key: &Path, peers: &[Ipv4Addr]) -> Result<Value> {
+    let _ = std::fs::remove_dir_all(dst);
+    let mut cmd = tb.command("dst", &o.bin);
+    cmd.args(["fetch", id, "--json", "--store"])
+        .arg(dst)
+        .arg("--cluster-key-file")
+        .arg(key);
+    for p in peers {
+        cmd.arg("--peer").arg(format!("{p}:{AGENT_PORT}"));
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = cmd.spawn().context("spawn fetch")?;
+    let mut out = String::new();
+    let mut err = String::new();
+    child.stdout.take().context("stdout")?.read_to_string(&mut out)?;
+    child.stderr.take().context("stderr")?.read_to_string(&mut err)?;
+    let (status, cpu) = wait_rusage(&mut child)?;
+    let wall = started.elapsed().as_secs_f64();
+    if status != 0 {
+        bail!("fetch failed: {err}");
+    }
+    let mut v: Value = serde_json::from_str(out.trim()).with_context(|| format!("fetch output {out:?}"))?;
+    v["cpu_seconds"] = json!(cpu);
+    v["wall_seconds"] = json!(wall);
+    Ok(v)
+}
+
+fn mbit(v: &Value) -> f64 {
+    let bytes = v["bytes_received"].as_f64().unwrap_or(0.0);
+    let secs = v["seconds"].as_f64().unwrap_or(f64::INFINITY);
+    bytes * 8.0 / secs / 1e6
+}
+
+fn write_image(path: &Path, size: u64) -> Result<()> {
+    if path.metadata().map(|m| m.len() == size).unwrap_or(false) {
+        return Ok(());
+    }
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut left = size;
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        for w in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+fn slice(o: &Opts, image: &Path, store: &Path) -> Result<String> {
+    let out = Command::new(&o.bin)
+        .args(["slice"])
+        .arg(image)
+        .arg("--store")
+        .arg(store)
+        .output()
+        .context("run edgeshift slice")?;
+    if !out.status.success() {
+        bail!("slice failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.lines().last().unwrap_or_default().trim().to_string())
+}
+
+/// iperf3 from `p1` to `dst` (reverse mode: the server sends, as a chunk
+/// server does); returns (Mbit/s, server CPU s, client CPU s, bytes).
+fn iperf(tb: &Testbed, server_addr: Ipv4Addr, seconds: u32) -> Result<(f64, f64, f64, f64)> {
+    let mut server = tb
+        .command("p1", "iperf3")
+        .args([
+            "-s",
+            "-1",
+            "-B",
+            &server_addr.to_string(),
+            "-p",
+            &IPERF_PORT.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn iperf3 server (is iperf3 installed?)")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let mut client = tb
+        .command("dst", "iperf3")
+        .args([
+            "-c",
+            &server_addr.to_string(),
+            "-p",
+            &IPERF_PORT.to_string(),
+            "-R",
+            "-J",
+            "-t",
+        ])
+        .arg(seconds.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn iperf3 client")?;
+    let mut out = String::new();
+    client.stdout.take().context("stdout")?.read_to_string(&mut out)?;
+    let (_, client_cpu) = wait_rusage(&mut client)?;
+    let (_, server_cpu) = wait_rusage(&mut server)?;
+    let v: Value = serde_json::from_str(&out).context("iperf3 -J output")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 output lacks end.sum_received")?;
+    let bytes = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    Ok((bps / 1e6, server_cpu, client_cpu, bytes))
+}
+
+fn main() -> Result<()> {
+    let o = parse_opts()?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("transfer-bench needs root (network namespaces, tc)");
+    }
+    let work = o
+        .bin
+        .parent()
+        .map(|p| p.join("transfer-bench-data"))
+        .context("binary has no directory")?;
+    std::fs::create_dir_all(&work)?;
+    let image = work.join(format!("image-{}.raw", o.size));
+    eprintln!(
+        "preparing a {} MiB random image in {}",
+        o.size >> 20,
+        work.display()
+    );
+    write_image(&image, o.size)?;
+    let src = work.join("src");
+    let id = slice(&o, &image, &src)?;
+    let key = work.join("key");
+    std::fs::write(&key, "6a".repeat(32))?;
+    let dst_disk = work.join("dst");
+    let dst_tmpfs = PathBuf::from(format!(
+        "/dev/shm/edgeshift-transfer-bench-{}",
+        std::process::id()
+    ));
+
+    let _ = edgeshift_perf::testbed::cleanup_stale(TAG);
+    let mut tb = Testbed::new(TAG)?;
+    tb.add_host("dst")?;
+    let mut addrs = Vec::new();
+    for p in ["p1", "p2", "p3"] {
+        tb.add_host(p)?;
+        let (_, a) = tb.link("dst", p, LinkSpec::mbit(100))?;
+        addrs.push(a);
+    }
+    let mut agents = Vec::new();
+    for (i, p) in ["p1", "p2", "p3"].iter().enumerate() {
+        agents.push(AgentProc::start(
+            &tb,
+            p,
+            addrs[i],
+            &o,
+            &src,
+            &key,
+            &work.join(format!("agent-{p}.log")),
+        )?);
+    }
+    let peers: Vec<Ipv4Addr> = agents.iter().map(|a| a.addr).collect();
+
+    let mut results = json!({
+        "image_bytes": o.size,
+        "manifest": id,
+        "chunk_size": "256KiB (default)",
+        "tbf": "testbed default: burst = 10 ms of rate (>= 32 KiB), latency 100 ms, on both veth ends",
+    });
+
+    // k = 1, 2, 3 peers, each path 100 Mbit/s.
+    let mut equal = Vec::new();
+    for k in 1..=3usize {
+        eprintln!("equal paths: {k} peer(s) at 100 Mbit/s");
+        let v = fetch(&tb, &o, &id, &dst_disk, &key, &peers[..k])?;
+        let g = mbit(&v);
+        let target = 0.9 * k as f64 * 100.0;
+        equal.push(json!({
+            "peers": k, "goodput_mbit_per_s": g, "target_mbit_per_s": target,
+            "meets_target": g >= target, "fetch": v,
+        }));
+    }
+    results["equal_paths_100mbit"] = json!(equal);
+
+    // Unequal paths 100 / 50 / 20 Mbit/s.
+    let rates = [100u32, 50, 20];
+    for (p, r) in ["p1", "p2", "p3"].iter().zip(rates) {
+        tb.set_rate("dst", p, LinkSpec::mbit(r))?;
+    }
+    eprintln!("unequal paths: 100/50/20 Mbit/s");
+    let v = fetch(&tb, &o, &id, &dst_disk, &key, &peers)?;
+    let bytes = v["bytes_received"].as_f64().unwrap_or(0.0);
+    let ideal = bytes * 8.0 / (rates.iter().sum::<u32>() as f64 * 1e6);
+    let took = v["seconds"].as_f64().unwrap_or(f64::INFINITY);
+    results["unequal_paths_100_50_20"] = json!({
+        "seconds": took, "ideal_seconds": ideal, "ratio_to_ideal": took / ideal,
+        "target_ratio": 1.1, "meets_target": took / ideal <= 1.1, "fetch": v,
+    });
+
+    // One unthrottled pair: iperf3 vs chunk goodput, CPU per GiB on each side.
+    tb.set_rate("dst", "p1", LinkSpec::default())?;
+    eprintln!("unthrottled pair: iperf3 for {} s", o.iperf_seconds);
+    let (iperf_mbit, iperf_srv_cpu, iperf_cli_cpu, iperf_bytes) = iperf(&tb, peers[0], o.iperf_seconds)?;
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    let mut unthrottled = Vec::new();
+    for (label, dst) in [("disk", &dst_disk), ("tmpfs", &dst_tmpfs)] {
+        // A fresh agent so its CPU time covers this fetch only.
+        let a = agents.remove(0);
+        a.stop()?;
+        agents.insert(
+            0,
+            AgentProc::start(
+                &tb,
+                "p1",
+                peers[0],
+                &o,
+                &src,
+                &key,
+                &work.join("agent-p1-unthrottled.log"),
+            )?,
+        );
+        eprintln!("unthrottled pair: chunk fetch into {label}");
+        let v = fetch(&tb, &o, &id, dst, &key, &peers[..1])?;
+        let a = agents.remove(0);
+        let server_cpu = a.stop()?;
+        agents.insert(
+            0,
+            AgentProc::start(
+                &tb,
+                "p1",
+                peers[0],
+                &o,
+                &src,
+                &key,
+                &work.join("agent-p1-after.log"),
+            )?,
+        );
+        let b = v["bytes_received"].as_f64().unwrap_or(0.0);
+        let g = mbit(&v);
+        unthrottled.push(json!({
+            "destination_store": label,
+            "goodput_mbit_per_s": g,
+            "ratio_to_iperf3": g / iperf_mbit,
+            "target_ratio": 0.5,
+            "meets_target": g / iperf_mbit >= 0.5,
+            "server_cpu_s_per_gib": server_cpu / gib(b),
+            "client_cpu_s_per_gib": v["cpu_seconds"].as_f64().unwrap_or(0.0) / gib(b),
+            "fetch": v,
+        }));
+        let _ = std::fs::remove_dir_all(dst);
+    }
+    results["unthrottled_pair"] = json!({
+        "iperf3_mbit_per_s": iperf_mbit,
+        "iperf3_server_cpu_s_per_gib": iperf_srv_cpu / gib(iperf_bytes),
+        "iperf3_client_cpu_s_per_gib": iperf_cli_cpu / gib(iperf_bytes),
+        "chunk_fetch": unthrottled,
+    });
+    drop(agents);
+    tb.teardown()?;
+    let _ = std::fs::remove_dir_all(&dst_disk);
+
+    std::fs::create_dir_all(&o.out)?;
+    std::fs::write(
+        o.out.join("transfer-bench.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    std::fs::write(o.out.join("transfer-bench.md"), markdown(&results))?;
+    println!("{}", markdown(&results));
+    eprintln!("wrote {}/transfer-bench.{{json,md}}", o.out.display());
+    Ok(())
+}
+
+fn markdown(r: &Value) -> String {
+    let mut s = String::new();
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let ok = |v: &Value| {
+        if v.as_bool() == Some(true) {
+            "yes"
+        } else {
+            "**no**"
+        }
+    };
+    s.push_str("# Transfer benchmark (`transfer-bench`)\n\n");
+    s.push_str(&format!(
+        "Image: {} MiB of random bytes, 256 KiB chunks; agents and fetch are the release `edgeshift` binary in network namespaces joined by veth pairs; tbf on both ends of each path ({}).\n\n",
+        r["image_bytes"].as_u64().unwrap_or(0) >> 20,
+        r["tbf"].as_str().unwrap_or("")
+    ));
+    s.push_str("## Equal paths, 100 Mbit/s each\n\n| peers | goodput Mbit/s | target | met |\n| --- | --- | --- | --- |\n");
+    for e in r["equal_paths_100mbit"].as_array().into_iter().flatten() {
+        s.push_str(&format!(
+            "| {} | {:.1} | ≥ {:.0} | {} |\n",
+            e["peers"],
+            f(&e["goodput_mbit_per_s"]),
+            f(&e["target_mbit_per_s"]),
+            ok(&e["meets_target"])
+        ));
+    }
+    let u = &r["unequal_paths_100_50_20"];
+    s.push_str(&format!(
+        "\n## Unequal paths 100 / 50 / 20 Mbit/s\n\nfinish {:.2} s, ideal (bytes ÷ 170 Mbit/s) {:.2} s, ratio {:.3} (target ≤ 1.1): {}\n\nper peer: ",
+        f(&u["seconds"]),
+        f(&u["ideal_seconds"]),
+        f(&u["ratio_to_ideal"]),
+        ok(&u["meets_target"])
+    ));
+    for p in u["fetch"]["peers"].as_array().into_iter().flatten() {
+        s.push_str(&format!(
+            "{} {} chunks {:.1} Mbit/s; ",
+            p["id"].as_str().unwrap_or("?"),
+            p["chunks"],
+            f(&p["mbit_per_s"])
+        ));
+    }
+    let t = &r["unthrottled_pair"];
+    s.push_str(&format!(
+        "\n\n## One unthrottled veth pair\n\niperf3 (reverse, one stream): {:.0} Mbit/s; CPU s/GiB sender {:.3}, receiver {:.3}\n\n| destination store | chunk goodput Mbit/s | ÷ iperf3 | target ≥ 0.5 | server CPU s/GiB | fetch CPU s/GiB |\n| --- | --- | --- | --- | --- | --- |\n",
+        f(&t["iperf3_mbit_per_s"]),
+        f(&t["iperf3_server_cpu_s_per_gib"]),
+        f(&t["iperf3_client_cpu_s_per_gib"])
+    ));
+    for c in t["chunk_fetch"].as_array().into_iter().flatten() {
+        s.push_str(&format!(
+            "| {} | {:.0} | {:.2} | {} | {:.3} | {:.3} |\n",
+            c["destination_store"].as_str().unwrap_or("?"),
+            f(&c["goodput_mbit_per_s"]),
+            f(&c["ratio_to_iperf3"]),
+            ok(&c["meets_target"]),
+            f(&c["server_cpu_s_per_gib"]),
+            f(&c["client_cpu_s_per_gib"])
+        ));
+    }
+    s.push_str("\n`disk`: the destination store on the machine's disk (chunks made durable with fsync); `tmpfs`: on /dev/shm, the network path alone.\n");
+    s
+}
