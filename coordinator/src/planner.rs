@@ -96,6 +96,11 @@ pub fn assign(sources: &[Source], chunks: &[ChunkJob]) -> Result<Assignment, Pla
         let mut best: Option<(f64, usize)> = None;
         // Ranked order makes ties go to the faster path, then the name.
         for &h in &ranked[ci] {
+            // Holders come fastest first: once this one could not beat the
+            // best even idle, no slower one can.
+            if best.is_some_and(|(f, _)| bytes as f64 / sources[h].rate >= f) {
+                break;
+            }
             let finish = (load[h] + bytes) as f64 / sources[h].rate;
             if best.is_none_or(|(f, _)| finish < f) {
                 best = Some((finish, h));

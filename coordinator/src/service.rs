@@ -363,15 +363,20 @@ impl Coordinator {
                 held.push(both);
             }
         }
-        // Source numbering by name, so plans do not depend on registration order.
+        // Sources numbered best path first (rate, then name): plans do not
+        // depend on registration order, and each chunk's holder list below
+        // comes out already ranked.
+        let all: Vec<Source> = src_ix.iter().map(|&ix| self.source_for(ix, dest)).collect();
         let mut order: Vec<usize> = (0..src_ix.len()).collect();
         order.sort_by(|&a, &b| {
-            self.ledger.edges[src_ix[a] as usize]
-                .id
-                .cmp(&self.ledger.edges[src_ix[b] as usize].id)
+            all[b]
+                .rate
+                .total_cmp(&all[a].rate)
+                .then_with(|| all[a].name.cmp(&all[b].name))
         });
         let src_ix: Vec<EdgeIx> = order.iter().map(|&i| src_ix[i]).collect();
         let held: Vec<&RoaringBitmap> = order.iter().map(|&i| &held[i]).collect();
+        let sources: Vec<Source> = order.iter().map(|&i| all[i].clone()).collect();
         let mut jobs: Vec<ChunkJob> = chunks
             .iter()
             .map(|&(_, bytes)| ChunkJob {
@@ -386,7 +391,6 @@ impl Coordinator {
                 }
             }
         }
-        let sources: Vec<Source> = src_ix.iter().map(|&ix| self.source_for(ix, dest)).collect();
         let a = planner::assign(&sources, &jobs)?;
         Ok((src_ix, sources, a))
     }
