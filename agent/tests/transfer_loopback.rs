@@ -189,6 +189,8 @@ fn bad_key_files_are_explained() {
 /// How a test peer misbehaves.
 #[derive(Clone, Copy, PartialEq)]
 enum Lie {
+    /// Authenticates, then never answers a chunk request (a stalled path).
+    Stall,
     /// Flips a byte of the first chunk it is asked for; honest otherwise.
     FirstChunkBytes,
     /// Answers manifest requests with bytes that do not hash to the id.
@@ -247,6 +249,9 @@ async fn liar_session(
                     sock.write_all(&wire::encode(FrameKind::Missing, 0, rid, &[id.as_bytes()]))
                         .await?;
                 }
+            }
+            FrameKind::ChunkRequest if lie == Lie::Stall => {
+                // Keep the connection open and say nothing.
             }
             FrameKind::ChunkRequest => {
                 let (_, fps) = wire::decode_chunk_request(&f.body)?;
@@ -489,4 +494,46 @@ async fn library_fetcher_respects_per_chunk_sources_and_priority() {
         other => panic!("expected ChunksUnavailable, got {other:?}"),
     }
     drop((a, b));
+}
+
+#[test]
+fn a_stalled_peer_costs_only_its_in_flight_chunks() {
+    let src = source(120, 8);
+    let key = ClusterKey::from_file(&src.key).expect("key");
+    let staller = spawn_liar(&src.store, key, Lie::Stall);
+    let honest = Agent::local(&src.store, &src.key, false, &src.dir.path().join("agent.log"));
+    // With an honest peer: the staller's requested chunks are taken over
+    // (tail stealing, or the 3 s stall timeout), and the fetch completes.
+    let dst = src.dir.path().join("dst");
+    let r = report(&fetch(&src.id, &dst, &src.key, &[staller, honest.addr]));
+    let peers = peers_json(&r);
+    let s = peers
+        .iter()
+        .find(|p| p["addr"] == staller.to_string())
+        .expect("staller in report");
+    assert_eq!(s["chunks"].as_u64(), Some(0), "{r}");
+    assert_eq!(r["chunks_fetched"].as_u64(), Some(chunk_files(&src.store) as u64));
+    assert_restores(&src.id, &dst, &src.image);
+
+    // The staller alone: dropped after the stall timeout (fetch() passes
+    // --stall-timeout 3), and the fetch fails naming it, instead of hanging.
+    let dst2 = src.dir.path().join("dst2");
+    let src_store = LocalStore::open(&src.store).expect("src");
+    let m = src_store
+        .get_manifest(&src.id.parse().expect("id"))
+        .expect("manifest");
+    LocalStore::open_or_create(&dst2)
+        .expect("dst2")
+        .put_manifest(&m)
+        .expect("put manifest");
+    let started = std::time::Instant::now();
+    let out = fetch(&src.id, &dst2, &src.key, &[staller]);
+    let took = started.elapsed();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stalled"), "the error names the stall: {err}");
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(20),
+        "took {took:?}"
+    );
 }

@@ -40,7 +40,7 @@ pub struct Args {
     json: bool,
     /// This node's id announced to peers (default: the host name).
     #[arg(long)]
-    id_name: Option<String>,
+    node_id: Option<String>,
     /// Drop a peer that sends nothing for this many seconds while chunks are outstanding.
     #[arg(long, default_value_t = 10.0)]
     stall_timeout: f64,
@@ -80,7 +80,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         zstd: !args.no_zstd,
         ..FetchOptions::default()
     };
-    if let Some(id) = args.id_name {
+    if let Some(id) = args.node_id {
         opts.id = id;
     }
     let coordinated = match &args.coordinator {
