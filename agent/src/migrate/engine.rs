@@ -16,7 +16,7 @@
 //! resumes the source VM if it was paused, and tells the destination to tear
 //! its half down.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use serde::Serialize;
 use super::proto::{self, PullStats, Request, Response};
 use super::temperature::{Ordering, Temperature};
 use super::MigrateError;
+use crate::dirty::{open_tracker, DeviceId, DirtyTracker, TrackerChoice, DEFAULT_CAPACITY};
 use crate::store::{ChunkStore, LocalStore};
 use crate::vm::{self, Qemu, QmpClient, StateDir};
 
@@ -194,6 +195,112 @@ impl Run {
     }
 }
 
+/// The dirty tracker (eBPF on block_bio_queue, or its ftrace fallback)
+/// watching the VM's loop device: in the pause it names the chunks written
+/// since the last slices, so only those are read again instead of the whole
+/// disk. Counts mark when a write was queued, not when it completed, so the
+/// pause re-reads what was written since the mark taken before the
+/// *previous* slice: a write in flight across one slice is still covered.
+struct WriteLog {
+    tracker: Box<dyn DirtyTracker>,
+    dev: DeviceId,
+    /// Cumulative writes per chunk at the last two marks (older first).
+    marks: [HashMap<u64, u64>; 2],
+    lost: u64,
+}
+
+impl WriteLog {
+    fn open(dev_path: &std::path::Path, chunk_size: u64) -> Option<Self> {
+        let attempt = || -> Result<Self, crate::dirty::DirtyError> {
+            let dev = DeviceId::of_path(dev_path)?;
+            let mut tracker = open_tracker(TrackerChoice::Auto, chunk_size, DEFAULT_CAPACITY)?;
+            tracker.watch(dev)?;
+            Ok(WriteLog {
+                tracker,
+                dev,
+                marks: [HashMap::new(), HashMap::new()],
+                lost: 0,
+            })
+        };
+        match attempt() {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "no dirty tracker: the pause re-reads the whole disk");
+                None
+            }
+        }
+    }
+
+    fn counts(&mut self) -> Option<HashMap<u64, u64>> {
+        let c = self.tracker.read_counts().ok()?;
+        self.lost = c.dropped + c.truncated;
+        Some(
+            c.chunks
+                .iter()
+                .filter(|ch| ch.dev == self.dev)
+                .map(|ch| (ch.index, ch.writes))
+                .collect(),
+        )
+    }
+
+    /// Takes a mark; call right before slicing the disk.
+    fn mark(&mut self) {
+        if let Some(now) = self.counts() {
+            let [older, newer] = &mut self.marks;
+            *older = std::mem::replace(newer, now);
+        }
+    }
+
+    /// Chunks written since the older mark, or `None` when the tracker lost
+    /// events (then nothing can be trusted but a full slice).
+    fn written(&mut self) -> Option<Vec<u32>> {
+        let now = self.counts()?;
+        if self.lost > 0 {
+            tracing::warn!(
+                lost = self.lost,
+                "dirty tracker lost events: full slice in the pause"
+            );
+            return None;
+        }
+        let base = &self.marks[0];
+        let mut out: Vec<u32> = now
+            .iter()
+            .filter(|(i, w)| base.get(i).copied().unwrap_or(0) < **w)
+            .filter_map(|(i, _)| u32::try_from(*i).ok())
+            .collect();
+        out.sort_unstable();
+        Some(out)
+    }
+}
+
+/// `cur` with the chunks at `indices` read again from the device.
+fn reslice_some(
+    dev: &std::path::Path,
+    cur: &Manifest,
+    indices: &[u32],
+    store: &LocalStore,
+) -> Result<Manifest, MigrateError> {
+    let f = std::fs::File::open(dev).map_err(|source| MigrateError::Io {
+        op: "open",
+        path: dev.to_path_buf(),
+        source,
+    })?;
+    let mut next = cur.clone();
+    for &i in indices {
+        let i = i as usize;
+        if i >= next.chunks.len() {
+            continue;
+        }
+        let data = vm::image::read_chunk(&f, dev, cur.chunk_size, cur.image_size, i)?;
+        let fp = vm::image::fingerprint_chunk(&data);
+        if !fp.is_zero_chunk() && !store.has_chunk(&fp)? {
+            store.put_chunk(&fp, &data)?;
+        }
+        next.chunks[i] = fp;
+    }
+    Ok(next)
+}
+
 fn injected(opts: &MigrateOptions, phase: Phase) -> Result<(), MigrateError> {
     if opts.fail_after == Some(phase) {
         return Err(MigrateError::State(format!(
@@ -268,6 +375,9 @@ pub fn migrate(
     );
     match result {
         Ok((downtime_ms, memory_bytes, pause_disk_seconds, final_id, missing)) => {
+            // The handoff is done when the destination runs the VM; the
+            // source's clean-up below is not part of it.
+            let total_seconds = t0.elapsed().as_secs_f64();
             // The VM runs at the destination: stop the source's copy.
             if let Err(e) = vm::teardown(&Qemu::default(), &rec) {
                 tracing::warn!(error = %e, "source QEMU teardown incomplete");
@@ -281,7 +391,7 @@ pub fn migrate(
                 vm: rec.spec.name.clone(),
                 to: run.opts.to.clone(),
                 ordering: run.opts.ordering,
-                total_seconds: t0.elapsed().as_secs_f64(),
+                total_seconds,
                 downtime_ms,
                 pause_disk_seconds,
                 phases,
@@ -375,10 +485,17 @@ fn drive(
     // 1. Plan.
     let t = Instant::now();
     progress(Phase::Plan, "slicing the live disk");
+    let mut writes = WriteLog::open(&dev, cs.bytes());
+    if let Some(w) = writes.as_mut() {
+        w.mark();
+    }
     let mut cur = vm::image::slice(&dev, cs, Some(store))?;
     temp.observe(boot, &cur);
     if ordering == Ordering::ColdFirst && !run.opts.sample_interval.is_zero() {
         std::thread::sleep(run.opts.sample_interval);
+        if let Some(w) = writes.as_mut() {
+            w.mark();
+        }
         let next = vm::image::slice(&dev, cs, Some(store))?;
         temp.observe(&cur, &next);
         cur = next;
@@ -424,6 +541,9 @@ fn drive(
     run.round(&cur, temp.order(all, ordering, true))?;
     let mut last_len = usize::MAX;
     for r in 1..=run.opts.max_rounds {
+        if let Some(w) = writes.as_mut() {
+            w.mark();
+        }
         let next = vm::image::slice(&dev, cs, Some(store))?;
         temp.observe(&cur, &next);
         cur = next;
@@ -507,7 +627,16 @@ fn drive(
         )));
     }
     sync_device(&dev)?;
-    let fin = vm::image::slice(&dev, cs, Some(store))?;
+    let fin = match writes.as_mut().and_then(|w| w.written()) {
+        Some(written) => {
+            tracing::info!(
+                chunks = written.len(),
+                "pause: re-reading the chunks the dirty tracker saw written"
+            );
+            reslice_some(&dev, &cur, &written, store)?
+        }
+        None => vm::image::slice(&dev, cs, Some(store))?,
+    };
     temp.observe(&cur, &fin);
     let last = run.stale(&fin);
     let last_n = last.len();

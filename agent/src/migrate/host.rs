@@ -76,12 +76,42 @@ impl Host {
     pub fn new(cfg: HostConfig) -> Result<Self, MigrateError> {
         let store = Arc::new(LocalStore::open_or_create(&cfg.store)?);
         let state = StateDir::new(&cfg.state_dir);
-        Ok(Host {
+        let host = Host {
             cfg,
             store,
             state,
             receiving: Mutex::new(HashSet::new()),
-        })
+        };
+        host.remove_stale_incoming();
+        Ok(host)
+    }
+
+    /// A host that died while receiving a VM leaves a VM directory without a
+    /// record: its QEMU never switched over (the record is written at the
+    /// switchover), so that half is torn down here.
+    fn remove_stale_incoming(&self) {
+        let Ok(entries) = std::fs::read_dir(self.state.root()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let dir = e.path();
+            if !dir.is_dir() || dir.join("vm.json").exists() || !dir.join("disk.raw").exists() {
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().to_string();
+            tracing::warn!(vm = %name, "removing the half of an incoming VM left by a crash");
+            if let Some(pid) = std::fs::read_to_string(dir.join("qemu.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok())
+            {
+                let _ = self.cfg.qemu.kill(pid, &dir.join("qmp.sock"));
+            }
+            vm::qemu::remove_tap(&name);
+            vm::loopdev::detach_backing(&dir.join("disk.raw"));
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "stale incoming VM not removed");
+            }
+        }
     }
 
     /// Accepts connections forever, one thread each.

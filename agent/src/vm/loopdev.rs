@@ -50,3 +50,17 @@ impl Drop for LoopDevice {
 pub fn detach(dev: &Path) -> Result<(), VmError> {
     run_tool("losetup", &["-d", &dev.to_string_lossy()]).map(|_| ())
 }
+
+/// Detaches every loop device backed by `image` (best effort: for clean-up).
+pub fn detach_backing(image: &Path) {
+    let Ok(list) = run_tool("losetup", &["-j", &image.to_string_lossy()]) else {
+        return;
+    };
+    for line in list.lines() {
+        if let Some(dev) = line.split(':').next() {
+            if let Err(e) = detach(Path::new(dev)) {
+                tracing::warn!(device = dev, error = %e, "loop device not detached");
+            }
+        }
+    }
+}

@@ -257,8 +257,18 @@ pub fn remove_tap(vm: &str) {
     let _ = run_tool("ip", &["link", "del", &tap_name(vm)]);
 }
 
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+/// True while `pid` runs. A zombie counts as gone: a daemonized QEMU is
+/// re-parented to whatever PID 1 is, which may never reap it.
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next());
+            !matches!(state, Some('Z') | Some('X') | None)
+        }
+        Err(_) => false,
+    }
 }
 
 impl Hypervisor for Qemu {

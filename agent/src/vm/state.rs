@@ -143,7 +143,7 @@ impl StateDir {
 
 /// True if the VM's QEMU process is alive.
 pub fn is_running(rec: &VmRecord) -> bool {
-    Path::new(&format!("/proc/{}", rec.pid)).exists()
+    super::qemu::pid_alive(rec.pid)
 }
 
 #[cfg(test)]

@@ -1,0 +1,230 @@
+//! Failures before the switchover, injected at every phase and by killing
+//! the real processes: each time the VM keeps running at the source with its
+//! client connected and its disk intact, and the destination keeps nothing.
+
+mod migrate_support;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use migrate_support::{kill_tree, require_capabilities, sh, Cloud, CounterStream, BIN, HOST_PORT};
+
+/// The VM runs at a, b has no trace of it, the guest still counts.
+fn assert_still_at_source(cloud: &Cloud, stream: &CounterStream, what: &str) {
+    let at_a = cloud.list("a");
+    assert_eq!(at_a.len(), 1, "{what}: the VM is still at the source");
+    assert_eq!(at_a[0]["state"], "running", "{what}: and running");
+    assert!(
+        cloud.list("b").is_empty(),
+        "{what}: the destination has no VM record"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&cloud.edge("b").state)
+        .expect("state dir")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "{what}: the destination half was torn down, found {leftovers:?}"
+    );
+    let last = stream.last().expect("counter values");
+    assert!(
+        stream.wait_above(last + 5, Duration::from_secs(30)),
+        "{what}: the guest keeps counting"
+    );
+    assert!(stream.is_open(), "{what}: the client's connection is still open");
+}
+
+fn wait_for(path: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if path.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn failures_before_the_switchover_leave_the_vm_at_the_source() {
+    if require_capabilities().is_some() {
+        return;
+    }
+    let mut cloud = Cloud::new(&["a", "b", "c"], 400);
+    cloud.seed_base("a");
+    cloud.seed_base("c");
+    for e in ["a", "b", "c"] {
+        cloud.start_daemons(e);
+    }
+    let base = cloud.base_id.clone();
+    cloud.run_vm("a", "vm1", &base);
+    let stream = cloud.counter_stream();
+
+    // 1. A failure injected after each phase.
+    for phase in ["plan", "precopy", "incoming", "memory", "pause"] {
+        let (ok, _, err) = cloud.migrate("vm1", "a", "b", &["c"], &["--fail-after", phase]);
+        assert!(!ok, "an injected failure after {phase} must fail the migration");
+        assert!(
+            err.contains("keeps running here"),
+            "the error says what happened: {err}"
+        );
+        // The destination tears down when told to abort; give it a moment.
+        std::thread::sleep(Duration::from_millis(500));
+        assert_still_at_source(&cloud, &stream, &format!("failure after {phase}"));
+    }
+
+    // 2. The destination's QEMU killed while memory moves.
+    let qemu_pid = cloud.edge("b").state.join("vm1/qemu.pid");
+    let mut mig = cloud.cmd("a");
+    mig.args([
+        "migrate",
+        "vm1",
+        "--to",
+        &cloud.edge("b").host_addr(),
+        "--source-addr",
+        &cloud.edge("a").chunk_addr(),
+    ])
+    .arg("--cluster-key-file")
+    .arg(&cloud.key)
+    .arg("--state-dir")
+    .arg(&cloud.edge("a").state)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let child = mig.spawn().expect("start migrate");
+    assert!(
+        wait_for(&qemu_pid, Duration::from_secs(120)),
+        "the destination QEMU started"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = std::fs::read_to_string(&qemu_pid)
+        .expect("pid")
+        .trim()
+        .to_string();
+    sh(std::process::Command::new("kill").args(["-9", &pid]));
+    let out = child.wait_with_output().expect("migrate ends");
+    assert!(
+        !out.status.success(),
+        "killing the destination QEMU fails the migration"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_still_at_source(&cloud, &stream, "destination QEMU killed");
+
+    // 3. The destination's host daemon killed mid-migration, then restarted:
+    //    the restart removes the half it left.
+    let incoming_dir = cloud.edge("b").state.join("vm1");
+    let mut mig = cloud.cmd("a");
+    mig.args([
+        "migrate",
+        "vm1",
+        "--to",
+        &cloud.edge("b").host_addr(),
+        "--source-addr",
+        &cloud.edge("a").chunk_addr(),
+    ])
+    .arg("--cluster-key-file")
+    .arg(&cloud.key)
+    .arg("--state-dir")
+    .arg(&cloud.edge("a").state)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let child = mig.spawn().expect("start migrate");
+    assert!(
+        wait_for(&incoming_dir, Duration::from_secs(60)),
+        "the destination prepared"
+    );
+    cloud.kill_host("b");
+    let out = child.wait_with_output().expect("migrate ends");
+    assert!(
+        !out.status.success(),
+        "killing the destination agent fails the migration"
+    );
+    cloud.kill_agent("b");
+    cloud.start_daemons("b");
+    assert_still_at_source(&cloud, &stream, "destination agent killed");
+
+    // 4. The source's chunk server gone: chunks only it holds cannot move.
+    cloud.kill_agent("a");
+    let (ok, _, err) = cloud.migrate("vm1", "a", "b", &["c"], &[]);
+    assert!(!ok, "without the source's chunk server the migration fails");
+    assert!(err.contains("chunk"), "the error names the missing chunks: {err}");
+    assert_still_at_source(&cloud, &stream, "source chunk server gone");
+    cloud.kill_host("a");
+    cloud.start_daemons("a");
+
+    // 5. A full disk at the destination: a host whose state dir is a small tmpfs.
+    let small = cloud.dir.path().join("small");
+    std::fs::create_dir_all(&small).expect("dir");
+    sh(std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(&small));
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0)
+                .output();
+        }
+    }
+    let _unmount = Unmount(&small);
+    let port = HOST_PORT + 1;
+    let b = cloud.edge("b");
+    let mut full = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &b.ns,
+            BIN,
+            "vm",
+            "host",
+            "--listen",
+            &format!("{}:{port}", b.wan_ip),
+            "--store",
+        ])
+        .arg(&b.store)
+        .arg("--cluster-key-file")
+        .arg(&cloud.key)
+        .arg("--state-dir")
+        .arg(&small)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start small host");
+    std::thread::sleep(Duration::from_secs(1));
+    let mut mig = cloud.cmd("a");
+    mig.args([
+        "migrate",
+        "vm1",
+        "--to",
+        &format!("{}:{port}", b.wan_ip),
+        "--source-addr",
+        &cloud.edge("a").chunk_addr(),
+    ])
+    .arg("--cluster-key-file")
+    .arg(&cloud.key)
+    .arg("--state-dir")
+    .arg(&cloud.edge("a").state);
+    let out = mig.output().expect("run migrate");
+    kill_tree(&mut full);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a full destination disk fails the migration"
+    );
+    assert!(
+        err.contains("No space left") || err.contains("space"),
+        "the error says the disk is full: {err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&small).expect("small dir").flatten().collect();
+    assert!(left.is_empty(), "the full destination removed its half");
+    assert_still_at_source(&cloud, &stream, "full destination disk");
+
+    // After all that the guest's disk holds every write it made.
+    let check = cloud.check_disk();
+    assert!(
+        check.starts_with("check ok"),
+        "disk at the source after the failures: {check}"
+    );
+}

@@ -1,0 +1,604 @@
+//! `migrate-bench`: one VM, one workload, the same 100 Mbit/s tbf links, in
+//! one run: QEMU's own shared-nothing migration (blockdev-mirror to an NBD
+//! export on the destination, then `migrate`, as `virsh migrate
+//! --copy-storage-all` does) against edgeshift with
+//!   (a) a cold destination, the VM's base image at two neighbours,
+//!   (b) a warm destination (the base held there),
+//!   (c) a warm destination and an earlier copy of this VM's disk at two
+//!       neighbours,
+//! plus the effect of temperature ordering: (b) with cold-first against
+//! plain index order, bytes re-sent and rounds.
+//!
+//! Each scenario gets a fresh testbed: hosts `src`, `dst`, `n1`, `n2`, links
+//! src–dst, n1–dst, n2–dst at `--mbit`, and an L2 segment for the VM's NIC.
+//! Writes JSON and markdown under `--out` (perf/reports/migrate/).
+//! Needs root, QEMU and the test VM (perf/images/build-test-vm.sh).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use edgeshift_agent::vm::{Accel, AccelChoice, LaunchConfig, NetSpec, Qemu, QmpClient, StateDir, VmSpec};
+use edgeshift_perf::testbed::{LinkSpec, Testbed};
+use serde::Serialize;
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(
+    about = "Live migration: QEMU's NBD mirror + migrate against edgeshift (cold, warm, warm + neighbours)"
+)]
+struct Args {
+    /// Rate of every WAN link, Mbit/s each way.
+    #[arg(long, default_value_t = 100)]
+    mbit: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory_mib: u64,
+    /// Seconds the VM runs its workload before a migration starts.
+    #[arg(long, default_value_t = 20)]
+    warmup_secs: u64,
+    /// Where the JSON and markdown reports go.
+    #[arg(long, default_value = "perf/reports/migrate")]
+    out: PathBuf,
+    /// The edgeshift binary (default: next to this one).
+    #[arg(long)]
+    edgeshift: Option<PathBuf>,
+    /// Only these scenarios (qemu, a, b, c, b-index); default all.
+    #[arg(long)]
+    only: Vec<String>,
+}
+
+const CHUNK_PORT: u16 = 7070;
+const HOST_PORT: u16 = 7080;
+const NBD_PORT: u16 = 10809;
+const MIG_PORT: u16 = 4444;
+
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    scenario: String,
+    method: String,
+    total_seconds: f64,
+    downtime_ms: u64,
+    /// Bytes that crossed the links into the destination (all paths, both
+    /// disk and memory, protocol overhead included), from interface counters.
+    wire_bytes: u64,
+    disk_bytes: u64,
+    memory_bytes: u64,
+    rounds: usize,
+    chunks_resent: u64,
+    /// edgeshift only: bytes the destination lacked at the plan.
+    missing_bytes: u64,
+    /// edgeshift only: missing bytes over the paths that held them, plus QEMU's memory time.
+    physical_limit_seconds: Option<f64>,
+    bytes_by_source: serde_json::Value,
+}
+
+struct Bed {
+    tb: Testbed,
+    dir: tempfile::TempDir,
+    key: PathBuf,
+    bin: PathBuf,
+    daemons: Vec<Child>,
+    vm_ip: String,
+}
+
+impl Bed {
+    fn ns(&self, host: &str) -> anyhow::Result<String> {
+        Ok(self.tb.host(host)?.netns.clone())
+    }
+    fn store(&self, host: &str) -> PathBuf {
+        self.dir.path().join(format!("store-{host}"))
+    }
+    fn state(&self, host: &str) -> PathBuf {
+        self.dir.path().join(format!("state-{host}"))
+    }
+    /// `host`'s address as `dst` reaches it (dst: its address towards src).
+    fn addr(&self, host: &str) -> anyhow::Result<String> {
+        Ok(if host == "dst" {
+            self.tb.addr_of("dst", "src")?.to_string()
+        } else {
+            self.tb.addr_of(host, "dst")?.to_string()
+        })
+    }
+    fn edgeshift(&self, host: &str) -> anyhow::Result<Command> {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(host)?]).arg(&self.bin);
+        Ok(c)
+    }
+    fn start_daemons(&mut self, host: &str) -> anyhow::Result<()> {
+        std::fs::create_dir_all(self.state(host))?;
+        for args in [
+            vec![
+                "agent".to_string(),
+                "--listen".into(),
+                format!("0.0.0.0:{CHUNK_PORT}"),
+                "--no-zstd".into(),
+            ],
+            vec![
+                "vm".to_string(),
+                "host".into(),
+                "--listen".into(),
+                format!("0.0.0.0:{HOST_PORT}"),
+            ],
+        ] {
+            let mut c = self.edgeshift(host)?;
+            c.args(&args)
+                .arg("--store")
+                .arg(self.store(host))
+                .arg("--cluster-key-file")
+                .arg(&self.key);
+            if args[0] == "vm" {
+                c.arg("--state-dir").arg(self.state(host));
+            }
+            c.args(["--id", host]);
+            let log = std::fs::File::create(self.dir.path().join(format!("{host}-{}.log", args[0])))?;
+            let child = c
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("start daemon")?;
+            self.daemons.push(child);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        for host in ["src", "dst", "n1", "n2"] {
+            if let Ok(recs) = StateDir::new(self.state(host)).list() {
+                for r in recs {
+                    let _ = edgeshift_agent::vm::teardown(&Qemu::default(), &r);
+                }
+            }
+            if let Ok(ns) = self.ns(host) {
+                if let Ok(out) = Command::new("ip").args(["netns", "pids", &ns]).output() {
+                    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                        let _ = Command::new("kill").args(["-9", pid]).output();
+                    }
+                }
+            }
+        }
+        for c in &mut self.daemons {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for entry in walk_images(self.dir.path()) {
+            edgeshift_agent::vm::loopdev::detach_backing(&entry);
+        }
+    }
+}
+
+fn walk_images(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(es) = std::fs::read_dir(dir) {
+        for e in es.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk_images(&p));
+            } else if p.extension().is_some_and(|x| x == "raw") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn sh(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+struct Vm {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    base_store: PathBuf,
+    base_id: String,
+}
+
+fn prepare_vm(bin: &Path) -> anyhow::Result<Vm> {
+    let out = sh(Command::new("bash").arg("perf/images/build-test-vm.sh"))?;
+    let dir = PathBuf::from(out.lines().last().context("build-test-vm.sh output")?.trim());
+    let store = dir.join("store-256k");
+    let id_file = dir.join("store-256k.id");
+    if !id_file.exists() {
+        let _ = std::fs::remove_dir_all(&store);
+        let out = sh(Command::new(bin)
+            .arg("slice")
+            .arg(dir.join("base.raw"))
+            .arg("--store")
+            .arg(&store))?;
+        std::fs::write(&id_file, out.lines().last().context("slice output")?.trim())?;
+    }
+    Ok(Vm {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initramfs.gz"),
+        base_store: store,
+        base_id: std::fs::read_to_string(&id_file)?.trim().to_string(),
+    })
+}
+
+fn bed(tag: &str, a: &Args, bin: &Path) -> anyhow::Result<Bed> {
+    let _ = edgeshift_perf::testbed::cleanup_stale(tag);
+    let mut tb = Testbed::new(tag)?;
+    for h in ["src", "dst", "n1", "n2"] {
+        tb.add_host(h)?;
+    }
+    for h in ["src", "n1", "n2"] {
+        tb.link(h, "dst", LinkSpec::mbit(a.mbit))?;
+    }
+    let seg = tb.l2_segment("vmnet", &["src", "dst"], LinkSpec::default())?;
+    let vm_ip = seg.guest_addr(10).context("guest address")?.to_string();
+    let dir = tempfile::Builder::new().prefix("migrate-bench").tempdir()?;
+    let key = dir.path().join("key");
+    std::fs::write(&key, hex_key()?)?;
+    Ok(Bed {
+        tb,
+        dir,
+        key,
+        bin: bin.to_path_buf(),
+        daemons: Vec::new(),
+        vm_ip,
+    })
+}
+
+fn hex_key() -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut k = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut k)?;
+    Ok(k.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn copy_store(from: &Path, to: &Path) -> anyhow::Result<()> {
+    sh(Command::new("cp")
+        .args(["-a", "--reflink=auto"])
+        .arg(from)
+        .arg(to))
+    .map(|_| ())
+}
+
+fn run_vm(b: &Bed, vm: &Vm, a: &Args) -> anyhow::Result<()> {
+    let append = format!("console=ttyS0 quiet es_ip={}/24", b.vm_ip);
+    sh(b.edgeshift("src")?
+        .args(["vm", "run", "vm1", "--image", &vm.base_id, "--store"])
+        .arg(b.store("src"))
+        .arg("--state-dir")
+        .arg(b.state("src"))
+        .args([
+            "--net",
+            "vmnet",
+            "--memory",
+            &format!("{}MiB", a.memory_mib),
+            "--accel",
+            "auto",
+            "--kernel",
+        ])
+        .arg(&vm.kernel)
+        .arg("--initrd")
+        .arg(&vm.initrd)
+        .args(["--append", &append]))?;
+    std::thread::sleep(Duration::from_secs(a.warmup_secs));
+    Ok(())
+}
+
+/// Bytes sent towards dst on every link into it.
+fn wire_into_dst(b: &Bed) -> anyhow::Result<u64> {
+    let mut sum = 0;
+    for h in ["src", "n1", "n2"] {
+        sum += b.tb.link_counters(h, "dst")?.tx_bytes;
+    }
+    Ok(sum)
+}
+
+fn edgeshift_run(name: &str, a: &Args, bin: &Path, vm: &Vm, order: &str) -> anyhow::Result<Row> {
+    eprintln!("== {name}: edgeshift ({order})");
+    let tag = format!("mb{}", name.replace('-', "_"));
+    let mut b = bed(&tag, a, bin)?;
+    copy_store(&vm.base_store, &b.store("src"))?;
+    match name {
+        "a" => {
+            copy_store(&vm.base_store, &b.store("n1"))?;
+            copy_store(&vm.base_store, &b.store("n2"))?;
+        }
+        "b" | "b-index" | "c" => copy_store(&vm.base_store, &b.store("dst"))?,
+        _ => bail!("unknown scenario {name}"),
+    }
+    for h in ["src", "dst", "n1", "n2"] {
+        b.start_daemons(h)?;
+    }
+    run_vm(&b, vm, a)?;
+    if name == "c" {
+        // An earlier copy of this VM's disk, left at the neighbours it passed through.
+        let rec = StateDir::new(b.state("src")).load("vm1")?;
+        let snap = b.dir.path().join("earlier");
+        sh(Command::new(bin)
+            .arg("slice")
+            .arg(&rec.loop_device)
+            .arg("--store")
+            .arg(&snap))?;
+        for n in ["n1", "n2"] {
+            sh(Command::new("cp")
+                .args(["-a", "--reflink=auto", "-T"])
+                .arg(&snap)
+                .arg(b.store(n)))?;
+        }
+        std::thread::sleep(Duration::from_secs(a.warmup_secs));
+    }
+    let wire0 = wire_into_dst(&b)?;
+    let out = b
+        .edgeshift("src")?
+        .args([
+            "migrate",
+            "vm1",
+            "--to",
+            &format!("{}:{HOST_PORT}", b.addr("dst")?),
+        ])
+        .args(["--source-addr", &format!("{}:{CHUNK_PORT}", b.addr("src")?)])
+        .args(["--peer", &format!("{}:{CHUNK_PORT}", b.addr("n1")?)])
+        .args(["--peer", &format!("{}:{CHUNK_PORT}", b.addr("n2")?)])
+        .arg("--cluster-key-file")
+        .arg(&b.key)
+        .arg("--state-dir")
+        .arg(b.state("src"))
+        .args(["--order", order, "--json", "--id", "src"])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "edgeshift migrate failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let wire = wire_into_dst(&b)? - wire0;
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).context("migrate --json output")?;
+    let by_source = r["bytes_by_source"].clone();
+    let holders = by_source
+        .as_object()
+        .map(|m| m.values().filter(|v| v.as_u64().unwrap_or(0) > 0).count())
+        .unwrap_or(1)
+        .max(1);
+    let missing = r["missing_at_plan_bytes"].as_u64().unwrap_or(0);
+    let memory_secs: f64 = r["phases"]
+        .as_array()
+        .map(|p| {
+            p.iter()
+                .filter(|x| x["phase"] == "memory")
+                .map(|x| x["seconds"].as_f64().unwrap_or(0.0))
+                .sum()
+        })
+        .unwrap_or(0.0);
+    let rate = a.mbit as f64 * 1e6 / 8.0;
+    Ok(Row {
+        scenario: name.to_string(),
+        method: format!("edgeshift ({order})"),
+        total_seconds: r["total_seconds"].as_f64().unwrap_or(0.0),
+        downtime_ms: r["downtime_ms"].as_u64().unwrap_or(0),
+        wire_bytes: wire,
+        disk_bytes: r["disk_bytes"].as_u64().unwrap_or(0),
+        memory_bytes: r["memory_bytes"].as_u64().unwrap_or(0),
+        rounds: r["rounds"].as_array().map(|x| x.len()).unwrap_or(0),
+        chunks_resent: r["chunks_resent"].as_u64().unwrap_or(0),
+        missing_bytes: missing,
+        physical_limit_seconds: Some(missing as f64 / (rate * holders as f64) + memory_secs),
+        bytes_by_source: by_source,
+    })
+}
+
+fn wait_job_ready(q: &mut QmpClient, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let jobs = q.execute_raw("query-block-jobs", None)?;
+        let ready = jobs
+            .as_array()
+            .and_then(|j| j.first())
+            .map(|j| j["ready"] == true)
+            .unwrap_or(false);
+        if ready {
+            return Ok(());
+        }
+        if jobs.as_array().is_some_and(|j| j.is_empty()) {
+            bail!("the mirror job disappeared");
+        }
+        if Instant::now() > deadline {
+            bail!("the mirror never became ready");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// QEMU's shared-nothing path: NBD export of an empty disk at the
+/// destination, blockdev-mirror into it (write-blocking once ready), then
+/// `migrate`, then the mirror cancelled at the source.
+fn qemu_run(a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result<Row> {
+    eprintln!("== qemu: blockdev-mirror to NBD + migrate");
+    let mut b = bed("mbqemu", a, bin)?;
+    copy_store(&vm.base_store, &b.store("src"))?;
+    b.start_daemons("src")?;
+    run_vm(&b, vm, a)?;
+    let rec = StateDir::new(b.state("src")).load("vm1")?;
+    // The destination: an empty disk of the same size on a loop device, QEMU
+    // with the same devices waiting for an incoming migration.
+    let run_dir = b.dir.path().join("qemu-dst");
+    std::fs::create_dir_all(&run_dir)?;
+    let img = run_dir.join("disk.raw");
+    let size = std::fs::metadata(&rec.image_path)?.len();
+    std::fs::File::create(&img)?.set_len(size)?;
+    let dev = edgeshift_agent::vm::loopdev::LoopDevice::attach(&img)?;
+    let spec = VmSpec {
+        net: Some(NetSpec {
+            bridge: "vmnet".into(),
+            mac: rec.spec.net.as_ref().map(|n| n.mac.clone()).unwrap_or_default(),
+        }),
+        accel: AccelChoice::Tcg,
+        ..rec.spec.clone()
+    };
+    let cfg = LaunchConfig {
+        spec,
+        disk: dev.path().to_path_buf(),
+        run_dir: run_dir.clone(),
+        incoming: Some("defer".into()),
+    };
+    let qemu = Qemu::default();
+    let args = qemu.command_line(
+        &cfg,
+        if rec.accel == Accel::Kvm {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        },
+    );
+    let tap = edgeshift_agent::vm::qemu::tap_name("vm1");
+    let ns = b.ns("dst")?;
+    sh(Command::new("ip").args([
+        "netns", "exec", &ns, "ip", "tuntap", "add", "dev", &tap, "mode", "tap",
+    ]))?;
+    sh(Command::new("ip").args([
+        "netns", "exec", &ns, "ip", "link", "set", &tap, "master", "vmnet", "up",
+    ]))?;
+    sh(Command::new("ip")
+        .args(["netns", "exec", &ns, "qemu-system-x86_64"])
+        .args(&args))?;
+    let mut dq = QmpClient::connect(&run_dir.join("qmp.sock"), Duration::from_secs(10))?;
+    let mut sq = QmpClient::connect(&rec.qmp_socket, Duration::from_secs(5))?;
+    let dst_ip = b.addr("dst")?;
+    dq.execute_raw(
+        "nbd-server-start",
+        Some(json!({"addr": {"type": "inet", "data": {"host": dst_ip, "port": NBD_PORT.to_string()}}})),
+    )?;
+    dq.execute_raw(
+        "block-export-add",
+        Some(json!({"type": "nbd", "id": "exp0", "node-name": "disk0", "name": "disk0", "writable": true})),
+    )?;
+    dq.execute_raw(
+        "migrate-incoming",
+        Some(json!({"uri": format!("tcp:{dst_ip}:{MIG_PORT}")})),
+    )?;
+    let wire0 = wire_into_dst(&b)?;
+    let t0 = Instant::now();
+    sq.execute_raw(
+        "blockdev-add",
+        Some(json!({"driver": "nbd", "node-name": "tgt", "export": "disk0",
+                     "server": {"type": "inet", "host": dst_ip, "port": NBD_PORT.to_string()}})),
+    )?;
+    sq.execute_raw(
+        "blockdev-mirror",
+        Some(json!({"job-id": "m0", "device": "disk0", "target": "tgt", "sync": "full", "copy-mode": "write-blocking"})),
+    )?;
+    wait_job_ready(&mut sq, Duration::from_secs(1800))?;
+    let disk_secs = t0.elapsed().as_secs_f64();
+    sq.migrate_set_capabilities(&[("events", true)])?;
+    sq.migrate(&format!("tcp:{dst_ip}:{MIG_PORT}"))?;
+    let done = loop {
+        let m = sq.query_migrate()?;
+        match m.status.as_deref() {
+            Some("completed") => break m,
+            Some("failed") | Some("cancelled") => bail!("QEMU migration failed: {:?}", m.error_desc),
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    let total = t0.elapsed().as_secs_f64();
+    sq.execute_raw("block-job-cancel", Some(json!({"device": "m0"})))?;
+    let wire = wire_into_dst(&b)? - wire0;
+    eprintln!("   mirror ready after {disk_secs:.1} s, migrated after {total:.1} s");
+    let _ = dq.execute_raw("block-export-del", Some(json!({"id": "exp0"})));
+    let _ = dq.quit();
+    drop(dev);
+    let mem = done.ram.map(|r| r.transferred).unwrap_or(0);
+    Ok(Row {
+        scenario: "qemu".into(),
+        method: "QEMU blockdev-mirror to NBD + migrate".into(),
+        total_seconds: total,
+        downtime_ms: done.downtime.unwrap_or(0),
+        wire_bytes: wire,
+        disk_bytes: wire.saturating_sub(mem),
+        memory_bytes: mem,
+        rounds: 0,
+        chunks_resent: 0,
+        missing_bytes: size,
+        physical_limit_seconds: None,
+        bytes_by_source: json!({}),
+    })
+}
+
+fn markdown(rows: &[Row], a: &Args) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "# Live migration: QEMU's NBD mirror against edgeshift\n\nOne run, test VM ({} MiB memory, 1 GiB disk, workload writing all the time), every link {} Mbit/s tbf. Reproduce: `sudo cargo run --release -p edgeshift-perf --bin migrate-bench`.\n\n",
+        a.memory_mib, a.mbit
+    ));
+    let qemu = rows
+        .iter()
+        .find(|r| r.scenario == "qemu")
+        .map(|r| r.total_seconds);
+    s.push_str("| scenario | method | total s | downtime ms | wire MB | disk MB | memory MB | rounds | chunks re-sent | speed-up vs QEMU | physical limit s | total / limit |\n");
+    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for r in rows {
+        let speedup = qemu
+            .map(|q| format!("{:.2}×", q / r.total_seconds))
+            .unwrap_or_else(|| "-".into());
+        let (lim, ratio) = match r.physical_limit_seconds {
+            Some(l) => (format!("{l:.1}"), format!("{:.2}", r.total_seconds / l)),
+            None => ("-".into(), "-".into()),
+        };
+        s.push_str(&format!(
+            "| {} | {} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} |\n",
+            r.scenario,
+            r.method,
+            r.total_seconds,
+            r.downtime_ms,
+            r.wire_bytes as f64 / 1e6,
+            r.disk_bytes as f64 / 1e6,
+            r.memory_bytes as f64 / 1e6,
+            r.rounds,
+            r.chunks_resent,
+            speedup,
+            lim,
+            ratio
+        ));
+    }
+    s.push_str("\n(a) cold destination, base at two neighbours; (b) warm destination; (c) warm destination + an earlier copy of the disk at two neighbours; b-index: (b) with plain index order instead of cold-first. Physical limit: bytes the destination lacked at the plan ÷ (link rate × number of paths that sent chunks) + QEMU's memory phase. Wire bytes: interface counters of every link into the destination.\n");
+    s
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let bin = match &a.edgeshift {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("edgeshift"),
+    };
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it (cargo build --release -p edgeshift-agent) or pass --edgeshift",
+            bin.display()
+        );
+    }
+    let vm = prepare_vm(&bin)?;
+    let want = |s: &str| a.only.is_empty() || a.only.iter().any(|o| o == s);
+    let mut rows = Vec::new();
+    if want("qemu") {
+        rows.push(qemu_run(&a, &bin, &vm)?);
+    }
+    for (name, order) in [
+        ("a", "cold-first"),
+        ("b", "cold-first"),
+        ("c", "cold-first"),
+        ("b-index", "index"),
+    ] {
+        if want(name) {
+            rows.push(edgeshift_run(name, &a, &bin, &vm, order)?);
+        }
+    }
+    std::fs::create_dir_all(&a.out)?;
+    let json =
+        serde_json::to_string_pretty(&json!({ "mbit": a.mbit, "memory_mib": a.memory_mib, "rows": rows }))?;
+    std::fs::write(a.out.join("migrate-bench.json"), json)?;
+    let md = markdown(&rows, &a);
+    std::fs::write(a.out.join("migrate-bench.md"), &md)?;
+    println!("{md}");
+    Ok(())
+}
