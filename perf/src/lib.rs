@@ -1,4 +1,15 @@
-//! Evaluation harness: the emulated edge cloud ([`testbed`]), baselines, reports.
+//! Evaluation harness: the emulated edge cloud ([`testbed`], [`topology`],
+//! [`cluster`]), the images, the scenarios with their baselines
+//! ([`scenario`]), and reports with plots ([`report`]).
 //! Must never depend on the agent crate: the agent's tests dev-depend on this.
 
+pub mod cluster;
+pub mod demo;
+pub mod images;
+pub mod record;
+pub mod report;
+pub mod scenario;
+pub mod signals;
+pub mod suite;
 pub mod testbed;
+pub mod topology;

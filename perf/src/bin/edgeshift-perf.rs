@@ -1,5 +1,165 @@
-//! `edgeshift-perf`: benchmarks, the emulated edge cloud and the demo (being built).
+//! `edgeshift-perf`: the emulated edge cloud, the scenarios with their
+//! baselines, reports with plots, and the demo. Needs root (namespaces, tc,
+//! loop devices, QEMU).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use edgeshift_perf::{demo, images, report, suite, testbed, topology::Topology};
+
+/// Evaluate edgeshift on an emulated edge cloud on this machine: hosts are
+/// network namespaces, WAN links are veth pairs limited by tbf (bandwidth
+/// only: no netem here, so latency is not emulated).
+#[derive(Debug, Parser)]
+#[command(name = "edgeshift-perf", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run scenario groups (cache, sources, bandwidth, writes), record runs.json and write report.md beside it.
+    Scenario {
+        /// Scenario groups to run, e.g. `bandwidth cache`.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Output directory (default perf/reports/<names joined by '-'>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print the run records as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The full evaluation: every scenario group, then report.md with plots in perf/reports/full.
+    Report {
+        /// Output directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Do not measure: regenerate report.md and the figures from this runs.json.
+        #[arg(long)]
+        from_runs: Option<PathBuf>,
+    },
+    /// Three edges and a coordinator in namespaces, a VM booted at e1 and
+    /// handed off to e2 while a client stays connected; prints a short report.
+    Demo {
+        /// Also print the demo's record as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build a topology (TOML; default: the built-in edge3) and keep it up until Ctrl-C.
+    Up {
+        topology: Option<PathBuf>,
+        /// Namespace tag (names become es-<tag>-<host>).
+        #[arg(long, default_value = "up")]
+        tag: String,
+    },
+    /// Remove namespaces (and kill their processes) left by a killed run with this tag.
+    CleanupStale { tag: String },
+}
+
+fn log(msg: &str) {
+    let stamp = suite::utc_now();
+    eprintln!("[{}] {msg}", stamp.get(11..19).unwrap_or(&stamp));
+}
+
+fn default_out(name: &str) -> PathBuf {
+    images::repo_root().join("perf/reports").join(name)
+}
+
+fn work_dir(tag: &str) -> PathBuf {
+    images::repo_root().join("target/perf-work").join(tag)
+}
 
 fn main() -> anyhow::Result<()> {
-    anyhow::bail!("edgeshift-perf is not built yet")
+    // Before any thread exists, so all inherit the blocked signal mask.
+    edgeshift_perf::signals::install().context("installing the signal handler")?;
+    tracing_init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Scenario { names, out, json } => {
+            let name = names.join("-");
+            let out = out.unwrap_or_else(|| default_out(&name));
+            let set = suite::run(&name, &names, "scen", &work_dir("scen"), &log)?;
+            let runs = report::save(&set, &out)?;
+            let md = report::write(&set, &out)?;
+            if json {
+                println!("{}", serde_json::to_string(&set)?);
+            }
+            log(&format!(
+                "recorded {} runs in {}; report {}",
+                set.runs.len(),
+                runs.display(),
+                md.display()
+            ));
+        }
+        Cmd::Report { out, from_runs } => {
+            let out = out.unwrap_or_else(|| default_out("full"));
+            let set = match from_runs {
+                Some(path) => report::load(&path)?,
+                None => {
+                    let groups: Vec<String> = suite::ALL.iter().map(|s| s.to_string()).collect();
+                    let set = suite::run("full", &groups, "full", &work_dir("full"), &log)?;
+                    report::save(&set, &out)?;
+                    set
+                }
+            };
+            let md = report::write(&set, &out)?;
+            println!("{}", report::headline_table(&set));
+            log(&format!(
+                "report: {} ({} runs, measured in {:.0} s)",
+                md.display(),
+                set.runs.len(),
+                set.wall_seconds
+            ));
+        }
+        Cmd::Demo { json } => {
+            let rec = demo::run("demo", &work_dir("demo"), &log)?;
+            println!("{}", demo::summary(&rec));
+            if json {
+                println!("{}", serde_json::to_string(&rec)?);
+            }
+            if !rec.ok {
+                anyhow::bail!(
+                    "the demo handoff did not complete: {}",
+                    rec.error.as_deref().unwrap_or("see above")
+                );
+            }
+        }
+        Cmd::Up { topology, tag } => {
+            let topo = match topology {
+                Some(p) => Topology::load(&p)?,
+                None => Topology::edge3(),
+            };
+            testbed::cleanup_stale(&tag)?;
+            edgeshift_perf::signals::register(&tag);
+            let tb = topo.build(&tag)?;
+            for h in tb.hosts() {
+                println!("{h}: ip netns exec es-{tag}-{h} ...");
+            }
+            if std::io::stdin().is_terminal() {
+                eprintln!("up; press Ctrl-C to tear down");
+            }
+            loop {
+                std::thread::park();
+            }
+        }
+        Cmd::CleanupStale { tag } => {
+            for ns in testbed::cleanup_stale(&tag)? {
+                println!("removed {ns}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn tracing_init() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }

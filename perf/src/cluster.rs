@@ -1,0 +1,235 @@
+//! The edgeshift cluster on a testbed: `edgeshift agent` on every edge and
+//! the origin, `edgeshift-coordinator` on the topology's coordinator host,
+//! each in its host's namespace with its own store under a work directory.
+//! Processes die with the testbed's namespaces; the work directory is
+//! removed on drop.
+
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::testbed::{Testbed, TestbedError};
+use crate::topology::{Role, Topology, TopologyError};
+
+/// Port every agent listens on (inside its own namespace).
+pub const AGENT_PORT: u16 = 7070;
+/// Port of the coordinator's HTTP API.
+pub const COORDINATOR_PORT: u16 = 7800;
+
+/// Errors starting the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("{0} not found next to this program or in $EDGESHIFT_BIN_DIR ({1}); build it: cargo build --release -p edgeshift-agent -p edgeshift-coordinator")]
+    MissingBinary(&'static str, String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("{0} did not report listening within {1:?}")]
+    NotListening(String, Duration),
+    #[error(transparent)]
+    Testbed(#[from] TestbedError),
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
+    let what = what.into();
+    move |source| ClusterError::Io { what, source }
+}
+
+/// Where the edgeshift binaries are: $EDGESHIFT_BIN_DIR, else the directory
+/// of the running program (target/release next to edgeshift-perf).
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub edgeshift: PathBuf,
+    pub coordinator: PathBuf,
+}
+
+impl Binaries {
+    pub fn locate() -> Result<Self, ClusterError> {
+        let dir = match std::env::var_os("EDGESHIFT_BIN_DIR") {
+            Some(d) => PathBuf::from(d),
+            None => std::env::current_exe()
+                .map_err(io("locating this program"))?
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+        };
+        // Test binaries live in target/<profile>/deps; the programs one level up.
+        let dirs = [
+            dir.clone(),
+            dir.parent().map(Path::to_path_buf).unwrap_or_default(),
+        ];
+        let find = |name: &'static str| {
+            dirs.iter()
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+                .ok_or_else(|| ClusterError::MissingBinary(name, dir.display().to_string()))
+        };
+        Ok(Self {
+            edgeshift: find("edgeshift")?,
+            coordinator: find("edgeshift-coordinator")?,
+        })
+    }
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct AgentProc {
+    pub host: String,
+    pub store: PathBuf,
+    pub child: Child,
+}
+
+/// The daemons of one topology on one testbed.
+#[derive(Debug)]
+pub struct Cluster {
+    pub bins: Binaries,
+    pub work: PathBuf,
+    pub key_file: PathBuf,
+    pub agents: Vec<AgentProc>,
+    pub coordinator: Option<(String, Child)>,
+    pub coordinator_url: Option<String>,
+}
+
+/// Waits for a daemon's "listening on ..." line on stdout.
+fn wait_listening(child: &mut Child, what: &str, timeout: Duration) -> Result<String, ClusterError> {
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| ClusterError::NotListening(what.to_string(), timeout))?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with("listening on") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    rx.recv_timeout(timeout)
+        .map_err(|_| ClusterError::NotListening(what.to_string(), timeout))
+}
+
+impl Cluster {
+    /// Starts the coordinator (if the topology names one) and an agent on
+    /// every edge and origin host. Stores live in `work/<host>/store`.
+    pub fn start(tb: &Testbed, topo: &Topology, work: &Path) -> Result<Self, ClusterError> {
+        let bins = Binaries::locate()?;
+        std::fs::create_dir_all(work).map_err(io(format!("creating {}", work.display())))?;
+        let key_file = work.join("cluster.key");
+        let key: [u8; 32] = rand_key()?;
+        std::fs::write(&key_file, hex_encode(&key)).map_err(io("writing the cluster key"))?;
+        let mut cluster = Self {
+            bins,
+            work: work.to_path_buf(),
+            key_file,
+            agents: Vec::new(),
+            coordinator: None,
+            coordinator_url: None,
+        };
+        let timeout = Duration::from_secs(20);
+        if let Some(host) = &topo.coordinator {
+            let data = work.join(host).join("coordinator");
+            std::fs::create_dir_all(&data).map_err(io("creating the coordinator's data dir"))?;
+            let mut child = tb
+                .command(host, &cluster.bins.coordinator)
+                .args(["--listen", &format!("0.0.0.0:{COORDINATOR_PORT}"), "--data"])
+                .arg(&data)
+                .stdout(Stdio::piped())
+                .stderr(log_file(work, &format!("{host}-coordinator.log"))?)
+                .spawn()
+                .map_err(io("starting edgeshift-coordinator"))?;
+            wait_listening(&mut child, "edgeshift-coordinator", timeout)?;
+            cluster.coordinator = Some((host.clone(), child));
+        }
+        let holders: Vec<String> = topo
+            .hosts
+            .iter()
+            .filter(|h| matches!(h.role, Role::Edge | Role::Origin))
+            .map(|h| h.name.clone())
+            .collect();
+        for host in holders {
+            let store = work.join(&host).join("store");
+            std::fs::create_dir_all(&store).map_err(io("creating a store"))?;
+            let mut cmd = tb.command(&host, &cluster.bins.edgeshift);
+            cmd.args(["agent", "--listen", &format!("0.0.0.0:{AGENT_PORT}"), "--store"])
+                .arg(&store)
+                .arg("--cluster-key-file")
+                .arg(&cluster.key_file)
+                .args(["--id", &host]);
+            if let Some(chost) = &topo.coordinator {
+                let url = if *chost == host {
+                    format!("http://127.0.0.1:{COORDINATOR_PORT}")
+                } else {
+                    format!("http://{}:{COORDINATOR_PORT}", tb.addr_of(chost, &host)?)
+                };
+                cmd.args(["--coordinator", &url, "--capacity", "64GiB"]);
+            }
+            let mut child = cmd
+                .stdout(Stdio::piped())
+                .stderr(log_file(work, &format!("{host}-agent.log"))?)
+                .spawn()
+                .map_err(io("starting edgeshift agent"))?;
+            wait_listening(&mut child, &format!("agent on {host}"), timeout)?;
+            cluster.agents.push(AgentProc { host, store, child });
+        }
+        if let Some(h) = &topo.coordinator {
+            cluster.coordinator_url = Some(format!("{h}:{COORDINATOR_PORT}"));
+        }
+        Ok(cluster)
+    }
+
+    /// Store directory of `host`'s agent.
+    pub fn store(&self, host: &str) -> Option<&Path> {
+        self.agents
+            .iter()
+            .find(|a| a.host == host)
+            .map(|a| a.store.as_path())
+    }
+
+    /// The address `from` uses to reach `host`'s agent.
+    pub fn agent_addr(tb: &Testbed, host: &str, from: &str) -> Result<SocketAddr, ClusterError> {
+        let ip: Ipv4Addr = tb.addr_of(host, from)?;
+        Ok(SocketAddr::from((ip, AGENT_PORT)))
+    }
+
+    /// Runs `edgeshift ARGS` (on the host, outside any namespace: local store work).
+    pub fn edgeshift(&self) -> Command {
+        Command::new(&self.bins.edgeshift)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            let _ = a.child.kill();
+            let _ = a.child.wait();
+        }
+        if let Some((_, c)) = &mut self.coordinator {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::env::var_os("EDGESHIFT_PERF_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.work);
+        }
+    }
+}
+
+fn log_file(work: &Path, name: &str) -> Result<std::fs::File, ClusterError> {
+    std::fs::File::create(work.join(name)).map_err(io(format!("creating log {name}")))
+}
+
+fn rand_key() -> Result<[u8; 32], ClusterError> {
+    use std::io::Read;
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .map_err(io("reading /dev/urandom"))?;
+    Ok(key)
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
