@@ -423,6 +423,9 @@ pub struct PlanQuery {
     pub alternatives: Option<usize>,
     /// Take a lease protecting the assigned source chunks (default true).
     pub lease: Option<bool>,
+    /// Most source edges the plan uses (default 32; more only to reach chunks
+    /// no chosen source holds).
+    pub max_sources: Option<usize>,
 }
 
 async fn plan(
@@ -434,6 +437,7 @@ async fn plan(
         &q.manifest,
         &q.dest,
         q.alternatives.unwrap_or(4),
+        q.max_sources.unwrap_or(crate::service::DEFAULT_MAX_SOURCES),
         q.lease.unwrap_or(true),
     )?;
     Ok(Json(p))

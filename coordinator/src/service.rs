@@ -2,7 +2,7 @@
 //! settings, hints and the database, kept consistent. Every change that must
 //! survive a restart is written to the database before memory changes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -183,6 +183,58 @@ pub struct HintOutcome {
     pub missing_bytes: u64,
 }
 
+/// Which of the candidate sources (sorted best path first) a plan may use:
+/// the fastest half of `max`, then — greedy set cover — the sources holding
+/// the most chunks no chosen source holds, until every chunk some candidate
+/// holds is covered (past `max` if coverage needs it), then the next fastest
+/// up to `max`. The transfer fetcher talks to at most 64 peers at once.
+fn choose_sources(cands: &[(EdgeIx, Source, RoaringBitmap)], max: usize) -> Vec<bool> {
+    let mut chosen = vec![false; cands.len()];
+    if cands.len() <= max {
+        chosen.iter_mut().for_each(|c| *c = true);
+        return chosen;
+    }
+    let mut covered = RoaringBitmap::new();
+    for (i, c) in cands.iter().enumerate().take(max.div_ceil(2)) {
+        chosen[i] = true;
+        covered |= &c.2;
+    }
+    // What each unchosen candidate holds that nobody chosen does.
+    let mut extra: Vec<RoaringBitmap> = cands
+        .iter()
+        .zip(&chosen)
+        .map(|(c, &ch)| if ch { RoaringBitmap::new() } else { &c.2 - &covered })
+        .collect();
+    loop {
+        // Most new chunks; ties to the better path (lower index).
+        let best = extra
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !chosen[*i])
+            .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(b.0.cmp(&a.0)));
+        let Some((i, bm)) = best else { break };
+        if bm.is_empty() {
+            break;
+        }
+        let newly = bm.clone();
+        chosen[i] = true;
+        for e in extra.iter_mut() {
+            *e -= &newly;
+        }
+    }
+    let mut n = chosen.iter().filter(|&&c| c).count();
+    for c in chosen.iter_mut() {
+        if n >= max {
+            break;
+        }
+        if !*c {
+            *c = true;
+            n += 1;
+        }
+    }
+    chosen
+}
+
 pub struct Coordinator {
     pub ledger: Ledger,
     pub settings: Settings,
@@ -193,6 +245,9 @@ pub struct Coordinator {
 }
 
 const SETTINGS_KEY: &str = "settings";
+
+/// Sources a plan uses unless asked otherwise (the fetcher's peer limit is 64).
+pub const DEFAULT_MAX_SOURCES: usize = 32;
 
 impl Coordinator {
     /// Opens the database under `data` and restores catalogue, settings,
@@ -341,42 +396,44 @@ impl Coordinator {
         }
     }
 
-    /// Runs the planner over `chunks` (ids with bytes) for `dest`: returns
-    /// the sources (edge indices, by name), the planner's input and output.
+    /// Runs the planner over `chunks` (ids with bytes) for `dest` with at
+    /// most `max_sources` sources (more only when needed to reach every chunk
+    /// some edge holds): returns the sources used (edge indices, best path
+    /// first), the planner's sources and its output.
     fn assign(
         &self,
         dest_ix: EdgeIx,
         chunks: &[(ChunkId, u64)],
+        max_sources: usize,
     ) -> Result<(Vec<EdgeIx>, Vec<Source>, planner::Assignment), ServiceError> {
         let dest = &self.ledger.edges[dest_ix as usize].id;
         let wanted: RoaringBitmap = chunks.iter().map(|&(c, _)| c).collect();
-        let pos: HashMap<ChunkId, usize> = chunks.iter().enumerate().map(|(i, &(c, _))| (c, i)).collect();
-        let mut src_ix: Vec<EdgeIx> = Vec::new();
-        let mut held: Vec<RoaringBitmap> = Vec::new();
+        let mut cands: Vec<(EdgeIx, Source, RoaringBitmap)> = Vec::new();
         for (ix, e) in self.ledger.edges.iter().enumerate() {
             if ix == dest_ix as usize || !e.reported {
                 continue;
             }
             let both = &e.chunks & &wanted;
             if !both.is_empty() {
-                src_ix.push(ix as EdgeIx);
-                held.push(both);
+                cands.push((ix as EdgeIx, self.source_for(ix as EdgeIx, dest), both));
             }
         }
-        // Sources numbered best path first (rate, then name): plans do not
-        // depend on registration order, and each chunk's holder list below
-        // comes out already ranked.
-        let all: Vec<Source> = src_ix.iter().map(|&ix| self.source_for(ix, dest)).collect();
-        let mut order: Vec<usize> = (0..src_ix.len()).collect();
-        order.sort_by(|&a, &b| {
-            all[b]
-                .rate
-                .total_cmp(&all[a].rate)
-                .then_with(|| all[a].name.cmp(&all[b].name))
-        });
-        let src_ix: Vec<EdgeIx> = order.iter().map(|&i| src_ix[i]).collect();
-        let held: Vec<&RoaringBitmap> = order.iter().map(|&i| &held[i]).collect();
-        let sources: Vec<Source> = order.iter().map(|&i| all[i].clone()).collect();
+        // Best path first (rate, then name): plans do not depend on
+        // registration order, and holder lists below come out ranked.
+        let by_rank = |a: &Source, b: &Source| b.rate.total_cmp(&a.rate).then_with(|| a.name.cmp(&b.name));
+        cands.sort_by(|a, b| by_rank(&a.1, &b.1));
+        let chosen = choose_sources(&cands, max_sources.max(1));
+        let cands: Vec<_> = cands
+            .into_iter()
+            .zip(chosen)
+            .filter(|(_, keep)| *keep)
+            .map(|(c, _)| c)
+            .collect();
+        // Chunk id → position in `chunks`, dense over the interned ids.
+        let mut pos = vec![u32::MAX; self.ledger.interner.len()];
+        for (i, &(c, _)) in chunks.iter().enumerate() {
+            pos[c as usize] = i as u32;
+        }
         let mut jobs: Vec<ChunkJob> = chunks
             .iter()
             .map(|&(_, bytes)| ChunkJob {
@@ -384,13 +441,13 @@ impl Coordinator {
                 holders: Vec::new(),
             })
             .collect();
-        for (s, bm) in held.iter().enumerate() {
+        for (s, (_, _, bm)) in cands.iter().enumerate() {
             for c in bm.iter() {
-                if let Some(&p) = pos.get(&c) {
-                    jobs[p].holders.push(s);
-                }
+                jobs[pos[c as usize] as usize].holders.push(s);
             }
         }
+        let (src_ix, sources): (Vec<EdgeIx>, Vec<Source>) =
+            cands.into_iter().map(|(ix, s, _)| (ix, s)).unzip();
         let a = planner::assign(&sources, &jobs)?;
         Ok((src_ix, sources, a))
     }
@@ -402,11 +459,12 @@ impl Coordinator {
         manifest: &ManifestId,
         dest: &str,
         alternatives: usize,
+        max_sources: usize,
         take_lease: bool,
     ) -> Result<Plan, ServiceError> {
         let dest_ix = self.ledger.edge_ix(dest)?;
         let missing = self.ledger.missing(manifest, dest)?;
-        let (src_ix, sources, a) = self.assign(dest_ix, &missing)?;
+        let (src_ix, sources, a) = self.assign(dest_ix, &missing, max_sources)?;
         let mut plan_sources: Vec<PlanSource> = src_ix
             .iter()
             .zip(&sources)
@@ -539,7 +597,7 @@ impl Coordinator {
             if want.is_empty() {
                 continue;
             }
-            let (src_ix, sources, a) = self.assign(ix, &want)?;
+            let (src_ix, sources, a) = self.assign(ix, &want, DEFAULT_MAX_SOURCES)?;
             let mut chunks = Vec::new();
             for (i, &(cid, bytes)) in want.iter().enumerate() {
                 if let Some(s) = a.source[i] {

@@ -581,3 +581,59 @@ fn gc_never_drops_pinned_or_in_flight_chunks_under_races() {
         assert_eq!(ci["pins"]["s0"], 1);
     }
 }
+
+#[test]
+fn plans_cap_their_sources_but_keep_every_chunk_reachable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(&dir.path().join("data"), &[]);
+    let h = Http::new(&c);
+    let m = publish(&h, &manifest(0..11));
+    register(&h, "dst", 1 << 30);
+    inventory(&h, "dst", [], &[]);
+    let mut rates = Vec::new();
+    for i in 0..6u32 {
+        let e = format!("e{i}");
+        register(&h, &e, 1 << 30);
+        // Only the slowest, e5, holds chunk 10.
+        if i == 5 {
+            inventory(&h, &e, 0..11, &[]);
+        } else {
+            inventory(&h, &e, 0..10, &[]);
+        }
+        rates.push(json!({ "peer": e, "bytes_per_sec": 100e6 - i as f64 * 10e6 }));
+    }
+    h.ok("POST", "/v1/edges/dst/paths", json!({ "paths": rates }));
+    let used = |p: &Value| -> Vec<String> {
+        let mut v: Vec<String> = p["sources"]
+            .as_array()
+            .expect("sources")
+            .iter()
+            .map(|s| s["edge"].as_str().expect("edge").to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let p = h.ok(
+        "GET",
+        &format!("/v1/plan?manifest={m}&dest=dst&max_sources=2&lease=false"),
+        Value::Null,
+    );
+    assert_eq!(used(&p), vec!["e0", "e5"], "{p}");
+    assert_eq!(p["unavailable_chunks"], 0);
+    // One allowed, but chunk 10 needs e5: coverage wins over the cap.
+    let p = h.ok(
+        "GET",
+        &format!("/v1/plan?manifest={m}&dest=dst&max_sources=1&lease=false"),
+        Value::Null,
+    );
+    assert_eq!(used(&p), vec!["e0", "e5"], "{p}");
+    let p = h.ok(
+        "GET",
+        &format!("/v1/plan?manifest={m}&dest=dst&lease=false"),
+        Value::Null,
+    );
+    assert_eq!(used(&p).len(), 6, "{p}");
+    for ch in p["chunks"].as_array().expect("chunks") {
+        assert!(ch["holders"].as_array().expect("holders").len() <= 4);
+    }
+}

@@ -18,6 +18,8 @@ use crate::transfer::fetch::{ChunkWant, FetchReport, Fetcher};
 
 /// Holders listed per chunk in the plan asked for.
 const ALTERNATIVES: usize = 4;
+/// Peers one transfer fetcher works with at most.
+const FETCHER_MAX_PEERS: usize = 64;
 
 /// Measured rates per peer (by its node id), in bytes/s, from a fetch report.
 /// Paths that carried under 1 MiB are left out: too short to measure.
@@ -65,9 +67,21 @@ impl CoordinatedFetch {
         LocalPins::for_store(store)?.pin(manifest, "edgeshift fetch")?;
         client.pin(edge, manifest)?;
         let plan = client.plan(manifest, edge, ALTERNATIVES)?;
+        // The fetcher talks to at most 64 peers: keep the edges with the
+        // most assigned chunks. Chunks whose holders all fall outside may
+        // come from any kept peer; what none has is left for the next run.
+        let mut assigned: HashMap<&str, usize> = HashMap::new();
+        for c in &plan.chunks {
+            if let Some(s) = &c.source {
+                *assigned.entry(s.as_str()).or_default() += 1;
+            }
+        }
+        let mut names: Vec<&String> = plan.addrs.keys().collect();
+        names.sort_by_key(|n| std::cmp::Reverse(assigned.get(n.as_str()).copied().unwrap_or(0)));
+        names.truncate(FETCHER_MAX_PEERS);
         let mut by_edge = HashMap::new();
         let mut peers = Vec::new();
-        for (name, addr) in &plan.addrs {
+        for (name, addr) in plan.addrs.iter().filter(|(n, _)| names.contains(n)) {
             let a = addr
                 .to_socket_addrs()
                 .ok()

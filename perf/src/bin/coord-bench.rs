@@ -232,7 +232,13 @@ fn fleet(args: &Args) -> anyhow::Result<FleetReport> {
     let mut plan_before = None;
     for _ in 0..10 {
         let t = Instant::now();
-        let p = coord.plan(&id, dest, 4, false)?;
+        let p = coord.plan(
+            &id,
+            dest,
+            4,
+            edgeshift_coordinator::service::DEFAULT_MAX_SOURCES,
+            false,
+        )?;
         lat.push(t.elapsed().as_secs_f64() * 1e3);
         plan_before = Some(p);
     }
@@ -272,7 +278,13 @@ fn fleet(args: &Args) -> anyhow::Result<FleetReport> {
     // are the original ones again, as the fleet is regenerated from the seed.
     // Compare against a plan on the re-reported state rebuilt the same way:
     // the pre-heartbeat plan.
-    let plan_after = coord.plan(&id, dest, 4, false)?;
+    let plan_after = coord.plan(
+        &id,
+        dest,
+        4,
+        edgeshift_coordinator::service::DEFAULT_MAX_SOURCES,
+        false,
+    )?;
     let plan_equal = plan_after == plan_before;
     eprintln!("fleet: rebuilt in {restart_rebuild_secs:.1} s; plan equal after restart: {plan_equal}");
 
