@@ -70,16 +70,25 @@ pub fn advertise_addr(listen: SocketAddr, coordinator_url: &str) -> String {
         .split('/')
         .next()
         .unwrap_or("");
-    let ip = hostport
+    // Connecting a UDP socket only looks the route up; nothing is sent.
+    let route_from = |target: SocketAddr| {
+        let s = UdpSocket::bind(("0.0.0.0", 0)).ok()?;
+        s.connect(target).ok()?;
+        s.local_addr().ok().map(|a| a.ip())
+    };
+    let mut ip = hostport
         .to_socket_addrs()
         .ok()
         .and_then(|mut a| a.next())
-        .and_then(|target| {
-            let s = UdpSocket::bind(("0.0.0.0", 0)).ok()?;
-            s.connect(target).ok()?;
-            s.local_addr().ok()
-        })
-        .map(|a| a.ip());
+        .and_then(route_from);
+    if ip.is_none_or(|i| i.is_loopback()) {
+        // The coordinator is on this host: peers still need a routable
+        // address; take the one on the route into the edge network (the
+        // 198.18.0.0/15 benchmarking range in tests).
+        ip = route_from(SocketAddr::from(([198, 18, 0, 1], 9)))
+            .filter(|i| !i.is_loopback())
+            .or(ip);
+    }
     match ip {
         Some(ip) => SocketAddr::new(ip, listen.port()).to_string(),
         None => listen.to_string(),
@@ -364,4 +373,19 @@ pub fn start(
         stop,
         thread: Some(thread),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertised_address_is_never_a_wildcard() {
+        let fixed: SocketAddr = "10.1.2.3:7070".parse().expect("addr");
+        assert_eq!(advertise_addr(fixed, "http://127.0.0.1:1"), "10.1.2.3:7070");
+        let any: SocketAddr = "0.0.0.0:7070".parse().expect("addr");
+        let a: SocketAddr = advertise_addr(any, "http://127.0.0.1:1").parse().expect("addr");
+        assert_eq!(a.port(), 7070);
+        assert!(!a.ip().is_unspecified(), "{a}");
+    }
 }
