@@ -1015,7 +1015,15 @@ fn writer_thread(store: Arc<LocalStore>, rx: std::sync::mpsc::Receiver<WriteJob>
             std::sync::mpsc::sync_channel::<(crate::store::local::ChunkBatch<'_>, Waiting)>(1);
         scope.spawn(move || {
             for (mut batch, waiting) in commit_rx {
-                match batch.commit() {
+                let t = Instant::now();
+                let n = batch.len();
+                let result = batch.commit();
+                debug!(
+                    chunks = n,
+                    ms = t.elapsed().as_secs_f64() * 1e3,
+                    "chunk batch committed"
+                );
+                match result {
                     Ok(_) => {
                         for d in waiting {
                             let _ = d.send(Ok(()));
@@ -1036,12 +1044,16 @@ fn writer_thread(store: Arc<LocalStore>, rx: std::sync::mpsc::Receiver<WriteJob>
         });
         while let Ok(first) = rx.recv() {
             let mut batch = store.batch();
+            let mut stage_time = Duration::ZERO;
             let mut waiting = Vec::new();
             let started = Instant::now();
             let mut next = Some(first);
             loop {
                 if let Some(job) = next.take() {
-                    match batch.stage(&job.fp, &job.buf[job.start..]) {
+                    let t = Instant::now();
+                    let staged = batch.stage(&job.fp, &job.buf[job.start..]);
+                    stage_time += t.elapsed();
+                    match staged {
                         Ok(()) => waiting.push(job.done),
                         Err(e) => {
                             let _ = job.done.send(Err(e));
@@ -1057,6 +1069,11 @@ fn writer_thread(store: Arc<LocalStore>, rx: std::sync::mpsc::Receiver<WriteJob>
                     Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
                 }
             }
+            debug!(
+                chunks = batch.len(),
+                stage_ms = stage_time.as_secs_f64() * 1e3,
+                "chunk batch staged"
+            );
             if commit_tx.send((batch, waiting)).is_err() {
                 return;
             }

@@ -168,7 +168,11 @@ impl Drop for AgentProc {
 
 /// One fetch into a fresh store; returns the fetch's JSON report plus its CPU seconds.
 fn fetch(tb: &Testbed, o: &Opts, id: &str, dst: &Path, key: &Path, peers: &[Ipv4Addr]) -> Result<Value> {
+    // Deleting a previous store makes the file system discard and journal
+    // in the background; finish that before the clock starts.
     let _ = std::fs::remove_dir_all(dst);
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
     let mut cmd = tb.command("dst", &o.bin);
     cmd.args(["fetch", id, "--json", "--store"])
         .arg(dst)
@@ -337,7 +341,16 @@ fn main() -> Result<()> {
     }
     let peers: Vec<Ipv4Addr> = agents.iter().map(|a| a.addr).collect();
 
+    let loadavg = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
     let mut results = json!({
+        // The host is shared: other load skews the unthrottled figures most.
+        "loadavg_start": loadavg(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "image_bytes": o.size,
         "manifest": id,
         "chunk_size": "256KiB (default)",
@@ -431,6 +444,7 @@ fn main() -> Result<()> {
         "iperf3_client_cpu_s_per_gib": iperf_cli_cpu / gib(iperf_bytes),
         "chunk_fetch": unthrottled,
     });
+    results["loadavg_end"] = json!(loadavg());
     drop(agents);
     tb.teardown()?;
     let _ = std::fs::remove_dir_all(&dst_disk);
@@ -506,6 +520,12 @@ fn markdown(r: &Value) -> String {
             f(&c["client_cpu_s_per_gib"])
         ));
     }
+    s.push_str(&format!(
+        "\nHost: {} CPUs; load average at start `{}`, at end `{}` (a shared machine: other work competes, most visibly in the unthrottled figures).\n",
+        r["cpus"],
+        r["loadavg_start"].as_str().unwrap_or(""),
+        r["loadavg_end"].as_str().unwrap_or("")
+    ));
     s.push_str("\n`disk`: the destination store on the machine's disk (chunks made durable with fsync); `tmpfs`: on /dev/shm, the network path alone.\n");
     s
 }
