@@ -51,6 +51,9 @@ pub struct FetchOptions {
     pub max_window: u64,
     /// Window before a path's goodput has been measured.
     pub initial_window: u64,
+    /// A path's window holds this much of its measured goodput. It must
+    /// exceed the path's round-trip time, or the window limits the path.
+    pub window_time: Duration,
 }
 
 impl Default for FetchOptions {
@@ -64,6 +67,7 @@ impl Default for FetchOptions {
             min_window: 1 << 20,
             max_window: 32 << 20,
             initial_window: 4 << 20,
+            window_time: Duration::from_millis(100),
         }
     }
 }
@@ -431,6 +435,7 @@ struct Sched {
     min_window: u64,
     max_window: u64,
     initial_window: u64,
+    window_secs: f64,
 }
 
 struct Shared {
@@ -509,6 +514,7 @@ impl Sched {
             min_window: opts.min_window,
             max_window: opts.max_window,
             initial_window: opts.initial_window,
+            window_secs: opts.window_time.as_secs_f64(),
         };
         for c in 0..n {
             if s.wants[c].allowed == 0 {
@@ -524,11 +530,11 @@ impl Sched {
     }
 
     fn window(&self, p: usize) -> u64 {
-        // About 100 ms of this path's goodput keeps it busy without parking
-        // much work behind it.
+        // A little of this path's goodput (100 ms by default) keeps it busy
+        // without parking much work behind it.
         let rate = self.peers[p].rate;
         let by_rate = if rate > 0.0 {
-            (rate * 0.1) as u64
+            (rate * self.window_secs) as u64
         } else {
             self.initial_window
         };
@@ -901,12 +907,12 @@ fn on_frame(ctx: &PeerCtx, label: &str, frame: Frame, stores: &mut JoinSet<Store
                     Ok(Ok((buf, start))) => {
                         let (done, wait) = tokio::sync::oneshot::channel();
                         if writer.send(WriteJob { fp, buf, start, done }).is_err() {
-                            Err(TransferError::Timeout("storing: the writer has stopped"))
+                            Err(TransferError::WriterStopped)
                         } else {
                             match wait.await {
                                 Ok(Ok(())) => Ok(()),
                                 Ok(Err(e)) => Err(TransferError::Store(e)),
-                                Err(_) => Err(TransferError::Timeout("storing: the writer has stopped")),
+                                Err(_) => Err(TransferError::WriterStopped),
                             }
                         }
                     }

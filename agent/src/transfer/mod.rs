@@ -60,6 +60,8 @@ pub enum TransferError {
     },
     #[error("chunk {fp}: {reason}")]
     BadChunk { fp: Fingerprint, reason: String },
+    #[error("the chunk writer stopped before storing a chunk")]
+    WriterStopped,
     #[error("too many peers: {0} (at most 64 per fetch)")]
     TooManyPeers(usize),
 }
