@@ -49,7 +49,7 @@ pub enum SlicerError {
         id: ManifestId,
         index: usize,
         offset: u64,
-        source: StoreError,
+        source: Box<StoreError>,
     },
     #[error("{0} is a directory; give the path of the image file to write")]
     OutIsDirectory(PathBuf),

@@ -308,7 +308,7 @@ fn fill_batch(
                 id: *id,
                 index: job.index,
                 offset: manifest.chunk_offset(job.index),
-                source,
+                source: Box::new(source),
             })
     };
     std::thread::scope(|s| {
@@ -325,8 +325,7 @@ fn fill_batch(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().map_err(|_| SlicerError::WorkerPanicked)?)
-            .collect::<Result<(), SlicerError>>()
+            .try_for_each(|h| h.join().map_err(|_| SlicerError::WorkerPanicked)?)
     })
 }
 
