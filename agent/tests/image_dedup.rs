@@ -74,6 +74,17 @@ fn derived_images_share_most_chunks_and_figures_are_exact() {
         let union = eb.unique.union(&ed.unique).count() as u64;
         let chunk_files = snapshot(&store.join("chunks")).len() as u64;
         assert_eq!(chunk_files, union, "chunk size {cs}");
+        // The store reports the same, and the manifests it holds.
+        let whole = ok(&["inspect", "--store", store.to_str().expect("utf-8"), "--json"]);
+        let whole: serde_json::Value = serde_json::from_str(whole.trim()).expect("store json");
+        assert_eq!(whole["chunks"], union);
+        assert_eq!(
+            whole["chunk_bytes"],
+            eb.unique_bytes + report["new_bytes"].as_u64().expect("new_bytes")
+        );
+        let mut ids = vec![id_b.clone(), id_d.clone()];
+        ids.sort();
+        assert_eq!(whole["manifests"], serde_json::json!(ids));
         eprintln!(
             "chunk size {cs}: base {} / derived {} distinct chunks, {} shared",
             eb.unique.len(),

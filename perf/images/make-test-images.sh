@@ -34,13 +34,16 @@ rm -rf "$out"/.work.*  # left by a builder that was killed
 # path order, until the budget (in 4 KiB blocks) is spent. Prints "size path" lines.
 file_list() {
   local budget=$1; shift
-  find "$@" -xdev -type f -size +0 -printf '%s %p\n' 2>/dev/null \
-    | grep -E '^[0-9]+ [A-Za-z0-9_./+-]+$' | sort -k2 \
+  # One path per inode: hard links (Mesa's dri drivers are one file under
+  # many names) would otherwise count many times but be stored once.
+  find "$@" -xdev -type f -size +0 -printf '%s %i %p\n' 2>/dev/null \
+    | grep -E '^[0-9]+ [0-9]+ [A-Za-z0-9_./+-]+$' | sort -k3 \
     | awk -v b="$budget" '
       stop { next }
+      seen[$2]++ { next }
       { s = int(($1 + 4095) / 4096) * 4096 }  # blocks it will take
       t + s > b { stop = 1; next }
-      { t += s; print }'
+      { t += s; print $1, $3 }'
 }
 
 # stage LIST DIR : copies (hard links where possible) the listed files into DIR.

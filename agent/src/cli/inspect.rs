@@ -1,17 +1,18 @@
-//! `edgeshift inspect ID --store DIR [--json] [--verify]`.
+//! `edgeshift inspect [ID] --store DIR [--json] [--verify]`.
 
 use std::path::PathBuf;
 
 use edgeshift_agent::slicer::inspect_image;
-use edgeshift_agent::store::LocalStore;
+use edgeshift_agent::store::{ChunkStore, LocalStore};
 use edgeshift_common::ManifestId;
 
 /// Show an image's figures: size, chunk size, chunks, unique and zero chunks,
-/// and how much of it the store holds.
+/// and how much of it the store holds. Without ID: the store's own figures
+/// (chunk files, their bytes, the manifests it holds).
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Manifest id (64 hex digits).
-    pub id: ManifestId,
+    /// Manifest id (64 hex digits); omit it for the whole store.
+    pub id: Option<ManifestId>,
     /// Chunk store directory.
     #[arg(long)]
     pub store: PathBuf,
@@ -28,7 +29,10 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let store = LocalStore::open(&args.store)?;
-    let f = inspect_image(&store, &args.id, args.verify)?;
+    let Some(id) = args.id else {
+        return store_figures(&store, &args);
+    };
+    let f = inspect_image(&store, &id, args.verify)?;
     if args.json {
         println!("{}", serde_json::to_string(&f)?);
     } else {
@@ -63,6 +67,51 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 f.manifest_id,
                 corrupt,
                 f.missing_chunks
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct StoreFigures {
+    chunks: u64,
+    chunk_bytes: u64,
+    manifests: Vec<ManifestId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    corrupt_chunks: Option<Vec<edgeshift_common::Fingerprint>>,
+}
+
+fn store_figures(store: &LocalStore, args: &Args) -> anyhow::Result<()> {
+    let stats = store.stats()?;
+    let f = StoreFigures {
+        chunks: stats.chunks,
+        chunk_bytes: stats.chunk_bytes,
+        manifests: store.list_manifests()?,
+        corrupt_chunks: if args.verify {
+            Some(store.verify_all_chunks()?)
+        } else {
+            None
+        },
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&f)?);
+    } else {
+        println!("{:<15} {}", "store", store.root().display());
+        println!("{:<15} {}", "chunks", f.chunks);
+        println!("{:<15} {}", "chunk bytes", f.chunk_bytes);
+        println!("{:<15} {}", "manifests", f.manifests.len());
+        for id in &f.manifests {
+            println!("  {id}");
+        }
+    }
+    if let Some(bad) = &f.corrupt_chunks {
+        if !bad.is_empty() {
+            anyhow::bail!(
+                "{} corrupt chunks in {}: {}",
+                bad.len(),
+                store.root().display(),
+                bad.iter().map(|fp| fp.to_string()).collect::<Vec<_>>().join(", ")
             );
         }
     }
