@@ -6,7 +6,7 @@
 //! fetch` in the destination's). Build it first:
 //!   cargo build --release -p edgeshift-agent -p edgeshift-perf
 //!   sudo target/release/transfer-bench            # writes perf/reports/transfer/
-//! Options: --size 256MiB  --bin PATH  --out DIR  --iperf-seconds 5
+//! Options: --size 256MiB  --bin PATH  --out DIR  --iperf-seconds 3  --rounds 3
 //! Needs root (namespaces, tc) and iperf3.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -28,6 +28,7 @@ struct Opts {
     bin: PathBuf,
     out: PathBuf,
     iperf_seconds: u32,
+    rounds: usize,
 }
 
 fn parse_size(s: &str) -> Result<u64> {
@@ -56,7 +57,8 @@ fn parse_opts() -> Result<Opts> {
             .map(PathBuf::from)
             .unwrap_or_else(|| exe_dir.join("edgeshift")),
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("reports/transfer"),
-        iperf_seconds: 5,
+        iperf_seconds: 3,
+        rounds: 3,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -66,9 +68,10 @@ fn parse_opts() -> Result<Opts> {
             "--bin" => o.bin = PathBuf::from(val()?),
             "--out" => o.out = PathBuf::from(val()?),
             "--iperf-seconds" => o.iperf_seconds = val()?.parse()?,
+            "--rounds" => o.rounds = val()?.parse::<usize>()?.max(1),
             "-h" | "--help" => {
                 println!(
-                    "transfer-bench [--size 256MiB] [--bin PATH/edgeshift] [--out DIR] [--iperf-seconds 5]\n\
+                    "transfer-bench [--size 256MiB] [--bin PATH/edgeshift] [--out DIR] [--iperf-seconds 3] [--rounds 3]\n\
                      Goodput of `edgeshift fetch` from 1, 2, 3 peers over tbf-limited veth paths, \
                      unequal paths, and one unthrottled pair against iperf3. Needs root and iperf3."
                 );
@@ -387,61 +390,69 @@ fn main() -> Result<()> {
     });
 
     // One unthrottled pair: iperf3 vs chunk goodput, CPU per GiB on each side.
+    // The host is shared, so the two are interleaved over several rounds and
+    // compared by their medians: each ratio is of figures taken seconds apart.
     tb.set_rate("dst", "p1", LinkSpec::default())?;
-    eprintln!("unthrottled pair: iperf3 for {} s", o.iperf_seconds);
-    let (iperf_mbit, iperf_srv_cpu, iperf_cli_cpu, iperf_bytes) = iperf(&tb, peers[0], o.iperf_seconds)?;
     let gib = |b: f64| b / (1u64 << 30) as f64;
+    let mut iperf_runs = Vec::new();
+    let mut fetch_runs: Vec<(&str, Value)> = Vec::new();
+    for round in 0..o.rounds {
+        eprintln!(
+            "unthrottled pair, round {}: iperf3 for {} s",
+            round + 1,
+            o.iperf_seconds
+        );
+        let (m, srv, cli, bytes) = iperf(&tb, peers[0], o.iperf_seconds)?;
+        iperf_runs.push(json!({"mbit_per_s": m, "server_cpu_s_per_gib": srv / gib(bytes), "client_cpu_s_per_gib": cli / gib(bytes)}));
+        for (label, dst) in [("disk", &dst_disk), ("tmpfs", &dst_tmpfs)] {
+            // A fresh agent so its CPU time covers this fetch only.
+            agents.remove(0).stop()?;
+            let log = work.join("agent-p1-unthrottled.log");
+            agents.insert(0, AgentProc::start(&tb, "p1", peers[0], &o, &src, &key, &log)?);
+            eprintln!("unthrottled pair, round {}: chunk fetch into {label}", round + 1);
+            let mut v = fetch(&tb, &o, &id, dst, &key, &peers[..1])?;
+            let server_cpu = agents.remove(0).stop()?;
+            agents.insert(0, AgentProc::start(&tb, "p1", peers[0], &o, &src, &key, &log)?);
+            let b = v["bytes_received"].as_f64().unwrap_or(0.0);
+            v["goodput_mbit_per_s"] = json!(mbit(&v));
+            v["server_cpu_s_per_gib"] = json!(server_cpu / gib(b));
+            v["client_cpu_s_per_gib"] = json!(v["cpu_seconds"].as_f64().unwrap_or(0.0) / gib(b));
+            fetch_runs.push((label, v));
+            let _ = std::fs::remove_dir_all(dst);
+        }
+    }
+    let median = |mut xs: Vec<f64>| -> f64 {
+        xs.sort_by(|a, b| a.total_cmp(b));
+        xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let field =
+        |runs: &[Value], k: &str| median(runs.iter().map(|r| r[k].as_f64().unwrap_or(f64::NAN)).collect());
+    let iperf_mbit = field(&iperf_runs, "mbit_per_s");
     let mut unthrottled = Vec::new();
-    for (label, dst) in [("disk", &dst_disk), ("tmpfs", &dst_tmpfs)] {
-        // A fresh agent so its CPU time covers this fetch only.
-        let a = agents.remove(0);
-        a.stop()?;
-        agents.insert(
-            0,
-            AgentProc::start(
-                &tb,
-                "p1",
-                peers[0],
-                &o,
-                &src,
-                &key,
-                &work.join("agent-p1-unthrottled.log"),
-            )?,
-        );
-        eprintln!("unthrottled pair: chunk fetch into {label}");
-        let v = fetch(&tb, &o, &id, dst, &key, &peers[..1])?;
-        let a = agents.remove(0);
-        let server_cpu = a.stop()?;
-        agents.insert(
-            0,
-            AgentProc::start(
-                &tb,
-                "p1",
-                peers[0],
-                &o,
-                &src,
-                &key,
-                &work.join("agent-p1-after.log"),
-            )?,
-        );
-        let b = v["bytes_received"].as_f64().unwrap_or(0.0);
-        let g = mbit(&v);
+    for label in ["disk", "tmpfs"] {
+        let runs: Vec<Value> = fetch_runs
+            .iter()
+            .filter(|(l, _)| *l == label)
+            .map(|(_, v)| v.clone())
+            .collect();
+        let g = field(&runs, "goodput_mbit_per_s");
         unthrottled.push(json!({
             "destination_store": label,
             "goodput_mbit_per_s": g,
             "ratio_to_iperf3": g / iperf_mbit,
             "target_ratio": 0.5,
             "meets_target": g / iperf_mbit >= 0.5,
-            "server_cpu_s_per_gib": server_cpu / gib(b),
-            "client_cpu_s_per_gib": v["cpu_seconds"].as_f64().unwrap_or(0.0) / gib(b),
-            "fetch": v,
+            "server_cpu_s_per_gib": field(&runs, "server_cpu_s_per_gib"),
+            "client_cpu_s_per_gib": field(&runs, "client_cpu_s_per_gib"),
+            "runs": runs,
         }));
-        let _ = std::fs::remove_dir_all(dst);
     }
     results["unthrottled_pair"] = json!({
+        "rounds": o.rounds,
         "iperf3_mbit_per_s": iperf_mbit,
-        "iperf3_server_cpu_s_per_gib": iperf_srv_cpu / gib(iperf_bytes),
-        "iperf3_client_cpu_s_per_gib": iperf_cli_cpu / gib(iperf_bytes),
+        "iperf3_server_cpu_s_per_gib": field(&iperf_runs, "server_cpu_s_per_gib"),
+        "iperf3_client_cpu_s_per_gib": field(&iperf_runs, "client_cpu_s_per_gib"),
+        "iperf3_runs": iperf_runs,
         "chunk_fetch": unthrottled,
     });
     results["loadavg_end"] = json!(loadavg());
@@ -504,7 +515,8 @@ fn markdown(r: &Value) -> String {
     }
     let t = &r["unthrottled_pair"];
     s.push_str(&format!(
-        "\n\n## One unthrottled veth pair\n\niperf3 (reverse, one stream): {:.0} Mbit/s; CPU s/GiB sender {:.3}, receiver {:.3}\n\n| destination store | chunk goodput Mbit/s | ÷ iperf3 | target ≥ 0.5 | server CPU s/GiB | fetch CPU s/GiB |\n| --- | --- | --- | --- | --- | --- |\n",
+        "\n\n## One unthrottled veth pair\n\nMedians of {} interleaved rounds (iperf3, fetch to disk, fetch to tmpfs). iperf3 (reverse, one stream): {:.0} Mbit/s; CPU s/GiB sender {:.3}, receiver {:.3}\n\n| destination store | chunk goodput Mbit/s | ÷ iperf3 | target ≥ 0.5 | server CPU s/GiB | fetch CPU s/GiB |\n| --- | --- | --- | --- | --- | --- |\n",
+        t["rounds"],
         f(&t["iperf3_mbit_per_s"]),
         f(&t["iperf3_server_cpu_s_per_gib"]),
         f(&t["iperf3_client_cpu_s_per_gib"])
