@@ -255,12 +255,18 @@ async fn send_chunk(
     let wire_bytes = if try_zstd {
         // Compression needs the bytes in user space; this path is only taken
         // on links slow enough that the CPU is not the bottleneck.
-        let mut raw = Vec::with_capacity(len as usize);
-        let mut f = file;
-        f.read_to_end(&mut raw)?;
-        let t = Instant::now();
-        let compressed = zstd::bulk::compress(&raw, ZstdPolicy::LEVEL)?;
-        if ZstdPolicy::finishes_sooner(raw.len(), compressed.len(), t.elapsed(), path_rate) {
+        // Reading and compressing run off the async workers.
+        let (raw, compressed, spent) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            let mut raw = Vec::with_capacity(len as usize);
+            let mut f = file;
+            f.read_to_end(&mut raw)?;
+            let t = Instant::now();
+            let compressed = zstd::bulk::compress(&raw, ZstdPolicy::LEVEL)?;
+            Ok((raw, compressed, t.elapsed()))
+        })
+        .await
+        .map_err(|e| TransferError::Io(std::io::Error::other(e)))??;
+        if ZstdPolicy::finishes_sooner(raw.len(), compressed.len(), spent, path_rate) {
             zstate.misses = 0;
             let prefix = wire::encode_chunk_prefix(rid, fp, raw.len() as u32, compressed.len() as u32, true);
             sock.write_all(&prefix).await?;
