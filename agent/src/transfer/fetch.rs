@@ -682,6 +682,9 @@ impl Sched {
         }
         let mut held: Vec<usize> = self.peers[p].inflight.iter().copied().collect();
         held.extend(self.peers[p].storing.iter().copied());
+        // Requeueing pushes to the front: go from the lowest priority up so
+        // the others' queues keep the caller's order.
+        held.sort_unstable_by(|a, b| b.cmp(a));
         for c in held {
             self.release(p, c);
             self.requeue(c);
@@ -1092,5 +1095,163 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(n: usize) -> Vec<SocketAddr> {
+        (0..n)
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16)))
+            .collect()
+    }
+
+    fn wants(n: usize, len: u64) -> Vec<ChunkWant> {
+        (0..n)
+            .map(|i| ChunkWant {
+                fp: Fingerprint::of(&(i as u64).to_le_bytes()),
+                len,
+                sources: None,
+            })
+            .collect()
+    }
+
+    fn opts() -> FetchOptions {
+        FetchOptions {
+            min_window: 100,
+            max_window: 1000,
+            initial_window: 300,
+            ..FetchOptions::default()
+        }
+    }
+
+    #[test]
+    fn windows_follow_measured_rates_and_work_is_shared_in_order() {
+        let mut s = Sched::new(&addrs(2), wants(20, 100), &opts());
+        // Unmeasured: the initial window (3 chunks of 100 bytes).
+        assert_eq!(s.take_batch(0, 32), vec![0, 1, 2]);
+        assert_eq!(s.take_batch(1, 32), vec![3, 4, 5]);
+        // Full windows take nothing more.
+        assert!(s.take_batch(0, 32).is_empty());
+        // Peer 1 measured 10x faster: its window grows to the cap.
+        s.peers[1].rate = 10_000.0;
+        s.peers[0].rate = 1_000.0;
+        assert_eq!(s.take_batch(1, 32).len(), 7);
+        // Arrival frees window; storing completes the chunk.
+        assert!(s.arrived(0, 0));
+        assert!(!s.arrived(0, 0), "a chunk arrives once");
+        s.chunk_stored(0, 0, 100, false);
+        assert_eq!(s.state[0], ChunkState::Done);
+        assert_eq!(s.remaining, 19);
+        assert_eq!(s.peers[0].chunks, 1);
+    }
+
+    #[test]
+    fn a_dead_peer_returns_its_chunks_and_a_lacking_chunk_moves_on() {
+        let mut s = Sched::new(&addrs(2), wants(6, 100), &opts());
+        let a = s.take_batch(0, 32);
+        assert_eq!(a, vec![0, 1, 2]);
+        // Chunk 1 arrived and is being stored when peer 0 dies.
+        assert!(s.arrived(0, 1));
+        s.peer_dead(0, Some("killed".into()));
+        for c in [0, 1, 2] {
+            assert_eq!(s.state[c], ChunkState::Queued, "chunk {c} requeued");
+        }
+        // Peer 1 gets them first, in the caller's order.
+        let b = s.take_batch(1, 32);
+        assert_eq!(b, vec![0, 1, 2]);
+        // Peer 1 lacks chunk 0: nobody else is alive, so it is unavailable.
+        s.chunk_lacking(1, 0);
+        assert_eq!(s.state[0], ChunkState::Unavailable);
+        assert_eq!(s.remaining, 5);
+        assert_eq!(s.peers[0].dropped.as_deref(), Some("killed"));
+    }
+
+    #[test]
+    fn per_chunk_sources_restrict_and_idle_fast_peers_steal_the_tail() {
+        let a = addrs(2);
+        let mut w = wants(4, 100);
+        w[0].sources = Some(vec![a[1]]);
+        w[1].sources = Some(vec![a[1]]);
+        w[3].sources = Some(vec!["10.0.0.1:1".parse().expect("addr")]);
+        let mut s = Sched::new(&a, w, &opts());
+        // Chunk 3's only source is not a peer: unavailable from the start.
+        assert_eq!(s.state[3], ChunkState::Unavailable);
+        assert_eq!(s.take_batch(0, 32), vec![2]);
+        assert_eq!(s.take_batch(1, 32), vec![0, 1]);
+        // Peer 0 is idle and much faster: it steals the chunk peer 1 would
+        // deliver last, but never one it may not serve.
+        s.peers[0].rate = 1e6;
+        s.peers[1].rate = 10.0;
+        s.arrived(0, 2);
+        s.chunk_stored(0, 2, 100, false);
+        assert!(s.take_batch(0, 32).is_empty(), "0 and 1 are restricted to peer 1");
+
+        let mut s = Sched::new(&a, wants(4, 100), &opts());
+        assert_eq!(s.take_batch(1, 32), vec![0, 1, 2]);
+        assert_eq!(s.take_batch(0, 32), vec![3]);
+        s.peers[0].rate = 1e6;
+        s.peers[1].rate = 10.0;
+        s.arrived(0, 3);
+        s.chunk_stored(0, 3, 100, false);
+        assert_eq!(
+            s.take_batch(0, 32),
+            vec![2],
+            "steals the latest request at the slow peer"
+        );
+        // The stolen copy wins; the slow copy is a duplicate when it arrives.
+        s.arrived(0, 2);
+        s.chunk_stored(0, 2, 100, false);
+        assert!(s.arrived(1, 2));
+        s.chunk_stored(1, 2, 100, false);
+        assert_eq!(s.peers[1].duplicates, 1);
+        assert_eq!(s.peers[1].chunks, 0);
+    }
+
+    #[test]
+    fn verify_rejects_wrong_lengths_bytes_and_bad_zstd() {
+        let data = vec![7u8; 4096];
+        let fp = Fingerprint::of(&data);
+        let mut body = vec![0u8; wire::CHUNK_HEAD_LEN];
+        body.extend_from_slice(&data);
+        let (buf, start) = verify(&fp, 4096, 4096, false, body.clone(), wire::CHUNK_HEAD_LEN).expect("valid");
+        assert_eq!(&buf[start..], &data[..]);
+        // Announced length differs from the manifest.
+        assert!(matches!(
+            verify(&fp, 4096, 4095, false, body.clone(), wire::CHUNK_HEAD_LEN),
+            Err(TransferError::BadChunk { .. })
+        ));
+        // Payload shorter than the manifest says.
+        assert!(matches!(
+            verify(
+                &fp,
+                4096,
+                4096,
+                false,
+                body[..body.len() - 1].to_vec(),
+                wire::CHUNK_HEAD_LEN
+            ),
+            Err(TransferError::BadChunk { .. })
+        ));
+        // Right length, wrong bytes.
+        let mut flipped = body.clone();
+        flipped[wire::CHUNK_HEAD_LEN] ^= 1;
+        assert!(matches!(
+            verify(&fp, 4096, 4096, false, flipped, wire::CHUNK_HEAD_LEN),
+            Err(TransferError::Store(StoreError::ChunkRejected { .. }))
+        ));
+        // zstd: round trip, garbage, and a bomb larger than the manifest allows.
+        let mut z = vec![0u8; wire::CHUNK_HEAD_LEN];
+        z.extend(zstd::bulk::compress(&data, 1).expect("compress"));
+        let (buf, start) = verify(&fp, 4096, 4096, true, z, wire::CHUNK_HEAD_LEN).expect("zstd valid");
+        assert_eq!(&buf[start..], &data[..]);
+        let mut garbage = vec![0u8; wire::CHUNK_HEAD_LEN];
+        garbage.extend_from_slice(b"not zstd at all");
+        assert!(verify(&fp, 4096, 4096, true, garbage, wire::CHUNK_HEAD_LEN).is_err());
+        let mut bomb = vec![0u8; wire::CHUNK_HEAD_LEN];
+        bomb.extend(zstd::bulk::compress(&vec![7u8; 1 << 20], 1).expect("compress"));
+        assert!(verify(&fp, 4096, 4096, true, bomb, wire::CHUNK_HEAD_LEN).is_err());
     }
 }
