@@ -37,12 +37,36 @@ pub enum LedgerError {
     BadRate(f64, String),
 }
 
+/// Hashes a fingerprint by its first 8 bytes: BLAKE3 output is already
+/// uniform, so SipHash over all 32 bytes buys nothing. (Only authenticated
+/// agents report fingerprints; see docs/coordinator.md.)
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FpHasher(u64);
+
+impl std::hash::Hasher for FpHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut b = [0u8; 8];
+        let n = bytes.len().min(8);
+        b[..n].copy_from_slice(&bytes[..n]);
+        self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(b);
+    }
+
+    // The slice length prefix of `[u8; 32]` is the same for every key.
+    fn write_usize(&mut self, _: usize) {}
+}
+
+type FpMap<V> = HashMap<Fingerprint, V, std::hash::BuildHasherDefault<FpHasher>>;
+
 /// Fingerprint ↔ dense id table. Ids are never reused: a chunk that no edge
 /// holds any more keeps its id (4 bytes in each per-chunk vector), which keeps
 /// ids stable for the bitmaps.
 #[derive(Debug, Default)]
 pub struct Interner {
-    ids: HashMap<Fingerprint, ChunkId>,
+    ids: FpMap<ChunkId>,
     fps: Vec<Fingerprint>,
 }
 
@@ -303,12 +327,16 @@ impl Ledger {
         usage: u64,
     ) -> Result<(), LedgerError> {
         let ix = self.edge_ix(edge)?;
-        let mut next = RoaringBitmap::new();
-        for fp in chunks {
-            if !fp.is_zero_chunk() {
-                next.insert(self.intern(fp));
-            }
-        }
+        let mut ids: Vec<ChunkId> = chunks
+            .iter()
+            .filter(|fp| !fp.is_zero_chunk())
+            .map(|fp| self.intern(fp))
+            .collect();
+        // Building from sorted ids is much faster than random inserts.
+        ids.sort_unstable();
+        ids.dedup();
+        let next = RoaringBitmap::from_sorted_iter(ids.iter().copied())
+            .unwrap_or_else(|_| ids.iter().copied().collect());
         let prev = std::mem::take(&mut self.edges[ix as usize].chunks);
         for gone in &prev - &next {
             let h = &mut self.holders[gone as usize];
