@@ -42,6 +42,17 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     max_len: u32,
     progress: Option<&AtomicU64>,
 ) -> Result<Frame, TransferError> {
+    read_frame_into(r, max_len, progress, Vec::new()).await
+}
+
+/// [`read_frame`] into a recycled buffer (cleared first), which saves the
+/// page faults of a fresh allocation per chunk on a busy receiver.
+pub async fn read_frame_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max_len: u32,
+    progress: Option<&AtomicU64>,
+    mut body: Vec<u8>,
+) -> Result<Frame, TransferError> {
     let mut hdr = [0u8; HEADER_LEN];
     match r.read_exact(&mut hdr).await {
         Ok(_) => {}
@@ -52,7 +63,8 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     let len = header.body_len() as usize;
     // Read into spare capacity: no zero-fill pass over a buffer that the
     // socket is about to overwrite anyway.
-    let mut body = Vec::with_capacity(len);
+    body.clear();
+    body.reserve(len);
     while body.len() < len {
         let want = (len - body.len()).min(READ_PIECE);
         let n = (&mut *r).take(want as u64).read_buf(&mut body).await?;

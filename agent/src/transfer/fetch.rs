@@ -30,7 +30,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use super::conn::{client_handshake, read_frame, unexpected, Frame, AUTH_TIMEOUT};
+use super::conn::{client_handshake, read_frame, read_frame_into, unexpected, Frame, AUTH_TIMEOUT};
 use super::{ClusterKey, TransferError};
 use crate::store::{ChunkStore, LocalStore, StoreError};
 
@@ -266,9 +266,11 @@ impl Fetcher {
         }
         let (writer, writer_rx) = std::sync::mpsc::channel();
         let writer_store = self.store.clone();
+        let pool = Arc::new(BufPool::default());
+        let writer_pool = pool.clone();
         let writer_handle = std::thread::Builder::new()
             .name("chunk-writer".into())
-            .spawn(move || writer_thread(writer_store, writer_rx))?;
+            .spawn(move || writer_thread(writer_store, writer_rx, writer_pool))?;
         let mut tasks = JoinSet::new();
         for (i, addr) in self.peers.iter().enumerate() {
             let ctx = PeerCtx {
@@ -279,6 +281,7 @@ impl Fetcher {
                 sched: sched.clone(),
                 progress: self.progress.clone(),
                 writer: writer.clone(),
+                pool: pool.clone(),
             };
             tasks.spawn(async move {
                 let reason = run_peer(&ctx).await;
@@ -710,6 +713,7 @@ struct PeerCtx {
     sched: Arc<Shared>,
     progress: Arc<FetchProgress>,
     writer: std::sync::mpsc::Sender<WriteJob>,
+    pool: Arc<BufPool>,
 }
 
 /// Outcome of verifying and storing one received chunk.
@@ -739,9 +743,11 @@ async fn run_peer(ctx: &PeerCtx) -> Option<String> {
     let received = Arc::new(AtomicU64::new(0));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame, TransferError>>(8);
     let rx_counter = received.clone();
+    let reader_pool = ctx.pool.clone();
     let reader = tokio::spawn(async move {
         loop {
-            let r = read_frame(&mut rd, MAX_FRAME_LEN, Some(&rx_counter)).await;
+            let buf = reader_pool.take();
+            let r = read_frame_into(&mut rd, MAX_FRAME_LEN, Some(&rx_counter), buf).await;
             let stop = r.is_err();
             if tx.send(r).await.is_err() || stop {
                 return;
@@ -1015,7 +1021,7 @@ const COMMIT_DELAY: Duration = Duration::from_millis(100);
 /// fetched only once its batch is committed, so an interrupted fetch never
 /// believes it has a chunk that is not on disk. Staging the next batch
 /// overlaps with committing the previous one (a second, scoped thread).
-fn writer_thread(store: Arc<LocalStore>, rx: std::sync::mpsc::Receiver<WriteJob>) {
+fn writer_thread(store: Arc<LocalStore>, rx: std::sync::mpsc::Receiver<WriteJob>, pool: Arc<BufPool>) {
     use std::sync::mpsc::RecvTimeoutError;
     type Waiting = Vec<tokio::sync::oneshot::Sender<Result<(), StoreError>>>;
     let store: &LocalStore = &store;
@@ -1062,6 +1068,7 @@ fn writer_thread(store: Arc<LocalStore>, rx: std::sync::mpsc::Receiver<WriteJob>
                     let t = Instant::now();
                     let staged = batch.stage(&job.fp, &job.buf[job.start..]);
                     stage_time += t.elapsed();
+                    pool.put(job.buf);
                     match staged {
                         Ok(()) => waiting.push(job.done),
                         Err(e) => {
@@ -1088,6 +1095,34 @@ fn writer_thread(store: Arc<LocalStore>, rx: std::sync::mpsc::Receiver<WriteJob>
             }
         }
     });
+}
+
+/// Receive buffers handed back by the writer once their chunk is staged.
+#[derive(Default)]
+struct BufPool(Mutex<(Vec<Vec<u8>>, usize)>);
+
+impl BufPool {
+    /// Most bytes of spare buffers kept (a few fast windows' worth).
+    const MAX_BYTES: usize = 64 << 20;
+
+    fn take(&self) -> Vec<u8> {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match g.0.pop() {
+            Some(buf) => {
+                g.1 -= buf.capacity();
+                buf
+            }
+            None => Vec::new(),
+        }
+    }
+
+    fn put(&self, buf: Vec<u8>) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if g.1 + buf.capacity() <= Self::MAX_BYTES {
+            g.1 += buf.capacity();
+            g.0.push(buf);
+        }
+    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
