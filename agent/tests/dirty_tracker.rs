@@ -167,7 +167,7 @@ fn ebpf_counts_dd_writes_exactly_per_chunk() {
     let Some(dev) = LoopDev::new(16 << 20) else {
         return;
     };
-    let Some(mut t) = ebpf_tracker(64 * KIB, 1024) else {
+    let Some(mut t) = ebpf_tracker(64 * KIB, 1 << 16) else {
         return;
     };
     t.watch(dev.id()).expect("watch");
@@ -198,7 +198,7 @@ fn ebpf_hot_region_ranks_first() {
     let Some(dev) = LoopDev::new(16 << 20) else {
         return;
     };
-    let Some(t) = ebpf_tracker(256 * KIB, 1024) else {
+    let Some(t) = ebpf_tracker(256 * KIB, 1 << 16) else {
         return;
     };
     let mut m = DirtyMonitor::new(Box::new(t), RateConfig::default());
@@ -233,7 +233,7 @@ fn ebpf_ignores_unwatched_devices() {
     let (Some(watched), Some(other)) = (LoopDev::new(8 << 20), LoopDev::new(8 << 20)) else {
         return;
     };
-    let Some(mut t) = ebpf_tracker(64 * KIB, 1024) else {
+    let Some(mut t) = ebpf_tracker(64 * KIB, 1 << 16) else {
         return;
     };
     t.watch(watched.id()).expect("watch");
@@ -266,7 +266,8 @@ fn two_ebpf_trackers_at_once_each_see_their_devices() {
         return;
     };
     // Different chunk sizes too: each tracker has its own program and maps.
-    let (Some(mut ta), Some(mut tb)) = (ebpf_tracker(64 * KIB, 1024), ebpf_tracker(4 * KIB, 1024)) else {
+    let (Some(mut ta), Some(mut tb)) = (ebpf_tracker(64 * KIB, 1 << 16), ebpf_tracker(4 * KIB, 1 << 16))
+    else {
         return;
     };
     ta.watch(a.id()).expect("watch a");
@@ -300,7 +301,7 @@ fn ebpf_loses_no_increment_under_concurrent_writers() {
     let Some(dev) = LoopDev::new(8 << 20) else {
         return;
     };
-    let Some(mut t) = ebpf_tracker(1 << 20, 1024) else {
+    let Some(mut t) = ebpf_tracker(1 << 20, 1 << 16) else {
         return;
     };
     t.watch(dev.id()).expect("watch");
@@ -333,28 +334,48 @@ fn ebpf_loses_no_increment_under_concurrent_writers() {
 }
 
 #[test]
-fn ebpf_full_map_reports_dropped_updates() {
-    let Some(dev) = LoopDev::new(8 << 20) else {
+fn ebpf_reports_writes_it_has_no_counter_for() {
+    let Some(dev) = LoopDev::new(1 << 20) else {
         return;
     };
-    let Some(mut t) = ebpf_tracker(4 * KIB, 4) else {
+    // Too few counters for the device: watching fails loudly.
+    let Some(mut small) = ebpf_tracker(4 * KIB, 100) else {
+        return;
+    };
+    let err = small.watch(dev.id()).expect_err("256 chunks do not fit in 100");
+    assert!(err.to_string().contains("needs 256"), "{err}");
+    drop(small);
+
+    // Exactly enough counters for 1 MiB; then the device grows to 2 MiB
+    // (backing file extended, `losetup -c`): writes past the first MiB have
+    // no counter and must show up as dropped, not vanish.
+    let Some(mut t) = ebpf_tracker(4 * KIB, 256) else {
         return;
     };
     t.watch(dev.id()).expect("watch");
-    // Ten distinct chunks into a map of four: six updates cannot be stored.
-    for c in 0..10 {
-        dev.dd(c * 4 * KIB, 4096, 1);
-    }
-    // A write to a chunk already in the map still counts.
+    assert_eq!(t.free_slots(), 0);
+    let backing = dev._dir.path().join("disk.img");
+    OpenOptions::new()
+        .write(true)
+        .open(&backing)
+        .and_then(|f| f.set_len(2 << 20))
+        .expect("grow backing file");
+    let st = Command::new("losetup")
+        .arg("-c")
+        .arg(&dev.path)
+        .status()
+        .expect("losetup -c runs");
+    assert!(st.success());
+    dev.dd(255 * 4 * KIB, 4096, 1); // last counted chunk
+    dev.dd(300 * 4 * KIB, 4096, 2); // past the counters: 2 dropped
+    dev.dd(1020 * KIB, 8192, 1); // chunk 255 counted, chunk 256 dropped
     let counts = t.read_counts().expect("read");
-    let first = counts.chunks.first().expect("some chunk stored").index;
-    dev.dd(first * 4 * KIB, 4096, 1);
-    let counts = t.read_counts().expect("read");
-    assert_eq!(counts.chunks.len(), 4);
-    assert_eq!(counts.dropped, 6);
-    assert_eq!(counts.events, 11);
-    let total: u64 = counts.chunks.iter().map(|c| c.writes).sum();
-    assert_eq!(total, 5);
+    assert_eq!(
+        of_device(&by_chunk(&counts), dev.id()),
+        [(255, (2, 8192))].into_iter().collect()
+    );
+    assert_eq!(counts.dropped, 3);
+    assert_eq!(counts.events, 4);
 }
 
 fn bpftool_has(kind: &str, id: u32) -> bool {
@@ -372,7 +393,7 @@ fn detaching_leaves_no_bpf_program_or_map_behind() {
     if !capability("root", is_root()) {
         return;
     }
-    let Some(t) = ebpf_tracker(64 * KIB, 1024) else {
+    let Some(t) = ebpf_tracker(64 * KIB, 1 << 16) else {
         return;
     };
     let (prog, maps) = t.kernel_ids();

@@ -18,27 +18,28 @@ pub const PROGRAM: &str = "dirty_bio_queue";
 pub const TRACEPOINT: (&str, &str) = ("block", "block_bio_queue");
 /// `.rodata` global: log2 of the chunk size, set by the loader.
 pub const CHUNK_SHIFT_GLOBAL: &str = "CHUNK_SHIFT";
-/// Hash map of watched devices (kernel `dev_t` → 1).
+/// Hash map of watched devices: kernel `dev_t` → [`WatchedDev`].
 pub const WATCHED_MAP: &str = "WATCHED";
-/// Per-CPU hash map [`ChunkKey`] → [`ChunkCounts`].
+/// Array (mmapable) of [`ChunkCounts`], one per chunk of every watched
+/// device, at `WatchedDev::base + chunk index`.
 pub const CHUNKS_MAP: &str = "CHUNKS";
 /// Per-CPU array with one [`TrackerStats`].
 pub const STATS_MAP: &str = "STATS";
 /// Most chunks one bio is counted into; wider bios bump `truncated`.
 pub const MAX_SPAN_CHUNKS: u64 = 1024;
 
-/// Key of the `CHUNKS` map: `struct chunk_key` in the C source.
+/// Value of the `WATCHED` map: `struct watched_dev` in the C source.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct ChunkKey {
-    /// Kernel-internal `dev_t` (see [`kernel_dev`]).
-    pub dev: u32,
-    pub pad: u32,
-    /// Byte offset on the device >> chunk shift.
-    pub chunk: u64,
+pub struct WatchedDev {
+    /// First slot of the device's counters in `CHUNKS`.
+    pub base: u32,
+    /// Chunks the device has; writes past them count as dropped.
+    pub chunks: u32,
 }
 
-/// One CPU's value in the `CHUNKS` map: `struct chunk_counts`.
+/// One element of the `CHUNKS` array: `struct chunk_counts`, updated with
+/// atomic adds by the program.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ChunkCounts {
@@ -59,7 +60,7 @@ pub struct TrackerStats {
 }
 
 // The C side's sizes (x86_64/aarch64, both little-endian LP64 like BPF).
-const _: () = assert!(std::mem::size_of::<ChunkKey>() == 16);
+const _: () = assert!(std::mem::size_of::<WatchedDev>() == 8);
 const _: () = assert!(std::mem::size_of::<ChunkCounts>() == 16);
 const _: () = assert!(std::mem::size_of::<TrackerStats>() == 24);
 
@@ -161,7 +162,7 @@ mod tests {
 
     #[test]
     fn layout_field_offsets_match_c() {
-        assert_eq!(std::mem::offset_of!(ChunkKey, chunk), 8);
+        assert_eq!(std::mem::offset_of!(WatchedDev, chunks), 4);
         assert_eq!(std::mem::offset_of!(ChunkCounts, bytes), 8);
         assert_eq!(std::mem::offset_of!(TrackerStats, dropped), 8);
         assert_eq!(std::mem::offset_of!(TrackerStats, truncated), 16);
@@ -187,7 +188,7 @@ mod tests {
         let text = String::from_utf8_lossy(&out.stdout);
         let _ = std::fs::remove_dir_all(&dir);
         for (name, size) in [
-            ("chunk_key", std::mem::size_of::<ChunkKey>()),
+            ("watched_dev", std::mem::size_of::<WatchedDev>()),
             ("chunk_counts", std::mem::size_of::<ChunkCounts>()),
             ("tracker_stats", std::mem::size_of::<TrackerStats>()),
         ] {

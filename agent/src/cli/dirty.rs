@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use edgeshift_agent::dirty::{
-    open_tracker, DeviceId, DirtyMonitor, RateConfig, Snapshot, TrackerChoice, DEFAULT_CAPACITY,
+    capacity_for, open_tracker, DeviceId, DirtyMonitor, RateConfig, Snapshot, TrackerChoice,
 };
 use edgeshift_common::ChunkSize;
 
@@ -42,9 +42,11 @@ pub struct Args {
     /// Which tracker: eBPF, the ftrace fallback, or auto (eBPF if it loads).
     #[arg(long, value_enum, default_value_t = TrackerChoice::Auto)]
     tracker: TrackerChoice,
-    /// Distinct chunks the eBPF map holds; updates beyond it are counted as dropped.
-    #[arg(long, default_value_t = DEFAULT_CAPACITY)]
-    capacity: u32,
+    /// eBPF chunk counters to allocate (default: exactly the watched
+    /// devices' chunk count). Writes past a device's size at start (it grew)
+    /// are counted as dropped.
+    #[arg(long)]
+    capacity: Option<u32>,
     /// Half-life of the write rate's exponential smoothing, in seconds.
     #[arg(long, default_value_t = 5.0)]
     half_life: f64,
@@ -84,7 +86,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .iter()
         .map(|p| DeviceId::of_path(p).map(|d| (p.display().to_string(), d)))
         .collect::<Result<Vec<_>, _>>()?;
-    let tracker = open_tracker(args.tracker, args.chunk_size.bytes(), args.capacity)
+    let ids: Vec<DeviceId> = devices.iter().map(|(_, d)| *d).collect();
+    let capacity = match args.capacity {
+        Some(c) => c,
+        None => capacity_for(&ids, args.chunk_size.bytes())?,
+    };
+    let tracker = open_tracker(args.tracker, args.chunk_size.bytes(), capacity)
         .context("starting the dirty tracker")?;
     let mut monitor = DirtyMonitor::new(
         tracker,
@@ -142,7 +149,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if snap.dropped > 0 {
         tracing::warn!(
             dropped = snap.dropped,
-            "some writes were not counted (map full or buffer overrun); raise --capacity"
+            "some writes were not counted (device grew past its counters, or the fallback's buffer overran)"
         );
     }
     let mut out = std::io::stdout().lock();

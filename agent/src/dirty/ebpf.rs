@@ -1,14 +1,26 @@
 //! The eBPF tracker: loads the embedded `dirty.bpf.o` with aya, attaches it
-//! to `block:block_bio_queue` and sums its per-CPU counters.
+//! to `block:block_bio_queue` and reads its counters.
 //!
-//! Every kernel object (program, tracepoint link, maps) is owned by the
-//! [`EbpfTracker`]; dropping it closes their file descriptors, which detaches
-//! the program and frees the maps: nothing is pinned, nothing stays behind.
+//! Layout: every watched device gets a range of slots in the `CHUNKS` array,
+//! one per chunk of the device; the program adds each write into its slot
+//! with atomic adds. The agent maps the array read-only into its address
+//! space, so a reading costs a memory scan instead of a syscall per chunk.
+//!
+//! Every kernel object (program, tracepoint link, maps, the mapping) is owned
+//! by the [`EbpfTracker`]; dropping it unmaps the array and closes the file
+//! descriptors, which detaches the program and frees the maps: nothing is
+//! pinned, nothing stays behind.
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap};
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
-use edgeshift_ebpf::{ChunkCounts, ChunkKey, TrackerStats};
+use edgeshift_ebpf::{ChunkCounts, TrackerStats, WatchedDev};
 
 use super::{chunk_shift, DeviceId, DirtyError, DirtyTracker, RawChunk, RawCounts, TrackerKind};
 
@@ -22,44 +34,114 @@ const MAX_WATCHED: usize = 64;
 // layout types live in the `ebpf` crate, so they are wrapped here.
 #[repr(transparent)]
 #[derive(Clone, Copy)]
-struct Key(ChunkKey);
-#[repr(transparent)]
-#[derive(Clone, Copy)]
-struct Counts(ChunkCounts);
+struct Watched(WatchedDev);
 #[repr(transparent)]
 #[derive(Clone, Copy)]
 struct Stats(TrackerStats);
 
-// SAFETY: `ChunkKey` is #[repr(C)] of two u32 and one u64 with no padding
-// (size 16 is asserted in the ebpf crate); every bit pattern is valid.
-unsafe impl aya::Pod for Key {}
-// SAFETY: `ChunkCounts` is #[repr(C)] of two u64: no padding, any bits valid.
-unsafe impl aya::Pod for Counts {}
+// SAFETY: `WatchedDev` is #[repr(C)] of two u32: no padding (size 8 is
+// asserted in the ebpf crate); every bit pattern is valid.
+unsafe impl aya::Pod for Watched {}
 // SAFETY: `TrackerStats` is #[repr(C)] of three u64: no padding, any bits valid.
 unsafe impl aya::Pod for Stats {}
+
+/// The `CHUNKS` array mapped read-only: `slots` pairs of (writes, bytes)
+/// that the BPF program updates with atomic adds.
+struct CounterArray {
+    base: NonNull<AtomicU64>,
+    slots: usize,
+    mapped_len: usize,
+}
+
+// SAFETY: the mapping is shared memory that is only ever read through
+// atomics; the pointer stays valid until Drop, whichever thread runs it.
+unsafe impl Send for CounterArray {}
+
+impl CounterArray {
+    fn map(map: &MapData, slots: usize) -> Result<Self, DirtyError> {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .unwrap_or(4096)
+            .max(1);
+        let bytes = slots * std::mem::size_of::<ChunkCounts>();
+        // The kernel accepts exactly the array's size rounded up to pages.
+        let mapped_len = bytes.div_ceil(page) * page;
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: a fresh read-only shared mapping of a BPF array created
+        // with BPF_F_MMAPABLE; address chosen by the kernel, length within
+        // the array's pages; the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mapped_len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DirtyError::Mmap(std::io::Error::last_os_error()));
+        }
+        let base = NonNull::new(ptr.cast::<AtomicU64>())
+            .ok_or_else(|| DirtyError::Mmap(std::io::Error::other("mmap returned null")))?;
+        Ok(CounterArray {
+            base,
+            slots,
+            mapped_len,
+        })
+    }
+
+    /// (writes, bytes) of one slot; zeros past the end.
+    fn get(&self, slot: usize) -> (u64, u64) {
+        if slot >= self.slots {
+            return (0, 0);
+        }
+        // SAFETY: slot < slots, so both words lie inside the mapping, which
+        // is page-aligned (so 8-aligned) and lives as long as `self`;
+        // AtomicU64 has u64's layout and the kernel writes them atomically.
+        let words = unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(slot * 2), 2) };
+        (words[0].load(Ordering::Relaxed), words[1].load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for CounterArray {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the region `map` mapped; no reference into
+        // it outlives `self` (`get` returns copies).
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.mapped_len);
+        }
+    }
+}
 
 /// Per-chunk write counters kept by a BPF program in the kernel.
 pub struct EbpfTracker {
     chunk_size: u64,
-    watched: BpfHashMap<MapData, u32, u8>,
+    capacity: u32,
+    next_slot: u32,
+    ranges: HashMap<DeviceId, WatchedDev>,
+    watched: BpfHashMap<MapData, u32, Watched>,
     watched_count: usize,
-    chunks: PerCpuHashMap<MapData, Key, Counts>,
     stats: PerCpuArray<MapData, Stats>,
     prog_id: u32,
     map_ids: Vec<u32>,
-    // Declared last so the maps above are closed first; dropping it
-    // detaches the tracepoint link and unloads the program.
+    // Field order is drop order: unmap, then close the array, then the rest.
+    counters: CounterArray,
+    _chunks: MapData,
     _bpf: Ebpf,
 }
 
 impl EbpfTracker {
-    /// Loads and attaches the program; `capacity` is the number of distinct
-    /// (device, chunk) pairs the map holds before updates are dropped.
+    /// Loads and attaches the program. `capacity` is the number of chunk
+    /// counters, shared by all devices the tracker will watch (a device of
+    /// N bytes needs N / chunk_size of them, rounded up).
     pub fn new(chunk_size: u64, capacity: u32) -> Result<Self, DirtyError> {
         let shift = chunk_shift(chunk_size)?;
+        let capacity = capacity.max(1);
         let mut bpf = EbpfLoader::new()
             .set_global(edgeshift_ebpf::CHUNK_SHIFT_GLOBAL, &shift, true)
-            .set_max_entries(edgeshift_ebpf::CHUNKS_MAP, capacity.max(1))
+            .set_max_entries(edgeshift_ebpf::CHUNKS_MAP, capacity)
             .load(OBJECT)?;
         let prog: &mut TracePoint = bpf
             .program_mut(edgeshift_ebpf::PROGRAM)
@@ -74,8 +156,12 @@ impl EbpfTracker {
 
         let take = |bpf: &mut Ebpf, name: &'static str| bpf.take_map(name).ok_or(DirtyError::BpfObject(name));
         let watched = BpfHashMap::try_from(take(&mut bpf, edgeshift_ebpf::WATCHED_MAP)?)?;
-        let chunks = PerCpuHashMap::try_from(take(&mut bpf, edgeshift_ebpf::CHUNKS_MAP)?)?;
         let stats = PerCpuArray::try_from(take(&mut bpf, edgeshift_ebpf::STATS_MAP)?)?;
+        let chunks = match take(&mut bpf, edgeshift_ebpf::CHUNKS_MAP)? {
+            Map::Array(data) => data,
+            _ => return Err(DirtyError::BpfObject("CHUNKS as an array map")),
+        };
+        let counters = CounterArray::map(&chunks, capacity as usize)?;
         tracing::debug!(
             prog_id,
             ?map_ids,
@@ -85,12 +171,16 @@ impl EbpfTracker {
         );
         Ok(EbpfTracker {
             chunk_size,
+            capacity,
+            next_slot: 0,
+            ranges: HashMap::new(),
             watched,
             watched_count: 0,
-            chunks,
             stats,
             prog_id,
             map_ids,
+            counters,
+            _chunks: chunks,
             _bpf: bpf,
         })
     }
@@ -100,6 +190,16 @@ impl EbpfTracker {
     pub fn kernel_ids(&self) -> (u32, &[u32]) {
         (self.prog_id, &self.map_ids)
     }
+
+    /// Counters not yet given to a device.
+    pub fn free_slots(&self) -> u32 {
+        self.capacity - self.next_slot
+    }
+}
+
+/// Chunks of a device of `bytes` bytes, the last one possibly short.
+pub(crate) fn chunks_of(bytes: u64, chunk_size: u64) -> u64 {
+    bytes.div_ceil(chunk_size)
 }
 
 impl DirtyTracker for EbpfTracker {
@@ -119,7 +219,26 @@ impl DirtyTracker for EbpfTracker {
         if self.watched_count >= MAX_WATCHED {
             return Err(DirtyError::TooManyDevices(MAX_WATCHED));
         }
-        self.watched.insert(key, 1, 0)?;
+        // A device watched before keeps its slots (and its counts).
+        let range = match self.ranges.get(&dev) {
+            Some(r) => *r,
+            None => {
+                let need = chunks_of(dev.size()?, self.chunk_size);
+                let free = self.free_slots();
+                let chunks = u32::try_from(need)
+                    .ok()
+                    .filter(|&n| n <= free)
+                    .ok_or(DirtyError::Capacity { dev, need, free })?;
+                let r = WatchedDev {
+                    base: self.next_slot,
+                    chunks,
+                };
+                self.next_slot += chunks;
+                self.ranges.insert(dev, r);
+                r
+            }
+        };
+        self.watched.insert(key, Watched(range), 0)?;
         self.watched_count += 1;
         Ok(())
     }
@@ -137,17 +256,18 @@ impl DirtyTracker for EbpfTracker {
 
     fn read_counts(&mut self) -> Result<RawCounts, DirtyError> {
         let mut out = RawCounts::default();
-        for entry in self.chunks.iter() {
-            let (Key(key), per_cpu) = entry?;
-            let (writes, bytes) = per_cpu
-                .iter()
-                .fold((0u64, 0u64), |(w, b), Counts(c)| (w + c.writes, b + c.bytes));
-            out.chunks.push(RawChunk {
-                dev: DeviceId::from_kernel_dev(key.dev),
-                index: key.chunk,
-                writes,
-                bytes,
-            });
+        for (&dev, range) in &self.ranges {
+            for index in 0..range.chunks {
+                let (writes, bytes) = self.counters.get((range.base + index) as usize);
+                if writes > 0 {
+                    out.chunks.push(RawChunk {
+                        dev,
+                        index: u64::from(index),
+                        writes,
+                        bytes,
+                    });
+                }
+            }
         }
         let per_cpu = self.stats.get(&0, 0)?;
         for Stats(s) in per_cpu.iter() {

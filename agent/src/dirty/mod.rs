@@ -6,7 +6,8 @@
 //! counts; [`DirtyMonitor`] turns successive readings into exponentially
 //! weighted rates and temperature classes. Trackers:
 //! - [`EbpfTracker`]: a BPF program on `block:block_bio_queue` (see
-//!   `ebpf/src/dirty.bpf.c`) counting into per-CPU maps in the kernel.
+//!   `ebpf/src/dirty.bpf.c`) counting with atomic adds into an array with one
+//!   slot per chunk of each watched device, which the agent reads via mmap.
 //! - [`FtraceTracker`]: the fallback for hosts where BPF cannot be loaded. Its
 //!   signal is the same tracepoint's text events, read from a private ftrace
 //!   instance's `trace_pipe` in tracefs (ftrace needs no BPF), so it sees every
@@ -59,6 +60,12 @@ pub enum DirtyError {
     Tracefs { path: String, source: std::io::Error },
     #[error("no tracefs with block events is mounted (mount -t tracefs nodev /sys/kernel/tracing)")]
     NoTracefs,
+    #[error("{dev} needs {need} chunk counters but the tracker has {free} left (raise the capacity)")]
+    Capacity { dev: DeviceId, need: u64, free: u32 },
+    #[error("mapping the BPF counter array: {0}")]
+    Mmap(std::io::Error),
+    #[error("size of block device {dev}: {source}")]
+    DeviceSize { dev: DeviceId, source: std::io::Error },
     #[error("too many watched devices (at most {0})")]
     TooManyDevices(usize),
     #[error("no tracker could start: eBPF: {ebpf}; fallback: {fallback}")]
@@ -93,6 +100,19 @@ impl DeviceId {
     /// tracepoint's `dev` field holds.
     pub fn kernel_dev(self) -> u32 {
         edgeshift_ebpf::kernel_dev(self.major, self.minor)
+    }
+
+    /// The device's size in bytes, from `/sys/dev/block/MAJ:MIN/size`
+    /// (always in 512-byte sectors).
+    pub fn size(self) -> Result<u64, DirtyError> {
+        let path = format!("/sys/dev/block/{}:{}/size", self.major, self.minor);
+        let text =
+            std::fs::read_to_string(&path).map_err(|source| DirtyError::DeviceSize { dev: self, source })?;
+        let sectors: u64 = text.trim().parse().map_err(|_| DirtyError::DeviceSize {
+            dev: self,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{path} holds {text:?}")),
+        })?;
+        Ok(sectors.saturating_mul(512))
     }
 
     pub fn from_kernel_dev(dev: u32) -> Self {
@@ -171,8 +191,28 @@ pub enum TrackerChoice {
     Fallback,
 }
 
-/// Default capacity of the eBPF chunk map (distinct chunks tracked).
-pub const DEFAULT_CAPACITY: u32 = 1 << 18;
+/// Default number of eBPF chunk counters (16 bytes each, 16 MiB in all):
+/// 256 GiB of devices at 256 KiB chunks, 4 GiB at 4 KiB. Callers that know
+/// their devices size the tracker with [`capacity_for`].
+pub const DEFAULT_CAPACITY: u32 = 1 << 20;
+
+/// Chunk counters the given devices need at `chunk_size`, to size an
+/// [`EbpfTracker`] exactly.
+pub fn capacity_for(devices: &[DeviceId], chunk_size: u64) -> Result<u32, DirtyError> {
+    let mut total = 0u64;
+    for &dev in devices {
+        let need = ebpf::chunks_of(dev.size()?, chunk_size);
+        total = total.saturating_add(need);
+        if total > u64::from(u32::MAX) {
+            return Err(DirtyError::Capacity {
+                dev,
+                need,
+                free: u32::MAX,
+            });
+        }
+    }
+    Ok(total as u32)
+}
 
 /// Starts the chosen tracker and logs which one is active.
 pub fn open_tracker(
