@@ -400,3 +400,166 @@ fn bad_coordinator_urls_and_tokens_are_refused() {
     std::fs::write(&empty, "  \n").expect("write");
     assert!(edgeshift_agent::coordination::read_token(&empty).is_err());
 }
+
+/// A child process killed on drop.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn edgeshift() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_edgeshift"))
+}
+
+/// `edgeshift agent … --coordinator` on 127.0.0.1:0; returns once it listens.
+fn spawn_agent(id: &str, store: &Path, key: &Path, url: &str, token: &Path) -> Proc {
+    use std::io::BufRead;
+    let mut child = edgeshift()
+        .args(["agent", "--listen", "127.0.0.1:0", "--id", id, "--no-zstd"])
+        .arg("--store")
+        .arg(store)
+        .arg("--cluster-key-file")
+        .arg(key)
+        .args(["--coordinator", url, "--capacity", "1GiB"])
+        .arg("--token-file")
+        .arg(token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn agent");
+    let out = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    std::io::BufReader::new(out)
+        .read_line(&mut line)
+        .expect("read listening line");
+    assert!(line.starts_with("listening on"), "agent said {line:?}");
+    Proc(child)
+}
+
+/// The CLI end to end: two `edgeshift agent --coordinator` daemons report
+/// to the coordinator; `edgeshift fetch --coordinator` pulls an image sliced
+/// at one into the other from the plan, and it restores byte for byte.
+#[test]
+fn agent_and_fetch_cli_work_through_the_coordinator() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_coord(&dir.path().join("coord"), "127.0.0.1:0");
+    let key = dir.path().join("cluster.key");
+    std::fs::write(&key, hex::encode([9u8; 32])).expect("key");
+    let token = dir.path().join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).expect("token");
+    // A 3 MiB image of distinct 256 KiB chunks, with a hole.
+    let mut img = vec![0u8; 3 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for word in img[..5 << 19].chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        word.copy_from_slice(&x.to_le_bytes()[..word.len()]);
+    }
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, &img).expect("image");
+    let src = dir.path().join("src");
+    let dst = dir.path().join("dst");
+    let out = edgeshift()
+        .arg("slice")
+        .arg(&image)
+        .arg("--store")
+        .arg(&src)
+        .output()
+        .expect("slice");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .expect("id line")
+        .trim()
+        .to_string();
+    let _src_agent = spawn_agent("src", &src, &key, &c.url, &token);
+    let _dst_agent = spawn_agent("dst", &dst, &key, &c.url, &token);
+    // Wait for both links' first reports.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let known = |e: &str| {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .into();
+            agent
+                .get(format!("{}/v1/edges/{e}", c.url))
+                .header("Authorization", format!("Bearer {TOKEN}"))
+                .call()
+                .ok()
+                .filter(|r| r.status().as_u16() == 200)
+                .and_then(|mut r| r.body_mut().read_json::<serde_json::Value>().ok())
+                .is_some_and(|v| v["reported"] == true)
+        };
+        if known("src") && known("dst") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "agents never reported");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(get(&c, "/v1/edges/src")["chunks"], 10, "the hole is not a chunk");
+    assert_eq!(get(&c, &format!("/v1/manifests/{id}"))["unique_chunks"], 10);
+
+    let out = edgeshift()
+        .args([
+            "fetch",
+            &id,
+            "--node-id",
+            "dst",
+            "--json",
+            "--coordinator",
+            &c.url,
+        ])
+        .arg("--store")
+        .arg(&dst)
+        .arg("--cluster-key-file")
+        .arg(&key)
+        .arg("--token-file")
+        .arg(&token)
+        .output()
+        .expect("fetch");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fetch json");
+    assert_eq!(report["chunks_fetched"], 10);
+    let restored = dir.path().join("restored.raw");
+    let out = edgeshift()
+        .args(["restore", &id])
+        .arg("--store")
+        .arg(&dst)
+        .arg("--out")
+        .arg(&restored)
+        .output()
+        .expect("restore");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        std::fs::read(&restored).expect("read") == img,
+        "restored image differs"
+    );
+    assert!(
+        dst.join("pins").join(&id).is_file(),
+        "fetch pins the image locally"
+    );
+    assert_eq!(get(&c, "/v1/edges/dst")["pinned_manifests"][&id], 1);
+    assert_eq!(get(&c, "/v1/edges/src")["leased_chunks"], 0);
+    // Without a token the CLI gets a clear refusal.
+    let out = edgeshift()
+        .args(["fetch", &id, "--node-id", "dst", "--coordinator", &c.url])
+        .arg("--store")
+        .arg(&dst)
+        .arg("--cluster-key-file")
+        .arg(&key)
+        .output()
+        .expect("fetch");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
