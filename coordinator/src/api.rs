@@ -330,11 +330,7 @@ async fn pin(
     Path(id): Path<String>,
     JsonBody(r): JsonBody<PinReq>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let pins = app
-        .lock()?
-        .ledger
-        .pin(&id, &r.manifest)
-        .map_err(ServiceError::from)?;
+    let pins = app.lock()?.pin(&id, &r.manifest)?;
     Ok(Json(json!({ "edge": id, "manifest": r.manifest, "pins": pins })))
 }
 

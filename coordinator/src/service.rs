@@ -368,6 +368,16 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Pins a manifest on an edge. A hint that it would arrive there is then
+    /// fulfilled and withdrawn.
+    pub fn pin(&mut self, edge: &str, manifest: &ManifestId) -> Result<u32, ServiceError> {
+        let pins = self.ledger.pin(edge, manifest)?;
+        if self.hints.contains_key(&(edge.to_string(), *manifest)) {
+            self.delete_hint(manifest, edge)?;
+        }
+        Ok(pins)
+    }
+
     pub fn hints(&self) -> impl Iterator<Item = (&str, &ManifestId)> {
         self.hints.keys().map(|(e, m)| (e.as_str(), m))
     }

@@ -403,6 +403,12 @@ fn hints_turn_into_prefetch_orders_within_capacity() {
     assert_eq!(h.req("DELETE", &format!("/v1/hints/dst/{m}"), None).0, 204);
     let o = h.ok("GET", "/v1/edges/dst/orders", Value::Null);
     assert_eq!(o["prefetch"], json!([]));
+    assert_eq!(h.req("DELETE", &format!("/v1/hints/dst/{m}"), None).0, 404);
+    // The VM arriving (its image pinned there) fulfils a hint.
+    h.ok("POST", "/v1/hints", json!({ "manifest": m, "edge": "dst" }));
+    assert_eq!(h.ok("GET", "/v1/edges/dst", Value::Null)["hints"], json!([m]));
+    h.ok("POST", "/v1/edges/dst/pins", json!({ "manifest": m }));
+    assert_eq!(h.ok("GET", "/v1/edges/dst", Value::Null)["hints"], json!([]));
 }
 
 #[test]
