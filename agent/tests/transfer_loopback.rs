@@ -64,6 +64,17 @@ fn fetch_from_one_two_and_three_peers_is_byte_exact() {
         })
         .collect();
     let addrs: Vec<SocketAddr> = agents.iter().map(|a| a.addr).collect();
+    // The image has holes and repeated chunks: neither is fetched twice.
+    let m = LocalStore::open(&src.store)
+        .expect("src")
+        .get_manifest(&src.id.parse().expect("id"))
+        .expect("manifest");
+    assert!(m.zero_chunks() > 0);
+    assert!(
+        m.unique_chunks().len() < m.chunks.len() - m.zero_chunks(),
+        "the image repeats chunks"
+    );
+    assert_eq!(m.unique_chunks().len(), chunk_files(&src.store));
     for k in 1..=3 {
         let dst = src.dir.path().join(format!("dst{k}"));
         let out = fetch(&src.id, &dst, &src.key, &addrs[..k]);

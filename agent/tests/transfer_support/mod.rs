@@ -21,7 +21,7 @@ pub fn write_image(path: &Path, chunks: usize, chunk_size: usize, seed: u64) {
             out.extend(std::iter::repeat_n(0u8, chunk_size));
             continue;
         }
-        if i % 23 == 7 && i > chunk_size {
+        if i % 23 == 7 && i >= 3 {
             let start = (i - 3) * chunk_size;
             let copy = out[start..start + chunk_size].to_vec();
             out.extend(copy);
