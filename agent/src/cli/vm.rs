@@ -2,10 +2,13 @@
 //! receives VMs from other edges.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use edgeshift_agent::store::{ChunkStore, LocalStore};
+use edgeshift_agent::transfer::fetch::Fetcher;
+use edgeshift_agent::transfer::ClusterKey;
 use edgeshift_agent::vm::state::{is_running, DEFAULT_STATE_DIR};
 use edgeshift_agent::vm::{
     self, AccelChoice, Hypervisor, LaunchConfig, NetSpec, Qemu, StateDir, VmRecord, VmSpec,
@@ -48,6 +51,13 @@ struct RunArgs {
     /// The chunk store holding the image.
     #[arg(long)]
     store: PathBuf,
+    /// A peer's chunk server (IP:PORT, repeatable) to fetch the image's
+    /// missing chunks (and manifest) from, all peers at once.
+    #[arg(long = "peer")]
+    peers: Vec<std::net::SocketAddr>,
+    /// The cluster key file (64 hex digits), needed with --peer.
+    #[arg(long, requires = "peers")]
+    cluster_key_file: Option<PathBuf>,
     /// Guest memory (e.g. 256MiB).
     #[arg(long, default_value = "256MiB")]
     memory: String,
@@ -122,7 +132,32 @@ fn run_vm(a: RunArgs) -> anyhow::Result<()> {
         "a VM named {} already exists on this edge",
         a.name
     );
-    let store = LocalStore::open(&a.store).with_context(|| format!("opening store {}", a.store.display()))?;
+    let store = Arc::new(
+        LocalStore::open_or_create(&a.store)
+            .with_context(|| format!("opening store {}", a.store.display()))?,
+    );
+    if !a.peers.is_empty() {
+        let key_file = a
+            .cluster_key_file
+            .as_ref()
+            .context("--peer needs --cluster-key-file")?;
+        let fetcher = Fetcher::new(
+            Arc::clone(&store),
+            a.peers.clone(),
+            ClusterKey::from_file(key_file)?,
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let report = rt
+            .block_on(fetcher.fetch(&id))
+            .context("fetching the image's missing chunks")?;
+        tracing::info!(
+            chunks = report.chunks_fetched,
+            bytes = report.bytes_received,
+            "fetched missing chunks"
+        );
+    }
     let manifest = store.get_manifest(&id)?;
     let missing = manifest
         .unique_chunks()
@@ -131,14 +166,14 @@ fn run_vm(a: RunArgs) -> anyhow::Result<()> {
         .count();
     anyhow::ensure!(
         missing == 0,
-        "the store lacks {missing} chunks of image {}; fetch them first (`edgeshift fetch`)",
+        "the store lacks {missing} chunks of image {}; give --peer to fetch them",
         a.image
     );
     let dir = sd.vm_dir(&a.name)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let cleanup = DirGuard(Some(dir.clone()));
     let image_path = dir.join("disk.raw");
-    vm::image::restore(&store, &manifest, &image_path).context("restoring the disk image")?;
+    vm::image::restore(store.as_ref(), &manifest, &image_path).context("restoring the disk image")?;
     let dev = vm::loopdev::LoopDevice::attach(&image_path)?;
     let spec = VmSpec {
         name: a.name.clone(),

@@ -27,6 +27,7 @@ use super::proto::{self, PullStats, Request, Response};
 use super::temperature::{Ordering, Temperature};
 use super::MigrateError;
 use crate::dirty::{open_tracker, DeviceId, DirtyTracker, TrackerChoice, DEFAULT_CAPACITY};
+use crate::slicer::{slice_image, ReadMode, SliceOptions};
 use crate::store::{ChunkStore, LocalStore};
 use crate::vm::{self, Qemu, QmpClient, StateDir};
 
@@ -137,6 +138,16 @@ impl Run {
 
     /// One disk round: asks the destination to match `m` at `indices`.
     fn round(&mut self, m: &Manifest, indices: Vec<u32>) -> Result<PullStats, MigrateError> {
+        let holders = self.holders();
+        self.round_from(m, indices, holders)
+    }
+
+    fn round_from(
+        &mut self,
+        m: &Manifest,
+        indices: Vec<u32>,
+        holders: Vec<String>,
+    ) -> Result<PullStats, MigrateError> {
         let start = Instant::now();
         let n = indices.len() as u64;
         let mut resent = 0;
@@ -145,7 +156,6 @@ impl Run {
                 resent += 1;
             }
         }
-        let holders = self.holders();
         let req = Request::Pull {
             manifest: m.to_bytes(),
             indices: indices.clone(),
@@ -243,33 +253,72 @@ impl WriteLog {
         )
     }
 
-    /// Takes a mark; call right before slicing the disk.
-    fn mark(&mut self) {
-        if let Some(now) = self.counts() {
-            let [older, newer] = &mut self.marks;
-            *older = std::mem::replace(newer, now);
-        }
-    }
-
-    /// Chunks written since the older mark, or `None` when the tracker lost
-    /// events (then nothing can be trusted but a full slice).
-    fn written(&mut self) -> Option<Vec<u32>> {
+    /// Chunks written since the older of the last two marks, with how many
+    /// writes each got in the newest window; takes a new mark. Call right
+    /// before reading the disk. `None` when the tracker lost events (then
+    /// only a full slice can be trusted).
+    fn take(&mut self) -> Option<Vec<(u32, u64)>> {
         let now = self.counts()?;
-        if self.lost > 0 {
-            tracing::warn!(
-                lost = self.lost,
-                "dirty tracker lost events: full slice in the pause"
-            );
+        let lost = self.lost;
+        let [older, newer] = &mut self.marks;
+        let mut out: Vec<(u32, u64)> = now
+            .iter()
+            .filter(|(i, w)| older.get(i).copied().unwrap_or(0) < **w)
+            .filter_map(|(i, w)| {
+                let recent = w.saturating_sub(newer.get(i).copied().unwrap_or(0));
+                u32::try_from(*i).ok().map(|i| (i, recent))
+            })
+            .collect();
+        *older = std::mem::replace(newer, now);
+        if lost > 0 {
+            tracing::warn!(lost, "dirty tracker lost events: reading the whole disk");
             return None;
         }
-        let base = &self.marks[0];
-        let mut out: Vec<u32> = now
-            .iter()
-            .filter(|(i, w)| base.get(i).copied().unwrap_or(0) < **w)
-            .filter_map(|(i, _)| u32::try_from(*i).ok())
-            .collect();
         out.sort_unstable();
         Some(out)
+    }
+}
+
+/// The whole live disk, through the slicer's io_uring pipeline (parallel
+/// hashing) reading the loop device's backing file: the loop device writes it
+/// with O_DIRECT, so a read never sees stale cached pages.
+fn full_slice(
+    image: &std::path::Path,
+    chunk_size: edgeshift_common::ChunkSize,
+    store: &LocalStore,
+) -> Result<Manifest, MigrateError> {
+    let opts = SliceOptions {
+        chunk_size,
+        read_mode: ReadMode::Auto,
+        progress: None,
+    };
+    let report = slice_image(image, store, &opts)?;
+    Ok(store.get_manifest(&report.manifest_id)?)
+}
+
+/// The live disk now: only the chunks the tracker saw written are read
+/// again when it can say so, else all of it.
+fn reslice(
+    dev: &std::path::Path,
+    image: &std::path::Path,
+    cur: &Manifest,
+    writes: &mut Option<WriteLog>,
+    temp: &mut Temperature,
+    store: &LocalStore,
+) -> Result<Manifest, MigrateError> {
+    match writes.as_mut().and_then(|w| w.take()) {
+        Some(written) => {
+            for &(i, n) in &written {
+                temp.add_heat(i as usize, n as f64);
+            }
+            let idx: Vec<u32> = written.iter().map(|&(i, _)| i).collect();
+            tracing::debug!(
+                chunks = idx.len(),
+                "re-reading the chunks written since the last slices"
+            );
+            reslice_some(dev, cur, &idx, store)
+        }
+        None => full_slice(image, cur.chunk_size, store),
     }
 }
 
@@ -487,16 +536,15 @@ fn drive(
     progress(Phase::Plan, "slicing the live disk");
     let mut writes = WriteLog::open(&dev, cs.bytes());
     if let Some(w) = writes.as_mut() {
-        w.mark();
+        w.take();
     }
-    let mut cur = vm::image::slice(&dev, cs, Some(store))?;
+    let image = rec.image_path.clone();
+    let mut cur = full_slice(&image, cs, store)?;
     temp.observe(boot, &cur);
     if ordering == Ordering::ColdFirst && !run.opts.sample_interval.is_zero() {
+        // A temperature sample: what gets written over a short while.
         std::thread::sleep(run.opts.sample_interval);
-        if let Some(w) = writes.as_mut() {
-            w.mark();
-        }
-        let next = vm::image::slice(&dev, cs, Some(store))?;
+        let next = reslice(&dev, &image, &cur, &mut writes, &mut temp, store)?;
         temp.observe(&cur, &next);
         cur = next;
     }
@@ -541,10 +589,7 @@ fn drive(
     run.round(&cur, temp.order(all, ordering, true))?;
     let mut last_len = usize::MAX;
     for r in 1..=run.opts.max_rounds {
-        if let Some(w) = writes.as_mut() {
-            w.mark();
-        }
-        let next = vm::image::slice(&dev, cs, Some(store))?;
+        let next = reslice(&dev, &image, &cur, &mut writes, &mut temp, store)?;
         temp.observe(&cur, &next);
         cur = next;
         let todo = temp.order(run.stale(&cur), ordering, true);
@@ -627,21 +672,16 @@ fn drive(
         )));
     }
     sync_device(&dev)?;
-    let fin = match writes.as_mut().and_then(|w| w.written()) {
-        Some(written) => {
-            tracing::info!(
-                chunks = written.len(),
-                "pause: re-reading the chunks the dirty tracker saw written"
-            );
-            reslice_some(&dev, &cur, &written, store)?
-        }
-        None => vm::image::slice(&dev, cs, Some(store))?,
-    };
+    let fin = reslice(&dev, &image, &cur, &mut writes, &mut temp, store)?;
+    let t_slice = t.elapsed().as_secs_f64();
     temp.observe(&cur, &fin);
     let last = run.stale(&fin);
     let last_n = last.len();
     let before = run.bytes_by_source.values().sum::<u64>();
-    run.round(&fin, last.clone())?;
+    // Everything written since the last round exists only at the source.
+    let only_source = vec![run.opts.source_addr.clone()];
+    run.round_from(&fin, last.clone(), only_source)?;
+    let t_round = t.elapsed().as_secs_f64();
     let fin_id = fin.id();
     let (ok, detail) = match proto::call(
         run.ctl()?,
@@ -660,7 +700,15 @@ fn drive(
     if !ok {
         return Err(MigrateError::Verify(detail));
     }
-    tracing::info!(final_chunks = last_n, %detail, "destination disk equals the source's");
+    tracing::info!(
+        final_chunks = last_n,
+        %detail,
+        slice_s = t_slice,
+        round_s = t_round - t_slice,
+        verify_s = t.elapsed().as_secs_f64() - t_round,
+        tracker = writes.is_some(),
+        "pause: destination disk equals the source's"
+    );
     injected(&run.opts, Phase::Pause)?;
     let pause_disk_seconds = t.elapsed().as_secs_f64();
     qmp.migrate_continue("pre-switchover")?;

@@ -38,6 +38,8 @@ pub enum MigrateError {
     Vm(#[from] crate::vm::VmError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error("slicing the live disk: {0}")]
+    Slicer(#[from] crate::slicer::SlicerError),
     #[error("manifest: {0}")]
     Manifest(#[from] edgeshift_common::ManifestError),
     #[error("{op} {path}: {source}")]

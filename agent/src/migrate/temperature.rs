@@ -56,6 +56,13 @@ impl Temperature {
         }
     }
 
+    /// Adds writes counted for one chunk (by the dirty tracker).
+    pub fn add_heat(&mut self, index: usize, writes: f64) {
+        if let Some(h) = self.heat.get_mut(index) {
+            *h += writes;
+        }
+    }
+
     pub fn heat(&self, index: usize) -> f64 {
         self.heat.get(index).copied().unwrap_or(0.0)
     }

@@ -73,6 +73,8 @@ struct Row {
     /// edgeshift only: missing bytes over the paths that held them, plus QEMU's memory time.
     physical_limit_seconds: Option<f64>,
     bytes_by_source: serde_json::Value,
+    /// edgeshift only: the full `migrate --json` report (phases, rounds, ...).
+    report: serde_json::Value,
 }
 
 struct Bed {
@@ -386,6 +388,7 @@ fn edgeshift_run(name: &str, a: &Args, bin: &Path, vm: &Vm, order: &str) -> anyh
         missing_bytes: missing,
         physical_limit_seconds: Some(missing as f64 / (rate * holders as f64) + memory_secs),
         bytes_by_source: by_source,
+        report: r.clone(),
     })
 }
 
@@ -522,6 +525,7 @@ fn qemu_run(a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result<Row> {
         missing_bytes: size,
         physical_limit_seconds: None,
         bytes_by_source: json!({}),
+        report: json!({ "mirror_ready_seconds": disk_secs }),
     })
 }
 
