@@ -154,6 +154,7 @@ async fn auth(State(app): State<AppState>, req: Request, next: Next) -> Response
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
     let method = req.method().to_string();
+    let started = std::time::Instant::now();
     let response = match &app.token {
         Some(want) => {
             let given = req
@@ -169,6 +170,8 @@ async fn auth(State(app): State<AppState>, req: Request, next: Next) -> Response
         }
         None => next.run(req).await,
     };
+    metrics::histogram!("coordinator_http_request_seconds", "route" => route.clone())
+        .record(started.elapsed().as_secs_f64());
     metrics::counter!(
         "coordinator_http_requests_total",
         "route" => route,

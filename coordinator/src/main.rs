@@ -30,12 +30,15 @@ HTTP + JSON API (all routes need `Authorization: Bearer TOKEN` when
   POST   /v1/manifests                {manifest_hex}                publish to the catalogue
   GET    /v1/manifests/{id}                                         catalogue entry
   GET    /v1/chunks/{fp}                                            holders, images using it, pins per edge
-  GET    /v1/plan?manifest=ID&dest=EDGE[&alternatives=N&lease=BOOL] source plan for a destination
+  GET    /v1/plan?manifest=ID&dest=EDGE[&alternatives=N&max_sources=N&lease=BOOL]
+                                                                    source plan for a destination
   POST   /v1/hints                    {manifest, edge}              VM likely to move: prefetch there
   DELETE /v1/hints/{edge}/{manifest}                                withdraw a hint
   DELETE /v1/leases/{id}                                            transfer done: release its sources
   GET    /v1/policy, PUT /v1/policy   {policy, high_watermark, low_watermark}
   GET    /metrics                                                   Prometheus text format
+                                                                    (requests, latency, heartbeats, plans,
+                                                                    GC orders; edges, chunks, leases, hints)
 
 See docs/coordinator.md for the data model, the GC rules and the planner's bound.";
 
