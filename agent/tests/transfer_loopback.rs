@@ -548,3 +548,25 @@ fn a_stalled_peer_costs_only_its_in_flight_chunks() {
         "took {took:?}"
     );
 }
+
+#[test]
+fn an_unreachable_peer_is_reported_and_the_others_carry_the_fetch() {
+    let src = source(60, 9);
+    let agent = Agent::local(&src.store, &src.key, false, &src.dir.path().join("agent.log"));
+    // A port nobody listens on (bound, then released).
+    let dead: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let dst = src.dir.path().join("dst");
+    let r = report(&fetch(&src.id, &dst, &src.key, &[dead, agent.addr]));
+    let peers = peers_json(&r);
+    assert!(
+        !peers[0]["dropped"].is_null(),
+        "the unreachable peer is reported: {r}"
+    );
+    assert_eq!(peers[0]["chunks"].as_u64(), Some(0));
+    assert_eq!(r["chunks_fetched"].as_u64(), Some(chunk_files(&src.store) as u64));
+    assert_restores(&src.id, &dst, &src.image);
+    // Only unreachable peers: a clear error, non-zero exit.
+    let out = fetch(&src.id, &src.dir.path().join("dst2"), &src.key, &[dead]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no peer could supply manifest"));
+}
