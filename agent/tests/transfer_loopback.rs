@@ -570,3 +570,53 @@ fn an_unreachable_peer_is_reported_and_the_others_carry_the_fetch() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no peer could supply manifest"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_store_reads_verified_manifests_and_chunks() {
+    use edgeshift_agent::transfer::peer::PeerStore;
+    let src = source(30, 10);
+    let agent = Agent::local(&src.store, &src.key, false, &src.dir.path().join("agent.log"));
+    let key = ClusterKey::from_file(&src.key).expect("key");
+    let local = LocalStore::open(&src.store).expect("src");
+    let id: ManifestId = src.id.parse().expect("id");
+    let mut peer = PeerStore::connect(agent.addr, &key, FetchOptions::default())
+        .await
+        .expect("connect");
+    assert!(!peer.peer_id().is_empty());
+    let m = peer.get_manifest(&id).await.expect("manifest");
+    assert_eq!(m, local.get_manifest(&id).expect("local manifest"));
+    let absent = Fingerprint::of(b"absent");
+    let present = m.unique_chunks();
+    let got = peer
+        .get_chunks(&[present[0], absent, present[1]])
+        .await
+        .expect("chunks");
+    assert_eq!(
+        got[0].as_deref(),
+        Some(&local.get_chunk(&present[0]).expect("chunk")[..])
+    );
+    assert_eq!(got[1], None);
+    assert!(got[2].is_some());
+    match peer.get_manifest(&absent).await {
+        Err(TransferError::Store(edgeshift_agent::store::StoreError::ManifestMissing(_))) => {}
+        other => panic!("expected ManifestMissing, got {other:?}"),
+    }
+    // A liar's wrong bytes are refused.
+    let liar = spawn_liar(&src.store, key.clone(), Lie::FirstChunkBytes);
+    let mut lp = PeerStore::connect(liar, &key, FetchOptions::default())
+        .await
+        .expect("connect liar");
+    assert!(matches!(
+        lp.get_chunks(&present[..1]).await,
+        Err(TransferError::Store(
+            edgeshift_agent::store::StoreError::ChunkRejected { .. }
+        ))
+    ));
+    // And the wrong key never connects.
+    let wrong = ClusterKey::from_bytes([0x99; 32]);
+    assert!(matches!(
+        PeerStore::connect(agent.addr, &wrong, FetchOptions::default()).await,
+        Err(TransferError::AuthFailed { .. })
+    ));
+    drop(agent);
+}

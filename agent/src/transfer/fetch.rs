@@ -30,7 +30,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use super::conn::{client_handshake, read_frame, read_frame_into, unexpected, Frame, AUTH_TIMEOUT};
+use super::conn::{client_handshake, read_frame_into, unexpected, Frame, AUTH_TIMEOUT};
+use super::peer::PeerStore;
 use super::{ClusterKey, TransferError};
 use crate::store::{ChunkStore, LocalStore, StoreError};
 
@@ -195,26 +196,8 @@ impl Fetcher {
     }
 
     async fn manifest_from(&self, addr: SocketAddr, id: &ManifestId) -> Result<Manifest, TransferError> {
-        let mut sock = connect(addr, &self.key, &self.opts).await?.0;
-        sock.write_all(&wire::encode(FrameKind::ManifestRequest, 0, 1, &[id.as_bytes()]))
-            .await?;
-        let f = tokio::time::timeout(
-            self.opts.stall_timeout,
-            read_frame(&mut sock, MAX_FRAME_LEN, None),
-        )
-        .await
-        .map_err(|_| TransferError::Timeout("waiting for the manifest"))??;
-        match f.kind {
-            FrameKind::Manifest => {
-                Manifest::from_bytes_checked(&f.body, id).map_err(|source| TransferError::BadManifest {
-                    id: *id,
-                    peer: addr.to_string(),
-                    source: Box::new(source),
-                })
-            }
-            FrameKind::Missing => Err(TransferError::Store(StoreError::ManifestMissing(*id))),
-            _ => Err(unexpected(&f)),
-        }
+        let mut peer = PeerStore::connect(addr, &self.key, self.opts.clone()).await?;
+        peer.get_manifest(id).await
     }
 
     /// The chunks of `manifest` this store lacks, in manifest order, each once;
@@ -330,7 +313,7 @@ impl Fetcher {
 }
 
 /// Connects and authenticates; returns the stream and the peer's id.
-async fn connect(
+pub(crate) async fn connect(
     addr: SocketAddr,
     key: &ClusterKey,
     opts: &FetchOptions,

@@ -7,11 +7,13 @@
 //!   chunk file to the socket with `sendfile(2)` (no user-space copy).
 //! - [`fetch`]: the destination side; pulls the chunks it lacks from every
 //!   peer at once, weighted by measured path throughput, with tail stealing.
+//! - [`peer`]: [`peer::PeerStore`], read access to one peer's store.
 //!
 //! The protocol and its choices are described in `docs/wire.md`.
 
 pub mod conn;
 pub mod fetch;
+pub mod peer;
 pub mod server;
 
 use std::path::{Path, PathBuf};
