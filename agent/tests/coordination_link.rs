@@ -563,3 +563,39 @@ fn agent_and_fetch_cli_work_through_the_coordinator() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn images_pin_and_unpin_on_both_sides() {
+    use edgeshift_agent::coordination::fetch::{pin_image, unpin_image};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_coord(&dir.path().join("coord"), "127.0.0.1:0");
+    let store = Arc::new(LocalStore::open_or_create(dir.path().join("store")).expect("store"));
+    let (id, _) = image(&store, 0..3);
+    let mut l = link(&c, "edge-p", &store, 1 << 30, None, "127.0.0.1:4");
+    l.connect().expect("connect");
+    let cl = client(&c);
+    pin_image(&cl, &store, "edge-p", &id, "vm 1").expect("pin");
+    assert_eq!(get(&c, "/v1/edges/edge-p")["pinned_chunks"], 3);
+    assert_eq!(
+        LocalPins::for_store(&store).expect("pins").list().expect("list"),
+        vec![id]
+    );
+    unpin_image(&cl, &store, "edge-p", &id).expect("unpin");
+    assert_eq!(get(&c, "/v1/edges/edge-p")["pinned_chunks"], 0);
+    assert!(LocalPins::for_store(&store)
+        .expect("pins")
+        .list()
+        .expect("list")
+        .is_empty());
+    // Unpinning again is harmless; pinning an unpublished image is refused.
+    unpin_image(&cl, &store, "edge-p", &id).expect("unpin twice");
+    let unknown = Fingerprint::of(b"unpublished");
+    let e = pin_image(&cl, &store, "edge-p", &unknown, "vm 2").expect_err("unknown manifest");
+    assert!(e.to_string().contains("404"), "{e}");
+    // The refused pin left no local pin behind (it would stop local GC).
+    assert!(LocalPins::for_store(&store)
+        .expect("pins")
+        .list()
+        .expect("list")
+        .is_empty());
+}

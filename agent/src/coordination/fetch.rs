@@ -35,6 +35,9 @@ pub fn path_rates(report: &FetchReport) -> Vec<(String, f64)> {
 /// A fetch planned by the coordinator.
 pub struct CoordinatedFetch {
     client: Client,
+    /// The pin `begin` made was new: taken back if the manifest never arrives.
+    fresh_pin: bool,
+    pins: LocalPins,
     edge: String,
     manifest: ManifestId,
     pub plan: Plan,
@@ -64,8 +67,7 @@ impl CoordinatedFetch {
         edge: &str,
         manifest: &ManifestId,
     ) -> Result<Self, CoordError> {
-        LocalPins::for_store(store)?.pin(manifest, "edgeshift fetch")?;
-        client.pin(edge, manifest)?;
+        let fresh_pin = pin_both(&client, store, edge, manifest, "edgeshift fetch")?;
         let plan = client.plan(manifest, edge, ALTERNATIVES)?;
         // The fetcher talks to at most 64 peers: keep the edges with the
         // most assigned chunks. Chunks whose holders all fall outside may
@@ -104,6 +106,8 @@ impl CoordinatedFetch {
             "coordinator plan"
         );
         Ok(CoordinatedFetch {
+            fresh_pin,
+            pins: LocalPins::for_store(store)?,
             client,
             edge: edge.to_string(),
             manifest: *manifest,
@@ -146,7 +150,18 @@ impl CoordinatedFetch {
     /// path rates and releases the plan's lease, whatever the outcome.
     pub async fn run(&self, fetcher: &Fetcher) -> Result<FetchReport, CoordError> {
         let result = async {
-            let manifest = fetcher.fetch_manifest(&self.manifest).await?;
+            let manifest = match fetcher.fetch_manifest(&self.manifest).await {
+                Ok(m) => m,
+                Err(e) => {
+                    // Nothing of the image arrived: a pin of a manifest this
+                    // store lacks would only stop local GC.
+                    if self.fresh_pin {
+                        let _ = self.pins.unpin(&self.manifest);
+                        let _ = self.client.unpin(&self.edge, &self.manifest);
+                    }
+                    return Err(e.into());
+                }
+            };
             let wants = self.wants(fetcher, &manifest)?;
             Ok::<_, CoordError>(fetcher.fetch_chunks(wants).await?)
         }
@@ -165,5 +180,55 @@ impl CoordinatedFetch {
             }
         }
         result
+    }
+}
+
+/// Pins an image on this edge, locally and at the coordinator (a VM using it
+/// runs or is about to arrive here).
+/// If the coordinator refuses, a local pin made just now is taken back: a
+/// pin whose manifest never arrives would stop local GC.
+pub fn pin_image(
+    client: &Client,
+    store: &LocalStore,
+    edge: &str,
+    manifest: &ManifestId,
+    why: &str,
+) -> Result<(), CoordError> {
+    pin_both(client, store, edge, manifest, why).map(drop)
+}
+
+/// [`pin_image`]; returns whether the local pin is new.
+fn pin_both(
+    client: &Client,
+    store: &LocalStore,
+    edge: &str,
+    manifest: &ManifestId,
+    why: &str,
+) -> Result<bool, CoordError> {
+    let pins = LocalPins::for_store(store)?;
+    let fresh = pins.pin(manifest, why)?;
+    if let Err(e) = client.pin(edge, manifest) {
+        if fresh {
+            let _ = pins.unpin(manifest);
+        }
+        return Err(e);
+    }
+    Ok(fresh)
+}
+
+/// Releases an image on this edge after its VM left (migration step 4): the
+/// local pin goes, and one pin at the coordinator. The chunks stay cached
+/// until the policy evicts them. A pin the coordinator does not have (it
+/// restarted and this edge has not re-reported yet) is not an error.
+pub fn unpin_image(
+    client: &Client,
+    store: &LocalStore,
+    edge: &str,
+    manifest: &ManifestId,
+) -> Result<(), CoordError> {
+    LocalPins::for_store(store)?.unpin(manifest)?;
+    match client.unpin(edge, manifest) {
+        Err(CoordError::Refused { status: 404, .. }) => Ok(()),
+        r => r,
     }
 }

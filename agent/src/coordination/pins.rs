@@ -85,14 +85,17 @@ impl LocalPins {
         Ok(PinLock { file })
     }
 
-    /// Pins a manifest (idempotent). `why` is kept in the file for operators.
-    pub fn pin(&self, id: &ManifestId, why: &str) -> Result<(), CoordError> {
+    /// Pins a manifest (idempotent); true when it was not pinned before.
+    /// `why` is kept in the file for operators.
+    pub fn pin(&self, id: &ManifestId, why: &str) -> Result<bool, CoordError> {
         let _lock = self.lock()?;
         let path = self.dir.join(id.to_hex());
+        let fresh = !path.exists();
         fs::write(&path, format!("{why}\n")).map_err(pins_err(&path))?;
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
-            .map_err(pins_err(&self.dir))
+            .map_err(pins_err(&self.dir))?;
+        Ok(fresh)
     }
 
     /// Removes a pin; false when it was not pinned.
