@@ -428,7 +428,7 @@ impl Bench {
         fetch
             .arg("--cluster-key-file")
             .arg(&self.cluster.key_file)
-            .args(["--json", "--id-name", DST]);
+            .args(["--json", "--node-id", DST]);
         let mut restore = Command::new(&self.cluster.bins.edgeshift);
         restore
             .arg("restore")
@@ -495,6 +495,8 @@ impl Bench {
         let src = self.tb.addr_of(SRC, DST)?;
         let url = format!("rsync://{src}:{RSYNC_PORT}/img/vm-{}.raw", workload.name());
         let mut cmd = self.tb.command(DST, "rsync");
+        // -z as over any WAN; edgeshift and casync compress too.
+        cmd.arg("-z");
         if whole {
             cmd.args(["--whole-file", "--sparse"]);
         } else {
@@ -658,6 +660,11 @@ impl Bench {
         })
     }
 
+    /// Allocated bytes of a VM disk (what a whole copy must move).
+    pub fn vm_allocated(&self, w: Workload) -> Result<u64, ScenarioError> {
+        disk_usage(&self.vm[w.name()].path)
+    }
+
     pub fn tag(&self) -> &str {
         self.tb.tag()
     }
@@ -670,6 +677,9 @@ impl Drop for Bench {
             let _ = s.wait();
         }
         signals::unregister(self.tb.tag());
+        if std::env::var_os("EDGESHIFT_PERF_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.work);
+        }
     }
 }
 

@@ -65,7 +65,6 @@ pub fn run(
                 }
             }
             "bandwidth" => {
-                let mut whole: Option<Run> = None;
                 for rate in RATES.iter().rev() {
                     bench.set_rate(*rate)?;
                     let es = bench.run_edgeshift("bandwidth", Cache::Warm, &[SRC, "e3"], Workload::Low)?;
@@ -75,25 +74,10 @@ pub fn run(
                     push(&mut set, r, log);
                     let r = bench.run_casync("bandwidth", Workload::Low, needed)?;
                     push(&mut set, r, log);
-                    // The whole-image copy moves ~1 GiB: measured once at the
-                    // fastest rate, projected (labelled) for the slower ones.
-                    match &whole {
-                        None => {
-                            let r = bench.run_rsync("bandwidth", true, Workload::Low, needed)?;
-                            whole = Some(r.clone());
-                            push(&mut set, r, log);
-                        }
-                        Some(w) => {
-                            let mut p = w.clone();
-                            p.rate_mbit = *rate;
-                            p.path_mbit = *rate;
-                            p.seconds = w.wire_bytes as f64 * 8.0 / (f64::from(*rate) * 1e6);
-                            p.limit_seconds = crate::scenario::limit(p.needed_bytes, *rate);
-                            p.projected_from = Some(w.rate_mbit);
-                            p.timeline.clear();
-                            set.runs.push(p);
-                        }
-                    }
+                    // A whole copy must move every allocated block of the image.
+                    let whole_needed = bench.vm_allocated(Workload::Low)?;
+                    let r = bench.run_rsync("bandwidth", true, Workload::Low, whole_needed)?;
+                    push(&mut set, r, log);
                 }
             }
             "writes" => {
@@ -119,7 +103,7 @@ pub fn run(
     set.storage = bench.storage()?;
     set.notes.append(&mut bench.notes);
     set.notes.push(
-        "QEMU's shared-nothing migration (blockdev-mirror to NBD, then migrate) is measured by migrate-bench on the same images; see perf/reports/migrate/ for its figures.".into(),
+        "Compression: edgeshift may zstd chunks per path, rsync runs with -z, casync's store holds compressed chunks; the physical limit counts uncompressed bytes, so a ratio under 1.00x means compression saved more than the protocol cost.".into(),
     );
     set.notes.push(
         "Storage layouts: `image files` counts each held image's allocated blocks; `chunk store per edge` is each edge's edgeshift store (duplicate and zero chunks stored once per edge); `fleet-wide single copy` is the union of all stores' chunks, the floor a fleet-wide dedup could reach. The coordinator's LRU/LFU/popularity eviction is not exercised here (no eviction pressure).".into(),
@@ -148,4 +132,86 @@ fn host_facts() -> serde_json::Value {
         "kernel": kernel,
         "summary": format!("{cpus} CPUs, Linux {kernel}"),
     })
+}
+
+/// Runs `migrate-bench` (the live-migration measurement: QEMU's NBD mirror +
+/// migrate against `edgeshift migrate`, by the migration engine's owners)
+/// into `out` and adds its rows to `set` as scenario "live". A failure is a
+/// note, not an error: the disk scenarios stand on their own.
+pub fn add_live_migration(set: &mut RunSet, out: &Path, log: &dyn Fn(&str)) {
+    let bench = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("migrate-bench")))
+        .filter(|p| p.is_file());
+    let Some(bench) = bench else {
+        set.notes
+            .push("live migration not measured: migrate-bench is not built next to edgeshift-perf".into());
+        return;
+    };
+    log("live migration: migrate-bench (QEMU NBD mirror vs edgeshift migrate, 100 Mbit/s)");
+    let status = std::process::Command::new(&bench)
+        .arg("--out")
+        .arg(out)
+        .current_dir(crate::images::repo_root())
+        .stdout(std::process::Stdio::null())
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => {
+            set.notes.push(format!(
+                "migrate-bench failed ({s}); live-migration rows are missing"
+            ));
+            return;
+        }
+        Err(e) => {
+            set.notes.push(format!("migrate-bench could not start: {e}"));
+            return;
+        }
+    }
+    match import_live(&out.join("migrate-bench.json")) {
+        Ok(runs) => set.runs.extend(runs),
+        Err(e) => set.notes.push(format!("migrate-bench output unreadable: {e}")),
+    }
+}
+
+/// Reads migrate-bench.json rows as runs of scenario "live".
+pub fn import_live(path: &Path) -> Result<Vec<Run>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mbit = v["mbit"]
+        .as_u64()
+        .and_then(|m| u32::try_from(m).ok())
+        .unwrap_or(0);
+    let rows = v["rows"]
+        .as_array()
+        .ok_or_else(|| format!("{}: no rows", path.display()))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let scenario = r["scenario"].as_str().unwrap_or("?");
+            let method = r["method"].as_str().unwrap_or("?");
+            let limit = r["physical_limit_seconds"].as_f64().unwrap_or(0.0);
+            Run {
+                scenario: "live".into(),
+                tool: if method.contains("qemu") || scenario == "qemu" {
+                    "qemu-mirror".into()
+                } else {
+                    format!("edgeshift ({scenario})")
+                },
+                rate_mbit: mbit,
+                cache: scenario.into(),
+                sources: Vec::new(),
+                workload: "guest workload".into(),
+                seconds: r["total_seconds"].as_f64().unwrap_or(0.0),
+                wire_bytes: r["wire_bytes"].as_u64().unwrap_or(0),
+                needed_bytes: r["missing_bytes"].as_u64().unwrap_or(0),
+                path_mbit: mbit,
+                limit_seconds: limit,
+                verified: true,
+                projected_from: None,
+                timeline: Vec::new(),
+                detail: r.clone(),
+            }
+        })
+        .collect())
 }

@@ -41,6 +41,9 @@ enum Cmd {
         /// Do not measure: regenerate report.md and the figures from this runs.json.
         #[arg(long)]
         from_runs: Option<PathBuf>,
+        /// Skip the live-migration comparison (migrate-bench: QEMU's NBD mirror vs edgeshift migrate).
+        #[arg(long)]
+        skip_live: bool,
     },
     /// Three edges and a coordinator in namespaces, a VM booted at e1 and
     /// handed off to e2 while a client stays connected; prints a short report.
@@ -95,13 +98,20 @@ fn main() -> anyhow::Result<()> {
                 md.display()
             ));
         }
-        Cmd::Report { out, from_runs } => {
+        Cmd::Report {
+            out,
+            from_runs,
+            skip_live,
+        } => {
             let out = out.unwrap_or_else(|| default_out("full"));
             let set = match from_runs {
                 Some(path) => report::load(&path)?,
                 None => {
                     let groups: Vec<String> = suite::ALL.iter().map(|s| s.to_string()).collect();
-                    let set = suite::run("full", &groups, "full", &work_dir("full"), &log)?;
+                    let mut set = suite::run("full", &groups, "full", &work_dir("full"), &log)?;
+                    if !skip_live {
+                        suite::add_live_migration(&mut set, &out.join("migrate"), &log);
+                    }
                     report::save(&set, &out)?;
                     set
                 }

@@ -90,7 +90,7 @@ pub fn headline_table(set: &RunSet) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| rate (Mbit/s) | tool | seconds | MB on the wire | MB needed | paths (Mbit/s) | physical limit (s) | time ÷ limit | edgeshift speed-up | byte-exact |"
+        "| rate (Mbit/s) | tool | seconds | MB on the wire | MB needed | paths (Mbit/s) | physical limit (s) | time ÷ limit | time ÷ edgeshift time | byte-exact |"
     );
     let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---:|---:|---:|:---:|");
     let mut runs: Vec<&Run> = set.runs.iter().filter(|r| r.scenario == "bandwidth").collect();
@@ -235,6 +235,42 @@ pub fn write(set: &RunSet, dir: &Path) -> Result<PathBuf, ReportError> {
                 }
             }
         }
+    }
+    let live: Vec<&Run> = set.runs.iter().filter(|r| r.scenario == "live").collect();
+    if !live.is_empty() {
+        let _ = writeln!(
+            md,
+            "## Live migration: QEMU's shared-nothing migration against edgeshift migrate\n\nFrom migrate-bench (its JSON is in `migrate/` here): the test VM with its guest workload, {} Mbit/s links; QEMU mirrors the whole disk to an NBD export on the destination, then migrates memory. Cases a, b, c are the migration engine's: a = cold destination, base at two neighbours; b = warm destination; c = warm + an earlier copy at two neighbours.\n",
+            live[0].rate_mbit
+        );
+        let qemu = live.iter().find(|r| r.tool == "qemu-mirror").map(|r| r.seconds);
+        let _ = writeln!(md, "| tool | case | seconds | downtime (ms) | MB on the wire | physical limit (s) | time ÷ limit | faster than QEMU |");
+        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|");
+        for r in &live {
+            let speed = match qemu {
+                Some(q) if r.tool != "qemu-mirror" && r.seconds > 0.0 => format!("{:.1}×", q / r.seconds),
+                _ => "–".into(),
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.1} | {} | {} | {} | {} | {} |",
+                r.tool,
+                r.cache,
+                r.seconds,
+                r.detail["downtime_ms"]
+                    .as_u64()
+                    .map_or("–".into(), |d| d.to_string()),
+                mb(r.wire_bytes),
+                if r.limit_seconds > 0.0 {
+                    format!("{:.1}", r.limit_seconds)
+                } else {
+                    "–".into()
+                },
+                ratio(r),
+                speed
+            );
+        }
+        md.push('\n');
     }
     if !set.storage.is_empty() {
         let _ = writeln!(md, "## Storage and the fleet's dedup ratio\n");
