@@ -252,18 +252,7 @@ async fn inventory(
     Path(id): Path<String>,
     JsonBody(r): JsonBody<InventoryReq>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let mut c = app.lock()?;
-    c.ledger.edge_ix(&id).map_err(ServiceError::from)?;
-    // Check pins first so a bad report changes nothing.
-    for m in &r.pins {
-        if !c.ledger.catalogue.contains_key(m) {
-            return Err(ServiceError::from(LedgerError::UnknownManifest(*m)).into());
-        }
-    }
-    c.ledger
-        .put_inventory(&id, &r.chunks, r.usage)
-        .map_err(ServiceError::from)?;
-    c.ledger.set_pins(&id, &r.pins).map_err(ServiceError::from)?;
+    app.lock()?.report_inventory(&id, &r.chunks, r.usage, &r.pins)?;
     metrics::counter!("coordinator_inventory_reports_total").increment(1);
     Ok(Json(
         json!({ "edge": id, "chunks": r.chunks.len(), "pins": r.pins.len() }),

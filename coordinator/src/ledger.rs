@@ -503,8 +503,8 @@ impl Ledger {
         true
     }
 
-    /// Releases every lease whose deadline has passed.
-    pub fn expire_leases(&mut self, now_ms: u64) -> usize {
+    /// Releases every lease whose deadline has passed; returns their ids.
+    pub fn expire_leases(&mut self, now_ms: u64) -> Vec<u64> {
         let dead: Vec<u64> = self
             .leases
             .iter()
@@ -514,7 +514,31 @@ impl Ledger {
         for id in &dead {
             self.release(*id);
         }
-        dead.len()
+        dead
+    }
+
+    /// Re-applies entries of lease `id` read back after a restart (edges come
+    /// back one by one, so a lease may be restored in several calls).
+    pub fn restore_lease(&mut self, id: u64, deadline_ms: u64, entries: Vec<(EdgeIx, ChunkId)>) {
+        for &(ix, cid) in &entries {
+            *self.edges[ix as usize].leased.entry(cid).or_insert(0) += 1;
+        }
+        let l = self.leases.entry(id).or_insert(Lease {
+            deadline_ms,
+            entries: Vec::new(),
+        });
+        l.entries.extend(entries);
+        self.next_lease = self.next_lease.max(id + 1);
+    }
+
+    /// Makes sure new lease ids come after `id` (ids are never reused).
+    pub fn reserve_lease_id(&mut self, id: u64) {
+        self.next_lease = self.next_lease.max(id + 1);
+    }
+
+    /// A live lease's entries.
+    pub fn lease_entries(&self, id: u64) -> Option<&[(EdgeIx, ChunkId)]> {
+        self.leases.get(&id).map(|l| l.entries.as_slice())
     }
 
     pub fn live_leases(&self) -> usize {
@@ -615,8 +639,8 @@ mod tests {
         assert!(l.release(lease1));
         assert!(!l.release(lease1));
         assert!(l.edge("a").expect("edge").is_protected(c));
-        assert_eq!(l.expire_leases(150), 0);
-        assert_eq!(l.expire_leases(200), 1);
+        assert!(l.expire_leases(150).is_empty());
+        assert_eq!(l.expire_leases(200), vec![lease2]);
         assert!(!l.edge("a").expect("edge").is_protected(c));
         assert!(!l.release(lease2));
     }

@@ -11,6 +11,8 @@ const MANIFESTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("manifests
 const SETTINGS: TableDefinition<&str, &str> = TableDefinition::new("settings");
 const PATHS: TableDefinition<(&str, &str), f64> = TableDefinition::new("paths");
 const HINTS: TableDefinition<(&str, &[u8]), u64> = TableDefinition::new("hints");
+/// Lease id → postcard-encoded [`LeaseRecord`].
+const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("leases");
 
 pub const DB_FILE: &str = "coordinator.redb";
 
@@ -35,6 +37,14 @@ pub struct Snapshot {
     pub settings: Vec<(String, String)>,
     pub paths: Vec<(String, String, f64)>,
     pub hints: Vec<(String, ManifestId, u64)>,
+    pub leases: Vec<(u64, LeaseRecord)>,
+}
+
+/// A lease as stored: its deadline and, per source edge, the chunks it protects there.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LeaseRecord {
+    pub deadline_ms: u64,
+    pub entries: Vec<(String, Vec<Fingerprint>)>,
 }
 
 pub struct Store {
@@ -64,6 +74,7 @@ impl Store {
             tx.open_table(SETTINGS)?;
             tx.open_table(PATHS)?;
             tx.open_table(HINTS)?;
+            tx.open_table(LEASES)?;
             Ok(())
         })?;
         Ok(store)
@@ -135,6 +146,31 @@ impl Store {
         Ok(found)
     }
 
+    pub fn put_lease(&self, id: u64, lease: &LeaseRecord) -> Result<(), PersistError> {
+        let bytes = postcard::to_allocvec(lease).map_err(|e| PersistError::Corrupt {
+            path: self.path.clone(),
+            table: "leases",
+            why: format!("encoding: {e}"),
+        })?;
+        self.write(|tx| {
+            tx.open_table(LEASES)?.insert(id, bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    pub fn delete_leases(&self, ids: &[u64]) -> Result<(), PersistError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.write(|tx| {
+            let mut t = tx.open_table(LEASES)?;
+            for id in ids {
+                t.remove(id)?;
+            }
+            Ok(())
+        })
+    }
+
     pub fn load(&self) -> Result<Snapshot, PersistError> {
         let tx = self.db.begin_read().map_err(|e| self.db_err(e))?;
         let mut snap = Snapshot::default();
@@ -165,6 +201,16 @@ impl Store {
             })?;
             snap.hints.push((edge.to_string(), Fingerprint(m), v.value()));
         }
+        let t = tx.open_table(LEASES).map_err(|e| self.db_err(e))?;
+        for row in t.iter().map_err(|e| self.db_err(e))? {
+            let (k, v) = row.map_err(|e| self.db_err(e))?;
+            let rec: LeaseRecord = postcard::from_bytes(v.value()).map_err(|e| PersistError::Corrupt {
+                path: self.path.clone(),
+                table: "leases",
+                why: e.to_string(),
+            })?;
+            snap.leases.push((k.value(), rec));
+        }
         Ok(snap)
     }
 }
@@ -187,6 +233,13 @@ mod tests {
             s.put_hint("c", &m, 43).expect("put");
             assert!(s.delete_hint("c", &m).expect("delete"));
             assert!(!s.delete_hint("c", &m).expect("delete"));
+            let rec = LeaseRecord {
+                deadline_ms: 9,
+                entries: vec![("a".into(), vec![m])],
+            };
+            s.put_lease(7, &rec).expect("lease");
+            s.put_lease(8, &rec).expect("lease");
+            s.delete_leases(&[8]).expect("delete lease");
         }
         let s = Store::open(dir.path()).expect("reopen");
         let snap = s.load().expect("load");
@@ -200,6 +253,9 @@ mod tests {
             vec![("a".into(), "b".into(), 5e6), ("c".into(), "b".into(), 1e6)]
         );
         assert_eq!(snap.hints, vec![("b".into(), m, 42)]);
+        assert_eq!(snap.leases.len(), 1);
+        assert_eq!(snap.leases[0].0, 7);
+        assert_eq!(snap.leases[0].1.entries, vec![("a".to_string(), vec![m])]);
     }
 
     #[test]

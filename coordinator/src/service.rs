@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::gc::{self, GcError, Watermarks};
 use crate::ledger::{ChunkId, EdgeIx, Ledger, LedgerError};
-use crate::persist::{PersistError, Store};
+use crate::persist::{LeaseRecord, PersistError, Store};
 use crate::planner::{self, ChunkJob, PlanError, Source};
 use crate::policy::Policy;
 
@@ -241,6 +241,9 @@ pub struct Coordinator {
     pub options: Options,
     /// (edge, manifest) → when the hint was given (ms since the epoch).
     hints: BTreeMap<(String, ManifestId), u64>,
+    /// Leases read back after a restart whose source edges have not
+    /// reported yet: id → (deadline, per edge the chunks to protect).
+    pending_leases: BTreeMap<u64, (u64, BTreeMap<String, Vec<Fingerprint>>)>,
     store: Store,
 }
 
@@ -270,11 +273,24 @@ impl Coordinator {
             ledger.set_path(s, d, *r)?;
         }
         let hints = snap.hints.into_iter().map(|(e, m, at)| ((e, m), at)).collect();
+        let now = now_ms();
+        let mut pending_leases = BTreeMap::new();
+        let mut expired = Vec::new();
+        for (id, rec) in snap.leases {
+            ledger.reserve_lease_id(id);
+            if rec.deadline_ms <= now {
+                expired.push(id);
+            } else {
+                pending_leases.insert(id, (rec.deadline_ms, rec.entries.into_iter().collect()));
+            }
+        }
+        store.delete_leases(&expired)?;
         Ok(Coordinator {
             ledger,
             settings,
             options,
             hints,
+            pending_leases,
             store,
         })
     }
@@ -383,11 +399,102 @@ impl Coordinator {
     }
 
     pub fn release(&mut self, lease: u64) -> Result<(), ServiceError> {
-        if self.ledger.release(lease) {
-            Ok(())
-        } else {
-            Err(ServiceError::UnknownLease(lease))
+        let live = self.ledger.lease_entries(lease).is_some();
+        let pending = self.pending_leases.contains_key(&lease);
+        if !live && !pending {
+            return Err(ServiceError::UnknownLease(lease));
         }
+        self.store.delete_leases(&[lease])?;
+        self.ledger.release(lease);
+        self.pending_leases.remove(&lease);
+        Ok(())
+    }
+
+    /// Takes a lease on `entries` and records it, so that it survives a restart.
+    fn take_lease(&mut self, entries: Vec<(EdgeIx, ChunkId)>) -> Result<u64, ServiceError> {
+        let deadline_ms = now_ms() + self.options.lease_ms;
+        let mut per_edge: BTreeMap<String, Vec<Fingerprint>> = BTreeMap::new();
+        for &(ix, cid) in &entries {
+            per_edge
+                .entry(self.ledger.edges[ix as usize].id.clone())
+                .or_default()
+                .push(self.ledger.interner.fp(cid));
+        }
+        let id = self.ledger.lease(entries, deadline_ms);
+        let rec = LeaseRecord {
+            deadline_ms,
+            entries: per_edge.into_iter().collect(),
+        };
+        if let Err(e) = self.store.put_lease(id, &rec) {
+            self.ledger.release(id);
+            return Err(e.into());
+        }
+        Ok(id)
+    }
+
+    /// Drops expired leases, live and pending, from memory and the database.
+    fn expire_leases(&mut self) -> Result<(), ServiceError> {
+        let now = now_ms();
+        let mut dead = self.ledger.expire_leases(now);
+        let pending_dead: Vec<u64> = self
+            .pending_leases
+            .iter()
+            .filter(|(_, (d, _))| *d <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in &pending_dead {
+            self.pending_leases.remove(id);
+        }
+        dead.extend(pending_dead);
+        self.store.delete_leases(&dead)?;
+        Ok(())
+    }
+
+    /// A full inventory report (on (re)connect): replaces the edge's chunks
+    /// and pins, and re-applies leases from before a restart on this edge.
+    pub fn report_inventory(
+        &mut self,
+        edge: &str,
+        chunks: &[Fingerprint],
+        usage: u64,
+        pins: &[ManifestId],
+    ) -> Result<(), ServiceError> {
+        let ix = self.ledger.edge_ix(edge)?;
+        // Check pins first so a bad report changes nothing.
+        for m in pins {
+            if !self.ledger.catalogue.contains_key(m) {
+                return Err(LedgerError::UnknownManifest(*m).into());
+            }
+        }
+        self.ledger.put_inventory(edge, chunks, usage)?;
+        self.ledger.set_pins(edge, pins)?;
+        let mut restored = 0;
+        let mut done = Vec::new();
+        for (&id, (deadline, per_edge)) in self.pending_leases.iter_mut() {
+            if let Some(fps) = per_edge.remove(edge) {
+                let entries: Vec<(EdgeIx, ChunkId)> = fps
+                    .iter()
+                    .filter_map(|f| self.ledger.interner.get(f))
+                    .map(|c| (ix, c))
+                    .collect();
+                restored += entries.len();
+                self.ledger.restore_lease(id, *deadline, entries);
+            }
+            if per_edge.is_empty() {
+                done.push(id);
+            }
+        }
+        for id in done {
+            self.pending_leases.remove(&id);
+        }
+        if restored > 0 {
+            tracing::info!(
+                edge,
+                chunks = restored,
+                "leases from before the restart re-applied"
+            );
+        }
+        Ok(())
     }
 
     fn source_for(&self, ix: EdgeIx, dest: &str) -> Source {
@@ -533,7 +640,7 @@ impl Coordinator {
             })
             .collect();
         let lease = if take_lease && !lease_entries.is_empty() {
-            Some(self.ledger.lease(lease_entries, now_ms() + self.options.lease_ms))
+            Some(self.take_lease(lease_entries)?)
         } else {
             None
         };
@@ -556,7 +663,7 @@ impl Coordinator {
     /// What `edge` should do now: drop chunks (GC) and prefetch for hints.
     pub fn orders(&mut self, edge: &str) -> Result<Orders, ServiceError> {
         let ix = self.ledger.edge_ix(edge)?;
-        self.ledger.expire_leases(now_ms());
+        self.expire_leases()?;
         let Settings { policy, watermarks } = self.settings;
         let hinted: Vec<ManifestId> = self
             .hints
@@ -625,7 +732,7 @@ impl Coordinator {
             }
         }
         if !lease_entries.is_empty() {
-            orders.lease = Some(self.ledger.lease(lease_entries, now_ms() + self.options.lease_ms));
+            orders.lease = Some(self.take_lease(lease_entries)?);
         }
         Ok(orders)
     }

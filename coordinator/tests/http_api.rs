@@ -425,7 +425,7 @@ fn restart_keeps_catalogue_policy_paths_hints_and_plans() {
         inventory(h, "e3", (0..64).step_by(3), &[]);
         inventory(h, "d", 0..8, &[]);
     };
-    let (before, mid) = {
+    let (before, mid, leased) = {
         let c = start(&data, &[]);
         let h = Http::new(&c);
         let id = publish(&h, &m);
@@ -450,7 +450,9 @@ fn restart_keeps_catalogue_policy_paths_hints_and_plans() {
             &format!("/v1/plan?manifest={id}&dest=d&lease=false"),
             Value::Null,
         );
-        (plan, id)
+        // An in-flight transfer's lease, to survive the restart.
+        let leased = h.ok("GET", &format!("/v1/plan?manifest={id}&dest=d"), Value::Null);
+        (plan, id, leased)
     };
     let c = start(&data, &[]);
     let h = Http::new(&c);
@@ -472,6 +474,36 @@ fn restart_keeps_catalogue_policy_paths_hints_and_plans() {
     );
     assert_eq!(before, after);
     assert_eq!(after["sources"][0]["measured"], true);
+    // The lease came back as its sources re-reported: its chunks are still
+    // protected there, and it can be released.
+    let lease = leased["lease"].as_u64().expect("lease id");
+    let first = &leased["chunks"][0];
+    let src = first["source"].as_str().expect("source");
+    let ci = h.ok(
+        "GET",
+        &format!("/v1/chunks/{}", first["fp"].as_str().expect("fp")),
+        Value::Null,
+    );
+    assert_eq!(ci["leased_on"], json!([src]), "{ci}");
+    let n: u64 = ["e1", "e2", "e3"]
+        .iter()
+        .map(|e| {
+            h.ok("GET", &format!("/v1/edges/{e}"), Value::Null)["leased_chunks"]
+                .as_u64()
+                .expect("n")
+        })
+        .sum();
+    assert_eq!(n, leased["missing_chunks"].as_u64().expect("missing"));
+    assert_eq!(h.req("DELETE", &format!("/v1/leases/{lease}"), None).0, 204);
+    let ci = h.ok(
+        "GET",
+        &format!("/v1/chunks/{}", first["fp"].as_str().expect("fp")),
+        Value::Null,
+    );
+    assert_eq!(ci["leased_on"], json!([]));
+    // New leases do not reuse the old id.
+    let again = h.ok("GET", &format!("/v1/plan?manifest={mid}&dest=d"), Value::Null);
+    assert!(again["lease"].as_u64().expect("lease") > lease);
 }
 
 #[test]
