@@ -111,6 +111,8 @@ pub struct MigrationReport {
 }
 
 const QMP_WAIT: Duration = Duration::from_secs(5);
+/// How often a disk round runs while QEMU moves memory.
+const DISK_ROUND_DURING_MEMORY: Duration = Duration::from_secs(1);
 const MEMORY_TIMEOUT: Duration = Duration::from_secs(900);
 
 struct Run {
@@ -636,6 +638,7 @@ fn drive(
     qmp.migrate_set_parameters(Some(run.opts.downtime_limit_ms), Some(1 << 30))?;
     *migration_started = true;
     qmp.migrate(&uri)?;
+    let mut last_disk = Instant::now();
     let info = loop {
         let m = qmp.query_migrate()?;
         match m.status.as_deref() {
@@ -650,6 +653,19 @@ fn drive(
         }
         if t.elapsed() > MEMORY_TIMEOUT {
             return Err(MigrateError::Memory("did not converge in time".into()));
+        }
+        // While memory moves, keep the destination's disk close behind
+        // (hot chunks included), so the pause only has the last moment's writes.
+        if writes.is_some() && last_disk.elapsed() >= DISK_ROUND_DURING_MEMORY {
+            last_disk = Instant::now();
+            let next = reslice(&dev, &image, &cur, &mut writes, &mut temp, store)?;
+            temp.observe(&cur, &next);
+            cur = next;
+            let todo = run.stale(&cur);
+            if !todo.is_empty() {
+                let only_source = vec![run.opts.source_addr.clone()];
+                run.round_from(&cur, todo, only_source)?;
+            }
         }
         std::thread::sleep(Duration::from_millis(20));
     };

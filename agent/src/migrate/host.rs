@@ -337,6 +337,7 @@ impl Incoming<'_> {
         let mut stats = PullStats::default();
         let mut wanted: HashMap<Fingerprint, Vec<usize>> = HashMap::new();
         let mut order: Vec<(Fingerprint, u64)> = Vec::new();
+        let mut local: Vec<(usize, Fingerprint)> = Vec::new();
         let store = &self.host.store;
         for &i in indices {
             let i = i as usize;
@@ -355,14 +356,16 @@ impl Incoming<'_> {
             } else if let Some(v) = wanted.get_mut(&want) {
                 v.push(i);
             } else if store.has_chunk(&want)? {
-                let data = store.get_chunk(&want)?;
-                self.write_at(&data, i)?;
-                self.current[i] = want;
-                stats.local_chunks += 1;
+                local.push((i, want));
             } else {
                 wanted.insert(want, vec![i]);
                 order.push((want, target.chunk_len(i)));
             }
+        }
+        self.write_local(&local)?;
+        stats.local_chunks += local.len() as u64;
+        for (i, fp) in local {
+            self.current[i] = fp;
         }
         if !order.is_empty() {
             let fetched = self.fetch_from_holders(order, &wanted, holders, &mut stats)?;
@@ -376,6 +379,37 @@ impl Incoming<'_> {
         metrics::counter!("edgeshift_migrate_pulled_bytes_total")
             .increment(stats.holders.iter().map(|h| h.bytes).sum::<u64>());
         Ok(stats)
+    }
+
+    /// Writes chunks this edge's store holds into the image, on every core
+    /// (each read is checked against its fingerprint by the store).
+    fn write_local(&self, jobs: &[(usize, Fingerprint)]) -> Result<(), MigrateError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let workers = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(1, 8);
+        let per = jobs.len().div_ceil(workers);
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = jobs
+                .chunks(per)
+                .map(|part| {
+                    sc.spawn(move || -> Result<(), MigrateError> {
+                        for &(i, fp) in part {
+                            let data = self.host.store.get_chunk(&fp)?;
+                            self.write_at(&data, i)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join()
+                    .map_err(|_| MigrateError::State("local chunk writer panicked".into()))??;
+            }
+            Ok(())
+        })
     }
 
     /// Pulls the chunks in `order` from every holder at once with the

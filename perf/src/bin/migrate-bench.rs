@@ -350,6 +350,8 @@ fn edgeshift_run(name: &str, a: &Args, bin: &Path, vm: &Vm, order: &str) -> anyh
         .arg(b.state("src"))
         .args(["--order", order, "--json", "--id", "src"])
         .output()?;
+    std::fs::create_dir_all(&a.out)?;
+    std::fs::write(a.out.join(format!("{name}-migrate.log")), &out.stderr)?;
     if !out.status.success() {
         bail!(
             "edgeshift migrate failed: {}",
