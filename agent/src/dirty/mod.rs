@@ -243,7 +243,7 @@ pub fn open_tracker(
         TrackerKind::Ebpf => tracing::info!(
             tracker = "ebpf",
             chunk_size,
-            "dirty tracker active: eBPF program on block:block_bio_queue, per-CPU counters"
+            "dirty tracker active: eBPF program on block:block_bio_queue, atomic per-chunk counters"
         ),
         TrackerKind::Fallback => tracing::info!(
             tracker = "fallback",

@@ -90,6 +90,10 @@ impl Drop for LoopOnTmpfs {
 
 struct FioResult {
     iops: f64,
+    /// fio's own CPU time (user + system) per write, in µs: the tracepoint
+    /// and the BPF program run in the submitting thread, so this shows the
+    /// tracker's cost even when other work on the machine skews IOPS.
+    cpu_us_per_io: f64,
     total_ios: u64,
     runtime_s: f64,
 }
@@ -126,9 +130,16 @@ fn fio(dev: &Path, seconds: u64, jobs: usize, iodepth: u32) -> anyhow::Result<Fi
     ) else {
         bail!("fio's JSON lacks write.iops/total_ios/job_runtime");
     };
+    let cpu_pct = job["usr_cpu"].as_f64().unwrap_or(0.0) + job["sys_cpu"].as_f64().unwrap_or(0.0);
     // With --group_reporting job_runtime sums the jobs' runtimes.
+    let cpu_s = cpu_pct / 100.0 * runtime_ms / 1000.0;
     Ok(FioResult {
         iops,
+        cpu_us_per_io: if total_ios > 0 {
+            cpu_s * 1e6 / total_ios as f64
+        } else {
+            f64::NAN
+        },
         total_ios,
         runtime_s: runtime_ms / 1000.0 / jobs as f64,
     })
@@ -168,6 +179,7 @@ fn fio_tracked(
 #[derive(Serialize, Default)]
 struct ModeRuns {
     iops: Vec<f64>,
+    cpu_us_per_io: Vec<f64>,
     events: Vec<u64>,
     fio_ios: Vec<u64>,
     dropped: Vec<u64>,
@@ -210,6 +222,10 @@ struct Report {
     ebpf_iops_lost_pct: f64,
     fallback_iops_lost_pct: f64,
     ebpf_paired_lost_pct: Vec<f64>,
+    /// Extra fio CPU time per write with the tracker, relative to none
+    /// (medians), in percent.
+    ebpf_cpu_per_io_extra_pct: f64,
+    fallback_cpu_per_io_extra_pct: f64,
     load: Vec<LoadPoint>,
     ebpf_max_events_per_sec_without_drops: f64,
     ebpf_first_drop_events_per_sec: Option<f64>,
@@ -276,6 +292,7 @@ fn main() -> anyhow::Result<()> {
                     let r = fio(&loopdev.dev, args.seconds, 1, 32)?;
                     eprintln!("round {round}: none     {:>9.0} IOPS", r.iops);
                     base.iops.push(r.iops);
+                    base.cpu_us_per_io.push(r.cpu_us_per_io);
                     base.fio_ios.push(r.total_ios);
                 }
                 1 => {
@@ -289,6 +306,7 @@ fn main() -> anyhow::Result<()> {
                         r.iops
                     );
                     ebpf.iops.push(r.iops);
+                    ebpf.cpu_us_per_io.push(r.cpu_us_per_io);
                     ebpf.fio_ios.push(r.total_ios);
                     ebpf.events.push(events);
                     ebpf.dropped.push(dropped);
@@ -301,6 +319,7 @@ fn main() -> anyhow::Result<()> {
                         r.iops
                     );
                     fb.iops.push(r.iops);
+                    fb.cpu_us_per_io.push(r.cpu_us_per_io);
                     fb.fio_ios.push(r.total_ios);
                     fb.events.push(events);
                     fb.dropped.push(dropped);
@@ -427,6 +446,9 @@ fn main() -> anyhow::Result<()> {
         ebpf_iops_lost_pct: (1.0 - me / mb) * 100.0,
         fallback_iops_lost_pct: (1.0 - mf / mb) * 100.0,
         ebpf_paired_lost_pct: paired,
+        ebpf_cpu_per_io_extra_pct: (median(&ebpf.cpu_us_per_io) / median(&base.cpu_us_per_io) - 1.0) * 100.0,
+        fallback_cpu_per_io_extra_pct: (median(&fb.cpu_us_per_io) / median(&base.cpu_us_per_io) - 1.0)
+            * 100.0,
         baseline: base,
         ebpf,
         fallback: fb,
@@ -523,6 +545,30 @@ fn markdown(r: &Report) -> String {
     s.push_str(&format!(
         "Machine load (/proc/loadavg) before: `{}`, after: `{}`.\n\n",
         r.loadavg_before, r.loadavg_after
+    ));
+    let busy = |l: &str| {
+        l.split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .is_some_and(|v| v > r.cpus as f64 * 0.5)
+    };
+    if busy(&r.loadavg_before) || busy(&r.loadavg_after) {
+        s.push_str(
+            "**Caveat:** other work was running on this machine (load average above half \
+             the CPU count), so run-to-run IOPS swing far more than the effect being \
+             measured; the IOPS-lost figures above are not trustworthy to ±2 %. The BPF \
+             cost per event (kernel run-time stats) and fio's CPU time per write are the \
+             steadier figures; rerun on an idle machine for the IOPS comparison.\n\n",
+        );
+    }
+    s.push_str(&format!(
+        "fio CPU time per write (median µs, user + system): none {:.2}, eBPF {:.2} ({:+.2} %), \
+         fallback {:.2} ({:+.2} %).\n\n",
+        median(&r.baseline.cpu_us_per_io),
+        median(&r.ebpf.cpu_us_per_io),
+        r.ebpf_cpu_per_io_extra_pct,
+        median(&r.fallback.cpu_us_per_io),
+        r.fallback_cpu_per_io_extra_pct,
     ));
     s.push_str(&format!(
         "Median of the per-round paired losses: {:.2} %.\n",
