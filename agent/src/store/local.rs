@@ -613,6 +613,43 @@ mod tests {
     }
 
     #[test]
+    fn batch_commits_visibly_and_drop_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LocalStore::open_or_create(dir.path()).expect("create");
+        let blobs: Vec<Vec<u8>> = (0..300u32).map(|i| format!("chunk {i}").into_bytes()).collect();
+        let mut batch = store.batch();
+        for b in &blobs[..200] {
+            batch.stage(&Fingerprint::of(b), b).expect("stage");
+            // Staged is not visible.
+            assert!(!store.has_chunk(&Fingerprint::of(b)).expect("has"));
+        }
+        assert!(batch.stage(&Fingerprint::ZERO_CHUNK, b"").is_err());
+        assert_eq!(batch.commit().expect("commit"), 200);
+        for b in &blobs[..200] {
+            assert_eq!(store.get_chunk(&Fingerprint::of(b)).expect("get"), *b);
+        }
+        // A batch dropped before its commit (an error mid-slice) leaves no
+        // chunk and no temp file.
+        let mut batch = store.batch();
+        for b in &blobs[200..] {
+            batch.stage(&Fingerprint::of(b), b).expect("stage");
+        }
+        drop(batch);
+        assert_eq!(store.stats().expect("stats").chunks, 200);
+        assert_eq!(fs::read_dir(store.tmp_dir()).expect("tmp").count(), 0);
+        // read_chunk_into checks length and bytes.
+        let fp = Fingerprint::of(&blobs[0]);
+        let mut buf = vec![0u8; blobs[0].len()];
+        store.read_chunk_into(&fp, &mut buf).expect("read");
+        assert_eq!(buf, blobs[0]);
+        let mut short = vec![0u8; blobs[0].len() - 1];
+        assert!(matches!(
+            store.read_chunk_into(&fp, &mut short),
+            Err(StoreError::ChunkInvalid { .. })
+        ));
+    }
+
+    #[test]
     fn stray_temp_files_are_cleaned_and_never_read() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = LocalStore::open_or_create(dir.path()).expect("create");
