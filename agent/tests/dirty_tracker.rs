@@ -604,3 +604,35 @@ fn cli_dirty_rejects_bad_input() {
         assert!(!out.stderr.is_empty(), "{args:?}: no error message");
     }
 }
+
+#[test]
+fn discards_change_chunks_and_reads_do_not_in_both_trackers() {
+    let Some(dev) = LoopDev::new(8 << 20) else {
+        return;
+    };
+    let (Some(mut ebpf), Some(mut fallback)) = (ebpf_tracker(64 * KIB, 1 << 16), ftrace_tracker(64 * KIB))
+    else {
+        return;
+    };
+    ebpf.watch(dev.id()).expect("watch ebpf");
+    fallback.watch(dev.id()).expect("watch fallback");
+    // A discard of 128 KiB from chunk 4 on: chunks 4 and 5 change.
+    let st = Command::new("blkdiscard")
+        .args(["-o", &(4 * 64 * KIB).to_string(), "-l", &(128 * KIB).to_string()])
+        .arg(&dev.path)
+        .status()
+        .expect("blkdiscard runs");
+    assert!(st.success(), "blkdiscard failed");
+    // Direct reads change nothing.
+    let st = Command::new("dd")
+        .arg(format!("if={}", dev.path.display()))
+        .args(["of=/dev/null", "bs=64k", "count=8", "iflag=direct", "status=none"])
+        .status()
+        .expect("dd runs");
+    assert!(st.success());
+    let want: BTreeMap<u64, (u64, u64)> = [(4, (1, 64 * KIB)), (5, (1, 64 * KIB))].into_iter().collect();
+    let e = ebpf.read_counts().expect("read ebpf");
+    let f = fallback.read_counts().expect("read fallback");
+    assert_eq!(of_device(&by_chunk(&e), dev.id()), want);
+    assert_eq!(of_device(&by_chunk(&f), dev.id()), want);
+}

@@ -3,9 +3,9 @@
 // edgeshift dirty-rate tracker: counts writes and written bytes per
 // (block device, chunk index) for the devices the agent watches.
 //
-// Hook: the `block:block_bio_queue` tracepoint. It fires once per bio when
-// the bio is submitted to a device, before the block layer splits or merges
-// it, and it fires for bio-based devices too (device-mapper LVs, which never
+// Hook: the `block:block_bio_queue` tracepoint (attached as tp_btf). It
+// fires once per bio when the bio is submitted to a device, before the block
+// layer splits or merges it, and it fires for bio-based devices too (device-mapper LVs, which never
 // issue requests). `block:block_rq_issue` fires only for request-based
 // devices and after merging/splitting (a 1 MiB direct write to a loop device
 // shows up as one bio_queue event but two rq_issue events here), so it would
@@ -15,6 +15,7 @@
 
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -76,46 +77,46 @@ struct {
 	__type(value, struct tracker_stats);
 } STATS SEC(".maps");
 
-static __always_inline int is_modifying(char rwbs0, char rwbs1)
-{
-	// rwbs: optional 'F' (preflush), then the op: 'W' write, 'D' discard or
-	// secure erase. Both change the chunk's bytes; reads ('R'), pure
-	// flushes ("F") and others do not.
-	char op = rwbs0 == 'F' ? rwbs1 : rwbs0;
-	return op == 'W' || op == 'D';
-}
+// Operations that change a chunk's bytes (enum req_op in
+// include/linux/blk_types.h; the op is the low REQ_OP_BITS = 8 bits of
+// bi_opf). The ftrace fallback reads the same as rwbs 'W' and 'D'.
+#define REQ_OP_MASK_BITS 0xff
+#define OP_WRITE 1
+#define OP_DISCARD 3
+#define OP_SECURE_ERASE 5
 
-SEC("tracepoint/block/block_bio_queue")
-int dirty_bio_queue(struct trace_event_raw_block_bio *ctx)
+// A BTF-typed raw tracepoint (tp_btf) on block_bio_queue: the program gets
+// the struct bio itself, so the kernel formats no trace record and goes
+// through no perf event per bio, as a classic tracepoint program would.
+// Fields are read directly (BTF pointers), relocated by CO-RE.
+SEC("tp_btf/block_bio_queue")
+int BPF_PROG(dirty_bio_queue, struct bio *bio)
 {
-	// Direct context reads (the tracepoint record), relocated by CO-RE
-	// through vmlinux.h's preserve_access_index: no probe-read helper calls.
-	__u32 dev = ctx->dev;
+	__u32 dev = bio->bi_bdev->bd_dev;
 	struct watched_dev *w = bpf_map_lookup_elem(&WATCHED, &dev);
 	if (!w)
 		return 0;
-	// Both bytes read at fixed offsets: the verifier forbids loads through
-	// a ctx pointer moved by a variable amount.
-	if (!is_modifying(ctx->rwbs[0], ctx->rwbs[1]))
+	__u32 op = bio->bi_opf & REQ_OP_MASK_BITS;
+	if (op != OP_WRITE && op != OP_DISCARD && op != OP_SECURE_ERASE)
 		return 0;
-	__u32 nr_sector = ctx->nr_sector;
-	if (nr_sector == 0)
-		return 0;
+	__u32 size = bio->bi_iter.bi_size;
+	if (size == 0)
+		return 0; // an empty preflush carries no data
 
 	__u32 zero = 0;
 	struct tracker_stats *stats = bpf_map_lookup_elem(&STATS, &zero);
 	if (!stats)
 		return 0;
 	// Plain adds on this CPU's copy of the stats: the kernel never runs a
-	// tracepoint program nested on one CPU (trace_call_bpf's per-CPU
-	// bpf_prog_active guard) and the program cannot migrate while it runs.
+	// tracing program nested on one CPU (per-CPU recursion guard) and the
+	// program cannot migrate while it runs.
 	stats->events += 1;
 
 	__u32 shift = CHUNK_SHIFT;
 	__u32 base = w->base;
 	__u32 dev_chunks = w->chunks;
-	__u64 start = ctx->sector << SECTOR_SHIFT;
-	__u64 end = start + ((__u64)nr_sector << SECTOR_SHIFT);
+	__u64 start = bio->bi_iter.bi_sector << SECTOR_SHIFT;
+	__u64 end = start + size;
 	__u64 first = start >> shift;
 	__u64 last = (end - 1) >> shift;
 	if (last - first >= MAX_SPAN_CHUNKS)

@@ -14,7 +14,8 @@ pub const SOURCE_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/dirty.bp
 pub const OBJECT_FILE: &str = "dirty.bpf.o";
 /// The program's name (its C function).
 pub const PROGRAM: &str = "dirty_bio_queue";
-/// The tracepoint it attaches to: category and name.
+/// The tracepoint it attaches to: category and name (attached as tp_btf,
+/// which takes the name alone).
 pub const TRACEPOINT: (&str, &str) = ("block", "block_bio_queue");
 /// `.rodata` global: log2 of the chunk size, set by the loader.
 pub const CHUNK_SHIFT_GLOBAL: &str = "CHUNK_SHIFT";

@@ -1,5 +1,6 @@
 //! The eBPF tracker: loads the embedded `dirty.bpf.o` with aya, attaches it
-//! to `block:block_bio_queue` and reads its counters.
+//! to `block:block_bio_queue` (as a BTF-typed raw tracepoint) and reads its
+//! counters.
 //!
 //! Layout: every watched device gets a range of slots in the `CHUNKS` array,
 //! one per chunk of the device; the program adds each write into its slot
@@ -18,7 +19,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
-use aya::programs::TracePoint;
+use aya::programs::BtfTracePoint;
 use aya::{Ebpf, EbpfLoader};
 use edgeshift_ebpf::{ChunkCounts, TrackerStats, WatchedDev};
 
@@ -143,13 +144,13 @@ impl EbpfTracker {
             .set_global(edgeshift_ebpf::CHUNK_SHIFT_GLOBAL, &shift, true)
             .set_max_entries(edgeshift_ebpf::CHUNKS_MAP, capacity)
             .load(OBJECT)?;
-        let prog: &mut TracePoint = bpf
+        let btf = aya::Btf::from_sys_fs()?;
+        let prog: &mut BtfTracePoint = bpf
             .program_mut(edgeshift_ebpf::PROGRAM)
             .ok_or(DirtyError::BpfObject("the program dirty_bio_queue"))?
             .try_into()?;
-        prog.load()?;
-        let (category, name) = edgeshift_ebpf::TRACEPOINT;
-        prog.attach(category, name)?;
+        prog.load(edgeshift_ebpf::TRACEPOINT.1, &btf)?;
+        prog.attach()?;
         let info = prog.info()?;
         let prog_id = info.id();
         let map_ids = info.map_ids()?.unwrap_or_default();

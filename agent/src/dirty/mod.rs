@@ -50,6 +50,8 @@ pub enum DirtyError {
     ChunkSize(u64),
     #[error("loading the BPF program: {0}")]
     BpfLoad(#[from] aya::EbpfError),
+    #[error("reading the kernel's BTF: {0}")]
+    Btf(#[from] aya::BtfError),
     #[error("attaching the BPF program: {0}")]
     BpfProgram(#[from] aya::programs::ProgramError),
     #[error("BPF map: {0}")]
