@@ -68,6 +68,36 @@ impl Binaries {
                 .find(|p| p.is_file())
                 .ok_or_else(|| ClusterError::MissingBinary(name, dir.display().to_string()))
         };
+        if let (Ok(edgeshift), Ok(coordinator)) = (find("edgeshift"), find("edgeshift-coordinator")) {
+            return Ok(Self {
+                edgeshift,
+                coordinator,
+            });
+        }
+        // Under `cargo run` (which sets $CARGO) build the daemons the first
+        // time, so the README's one command works on a fresh checkout.
+        if let Some(cargo) = std::env::var_os("CARGO") {
+            tracing::info!("building edgeshift and edgeshift-coordinator (release)");
+            eprintln!("building edgeshift and edgeshift-coordinator (cargo build --release)...");
+            let status = Command::new(cargo)
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "edgeshift-agent",
+                    "-p",
+                    "edgeshift-coordinator",
+                ])
+                .current_dir(crate::images::repo_root())
+                .status()
+                .map_err(io("running cargo build"))?;
+            if !status.success() {
+                return Err(ClusterError::Io {
+                    what: "cargo build --release -p edgeshift-agent -p edgeshift-coordinator".into(),
+                    source: std::io::Error::other(status.to_string()),
+                });
+            }
+        }
         Ok(Self {
             edgeshift: find("edgeshift")?,
             coordinator: find("edgeshift-coordinator")?,

@@ -317,11 +317,32 @@ pub fn summary(r: &DemoRecord) -> String {
         }
     );
     s += &format!("  VM boot (TCG):       {:.1} s\n", r.boot_seconds);
-    s += &format!("  migrate:             {:.1} s\n", r.migrate_seconds);
-    for key in ["downtime_ms", "total_seconds", "rounds"] {
-        if let Some(v) = r.migrate.get(key) {
-            s += &format!("  migrate {key}: {v}\n");
-        }
+    s += &format!("  migrate command:     {:.1} s wall\n", r.migrate_seconds);
+    if let Some(phases) = r.migrate["phases"].as_array() {
+        let list: Vec<String> = phases
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {:.1} s",
+                    p["phase"].as_str().unwrap_or("?"),
+                    p["seconds"].as_f64().unwrap_or(0.0)
+                )
+            })
+            .collect();
+        s += &format!("  phases:              {}\n", list.join(", "));
+    }
+    if let Some(d) = r.migrate["downtime_ms"].as_u64() {
+        s += &format!("  downtime:            {d} ms\n");
+    }
+    if let Some(rounds) = r.migrate["rounds"].as_array() {
+        s += &format!("  pre-copy rounds:     {}\n", rounds.len());
+    }
+    if let Some(src) = r.migrate["bytes_by_source"].as_object() {
+        let list: Vec<String> = src
+            .iter()
+            .map(|(k, v)| format!("{k}: {:.1} MB", v.as_f64().unwrap_or(0.0) / 1e6))
+            .collect();
+        s += &format!("  disk bytes from:     {}\n", list.join(", "));
     }
     s += &format!(
         "  counter:             {:?} -> {:?}\n",

@@ -162,6 +162,9 @@ fn timeline_run(set: &RunSet) -> Option<&Run> {
         })
 }
 
+/// Draws one figure from a record into a file; false when there is nothing to draw.
+type Figure = fn(&RunSet, &Path) -> Result<bool, plots::PlotError>;
+
 /// Writes `report.md` and its SVG figures into `dir` (runs.json must be
 /// beside it, see [`save`]). Returns the report's path.
 pub fn write(set: &RunSet, dir: &Path) -> Result<PathBuf, ReportError> {
@@ -201,22 +204,14 @@ pub fn write(set: &RunSet, dir: &Path) -> Result<PathBuf, ReportError> {
             "\nProjected rows were not run at that rate (a whole 1 GiB copy at 10 Mbit/s takes a quarter of an hour): their time is the wire bytes measured at the stated rate divided by this rate, which is a lower bound for the real copy."
         );
     }
-    let figs: [(
-        &str,
-        &str,
-        Box<dyn Fn(&RunSet, &Path) -> Result<bool, plots::PlotError>>,
-    ); 3] = [
+    let figs: [(&str, &str, Figure); 3] = [
         (
             "time_vs_bandwidth.svg",
             "Handoff time against link rate, with the physical limit",
-            Box::new(plots::time_vs_bandwidth),
+            plots::time_vs_bandwidth,
         ),
-        ("wire_bytes.svg", "Bytes on the wire", Box::new(plots::wire_bytes)),
-        (
-            "storage.svg",
-            "Storage per caching layout",
-            Box::new(plots::storage),
-        ),
+        ("wire_bytes.svg", "Bytes on the wire", plots::wire_bytes),
+        ("storage.svg", "Storage per caching layout", plots::storage),
     ];
     for (i, (file, title, draw)) in figs.iter().enumerate() {
         if draw(set, &dir.join(file))? {

@@ -609,6 +609,26 @@ pub fn iface_counters(netns: &str, ifname: &str) -> Result<IfaceCounters, Testbe
     })
 }
 
+/// Byte counters of every interface in `netns` (one `ip -s -j link` call).
+pub fn all_counters(netns: &str) -> Result<BTreeMap<String, IfaceCounters>, TestbedError> {
+    let cmd_line = format!("ip -n {netns} -s -j link");
+    let out = run(Command::new("ip").args(["-n", netns, "-s", "-j", "link"]))?;
+    let parsed: serde_json::Value = serde_json::from_str(&out).map_err(|_| TestbedError::Parse {
+        cmd: cmd_line.clone(),
+        output: out.clone(),
+    })?;
+    let mut map = BTreeMap::new();
+    for link in parsed.as_array().into_iter().flatten() {
+        let name = link["ifname"].as_str();
+        let rx = link["stats64"]["rx"]["bytes"].as_u64();
+        let tx = link["stats64"]["tx"]["bytes"].as_u64();
+        if let (Some(name), Some(rx_bytes), Some(tx_bytes)) = (name, rx, tx) {
+            map.insert(name.to_string(), IfaceCounters { rx_bytes, tx_bytes });
+        }
+    }
+    Ok(map)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -646,24 +666,4 @@ mod tests {
         assert_eq!(seg.guest_addr(154), Some(Ipv4Addr::new(198, 19, 1, 254)));
         assert_eq!(seg.guest_addr(155), None);
     }
-}
-
-/// Byte counters of every interface in `netns` (one `ip -s -j link` call).
-pub fn all_counters(netns: &str) -> Result<BTreeMap<String, IfaceCounters>, TestbedError> {
-    let cmd_line = format!("ip -n {netns} -s -j link");
-    let out = run(Command::new("ip").args(["-n", netns, "-s", "-j", "link"]))?;
-    let parsed: serde_json::Value = serde_json::from_str(&out).map_err(|_| TestbedError::Parse {
-        cmd: cmd_line.clone(),
-        output: out.clone(),
-    })?;
-    let mut map = BTreeMap::new();
-    for link in parsed.as_array().into_iter().flatten() {
-        let name = link["ifname"].as_str();
-        let rx = link["stats64"]["rx"]["bytes"].as_u64();
-        let tx = link["stats64"]["tx"]["bytes"].as_u64();
-        if let (Some(name), Some(rx_bytes), Some(tx_bytes)) = (name, rx, tx) {
-            map.insert(name.to_string(), IfaceCounters { rx_bytes, tx_bytes });
-        }
-    }
-    Ok(map)
 }
