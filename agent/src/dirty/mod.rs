@@ -189,7 +189,9 @@ pub enum TrackerChoice {
     /// eBPF if it loads, else the ftrace fallback.
     #[default]
     Auto,
+    /// The BPF program on block_bio_queue (needs root and BTF).
     Ebpf,
+    /// block_bio_queue text events from a private ftrace instance (no BPF).
     Fallback,
 }
 
