@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod demo;
+pub mod heat;
 pub mod images;
 pub mod record;
 pub mod report;

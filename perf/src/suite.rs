@@ -101,6 +101,10 @@ pub fn run(
         }
     }
     set.storage = bench.storage()?;
+    match heatmap(8, &work.join("heat"), log) {
+        Ok(h) => set.heatmap = Some(h),
+        Err(e) => set.notes.push(format!("heat map not measured: {e}")),
+    }
     set.notes.append(&mut bench.notes);
     set.notes.push(
         "Compression: edgeshift may zstd chunks per path, rsync runs with -z, casync's store holds compressed chunks; the physical limit counts uncompressed bytes, so a ratio under 1.00x means compression saved more than the protocol cost.".into(),
@@ -214,4 +218,18 @@ pub fn import_live(path: &Path) -> Result<Vec<Run>, String> {
             }
         })
         .collect())
+}
+
+/// The dirty-rate heat map on a copy of the low-write VM disk.
+pub fn heatmap(
+    rows: usize,
+    work: &Path,
+    log: &dyn Fn(&str),
+) -> Result<crate::record::Heatmap, ScenarioError> {
+    log("heat map: fio zipf writes on a loop device, edgeshift dirty per 1 s interval");
+    let bins = crate::cluster::Binaries::locate()?;
+    let image = crate::images::repo_root().join("target/images/perf/vm-low.raw");
+    let h = crate::heat::measure(&bins.edgeshift, &image, work, rows, 1.0);
+    let _ = std::fs::remove_dir_all(work);
+    h
 }

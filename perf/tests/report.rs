@@ -68,6 +68,7 @@ fn report_tables_come_from_the_record() {
         ("wire_bytes.svg", "edgeshift"),
         ("storage.svg", "dedup"),
         ("timeline.svg", "from e1"),
+        ("heatmap.svg", "write rate"),
     ] {
         let svg = std::fs::read_to_string(dir.path().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert!(

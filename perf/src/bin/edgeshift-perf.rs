@@ -59,6 +59,16 @@ enum Cmd {
         #[arg(long, default_value = "up")]
         tag: String,
     },
+    /// Measure the per-chunk dirty-rate heat map (fio on a loop device,
+    /// watched by `edgeshift dirty`) into a recorded runs.json, and redraw its report.
+    Heatmap {
+        /// The runs.json to add the heat map to (its report.md is rewritten).
+        #[arg(long, default_value = "perf/reports/full/runs.json")]
+        into: PathBuf,
+        /// Intervals (rows) to record.
+        #[arg(long, default_value_t = 8)]
+        rows: usize,
+    },
     /// Remove namespaces (and kill their processes) left by a killed run with this tag.
     CleanupStale { tag: String },
 }
@@ -155,6 +165,18 @@ fn main() -> anyhow::Result<()> {
             loop {
                 std::thread::park();
             }
+        }
+        Cmd::Heatmap { into, rows } => {
+            let mut set = report::load(&into)?;
+            set.heatmap = Some(suite::heatmap(rows, &work_dir("heat"), &log)?);
+            let dir = into.parent().map(PathBuf::from).unwrap_or_default();
+            report::save(&set, &dir)?;
+            let md = report::write(&set, &dir)?;
+            log(&format!(
+                "heat map recorded in {}; report {}",
+                into.display(),
+                md.display()
+            ));
         }
         Cmd::CleanupStale { tag } => {
             for ns in testbed::cleanup_stale(&tag)? {
