@@ -246,10 +246,11 @@ fn speed(args: &Args, es: &Path) -> anyhow::Result<Speed> {
                     )?;
                     let r = json_line(&out)?;
                     if t == 2 {
-                        read_mode = r["read_mode"].as_str().unwrap_or("").to_string();
-                        new_chunks = r["new_chunks"].as_u64().unwrap_or(0);
-                        new_bytes = r["new_bytes"].as_u64().unwrap_or(0);
-                        zero_chunks = r["zero_chunks"].as_u64().unwrap_or(0);
+                        let field = |k: &str| r[k].as_u64().with_context(|| format!("no {k} in {out}"));
+                        read_mode = r["read_mode"].as_str().context("no read_mode")?.to_string();
+                        new_chunks = field("new_chunks")?;
+                        new_bytes = field("new_bytes")?;
+                        zero_chunks = field("zero_chunks")?;
                         if new_chunks == 0 {
                             bail!("the empty-store slice stored nothing: {out}");
                         }
@@ -374,7 +375,9 @@ fn dedup(args: &Args, es: &Path) -> anyhow::Result<Vec<DedupRow>> {
         let reslice_s = median(&reslices);
         let (_, d, id_d) = slice(&derived)?;
         let (fb, fd) = (inspect(&id_b)?, inspect(&id_d)?);
-        let u = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+        let u = |v: &serde_json::Value, k: &str| -> anyhow::Result<u64> {
+            v[k].as_u64().with_context(|| format!("no {k} in {v}"))
+        };
         let chunk_files = std::fs::read_dir(store.join("chunks"))?
             .flatten()
             .map(|fan| {
@@ -385,13 +388,13 @@ fn dedup(args: &Args, es: &Path) -> anyhow::Result<Vec<DedupRow>> {
             .sum();
         let row = DedupRow {
             chunk_size: cs.to_string(),
-            chunk_size_bytes: u(&fb, "chunk_size"),
-            base_unique_bytes: u(&fb, "unique_bytes"),
-            derived_unique_bytes: u(&fd, "unique_bytes"),
-            store_bytes_both: u(&fb, "unique_bytes") + u(&d, "new_bytes"),
-            derived_new_bytes: u(&d, "new_bytes"),
-            derived_new_chunks: u(&d, "new_chunks"),
-            manifest_bytes: u(&fb, "manifest_bytes"),
+            chunk_size_bytes: u(&fb, "chunk_size")?,
+            base_unique_bytes: u(&fb, "unique_bytes")?,
+            derived_unique_bytes: u(&fd, "unique_bytes")?,
+            store_bytes_both: u(&fb, "unique_bytes")? + u(&d, "new_bytes")?,
+            derived_new_bytes: u(&d, "new_bytes")?,
+            derived_new_chunks: u(&d, "new_chunks")?,
+            manifest_bytes: u(&fb, "manifest_bytes")?,
             chunk_files,
             slice_empty_s: empty_s,
             slice_empty_mib_s: size / empty_s / (1 << 20) as f64,
