@@ -131,7 +131,7 @@ impl Manifest {
                 expected,
             });
         }
-        let want = chunks.checked_mul(32).unwrap_or(u64::MAX);
+        let want = chunks.saturating_mul(32);
         if body.len() as u64 != want {
             return Err(ManifestError::BodyLength {
                 chunks,

@@ -43,7 +43,7 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
 /// Formats a byte count with a binary unit, exact when it can be (`4MiB`).
 pub fn format_size(n: u64) -> String {
     for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
-        if n >= 1 << shift && n % (1 << shift) == 0 {
+        if n >= 1 << shift && n.is_multiple_of(1 << shift) {
             return format!("{}{}", n >> shift, unit);
         }
     }
