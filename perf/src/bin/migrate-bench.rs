@@ -142,6 +142,8 @@ impl Bed {
                 .spawn()
                 .context("start daemon")?;
             self.daemons.push(child);
+            // Both daemons create the store if absent; let the first finish.
+            std::thread::sleep(Duration::from_millis(500));
         }
         std::thread::sleep(Duration::from_millis(500));
         Ok(())
