@@ -19,6 +19,9 @@ use super::{ChunkStore, PutOutcome, StoreError, StoreStats};
 
 pub const STORE_MARKER: &str = "edgeshift-store";
 const MARKER_TEXT: &str = "edgeshift chunk store, layout 1\n";
+/// Directories of a store's layout (`pins` is the coordination module's).
+const STORE_LAYOUT_DIRS: [&str; 4] = ["chunks", "manifests", "tmp", "pins"];
+const MARKER_TMP_PREFIX: &str = ".edgeshift-store.creating.";
 
 /// A chunk store rooted at a directory.
 #[derive(Debug)]
@@ -69,17 +72,33 @@ impl LocalStore {
             return Self::open(root);
         }
         if root.exists() {
-            let mut entries = fs::read_dir(&root).map_err(io_err("read directory", &root))?;
-            if entries.next().is_some() {
-                return Err(StoreError::NotAStore(root));
+            // Only the layout's own names may be there: another process (an
+            // agent and a VM host started together) may be creating the same
+            // store right now, and both must succeed.
+            let entries = fs::read_dir(&root).map_err(io_err("read directory", &root))?;
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                let ours = STORE_LAYOUT_DIRS.contains(&name.as_ref())
+                    || name == STORE_MARKER
+                    || name.starts_with(MARKER_TMP_PREFIX);
+                if !ours {
+                    return Err(StoreError::NotAStore(root));
+                }
             }
         }
-        for sub in ["chunks", "manifests", "tmp"] {
+        for sub in STORE_LAYOUT_DIRS {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(io_err("create directory", &p))?;
         }
+        // The marker appears atomically (rename), so a concurrent opener sees
+        // either no store yet or a whole one.
         let marker = root.join(STORE_MARKER);
-        fs::write(&marker, MARKER_TEXT).map_err(io_err("write", &marker))?;
+        static CREATORS: AtomicU64 = AtomicU64::new(0);
+        let creator = CREATORS.fetch_add(1, Ordering::Relaxed);
+        let marker_tmp = root.join(format!("{MARKER_TMP_PREFIX}{}.{creator}", std::process::id()));
+        fs::write(&marker_tmp, MARKER_TEXT).map_err(io_err("write", &marker_tmp))?;
+        fs::rename(&marker_tmp, &marker).map_err(io_err("rename into", &marker))?;
         sync_dir(&root)?;
         Self::open(root)
     }
@@ -646,6 +665,29 @@ mod tests {
         assert!(matches!(
             store.read_chunk_into(&fp, &mut short),
             Err(StoreError::ChunkInvalid { .. })
+        ));
+    }
+
+    #[test]
+    fn concurrent_creation_of_one_store_succeeds_everywhere() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("s");
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let root = root.clone();
+                std::thread::spawn(move || LocalStore::open_or_create(&root).map(|_| ()))
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("thread").expect("every creator opens the store");
+        }
+        // A directory holding anything else is still refused.
+        let other = dir.path().join("other");
+        fs::create_dir_all(&other).expect("mkdir");
+        fs::write(other.join("notes.txt"), b"x").expect("write");
+        assert!(matches!(
+            LocalStore::open_or_create(&other),
+            Err(StoreError::NotAStore(_))
         ));
     }
 
