@@ -259,18 +259,8 @@ async fn inventory(
     ))
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeltaReq {
-    #[serde(default)]
-    pub added: Vec<Fingerprint>,
-    #[serde(default)]
-    pub removed: Vec<Fingerprint>,
-    /// Chunks used (read by a VM, served to a peer) since the last report.
-    #[serde(default)]
-    pub accessed: Vec<Fingerprint>,
-    pub usage: u64,
-}
+/// A heartbeat's body (shared with the agent).
+pub type DeltaReq = edgeshift_common::control::Delta;
 
 async fn delta(
     State(app): State<AppState>,

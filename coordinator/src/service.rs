@@ -16,6 +16,8 @@ use crate::persist::{LeaseRecord, PersistError, Store};
 use crate::planner::{self, ChunkJob, PlanError, Source};
 use crate::policy::Policy;
 
+pub use edgeshift_common::control::{Orders, Plan, PlanChunk, PlanSource, PrefetchChunk, PrefetchOrder};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error(transparent)]
@@ -80,69 +82,6 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct PlanSource {
-    pub edge: String,
-    pub addr: String,
-    pub rate: f64,
-    pub measured: bool,
-    pub chunks: u64,
-    pub bytes: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct PlanChunk {
-    pub fp: Fingerprint,
-    pub bytes: u64,
-    /// The edge assigned to send it; null when no edge holds it.
-    pub source: Option<String>,
-    /// Edges holding it, best path to the destination first (at most `alternatives`).
-    pub holders: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Plan {
-    pub manifest: ManifestId,
-    pub dest: String,
-    pub missing_chunks: u64,
-    pub missing_bytes: u64,
-    pub unavailable_chunks: u64,
-    pub makespan_secs: f64,
-    pub lower_bound_secs: f64,
-    /// Lease protecting the assigned chunks on their sources; release it with
-    /// DELETE /v1/leases/{id} when the transfer is done.
-    pub lease: Option<u64>,
-    pub sources: Vec<PlanSource>,
-    pub chunks: Vec<PlanChunk>,
-    /// Chunk-server address of every edge named in `chunks`.
-    pub addrs: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct PrefetchChunk {
-    pub fp: Fingerprint,
-    pub bytes: u64,
-    pub source: String,
-    pub addr: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct PrefetchOrder {
-    pub manifest: ManifestId,
-    pub chunks: Vec<PrefetchChunk>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-pub struct Orders {
-    pub policy: String,
-    /// Drop these chunks (first victim first) unless a local pin holds them.
-    pub drop: Vec<Fingerprint>,
-    pub drop_bytes: u64,
-    /// Pull these in the background, at low priority.
-    pub prefetch: Vec<PrefetchOrder>,
-    pub lease: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

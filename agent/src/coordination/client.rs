@@ -2,85 +2,21 @@
 //! async runtime needed, small dependency footprint). The answer types carry
 //! the fields the agent uses; the coordinator may send more.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use edgeshift_common::{Fingerprint, Manifest, ManifestId};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 
 use super::CoordError;
 
+pub use edgeshift_common::control::{
+    Delta, Orders, Plan, PlanChunk, PlanSource, PrefetchChunk, PrefetchOrder,
+};
+
 /// Largest answer read (a plan for a 10 GiB image is a few MB).
 const MAX_ANSWER: u64 = 256 << 20;
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub struct PlanChunk {
-    pub fp: Fingerprint,
-    pub bytes: u64,
-    pub source: Option<String>,
-    pub holders: Vec<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub struct PlanSource {
-    pub edge: String,
-    pub addr: String,
-    pub rate: f64,
-    pub measured: bool,
-    pub chunks: u64,
-    pub bytes: u64,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub struct Plan {
-    pub manifest: ManifestId,
-    pub dest: String,
-    pub missing_chunks: u64,
-    pub missing_bytes: u64,
-    pub unavailable_chunks: u64,
-    pub makespan_secs: f64,
-    pub lower_bound_secs: f64,
-    pub lease: Option<u64>,
-    pub sources: Vec<PlanSource>,
-    pub chunks: Vec<PlanChunk>,
-    /// Address of every edge named in `chunks`.
-    #[serde(default)]
-    pub addrs: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub struct PrefetchChunk {
-    pub fp: Fingerprint,
-    pub bytes: u64,
-    pub source: String,
-    pub addr: String,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub struct PrefetchOrder {
-    pub manifest: ManifestId,
-    pub chunks: Vec<PrefetchChunk>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
-pub struct Orders {
-    pub policy: String,
-    pub drop: Vec<Fingerprint>,
-    pub drop_bytes: u64,
-    pub prefetch: Vec<PrefetchOrder>,
-    pub lease: Option<u64>,
-}
-
-/// A heartbeat's content.
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct Delta {
-    pub added: Vec<Fingerprint>,
-    pub removed: Vec<Fingerprint>,
-    pub accessed: Vec<Fingerprint>,
-    pub usage: u64,
-}
 
 #[derive(Debug, Clone)]
 pub struct Client {
