@@ -206,23 +206,27 @@ impl LocalStore {
         }
     }
 
+    /// Opens chunk `fp`'s file at `p` (its [`Self::chunk_path`]); a missing
+    /// file is [`StoreError::ChunkMissing`].
+    fn open_chunk(&self, fp: &Fingerprint, p: &Path) -> Result<File, StoreError> {
+        match File::open(p) {
+            Ok(f) => Ok(f),
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(StoreError::ChunkMissing(*fp)),
+            Err(e) => Err(StoreError::Io {
+                op: "open",
+                path: p.to_path_buf(),
+                source: e,
+            }),
+        }
+    }
+
     /// Reads chunk `fp` into `buf`, which must be exactly the chunk's length
     /// (the manifest knows it), and checks its fingerprint. A chunk whose
     /// length or bytes are wrong is reported as [`StoreError::ChunkInvalid`]
     /// and `buf` must then not be used. No allocation on the good path.
     pub fn read_chunk_into(&self, fp: &Fingerprint, buf: &mut [u8]) -> Result<(), StoreError> {
         let p = self.chunk_path(fp);
-        let mut f = match File::open(&p) {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Err(StoreError::ChunkMissing(*fp)),
-            Err(e) => {
-                return Err(StoreError::Io {
-                    op: "open",
-                    path: p,
-                    source: e,
-                })
-            }
-        };
+        let mut f = self.open_chunk(fp, &p)?;
         let len = f.metadata().map_err(io_err("stat", &p))?.len();
         if len == buf.len() as u64 {
             f.read_exact(buf).map_err(io_err("read", &p))?;
@@ -482,17 +486,7 @@ impl ChunkStore for LocalStore {
 
     fn get_chunk(&self, fp: &Fingerprint) -> Result<Vec<u8>, StoreError> {
         let p = self.chunk_path(fp);
-        let mut f = match File::open(&p) {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Err(StoreError::ChunkMissing(*fp)),
-            Err(e) => {
-                return Err(StoreError::Io {
-                    op: "open",
-                    path: p,
-                    source: e,
-                })
-            }
-        };
+        let mut f = self.open_chunk(fp, &p)?;
         let mut buf = Vec::new();
         f.read_to_end(&mut buf).map_err(io_err("read", &p))?;
         let actual = Fingerprint::of(&buf);
