@@ -296,6 +296,78 @@ fn two_ebpf_trackers_at_once_each_see_their_devices() {
     );
 }
 
+/// More devices than the program's inline table holds: the ones past it go
+/// to the overflow hash map and are counted exactly like the others; the
+/// unwatched ones stop counting whichever side they live on, and watching
+/// again resumes the same counters.
+#[test]
+fn ebpf_counts_devices_past_the_inline_table() {
+    let n = edgeshift_ebpf::INLINE_WATCHED + 2;
+    let mut devs = Vec::new();
+    for _ in 0..n {
+        let Some(d) = LoopDev::new(1 << 20) else {
+            return;
+        };
+        devs.push(d);
+    }
+    let Some(mut t) = ebpf_tracker(64 * KIB, 1 << 12) else {
+        return;
+    };
+    for d in &devs {
+        t.watch(d.id()).expect("watch");
+    }
+    // Device i: i + 1 writes of 4 KiB into chunk i (of 16).
+    for (i, d) in devs.iter().enumerate() {
+        d.dd(i as u64 * 64 * KIB, 4096, i as u64 + 1);
+    }
+    let counts = t.read_counts().expect("read");
+    let map = by_chunk(&counts);
+    for (i, d) in devs.iter().enumerate() {
+        let w = i as u64 + 1;
+        assert_eq!(
+            of_device(&map, d.id()),
+            [(i as u64, (w, w * 4096))].into_iter().collect(),
+            "device {i} ({})",
+            d.id()
+        );
+    }
+    let total: u64 = (1..=n as u64).sum();
+    assert_eq!(counts.events, total);
+    assert_eq!(counts.dropped, 0);
+
+    // Unwatch one device in the table and one past it; write to all again.
+    let (in_table, past) = (1, n - 1);
+    t.unwatch(devs[in_table].id()).expect("unwatch in table");
+    t.unwatch(devs[past].id()).expect("unwatch past the table");
+    for d in &devs {
+        d.dd(15 * 64 * KIB, 4096, 1);
+    }
+    let map = by_chunk(&t.read_counts().expect("read"));
+    for (i, d) in devs.iter().enumerate() {
+        let got = of_device(&map, d.id()).get(&15).copied();
+        let want = if i == in_table || i == past {
+            None
+        } else {
+            Some((1, 4096))
+        };
+        assert_eq!(got, want, "chunk 15 of device {i}");
+    }
+    // Watching again resumes the same counters.
+    t.watch(devs[in_table].id()).expect("watch again in table");
+    t.watch(devs[past].id()).expect("watch again past the table");
+    devs[in_table].dd(in_table as u64 * 64 * KIB, 4096, 1);
+    devs[past].dd(past as u64 * 64 * KIB, 4096, 1);
+    let map = by_chunk(&t.read_counts().expect("read"));
+    for i in [in_table, past] {
+        let w = i as u64 + 2;
+        assert_eq!(
+            of_device(&map, devs[i].id()),
+            [(i as u64, (w, w * 4096))].into_iter().collect(),
+            "device {i} after watching again"
+        );
+    }
+}
+
 #[test]
 fn ebpf_loses_no_increment_under_concurrent_writers() {
     let Some(dev) = LoopDev::new(8 << 20) else {

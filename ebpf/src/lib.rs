@@ -19,24 +19,56 @@ pub const PROGRAM: &str = "dirty_bio_queue";
 pub const TRACEPOINT: (&str, &str) = ("block", "block_bio_queue");
 /// `.rodata` global: log2 of the chunk size, set by the loader.
 pub const CHUNK_SHIFT_GLOBAL: &str = "CHUNK_SHIFT";
-/// Hash map of watched devices: kernel `dev_t` → [`WatchedDev`].
-pub const WATCHED_MAP: &str = "WATCHED";
+/// Array (mmapable, one element) holding the [`WatchTable`] the program
+/// scans inline for every write bio.
+pub const WATCH_TABLE_MAP: &str = "WATCH_TABLE";
+/// Hash map of the watched devices past the inline table: kernel `dev_t` →
+/// [`ChunkRange`]; consulted only once [`WatchTable::overflow`] is set.
+pub const WATCHED_MORE_MAP: &str = "WATCHED_MORE";
+/// Entries of the inline table (`INLINE_WATCHED` in the C source).
+pub const INLINE_WATCHED: usize = 8;
+/// `max_entries` of `WATCHED_MORE`.
+pub const MAX_OVERFLOW_WATCHED: usize = 64;
 /// Array (mmapable) of [`ChunkCounts`], one per chunk of every watched
-/// device, at `WatchedDev::base + chunk index`.
+/// device, at the device's `base` + chunk index.
 pub const CHUNKS_MAP: &str = "CHUNKS";
 /// Per-CPU array with one [`TrackerStats`].
 pub const STATS_MAP: &str = "STATS";
 /// Most chunks one bio is counted into; wider bios bump `truncated`.
 pub const MAX_SPAN_CHUNKS: u64 = 1024;
 
-/// Value of the `WATCHED` map: `struct watched_dev` in the C source.
+/// Where a device's counters lie in `CHUNKS`: `struct chunk_range`, the
+/// value of `WATCHED_MORE`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct WatchedDev {
+pub struct ChunkRange {
     /// First slot of the device's counters in `CHUNKS`.
     pub base: u32,
     /// Chunks the device has; writes past them count as dropped.
     pub chunks: u32,
+}
+
+/// One entry of the inline table: `struct watched_dev`. `base` and `chunks`
+/// are written once, before `dev` is published with a release store; later
+/// only `dev` changes (0 while unwatched).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct WatchedDev {
+    /// Kernel `dev_t` ([`kernel_dev`]); 0 = this entry matches nothing.
+    pub dev: u32,
+    pub base: u32,
+    pub chunks: u32,
+}
+
+/// The single element of `WATCH_TABLE`: `struct watch_table`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WatchTable {
+    /// Entries `[0, used)` of `devs` are published.
+    pub used: u32,
+    /// Nonzero once a device lives in `WATCHED_MORE`.
+    pub overflow: u32,
+    pub devs: [WatchedDev; INLINE_WATCHED],
 }
 
 /// One element of the `CHUNKS` array: `struct chunk_counts`, updated with
@@ -61,7 +93,9 @@ pub struct TrackerStats {
 }
 
 // The C side's sizes (x86_64/aarch64, both little-endian LP64 like BPF).
-const _: () = assert!(std::mem::size_of::<WatchedDev>() == 8);
+const _: () = assert!(std::mem::size_of::<ChunkRange>() == 8);
+const _: () = assert!(std::mem::size_of::<WatchedDev>() == 12);
+const _: () = assert!(std::mem::size_of::<WatchTable>() == 8 + 12 * INLINE_WATCHED);
 const _: () = assert!(std::mem::size_of::<ChunkCounts>() == 16);
 const _: () = assert!(std::mem::size_of::<TrackerStats>() == 24);
 
@@ -163,7 +197,11 @@ mod tests {
 
     #[test]
     fn layout_field_offsets_match_c() {
-        assert_eq!(std::mem::offset_of!(WatchedDev, chunks), 4);
+        assert_eq!(std::mem::offset_of!(ChunkRange, chunks), 4);
+        assert_eq!(std::mem::offset_of!(WatchedDev, base), 4);
+        assert_eq!(std::mem::offset_of!(WatchedDev, chunks), 8);
+        assert_eq!(std::mem::offset_of!(WatchTable, overflow), 4);
+        assert_eq!(std::mem::offset_of!(WatchTable, devs), 8);
         assert_eq!(std::mem::offset_of!(ChunkCounts, bytes), 8);
         assert_eq!(std::mem::offset_of!(TrackerStats, dropped), 8);
         assert_eq!(std::mem::offset_of!(TrackerStats, truncated), 16);
@@ -189,7 +227,9 @@ mod tests {
         let text = String::from_utf8_lossy(&out.stdout);
         let _ = std::fs::remove_dir_all(&dir);
         for (name, size) in [
+            ("chunk_range", std::mem::size_of::<ChunkRange>()),
             ("watched_dev", std::mem::size_of::<WatchedDev>()),
+            ("watch_table", std::mem::size_of::<WatchTable>()),
             ("chunk_counts", std::mem::size_of::<ChunkCounts>()),
             ("tracker_stats", std::mem::size_of::<TrackerStats>()),
         ] {

@@ -7,112 +7,202 @@
 //! with atomic adds. The agent maps the array read-only into its address
 //! space, so a reading costs a memory scan instead of a syscall per chunk.
 //!
+//! Which devices are watched: the first [`INLINE_WATCHED`] devices go into
+//! the `WATCH_TABLE` array, which the agent maps read-write and the program
+//! scans inline on every write bio (a few ns, where a hash lookup cost ~47
+//! ns on every bio of every device). An entry's range is written before its
+//! device number is published with a release store, and never changes
+//! afterwards (unwatching zeroes only the device number), so the program
+//! never matches a half-written entry. Devices past the table go to the
+//! `WATCHED_MORE` hash map, which the program consults only once the
+//! table's `overflow` flag is set: more devices cost a hash lookup, never a
+//! refusal or a silent miss.
+//!
 //! Every kernel object (program, tracepoint link, maps, the mapping) is owned
 //! by the [`EbpfTracker`]; dropping it unmaps the array and closes the file
 //! descriptors, which detaches the program and frees the maps: nothing is
 //! pinned, nothing stays behind.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
 use aya::programs::BtfTracePoint;
 use aya::{Ebpf, EbpfLoader};
-use edgeshift_ebpf::{ChunkCounts, TrackerStats, WatchedDev};
+use edgeshift_ebpf::{
+    ChunkCounts, ChunkRange, TrackerStats, WatchTable, INLINE_WATCHED, MAX_OVERFLOW_WATCHED,
+};
 
 use super::{chunk_shift, DeviceId, DirtyError, DirtyTracker, RawChunk, RawCounts, TrackerKind};
 
 /// The object built from `ebpf/src/dirty.bpf.c` by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dirty.bpf.o"));
 
-/// Most devices one tracker watches (`max_entries` of `WATCHED` in the C source).
-const MAX_WATCHED: usize = 64;
+/// Most devices one tracker watches: the inline table plus `WATCHED_MORE`.
+const MAX_WATCHED: usize = INLINE_WATCHED + MAX_OVERFLOW_WATCHED;
 
 // aya reads and writes map entries as plain bytes of these types; the
 // layout types live in the `ebpf` crate, so they are wrapped here.
 #[repr(transparent)]
 #[derive(Clone, Copy)]
-struct Watched(WatchedDev);
+struct Range(ChunkRange);
 #[repr(transparent)]
 #[derive(Clone, Copy)]
 struct Stats(TrackerStats);
 
-// SAFETY: `WatchedDev` is #[repr(C)] of two u32: no padding (size 8 is
+// SAFETY: `ChunkRange` is #[repr(C)] of two u32: no padding (size 8 is
 // asserted in the ebpf crate); every bit pattern is valid.
-unsafe impl aya::Pod for Watched {}
+unsafe impl aya::Pod for Range {}
 // SAFETY: `TrackerStats` is #[repr(C)] of three u64: no padding, any bits valid.
 unsafe impl aya::Pod for Stats {}
 
-/// The `CHUNKS` array mapped read-only: `slots` pairs of (writes, bytes)
-/// that the BPF program updates with atomic adds.
-struct CounterArray {
-    base: NonNull<AtomicU64>,
-    slots: usize,
+/// An mmapable BPF array mapped into this process: memory shared with the
+/// program, accessed only through atomics.
+struct SharedMapping {
+    base: NonNull<u8>,
+    /// Bytes of map values (the usable part of the mapping).
+    len: usize,
     mapped_len: usize,
 }
 
-// SAFETY: the mapping is shared memory that is only ever read through
+// SAFETY: the mapping is shared memory that is only ever accessed through
 // atomics; the pointer stays valid until Drop, whichever thread runs it.
-unsafe impl Send for CounterArray {}
+unsafe impl Send for SharedMapping {}
 
-impl CounterArray {
-    fn map(map: &MapData, slots: usize) -> Result<Self, DirtyError> {
+impl SharedMapping {
+    /// Maps the first `len` bytes of values of `map` (created with
+    /// BPF_F_MMAPABLE), read-only or read-write.
+    fn map(map: &MapData, len: usize, writable: bool) -> Result<Self, DirtyError> {
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
             .unwrap_or(4096)
             .max(1);
-        let bytes = slots * std::mem::size_of::<ChunkCounts>();
-        // The kernel accepts exactly the array's size rounded up to pages.
-        let mapped_len = bytes.div_ceil(page) * page;
-        let fd = map.fd().as_fd().as_raw_fd();
-        // SAFETY: a fresh read-only shared mapping of a BPF array created
-        // with BPF_F_MMAPABLE; address chosen by the kernel, length within
-        // the array's pages; the result is checked before use.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                mapped_len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
+        // The kernel accepts at most the array's size rounded up to pages.
+        let mapped_len = len.max(1).div_ceil(page) * page;
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
         };
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: a fresh shared mapping of a BPF array created with
+        // BPF_F_MMAPABLE; address chosen by the kernel, length within the
+        // array's pages; the result is checked before use.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), mapped_len, prot, libc::MAP_SHARED, fd, 0) };
         if ptr == libc::MAP_FAILED {
             return Err(DirtyError::Mmap(std::io::Error::last_os_error()));
         }
-        let base = NonNull::new(ptr.cast::<AtomicU64>())
+        let base = NonNull::new(ptr.cast::<u8>())
             .ok_or_else(|| DirtyError::Mmap(std::io::Error::other("mmap returned null")))?;
-        Ok(CounterArray {
+        Ok(SharedMapping {
             base,
-            slots,
+            len,
             mapped_len,
         })
     }
 
-    /// (writes, bytes) of one slot; zeros past the end.
-    fn get(&self, slot: usize) -> (u64, u64) {
-        if slot >= self.slots {
-            return (0, 0);
+    /// The `index`-th u64 of the values, if inside them.
+    fn u64_at(&self, index: usize) -> Option<&AtomicU64> {
+        if index.checked_add(1)?.checked_mul(8)? > self.len {
+            return None;
         }
-        // SAFETY: slot < slots, so both words lie inside the mapping, which
+        // SAFETY: the word lies inside the mapping (checked above), which
         // is page-aligned (so 8-aligned) and lives as long as `self`;
-        // AtomicU64 has u64's layout and the kernel writes them atomically.
-        let words = unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(slot * 2), 2) };
-        (words[0].load(Ordering::Relaxed), words[1].load(Ordering::Relaxed))
+        // AtomicU64 has u64's layout and the kernel writes it atomically.
+        Some(unsafe { &*self.base.as_ptr().cast::<AtomicU64>().add(index) })
+    }
+
+    /// The `index`-th u32 of the values, if inside them.
+    fn u32_at(&self, index: usize) -> Option<&AtomicU32> {
+        if index.checked_add(1)?.checked_mul(4)? > self.len {
+            return None;
+        }
+        // SAFETY: as in `u64_at`, with 4-byte words.
+        Some(unsafe { &*self.base.as_ptr().cast::<AtomicU32>().add(index) })
     }
 }
 
-impl Drop for CounterArray {
+impl Drop for SharedMapping {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly the region `map` mapped; no reference into
-        // it outlives `self` (`get` returns copies).
+        // SAFETY: unmaps exactly the region `map` mapped; the references
+        // handed out borrow `self`, so none outlives it.
         unsafe {
             libc::munmap(self.base.as_ptr().cast(), self.mapped_len);
         }
+    }
+}
+
+/// The `CHUNKS` array mapped read-only: `slots` pairs of (writes, bytes)
+/// that the BPF program updates with atomic adds.
+struct CounterArray(SharedMapping);
+
+impl CounterArray {
+    fn map(map: &MapData, slots: usize) -> Result<Self, DirtyError> {
+        let bytes = slots * std::mem::size_of::<ChunkCounts>();
+        Ok(CounterArray(SharedMapping::map(map, bytes, false)?))
+    }
+
+    /// (writes, bytes) of one slot; zeros past the end.
+    fn get(&self, slot: usize) -> (u64, u64) {
+        let word = |i: usize| self.0.u64_at(i).map_or(0, |w| w.load(Ordering::Relaxed));
+        (word(slot * 2), word(slot * 2 + 1))
+    }
+}
+
+/// The `WATCH_TABLE` element mapped read-write: the agent is its only
+/// writer, the program reads it on every write bio.
+struct InlineTable(SharedMapping);
+
+// u32 word indices of `struct watch_table`'s fields.
+const USED_WORD: usize = 0;
+const OVERFLOW_WORD: usize = 1;
+fn entry_word(entry: usize, field: usize) -> usize {
+    2 + entry * 3 + field
+}
+const DEV_FIELD: usize = 0;
+const BASE_FIELD: usize = 1;
+const CHUNKS_FIELD: usize = 2;
+
+impl InlineTable {
+    fn map(map: &MapData) -> Result<Self, DirtyError> {
+        Ok(InlineTable(SharedMapping::map(
+            map,
+            std::mem::size_of::<WatchTable>(),
+            true,
+        )?))
+    }
+
+    fn word(&self, index: usize) -> &AtomicU32 {
+        // Every index used here lies inside the table: entries < INLINE_WATCHED
+        // and size_of::<WatchTable>() is asserted in the ebpf crate.
+        match self.0.u32_at(index) {
+            Some(w) => w,
+            None => unreachable!("word {index} outside struct watch_table"),
+        }
+    }
+
+    /// Writes entry `i` (never published before) and publishes it.
+    fn publish(&self, i: usize, dev: u32, range: ChunkRange) {
+        self.word(entry_word(i, BASE_FIELD))
+            .store(range.base, Ordering::Relaxed);
+        self.word(entry_word(i, CHUNKS_FIELD))
+            .store(range.chunks, Ordering::Relaxed);
+        // Release: whoever sees the device number sees its range.
+        self.word(entry_word(i, DEV_FIELD)).store(dev, Ordering::Release);
+        self.word(USED_WORD).store(i as u32 + 1, Ordering::Release);
+    }
+
+    /// Sets entry `i`'s device number: the device's own to watch it again,
+    /// 0 to stop matching it.
+    fn set_dev(&self, i: usize, dev: u32) {
+        self.word(entry_word(i, DEV_FIELD)).store(dev, Ordering::Release);
+    }
+
+    fn set_overflow(&self) {
+        self.word(OVERFLOW_WORD).store(1, Ordering::Release);
     }
 }
 
@@ -121,14 +211,19 @@ pub struct EbpfTracker {
     chunk_size: u64,
     capacity: u32,
     next_slot: u32,
-    ranges: HashMap<DeviceId, WatchedDev>,
-    watched: BpfHashMap<MapData, u32, Watched>,
-    watched_count: usize,
+    ranges: HashMap<DeviceId, ChunkRange>,
+    /// Devices of the inline table's entries, by entry.
+    inline: Vec<DeviceId>,
+    /// Devices now in `WATCHED_MORE`.
+    overflowed: HashSet<DeviceId>,
+    more: BpfHashMap<MapData, u32, Range>,
     stats: PerCpuArray<MapData, Stats>,
     prog_id: u32,
     map_ids: Vec<u32>,
-    // Field order is drop order: unmap, then close the array, then the rest.
+    // Field order is drop order: unmap, then close the arrays, then the rest.
+    table: InlineTable,
     counters: CounterArray,
+    _table_map: MapData,
     _chunks: MapData,
     _bpf: Ebpf,
 }
@@ -156,13 +251,18 @@ impl EbpfTracker {
         let map_ids = info.map_ids()?.unwrap_or_default();
 
         let take = |bpf: &mut Ebpf, name: &'static str| bpf.take_map(name).ok_or(DirtyError::BpfObject(name));
-        let watched = BpfHashMap::try_from(take(&mut bpf, edgeshift_ebpf::WATCHED_MAP)?)?;
+        let more = BpfHashMap::try_from(take(&mut bpf, edgeshift_ebpf::WATCHED_MORE_MAP)?)?;
         let stats = PerCpuArray::try_from(take(&mut bpf, edgeshift_ebpf::STATS_MAP)?)?;
         let chunks = match take(&mut bpf, edgeshift_ebpf::CHUNKS_MAP)? {
             Map::Array(data) => data,
             _ => return Err(DirtyError::BpfObject("CHUNKS as an array map")),
         };
+        let table_map = match take(&mut bpf, edgeshift_ebpf::WATCH_TABLE_MAP)? {
+            Map::Array(data) => data,
+            _ => return Err(DirtyError::BpfObject("WATCH_TABLE as an array map")),
+        };
         let counters = CounterArray::map(&chunks, capacity as usize)?;
+        let table = InlineTable::map(&table_map)?;
         tracing::debug!(
             prog_id,
             ?map_ids,
@@ -175,12 +275,15 @@ impl EbpfTracker {
             capacity,
             next_slot: 0,
             ranges: HashMap::new(),
-            watched,
-            watched_count: 0,
+            inline: Vec::with_capacity(INLINE_WATCHED),
+            overflowed: HashSet::new(),
+            more,
             stats,
             prog_id,
             map_ids,
+            table,
             counters,
+            _table_map: table_map,
             _chunks: chunks,
             _bpf: bpf,
         })
@@ -214,10 +317,15 @@ impl DirtyTracker for EbpfTracker {
 
     fn watch(&mut self, dev: DeviceId) -> Result<(), DirtyError> {
         let key = dev.kernel_dev();
-        if self.watched.get(&key, 0).is_ok() {
+        if let Some(i) = self.inline.iter().position(|&d| d == dev) {
+            self.table.set_dev(i, key);
             return Ok(());
         }
-        if self.watched_count >= MAX_WATCHED {
+        if self.overflowed.contains(&dev) {
+            return Ok(());
+        }
+        let inline = self.inline.len() < INLINE_WATCHED;
+        if !inline && self.overflowed.len() >= MAX_OVERFLOW_WATCHED {
             return Err(DirtyError::TooManyDevices(MAX_WATCHED));
         }
         // A device watched before keeps its slots (and its counts).
@@ -230,7 +338,7 @@ impl DirtyTracker for EbpfTracker {
                     .ok()
                     .filter(|&n| n <= free)
                     .ok_or(DirtyError::Capacity { dev, need, free })?;
-                let r = WatchedDev {
+                let r = ChunkRange {
                     base: self.next_slot,
                     chunks,
                 };
@@ -239,18 +347,34 @@ impl DirtyTracker for EbpfTracker {
                 r
             }
         };
-        self.watched.insert(key, Watched(range), 0)?;
-        self.watched_count += 1;
+        if inline {
+            self.table.publish(self.inline.len(), key, range);
+            self.inline.push(dev);
+        } else {
+            // Into the hash first, then the flag: the program looks there
+            // only once the flag is set.
+            self.more.insert(key, Range(range), 0)?;
+            self.table.set_overflow();
+            self.overflowed.insert(dev);
+            tracing::debug!(
+                %dev,
+                inline = INLINE_WATCHED,
+                "watched device past the inline table: the BPF program looks it up in a hash map"
+            );
+        }
         Ok(())
     }
 
     fn unwatch(&mut self, dev: DeviceId) -> Result<(), DirtyError> {
-        match self.watched.remove(&dev.kernel_dev()) {
-            Ok(()) => {
-                self.watched_count = self.watched_count.saturating_sub(1);
-                Ok(())
-            }
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        if let Some(i) = self.inline.iter().position(|&d| d == dev) {
+            self.table.set_dev(i, 0);
+            return Ok(());
+        }
+        if !self.overflowed.remove(&dev) {
+            return Ok(());
+        }
+        match self.more.remove(&dev.kernel_dev()) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
