@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use edgeshift_agent::migrate::coord::CoordConfig;
 use edgeshift_agent::migrate::engine::Phase;
 use edgeshift_agent::migrate::temperature::Ordering;
 use edgeshift_agent::migrate::{self, Host, HostConfig, MigrateOptions};
@@ -31,9 +32,29 @@ pub struct Args {
     /// destination reaches it (IP:PORT): the live disk's chunks come from it.
     #[arg(long = "source-addr")]
     source_addr: String,
-    /// Another edge's chunk server holding chunks of the image (IP:PORT, repeatable).
+    /// Another edge's chunk server holding chunks of the image (IP:PORT,
+    /// repeatable): used when the destination has no coordinator, and for
+    /// chunks its plan does not name.
     #[arg(long = "peer")]
     peers: Vec<String>,
+    /// The cache coordinator (http://HOST:PORT), as for `edgeshift agent
+    /// --coordinator`. Before anything moves this edge reports the live
+    /// disk's chunks to it (so its plan can name this edge for what the VM
+    /// wrote), and after the switchover drops this edge's reference to the
+    /// image (its chunks stay cached until the policy evicts them). If it
+    /// cannot be reached before the start, the migration fails and the VM
+    /// keeps running here. Whether the destination's sources come from the
+    /// coordinator is the destination's `vm host --coordinator`; without it,
+    /// it pulls from --source-addr and the --peer list.
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// File holding the coordinator's bearer token.
+    #[arg(long, requires = "coordinator")]
+    token_file: Option<PathBuf>,
+    /// This edge's id at the coordinator: the `--id` of its `edgeshift
+    /// agent` (default: --id).
+    #[arg(long, requires = "coordinator")]
+    edge: Option<String>,
     /// File holding the cluster key (64 hex digits), as for `edgeshift agent`.
     #[arg(long)]
     cluster_key_file: PathBuf,
@@ -72,6 +93,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.sample_secs >= 0.0 && a.sample_secs < 600.0,
         "--sample-secs out of range"
     );
+    let coordinator = coord_config(a.coordinator, a.token_file, a.edge, &a.id);
     let opts = MigrateOptions {
         name: a.name.clone(),
         state_dir: a.state.state_dir.clone(),
@@ -86,6 +108,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         downtime_limit_ms: a.downtime_limit_ms,
         sample_interval: Duration::from_secs_f64(a.sample_secs),
         fail_after: a.fail_after,
+        coordinator,
     };
     let bar = if std::io::stderr().is_terminal() {
         let pb = indicatif::ProgressBar::new_spinner();
@@ -127,6 +150,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         for (src, bytes) in &report.bytes_by_source {
             println!("  from {src}: {bytes} bytes");
         }
+        println!("  sources planned by: {}", report.coordination.plan_from);
+        for left in &report.coordination.left {
+            println!("  left at the coordinator: {left}");
+        }
     }
     Ok(())
 }
@@ -146,8 +173,38 @@ pub struct HostArgs {
     /// This edge's name in handshakes.
     #[arg(long, default_value = "edge")]
     id: String,
+    /// The cache coordinator (http://HOST:PORT), as for `edgeshift agent
+    /// --coordinator`. With it, an incoming VM's missing chunks come
+    /// from the edges the coordinator's plan names (ranked by measured path
+    /// rate; the source and the origin included), the VM's image is pinned
+    /// while it arrives and its final image pinned once it runs here; an
+    /// unreachable coordinator fails the migration before anything starts.
+    /// Without it, chunks come from the source and the holders it names
+    /// (`edgeshift migrate --peer`).
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// File holding the coordinator's bearer token.
+    #[arg(long, requires = "coordinator")]
+    token_file: Option<PathBuf>,
+    /// This edge's id at the coordinator: the `--id` of its `edgeshift
+    /// agent` (default: --id).
+    #[arg(long, requires = "coordinator")]
+    edge: Option<String>,
     #[command(flatten)]
     state: StateArgs,
+}
+
+fn coord_config(
+    url: Option<String>,
+    token_file: Option<PathBuf>,
+    edge: Option<String>,
+    id: &str,
+) -> Option<CoordConfig> {
+    url.map(|url| CoordConfig {
+        url,
+        token_file,
+        edge: edge.unwrap_or_else(|| id.to_string()),
+    })
 }
 
 pub fn host(a: HostArgs) -> anyhow::Result<()> {
@@ -156,6 +213,7 @@ pub fn host(a: HostArgs) -> anyhow::Result<()> {
         store: a.store,
         state_dir: a.state.state_dir,
         key,
+        coordinator: coord_config(a.coordinator, a.token_file, a.edge, &a.id),
         id: a.id,
         qemu: Qemu::default(),
     })?;

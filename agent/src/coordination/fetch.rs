@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 
-use edgeshift_common::ManifestId;
+use edgeshift_common::{Fingerprint, ManifestId};
 
 use super::client::{Client, Plan};
 use super::pins::LocalPins;
@@ -67,8 +67,29 @@ impl CoordinatedFetch {
         edge: &str,
         manifest: &ManifestId,
     ) -> Result<Self, CoordError> {
-        let fresh_pin = pin_both(&client, store, edge, manifest, "edgeshift fetch")?;
-        let plan = client.plan(manifest, edge, ALTERNATIVES)?;
+        Self::begin_pinned_for(client, store, edge, manifest, "edgeshift fetch")
+    }
+
+    /// [`Self::begin`], with `why` recorded in the local pin (for operators).
+    pub fn begin_pinned_for(
+        client: Client,
+        store: &LocalStore,
+        edge: &str,
+        manifest: &ManifestId,
+        why: &str,
+    ) -> Result<Self, CoordError> {
+        let fresh_pin = pin_both(&client, store, edge, manifest, why)?;
+        let plan = match client.plan(manifest, edge, ALTERNATIVES) {
+            Ok(p) => p,
+            Err(e) => {
+                // No plan, no transfer: the pin made for it goes again.
+                if fresh_pin {
+                    let _ = LocalPins::for_store(store).and_then(|p| p.unpin(manifest));
+                }
+                let _ = client.unpin(edge, manifest);
+                return Err(e);
+            }
+        };
         // The fetcher talks to at most 64 peers: keep the edges with the
         // most assigned chunks. Chunks whose holders all fall outside may
         // come from any kept peer; what none has is left for the next run.
@@ -126,24 +147,80 @@ impl CoordinatedFetch {
         fetcher: &Fetcher,
         manifest: &edgeshift_common::Manifest,
     ) -> Result<Vec<ChunkWant>, CoordError> {
-        let planned: HashMap<_, _> = self.plan.chunks.iter().map(|c| (c.fp, c)).collect();
+        let planned = self.planned_sources();
         let mut wants = fetcher.missing_chunks(manifest)?;
         for w in &mut wants {
-            if let Some(c) = planned.get(&w.fp) {
-                let mut srcs: Vec<SocketAddr> = Vec::new();
-                for name in c.source.iter().chain(&c.holders) {
-                    if let Some(a) = self.by_edge.get(name) {
-                        if !srcs.contains(a) {
-                            srcs.push(*a);
-                        }
-                    }
-                }
-                if !srcs.is_empty() {
-                    w.sources = Some(srcs);
-                }
+            if let Some(srcs) = planned.get(&w.fp) {
+                w.sources = Some(srcs.clone());
             }
         }
         Ok(wants)
+    }
+
+    /// Per planned chunk, the chunk servers it may come from: the assigned
+    /// source first, then the other holders by path rate. Chunks whose
+    /// holders all fell outside [`Self::peers`] are left out.
+    pub fn planned_sources(&self) -> HashMap<Fingerprint, Vec<SocketAddr>> {
+        let mut out = HashMap::with_capacity(self.plan.chunks.len());
+        for c in &self.plan.chunks {
+            let mut srcs: Vec<SocketAddr> = Vec::new();
+            for name in c.source.iter().chain(&c.holders) {
+                if let Some(a) = self.by_edge.get(name) {
+                    if !srcs.contains(a) {
+                        srcs.push(*a);
+                    }
+                }
+            }
+            if !srcs.is_empty() {
+                out.insert(c.fp, srcs);
+            }
+        }
+        out
+    }
+
+    /// Posts the measured rates of a finished fetch as path measurements
+    /// (best effort: a failure is logged).
+    pub fn report_rates(&self, report: &FetchReport) {
+        let rates = path_rates(report);
+        if !rates.is_empty() {
+            if let Err(e) = self.client.paths(&self.edge, &rates) {
+                tracing::warn!(error = %e, "could not report path rates");
+            }
+        }
+    }
+
+    /// Releases the plan's lease (once); the sources' chunks are no longer
+    /// held for this transfer. Best effort: a lease also expires by itself.
+    pub fn release_lease(&mut self) {
+        if let Some(lease) = self.plan.lease.take() {
+            if let Err(e) = self.client.release(lease) {
+                tracing::warn!(lease, error = %e, "could not release the plan's lease (it expires by itself)");
+            }
+        }
+    }
+
+    /// Takes back the pin [`Self::begin`] made: one pin at the coordinator,
+    /// and the local pin if `begin` created it.
+    pub fn take_back_pin(&self) -> Result<(), CoordError> {
+        if self.fresh_pin {
+            self.pins.unpin(&self.manifest)?;
+        }
+        match self.client.unpin(&self.edge, &self.manifest) {
+            Err(CoordError::Refused { status: 404, .. }) => Ok(()),
+            r => r,
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn edge(&self) -> &str {
+        &self.edge
+    }
+
+    pub fn manifest(&self) -> &ManifestId {
+        &self.manifest
     }
 
     /// Runs the fetch with `fetcher` (built over [`Self::peers`]), reports
@@ -167,12 +244,7 @@ impl CoordinatedFetch {
         }
         .await;
         if let Ok(report) = &result {
-            let rates = path_rates(report);
-            if !rates.is_empty() {
-                if let Err(e) = self.client.paths(&self.edge, &rates) {
-                    tracing::warn!(error = %e, "could not report path rates");
-                }
-            }
+            self.report_rates(report);
         }
         if let Some(lease) = self.plan.lease {
             if let Err(e) = self.client.release(lease) {

@@ -1,6 +1,8 @@
 //! The source half of a migration, step by step:
 //!
-//! 1. **plan**: slice the live disk; the destination says what its store lacks.
+//! 1. **plan**: slice the live disk (and report it to the coordinator, if
+//!    any); the destination says what its store lacks and, with a
+//!    coordinator, which edges send what ([`super::coord`]).
 //! 2. **pre-copy**: the destination pulls from every holder at once, coldest
 //!    first; each round re-slices the live disk and sends what changed since,
 //!    until the rounds stop shrinking; the hottest chunks wait for the pause.
@@ -10,7 +12,8 @@
 //!    dirty chunks go over, the destination's disk is checked equal to the
 //!    source's manifest, then `migrate-continue`.
 //! 5. **after**: the destination keeps the VM and announces it; the source
-//!    stops its QEMU and frees the disk.
+//!    stops its QEMU and frees the disk; the coordinator's reference counts
+//!    move with the VM.
 //!
 //! Any failure before step 4's `migrate-continue` cancels the migration,
 //! resumes the source VM if it was paused, and tells the destination to tear
@@ -55,6 +58,10 @@ pub struct MigrateOptions {
     pub sample_interval: Duration,
     /// Fault injection for tests: stop with an error after this phase.
     pub fail_after: Option<Phase>,
+    /// The coordinator, if this edge reports to one: the live disk is
+    /// reported to it before Prepare, and this edge's reference to the VM's
+    /// image is dropped there after the switchover.
+    pub coordinator: Option<super::coord::CoordConfig>,
 }
 
 /// The phases, in order.
@@ -108,6 +115,8 @@ pub struct MigrationReport {
     pub missing_at_plan_chunks: u64,
     pub missing_at_plan_bytes: u64,
     pub manifest_id: String,
+    /// The coordinator's part: where the plan came from, the references moved.
+    pub coordination: super::coord::CoordReport,
 }
 
 const QMP_WAIT: Duration = Duration::from_secs(5);
@@ -123,6 +132,7 @@ struct Run {
     /// What the destination was last asked to hold at each index.
     sent: Vec<Option<Fingerprint>>,
     resent: u64,
+    coord: super::coord::CoordReport,
 }
 
 impl Run {
@@ -410,6 +420,7 @@ pub fn migrate(
         bytes_by_source: BTreeMap::new(),
         sent: vec![None; boot.chunks.len()],
         resent: 0,
+        coord: Default::default(),
         opts,
     };
     let mut phases = Vec::new();
@@ -437,6 +448,12 @@ pub fn migrate(
             if let Ok(dir) = sd.vm_dir(&rec.spec.name) {
                 let _ = std::fs::remove_dir_all(dir);
             }
+            // Step 5 at the source: this edge's reference to the image goes.
+            if let Some(c) = &run.opts.coordinator {
+                let left = super::coord::release_source(c, &sd, &rec.store, &rec.spec.name, &rec.manifest_id);
+                run.coord.source_released = left.is_empty();
+                run.coord.left.extend(left);
+            }
             let disk_bytes = run.bytes_by_source.values().sum();
             Ok(MigrationReport {
                 vm: rec.spec.name.clone(),
@@ -454,6 +471,7 @@ pub fn migrate(
                 missing_at_plan_chunks: missing.0,
                 missing_at_plan_bytes: missing.1,
                 manifest_id: final_id,
+                coordination: run.coord,
             })
         }
         Err(e) => {
@@ -550,6 +568,11 @@ fn drive(
         temp.observe(&cur, &next);
         cur = next;
     }
+    if let Some(c) = &run.opts.coordinator {
+        // Step 1 needs the coordinator: unreachable, the VM stays here.
+        progress(Phase::Plan, "reporting the live disk to the coordinator");
+        run.coord.reported_chunks = super::coord::report_live_disk(c, store, &cur)?;
+    }
     let ctl = proto::connect_auth(&run.opts.to, &run.opts.key, &run.opts.id, Duration::from_secs(5))?;
     ctl.set_read_timeout(Some(Duration::from_secs(600)))
         .map_err(|e| MigrateError::Channel(e.to_string()))?;
@@ -566,8 +589,22 @@ fn drive(
             missing_chunks,
             missing_bytes,
             local_chunks,
+            plan,
         } => {
-            tracing::info!(missing_chunks, missing_bytes, local_chunks, "plan");
+            tracing::info!(
+                missing_chunks,
+                missing_bytes,
+                local_chunks,
+                coordinator = plan.is_some(),
+                "plan"
+            );
+            run.coord.plan_from = if plan.is_some() {
+                "coordinator"
+            } else {
+                "peer list"
+            }
+            .into();
+            run.coord.plan = plan;
             (missing_chunks, missing_bytes)
         }
         other => {
@@ -757,6 +794,12 @@ fn drive(
     progress(Phase::Pause, "finishing at the destination");
     match proto::call(run.ctl()?, &Request::Finish) {
         Ok(Response::Done) => {}
+        Ok(Response::Finished { coordinator }) => {
+            if let Some(t) = coordinator.as_deref().filter(|t| t.contains("left:")) {
+                run.coord.left.push(format!("destination: {t}"));
+            }
+            run.coord.destination = coordinator;
+        }
         Ok(other) => tracing::warn!(?other, "unexpected answer to Finish"),
         Err(e) => {
             tracing::warn!(error = %e, "destination did not confirm Finish; it keeps a VM that switched over")

@@ -36,6 +36,9 @@ pub struct HostConfig {
     /// This edge's name in handshakes.
     pub id: String,
     pub qemu: Qemu,
+    /// The coordinator that plans incoming VMs' sources and counts their
+    /// references; without one the pulls use the holders the source names.
+    pub coordinator: Option<super::coord::CoordConfig>,
 }
 
 /// A running host.
@@ -62,6 +65,10 @@ struct Incoming<'h> {
     loop_dev: Option<LoopDevice>,
     qemu: Option<Launched>,
     finished: bool,
+    /// The coordinator's plan for this VM (step 1) and the pin it holds.
+    plan: Option<super::coord::IncomingPlan>,
+    /// What step 5 did at the coordinator.
+    after: Option<String>,
 }
 
 fn io<'a>(op: &'static str, path: &'a std::path::Path) -> impl FnOnce(std::io::Error) -> MigrateError + 'a {
@@ -214,8 +221,9 @@ impl Host {
                     .as_mut()
                     .ok_or_else(|| MigrateError::State("Finish before Prepare".into()))?;
                 inc.finish()?;
+                let coordinator = inc.after.take();
                 *incoming = None;
-                Ok(Response::Done)
+                Ok(Response::Finished { coordinator })
             }
             Request::Abort => {
                 // Dropping the incoming VM tears it down.
@@ -284,7 +292,7 @@ impl Host {
             }
         }
         tracing::info!(vm = %spec.name, missing_chunks, missing_bytes, local_chunks, "prepared incoming VM");
-        let inc = Incoming {
+        let mut inc = Incoming {
             host: self,
             chunk_size: manifest.chunk_size,
             image_size: manifest.image_size,
@@ -296,13 +304,21 @@ impl Host {
             loop_dev: None,
             qemu: None,
             finished: false,
+            plan: None,
+            after: None,
         };
+        if let Some(c) = &self.cfg.coordinator {
+            // On error `inc` is dropped, which tears this half down again.
+            inc.plan = Some(super::coord::plan_incoming(c, &self.store, manifest)?);
+        }
+        let plan = inc.plan.as_ref().map(|p| p.summary.clone());
         Ok((
             inc,
             Response::Prepared {
                 missing_chunks,
                 missing_bytes,
                 local_chunks,
+                plan,
             },
         ))
     }
@@ -430,12 +446,26 @@ impl Incoming<'_> {
                 .map_err(|e| MigrateError::Protocol(format!("holder address {h:?}: {e}")))?;
             peers.push(addr);
         }
+        // With a plan, a chunk comes from the holders the coordinator named
+        // for it, and one it did not name (written since) from the holders
+        // the source named; without one, from any holder.
+        let plan = self.plan.as_ref();
+        let named = plan.map(|_| peers.clone());
+        if let Some(p) = plan {
+            for a in p.peers() {
+                if !peers.contains(a) {
+                    peers.push(*a);
+                }
+            }
+        }
         let wants: Vec<ChunkWant> = order
             .iter()
             .map(|&(fp, len)| ChunkWant {
                 fp,
                 len,
-                sources: None,
+                sources: plan
+                    .and_then(|p| p.sources_for(&fp).cloned())
+                    .or_else(|| named.clone()),
             })
             .collect();
         let fetcher = Fetcher::with_options(
@@ -454,6 +484,9 @@ impl Incoming<'_> {
         let report = rt
             .block_on(fetcher.fetch_chunks(wants))
             .map_err(|e| MigrateError::Unavailable(e.to_string()))?;
+        if let Some(p) = plan {
+            p.report_rates(&report);
+        }
         stats.holders = report
             .peers
             .iter()
@@ -581,6 +614,9 @@ impl Incoming<'_> {
         };
         self.host.state.save(&rec)?;
         self.finished = true;
+        if let Some(p) = self.plan.take() {
+            self.after = Some(p.switched_over(&self.host.store, &manifest));
+        }
         tracing::info!(vm = %self.spec.name, pid = launched.pid, "incoming VM runs here now");
         Ok(())
     }

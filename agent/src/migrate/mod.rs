@@ -6,7 +6,10 @@
 //!   destination half); chunks come through [`crate::transfer`]'s fetcher.
 //! - [`engine`]: the source half, driving both QEMUs and the destination.
 //! - [`temperature`]: the order chunks go in (coldest first, hottest last).
+//! - [`coord`]: the coordinator's part: the plan (step 1) and the reference
+//!   counts that move with the VM (step 5).
 
+pub mod coord;
 pub mod engine;
 pub mod host;
 pub mod proto;
@@ -34,6 +37,8 @@ pub enum MigrateError {
     Memory(String),
     #[error("{0}")]
     State(String),
+    #[error("coordinator: {0}")]
+    Coordinator(#[from] crate::coordination::CoordError),
     #[error(transparent)]
     Vm(#[from] crate::vm::VmError),
     #[error(transparent)]

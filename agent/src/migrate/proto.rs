@@ -85,6 +85,9 @@ pub enum Response {
         missing_chunks: u64,
         missing_bytes: u64,
         local_chunks: u64,
+        /// The coordinator's plan, when the destination has a coordinator;
+        /// `None`: the pulls use the holders the source names.
+        plan: Option<super::coord::PlanSummary>,
     },
     Pulled(PullStats),
     Incoming {
@@ -95,6 +98,11 @@ pub enum Response {
         detail: String,
     },
     Done,
+    /// Answer to `Finish`: the VM is the destination's; what it did at the
+    /// coordinator (step 5), if it has one.
+    Finished {
+        coordinator: Option<String>,
+    },
     Error(String),
 }
 

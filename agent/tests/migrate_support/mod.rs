@@ -289,6 +289,11 @@ impl Cloud {
 
     /// Starts `edgeshift agent` (chunk server) and `edgeshift vm host` on `edge`.
     pub fn start_daemons(&mut self, edge: &str) {
+        self.start_daemons_with(edge, &[], &[]);
+    }
+
+    /// [`Self::start_daemons`] with extra arguments for the agent and the host.
+    pub fn start_daemons_with(&mut self, edge: &str, agent_args: &[&str], host_args: &[&str]) {
         let (ns, ip, store, state) = {
             let e = self.edge(edge);
             (e.ns.clone(), e.wan_ip.clone(), e.store.clone(), e.state.clone())
@@ -311,6 +316,7 @@ impl Cloud {
             .arg("--cluster-key-file")
             .arg(&self.key)
             .args(["--id", &format!("{edge}-chunks"), "--no-zstd"])
+            .args(agent_args)
             .stdout(Stdio::piped())
             .stderr(log("agent"))
             .spawn()
@@ -334,6 +340,7 @@ impl Cloud {
             .arg("--state-dir")
             .arg(&state)
             .args(["--id", edge])
+            .args(host_args)
             .stdout(Stdio::piped())
             .stderr(log("host"))
             .spawn()

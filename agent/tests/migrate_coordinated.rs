@@ -1,0 +1,395 @@
+//! The handoff's coordinator steps with a real `edgeshift-coordinator`
+//! process in the emulated cloud (in the hub namespace, reached over the
+//! edges' tbf links): step 1, the destination's sources come from the
+//! coordinator's plan (no `--peer` given: the neighbour holding the base is
+//! named by the coordinator alone); step 5, the reference counts move with
+//! the VM (checked in the coordinator's ledger over its HTTP API, and in the
+//! edges' local pin sets). And the coordinator gone before a migration: it
+//! fails before anything starts, the VM keeps running at the source with its
+//! disk intact.
+
+mod migrate_support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use migrate_support::{kill_tree, require_capabilities, Cloud};
+
+const TOKEN: &str = "migrate-coordinated-token";
+/// The coordinator's address on the hub's WAN bridge (the benchmarking range).
+const COORD_IP: &str = "198.18.0.254";
+const COORD_PORT: u16 = 7800;
+
+/// `edgeshift-coordinator` running in the hub namespace; killed on drop.
+struct Coordinator {
+    child: Option<Child>,
+    hub: String,
+    url: String,
+    token_file: PathBuf,
+}
+
+impl Coordinator {
+    fn start(cloud: &Cloud) -> Coordinator {
+        let bins = edgeshift_perf::cluster::Binaries::locate().expect("edgeshift-coordinator binary");
+        let hub = cloud.hub.clone();
+        cloud.in_ns(
+            &hub,
+            "ip",
+            &["addr", "add", &format!("{COORD_IP}/24"), "dev", "wan"],
+        );
+        let token_file = cloud.dir.path().join("coordinator.token");
+        std::fs::write(&token_file, TOKEN).expect("token file");
+        let data = cloud.dir.path().join("coordinator");
+        let log = std::fs::File::create(cloud.dir.path().join("coordinator.log")).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &hub])
+            .arg(&bins.coordinator)
+            .args(["--listen", &format!("{COORD_IP}:{COORD_PORT}"), "--data"])
+            .arg(&data)
+            .arg("--token-file")
+            .arg(&token_file)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start edgeshift-coordinator");
+        let c = Coordinator {
+            child: Some(child),
+            hub,
+            url: format!("http://{COORD_IP}:{COORD_PORT}"),
+            token_file,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.get("/v1/policy").0 != 200 {
+            assert!(Instant::now() < deadline, "the coordinator never answered");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        c
+    }
+
+    /// The coordinator flags of `edgeshift agent`.
+    fn agent_args(&self) -> Vec<String> {
+        vec![
+            "--coordinator".into(),
+            self.url.clone(),
+            "--token-file".into(),
+            self.token_file.display().to_string(),
+            "--capacity".into(),
+            "64GiB".into(),
+        ]
+    }
+
+    /// The coordinator flags of `edgeshift vm host` and `edgeshift migrate`
+    /// on `edge` (whose agent's id is `{edge}-chunks`).
+    fn edge_args(&self, edge: &str) -> Vec<String> {
+        vec![
+            "--coordinator".into(),
+            self.url.clone(),
+            "--token-file".into(),
+            self.token_file.display().to_string(),
+            "--edge".into(),
+            format!("{edge}-chunks"),
+        ]
+    }
+
+    /// An HTTP request from inside the hub namespace: (status, JSON body).
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut c = Command::new("ip");
+        c.args([
+            "netns", "exec", &self.hub, "curl", "-sS", "-m", "20", "-X", method,
+        ])
+        .args(["-H", &format!("Authorization: Bearer {TOKEN}")])
+        .args(["-w", "\n%{http_code}"]);
+        if let Some(b) = body {
+            c.args(["-H", "Content-Type: application/json", "-d", &b.to_string()]);
+        }
+        let out = c.arg(format!("{}{path}", self.url)).output().expect("run curl");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        let status = status.trim().parse().unwrap_or(0);
+        (
+            status,
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        self.request("GET", path, None)
+    }
+
+    /// The coordinator's record of an edge (it must know it).
+    fn edge(&self, id: &str) -> serde_json::Value {
+        let (status, v) = self.get(&format!("/v1/edges/{id}"));
+        assert_eq!(status, 200, "GET /v1/edges/{id}: {v}");
+        v
+    }
+
+    /// Manifests pinned on an edge at the coordinator, with their counts.
+    fn pins(&self, id: &str) -> serde_json::Map<String, serde_json::Value> {
+        self.edge(id)["pinned_manifests"]
+            .as_object()
+            .cloned()
+            .expect("pinned_manifests")
+    }
+
+    /// Waits until every edge has reported its inventory (and those with
+    /// `chunks_at` hold chunks).
+    fn wait_reported(&self, edges: &[&str], chunks_at: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for e in edges {
+            let id = format!("{e}-chunks");
+            loop {
+                let (status, v) = self.get(&format!("/v1/edges/{id}"));
+                let ready = status == 200
+                    && v["reported"].as_bool() == Some(true)
+                    && (!chunks_at.contains(e) || v["chunks"].as_u64().unwrap_or(0) > 0);
+                if ready {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "edge {id} never reported: {status} {v}"
+                );
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_tree(&mut c);
+        }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn report(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("migrate --json prints one JSON object")
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Three edges reporting to a coordinator: a and c hold the base image, b is
+/// cold. Returns the cloud and its coordinator.
+fn coordinated_cloud() -> (Cloud, Coordinator) {
+    let mut cloud = Cloud::new(&["a", "b", "c"], 400);
+    cloud.seed_base("a");
+    cloud.seed_base("c");
+    let coord = Coordinator::start(&cloud);
+    let agent_args = coord.agent_args();
+    for e in ["a", "b", "c"] {
+        let host_args = coord.edge_args(e);
+        cloud.start_daemons_with(e, &strs(&agent_args), &strs(&host_args));
+    }
+    coord.wait_reported(&["a", "b", "c"], &["a", "c"]);
+    (cloud, coord)
+}
+
+/// The local pin set of `edge`'s store.
+fn local_pins(cloud: &Cloud, edge: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(cloud.edge(edge).store.join("pins"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n.len() == 64)
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn assert_planned_by_coordinator(r: &serde_json::Value, cloud: &Cloud, named: &str) {
+    let c = &r["coordination"];
+    assert_eq!(c["plan_from"], "coordinator", "coordination: {c}");
+    let plan = &c["plan"];
+    let sources = plan["sources"].as_array().expect("plan sources");
+    let edge_id = format!("{named}-chunks");
+    let planned = sources
+        .iter()
+        .find(|s| s["edge"] == edge_id.as_str())
+        .unwrap_or_else(|| panic!("the plan names {edge_id}: {plan}"));
+    assert!(
+        planned["chunks"].as_u64().unwrap_or(0) > 0,
+        "{edge_id} assigned chunks: {plan}"
+    );
+    assert_eq!(planned["addr"], cloud.edge(named).chunk_addr().as_str());
+    let from = r["bytes_by_source"][cloud.edge(named).chunk_addr()]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        from > 0,
+        "chunks came from {named}, which only the coordinator named: {r}"
+    );
+    assert!(plan["seconds"].as_f64().expect("plan latency") > 0.0);
+    assert!(
+        c["left"].as_array().expect("left").is_empty(),
+        "nothing left undone: {c}"
+    );
+    assert_eq!(c["source_released"], true, "{c}");
+}
+
+#[test]
+fn handoff_plans_with_the_coordinator_and_moves_the_references() {
+    if require_capabilities().is_some() {
+        return;
+    }
+    let (cloud, coord) = coordinated_cloud();
+    let base = cloud.base_id.clone();
+    // The VM's reference to its image at a, as the coordinator counts it.
+    let (status, v) = coord.request(
+        "POST",
+        "/v1/edges/a-chunks/pins",
+        Some(&serde_json::json!({ "manifest": base })),
+    );
+    assert_eq!(status, 200, "pin the base at a: {v}");
+    cloud.run_vm("a", "vm1", &base);
+    let stream = cloud.counter_stream();
+    assert!(
+        stream.wait_above(stream.last().unwrap_or(0) + 5, Duration::from_secs(30)),
+        "the guest counts"
+    );
+
+    // a → b, no --peer: c is a source only because the coordinator names it.
+    let (ok, out, err) = cloud.migrate("vm1", "a", "b", &[], &strs(&coord.edge_args("a")));
+    assert!(ok, "migration a→b failed: {err}");
+    let r = report(&out);
+    eprintln!(
+        "a→b: plan {} ; bytes by source {}",
+        r["coordination"]["plan"], r["bytes_by_source"]
+    );
+    assert_planned_by_coordinator(&r, &cloud, "c");
+    assert!(
+        r["coordination"]["reported_chunks"].as_u64().unwrap_or(0) > 0,
+        "the source reported the live disk"
+    );
+    let fin1 = r["manifest_id"].as_str().expect("manifest id").to_string();
+    assert_ne!(fin1, base, "the guest wrote to its disk");
+    assert!(cloud.list("a").is_empty());
+    assert_eq!(cloud.list("b").len(), 1);
+    // Step 5: b references the VM's image, a no longer does.
+    let at_b = coord.pins("b-chunks");
+    assert_eq!(
+        at_b.get(&fin1).and_then(|n| n.as_u64()),
+        Some(1),
+        "b pins {fin1}: {at_b:?}"
+    );
+    assert_eq!(at_b.len(), 1, "only the final image stays pinned at b: {at_b:?}");
+    assert!(coord.pins("a-chunks").is_empty(), "a dropped its reference");
+    let (status, m) = coord.get(&format!("/v1/manifests/{fin1}"));
+    assert_eq!(status, 200);
+    assert_eq!(m["pinned_on"], serde_json::json!({ "b-chunks": 1 }));
+    assert_eq!(local_pins(&cloud, "b"), vec![fin1.clone()]);
+    assert!(
+        r["coordination"]["destination"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("pinned")),
+        "{}",
+        r["coordination"]
+    );
+    // a keeps the chunks cached (the policy evicts them, not the handoff).
+    assert!(coord.edge("a-chunks")["chunks"].as_u64().unwrap_or(0) > 0);
+    assert_eq!(
+        coord.edge("b-chunks")["leased_chunks"],
+        0,
+        "the plan's lease was released"
+    );
+
+    let mid = stream.last().expect("counter");
+    assert!(
+        stream.wait_above(mid + 5, Duration::from_secs(30)),
+        "the VM counts at b"
+    );
+    let check = cloud.check_disk();
+    assert!(check.starts_with("check ok"), "disk at b: {check}");
+
+    // b → a: the references move back.
+    let (ok, out, err) = cloud.migrate("vm1", "b", "a", &[], &strs(&coord.edge_args("b")));
+    assert!(ok, "migration b→a failed: {err}");
+    let r2 = report(&out);
+    eprintln!(
+        "b→a: plan {} ; bytes by source {}",
+        r2["coordination"]["plan"], r2["bytes_by_source"]
+    );
+    assert_eq!(r2["coordination"]["plan_from"], "coordinator");
+    let fin2 = r2["manifest_id"].as_str().expect("manifest id").to_string();
+    let at_a = coord.pins("a-chunks");
+    assert_eq!(
+        at_a.get(&fin2).and_then(|n| n.as_u64()),
+        Some(1),
+        "a pins {fin2}: {at_a:?}"
+    );
+    assert_eq!(at_a.len(), 1, "{at_a:?}");
+    assert!(coord.pins("b-chunks").is_empty(), "b dropped its reference");
+    assert!(
+        local_pins(&cloud, "b").is_empty(),
+        "b's local pin went with the VM"
+    );
+    assert_eq!(local_pins(&cloud, "a"), vec![fin2.clone()]);
+    assert!(stream.is_open(), "the client's connection survived both switches");
+    let check = cloud.check_disk();
+    assert!(
+        check.starts_with("check ok"),
+        "disk at a after the move back: {check}"
+    );
+}
+
+#[test]
+fn coordinator_gone_before_migrate_keeps_the_vm_at_the_source() {
+    if require_capabilities().is_some() {
+        return;
+    }
+    let (cloud, mut coord) = coordinated_cloud();
+    let base = cloud.base_id.clone();
+    cloud.run_vm("a", "vm1", &base);
+    let stream = cloud.counter_stream();
+    coord.kill();
+
+    // The source cannot report the live disk: nothing starts.
+    let (ok, _out, err) = cloud.migrate("vm1", "a", "b", &["c"], &strs(&coord.edge_args("a")));
+    assert!(!ok, "a migration without its coordinator must fail");
+    assert!(
+        err.contains("coordinator") && err.contains("keeps running here"),
+        "the error names the coordinator: {err}"
+    );
+    // A source without the flag: the destination's plan fails at Prepare.
+    let (ok, _out, err) = cloud.migrate("vm1", "a", "b", &["c"], &[]);
+    assert!(!ok, "the destination cannot plan without its coordinator");
+    assert!(
+        err.contains("cannot reach the coordinator"),
+        "the destination says why: {err}"
+    );
+
+    let at_a = cloud.list("a");
+    assert_eq!(at_a.len(), 1, "the VM is still at the source");
+    assert_eq!(at_a[0]["state"], "running");
+    assert!(cloud.list("b").is_empty(), "nothing of the VM at the destination");
+    let leftovers: Vec<_> = std::fs::read_dir(&cloud.edge("b").state)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "destination half torn down: {leftovers:?}");
+    assert!(
+        local_pins(&cloud, "b").is_empty(),
+        "no pin left at the destination"
+    );
+    let last = stream.last().expect("counter");
+    assert!(
+        stream.wait_above(last + 5, Duration::from_secs(30)),
+        "the VM keeps counting"
+    );
+    assert!(stream.is_open());
+    let check = cloud.check_disk();
+    assert!(check.starts_with("check ok"), "disk at the source: {check}");
+}
