@@ -52,9 +52,14 @@ struct watched_dev {
 	__u32 chunks;
 };
 
+// The array holding it is mmapable, so its value starts on a page: the
+// header and the first entries share one cache line, the only line of the
+// table a bio of a watched device touches.
 struct watch_table {
-	__u32 used;     // entries [0, used) have been published
-	__u32 overflow; // nonzero once a device lives in WATCHED_MORE
+	__u32 used;        // entries [0, used) have been published
+	__u32 overflow;    // nonzero once a device lives in WATCHED_MORE
+	__u32 chunk_shift; // log2 of the chunk size, set before any entry
+	__u32 reserved;
 	struct watched_dev devs[INLINE_WATCHED];
 };
 
@@ -68,9 +73,6 @@ struct tracker_stats {
 	__u64 dropped;   // chunk updates with no counter (past the device's range)
 	__u64 truncated; // bios wider than MAX_SPAN_CHUNKS chunks
 };
-
-// Set by the loader before load (.rodata): log2 of the chunk size.
-const volatile __u32 CHUNK_SHIFT = 20;
 
 // The inline table: one element, mapped read-write by the agent, which
 // publishes entries with release stores.
@@ -121,11 +123,14 @@ struct {
 #define OP_SECURE_ERASE 5
 
 // Counts a bio over bytes [start, end) that spans several chunks: the rare
-// case, kept out of the common path (BPF passes at most 5 arguments).
-static __noinline void count_span(__u32 base, __u32 dev_chunks, __u64 start, __u64 end,
+// case, kept out of the common path. BPF passes at most 5 arguments: the
+// device's range comes packed as chunks << 32 | base, first and last are
+// recomputed here.
+static __noinline void count_span(__u64 range, __u64 start, __u64 end, __u32 shift,
 				  struct tracker_stats *stats)
 {
-	__u32 shift = CHUNK_SHIFT;
+	__u32 base = (__u32)range;
+	__u32 dev_chunks = (__u32)(range >> 32);
 	__u64 first = start >> shift;
 	__u64 last = (end - 1) >> shift;
 	if (last - first >= MAX_SPAN_CHUNKS)
@@ -211,13 +216,13 @@ watched:;
 	// program cannot migrate while it runs.
 	stats->events += 1;
 
-	__u32 shift = CHUNK_SHIFT;
+	__u32 shift = table->chunk_shift;
 	__u64 start = bio->bi_iter.bi_sector << SECTOR_SHIFT;
 	__u64 end = start + size;
 	__u64 first = start >> shift;
 	__u64 last = (end - 1) >> shift;
 	if (first != last) {
-		count_span(base, dev_chunks, start, end, stats);
+		count_span((__u64)dev_chunks << 32 | base, start, end, shift, stats);
 		return 0;
 	}
 	// The common case: the whole bio inside one chunk.

@@ -17,8 +17,6 @@ pub const PROGRAM: &str = "dirty_bio_queue";
 /// The tracepoint it attaches to: category and name (attached as tp_btf,
 /// which takes the name alone).
 pub const TRACEPOINT: (&str, &str) = ("block", "block_bio_queue");
-/// `.rodata` global: log2 of the chunk size, set by the loader.
-pub const CHUNK_SHIFT_GLOBAL: &str = "CHUNK_SHIFT";
 /// Array (mmapable, one element) holding the [`WatchTable`] the program
 /// scans inline for every write bio.
 pub const WATCH_TABLE_MAP: &str = "WATCH_TABLE";
@@ -68,6 +66,9 @@ pub struct WatchTable {
     pub used: u32,
     /// Nonzero once a device lives in `WATCHED_MORE`.
     pub overflow: u32,
+    /// log2 of the chunk size, written before any entry is published.
+    pub chunk_shift: u32,
+    pub reserved: u32,
     pub devs: [WatchedDev; INLINE_WATCHED],
 }
 
@@ -95,7 +96,7 @@ pub struct TrackerStats {
 // The C side's sizes (x86_64/aarch64, both little-endian LP64 like BPF).
 const _: () = assert!(std::mem::size_of::<ChunkRange>() == 8);
 const _: () = assert!(std::mem::size_of::<WatchedDev>() == 12);
-const _: () = assert!(std::mem::size_of::<WatchTable>() == 8 + 12 * INLINE_WATCHED);
+const _: () = assert!(std::mem::size_of::<WatchTable>() == 16 + 12 * INLINE_WATCHED);
 const _: () = assert!(std::mem::size_of::<ChunkCounts>() == 16);
 const _: () = assert!(std::mem::size_of::<TrackerStats>() == 24);
 
@@ -201,7 +202,8 @@ mod tests {
         assert_eq!(std::mem::offset_of!(WatchedDev, base), 4);
         assert_eq!(std::mem::offset_of!(WatchedDev, chunks), 8);
         assert_eq!(std::mem::offset_of!(WatchTable, overflow), 4);
-        assert_eq!(std::mem::offset_of!(WatchTable, devs), 8);
+        assert_eq!(std::mem::offset_of!(WatchTable, chunk_shift), 8);
+        assert_eq!(std::mem::offset_of!(WatchTable, devs), 16);
         assert_eq!(std::mem::offset_of!(ChunkCounts, bytes), 8);
         assert_eq!(std::mem::offset_of!(TrackerStats, dropped), 8);
         assert_eq!(std::mem::offset_of!(TrackerStats, truncated), 16);

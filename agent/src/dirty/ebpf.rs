@@ -159,8 +159,9 @@ struct InlineTable(SharedMapping);
 // u32 word indices of `struct watch_table`'s fields.
 const USED_WORD: usize = 0;
 const OVERFLOW_WORD: usize = 1;
+const CHUNK_SHIFT_WORD: usize = 2;
 fn entry_word(entry: usize, field: usize) -> usize {
-    2 + entry * 3 + field
+    4 + entry * 3 + field
 }
 const DEV_FIELD: usize = 0;
 const BASE_FIELD: usize = 1;
@@ -201,6 +202,11 @@ impl InlineTable {
         self.word(entry_word(i, DEV_FIELD)).store(dev, Ordering::Release);
     }
 
+    /// Sets the chunk size (log2); before any entry is published.
+    fn set_chunk_shift(&self, shift: u32) {
+        self.word(CHUNK_SHIFT_WORD).store(shift, Ordering::Release);
+    }
+
     fn set_overflow(&self) {
         self.word(OVERFLOW_WORD).store(1, Ordering::Release);
     }
@@ -236,7 +242,6 @@ impl EbpfTracker {
         let shift = chunk_shift(chunk_size)?;
         let capacity = capacity.max(1);
         let mut bpf = EbpfLoader::new()
-            .set_global(edgeshift_ebpf::CHUNK_SHIFT_GLOBAL, &shift, true)
             .set_max_entries(edgeshift_ebpf::CHUNKS_MAP, capacity)
             .load(OBJECT)?;
         let btf = aya::Btf::from_sys_fs()?;
@@ -263,6 +268,7 @@ impl EbpfTracker {
         };
         let counters = CounterArray::map(&chunks, capacity as usize)?;
         let table = InlineTable::map(&table_map)?;
+        table.set_chunk_shift(shift);
         tracing::debug!(
             prog_id,
             ?map_ids,
