@@ -27,11 +27,11 @@ struct Coordinator {
     hub: String,
     url: String,
     token_file: PathBuf,
+    data: PathBuf,
 }
 
 impl Coordinator {
     fn start(cloud: &Cloud) -> Coordinator {
-        let bins = edgeshift_perf::cluster::Binaries::locate().expect("edgeshift-coordinator binary");
         let hub = cloud.hub.clone();
         cloud.in_ns(
             &hub,
@@ -40,31 +40,43 @@ impl Coordinator {
         );
         let token_file = cloud.dir.path().join("coordinator.token");
         std::fs::write(&token_file, TOKEN).expect("token file");
-        let data = cloud.dir.path().join("coordinator");
-        let log = std::fs::File::create(cloud.dir.path().join("coordinator.log")).expect("log file");
+        let mut c = Coordinator {
+            child: None,
+            hub,
+            url: format!("http://{COORD_IP}:{COORD_PORT}"),
+            token_file,
+            data: cloud.dir.path().join("coordinator"),
+        };
+        c.restart();
+        c
+    }
+
+    /// Starts the process (again, on the same database) and waits until it answers.
+    fn restart(&mut self) {
+        self.kill();
+        let bins = edgeshift_perf::cluster::Binaries::locate().expect("edgeshift-coordinator binary");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.with_extension("log"))
+            .expect("log file");
         let child = Command::new("ip")
-            .args(["netns", "exec", &hub])
+            .args(["netns", "exec", &self.hub])
             .arg(&bins.coordinator)
             .args(["--listen", &format!("{COORD_IP}:{COORD_PORT}"), "--data"])
-            .arg(&data)
+            .arg(&self.data)
             .arg("--token-file")
-            .arg(&token_file)
+            .arg(&self.token_file)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start edgeshift-coordinator");
-        let c = Coordinator {
-            child: Some(child),
-            hub,
-            url: format!("http://{COORD_IP}:{COORD_PORT}"),
-            token_file,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while c.get("/v1/policy").0 != 200 {
+        while self.get("/v1/policy").0 != 200 {
             assert!(Instant::now() < deadline, "the coordinator never answered");
             std::thread::sleep(Duration::from_millis(200));
         }
-        c
     }
 
     /// The coordinator flags of `edgeshift agent`.
@@ -392,4 +404,86 @@ fn coordinator_gone_before_migrate_keeps_the_vm_at_the_source() {
     assert!(stream.is_open());
     let check = cloud.check_disk();
     assert!(check.starts_with("check ok"), "disk at the source: {check}");
+}
+
+#[test]
+fn coordinator_gone_after_the_plan_does_not_undo_the_handoff() {
+    if require_capabilities().is_some() {
+        return;
+    }
+    let (cloud, mut coord) = coordinated_cloud();
+    let base = cloud.base_id.clone();
+    cloud.run_vm("a", "vm1", &base);
+    let stream = cloud.counter_stream();
+    let args = coord.edge_args("a");
+    let (ok, out, err) = std::thread::scope(|sc| {
+        let mig = sc.spawn(|| cloud.migrate("vm1", "a", "b", &[], &strs(&args)));
+        // The plan leases the chunks it assigns on the sources: once a
+        // lease shows, the destination has its plan; then the coordinator goes.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (status, v) = coord.get("/v1/edges/a-chunks");
+            if status == 200 && v["leased_chunks"].as_u64().unwrap_or(0) > 0 {
+                break;
+            }
+            assert!(!mig.is_finished(), "the migration ended before the plan was seen");
+            assert!(Instant::now() < deadline, "no plan was made");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        coord.kill();
+        mig.join().expect("migrate thread")
+    });
+    assert!(
+        ok,
+        "the handoff completes without the coordinator after the plan: {err}"
+    );
+    let r = report(&out);
+    eprintln!("coordination with the coordinator gone: {}", r["coordination"]);
+    assert_eq!(r["coordination"]["plan_from"], "coordinator");
+    assert_eq!(r["coordination"]["source_released"], false);
+    let left: Vec<String> = r["coordination"]["left"]
+        .as_array()
+        .expect("left")
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    assert!(
+        left.iter().any(|l| l.starts_with("unpin"))
+            && left.iter().any(|l| l.starts_with("destination: left: pin")),
+        "the report says what was left at the coordinator: {left:?}"
+    );
+    let fin = r["manifest_id"].as_str().expect("manifest id").to_string();
+    assert!(cloud.list("a").is_empty());
+    assert_eq!(cloud.list("b").len(), 1, "the VM runs at b");
+    assert_eq!(
+        local_pins(&cloud, "b"),
+        vec![fin.clone()],
+        "b pinned the image locally"
+    );
+    let last = stream.last().expect("counter");
+    assert!(
+        stream.wait_above(last + 5, Duration::from_secs(30)),
+        "the VM counts at b"
+    );
+    let check = cloud.check_disk();
+    assert!(check.starts_with("check ok"), "disk at b: {check}");
+
+    // Back up, the coordinator learns the references from the agents' links
+    // (a full inventory with the local pins after the lost connection).
+    coord.restart();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let (sb, b) = coord.get("/v1/edges/b-chunks");
+        let (sa, a) = coord.get("/v1/edges/a-chunks");
+        let b_pins = b["pinned_manifests"].as_object().cloned().unwrap_or_default();
+        let a_pins = a["pinned_manifests"].as_object().cloned().unwrap_or_default();
+        if sb == 200 && sa == 200 && b_pins.contains_key(&fin) && b_pins.len() == 1 && a_pins.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the coordinator never learned the moved references: b {sb} {b}, a {sa} {a}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
