@@ -279,14 +279,15 @@ fn handoff_plans_with_the_coordinator_and_moves_the_references() {
     assert!(ok, "migration a→b failed: {err}");
     let r = report(&out);
     eprintln!(
-        "a→b: plan {} ; bytes by source {}",
-        r["coordination"]["plan"], r["bytes_by_source"]
+        "a→b: coordination {} ; bytes by source {}",
+        r["coordination"], r["bytes_by_source"]
     );
     assert_planned_by_coordinator(&r, &cloud, "c");
     assert!(
         r["coordination"]["reported_chunks"].as_u64().unwrap_or(0) > 0,
         "the source reported the live disk"
     );
+    assert!(r["coordination"]["report_seconds"].as_f64().unwrap_or(0.0) > 0.0);
     let fin1 = r["manifest_id"].as_str().expect("manifest id").to_string();
     assert_ne!(fin1, base, "the guest wrote to its disk");
     assert!(cloud.list("a").is_empty());
@@ -332,8 +333,8 @@ fn handoff_plans_with_the_coordinator_and_moves_the_references() {
     assert!(ok, "migration b→a failed: {err}");
     let r2 = report(&out);
     eprintln!(
-        "b→a: plan {} ; bytes by source {}",
-        r2["coordination"]["plan"], r2["bytes_by_source"]
+        "b→a: coordination {} ; bytes by source {}",
+        r2["coordination"], r2["bytes_by_source"]
     );
     assert_eq!(r2["coordination"]["plan_from"], "coordinator");
     let fin2 = r2["manifest_id"].as_str().expect("manifest id").to_string();

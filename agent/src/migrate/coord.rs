@@ -79,6 +79,8 @@ pub struct CoordReport {
     pub plan: Option<PlanSummary>,
     /// Chunks of the live disk the source reported before Prepare.
     pub reported_chunks: u64,
+    /// Time the source spent on that report (publish and delta).
+    pub report_seconds: f64,
     /// Step 5 at the source: its reference to the VM's image was dropped.
     pub source_released: bool,
     /// Step 5 at the destination, as it reported it.
@@ -89,8 +91,14 @@ pub struct CoordReport {
 
 /// Step 1 at the source: publish the live disk's manifest and report its
 /// chunks as held here, so the coordinator's plan can name this edge for
-/// what the running VM wrote. Returns the number of chunks reported.
-pub fn report_live_disk(cfg: &CoordConfig, store: &LocalStore, live: &Manifest) -> Result<u64, MigrateError> {
+/// what the running VM wrote. Fills `reported_chunks` and `report_seconds`.
+pub fn report_live_disk(
+    cfg: &CoordConfig,
+    store: &LocalStore,
+    live: &Manifest,
+    out: &mut CoordReport,
+) -> Result<(), MigrateError> {
+    let t = Instant::now();
     let client = cfg.client()?;
     client.publish(live)?;
     let mut seen = std::collections::HashSet::new();
@@ -111,8 +119,10 @@ pub fn report_live_disk(cfg: &CoordConfig, store: &LocalStore, live: &Manifest) 
             usage,
         },
     )?;
-    tracing::info!(edge = %cfg.edge, chunks = n, "reported the live disk to the coordinator");
-    Ok(n)
+    out.reported_chunks = n;
+    out.report_seconds = t.elapsed().as_secs_f64();
+    tracing::info!(edge = %cfg.edge, chunks = n, seconds = out.report_seconds, "reported the live disk to the coordinator");
+    Ok(())
 }
 
 /// Step 5 at the source: the VM left, so this edge's reference to its image

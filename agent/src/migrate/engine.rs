@@ -571,7 +571,7 @@ fn drive(
     if let Some(c) = &run.opts.coordinator {
         // Step 1 needs the coordinator: unreachable, the VM stays here.
         progress(Phase::Plan, "reporting the live disk to the coordinator");
-        run.coord.reported_chunks = super::coord::report_live_disk(c, store, &cur)?;
+        super::coord::report_live_disk(c, store, &cur, &mut run.coord)?;
     }
     let ctl = proto::connect_auth(&run.opts.to, &run.opts.key, &run.opts.id, Duration::from_secs(5))?;
     ctl.set_read_timeout(Some(Duration::from_secs(600)))
