@@ -81,16 +81,28 @@ pub struct ChunkCounts {
     pub bytes: u64,
 }
 
-/// One CPU's value in the `STATS` map: `struct tracker_stats`.
+/// One CPU's value in the `STATS` map: `struct tracker_stats`. The program
+/// touches it only off its common path (a one-chunk write that has a
+/// counter never does), so it does not count bios itself: see
+/// [`TrackerStats::events`].
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TrackerStats {
-    /// Write bios counted on watched devices.
-    pub events: u64,
-    /// Chunk updates lost because `CHUNKS` was full.
+    /// Chunk updates with no counter (past the device's range at watch time).
     pub dropped: u64,
     /// Bios wider than [`MAX_SPAN_CHUNKS`] chunks (only the first ones counted).
     pub truncated: u64,
+    /// Chunk updates beyond the first of bios spanning several chunks.
+    pub extra_chunks: u64,
+}
+
+impl TrackerStats {
+    /// Write bios counted, from the sum of `writes` over all counters and
+    /// the stats summed over CPUs: every bio makes one chunk update, counted
+    /// either in a counter or in `dropped`, plus `extra_chunks` more.
+    pub fn events(&self, total_writes: u64) -> u64 {
+        (total_writes + self.dropped).saturating_sub(self.extra_chunks)
+    }
 }
 
 // The C side's sizes (x86_64/aarch64, both little-endian LP64 like BPF).
@@ -197,6 +209,26 @@ mod tests {
     }
 
     #[test]
+    fn events_count_each_bio_once() {
+        // A one-chunk write counted, a one-chunk write dropped, a bio over
+        // 3 chunks (2 counted, 1 dropped).
+        let s = TrackerStats {
+            dropped: 2,
+            truncated: 0,
+            extra_chunks: 2,
+        };
+        assert_eq!(s.events(1 + 2), 3);
+        // Nothing yet, and a reading taken while a wide bio is half counted
+        // (its extra updates already added): never below zero.
+        assert_eq!(TrackerStats::default().events(0), 0);
+        let mid = TrackerStats {
+            extra_chunks: 5,
+            ..TrackerStats::default()
+        };
+        assert_eq!(mid.events(1), 0);
+    }
+
+    #[test]
     fn layout_field_offsets_match_c() {
         assert_eq!(std::mem::offset_of!(ChunkRange, chunks), 4);
         assert_eq!(std::mem::offset_of!(WatchedDev, base), 4);
@@ -205,8 +237,8 @@ mod tests {
         assert_eq!(std::mem::offset_of!(WatchTable, chunk_shift), 8);
         assert_eq!(std::mem::offset_of!(WatchTable, devs), 16);
         assert_eq!(std::mem::offset_of!(ChunkCounts, bytes), 8);
-        assert_eq!(std::mem::offset_of!(TrackerStats, dropped), 8);
-        assert_eq!(std::mem::offset_of!(TrackerStats, truncated), 16);
+        assert_eq!(std::mem::offset_of!(TrackerStats, truncated), 8);
+        assert_eq!(std::mem::offset_of!(TrackerStats, extra_chunks), 16);
     }
 
     #[test]

@@ -222,6 +222,8 @@ pub struct EbpfTracker {
     inline: Vec<DeviceId>,
     /// Devices now in `WATCHED_MORE`.
     overflowed: HashSet<DeviceId>,
+    /// Most write bios any reading derived (see `read_counts`).
+    events_seen: u64,
     more: BpfHashMap<MapData, u32, Range>,
     stats: PerCpuArray<MapData, Stats>,
     prog_id: u32,
@@ -283,6 +285,7 @@ impl EbpfTracker {
             ranges: HashMap::new(),
             inline: Vec::with_capacity(INLINE_WATCHED),
             overflowed: HashSet::new(),
+            events_seen: 0,
             more,
             stats,
             prog_id,
@@ -387,9 +390,14 @@ impl DirtyTracker for EbpfTracker {
 
     fn read_counts(&mut self) -> Result<RawCounts, DirtyError> {
         let mut out = RawCounts::default();
+        let mut total_writes = 0u64;
+        // Counters first, stats second: a wide bio adds its `extra_chunks`
+        // before its chunk updates, so a reading taken in between
+        // under-counts bios for a moment and never over-counts them.
         for (&dev, range) in &self.ranges {
             for index in 0..range.chunks {
                 let (writes, bytes) = self.counters.get((range.base + index) as usize);
+                total_writes += writes;
                 if writes > 0 {
                     out.chunks.push(RawChunk {
                         dev,
@@ -401,11 +409,17 @@ impl DirtyTracker for EbpfTracker {
             }
         }
         let per_cpu = self.stats.get(&0, 0)?;
+        let mut stats = TrackerStats::default();
         for Stats(s) in per_cpu.iter() {
-            out.events += s.events;
-            out.dropped += s.dropped;
-            out.truncated += s.truncated;
+            stats.dropped += s.dropped;
+            stats.truncated += s.truncated;
+            stats.extra_chunks += s.extra_chunks;
         }
+        // Cumulative counts never go back, even across such a moment.
+        self.events_seen = self.events_seen.max(stats.events(total_writes));
+        out.events = self.events_seen;
+        out.dropped = stats.dropped;
+        out.truncated = stats.truncated;
         Ok(out)
     }
 }
