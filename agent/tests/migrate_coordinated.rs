@@ -260,14 +260,15 @@ fn handoff_plans_with_the_coordinator_and_moves_the_references() {
     }
     let (cloud, coord) = coordinated_cloud();
     let base = cloud.base_id.clone();
-    // The VM's reference to its image at a, as the coordinator counts it.
-    let (status, v) = coord.request(
-        "POST",
-        "/v1/edges/a-chunks/pins",
-        Some(&serde_json::json!({ "manifest": base })),
+    // `vm run --coordinator`: the VM's image counts as referenced by a.
+    run_vm_coordinated(&cloud, &coord, "a", "vm1", &base);
+    let at_a = coord.pins("a-chunks");
+    assert_eq!(
+        at_a.get(&base).and_then(|n| n.as_u64()),
+        Some(1),
+        "a pins the base: {at_a:?}"
     );
-    assert_eq!(status, 200, "pin the base at a: {v}");
-    cloud.run_vm("a", "vm1", &base);
+    assert_eq!(local_pins(&cloud, "a"), vec![base.clone()]);
     let stream = cloud.counter_stream();
     assert!(
         stream.wait_above(stream.last().unwrap_or(0) + 5, Duration::from_secs(30)),
@@ -357,6 +358,41 @@ fn handoff_plans_with_the_coordinator_and_moves_the_references() {
         check.starts_with("check ok"),
         "disk at a after the move back: {check}"
     );
+    drop(stream);
+
+    // `vm stop --coordinator`: the reference goes, the chunks stay.
+    let e = cloud.edge("a");
+    let mut stop = cloud.cmd("a");
+    stop.args(["vm", "stop", "vm1", "--state-dir"])
+        .arg(&e.state)
+        .args(strs(&coord.edge_args("a")));
+    migrate_support::sh(&mut stop);
+    assert!(
+        coord.pins("a-chunks").is_empty(),
+        "a dropped the stopped VM's reference"
+    );
+    assert!(local_pins(&cloud, "a").is_empty());
+    assert!(coord.edge("a-chunks")["chunks"].as_u64().unwrap_or(0) > 0);
+}
+
+/// `edgeshift vm run` of the test VM on `edge`, pinning its image at the coordinator.
+fn run_vm_coordinated(cloud: &Cloud, coord: &Coordinator, edge: &str, name: &str, image: &str) {
+    let e = cloud.edge(edge);
+    let append = format!("console=ttyS0 quiet es_ip={}/24", migrate_support::VM_IP);
+    let mut c = cloud.cmd(edge);
+    c.args(["vm", "run", name, "--image", image, "--store"])
+        .arg(&e.store)
+        .arg("--state-dir")
+        .arg(&e.state)
+        .args([
+            "--net", "br0", "--memory", "128MiB", "--accel", "auto", "--kernel",
+        ])
+        .arg(&cloud.vm.kernel)
+        .arg("--initrd")
+        .arg(&cloud.vm.initrd)
+        .args(["--append", &append])
+        .args(strs(&coord.edge_args(edge)));
+    migrate_support::sh(&mut c);
 }
 
 #[test]

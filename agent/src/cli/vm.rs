@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use edgeshift_agent::coordination::fetch::pin_image;
+use edgeshift_agent::migrate::coord::{release_source, CoordConfig};
 use edgeshift_agent::store::{ChunkStore, LocalStore};
 use edgeshift_agent::transfer::fetch::Fetcher;
 use edgeshift_agent::transfer::ClusterKey;
@@ -78,6 +80,8 @@ struct RunArgs {
     #[arg(long, requires = "kernel")]
     append: Option<String>,
     #[command(flatten)]
+    coord: CoordArgs,
+    #[command(flatten)]
     state: StateArgs,
     /// Print the VM's record as JSON.
     #[arg(long)]
@@ -96,7 +100,40 @@ struct ListArgs {
 struct StopArgs {
     name: String,
     #[command(flatten)]
+    coord: CoordArgs,
+    #[command(flatten)]
     state: StateArgs,
+}
+
+/// The coordinator's reference count of a VM's image on this edge.
+#[derive(Debug, clap::Args)]
+struct CoordArgs {
+    /// The cache coordinator (http://HOST:PORT). With it the VM's image
+    /// counts as referenced by this edge while the VM runs here: `vm run`
+    /// pins it (locally and at the coordinator, so GC keeps its chunks; an
+    /// unreachable coordinator fails the start), `vm stop` drops the
+    /// reference (the chunks stay cached until the policy evicts them).
+    #[arg(long, requires = "edge")]
+    coordinator: Option<String>,
+    /// File holding the coordinator's bearer token.
+    #[arg(long, requires = "coordinator")]
+    token_file: Option<PathBuf>,
+    /// This edge's id at the coordinator (the `--id` of its `edgeshift agent`).
+    #[arg(long, requires = "coordinator")]
+    edge: Option<String>,
+}
+
+impl CoordArgs {
+    fn config(&self) -> Option<CoordConfig> {
+        match (&self.coordinator, &self.edge) {
+            (Some(url), Some(edge)) => Some(CoordConfig {
+                url: url.clone(),
+                token_file: self.token_file.clone(),
+                edge: edge.clone(),
+            }),
+            _ => None,
+        }
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -169,11 +206,53 @@ fn run_vm(a: RunArgs) -> anyhow::Result<()> {
         "the store lacks {missing} chunks of image {}; give --peer to fetch them",
         a.image
     );
+    let coord = a.coord.config();
+    if let Some(c) = &coord {
+        let client = c.client()?;
+        client
+            .publish(&manifest)
+            .and_then(|_| pin_image(&client, &store, &c.edge, &id, &format!("VM {} runs here", a.name)))
+            .with_context(|| format!("pinning image {} at the coordinator {}", a.image, c.url))?;
+    }
+    let json = a.json;
+    let started = start_vm(a, &sd, &store, &manifest, id, memory);
+    if let (Err(_), Some(c)) = (&started, &coord) {
+        // The VM did not start: its reference goes again.
+        for left in release_source(c, &sd, store.root(), "", &id.to_hex()) {
+            tracing::warn!(%left, "pin of a VM that did not start");
+        }
+    }
+    let rec = started?;
+    if json {
+        println!("{}", serde_json::to_string(&rec)?);
+    } else {
+        println!(
+            "VM {} running: pid {}, {} , disk {} ({}), QMP {}",
+            rec.spec.name,
+            rec.pid,
+            rec.accel.as_str(),
+            rec.loop_device.display(),
+            rec.image_path.display(),
+            rec.qmp_socket.display()
+        );
+    }
+    Ok(())
+}
+
+/// Restores the disk, attaches it and starts QEMU; records the VM.
+fn start_vm(
+    a: RunArgs,
+    sd: &StateDir,
+    store: &LocalStore,
+    manifest: &edgeshift_common::Manifest,
+    id: Fingerprint,
+    memory: u64,
+) -> anyhow::Result<VmRecord> {
     let dir = sd.vm_dir(&a.name)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let cleanup = DirGuard(Some(dir.clone()));
     let image_path = dir.join("disk.raw");
-    vm::image::restore(store.as_ref(), &manifest, &image_path).context("restoring the disk image")?;
+    vm::image::restore(store, manifest, &image_path).context("restoring the disk image")?;
     let dev = vm::loopdev::LoopDevice::attach(&image_path)?;
     let spec = VmSpec {
         name: a.name.clone(),
@@ -208,20 +287,7 @@ fn run_vm(a: RunArgs) -> anyhow::Result<()> {
     };
     sd.save(&rec)?;
     std::mem::forget(cleanup);
-    if a.json {
-        println!("{}", serde_json::to_string(&rec)?);
-    } else {
-        println!(
-            "VM {} running: pid {}, {} , disk {} ({}), QMP {}",
-            rec.spec.name,
-            rec.pid,
-            rec.accel.as_str(),
-            rec.loop_device.display(),
-            rec.image_path.display(),
-            rec.qmp_socket.display()
-        );
-    }
-    Ok(())
+    Ok(rec)
 }
 
 fn absolute(p: PathBuf) -> anyhow::Result<PathBuf> {
@@ -303,5 +369,11 @@ fn stop(a: StopArgs) -> anyhow::Result<()> {
     let dir = sd.vm_dir(&a.name)?;
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     println!("VM {} stopped", a.name);
+    if let Some(c) = a.coord.config() {
+        // The VM is gone whatever the coordinator says; say what was left.
+        for left in release_source(&c, &sd, &rec.store, &a.name, &rec.manifest_id) {
+            eprintln!("warning: left at the coordinator: {left}");
+        }
+    }
     Ok(())
 }
