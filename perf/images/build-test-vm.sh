@@ -6,6 +6,11 @@
 #   base.raw        a 1 GiB raw ext4 disk holding real files (a debootstrap tree
 #                   from perf/images/build-debian-images.sh when present, else
 #                   a copy of this host's /usr programs), the base other edges hold
+# EDGESHIFT_VM_DISK_MIB=N (default 1024) builds a smaller variant into
+# target/images/vm-<N>m/ instead: an N MiB ext4 disk filled by mkfs.ext4 -d
+# with the Debian base image's files minus /usr/share (docs, locales), so it
+# is still derived from the base the other edges hold (the evaluation's
+# live sweep uses 192 MiB so QEMU's whole-disk mirror fits its time budget).
 # The guest's init mounts /dev/vda, keeps writing to it and serves TCP 7000
 # (counter stream) and 7001 (disk check); see perf/images/guest/.
 # Prints the output directory on its last line. Needs root (mount of the disk
@@ -13,19 +18,27 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-out=${EDGESHIFT_VM_DIR:-$repo/target/images/vm}
+disk_mib=${EDGESHIFT_VM_DISK_MIB:-1024}
+case "$disk_mib" in ''|*[!0-9]*) echo "EDGESHIFT_VM_DISK_MIB must be a number of MiB, not '$disk_mib'" >&2; exit 2 ;; esac
+[ "$disk_mib" -ge 64 ] || { echo "EDGESHIFT_VM_DISK_MIB must be at least 64" >&2; exit 2; }
+if [ "$disk_mib" -eq 1024 ]; then
+  out=${EDGESHIFT_VM_DIR:-$repo/target/images/vm}
+else
+  out=${EDGESHIFT_VM_DIR:-$repo/target/images/vm-${disk_mib}m}
+fi
 mkdir -p "$out"
 
 kver=$(ls /boot/vmlinuz-* 2>/dev/null | sed 's|/boot/vmlinuz-||' | sort -V | tail -n1)
 [ -n "$kver" ] || { echo "no /boot/vmlinuz-*: install linux-image-amd64 (.ci/setup)" >&2; exit 1; }
-stamp=$( (cat "$0" "$here"/guest/*; echo "$kver") | sha256sum | cut -d' ' -f1)
+stamp=$( (cat "$0" "$here"/guest/*; echo "$kver $disk_mib") | sha256sum | cut -d' ' -f1)
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] && [ -f "$out/base.raw" ]; then
   echo "$out"
   exit 0
 fi
 
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+mnt=""
+trap '[ -n "$mnt" ] && { umount "$mnt" 2>/dev/null; rmdir "$mnt"; }; rm -rf "$work"' EXIT
 
 # Kernel and modules (virtio and ext4 are modules in Debian's config).
 cp "/boot/vmlinuz-$kver" "$out/vmlinuz"
@@ -57,8 +70,22 @@ debian_base=""
 for cand in "$repo/target/images/debian/base.raw" "$repo/target/images/base.raw"; do
   [ -f "$cand" ] && debian_base=$cand && break
 done
-size=$((1024 * 1024 * 1024))
-if [ -n "$debian_base" ] && [ "$(stat -c %s "$debian_base")" -ge "$size" ]; then
+size=$((disk_mib * 1024 * 1024))
+if [ "$disk_mib" -ne 1024 ]; then
+  # The small variant: the Debian base's files (read-only loop mount) minus
+  # /usr/share, else this host's programs, in a disk of the asked size.
+  if [ -n "$debian_base" ]; then
+    mnt=$(mktemp -d)
+    mount -o ro,loop "$debian_base" "$mnt"
+    tar -C "$mnt" --exclude=./usr/share --exclude=./lost+found -cf - . | tar -C "$tree" -xf -
+    umount "$mnt" && rmdir "$mnt" && mnt=""
+  else
+    mkdir -p "$tree/usr"
+    for d in bin sbin; do cp -a "/usr/$d" "$tree/usr/$d"; done
+  fi
+  truncate -s "$size" "$out/base.raw.tmp"
+  mkfs.ext4 -q -F -L edgeshift-base -E lazy_itable_init=0,lazy_journal_init=0 -d "$tree" "$out/base.raw.tmp"
+elif [ -n "$debian_base" ] && [ "$(stat -c %s "$debian_base")" -ge "$size" ]; then
   cp --sparse=always "$debian_base" "$out/base.raw.tmp"
 else
   mkdir -p "$tree/usr"

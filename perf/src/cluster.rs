@@ -146,6 +146,21 @@ impl Cluster {
     /// Starts the coordinator (if the topology names one) and an agent on
     /// every edge and origin host. Stores live in `work/<host>/store`.
     pub fn start(tb: &Testbed, topo: &Topology, work: &Path) -> Result<Self, ClusterError> {
+        Self::start_with(tb, topo, work, &|_| 64 << 30, false)
+    }
+
+    /// As [`Cluster::start`], each agent's store limited to `capacity(host)`
+    /// bytes (the coordinator's GC keeps it under its watermarks); with
+    /// `on_host_addrs`, agents listen on their host's routed address
+    /// ([`Testbed::route_host_addrs`], which must have been called), so the
+    /// address they advertise to the coordinator is reachable from every edge.
+    pub fn start_with(
+        tb: &Testbed,
+        topo: &Topology,
+        work: &Path,
+        capacity: &dyn Fn(&str) -> u64,
+        on_host_addrs: bool,
+    ) -> Result<Self, ClusterError> {
         let bins = Binaries::locate()?;
         std::fs::create_dir_all(work).map_err(io(format!("creating {}", work.display())))?;
         let key_file = work.join("cluster.key");
@@ -183,8 +198,13 @@ impl Cluster {
         for host in holders {
             let store = work.join(&host).join("store");
             std::fs::create_dir_all(&store).map_err(io("creating a store"))?;
+            let listen = if on_host_addrs {
+                format!("{}:{AGENT_PORT}", tb.host_addr(&host)?)
+            } else {
+                format!("0.0.0.0:{AGENT_PORT}")
+            };
             let mut cmd = tb.command(&host, &cluster.bins.edgeshift);
-            cmd.args(["agent", "--listen", &format!("0.0.0.0:{AGENT_PORT}"), "--store"])
+            cmd.args(["agent", "--listen", &listen, "--store"])
                 .arg(&store)
                 .arg("--cluster-key-file")
                 .arg(&cluster.key_file)
@@ -195,7 +215,7 @@ impl Cluster {
                 } else {
                     format!("http://{}:{COORDINATOR_PORT}", tb.addr_of(chost, &host)?)
                 };
-                cmd.args(["--coordinator", &url, "--capacity", "64GiB"]);
+                cmd.args(["--coordinator", &url, "--capacity", &capacity(&host).to_string()]);
             }
             let mut child = cmd
                 .stdout(Stdio::piped())

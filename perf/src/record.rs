@@ -82,6 +82,134 @@ impl Storage {
     }
 }
 
+/// One handoff of a caching-policy trace: a user's VM image fetched at its
+/// new edge with `edgeshift fetch --coordinator`, its old edge unpinning it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyStep {
+    pub user: String,
+    pub image: String,
+    /// The edge the VM left (none for its first placement).
+    pub from: Option<String>,
+    pub to: String,
+    /// Non-zero distinct chunks of the image, and their bytes.
+    pub chunks: u64,
+    pub bytes: u64,
+    /// Chunks already in the destination's store before the fetch.
+    pub local_chunks: u64,
+    /// Of the missing chunks, those some other edge (not the origin) held.
+    pub edge_held_chunks: u64,
+    /// Chunks the fetch got from edges, and from the origin.
+    pub from_edges_chunks: u64,
+    pub from_origin_chunks: u64,
+    /// Bytes received from the origin and from edges (compressed, as sent).
+    pub origin_wire_bytes: u64,
+    pub edges_wire_bytes: u64,
+    pub fetch_seconds: f64,
+    /// Bytes the coordinator's GC removed from the fleet's edges after this step.
+    pub evicted_bytes: u64,
+}
+
+impl PolicyStep {
+    /// Chunks served by the edge tier (already local, or from another edge).
+    pub fn edge_hits(&self) -> u64 {
+        self.local_chunks + self.from_edges_chunks
+    }
+}
+
+/// What one edge stores at the end of a policy trace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EdgeStore {
+    pub edge: String,
+    /// Bytes of chunk files in its store.
+    pub stored_bytes: u64,
+    /// Images complete in its store (pinned ones included).
+    pub images: Vec<String>,
+    /// Sum of those images' sizes as VMs see them.
+    pub logical_bytes: u64,
+    /// Sum of those images' non-zero distinct chunk bytes.
+    pub nonzero_bytes: u64,
+}
+
+/// A whole trace under one caching policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRun {
+    /// "lru", "lfu", "popularity".
+    pub policy: String,
+    /// Each edge's `--capacity`, bytes.
+    pub capacity_bytes: u64,
+    pub high_watermark: f64,
+    pub low_watermark: f64,
+    pub steps: Vec<PolicyStep>,
+    /// Edges' stores after the trace.
+    pub edges: Vec<EdgeStore>,
+    pub wall_seconds: f64,
+}
+
+impl PolicyRun {
+    fn sum(&self, f: impl Fn(&PolicyStep) -> u64) -> u64 {
+        self.steps.iter().map(f).sum()
+    }
+
+    /// Fraction of needed chunks served by the edge tier.
+    pub fn hit_ratio(&self) -> f64 {
+        ratio(self.sum(PolicyStep::edge_hits), self.sum(|s| s.chunks))
+    }
+
+    /// Fraction of needed chunks already at the destination.
+    pub fn local_hit_ratio(&self) -> f64 {
+        ratio(self.sum(|s| s.local_chunks), self.sum(|s| s.chunks))
+    }
+
+    /// Fraction of needed chunks that the edge tier held (locally or at another edge).
+    pub fn edge_held_ratio(&self) -> f64 {
+        ratio(
+            self.sum(|s| s.local_chunks + s.edge_held_chunks),
+            self.sum(|s| s.chunks),
+        )
+    }
+
+    pub fn origin_wire_bytes(&self) -> u64 {
+        self.sum(|s| s.origin_wire_bytes)
+    }
+
+    pub fn edges_wire_bytes(&self) -> u64 {
+        self.sum(|s| s.edges_wire_bytes)
+    }
+
+    pub fn evicted_bytes(&self) -> u64 {
+        self.sum(|s| s.evicted_bytes)
+    }
+
+    pub fn stored_bytes(&self) -> u64 {
+        self.edges.iter().map(|e| e.stored_bytes).sum()
+    }
+
+    /// Logical bytes of the images the edges hold ÷ bytes stored.
+    pub fn dedup_ratio(&self) -> f64 {
+        ratio(
+            self.edges.iter().map(|e| e.logical_bytes).sum(),
+            self.stored_bytes(),
+        )
+    }
+
+    /// The same counting only the images' non-zero distinct chunks (sharing
+    /// between images, without the holes that sparse files also skip).
+    pub fn nonzero_dedup_ratio(&self) -> f64 {
+        ratio(
+            self.edges.iter().map(|e| e.nonzero_bytes).sum(),
+            self.stored_bytes(),
+        )
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
 /// Per-chunk write rates over time, from `edgeshift dirty`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Heatmap {
@@ -112,6 +240,9 @@ pub struct RunSet {
     pub storage: Vec<Storage>,
     #[serde(default)]
     pub heatmap: Option<Heatmap>,
+    /// Caching-policy traces, one per policy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<PolicyRun>,
     /// Anything a scenario could not do, and why.
     #[serde(default)]
     pub notes: Vec<String>,

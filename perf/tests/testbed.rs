@@ -390,3 +390,63 @@ fn topology_toml_builds_rate_limited_links_and_leaves_nothing() {
         netns_of_tag(tag)
     );
 }
+
+#[test]
+fn host_addresses_reach_every_linked_host_over_its_direct_link() {
+    if !capable("host_addresses_reach_every_linked_host_over_its_direct_link") {
+        return;
+    }
+    let tag = "tbha";
+    cleanup_stale(tag).expect("cleanup");
+    let mut tb = Testbed::new(tag).expect("testbed");
+    for h in ["a", "b", "c", "d"] {
+        tb.add_host(h).expect("host");
+    }
+    // a, b, c fully meshed; d linked to a only.
+    for (x, y) in [("a", "b"), ("a", "c"), ("b", "c"), ("a", "d")] {
+        tb.link(x, y, LinkSpec::default()).expect("link");
+    }
+    assert!(tb.host_addr("a").is_err(), "no host address before routing");
+    tb.route_host_addrs().expect("route host addresses");
+    let addrs: Vec<Ipv4Addr> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|h| tb.host_addr(h).expect("host address"))
+        .collect();
+    assert_eq!(
+        addrs.iter().collect::<std::collections::BTreeSet<_>>().len(),
+        4,
+        "distinct: {addrs:?}"
+    );
+    for a in &addrs {
+        assert_eq!(a.octets()[..3], [198, 19, 250], "benchmarking range: {a}");
+    }
+    let ping = |from: &str, to: Ipv4Addr| {
+        tb.command(from, "ping")
+            .args(["-c", "1", "-W", "2", &to.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    for (from, to) in [("b", "c"), ("c", "a"), ("a", "d"), ("d", "a"), ("c", "b")] {
+        assert!(
+            ping(from, tb.host_addr(to).expect("addr")),
+            "{from} cannot reach {to}'s host address"
+        );
+    }
+    // The route goes over the direct link: b's way to c's address is its link to c.
+    let route = tb
+        .run_in(
+            "b",
+            "ip",
+            &["route", "get", &tb.host_addr("c").expect("addr").to_string()],
+        )
+        .expect("ip route get");
+    assert!(route.contains("to-c"), "{route}");
+    // No link from b to d: no route either (nothing is forwarded through a).
+    assert!(!ping("b", tb.host_addr("d").expect("addr")));
+    assert!(tb.host_addr("nope").is_err());
+    drop(tb);
+    assert!(netns_of_tag(tag).is_empty(), "namespaces left behind");
+}

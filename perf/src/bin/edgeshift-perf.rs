@@ -21,7 +21,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Run scenario groups (cache, sources, bandwidth, writes), record runs.json and write report.md beside it.
+    /// Run scenario groups (cache, sources, bandwidth, writes, policies, live, live-writes), record runs.json and write report.md beside it.
     Scenario {
         /// Scenario groups to run, e.g. `bandwidth cache`.
         #[arg(required = true)]
@@ -33,17 +33,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// The full evaluation: every scenario group, then report.md with plots in perf/reports/full.
+    /// The full evaluation (cache, sources, bandwidth, policies, live, live-writes), then report.md with plots in perf/reports/full.
     Report {
         /// Output directory.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Do not measure: regenerate report.md and the figures from this runs.json.
+        /// Do not measure: regenerate report.md and the figures from this runs.json (or the directory holding it).
         #[arg(long)]
         from_runs: Option<PathBuf>,
-        /// Skip the live-migration comparison (migrate-bench: QEMU's NBD mirror vs edgeshift migrate).
+        /// Also run migrate-bench (the 1 GiB test VM: QEMU's NBD mirror vs
+        /// edgeshift migrate in its cases a, b, c; about 8 more minutes).
         #[arg(long)]
-        skip_live: bool,
+        with_migrate_bench: bool,
     },
     /// Three edges and a coordinator in namespaces, a VM booted at e1 and
     /// handed off to e2 while a client stays connected; prints a short report.
@@ -111,15 +112,16 @@ fn main() -> anyhow::Result<()> {
         Cmd::Report {
             out,
             from_runs,
-            skip_live,
+            with_migrate_bench,
         } => {
             let out = out.unwrap_or_else(|| default_out("full"));
             let set = match from_runs {
+                Some(path) if path.is_dir() => report::load(&path.join("runs.json"))?,
                 Some(path) => report::load(&path)?,
                 None => {
-                    let groups: Vec<String> = suite::ALL.iter().map(|s| s.to_string()).collect();
+                    let groups: Vec<String> = suite::REPORT.iter().map(|s| s.to_string()).collect();
                     let mut set = suite::run("full", &groups, "full", &work_dir("full"), &log)?;
-                    if !skip_live {
+                    if with_migrate_bench {
                         suite::add_live_migration(&mut set, &out.join("migrate"), &log);
                     }
                     report::save(&set, &out)?;

@@ -85,30 +85,57 @@ fn ok(r: &Run) -> &'static str {
     }
 }
 
-/// The headline table: every tool at every rate of the bandwidth scenario.
+/// Which handoff a headline row is: the disk part on the Debian nginx image,
+/// or a whole live handoff of the running test VM.
+fn kind(r: &Run) -> &'static str {
+    if r.scenario == "live" {
+        "live VM"
+    } else {
+        "disk"
+    }
+}
+
+/// The headline table: every tool at every rate of the bandwidth scenario
+/// (disk part of a handoff) and of the live sweep (whole handoff of a
+/// running VM), each with its ratio to the physical limit and to edgeshift.
 pub fn headline_table(set: &RunSet) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| rate (Mbit/s) | tool | seconds | MB on the wire | MB needed | paths (Mbit/s) | physical limit (s) | time ÷ limit | time ÷ edgeshift time | byte-exact |"
+        "| rate (Mbit/s) | tool | handoff | seconds | MB on the wire | MB needed | paths (Mbit/s) | physical limit (s) | time ÷ limit | time ÷ edgeshift time | verified |"
     );
-    let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---:|---:|---:|:---:|");
-    let mut runs: Vec<&Run> = set.runs.iter().filter(|r| r.scenario == "bandwidth").collect();
-    runs.sort_by(|a, b| a.rate_mbit.cmp(&b.rate_mbit).then(a.tool.cmp(&b.tool)));
+    let _ = writeln!(s, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|:---:|");
+    let mut runs: Vec<&Run> = set
+        .runs
+        .iter()
+        .filter(|r| r.scenario == "bandwidth" || r.scenario == "live")
+        .collect();
+    runs.sort_by(|a, b| {
+        a.rate_mbit
+            .cmp(&b.rate_mbit)
+            .then(kind(a).cmp(kind(b)))
+            .then(a.tool.cmp(&b.tool))
+    });
     for r in &runs {
+        let reference = if r.scenario == "live" {
+            "edgeshift migrate"
+        } else {
+            "edgeshift"
+        };
         let es = runs
             .iter()
-            .find(|x| x.tool == "edgeshift" && x.rate_mbit == r.rate_mbit)
+            .find(|x| x.tool == reference && x.rate_mbit == r.rate_mbit && x.scenario == r.scenario)
             .map(|x| x.seconds);
         let speedup = match es {
-            Some(e) if e > 0.0 && r.tool != "edgeshift" => format!("{:.1}×", r.seconds / e),
+            Some(e) if e > 0.0 && r.tool != reference => format!("{:.1}×", r.seconds / e),
             _ => "–".into(),
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} |",
             r.rate_mbit,
             r.tool,
+            kind(r),
             secs(r),
             mb(r.wire_bytes),
             mb(r.needed_bytes),
@@ -117,6 +144,122 @@ pub fn headline_table(set: &RunSet) -> String {
             ratio(r),
             speedup,
             ok(r)
+        );
+    }
+    s
+}
+
+/// Live handoffs of the running VM (sweep and write rates): the migration's
+/// own figures next to time and bytes.
+pub fn live_table(set: &RunSet) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| scenario | tool | rate (Mbit/s) | guest writes | guest writes (KB/s) | destination | seconds | command (s) | downtime (ms) | rounds | chunks re-sent | disk MB lacked | memory MB | MB on the wire | limit (s) | time ÷ limit | guest disk check |"
+    );
+    let _ = writeln!(
+        s,
+        "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    );
+    for r in set
+        .runs
+        .iter()
+        .filter(|r| r.scenario == "live" || r.scenario == "live-writes")
+    {
+        let d = &r.detail;
+        let num = |k: &str| d[k].as_u64().map_or("–".to_string(), |v| v.to_string());
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} |",
+            r.scenario,
+            r.tool,
+            r.rate_mbit,
+            r.workload,
+            d["guest_write_bytes_per_s"]
+                .as_f64()
+                .map_or("–".to_string(), |v| format!("{:.0}", v / 1e3)),
+            r.cache,
+            r.seconds,
+            d["command_seconds"]
+                .as_f64()
+                .map_or("–".to_string(), |v| format!("{v:.1}")),
+            num("downtime_ms"),
+            num("rounds"),
+            num("chunks_resent"),
+            d["missing_disk_bytes"].as_u64().map_or("–".to_string(), mb),
+            d["memory_bytes"].as_u64().map_or("–".to_string(), mb),
+            mb(r.wire_bytes),
+            r.limit_seconds,
+            ratio(r),
+            d["guest_check"].as_str().unwrap_or("–")
+        );
+    }
+    s
+}
+
+/// The caching policies side by side: hits, origin traffic, evictions, and
+/// storage and dedup after the trace.
+pub fn policy_table(set: &RunSet) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| policy | handoffs | hit ratio (edge tier) | local hit ratio | held by the edge tier | MB from the origin | MB from edges | MB evicted | stored per edge (MB) | stored MB | logical MB held | dedup ratio | dedup ratio, non-zero data |"
+    );
+    let _ = writeln!(
+        s,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"
+    );
+    for p in &set.policies {
+        let per: Vec<String> = p
+            .edges
+            .iter()
+            .map(|e| format!("{}: {} ({})", e.edge, mb(e.stored_bytes), e.images.join("+")))
+            .collect();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {} | {} | {:.2}× | {:.2}× |",
+            p.policy,
+            p.steps.len(),
+            p.hit_ratio(),
+            p.local_hit_ratio(),
+            p.edge_held_ratio(),
+            mb(p.origin_wire_bytes()),
+            mb(p.edges_wire_bytes()),
+            mb(p.evicted_bytes()),
+            per.join(", "),
+            mb(p.stored_bytes()),
+            mb(p.edges.iter().map(|e| e.logical_bytes).sum()),
+            p.dedup_ratio(),
+            p.nonzero_dedup_ratio()
+        );
+    }
+    s
+}
+
+/// One policy's trace, step by step.
+pub fn policy_steps_table(p: &crate::record::PolicyRun) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| # | user | image | from → to | chunks | local | held by other edges | from edges | from origin | fetch (s) | MB evicted after |"
+    );
+    let _ = writeln!(s, "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (i, st) in p.steps.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} → {} | {} | {} | {} | {} | {} | {:.1} | {} |",
+            i + 1,
+            st.user,
+            st.image,
+            st.from.as_deref().unwrap_or("(start)"),
+            st.to,
+            st.chunks,
+            st.local_chunks,
+            st.edge_held_chunks,
+            st.from_edges_chunks,
+            st.from_origin_chunks,
+            st.fetch_seconds,
+            mb(st.evicted_bytes)
         );
     }
     s
@@ -177,10 +320,12 @@ pub fn write(set: &RunSet, dir: &Path) -> Result<PathBuf, ReportError> {
     let _ = writeln!(md, "# edgeshift evaluation: {}\n", set.name);
     let _ = writeln!(
         md,
-        "Measured {} on {} ({} s of measurement). Every number and figure below is computed from `runs.json` in this directory; regenerate with `edgeshift-perf report --from-runs {}`.\n",
+        "Measured {} on {} ({} s of measurement, {} min {} s). Every number and figure below is computed from `runs.json` in this directory; regenerate with `edgeshift-perf report --from-runs {}`.\n",
         set.started,
         set.host["summary"].as_str().unwrap_or("this machine"),
         set.wall_seconds.round(),
+        (set.wall_seconds / 60.0).floor(),
+        (set.wall_seconds % 60.0).round(),
         dir.display()
     );
     let _ = writeln!(
@@ -195,8 +340,14 @@ pub fn write(set: &RunSet, dir: &Path) -> Result<PathBuf, ReportError> {
     }
     let _ = writeln!(
         md,
-        "## Headline: handoff time against link rate (warm destination: the base image held)\n"
+        "## Headline: edgeshift against every baseline at each link rate\n"
     );
+    if set.runs.iter().any(|r| r.scenario == "live") {
+        let _ = writeln!(
+            md,
+            "Two kinds of rows. **disk**: the disk part of a handoff of the Debian nginx VM disk (1 GiB) to a warm destination (the base image held), edgeshift from two edges at once against rsync, casync and a whole copy from one. **live VM**: the whole handoff of the running test VM (a smaller disk, see *Live handoffs* below), `edgeshift migrate` to a warm destination against QEMU's shared-nothing migration (blockdev-mirror to NBD + migrate, empty destination); time until the VM runs at the destination. \"time ÷ edgeshift time\" compares each row with edgeshift's row of the same kind and rate; \"verified\" is the byte-for-byte check (disk) or the guest's own disk check after the switch (live).\n"
+        );
+    }
     md.push_str(&headline_table(set));
     if set.runs.iter().any(|r| r.projected_from.is_some()) {
         let _ = writeln!(
@@ -231,11 +382,40 @@ pub fn write(set: &RunSet, dir: &Path) -> Result<PathBuf, ReportError> {
             }
         }
     }
-    let live: Vec<&Run> = set.runs.iter().filter(|r| r.scenario == "live").collect();
+    if set
+        .runs
+        .iter()
+        .any(|r| r.scenario == "live" || r.scenario == "live-writes")
+    {
+        let first = set
+            .runs
+            .iter()
+            .find(|r| r.scenario == "live" || r.scenario == "live-writes");
+        let (disk, mem, warmup) = first.map_or((0, 0, 0), |r| {
+            (
+                r.detail["disk_mib"].as_u64().unwrap_or(0),
+                r.detail["memory_mib"].as_u64().unwrap_or(0),
+                r.detail["warmup_seconds"].as_u64().unwrap_or(0),
+            )
+        });
+        let _ = writeln!(
+            md,
+            "## Live handoffs of a running VM\n\nThe test VM (`perf/images/build-test-vm.sh` with `EDGESHIFT_VM_DISK_MIB={disk}`: a {disk} MiB ext4 disk of the Debian base's files minus /usr/share, {mem} MiB of memory, TCG) boots at e1 with its guest workload writing (counter fsync'd every 100 ms, 64 KiB hot-slot rewrites; the write-rate knobs `es_hot_every`/`es_hot_blocks` on its kernel command line), runs {warmup} s, and is handed to e2 over one tbf link. `edgeshift migrate` finds the VM's base image at e2 (warm); QEMU's shared-nothing migration (blockdev-mirror of the whole disk to an NBD export at e2, then `migrate`) starts from an empty disk. The smaller disk keeps QEMU's whole-disk copy at 10 Mbit/s inside the report's time budget. Needed bytes = the disk bytes the destination lacked (edgeshift: its plan; QEMU: every non-zero chunk of the disk) + the memory QEMU sent; the limit is those over the link rate. Guest writes are measured on the VM's loop device during the {warmup} s before the handoff. After each handoff the guest checks its own disk (`es-check`: every hot slot, the cold file and the counter) at the destination.\n"
+        );
+        md.push_str(&live_table(set));
+        md.push('\n');
+        if plots::live_vs_bandwidth(set, &dir.join("live_vs_bandwidth.svg"))? {
+            let _ = writeln!(
+                md,
+                "![Live handoff time against link rate](live_vs_bandwidth.svg)\n"
+            );
+        }
+    }
+    let live: Vec<&Run> = set.runs.iter().filter(|r| r.scenario == "live-bench").collect();
     if !live.is_empty() {
         let _ = writeln!(
             md,
-            "## Live migration: QEMU's shared-nothing migration against edgeshift migrate\n\nFrom migrate-bench (its JSON is in `migrate/` here): the test VM with its guest workload, {} Mbit/s links; QEMU mirrors the whole disk to an NBD export on the destination, then migrates memory. Cases a, b, c are the migration engine's: a = cold destination, base at two neighbours; b = warm destination; c = warm + an earlier copy at two neighbours.\n",
+            "## migrate-bench: QEMU's shared-nothing migration against edgeshift migrate (1 GiB test VM)\n\nFrom migrate-bench (its JSON is in `migrate/` here): the test VM with its guest workload, {} Mbit/s links. Cases a, b, c are the migration engine's: a = cold destination, base at two neighbours; b = warm destination; c = warm + an earlier copy at two neighbours.\n",
             live[0].rate_mbit
         );
         let qemu = live.iter().find(|r| r.tool == "qemu-mirror").map(|r| r.seconds);
@@ -266,6 +446,35 @@ pub fn write(set: &RunSet, dir: &Path) -> Result<PathBuf, ReportError> {
             );
         }
         md.push('\n');
+    }
+    if !set.policies.is_empty() {
+        let p0 = &set.policies[0];
+        let _ = writeln!(
+            md,
+            "## Caching policies: storage per edge, dedup and hits under eviction pressure\n\nOne trace per policy, each on its own edge3 testbed with its own coordinator (`PUT /v1/policy`), links unthrottled (the figures are bytes and chunks). Four users whose VMs run the Debian images (base, nginx, postgresql, python3) are placed on e1–e3 and then move edge to edge, {} handoffs in all: the destination runs `edgeshift fetch --coordinator` (pins the image, fetches what it lacks from the planned holders: other edges and the origin, which holds every image), the edge the VM left drops its pin, and the trace waits for the agents to carry out the coordinator's GC orders. Every edge's store has `--capacity` {} (watermarks {:.2}/{:.2}), less than the family's distinct chunks, so GC evicts in the policy's order (the origin's store is unlimited).\n\nHit ratio = chunks of the handed-off images that the edge tier served (already at the destination, or sent by another edge) ÷ all their non-zero distinct chunks; \"held by the edge tier\" counts the chunks some edge had before the fetch, whichever source the planner then chose. Dedup ratio = logical bytes of the images the edges hold in full (as VMs see them, 1 GiB each) ÷ bytes stored on the edges; the non-zero ratio counts only the images' non-zero distinct chunks, so it shows sharing between images rather than sparseness.\n",
+            p0.steps.len(),
+            mb(p0.capacity_bytes) + " MB",
+            p0.high_watermark,
+            p0.low_watermark
+        );
+        md.push_str(&policy_table(set));
+        md.push('\n');
+        let _ = writeln!(
+            md,
+            "Reading it: chunks that a running VM pins are never evicted, and every VM here pins the base chunks its image shares with the family, so most local hits are those whatever the policy; the policies differ in which chunks of images that left an edge they keep. Agents do not report chunk reads to the coordinator, so on real agents LRU and LFU both rank by arrival, and what separates them is when each agent's GC ran relative to the arrivals. The origin/edge split of the bytes also depends on the planner, which spreads one fetch over every holder by path rate: \"held by the edge tier\" is the policy's part of it.\n"
+        );
+        if plots::policy_storage(set, &dir.join("policy_storage.svg"))? {
+            let _ = writeln!(md, "![Storage per edge by policy](policy_storage.svg)\n");
+        }
+        for p in &set.policies {
+            let file = format!("policy_{}.svg", p.policy);
+            let _ = writeln!(md, "### Policy {}\n", p.policy);
+            md.push_str(&policy_steps_table(p));
+            md.push('\n');
+            if plots::policy_trace(p, &dir.join(&file))? {
+                let _ = writeln!(md, "![Trace under {}]({file})\n", p.policy);
+            }
+        }
     }
     if !set.storage.is_empty() {
         let _ = writeln!(md, "## Storage and the fleet's dedup ratio\n");

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::record::{Heatmap, Run, RunSet, Storage};
+use crate::record::{Heatmap, PolicyRun, PolicyStep, Run, RunSet, Storage};
 
 /// A plotting error, as text (plotters' error type is generic over the backend).
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,38 @@ fn color(i: usize) -> RGBColor {
 /// limit of one path and of all the holders' paths drawn dashed.
 pub fn time_vs_bandwidth(set: &RunSet, file: &Path) -> Result<bool, PlotError> {
     let runs: Vec<&Run> = set.runs.iter().filter(|r| r.scenario == "bandwidth").collect();
+    time_vs_rate(
+        &runs,
+        "edgeshift",
+        false,
+        "Handoff time vs link rate (warm destination)",
+        file,
+    )
+}
+
+/// Live handoffs of the running VM: `edgeshift migrate` (warm destination)
+/// and QEMU's shared-nothing migration, each with its own physical limit.
+pub fn live_vs_bandwidth(set: &RunSet, file: &Path) -> Result<bool, PlotError> {
+    let runs: Vec<&Run> = set.runs.iter().filter(|r| r.scenario == "live").collect();
+    time_vs_rate(
+        &runs,
+        "edgeshift migrate",
+        true,
+        "Live handoff of a running VM vs link rate",
+        file,
+    )
+}
+
+/// Time against rate, one line per tool; dashed: the physical limit of
+/// `reference` over all its paths and over the source's path alone, or with
+/// `per_tool_limits` each tool's own limit.
+fn time_vs_rate(
+    runs: &[&Run],
+    reference: &str,
+    per_tool_limits: bool,
+    caption: &str,
+    file: &Path,
+) -> Result<bool, PlotError> {
     if runs.is_empty() {
         return Ok(false);
     }
@@ -46,12 +78,20 @@ pub fn time_vs_bandwidth(set: &RunSet, file: &Path) -> Result<bool, PlotError> {
     let mut by_tool: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
     let mut limit_multi: BTreeMap<u32, f64> = BTreeMap::new();
     let mut limit_single: BTreeMap<u32, f64> = BTreeMap::new();
-    for r in &runs {
+    let mut tool_limits: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
+    for r in runs {
         by_tool
             .entry(&r.tool)
             .or_default()
             .push((f64::from(r.rate_mbit), r.seconds));
-        if r.tool == "edgeshift" {
+        if per_tool_limits {
+            if r.limit_seconds > 0.0 {
+                tool_limits
+                    .entry(&r.tool)
+                    .or_default()
+                    .push((f64::from(r.rate_mbit), r.limit_seconds));
+            }
+        } else if r.tool == reference {
             limit_multi.insert(r.rate_mbit, r.limit_seconds);
             // The same bytes over the source's path alone.
             if let Some(&first) = r.sources.first().map(|_| &r.rate_mbit) {
@@ -76,7 +116,7 @@ pub fn time_vs_bandwidth(set: &RunSet, file: &Path) -> Result<bool, PlotError> {
     let root = SVGBackend::new(file, (820, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Handoff time vs link rate (warm destination)", ("sans-serif", 20))
+        .caption(caption, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
@@ -102,6 +142,20 @@ pub fn time_vs_bandwidth(set: &RunSet, file: &Path) -> Result<bool, PlotError> {
         chart
             .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))
             .map_err(|x| e(x.to_string()))?;
+    }
+    for (i, (tool, pts)) in tool_limits.iter_mut().enumerate() {
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let c = color(i);
+        chart
+            .draw_series(DashedLineSeries::new(
+                pts.iter().copied(),
+                6,
+                4,
+                c.stroke_width(1),
+            ))
+            .map_err(|x| e(x.to_string()))?
+            .label(format!("physical limit, {tool}"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(1)));
     }
     for (name, lim, c) in [
         ("physical limit, all holders' paths", &limit_multi, BLACK),
@@ -357,6 +411,118 @@ pub fn heatmap(h: &Heatmap, file: &Path) -> Result<bool, PlotError> {
             })
     });
     chart.draw_series(cells).map_err(|x| e(x.to_string()))?;
+    root.present().map_err(|x| e(x.to_string()))?;
+    Ok(true)
+}
+
+/// Storage per edge at the end of each policy's trace, fleet dedup in the label.
+pub fn policy_storage(set: &RunSet, file: &Path) -> Result<bool, PlotError> {
+    let items: Vec<(String, f64)> = set
+        .policies
+        .iter()
+        .flat_map(|p| {
+            p.edges.iter().map(move |e| {
+                (
+                    format!("{} {} (fleet dedup {:.2}x)", p.policy, e.edge, p.dedup_ratio()),
+                    e.stored_bytes as f64 / 1e6,
+                )
+            })
+        })
+        .collect();
+    bars(
+        file,
+        "Bytes stored per edge after the trace, by caching policy",
+        "MB stored",
+        &items,
+    )
+}
+
+/// One policy's trace: per handoff, where the image's chunks came from
+/// (already at the destination, another edge, the origin), stacked, in MB.
+pub fn policy_trace(run: &PolicyRun, file: &Path) -> Result<bool, PlotError> {
+    if run.steps.is_empty() {
+        return Ok(false);
+    }
+    let e = perr(file);
+    let mb_per_chunk = |s: &PolicyStep| s.bytes as f64 / s.chunks.max(1) as f64 / 1e6;
+    let parts = |s: &PolicyStep| {
+        let k = mb_per_chunk(s);
+        [
+            s.local_chunks as f64 * k,
+            s.from_edges_chunks as f64 * k,
+            s.from_origin_chunks as f64 * k,
+        ]
+    };
+    let max = run
+        .steps
+        .iter()
+        .map(|s| parts(s).iter().sum::<f64>())
+        .fold(1.0, f64::max);
+    let n = run.steps.len();
+    let root = SVGBackend::new(file, (820, 460)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let caption = format!(
+        "{}: chunks of each handed-off image by where they came from (hit ratio {:.3})",
+        run.policy,
+        run.hit_ratio()
+    );
+    let mut chart = ChartBuilder::on(&root)
+        .caption(caption, ("sans-serif", 17))
+        .margin(12)
+        .x_label_area_size(60)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..n as f64, 0.0..max * 1.2)
+        .map_err(|x| e(x.to_string()))?;
+    let labels: Vec<String> = run
+        .steps
+        .iter()
+        .map(|s| {
+            format!(
+                "{}:{}>{}",
+                s.user,
+                s.image.chars().take(4).collect::<String>(),
+                s.to
+            )
+        })
+        .collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            labels.get(i).cloned().unwrap_or_default()
+        })
+        .x_desc("handoff (user:image>destination), in trace order")
+        .y_desc("MB of the image's chunks")
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    let names = [
+        "already at the destination",
+        "from other edges",
+        "from the origin",
+    ];
+    let colors = [color(2), color(0), color(3)];
+    for (k, name) in names.iter().enumerate() {
+        let c = colors[k];
+        chart
+            .draw_series(run.steps.iter().enumerate().map(|(i, s)| {
+                let p = parts(s);
+                let lo: f64 = p[..k].iter().sum();
+                let x = i as f64;
+                Rectangle::new([(x + 0.15, lo), (x + 0.85, lo + p[k])], c.filled())
+            }))
+            .map_err(|x| e(x.to_string()))?
+            .label(*name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
     root.present().map_err(|x| e(x.to_string()))?;
     Ok(true)
 }

@@ -166,6 +166,8 @@ pub struct Testbed {
     hosts: BTreeMap<String, HostHandle>,
     links: Vec<Link>,
     segments: BTreeMap<String, L2Segment>,
+    /// Host addresses routed over the direct links (see [`Testbed::route_host_addrs`]).
+    host_addrs: BTreeMap<String, Ipv4Addr>,
     /// Every namespace created, hosts and segment hubs, in creation order.
     namespaces: Vec<String>,
     torn_down: bool,
@@ -262,6 +264,7 @@ impl Testbed {
             hosts: BTreeMap::new(),
             links: Vec::new(),
             segments: BTreeMap::new(),
+            host_addrs: BTreeMap::new(),
             namespaces: Vec::new(),
             torn_down: false,
         })
@@ -300,6 +303,58 @@ impl Testbed {
         };
         self.hosts.insert(name.to_string(), handle.clone());
         Ok(handle)
+    }
+
+    /// Gives every host one address (198.19.250.N/32 on its loopback) that
+    /// every directly linked host routes over their link, for daemons that
+    /// advertise one address to all peers (a coordinator's plan carries one
+    /// address per agent, while link addresses are only reachable from the
+    /// link's other end). Call after the links are made.
+    pub fn route_host_addrs(&mut self) -> Result<(), TestbedError> {
+        let mut addrs = BTreeMap::new();
+        for (i, (name, h)) in self.hosts.iter().enumerate() {
+            let last = u8::try_from(i + 1)
+                .ok()
+                .filter(|&o| o < 255)
+                .ok_or(TestbedError::AddressesExhausted)?;
+            let addr = Ipv4Addr::new(198, 19, 250, last);
+            run(Command::new("ip").args([
+                "-n",
+                &h.netns,
+                "addr",
+                "add",
+                &format!("{addr}/32"),
+                "dev",
+                "lo",
+            ]))?;
+            addrs.insert(name.clone(), addr);
+        }
+        for l in &self.links {
+            for (from, to) in [(&l.a, &l.b), (&l.b, &l.a)] {
+                let ns = &self.host(&from.host)?.netns;
+                run(Command::new("ip").args([
+                    "-n",
+                    ns,
+                    "route",
+                    "add",
+                    &format!("{}/32", addrs[&to.host]),
+                    "via",
+                    &to.addr.to_string(),
+                    "dev",
+                    &from.ifname,
+                ]))?;
+            }
+        }
+        self.host_addrs = addrs;
+        Ok(())
+    }
+
+    /// `host`'s routed address (after [`Testbed::route_host_addrs`]).
+    pub fn host_addr(&self, host: &str) -> Result<Ipv4Addr, TestbedError> {
+        self.host_addrs
+            .get(host)
+            .copied()
+            .ok_or_else(|| TestbedError::UnknownHost(host.to_string()))
     }
 
     /// The handle of host `name`.
