@@ -62,14 +62,22 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
     cloud.run_vm("a", "vm1", &base);
     let stream = cloud.counter_stream();
 
-    // 1. A failure injected after each phase.
-    for phase in ["plan", "precopy", "incoming", "memory", "pause"] {
+    // 1. A failure injected after each phase, and at a disk round while
+    //    QEMU moves memory (the two overlap).
+    for phase in ["plan", "incoming", "precopy", "memory-round", "memory", "pause"] {
         let (ok, _, err) = cloud.migrate("vm1", "a", "b", &["c"], &["--fail-after", phase]);
         assert!(!ok, "an injected failure after {phase} must fail the migration");
         assert!(
             err.contains("keeps running here"),
             "the error says what happened: {err}"
         );
+        if phase == "memory-round" {
+            assert!(
+                err.contains("while QEMU moves memory (migration active)")
+                    || err.contains("while QEMU moves memory (migration setup)"),
+                "the failure hit while memory was moving: {err}"
+            );
+        }
         // The destination tears down when told to abort; give it a moment.
         std::thread::sleep(Duration::from_millis(500));
         assert_still_at_source(&cloud, &stream, &format!("failure after {phase}"));
@@ -92,21 +100,41 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
     .arg(&cloud.edge("a").state)
     .stdout(Stdio::null())
     .stderr(Stdio::piped());
-    let child = mig.spawn().expect("start migrate");
+    let mut child = mig.spawn().expect("start migrate");
+    // Wait for QEMU's memory stream to start (the destination QEMU starts
+    // earlier, in the background, while the disk moves).
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut log = String::new();
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("memory migration started") {
+                let _ = seen_tx.send(());
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        log
+    });
     assert!(
-        wait_for(&qemu_pid, Duration::from_secs(120)),
-        "the destination QEMU started"
+        seen_rx.recv_timeout(Duration::from_secs(120)).is_ok(),
+        "memory migration started"
     );
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        wait_for(&qemu_pid, Duration::from_secs(5)),
+        "the destination QEMU runs"
+    );
     let pid = std::fs::read_to_string(&qemu_pid)
         .expect("pid")
         .trim()
         .to_string();
     sh(std::process::Command::new("kill").args(["-9", &pid]));
-    let out = child.wait_with_output().expect("migrate ends");
+    let status = child.wait().expect("migrate ends");
+    let log = reader.join().expect("stderr reader");
     assert!(
-        !out.status.success(),
-        "killing the destination QEMU fails the migration"
+        !status.success(),
+        "killing the destination QEMU fails the migration: {log}"
     );
     std::thread::sleep(Duration::from_millis(500));
     assert_still_at_source(&cloud, &stream, "destination QEMU killed");

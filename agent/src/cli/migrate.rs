@@ -13,7 +13,7 @@ use edgeshift_agent::migrate::engine::Phase;
 use edgeshift_agent::migrate::temperature::Ordering;
 use edgeshift_agent::migrate::{self, Host, HostConfig, MigrateOptions};
 use edgeshift_agent::transfer::ClusterKey;
-use edgeshift_agent::vm::Qemu;
+use edgeshift_agent::vm::{MemoryTransport, Qemu};
 
 use crate::cli::vm::StateArgs;
 
@@ -73,9 +73,15 @@ pub struct Args {
     /// QEMU's memory downtime limit in milliseconds.
     #[arg(long, default_value_t = 300)]
     downtime_limit_ms: u64,
-    /// Seconds between the two slices that sample chunk temperature.
-    #[arg(long, default_value_t = 1.0)]
+    /// Extra seconds to sample chunk temperature before anything is sent.
+    /// 0 (the default): the first sample is the writes seen while the live
+    /// disk is sliced, and every round adds to it.
+    #[arg(long, default_value_t = 0.0)]
     sample_secs: f64,
+    /// How QEMU moves memory: multifd-zstd (2 streams, zstd-compressed
+    /// pages; plain when a QEMU lacks it) or plain (one uncompressed stream).
+    #[arg(long, value_enum, default_value = "multifd-zstd")]
+    memory: MemoryTransport,
     /// Testing: fail on purpose after this phase (the VM must stay at the source).
     #[arg(long, value_enum, hide = true)]
     fail_after: Option<Phase>,
@@ -109,6 +115,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         sample_interval: Duration::from_secs_f64(a.sample_secs),
         fail_after: a.fail_after,
         coordinator,
+        memory: a.memory,
     };
     let bar = if std::io::stderr().is_terminal() {
         let pb = indicatif::ProgressBar::new_spinner();

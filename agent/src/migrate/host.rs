@@ -25,7 +25,9 @@ use crate::store::{ChunkStore, LocalStore};
 use crate::transfer::fetch::{ChunkWant, FetchOptions, Fetcher};
 use crate::transfer::ClusterKey;
 use crate::vm::loopdev::LoopDevice;
-use crate::vm::{self, Hypervisor, LaunchConfig, Launched, Qemu, QmpClient, StateDir, VmRecord, VmSpec};
+use crate::vm::{
+    self, Hypervisor, LaunchConfig, Launched, MemoryTransport, Qemu, QmpClient, StateDir, VmRecord, VmSpec,
+};
 
 /// What a host needs.
 #[derive(Debug, Clone)]
@@ -63,7 +65,12 @@ struct Incoming<'h> {
     dir: PathBuf,
     file: File,
     loop_dev: Option<LoopDevice>,
+    /// The destination QEMU being started in the background (StartIncoming).
+    starting: Option<std::thread::JoinHandle<Result<(Launched, MemoryTransport), MigrateError>>>,
+    /// Set once `starting` is joined.
     qemu: Option<Launched>,
+    memory: MemoryTransport,
+    uri: Option<String>,
     finished: bool,
     /// The coordinator's plan for this VM (step 1) and the pin it holds.
     plan: Option<super::coord::IncomingPlan>,
@@ -199,7 +206,7 @@ impl Host {
                 let manifest = Manifest::from_bytes(&manifest)?;
                 Ok(Response::Pulled(inc.pull(&manifest, &indices, &holders)?))
             }
-            Request::StartIncoming => {
+            Request::StartIncoming { memory } => {
                 let inc = incoming
                     .as_mut()
                     .ok_or_else(|| MigrateError::State("StartIncoming before Prepare".into()))?;
@@ -207,7 +214,17 @@ impl Host {
                     .local_addr()
                     .map_err(|e| MigrateError::Channel(e.to_string()))?
                     .ip();
-                Ok(Response::Incoming { uri: inc.start(ip)? })
+                Ok(Response::Incoming {
+                    uri: inc.start(ip, memory)?,
+                    memory,
+                })
+            }
+            Request::AwaitIncoming => {
+                let inc = incoming
+                    .as_mut()
+                    .ok_or_else(|| MigrateError::State("AwaitIncoming before Prepare".into()))?;
+                let (uri, memory) = inc.await_started()?;
+                Ok(Response::Incoming { uri, memory })
             }
             Request::Verify { manifest_id, recheck } => {
                 let inc = incoming
@@ -302,7 +319,10 @@ impl Host {
             dir,
             file,
             loop_dev: None,
+            starting: None,
             qemu: None,
+            memory: MemoryTransport::Plain,
+            uri: None,
             finished: false,
             plan: None,
             after: None,
@@ -509,11 +529,14 @@ impl Incoming<'_> {
         Ok(done)
     }
 
-    fn start(&mut self, ip: std::net::IpAddr) -> Result<String, MigrateError> {
-        if self.qemu.is_some() {
+    /// Starts the destination QEMU in the background (`-incoming defer`,
+    /// the memory transport set over QMP, then `migrate-incoming`), so its
+    /// start-up overlaps the disk rounds. QEMU reads nothing of the disk
+    /// before the switchover, and `verify` syncs the image before that.
+    fn start(&mut self, ip: std::net::IpAddr, memory: MemoryTransport) -> Result<String, MigrateError> {
+        if self.qemu.is_some() || self.starting.is_some() {
             return Err(MigrateError::State("QEMU already started for this VM".into()));
         }
-        self.file.sync_all().map_err(io("sync", &self.image_path))?;
         let dev = LoopDevice::attach(&self.image_path)?;
         let port = {
             let l = TcpListener::bind((ip, 0))
@@ -523,15 +546,35 @@ impl Incoming<'_> {
                 .port()
         };
         let uri = format!("tcp:{ip}:{port}");
-        let launched = self.host.cfg.qemu.launch(&LaunchConfig {
+        let cfg = LaunchConfig {
             spec: self.spec.clone(),
             disk: dev.path().to_path_buf(),
             run_dir: self.dir.clone(),
-            incoming: Some(uri.clone()),
-        })?;
+            incoming: Some("defer".into()),
+        };
+        let qemu = self.host.cfg.qemu.clone();
+        let listen = uri.clone();
+        self.starting = Some(std::thread::spawn(move || {
+            start_incoming_qemu(&qemu, &cfg, &listen, memory)
+        }));
         self.loop_dev = Some(dev);
-        self.qemu = Some(launched);
+        self.uri = Some(uri.clone());
         Ok(uri)
+    }
+
+    /// Waits for the background start; its error, if any, is this answer's.
+    fn await_started(&mut self) -> Result<(String, MemoryTransport), MigrateError> {
+        if let Some(h) = self.starting.take() {
+            let (launched, memory) = h
+                .join()
+                .map_err(|_| MigrateError::State("destination QEMU start panicked".into()))??;
+            self.qemu = Some(launched);
+            self.memory = memory;
+        }
+        match (&self.qemu, &self.uri) {
+            (Some(_), Some(uri)) => Ok((uri.clone(), self.memory)),
+            _ => Err(MigrateError::State("AwaitIncoming before StartIncoming".into())),
+        }
     }
 
     fn verify(&mut self, id: &Fingerprint, recheck: &[u32]) -> Result<(bool, String), MigrateError> {
@@ -567,6 +610,9 @@ impl Incoming<'_> {
     }
 
     fn finish(&mut self) -> Result<(), MigrateError> {
+        if self.starting.is_some() {
+            self.await_started()?;
+        }
         let launched = self
             .qemu
             .clone()
@@ -622,11 +668,62 @@ impl Incoming<'_> {
     }
 }
 
+/// Launches QEMU waiting with `-incoming defer`, sets the memory transport
+/// (falling back to plain migration, with a log line, when this QEMU lacks
+/// multifd or zstd), then listens on `uri`. A QEMU that started but could not
+/// be set up is stopped again.
+fn start_incoming_qemu(
+    qemu: &Qemu,
+    cfg: &LaunchConfig,
+    uri: &str,
+    memory: MemoryTransport,
+) -> Result<(Launched, MemoryTransport), MigrateError> {
+    let launched = qemu.launch(cfg)?;
+    let set_up = (|| -> Result<MemoryTransport, MigrateError> {
+        let mut q = QmpClient::connect(&launched.qmp_socket, Duration::from_secs(5))?;
+        let applied = match q.set_memory_transport(memory) {
+            Ok(()) => memory,
+            Err(e) => {
+                tracing::warn!(error = %e, ?memory, "this QEMU cannot take that memory transport; falling back to plain migration");
+                q.set_memory_transport(MemoryTransport::Plain)?;
+                MemoryTransport::Plain
+            }
+        };
+        q.migrate_incoming(uri)?;
+        Ok(applied)
+    })();
+    match set_up {
+        Ok(applied) => {
+            tracing::info!(vm = %cfg.spec.name, %uri, memory = ?applied, "destination QEMU listens");
+            Ok((launched, applied))
+        }
+        Err(e) => {
+            if let Err(k) = qemu.kill(launched.pid, &launched.qmp_socket) {
+                tracing::warn!(error = %k, "destination QEMU not stopped");
+            }
+            if cfg.spec.net.is_some() {
+                vm::qemu::remove_tap(&cfg.spec.name);
+            }
+            Err(e)
+        }
+    }
+}
+
 impl Drop for Incoming<'_> {
     fn drop(&mut self) {
         self.host.unmark(&self.spec.name);
         if self.finished {
             return;
+        }
+        if let Some(h) = self.starting.take() {
+            // A QEMU still starting is waited for, so it is stopped below.
+            match h.join() {
+                Ok(Ok((l, _))) => self.qemu = Some(l),
+                Ok(Err(e)) => {
+                    tracing::info!(vm = %self.spec.name, error = %e, "destination QEMU had not started")
+                }
+                Err(_) => tracing::warn!(vm = %self.spec.name, "destination QEMU start panicked"),
+            }
         }
         if let Some(l) = self.qemu.clone() {
             // Only a VM that already switched over runs here; keep it then.

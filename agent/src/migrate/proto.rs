@@ -15,7 +15,7 @@ use zerocopy::byteorder::little_endian::U32;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::MigrateError;
-use crate::vm::VmSpec;
+use crate::vm::{MemoryTransport, VmSpec};
 
 pub const CONTROL_MAGIC: [u8; 4] = *b"ESC1";
 /// Largest body once authenticated: a manifest of ~1 M chunks plus indices.
@@ -46,14 +46,19 @@ pub enum Request {
         indices: Vec<u32>,
         holders: Vec<String>,
     },
-    /// Destination: start QEMU waiting for the memory stream.
-    StartIncoming,
+    /// Destination: start QEMU waiting for the memory stream, moved as
+    /// `memory` says. Answers the URI at once; QEMU starts in the background
+    /// while pulls go on (see `AwaitIncoming`).
+    StartIncoming { memory: MemoryTransport },
     /// Destination: is the disk now exactly `manifest_id`? Re-read `recheck`.
     Verify { manifest_id: Fp, recheck: Vec<u32> },
     /// Destination: the switchover is done; keep the VM.
     Finish,
     /// Destination: drop everything of this incoming VM.
     Abort,
+    /// Destination: answers once the QEMU of `StartIncoming` listens, with
+    /// the memory transport it really set up.
+    AwaitIncoming,
 }
 
 /// Per-holder figures of one pull.
@@ -92,6 +97,7 @@ pub enum Response {
     Pulled(PullStats),
     Incoming {
         uri: String,
+        memory: MemoryTransport,
     },
     Verified {
         ok: bool,

@@ -1,11 +1,13 @@
 //! Chunk temperature: how often each chunk of a live disk is rewritten, and
 //! the order that follows (coldest first, the hottest held for the pause).
 //!
-//! The rates here are observed by the engine itself: each slice of the live
-//! device is compared with the one before, and a chunk's temperature is the
-//! number of observations in which it had changed. The eBPF tracker
-//! (`dirty`) measures the same thing from block-layer tracepoints without
-//! reading the disk; its rates can be fed in through [`Temperature::add_rates`].
+//! A chunk's temperature is the number of observations (a slice of the live
+//! device compared with the one before: the plan's slice against the boot
+//! image, the writes seen while the plan sliced, then every round) in which
+//! it had changed. Among chunks of equal temperature, the write count of the
+//! eBPF tracker (`dirty`, block-layer writes per chunk) orders them: one
+//! guest write is often several block writes, so counts alone would call a
+//! chunk written once "hot".
 
 use edgeshift_common::Manifest;
 
@@ -21,16 +23,20 @@ pub enum Ordering {
 /// Per-chunk write observations.
 #[derive(Debug, Clone)]
 pub struct Temperature {
+    /// Observations in which the chunk had changed (plus external rates).
     heat: Vec<f64>,
+    /// Block-layer writes the tracker counted (the tie-breaker).
+    writes: Vec<f64>,
 }
 
-/// A chunk observed rewritten this often counts as hot.
+/// A chunk seen changed in this many observations counts as hot.
 pub const HOT: f64 = 2.0;
 
 impl Temperature {
     pub fn new(chunks: usize) -> Self {
         Temperature {
             heat: vec![0.0; chunks],
+            writes: vec![0.0; chunks],
         }
     }
 
@@ -56,11 +62,16 @@ impl Temperature {
         }
     }
 
-    /// Adds writes counted for one chunk (by the dirty tracker).
-    pub fn add_heat(&mut self, index: usize, writes: f64) {
-        if let Some(h) = self.heat.get_mut(index) {
-            *h += writes;
+    /// Adds writes counted for one chunk (by the dirty tracker): they order
+    /// chunks of equal temperature, and do not make a chunk hot.
+    pub fn add_writes(&mut self, index: usize, writes: f64) {
+        if let Some(w) = self.writes.get_mut(index) {
+            *w += writes;
         }
+    }
+
+    fn writes(&self, index: usize) -> f64 {
+        self.writes.get(index).copied().unwrap_or(0.0)
     }
 
     pub fn heat(&self, index: usize) -> f64 {
@@ -84,8 +95,10 @@ impl Temperature {
                     candidates.retain(|&i| !self.is_hot(i as usize));
                 }
                 candidates.sort_by(|&a, &b| {
-                    self.heat(a as usize)
-                        .total_cmp(&self.heat(b as usize))
+                    let (a_, b_) = (a as usize, b as usize);
+                    self.heat(a_)
+                        .total_cmp(&self.heat(b_))
+                        .then(self.writes(a_).total_cmp(&self.writes(b_)))
                         .then(a.cmp(&b))
                 });
                 candidates
@@ -125,5 +138,12 @@ mod tests {
         assert_eq!(t.order(vec![3, 2, 1, 0], Ordering::Index, true), vec![0, 1, 2, 3]);
         t.add_rates(&[5.0]);
         assert_eq!(t.order(vec![0, 2], Ordering::ColdFirst, false), vec![2, 0]);
+        // Block writes break ties but never make a chunk hot.
+        let mut t = Temperature::new(3);
+        t.add_writes(0, 50.0);
+        t.add_writes(2, 3.0);
+        t.add_writes(7, 1.0);
+        assert!(!t.is_hot(0));
+        assert_eq!(t.order(vec![0, 1, 2], Ordering::ColdFirst, true), vec![1, 2, 0]);
     }
 }

@@ -118,6 +118,29 @@ struct AnnounceArgs {
     step: u64,
 }
 
+/// How QEMU moves memory. Both ends of a migration must use the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryTransport {
+    /// One TCP stream, pages uncompressed (QEMU's default).
+    Plain,
+    /// `multifd` with [`MULTIFD_CHANNELS`] streams, pages compressed with
+    /// zstd: on slow links memory is bandwidth-bound, and guest RAM
+    /// (kernel, page cache) compresses well.
+    MultifdZstd,
+}
+
+/// Parallel memory streams under [`MemoryTransport::MultifdZstd`]: one per
+/// core here; more would only contend with the guest for CPU.
+pub const MULTIFD_CHANNELS: u64 = 2;
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct MultifdParameters<'a> {
+    multifd_channels: u64,
+    multifd_compression: &'a str,
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "kebab-case")]
 struct MigrateParameters {
@@ -289,6 +312,31 @@ impl QmpClient {
             max_bandwidth,
         };
         self.execute_unit("migrate-set-parameters", Some(&args))
+    }
+
+    /// Sets up `t` for the next migration (either end; the destination
+    /// before `migrate-incoming`). On error QEMU may have taken part of it:
+    /// call again with [`MemoryTransport::Plain`] to fall back.
+    pub fn set_memory_transport(&mut self, t: MemoryTransport) -> Result<(), VmError> {
+        match t {
+            MemoryTransport::Plain => self.migrate_set_capabilities(&[("multifd", false)]),
+            MemoryTransport::MultifdZstd => {
+                self.migrate_set_capabilities(&[("multifd", true)])?;
+                self.execute_unit(
+                    "migrate-set-parameters",
+                    Some(&MultifdParameters {
+                        multifd_channels: MULTIFD_CHANNELS,
+                        multifd_compression: "zstd",
+                    }),
+                )
+            }
+        }
+    }
+
+    /// `migrate-incoming`: a QEMU started with `-incoming defer` starts
+    /// listening on `uri`.
+    pub fn migrate_incoming(&mut self, uri: &str) -> Result<(), VmError> {
+        self.execute_unit("migrate-incoming", Some(&MigrateArgs { uri }))
     }
 
     pub fn migrate(&mut self, uri: &str) -> Result<(), VmError> {
