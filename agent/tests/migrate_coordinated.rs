@@ -185,6 +185,22 @@ impl Drop for Coordinator {
     }
 }
 
+/// The checks query the coordinator with curl inside the hub namespace.
+fn curl_missing() -> bool {
+    let found = Command::new("sh")
+        .args(["-c", "command -v curl"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return false;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true and curl is missing (run .ci/setup as root)");
+    }
+    eprintln!("skipping: curl missing (set CI=true to make this a failure)");
+    true
+}
+
 fn report(stdout: &str) -> serde_json::Value {
     serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("migrate --json prints one JSON object")
 }
@@ -255,7 +271,7 @@ fn assert_planned_by_coordinator(r: &serde_json::Value, cloud: &Cloud, named: &s
 
 #[test]
 fn handoff_plans_with_the_coordinator_and_moves_the_references() {
-    if require_capabilities().is_some() {
+    if require_capabilities().is_some() || curl_missing() {
         return;
     }
     let (cloud, coord) = coordinated_cloud();
@@ -397,7 +413,7 @@ fn run_vm_coordinated(cloud: &Cloud, coord: &Coordinator, edge: &str, name: &str
 
 #[test]
 fn coordinator_gone_before_migrate_keeps_the_vm_at_the_source() {
-    if require_capabilities().is_some() {
+    if require_capabilities().is_some() || curl_missing() {
         return;
     }
     let (cloud, mut coord) = coordinated_cloud();
@@ -445,7 +461,7 @@ fn coordinator_gone_before_migrate_keeps_the_vm_at_the_source() {
 
 #[test]
 fn coordinator_gone_after_the_plan_does_not_undo_the_handoff() {
-    if require_capabilities().is_some() {
+    if require_capabilities().is_some() || curl_missing() {
         return;
     }
     let (cloud, mut coord) = coordinated_cloud();
