@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use edgeshift_agent::vm::{Accel, AccelChoice, LaunchConfig, NetSpec, Qemu, QmpClient, StateDir, VmSpec};
+use edgeshift_agent::vm::{
+    Accel, AccelChoice, LaunchConfig, MemoryTransport, NetSpec, Qemu, QmpClient, StateDir, VmSpec,
+};
 use edgeshift_perf::testbed::{LinkSpec, Testbed};
 use serde::Serialize;
 use serde_json::json;
@@ -45,8 +47,9 @@ struct Args {
     /// The edgeshift binary (default: next to this one).
     #[arg(long)]
     edgeshift: Option<PathBuf>,
-    /// Only these scenarios (qemu, a, b, c, b-index); default all.
-    #[arg(long)]
+    /// Only these scenarios (qemu, qemu-zstd, a, b, c, b-index, b-plain),
+    /// comma-separated or repeated; default all.
+    #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
 
@@ -70,8 +73,12 @@ struct Row {
     chunks_resent: u64,
     /// edgeshift only: bytes the destination lacked at the plan.
     missing_bytes: u64,
-    /// edgeshift only: missing bytes over the paths that held them, plus QEMU's memory time.
+    /// edgeshift only: the bytes the destination lacked of the final disk,
+    /// over the paths that held them ([`disk_lower_bound`]), plus QEMU's
+    /// memory bytes over the source's path.
     physical_limit_seconds: Option<f64>,
+    /// The disk part of the limit alone.
+    disk_limit_seconds: Option<f64>,
     bytes_by_source: serde_json::Value,
     /// edgeshift only: the full `migrate --json` report (phases, rounds, ...).
     report: serde_json::Value,
@@ -300,8 +307,70 @@ fn wire_into_dst(b: &Bed) -> anyhow::Result<u64> {
     Ok(sum)
 }
 
-fn edgeshift_run(name: &str, a: &Args, bin: &Path, vm: &Vm, order: &str) -> anyhow::Result<Row> {
-    eprintln!("== {name}: edgeshift ({order})");
+/// A lower bound on the seconds to move `bytes_by_holders` (bytes per set
+/// of paths holding them, as bit masks over `rates`, bytes/s): for every set
+/// S of paths, the bytes held only within S must cross S's paths, so the
+/// time is at least max over S of bytes(only in S) ÷ rate(S). (The
+/// coordinator planner's `lower_bound` takes single paths and all paths
+/// only; with equal rates and chunks held by pairs this is tighter.)
+fn disk_lower_bound(bytes_by_holders: &std::collections::HashMap<u32, u64>, rates: &[f64]) -> f64 {
+    let n = rates.len().min(31);
+    let mut best: f64 = 0.0;
+    for set in 1u32..(1 << n) {
+        let bytes: u64 = bytes_by_holders
+            .iter()
+            .filter(|(&held, _)| held != 0 && held & !set == 0)
+            .map(|(_, &b)| b)
+            .sum();
+        let rate: f64 = (0..n).filter(|i| set & (1 << i) != 0).map(|i| rates[i]).sum();
+        if rate > 0.0 {
+            best = best.max(bytes as f64 / rate);
+        }
+    }
+    best
+}
+
+/// Bytes of `final_disk` that `dst` lacked, by which of `paths` held them
+/// (bit i: `paths[i]`; the source, path 0, holds all of its disk).
+fn lacked_by_holders(
+    final_disk: &edgeshift_common::Manifest,
+    dst: &std::collections::HashSet<edgeshift_common::Fingerprint>,
+    paths: &[std::collections::HashSet<edgeshift_common::Fingerprint>],
+) -> std::collections::HashMap<u32, u64> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = std::collections::HashMap::new();
+    for (i, fp) in final_disk.chunks.iter().enumerate() {
+        if fp.is_zero_chunk() || dst.contains(fp) || !seen.insert(*fp) {
+            continue;
+        }
+        let mut held = 1u32;
+        for (p, set) in paths.iter().enumerate().skip(1) {
+            if set.contains(fp) {
+                held |= 1 << p;
+            }
+        }
+        *out.entry(held).or_default() += final_disk.chunk_len(i);
+    }
+    out
+}
+
+fn chunk_set(store: &Path) -> anyhow::Result<std::collections::HashSet<edgeshift_common::Fingerprint>> {
+    if !store.exists() {
+        return Ok(Default::default());
+    }
+    let s = edgeshift_agent::store::LocalStore::open(store)?;
+    Ok(s.list_chunks()?.into_iter().collect())
+}
+
+fn edgeshift_run(
+    name: &str,
+    a: &Args,
+    bin: &Path,
+    vm: &Vm,
+    order: &str,
+    memory: &str,
+) -> anyhow::Result<Row> {
+    eprintln!("== {name}: edgeshift ({order}, memory {memory})");
     let tag = format!("mb{}", name.replace('-', "_"));
     let mut b = bed(&tag, a, bin)?;
     copy_store(&vm.base_store, &b.store("src"))?;
@@ -310,7 +379,7 @@ fn edgeshift_run(name: &str, a: &Args, bin: &Path, vm: &Vm, order: &str) -> anyh
             copy_store(&vm.base_store, &b.store("n1"))?;
             copy_store(&vm.base_store, &b.store("n2"))?;
         }
-        "b" | "b-index" | "c" => copy_store(&vm.base_store, &b.store("dst"))?,
+        "b" | "b-index" | "b-plain" | "c" => copy_store(&vm.base_store, &b.store("dst"))?,
         _ => bail!("unknown scenario {name}"),
     }
     for h in ["src", "dst", "n1", "n2"] {
@@ -334,6 +403,13 @@ fn edgeshift_run(name: &str, a: &Args, bin: &Path, vm: &Vm, order: &str) -> anyh
         }
         std::thread::sleep(Duration::from_secs(a.warmup_secs));
     }
+    // Who holds what before the migration, for the physical limit.
+    let held_dst = chunk_set(&b.store("dst"))?;
+    let held_paths = vec![
+        Default::default(),
+        chunk_set(&b.store("n1"))?,
+        chunk_set(&b.store("n2"))?,
+    ];
     let wire0 = wire_into_dst(&b)?;
     let out = b
         .edgeshift("src")?
@@ -350,7 +426,7 @@ fn edgeshift_run(name: &str, a: &Args, bin: &Path, vm: &Vm, order: &str) -> anyh
         .arg(&b.key)
         .arg("--state-dir")
         .arg(b.state("src"))
-        .args(["--order", order, "--json", "--id", "src"])
+        .args(["--order", order, "--memory", memory, "--json", "--id", "src"])
         .output()?;
     std::fs::create_dir_all(&a.out)?;
     std::fs::write(a.out.join(format!("{name}-migrate.log")), &out.stderr)?;
@@ -363,25 +439,30 @@ fn edgeshift_run(name: &str, a: &Args, bin: &Path, vm: &Vm, order: &str) -> anyh
     let wire = wire_into_dst(&b)? - wire0;
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).context("migrate --json output")?;
     let by_source = r["bytes_by_source"].clone();
-    let holders = by_source
-        .as_object()
-        .map(|m| m.values().filter(|v| v.as_u64().unwrap_or(0) > 0).count())
-        .unwrap_or(1)
-        .max(1);
     let missing = r["missing_at_plan_bytes"].as_u64().unwrap_or(0);
-    let memory_secs: f64 = r["phases"]
-        .as_array()
-        .map(|p| {
-            p.iter()
-                .filter(|x| x["phase"] == "memory")
-                .map(|x| x["seconds"].as_f64().unwrap_or(0.0))
-                .sum()
-        })
-        .unwrap_or(0.0);
     let rate = a.mbit as f64 * 1e6 / 8.0;
+    let final_id: edgeshift_common::Fingerprint = r["manifest_id"]
+        .as_str()
+        .context("manifest_id in the report")?
+        .parse()
+        .map_err(|e| anyhow::anyhow!("manifest_id: {e:?}"))?;
+    let final_disk = edgeshift_agent::store::ChunkStore::get_manifest(
+        &edgeshift_agent::store::LocalStore::open(b.store("dst"))?,
+        &final_id,
+    )?;
+    let lacked = lacked_by_holders(&final_disk, &held_dst, &held_paths);
+    let disk_limit = disk_lower_bound(&lacked, &[rate; 3]);
+    let memory_bytes = r["memory_bytes"].as_u64().unwrap_or(0);
+    let limit = disk_limit + memory_bytes as f64 / rate;
+    eprintln!(
+        "   lacked {:.1} MB by holder set {:?}; disk limit {disk_limit:.2} s, memory {:.1} MB",
+        lacked.values().sum::<u64>() as f64 / 1e6,
+        lacked,
+        memory_bytes as f64 / 1e6
+    );
     Ok(Row {
         scenario: name.to_string(),
-        method: format!("edgeshift ({order})"),
+        method: format!("edgeshift ({order}, memory {memory})"),
         total_seconds: r["total_seconds"].as_f64().unwrap_or(0.0),
         downtime_ms: r["downtime_ms"].as_u64().unwrap_or(0),
         wire_bytes: wire,
@@ -390,7 +471,8 @@ fn edgeshift_run(name: &str, a: &Args, bin: &Path, vm: &Vm, order: &str) -> anyh
         rounds: r["rounds"].as_array().map(|x| x.len()).unwrap_or(0),
         chunks_resent: r["chunks_resent"].as_u64().unwrap_or(0),
         missing_bytes: missing,
-        physical_limit_seconds: Some(missing as f64 / (rate * holders as f64) + memory_secs),
+        physical_limit_seconds: Some(limit),
+        disk_limit_seconds: Some(disk_limit),
         bytes_by_source: by_source,
         report: r.clone(),
     })
@@ -421,9 +503,15 @@ fn wait_job_ready(q: &mut QmpClient, timeout: Duration) -> anyhow::Result<()> {
 /// QEMU's shared-nothing path: NBD export of an empty disk at the
 /// destination, blockdev-mirror into it (write-blocking once ready), then
 /// `migrate`, then the mirror cancelled at the source.
-fn qemu_run(a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result<Row> {
-    eprintln!("== qemu: blockdev-mirror to NBD + migrate");
-    let mut b = bed("mbqemu", a, bin)?;
+fn qemu_run(a: &Args, bin: &Path, vm: &Vm, zstd: bool) -> anyhow::Result<Row> {
+    let scenario = if zstd { "qemu-zstd" } else { "qemu" };
+    let memory = if zstd {
+        MemoryTransport::MultifdZstd
+    } else {
+        MemoryTransport::Plain
+    };
+    eprintln!("== {scenario}: blockdev-mirror to NBD + migrate (memory {memory:?})");
+    let mut b = bed(if zstd { "mbqemuz" } else { "mbqemu" }, a, bin)?;
     copy_store(&vm.base_store, &b.store("src"))?;
     b.start_daemons("src")?;
     run_vm(&b, vm, a)?;
@@ -481,6 +569,7 @@ fn qemu_run(a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result<Row> {
         "block-export-add",
         Some(json!({"type": "nbd", "id": "exp0", "node-name": "disk0", "name": "disk0", "writable": true})),
     )?;
+    dq.set_memory_transport(memory)?;
     dq.execute_raw(
         "migrate-incoming",
         Some(json!({"uri": format!("tcp:{dst_ip}:{MIG_PORT}")})),
@@ -499,6 +588,7 @@ fn qemu_run(a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result<Row> {
     wait_job_ready(&mut sq, Duration::from_secs(1800))?;
     let disk_secs = t0.elapsed().as_secs_f64();
     sq.migrate_set_capabilities(&[("events", true)])?;
+    sq.set_memory_transport(memory)?;
     sq.migrate(&format!("tcp:{dst_ip}:{MIG_PORT}"))?;
     let done = loop {
         let m = sq.query_migrate()?;
@@ -517,8 +607,11 @@ fn qemu_run(a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result<Row> {
     drop(dev);
     let mem = done.ram.map(|r| r.transferred).unwrap_or(0);
     Ok(Row {
-        scenario: "qemu".into(),
-        method: "QEMU blockdev-mirror to NBD + migrate".into(),
+        scenario: scenario.into(),
+        method: format!(
+            "QEMU blockdev-mirror to NBD + migrate{}",
+            if zstd { " (multifd zstd memory)" } else { "" }
+        ),
         total_seconds: total,
         downtime_ms: done.downtime.unwrap_or(0),
         wire_bytes: wire,
@@ -528,6 +621,7 @@ fn qemu_run(a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result<Row> {
         chunks_resent: 0,
         missing_bytes: size,
         physical_limit_seconds: None,
+        disk_limit_seconds: None,
         bytes_by_source: json!({}),
         report: json!({ "mirror_ready_seconds": disk_secs }),
     })
@@ -543,21 +637,32 @@ fn markdown(rows: &[Row], a: &Args) -> String {
         .iter()
         .find(|r| r.scenario == "qemu")
         .map(|r| r.total_seconds);
-    s.push_str("| scenario | method | total s | downtime ms | wire MB | disk MB | memory MB | rounds | chunks re-sent | speed-up vs QEMU | physical limit s | total / limit |\n");
-    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("| scenario | method | total s | memory phase s | downtime ms | wire MB | disk MB | memory MB | rounds | chunks re-sent | speed-up vs QEMU | disk limit s | physical limit s | total / limit |\n");
+    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
         let speedup = qemu
             .map(|q| format!("{:.2}×", q / r.total_seconds))
+            .unwrap_or_else(|| "-".into());
+        let memory_phase = r.report["phases"]
+            .as_array()
+            .and_then(|p| p.iter().find(|x| x["phase"] == "memory"))
+            .and_then(|x| x["seconds"].as_f64())
+            .map(|x| format!("{x:.1}"))
+            .unwrap_or_else(|| "-".into());
+        let disk_lim = r
+            .disk_limit_seconds
+            .map(|x| format!("{x:.1}"))
             .unwrap_or_else(|| "-".into());
         let (lim, ratio) = match r.physical_limit_seconds {
             Some(l) => (format!("{l:.1}"), format!("{:.2}", r.total_seconds / l)),
             None => ("-".into(), "-".into()),
         };
         s.push_str(&format!(
-            "| {} | {} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.1} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} |\n",
             r.scenario,
             r.method,
             r.total_seconds,
+            memory_phase,
             r.downtime_ms,
             r.wire_bytes as f64 / 1e6,
             r.disk_bytes as f64 / 1e6,
@@ -565,11 +670,12 @@ fn markdown(rows: &[Row], a: &Args) -> String {
             r.rounds,
             r.chunks_resent,
             speedup,
+            disk_lim,
             lim,
             ratio
         ));
     }
-    s.push_str("\n(a) cold destination, base at two neighbours; (b) warm destination; (c) warm destination + an earlier copy of the disk at two neighbours; b-index: (b) with plain index order instead of cold-first. Physical limit: bytes the destination lacked at the plan ÷ (link rate × number of paths that sent chunks) + QEMU's memory phase. Wire bytes: interface counters of every link into the destination.\n");
+    s.push_str("\n(a) cold destination, base at two neighbours; (b) warm destination; (c) warm destination + an earlier copy of the disk at two neighbours; b-index: (b) with plain index order instead of cold-first; b-plain: (b) with QEMU's plain memory stream instead of multifd + zstd; qemu-zstd: QEMU's path with the same multifd + zstd memory settings (virsh's default is the plain row `qemu`). Physical limit = disk limit + memory limit. Disk limit: the bytes of the final disk the destination lacked before the migration, grouped by the set of paths (source, n1, n2) that held them; the maximum over every set S of paths of (bytes held only within S) ÷ (S's summed link rates). Memory limit: QEMU's memory bytes (as sent, compressed or not) ÷ the source path's rate. Wire bytes: interface counters of every link into the destination.\n");
     s
 }
 
@@ -589,16 +695,20 @@ fn main() -> anyhow::Result<()> {
     let want = |s: &str| a.only.is_empty() || a.only.iter().any(|o| o == s);
     let mut rows = Vec::new();
     if want("qemu") {
-        rows.push(qemu_run(&a, &bin, &vm)?);
+        rows.push(qemu_run(&a, &bin, &vm, false)?);
     }
-    for (name, order) in [
-        ("a", "cold-first"),
-        ("b", "cold-first"),
-        ("c", "cold-first"),
-        ("b-index", "index"),
+    if want("qemu-zstd") {
+        rows.push(qemu_run(&a, &bin, &vm, true)?);
+    }
+    for (name, order, memory) in [
+        ("a", "cold-first", "multifd-zstd"),
+        ("b", "cold-first", "multifd-zstd"),
+        ("c", "cold-first", "multifd-zstd"),
+        ("b-index", "index", "multifd-zstd"),
+        ("b-plain", "cold-first", "plain"),
     ] {
         if want(name) {
-            rows.push(edgeshift_run(name, &a, &bin, &vm, order)?);
+            rows.push(edgeshift_run(name, &a, &bin, &vm, order, memory)?);
         }
     }
     std::fs::create_dir_all(&a.out)?;
@@ -609,4 +719,29 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(a.out.join("migrate-bench.md"), &md)?;
     println!("{md}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn disk_bound_takes_the_tightest_set_of_paths() {
+        let rates = [10.0, 10.0, 10.0];
+        // 100 bytes only at the source, 200 held by all three.
+        let by: HashMap<u32, u64> = [(0b001, 100), (0b111, 200)].into();
+        // Source alone: 100/10 = 10; everything over all: 300/30 = 10.
+        assert!((disk_lower_bound(&by, &rates) - 10.0).abs() < 1e-9);
+        // 300 only at the source: the source path alone is the bound.
+        let by: HashMap<u32, u64> = [(0b001, 300), (0b111, 30)].into();
+        assert!((disk_lower_bound(&by, &rates) - 30.0).abs() < 1e-9);
+        // Held by the pair n1+n2 only: that pair's rate, not all three.
+        let by: HashMap<u32, u64> = [(0b110, 400)].into();
+        assert!((disk_lower_bound(&by, &rates) - 20.0).abs() < 1e-9);
+        // Nothing lacked, and a zero mask (held by nobody) is ignored.
+        assert_eq!(disk_lower_bound(&HashMap::new(), &rates), 0.0);
+        let by: HashMap<u32, u64> = [(0, 400)].into();
+        assert_eq!(disk_lower_bound(&by, &rates), 0.0);
+    }
 }
