@@ -570,6 +570,20 @@ impl Incoming<'_> {
                 .map_err(|_| MigrateError::State("destination QEMU start panicked".into()))??;
             self.qemu = Some(launched);
             self.memory = memory;
+            // Memory starts now and takes seconds: flush what the pre-copy
+            // wrote meanwhile, so the pause's `Verify` (downtime) only syncs
+            // the last rounds. Best effort: `Verify` syncs in any case.
+            match self.file.try_clone() {
+                Ok(f) => {
+                    let path = self.image_path.clone();
+                    std::thread::spawn(move || {
+                        if let Err(e) = f.sync_data() {
+                            tracing::debug!(path = %path.display(), error = %e, "background image flush failed");
+                        }
+                    });
+                }
+                Err(e) => tracing::debug!(error = %e, "no background image flush"),
+            }
         }
         match (&self.qemu, &self.uri) {
             (Some(_), Some(uri)) => Ok((uri.clone(), self.memory)),
