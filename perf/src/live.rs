@@ -117,6 +117,8 @@ impl LiveBench {
         let bins = Binaries::locate()?;
         crate::testbed::cleanup_stale(tag)?;
         signals::register(tag);
+        signals::detach_loops_under(&[work.to_path_buf()]);
+        signals::register_loop_dir(work);
         let mut tb = Testbed::new(tag)?;
         tb.add_host(SRC)?;
         tb.add_host(DST)?;
@@ -433,14 +435,11 @@ impl LiveBench {
             let dst_ip = self.tb.addr_of(DST, SRC)?;
             let run_dir = self.work.join(DST).join(format!("qemu-{name}"));
             let wire0 = self.wire()?;
-            let (outcome, dest) = qemu_mirror::mirror_and_migrate(
-                &src,
-                &dst_netns,
-                dst_ip,
-                &run_dir,
-                Duration::from_secs(1200),
-            )
-            .map_err(|e| ScenarioError::Output("QEMU blockdev-mirror + migrate".into(), e.to_string()))?;
+            let (outcome, dest) =
+                qemu_mirror::mirror_and_migrate(&src, &dst_netns, dst_ip, &run_dir, Duration::from_secs(600))
+                    .map_err(|e| {
+                        ScenarioError::Output("QEMU blockdev-mirror + migrate".into(), e.to_string())
+                    })?;
             let wire = self.wire()?.saturating_sub(wire0);
             let check = self.guest_check();
             drop(dest);
@@ -525,6 +524,8 @@ impl Drop for LiveBench {
         }
         let _ = self.tb.teardown();
         signals::unregister(self.tb.tag());
+        signals::detach_loops_under(std::slice::from_ref(&self.work));
+        signals::unregister_loop_dir(&self.work);
         if std::env::var_os("EDGESHIFT_PERF_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.work);
         }

@@ -11,6 +11,45 @@ use std::sync::Mutex;
 use crate::testbed;
 
 static ACTIVE_TAGS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+static LOOP_DIRS: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
+
+/// A directory whose files may back loop devices (VM disks): a signal
+/// detaches every loop device backed by a file under it, after the
+/// namespaces (and the QEMUs in them) are gone.
+pub fn register_loop_dir(dir: &std::path::Path) {
+    let mut dirs = LOOP_DIRS.lock().unwrap_or_else(|p| p.into_inner());
+    if !dirs.iter().any(|d| d == dir) {
+        dirs.push(dir.to_path_buf());
+    }
+}
+
+/// The directory was cleaned up normally.
+pub fn unregister_loop_dir(dir: &std::path::Path) {
+    LOOP_DIRS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|d| d != dir);
+}
+
+/// Detaches loop devices whose backing file lies under one of `dirs`
+/// (from `losetup -a`: "/dev/loopN: [dev]:inode (/path/file)").
+pub fn detach_loops_under(dirs: &[std::path::PathBuf]) {
+    let Ok(out) = std::process::Command::new("losetup").arg("-a").output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some((dev, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let Some(file) = rest.rsplit_once('(').map(|(_, f)| f.trim_end_matches(')')) else {
+            continue;
+        };
+        let file = file.trim_end_matches(" (deleted)");
+        if dirs.iter().any(|d| std::path::Path::new(file).starts_with(d)) {
+            let _ = std::process::Command::new("losetup").args(["-d", dev]).status();
+        }
+    }
+}
 
 /// Tags whose namespaces a signal must remove.
 pub fn register(tag: &str) {
@@ -63,6 +102,8 @@ pub fn install() -> std::io::Result<()> {
                     eprintln!("teardown of {tag}: {e}");
                 }
             }
+            let dirs = LOOP_DIRS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            detach_loops_under(&dirs);
             std::process::exit(128 + sig);
         })?;
     Ok(())

@@ -137,3 +137,155 @@ fn bad_records_are_rejected() {
         );
     }
 }
+
+#[test]
+fn live_rows_come_from_the_record() {
+    let set = fixture();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let md =
+        std::fs::read_to_string(report::write(&set, dir.path()).expect("report written")).expect("report.md");
+    let headline = report::headline_table(&set);
+    let live: Vec<_> = set.runs.iter().filter(|r| r.scenario == "live").collect();
+    assert!(
+        live.iter().any(|r| r.tool == "qemu-mirror") && live.iter().any(|r| r.tool == "edgeshift migrate"),
+        "fixture has both live tools"
+    );
+    let rates: std::collections::BTreeSet<u32> = live.iter().map(|r| r.rate_mbit).collect();
+    assert_eq!(rates.len(), 3, "QEMU and edgeshift at three rates");
+    for r in &live {
+        let row = headline
+            .lines()
+            .find(|l| l.starts_with(&format!("| {} | {} | live VM |", r.rate_mbit, r.tool)))
+            .unwrap_or_else(|| panic!("no headline row for live {} at {}", r.tool, r.rate_mbit));
+        assert!(row.contains(&format!("| {:.1} |", r.seconds)), "{row}");
+        assert!(
+            row.contains(&format!("{:.2}×", r.seconds / r.limit_seconds)),
+            "{row}"
+        );
+        if r.tool == "qemu-mirror" {
+            // QEMU's time over edgeshift migrate's at the same rate.
+            let es = live
+                .iter()
+                .find(|x| x.tool == "edgeshift migrate" && x.rate_mbit == r.rate_mbit)
+                .expect("edgeshift at the same rate");
+            assert!(row.contains(&format!("{:.1}×", r.seconds / es.seconds)), "{row}");
+        }
+    }
+    // The live table: downtime, rounds and re-sent chunks from the migration's report.
+    let table = report::live_table(&set);
+    for r in set
+        .runs
+        .iter()
+        .filter(|r| r.scenario == "live" || r.scenario == "live-writes")
+    {
+        let downtime = r.detail["downtime_ms"].as_u64().expect("downtime recorded");
+        let row = table
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "| {} | {} | {} | {} |",
+                    r.scenario, r.tool, r.rate_mbit, r.workload
+                )) && l.contains(&format!("| {downtime} |"))
+            })
+            .unwrap_or_else(|| panic!("no live row for {} {} {}", r.scenario, r.tool, r.rate_mbit));
+        if let Some(resent) = r.detail["chunks_resent"].as_u64() {
+            assert!(row.contains(&format!("| {resent} |")), "{row}");
+        }
+        assert!(md.contains(row), "live row missing from report.md");
+    }
+    let writes: Vec<&str> = set
+        .runs
+        .iter()
+        .filter(|r| r.scenario == "live-writes")
+        .map(|r| r.workload.as_str())
+        .collect();
+    assert!(writes.contains(&"low") && writes.contains(&"high"), "{writes:?}");
+    let svg = std::fs::read_to_string(dir.path().join("live_vs_bandwidth.svg")).expect("live figure");
+    assert!(svg.contains("physical limit") && svg.contains("qemu-mirror"));
+    assert!(md.contains("](live_vs_bandwidth.svg)"));
+}
+
+#[test]
+fn policy_tables_come_from_the_record() {
+    let set = fixture();
+    assert_eq!(
+        set.policies.iter().map(|p| p.policy.as_str()).collect::<Vec<_>>(),
+        ["lru", "lfu", "popularity"],
+        "fixture has a trace per policy"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let md =
+        std::fs::read_to_string(report::write(&set, dir.path()).expect("report written")).expect("report.md");
+    let table = report::policy_table(&set);
+    for p in &set.policies {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("| {} |", p.policy)))
+            .unwrap_or_else(|| panic!("no row for {}", p.policy));
+        // Ratios recomputed here from the steps and the edges' stores.
+        let chunks: u64 = p.steps.iter().map(|s| s.chunks).sum();
+        let hits: u64 = p.steps.iter().map(|s| s.local_chunks + s.from_edges_chunks).sum();
+        assert!(
+            row.contains(&format!("| {:.3} |", hits as f64 / chunks as f64)),
+            "{row}"
+        );
+        let stored: u64 = p.edges.iter().map(|e| e.stored_bytes).sum();
+        let logical: u64 = p.edges.iter().map(|e| e.logical_bytes).sum();
+        assert!(
+            row.contains(&format!("{:.2}×", logical as f64 / stored as f64)),
+            "{row}"
+        );
+        assert!(
+            row.contains(&format!("{:.1}", p.origin_wire_bytes() as f64 / 1e6)),
+            "{row}"
+        );
+        assert!(md.contains(row), "policy row missing from report.md");
+        // Its own step table and figure.
+        let steps = report::policy_steps_table(p);
+        assert_eq!(steps.lines().count(), p.steps.len() + 2, "{steps}");
+        assert!(md.contains(&steps));
+        let file = format!("policy_{}.svg", p.policy);
+        let svg = std::fs::read_to_string(dir.path().join(&file)).expect("policy figure");
+        assert!(svg.contains("from the origin") && svg.contains(&p.policy));
+        assert!(md.contains(&format!("]({file})")));
+    }
+    assert!(
+        set.policies.iter().map(|p| p.evicted_bytes()).sum::<u64>() > 0,
+        "the recorded traces evicted something (capacity below the working set)"
+    );
+    let svg = std::fs::read_to_string(dir.path().join("policy_storage.svg")).expect("storage figure");
+    assert!(svg.contains("dedup"));
+}
+
+#[test]
+fn policy_ratios_handle_empty_traces() {
+    let mut set = fixture();
+    let p = set.policies.first_mut().expect("a policy");
+    p.steps.clear();
+    p.edges.clear();
+    assert_eq!(p.hit_ratio(), 0.0);
+    assert_eq!(p.dedup_ratio(), 0.0);
+    let table = report::policy_table(&set);
+    assert!(
+        table.contains(&format!("| {} | 0 | 0.000 |", set.policies[0].policy)),
+        "{table}"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    report::write(&set, dir.path()).expect("a report even with an empty trace");
+}
+
+#[test]
+fn malformed_policy_records_are_rejected() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let p = dir.path().join("runs.json");
+    for bad in [
+        r#"{"name":"x","started":"","wall_seconds":0,"host":null,"images":null,"runs":[],"policies":[{"policy":"lru"}]}"#,
+        r#"{"name":"x","started":"","wall_seconds":0,"host":null,"images":null,"runs":[],"policies":3}"#,
+    ] {
+        std::fs::write(&p, bad).expect("write");
+        assert!(
+            matches!(report::load(&p), Err(ReportError::Json { .. })),
+            "accepted {bad}"
+        );
+    }
+}
