@@ -462,7 +462,10 @@ pub fn migrate(
             // The handoff is done when the destination runs the VM; the
             // source's clean-up below is not part of it.
             let total_seconds = t0.elapsed().as_secs_f64();
-            // The VM runs at the destination: stop the source's copy.
+            // The VM runs at the destination: stop the source's copy. QEMU
+            // serves one QMP client at a time, so ours goes first or the
+            // teardown's own session would wait for a greeting.
+            drop(qmp);
             if let Err(e) = vm::teardown(&Qemu::default(), &rec) {
                 tracing::warn!(error = %e, "source QEMU teardown incomplete");
             }

@@ -20,6 +20,8 @@ use super::VmError;
 
 /// Longest a single reply may take before the client gives up.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Least time to wait for the greeting once connected (QEMU sends it at once).
+const GREETING_MIN_WAIT: Duration = Duration::from_secs(2);
 
 /// An event QEMU emitted (`STOP`, `RESUME`, `MIGRATION`, ...).
 #[derive(Debug, Clone, Deserialize)]
@@ -185,8 +187,11 @@ impl QmpClient {
             let path = socket.to_path_buf();
             move |source| VmError::Io { op, path, source }
         };
+        // QEMU serves one QMP client at a time: while another holds the
+        // monitor, the connection is accepted but no greeting comes. Wait for
+        // it only as long as the caller allowed, not a full reply timeout.
         stream
-            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .set_read_timeout(Some(wait.max(GREETING_MIN_WAIT)))
             .map_err(io("set QMP read timeout"))?;
         let writer = stream.try_clone().map_err(io("clone QMP socket"))?;
         let mut client = QmpClient {
@@ -199,6 +204,11 @@ impl QmpClient {
             Incoming::Greeting { .. } => {}
             other => return Err(VmError::Qmp(format!("expected the QMP greeting, got {other:?}"))),
         }
+        client
+            .reader
+            .get_ref()
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .map_err(io("set QMP read timeout"))?;
         client.execute_raw("qmp_capabilities", None)?;
         Ok(client)
     }
