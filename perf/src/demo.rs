@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::{Cluster, AGENT_PORT};
 use crate::images::repo_root;
-use crate::scenario::ScenarioError;
+use crate::scenario::{io, must, ScenarioError};
 use crate::signals;
 use crate::testbed::{self, LinkSpec};
 use crate::topology::Topology;
@@ -40,28 +40,6 @@ pub struct DemoRecord {
     /// The client's connection was still open at the end.
     pub connection_survived: bool,
     pub total_seconds: f64,
-}
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ScenarioError {
-    let what = what.into();
-    move |source| ScenarioError::Io { what, source }
-}
-
-fn must(cmd: &mut Command, what: &str) -> Result<String, ScenarioError> {
-    let out = cmd.stdin(Stdio::null()).output().map_err(io(what))?;
-    if !out.status.success() {
-        return Err(ScenarioError::Tool {
-            cmd: what.to_string(),
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .rev()
-                .take(10)
-                .collect::<Vec<_>>()
-                .join(" | "),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn wait_line(child: &mut Child, prefix: &str, timeout: Duration) -> Result<(), ScenarioError> {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crate::cluster::{Binaries, AGENT_PORT};
 use crate::qemu_mirror::{self, SourceVm};
 use crate::record::Run;
-use crate::scenario::{limit, ScenarioError};
+use crate::scenario::{io, limit, must, ScenarioError};
 use crate::signals;
 use crate::testbed::{LinkSpec, Testbed};
 
@@ -62,28 +62,6 @@ impl WriteRate {
             WriteRate::High => " es_hot_every=1 es_hot_blocks=8",
         }
     }
-}
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ScenarioError {
-    let what = what.into();
-    move |source| ScenarioError::Io { what, source }
-}
-
-fn must(cmd: &mut Command, what: &str) -> Result<String, ScenarioError> {
-    let out = cmd.stdin(Stdio::null()).output().map_err(io(what))?;
-    if !out.status.success() {
-        return Err(ScenarioError::Tool {
-            cmd: what.to_string(),
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .rev()
-                .take(10)
-                .collect::<Vec<_>>()
-                .join(" | "),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The testbed (e1, e2, one link, one VM segment), the small test VM sliced

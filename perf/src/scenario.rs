@@ -51,7 +51,7 @@ pub enum ScenarioError {
     Output(String, String),
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ScenarioError {
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ScenarioError {
     let what = what.into();
     move |source| ScenarioError::Io { what, source }
 }
@@ -59,10 +59,15 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ScenarioError {
 /// Runs `cmd`, returning stdout; errors carry stderr's tail.
 fn run_tool(cmd: &mut Command) -> Result<String, ScenarioError> {
     let line = format!("{cmd:?}");
+    must(cmd, &line)
+}
+
+/// Runs `cmd`, returning stdout; errors name it `what` and carry stderr's tail.
+pub(crate) fn must(cmd: &mut Command, what: &str) -> Result<String, ScenarioError> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .map_err(io(format!("starting {line}")))?;
+        .map_err(io(format!("starting {what}")))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let tail: String = stderr
@@ -75,7 +80,7 @@ fn run_tool(cmd: &mut Command) -> Result<String, ScenarioError> {
             .collect::<Vec<_>>()
             .join("\n");
         return Err(ScenarioError::Tool {
-            cmd: line,
+            cmd: what.to_string(),
             status: out.status,
             stderr: tail,
         });
