@@ -10,19 +10,17 @@
 //! The destination's command line is the source QEMU's own (read from
 //! /proc/PID/cmdline) with its run directory and disk replaced, so both sides
 //! have the same devices without this crate knowing how the agent builds
-//! them. QMP is spoken directly (a few lines of JSON over a Unix socket): the
-//! perf library must not depend on the agent crate.
+//! them. QMP goes through the agent's typed client.
 //!
 //! Note for `migrate-bench` (perf/src/bin/migrate-bench.rs, another owner):
 //! its `qemu_run` does the same steps; it can call [`mirror_and_migrate`].
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use edgeshift_agent::vm::{QmpClient, VmError};
 use serde_json::{json, Value};
 
 const NBD_PORT: u16 = 10809;
@@ -35,8 +33,8 @@ const MULTIFD_CHANNELS: u32 = 2;
 pub enum QemuError {
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
-    #[error("QMP {command}: {message}")]
-    Qmp { command: String, message: String },
+    #[error(transparent)]
+    Qmp(#[from] VmError),
     #[error("{0}")]
     Protocol(String),
     #[error("{cmd} failed: {stderr}")]
@@ -63,79 +61,6 @@ fn run(cmd: &mut Command) -> Result<String, QemuError> {
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A QMP connection: one command at a time, asynchronous events skipped.
-pub struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    /// Connects (retrying until `timeout` while QEMU creates the socket),
-    /// reads the greeting and leaves capabilities negotiation mode.
-    pub fn connect(socket: &Path, timeout: Duration) -> Result<Self, QemuError> {
-        let deadline = Instant::now() + timeout;
-        let stream = loop {
-            match UnixStream::connect(socket) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    tracing::debug!(socket = %socket.display(), error = %e, "QMP socket not ready");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => return Err(io(format!("connecting to QMP at {}", socket.display()))(e)),
-            }
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(io("QMP read timeout"))?;
-        let writer = stream.try_clone().map_err(io("QMP socket"))?;
-        let mut q = Qmp {
-            reader: BufReader::new(stream),
-            writer,
-        };
-        let greeting = q.read_message()?;
-        if greeting.get("QMP").is_none() {
-            return Err(QemuError::Protocol(format!("not a QMP greeting: {greeting}")));
-        }
-        q.execute("qmp_capabilities", None)?;
-        Ok(q)
-    }
-
-    fn read_message(&mut self) -> Result<Value, QemuError> {
-        let mut line = String::new();
-        let n = self.reader.read_line(&mut line).map_err(io("reading from QMP"))?;
-        if n == 0 {
-            return Err(QemuError::Protocol("QMP connection closed".into()));
-        }
-        serde_json::from_str(&line).map_err(|e| QemuError::Protocol(format!("QMP sent {line:?}: {e}")))
-    }
-
-    /// Runs `command` and returns its `return` value.
-    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QemuError> {
-        let mut msg = json!({ "execute": command });
-        if let Some(a) = arguments {
-            msg["arguments"] = a;
-        }
-        let mut text = msg.to_string();
-        text.push('\n');
-        self.writer
-            .write_all(text.as_bytes())
-            .map_err(io(format!("sending QMP {command}")))?;
-        loop {
-            let m = self.read_message()?;
-            if let Some(r) = m.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = m.get("error") {
-                return Err(QemuError::Qmp {
-                    command: command.to_string(),
-                    message: e["desc"].as_str().unwrap_or("?").to_string(),
-                });
-            }
-            // Anything else is an event; this client does not wait for any.
-        }
-    }
 }
 
 /// The running source VM, from its `edgeshift vm run` record (vm.json).
@@ -333,46 +258,46 @@ pub fn mirror_and_migrate(
     run(Command::new("ip")
         .args(["netns", "exec", dst_netns])
         .args(&dst_argv))?;
-    let mut dq = Qmp::connect(&dst_run.join("qmp.sock"), Duration::from_secs(10))?;
-    let mut sq = Qmp::connect(&src.qmp_socket, Duration::from_secs(5))?;
+    let mut dq = QmpClient::connect(&dst_run.join("qmp.sock"), Duration::from_secs(10))?;
+    let mut sq = QmpClient::connect(&src.qmp_socket, Duration::from_secs(5))?;
     let host = dst_ip.to_string();
     // Memory moves the way `edgeshift migrate` moves it (multifd, zstd), plus
     // auto-converge; set on both ends before migrate-incoming.
     for q in [&mut dq, &mut sq] {
-        q.execute(
+        q.execute_raw(
             "migrate-set-capabilities",
             Some(json!({"capabilities": [
                 {"capability": "multifd", "state": true},
                 {"capability": "auto-converge", "state": true}
             ]})),
         )?;
-        q.execute(
+        q.execute_raw(
             "migrate-set-parameters",
             Some(json!({"multifd-channels": MULTIFD_CHANNELS, "multifd-compression": "zstd"})),
         )?;
     }
-    dq.execute(
+    dq.execute_raw(
         "nbd-server-start",
         Some(json!({"addr": {"type": "inet", "data": {"host": host, "port": NBD_PORT.to_string()}}})),
     )?;
-    dq.execute(
+    dq.execute_raw(
         "block-export-add",
         Some(json!({"type": "nbd", "id": "exp0", "node-name": "disk0", "name": "disk0", "writable": true})),
     )?;
-    dq.execute(
+    dq.execute_raw(
         "migrate-incoming",
         Some(json!({"uri": format!("tcp:{host}:{MIGRATION_PORT}")})),
     )?;
     let t0 = Instant::now();
     let deadline = t0 + timeout;
-    sq.execute(
+    sq.execute_raw(
         "blockdev-add",
         Some(
             json!({"driver": "nbd", "node-name": "es-mirror-target", "export": "disk0",
                      "server": {"type": "inet", "host": host, "port": NBD_PORT.to_string()}}),
         ),
     )?;
-    sq.execute(
+    sq.execute_raw(
         "blockdev-mirror",
         Some(
             json!({"job-id": "es-mirror", "device": "disk0", "target": "es-mirror-target",
@@ -380,7 +305,7 @@ pub fn mirror_and_migrate(
         ),
     )?;
     loop {
-        let jobs = sq.execute("query-block-jobs", None)?;
+        let jobs = sq.execute_raw("query-block-jobs", None)?;
         let job = jobs
             .as_array()
             .and_then(|j| j.iter().find(|x| x["device"] == "es-mirror"));
@@ -395,12 +320,12 @@ pub fn mirror_and_migrate(
         std::thread::sleep(Duration::from_millis(100));
     }
     let mirror_ready_seconds = t0.elapsed().as_secs_f64();
-    sq.execute(
+    sq.execute_raw(
         "migrate",
         Some(json!({"uri": format!("tcp:{host}:{MIGRATION_PORT}")})),
     )?;
     let done = loop {
-        let m = sq.execute("query-migrate", None)?;
+        let m = sq.execute_raw("query-migrate", None)?;
         match m["status"].as_str() {
             Some("completed") => break m,
             Some("failed") | Some("cancelled") => {
@@ -413,7 +338,7 @@ pub fn mirror_and_migrate(
             _ => {}
         }
         if Instant::now() > deadline {
-            let _ = sq.execute("migrate_cancel", None);
+            let _ = sq.execute_raw("migrate_cancel", None);
             return Err(QemuError::Timeout(
                 "QEMU's memory migration did not finish".into(),
             ));
@@ -422,19 +347,19 @@ pub fn mirror_and_migrate(
     };
     let total_seconds = t0.elapsed().as_secs_f64();
     // The source is paused now; the mirror's last writes are in the export.
-    sq.execute("block-job-cancel", Some(json!({"device": "es-mirror"})))?;
+    sq.execute_raw("block-job-cancel", Some(json!({"device": "es-mirror"})))?;
     // The destination resumes the guest once it has loaded the last state.
     let mut destination_running = false;
     let resume_deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < resume_deadline {
-        if dq.execute("query-status", None)?["status"] == "running" {
+        if dq.execute_raw("query-status", None)?["status"] == "running" {
             destination_running = true;
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = dq.execute("block-export-del", Some(json!({"id": "exp0"})));
-    let _ = dq.execute("nbd-server-stop", None);
+    let _ = dq.execute_raw("block-export-del", Some(json!({"id": "exp0"})));
+    let _ = dq.execute_raw("nbd-server-stop", None);
     Ok((
         MirrorOutcome {
             total_seconds,
