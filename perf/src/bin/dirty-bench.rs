@@ -489,7 +489,8 @@ fn main() -> anyhow::Result<()> {
     };
     let busy = load1(&loadavg_before) > 0.5
         || load1(&loadavg_after_overhead) > 3.0
-        || !(baseline_spread_pct <= MAX_BASELINE_SPREAD_PCT);
+        || baseline_spread_pct.is_nan()
+        || baseline_spread_pct > MAX_BASELINE_SPREAD_PCT;
     let report = Report {
         baseline_spread_pct,
         busy,
