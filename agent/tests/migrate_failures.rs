@@ -83,6 +83,43 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
         assert_still_at_source(&cloud, &stream, &format!("failure after {phase}"));
     }
 
+    // 1b. A budget no pause can meet: the source VM's disk writes are
+    //     throttled while memory moves; the failure that follows must leave
+    //     them unthrottled (as query-block reports them).
+    let (ok, _, err) = cloud.migrate(
+        "vm1",
+        "a",
+        "b",
+        &["c"],
+        &["--fail-after", "memory-round", "--max-downtime", "0.0001"],
+    );
+    assert!(!ok, "the injected failure fails the migration");
+    assert!(
+        err.contains("throttling the source VM's disk writes"),
+        "the throttle engaged before the failure: {err}"
+    );
+    assert!(
+        err.contains("source disk write throttle lifted"),
+        "the rollback lifted it: {err}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    {
+        let rec = edgeshift_agent::vm::StateDir::new(&cloud.edge("a").state)
+            .load("vm1")
+            .expect("VM record at the source");
+        let mut qmp = edgeshift_agent::vm::QmpClient::connect(&rec.qmp_socket, Duration::from_secs(10))
+            .expect("QMP of the source VM");
+        let t = qmp
+            .disk_write_throttle(edgeshift_agent::vm::qemu::DISK_NODE_NAME)
+            .expect("query-block");
+        assert_eq!(
+            (t.bps_wr, t.iops_wr),
+            (0, 0),
+            "the source disk is unthrottled after the rollback: {t:?}"
+        );
+    }
+    assert_still_at_source(&cloud, &stream, "throttled, then failed");
+
     // 2. The destination's QEMU killed while memory moves.
     let qemu_pid = cloud.edge("b").state.join("vm1/qemu.pid");
     let mut mig = cloud.cmd("a");

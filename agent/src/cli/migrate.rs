@@ -78,6 +78,13 @@ pub struct Args {
     /// disk is sliced, and every round adds to it.
     #[arg(long, default_value_t = 0.0)]
     sample_secs: f64,
+    /// Downtime budget for the disk, in seconds: while memory moves, if the
+    /// chunks the guest dirties per round would take longer than this to
+    /// send in the pause (at the source's measured rate), the source VM's
+    /// disk writes are throttled (QMP block_set_io_throttle), harder each
+    /// round; lifted again if the migration fails. Reported in --json.
+    #[arg(long, default_value_t = 1.0)]
+    max_downtime: f64,
     /// How QEMU moves memory: multifd-zstd (2 streams, zstd-compressed
     /// pages; plain when a QEMU lacks it) or plain (one uncompressed stream).
     #[arg(long, value_enum, default_value = "multifd-zstd")]
@@ -99,6 +106,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.sample_secs >= 0.0 && a.sample_secs < 600.0,
         "--sample-secs out of range"
     );
+    anyhow::ensure!(
+        a.max_downtime > 0.0 && a.max_downtime < 3600.0,
+        "--max-downtime must be between 0 and 3600 seconds"
+    );
     let coordinator = coord_config(a.coordinator, a.token_file, a.edge, &a.id);
     let opts = MigrateOptions {
         name: a.name.clone(),
@@ -116,6 +127,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         fail_after: a.fail_after,
         coordinator,
         memory: a.memory,
+        max_downtime: Duration::from_secs_f64(a.max_downtime),
     };
     let bar = if std::io::stderr().is_terminal() {
         let pb = indicatif::ProgressBar::new_spinner();
@@ -156,6 +168,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
         for (src, bytes) in &report.bytes_by_source {
             println!("  from {src}: {bytes} bytes");
+        }
+        if report.throttle.applied {
+            println!(
+                "  source disk writes throttled in {} steps, down to {} B/s and {} IOPS (budget {} ms)",
+                report.throttle.steps,
+                report.throttle.bps_wr,
+                report.throttle.iops_wr,
+                report.throttle.max_downtime_ms
+            );
         }
         println!("  sources planned by: {}", report.coordination.plan_from);
         for left in &report.coordination.left {

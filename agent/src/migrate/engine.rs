@@ -65,6 +65,27 @@ pub struct MigrateOptions {
     /// How QEMU moves memory (plain, or multifd with zstd); falls back to
     /// plain when either QEMU lacks it.
     pub memory: MemoryTransport,
+    /// Budget for the disk's part of the downtime: while memory moves, if
+    /// the chunks dirtied per round would take longer than this to send
+    /// over the source's measured rate, the source VM's disk writes are
+    /// throttled, harder each round, so the pause stays near the budget.
+    pub max_downtime: Duration,
+}
+
+/// Whether and how hard the source VM's disk writes were throttled.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ThrottleReport {
+    pub max_downtime_ms: u64,
+    pub applied: bool,
+    /// Times the squeeze was tightened.
+    pub steps: u32,
+    /// The tightest limits set (0: none).
+    pub bps_wr: u64,
+    pub iops_wr: u64,
+    /// The estimate that last triggered a step: pending chunks and the
+    /// seconds they would take over the source's rate.
+    pub pending_chunks: u64,
+    pub estimated_pause_seconds: f64,
 }
 
 /// The phases, in order.
@@ -123,12 +144,20 @@ pub struct MigrationReport {
     pub manifest_id: String,
     /// The coordinator's part: where the plan came from, the references moved.
     pub coordination: super::coord::CoordReport,
+    /// Disk-write throttling to keep the pause within `--max-downtime`.
+    pub throttle: ThrottleReport,
 }
 
 const QMP_WAIT: Duration = Duration::from_secs(5);
 /// How often a disk round runs while QEMU moves memory.
 const DISK_ROUND_DURING_MEMORY: Duration = Duration::from_secs(1);
 const MEMORY_TIMEOUT: Duration = Duration::from_secs(900);
+/// The first squeeze on the source VM's disk writes; each further step
+/// halves both, down to the floors (the guest keeps making progress).
+const THROTTLE_START_BPS: u64 = 16 << 20;
+const THROTTLE_START_IOPS: u64 = 1024;
+const THROTTLE_FLOOR_BPS: u64 = 256 << 10;
+const THROTTLE_FLOOR_IOPS: u64 = 16;
 
 struct Run {
     opts: MigrateOptions,
@@ -138,7 +167,15 @@ struct Run {
     /// What the destination was last asked to hold at each index.
     sent: Vec<Option<Fingerprint>>,
     resent: u64,
+    /// Off while the chunks changed since boot go out: they are first sends
+    /// of the live disk, not chunks written again after they were sent.
+    counting_resent: bool,
     coord: super::coord::CoordReport,
+    /// Bytes per second the source's path carried in the last round it sent in.
+    source_rate: Option<f64>,
+    throttle: ThrottleReport,
+    /// The source disk's qdev path once a throttle was set (to lift it).
+    throttled_qdev: Option<String>,
 }
 
 impl Run {
@@ -170,7 +207,7 @@ impl Run {
         let n = indices.len() as u64;
         let mut resent = 0;
         for &i in &indices {
-            if self.sent[i as usize].is_some() {
+            if self.counting_resent && self.sent[i as usize].is_some() {
                 resent += 1;
             }
         }
@@ -193,6 +230,9 @@ impl Run {
         let bytes: u64 = stats.holders.iter().map(|h| h.bytes).sum();
         for h in &stats.holders {
             *self.bytes_by_source.entry(h.holder.clone()).or_default() += h.bytes;
+            if h.holder == self.opts.source_addr && h.bytes > 0 && stats.seconds > 0.0 {
+                self.source_rate = Some(h.bytes as f64 / stats.seconds);
+            }
         }
         self.resent += resent;
         let r = RoundReport {
@@ -212,6 +252,54 @@ impl Run {
         );
         self.rounds.push(r);
         Ok(stats)
+    }
+
+    /// Tightens the throttle on the source VM's disk writes one step when
+    /// `pending` chunks would take longer than the budget to send in the
+    /// pause (QEMU's auto-converge does the same to vCPUs for memory).
+    fn squeeze(&mut self, qmp: &mut QmpClient, pending: usize, chunk_bytes: u64) -> Result<(), MigrateError> {
+        let Some(rate) = self.source_rate else {
+            return Ok(());
+        };
+        let estimate = pending as f64 * chunk_bytes as f64 / rate;
+        if estimate <= self.opts.max_downtime.as_secs_f64() {
+            return Ok(());
+        }
+        let qdev = match &self.throttled_qdev {
+            Some(q) => q.clone(),
+            None => qmp.disk_write_throttle(vm::qemu::DISK_NODE_NAME)?.qdev,
+        };
+        let t = &mut self.throttle;
+        let (bps, iops) = if t.applied {
+            (
+                (t.bps_wr / 2).max(THROTTLE_FLOOR_BPS),
+                (t.iops_wr / 2).max(THROTTLE_FLOOR_IOPS),
+            )
+        } else {
+            (THROTTLE_START_BPS, THROTTLE_START_IOPS)
+        };
+        if t.applied && bps == t.bps_wr && iops == t.iops_wr {
+            return Ok(());
+        }
+        qmp.set_disk_write_throttle(&qdev, bps, iops)?;
+        self.throttled_qdev = Some(qdev);
+        t.applied = true;
+        t.steps += 1;
+        t.bps_wr = bps;
+        t.iops_wr = iops;
+        t.pending_chunks = pending as u64;
+        t.estimated_pause_seconds = estimate;
+        tracing::warn!(
+            pending,
+            estimate_s = estimate,
+            budget_s = self.opts.max_downtime.as_secs_f64(),
+            bps_wr = bps,
+            iops_wr = iops,
+            step = t.steps,
+            "throttling the source VM's disk writes so the pause fits the downtime budget"
+        );
+        metrics::counter!("edgeshift_migrate_throttle_steps_total").increment(1);
+        Ok(())
     }
 
     /// Indices whose current fingerprint the destination was not yet asked for.
@@ -442,6 +530,13 @@ pub fn migrate(
         bytes_by_source: BTreeMap::new(),
         sent: vec![None; boot.chunks.len()],
         resent: 0,
+        counting_resent: true,
+        source_rate: None,
+        throttle: ThrottleReport {
+            max_downtime_ms: opts.max_downtime.as_millis() as u64,
+            ..Default::default()
+        },
+        throttled_qdev: None,
         coord: Default::default(),
         opts,
     };
@@ -497,6 +592,7 @@ pub fn migrate(
                 missing_at_plan_bytes: missing.1,
                 manifest_id: final_id,
                 coordination: run.coord,
+                throttle: run.throttle,
             })
         }
         Err(e) => {
@@ -534,6 +630,13 @@ fn rollback(run: &mut Run, qmp: &mut QmpClient, rec: &vm::VmRecord, migration_st
                 Ok(_) => std::thread::sleep(Duration::from_millis(50)),
                 Err(_) => break,
             }
+        }
+    }
+    if let Some(qdev) = run.throttled_qdev.take() {
+        // The VM stays here: its disk runs at full speed again.
+        match q.set_disk_write_throttle(&qdev, 0, 0) {
+            Ok(()) => tracing::info!("source disk write throttle lifted"),
+            Err(e) => tracing::error!(error = %e, "the source disk write throttle could not be lifted"),
         }
     }
     match q.query_status() {
@@ -576,40 +679,19 @@ fn drive(
     let mut temp = Temperature::new(boot.chunks.len());
     let ordering = run.opts.ordering;
 
-    // 1. Plan.
+    // 1. Plan. The VM booted from a manifest this edge's store holds in
+    //    full (pinned while it runs), so the destination prepares with it at
+    //    once and round 0 pulls it from every holder while the live disk is
+    //    sliced here alongside; what changed since boot exists only in that
+    //    slice and goes in round 1. The pause's check is against the final
+    //    live manifest, so the shortcut does not weaken it.
     let t = Instant::now();
-    progress(Phase::Plan, "slicing the live disk");
+    progress(Phase::Plan, "asking the destination what it lacks");
     let mut writes = WriteLog::open(&dev, cs.bytes());
     if let Some(w) = writes.as_mut() {
         w.take();
     }
     let image = rec.image_path.clone();
-    let tracker_s = t.elapsed().as_secs_f64();
-    // (What changed since boot is not a temperature: the guest's first
-    // minutes wrote much that stays cold.)
-    let mut cur = full_slice(&image, cs, store)?;
-    tracing::info!(
-        tracker_s,
-        slice_s = t.elapsed().as_secs_f64() - tracker_s,
-        "live disk sliced"
-    );
-    if ordering == Ordering::ColdFirst && !run.opts.sample_interval.is_zero() {
-        // An optional longer first sample, before anything is sent.
-        std::thread::sleep(run.opts.sample_interval);
-    }
-    if writes.is_some() {
-        // The first temperature sample is what the guest wrote while the
-        // slice ran (re-read now, so round 0 sends current bytes); rounds
-        // keep adding to it.
-        let next = reslice(&dev, &image, &cur, &mut writes, &mut temp, store)?;
-        temp.observe(&cur, &next);
-        cur = next;
-    }
-    if let Some(c) = &run.opts.coordinator {
-        // Step 1 needs the coordinator: unreachable, the VM stays here.
-        progress(Phase::Plan, "reporting the live disk to the coordinator");
-        super::coord::report_live_disk(c, store, &cur, &mut run.coord)?;
-    }
     let ctl = proto::connect_auth(&run.opts.to, &run.opts.key, &run.opts.id, Duration::from_secs(5))?;
     ctl.set_read_timeout(Some(Duration::from_secs(600)))
         .map_err(|e| MigrateError::Channel(e.to_string()))?;
@@ -619,7 +701,7 @@ fn drive(
         run.ctl()?,
         &Request::Prepare {
             spec: rec.spec.clone(),
-            manifest: cur.to_bytes(),
+            manifest: boot.to_bytes(),
         },
     )? {
         Response::Prepared {
@@ -682,9 +764,65 @@ fn drive(
     //    are big and shrinking.
     let t = Instant::now();
     let before = run.bytes_by_source.values().sum::<u64>();
-    progress(Phase::Precopy, "round 0");
-    let all: Vec<u32> = (0..cur.chunks.len() as u32).collect();
-    run.round(&cur, temp.order(all, ordering, true))?;
+    progress(Phase::Precopy, "round 0 (boot image), slicing the live disk");
+    let all: Vec<u32> = (0..boot.chunks.len() as u32).collect();
+    let round0 = temp.order(all, ordering, true);
+    // The live disk is sliced (io_uring, parallel hashing) while round 0
+    // runs: with a warm destination round 0 is local writes there, with a
+    // cold one it pulls from every holder.
+    let (sliced, pulled) = std::thread::scope(|sc| {
+        let slicer = sc.spawn(|| {
+            let t = Instant::now();
+            let m = full_slice(&image, cs, store);
+            (m, t.elapsed().as_secs_f64())
+        });
+        let pulled = run.round(boot, round0);
+        let sliced = slicer
+            .join()
+            .map_err(|_| MigrateError::State("live disk slicer panicked".into()));
+        (sliced, pulled)
+    });
+    pulled?;
+    let (sliced, slice_s) = sliced?;
+    let mut cur = sliced?;
+    tracing::info!(slice_s, "live disk sliced alongside round 0");
+    if ordering == Ordering::ColdFirst && !run.opts.sample_interval.is_zero() {
+        // An optional longer first temperature sample.
+        std::thread::sleep(run.opts.sample_interval);
+    }
+    if writes.is_some() {
+        // The first temperature sample is what the guest wrote while the
+        // slice ran (what changed since boot is not a temperature: the
+        // guest's first minutes wrote much that stays cold).
+        let next = reslice(&dev, &image, &cur, &mut writes, &mut temp, store)?;
+        temp.observe(&cur, &next);
+        cur = next;
+    }
+    if let Some(c) = &run.opts.coordinator {
+        // The plan is made (with the boot image, which the coordinator knows
+        // already); this report only tells it what the source holds now, so
+        // a coordinator gone since the plan does not stop the handoff.
+        progress(Phase::Precopy, "reporting the live disk to the coordinator");
+        if let Err(e) = super::coord::report_live_disk(c, store, &cur, &mut run.coord) {
+            tracing::warn!(error = %e, "live disk not reported to the coordinator; the handoff goes on");
+            run.coord.left.push(format!("live disk not reported: {e}"));
+        }
+    }
+    // Round 1: what changed since boot, from every holder (an earlier copy
+    // of this disk may sit at a neighbour), coldest first.
+    let changed = run.stale(&cur);
+    if changed.len() > run.opts.converge_chunks {
+        let todo = temp.order(changed, ordering, true);
+        progress(
+            Phase::Precopy,
+            &format!("round 1: {} chunks changed since boot", todo.len()),
+        );
+        // First sends of the live disk, not chunks written again.
+        run.counting_resent = false;
+        let sent = run.round(&cur, todo);
+        run.counting_resent = true;
+        sent?;
+    }
     let mut last_len = usize::MAX;
     for r in 1..=run.opts.max_rounds {
         let next = reslice(&dev, &image, &cur, &mut writes, &mut temp, store)?;
@@ -772,6 +910,7 @@ fn drive(
             temp.observe(&cur, &next);
             cur = next;
             let todo = temp.order(run.stale(&cur), ordering, false);
+            run.squeeze(qmp, todo.len(), cs.bytes())?;
             if todo.len() > 2 * run.opts.converge_chunks {
                 let only_source = vec![run.opts.source_addr.clone()];
                 run.round_from(&cur, todo, only_source)?;

@@ -55,6 +55,9 @@ impl Default for Qemu {
     }
 }
 
+/// The block node of a VM's disk (QMP finds the disk by it).
+pub const DISK_NODE_NAME: &str = "disk0";
+
 /// Tap device name for a VM (at most 15 bytes, stable per VM name).
 pub fn tap_name(vm: &str) -> String {
     let h = blake3::hash(vm.as_bytes());
@@ -182,11 +185,11 @@ impl Qemu {
             format!("file:{}", run("serial.log")),
             "-blockdev".into(),
             format!(
-                "driver=host_device,filename={},node-name=disk0,cache.direct=on,cache.no-flush=off,aio=native",
+                "driver=host_device,filename={},node-name={DISK_NODE_NAME},cache.direct=on,cache.no-flush=off,aio=native",
                 cfg.disk.display()
             ),
             "-device".into(),
-            "virtio-blk-pci,drive=disk0,id=vd0".into(),
+            format!("virtio-blk-pci,drive={DISK_NODE_NAME},id=vd0"),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", run("qmp.sock")),
             "-pidfile".into(),

@@ -363,6 +363,37 @@ impl QmpClient {
         self.execute_unit("migrate-continue", Some(&MigrateContinueArgs { state }))
     }
 
+    /// The write throttle of the VM's disk (the block device with node
+    /// name `node`), as `query-block` reports it, with the device's qdev
+    /// path (what `block_set_io_throttle` takes).
+    pub fn disk_write_throttle(&mut self, node: &str) -> Result<DiskThrottle, VmError> {
+        let blocks: Vec<BlockInfo> = self.execute::<(), _>("query-block", None)?;
+        blocks
+            .into_iter()
+            .find_map(|b| {
+                let ins = b.inserted?;
+                (ins.node_name.as_deref() == Some(node)).then(|| DiskThrottle {
+                    qdev: b.qdev.unwrap_or_default(),
+                    bps_wr: ins.bps_wr,
+                    iops_wr: ins.iops_wr,
+                })
+            })
+            .ok_or_else(|| VmError::Qmp(format!("no block device with node name {node}")))
+    }
+
+    /// Limits the disk's guest writes to `bps_wr` bytes and `iops_wr`
+    /// requests per second (0 lifts a limit); reads stay unlimited.
+    pub fn set_disk_write_throttle(&mut self, qdev: &str, bps_wr: u64, iops_wr: u64) -> Result<(), VmError> {
+        self.execute_unit(
+            "block_set_io_throttle",
+            Some(&serde_json::json!({
+                "id": qdev,
+                "bps": 0, "bps_rd": 0, "bps_wr": bps_wr,
+                "iops": 0, "iops_rd": 0, "iops_wr": iops_wr,
+            })),
+        )
+    }
+
     pub fn migrate_cancel(&mut self) -> Result<(), VmError> {
         self.execute_unit::<()>("migrate_cancel", None)
     }
@@ -452,4 +483,32 @@ mod tests {
         assert_eq!(m.downtime, Some(31));
         assert_eq!(m.ram.expect("ram").dirty_sync_count, 3);
     }
+}
+
+/// One entry of `query-block` (the fields used here).
+#[derive(Debug, Deserialize)]
+struct BlockInfo {
+    #[serde(default)]
+    qdev: Option<String>,
+    #[serde(default)]
+    inserted: Option<BlockInserted>,
+}
+
+#[derive(Debug, Deserialize)]
+struct BlockInserted {
+    #[serde(rename = "node-name", default)]
+    node_name: Option<String>,
+    #[serde(default)]
+    bps_wr: u64,
+    #[serde(default)]
+    iops_wr: u64,
+}
+
+/// A disk's write throttle as QEMU holds it (0: unlimited).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskThrottle {
+    /// The device's qdev path, e.g. `/machine/peripheral/vd0/virtio-backend`.
+    pub qdev: String,
+    pub bps_wr: u64,
+    pub iops_wr: u64,
 }

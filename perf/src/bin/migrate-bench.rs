@@ -47,8 +47,9 @@ struct Args {
     /// The edgeshift binary (default: next to this one).
     #[arg(long)]
     edgeshift: Option<PathBuf>,
-    /// Only these scenarios (qemu, qemu-zstd, a, b, c, b-index, b-plain),
-    /// comma-separated or repeated; default all.
+    /// Only these scenarios (qemu, qemu-zstd, a, b, c, b-index, b-plain,
+    /// and b-nothrottle: (b) with the disk-write throttle off, only when
+    /// named), comma-separated or repeated; default all but b-nothrottle.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -379,7 +380,7 @@ fn edgeshift_run(
             copy_store(&vm.base_store, &b.store("n1"))?;
             copy_store(&vm.base_store, &b.store("n2"))?;
         }
-        "b" | "b-index" | "b-plain" | "c" => copy_store(&vm.base_store, &b.store("dst"))?,
+        "b" | "b-index" | "b-plain" | "b-nothrottle" | "c" => copy_store(&vm.base_store, &b.store("dst"))?,
         _ => bail!("unknown scenario {name}"),
     }
     for h in ["src", "dst", "n1", "n2"] {
@@ -427,6 +428,12 @@ fn edgeshift_run(
         .arg("--state-dir")
         .arg(b.state("src"))
         .args(["--order", order, "--memory", memory, "--json", "--id", "src"])
+        // A budget no pause reaches: the throttle never engages.
+        .args(if name == "b-nothrottle" {
+            &["--max-downtime", "3599"][..]
+        } else {
+            &[][..]
+        })
         .output()?;
     std::fs::create_dir_all(&a.out)?;
     std::fs::write(a.out.join(format!("{name}-migrate.log")), &out.stderr)?;
@@ -637,8 +644,8 @@ fn markdown(rows: &[Row], a: &Args) -> String {
         .iter()
         .find(|r| r.scenario == "qemu")
         .map(|r| r.total_seconds);
-    s.push_str("| scenario | method | total s | memory phase s | downtime ms | wire MB | disk MB | memory MB | rounds | chunks re-sent | speed-up vs QEMU | disk limit s | physical limit s | total / limit |\n");
-    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("| scenario | method | total s | memory phase s | downtime ms | wire MB | disk MB | memory MB | rounds | chunks re-sent | speed-up vs QEMU | disk limit s | physical limit s | total / limit | disk throttle |\n");
+    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for r in rows {
         let speedup = qemu
             .map(|q| format!("{:.2}×", q / r.total_seconds))
@@ -657,8 +664,19 @@ fn markdown(rows: &[Row], a: &Args) -> String {
             Some(l) => (format!("{l:.1}"), format!("{:.2}", r.total_seconds / l)),
             None => ("-".into(), "-".into()),
         };
+        let t = &r.report["throttle"];
+        let throttle = if t["applied"].as_bool() == Some(true) {
+            format!(
+                "{} steps, {:.2} MB/s, {} IOPS",
+                t["steps"],
+                t["bps_wr"].as_f64().unwrap_or(0.0) / 1e6,
+                t["iops_wr"]
+            )
+        } else {
+            "-".into()
+        };
         s.push_str(&format!(
-            "| {} | {} | {:.1} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.1} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.scenario,
             r.method,
             r.total_seconds,
@@ -672,10 +690,11 @@ fn markdown(rows: &[Row], a: &Args) -> String {
             speedup,
             disk_lim,
             lim,
-            ratio
+            ratio,
+            throttle
         ));
     }
-    s.push_str("\n(a) cold destination, base at two neighbours; (b) warm destination; (c) warm destination + an earlier copy of the disk at two neighbours; b-index: (b) with plain index order instead of cold-first; b-plain: (b) with QEMU's plain memory stream instead of multifd + zstd; qemu-zstd: QEMU's path with the same multifd + zstd memory settings (virsh's default is the plain row `qemu`). Physical limit = disk limit + memory limit. Disk limit: the bytes of the final disk the destination lacked before the migration, grouped by the set of paths (source, n1, n2) that held them; the maximum over every set S of paths of (bytes held only within S) ÷ (S's summed link rates). Memory limit: QEMU's memory bytes (as sent, compressed or not) ÷ the source path's rate. Wire bytes: interface counters of every link into the destination.\n");
+    s.push_str("\n(a) cold destination, base at two neighbours; (b) warm destination; (c) warm destination + an earlier copy of the disk at two neighbours; b-index: (b) with plain index order instead of cold-first; b-plain: (b) with QEMU's plain memory stream instead of multifd + zstd; qemu-zstd: QEMU's path with the same multifd + zstd memory settings (virsh's default is the plain row `qemu`). Physical limit = disk limit + memory limit. Disk limit: the bytes of the final disk the destination lacked before the migration, grouped by the set of paths (source, n1, n2) that held them; the maximum over every set S of paths of (bytes held only within S) ÷ (S's summed link rates). Memory limit: QEMU's memory bytes (as sent, compressed or not) ÷ the source path's rate. Wire bytes: interface counters of every link into the destination. Disk throttle: how hard the source VM's disk writes were squeezed to keep the pause within `--max-downtime` (1 s); b-nothrottle: (b) with that throttle off.\n");
     s
 }
 
@@ -706,8 +725,10 @@ fn main() -> anyhow::Result<()> {
         ("c", "cold-first", "multifd-zstd"),
         ("b-index", "index", "multifd-zstd"),
         ("b-plain", "cold-first", "plain"),
+        ("b-nothrottle", "cold-first", "multifd-zstd"),
     ] {
-        if want(name) {
+        let named_only = name == "b-nothrottle";
+        if (named_only && a.only.iter().any(|o| o == name)) || (!named_only && want(name)) {
             rows.push(edgeshift_run(name, &a, &bin, &vm, order, memory)?);
         }
     }
