@@ -14,7 +14,7 @@ use edgeshift_agent::coordination::client::Client;
 use edgeshift_agent::coordination::fetch::CoordinatedFetch;
 use edgeshift_agent::coordination::link::{Link, LinkConfig};
 use edgeshift_agent::coordination::pins::LocalPins;
-use edgeshift_agent::store::{ChunkStore, LocalStore};
+use edgeshift_agent::store::{ChunkStore, ChunkUses, LocalStore};
 use edgeshift_agent::transfer::fetch::{FetchOptions, Fetcher};
 use edgeshift_agent::transfer::server::{serve, ServerConfig, ZstdPolicy};
 use edgeshift_agent::transfer::ClusterKey;
@@ -158,6 +158,16 @@ struct Server {
 }
 
 fn start_server(id: &str, store: Arc<LocalStore>, key: ClusterKey) -> Server {
+    start_server_noting(id, store, key, None)
+}
+
+/// A chunk server that notes what it serves in `uses` (as `edgeshift agent` does).
+fn start_server_noting(
+    id: &str,
+    store: Arc<LocalStore>,
+    key: ClusterKey,
+    uses: Option<Arc<ChunkUses>>,
+) -> Server {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -172,6 +182,7 @@ fn start_server(id: &str, store: Arc<LocalStore>, key: ClusterKey) -> Server {
         key,
         store,
         zstd: ZstdPolicy { compress_rate: 0.0 },
+        uses,
     });
     rt.spawn(async move {
         let _ = serve(listener, cfg).await;
@@ -191,7 +202,7 @@ fn gc_orders_are_rechecked_against_local_pins() {
     pins.pin(&pinned_id, "vm").expect("pin");
     put_policy(
         &c,
-        serde_json::json!({ "policy": "lru", "high_watermark": 0.8, "low_watermark": 0.5 }),
+        serde_json::json!({ "policy": "lru", "high_watermark": 0.8, "low_watermark": 0.2 }),
     );
     // 20 chunks of 4 KiB in a 20-chunk capacity: over the high watermark.
     let mut l = link(&c, "edge-a", &store, 20 * CHUNK as u64, None, "127.0.0.1:1");
@@ -214,8 +225,10 @@ fn gc_orders_are_rechecked_against_local_pins() {
     pins.pin(&late_id, "incoming vm").expect("pin");
 
     let rep = l.step().expect("step");
-    // Low watermark: 10 chunks. 10 unpinned (by the coordinator's view) go, in
-    // LRU order, which includes chunks of the locally pinned manifest.
+    // Low watermark: 4 chunks. All 16 unpinned (by the coordinator's view) are
+    // ordered dropped, the locally pinned manifest's included: the link's
+    // heartbeat reported them used (a new local pin), so they rank last, but
+    // the coordinator does not know the pin and still orders them dropped.
     assert!(!rep.gc.kept_pinned.is_empty(), "{rep:?}");
     for f in pinned_m.chunks.iter().chain(&late_fps) {
         assert!(store.has_chunk(f).expect("has"), "a pinned chunk was deleted");
@@ -228,6 +241,62 @@ fn gc_orders_are_rechecked_against_local_pins() {
     // The follow-up delta told the coordinator what went.
     let e = get(&c, "/v1/edges/edge-a");
     assert_eq!(e["chunks"], 20 - rep.gc.removed.len() as u64);
+}
+
+#[test]
+fn served_and_newly_pinned_chunks_rank_as_recent_under_lru() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start_coord(&dir.path().join("coord"), "127.0.0.1:0");
+    let key = ClusterKey::from_bytes([9u8; 32]);
+    let store = Arc::new(LocalStore::open_or_create(dir.path().join("a")).expect("store"));
+    let (served_id, served) = image(&store, 300..310);
+    let (_idle_id, idle) = image(&store, 310..320);
+    let (pinned_id, pinned) = image(&store, 320..330);
+    put_policy(
+        &c,
+        serde_json::json!({ "policy": "lru", "high_watermark": 0.9, "low_watermark": 0.5 }),
+    );
+    // 30 chunks in a 40-chunk capacity: under the high watermark, no GC yet.
+    let mut l = link(&c, "edge-a", &store, 40 * CHUNK as u64, None, "127.0.0.1:1");
+    let server = start_server_noting("edge-a", store.clone(), key.clone(), Some(l.uses()));
+    l.connect().expect("connect");
+    assert!(l.step().expect("step").gc.removed.is_empty());
+
+    // A peer fetches one image from this edge; another image starts being
+    // used here (a VM pins it) and is released again.
+    let peer_store = Arc::new(LocalStore::open_or_create(dir.path().join("b")).expect("store"));
+    let fetcher = Fetcher::new(peer_store.clone(), vec![server.addr], key);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let report = rt.block_on(fetcher.fetch(&served_id)).expect("fetch");
+    assert_eq!(report.chunks_fetched, 10);
+    let pins = LocalPins::for_store(&store).expect("pins");
+    pins.pin(&pinned_id, "vm").expect("pin");
+    assert!(l.uses().len() >= 10, "served chunks noted");
+    l.heartbeat().expect("heartbeat with uses");
+    assert!(l.uses().is_empty(), "reported uses are drained");
+    pins.unpin(&pinned_id).expect("unpin");
+
+    // Now over the high watermark: GC down to 20 chunks takes the 10 chunks
+    // nobody used since they arrived, before any used one.
+    put_policy(
+        &c,
+        serde_json::json!({ "policy": "lru", "high_watermark": 0.7, "low_watermark": 0.5 }),
+    );
+    let rep = l.step().expect("step");
+    let removed: HashSet<Fingerprint> = rep.gc.removed.iter().copied().collect();
+    assert_eq!(removed.len(), 10, "{rep:?}");
+    for f in &idle.chunks {
+        assert!(removed.contains(f), "an unused chunk was kept over used ones");
+    }
+    for f in served.chunks.iter().chain(&pinned.chunks) {
+        assert!(
+            store.has_chunk(f).expect("has"),
+            "a recently used chunk was evicted first"
+        );
+    }
 }
 
 #[test]

@@ -85,7 +85,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             out.flush()?;
         }
         let store = Arc::new(store);
-        let _link = match (&args.coordinator, args.capacity) {
+        let link = match (&args.coordinator, args.capacity) {
             (Some(url), Some(capacity)) => Some(edgeshift_agent::coordination::link::start(
                 url, args.token_file.as_deref(), capacity, &id, local, store.clone(), key.clone(),
             )?),
@@ -96,6 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             key,
             store,
             zstd,
+            uses: link.as_ref().map(|l| l.uses()),
         });
         serve(listener, cfg).await.context("serving peers")?;
         Ok(())

@@ -19,7 +19,7 @@ use edgeshift_common::{Fingerprint, ManifestId};
 use super::client::{Client, Delta, Orders};
 use super::pins::{GcOutcome, LocalPins};
 use super::CoordError;
-use crate::store::{ChunkStore, LocalStore};
+use crate::store::{ChunkStore, ChunkUses, LocalStore};
 use crate::transfer::fetch::{ChunkWant, FetchOptions, Fetcher};
 use crate::transfer::ClusterKey;
 
@@ -56,6 +56,12 @@ pub struct Link {
     published: HashSet<ManifestId>,
     /// Chunks this process is working on; GC never deletes them.
     busy: Arc<Mutex<HashSet<Fingerprint>>>,
+    /// Chunks used here since the last heartbeat (served, or in an image
+    /// newly pinned), reported as `accessed` for the LRU/LFU ranking.
+    uses: Arc<ChunkUses>,
+    /// Pins seen at the last heartbeat: a new pin is a VM or fetch starting
+    /// to use that image here.
+    seen_pins: HashSet<ManifestId>,
     rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -112,8 +118,34 @@ impl Link {
             reported: None,
             published: HashSet::new(),
             busy: Arc::new(Mutex::new(HashSet::new())),
+            uses: Arc::new(ChunkUses::new()),
+            seen_pins: HashSet::new(),
             rt: None,
         })
+    }
+
+    /// Where the chunk server notes the chunks it serves.
+    pub fn uses(&self) -> Arc<ChunkUses> {
+        self.uses.clone()
+    }
+
+    /// Records every chunk of images pinned since the last look as used.
+    fn note_new_pins(&mut self) -> Result<(), CoordError> {
+        let now: HashSet<ManifestId> = self.pins.list()?.into_iter().collect();
+        let new: Vec<ManifestId> = now.difference(&self.seen_pins).copied().collect();
+        for id in &new {
+            match self.store.get_manifest(id) {
+                Ok(m) => self.uses.record_all(&m.chunks),
+                // Pinned before its manifest landed: counted when it is here.
+                Err(e) => {
+                    tracing::debug!(manifest = %id, error = %e, "pinned image not readable yet");
+                    continue;
+                }
+            }
+            self.seen_pins.insert(*id);
+        }
+        self.seen_pins.retain(|id| now.contains(id));
+        Ok(())
     }
 
     /// The set GC must leave alone; other parts of the agent may add to it.
@@ -161,14 +193,19 @@ impl Link {
         self.publish_new_manifests()?;
         let now: HashSet<Fingerprint> = self.store.list_chunks()?.into_iter().collect();
         let usage = self.store.stats()?.chunk_bytes;
+        self.note_new_pins()?;
         let before = self.reported.get_or_insert_with(HashSet::new);
         let delta = Delta {
             added: now.difference(before).copied().collect(),
             removed: before.difference(&now).copied().collect(),
-            accessed: Vec::new(),
+            accessed: self.uses.drain(),
             usage,
         };
-        self.client.delta(&self.cfg.edge, &delta)?;
+        if let Err(e) = self.client.delta(&self.cfg.edge, &delta) {
+            // Not reported: keep the uses for the next heartbeat.
+            self.uses.record_all(&delta.accessed);
+            return Err(e);
+        }
         self.reported = Some(now);
         Ok((delta.added.len(), delta.removed.len()))
     }
@@ -335,6 +372,14 @@ pub fn spawn(link: Link, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::
 pub struct LinkHandle {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    uses: Arc<ChunkUses>,
+}
+
+impl LinkHandle {
+    /// Where the chunk server notes served chunks (see [`Link::uses`]).
+    pub fn uses(&self) -> Arc<ChunkUses> {
+        self.uses.clone()
+    }
 }
 
 impl Drop for LinkHandle {
@@ -367,11 +412,13 @@ pub fn start(
     };
     tracing::info!(coordinator = %url, advertise = %cfg.advertise, capacity, "coordinator link starting");
     let link = Link::new(client, cfg, store, Some(key))?;
+    let uses = link.uses();
     let stop = Arc::new(AtomicBool::new(false));
     let thread = spawn(link, stop.clone()).map_err(|e| CoordError::Transfer(e.into()))?;
     Ok(LinkHandle {
         stop,
         thread: Some(thread),
+        uses,
     })
 }
 

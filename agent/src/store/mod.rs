@@ -5,10 +5,12 @@
 //! tiered stores are composed from the same trait by the transfer module.
 
 pub mod local;
+pub mod uses;
 
 use edgeshift_common::{Fingerprint, Manifest, ManifestError, ManifestId};
 
 pub use local::LocalStore;
+pub use uses::ChunkUses;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

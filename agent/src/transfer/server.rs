@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use super::conn::{read_frame, server_handshake, AUTH_TIMEOUT};
 use super::{ClusterKey, TransferError};
-use crate::store::LocalStore;
+use crate::store::{ChunkUses, LocalStore};
 
 /// What a server needs: its id, the cluster key and the store it serves.
 #[derive(Debug)]
@@ -31,6 +31,9 @@ pub struct ServerConfig {
     pub key: ClusterKey,
     pub store: Arc<LocalStore>,
     pub zstd: ZstdPolicy,
+    /// Where served chunks are noted for the coordinator's LRU/LFU ranking
+    /// (the coordinator link drains it); `None` when no coordinator is used.
+    pub uses: Option<Arc<ChunkUses>>,
 }
 
 /// When to compress: zstd level 1 speed on this machine, measured once.
@@ -288,6 +291,9 @@ async fn send_chunk(
     };
     metrics::counter!("edgeshift_served_bytes_total", "peer" => peer.to_string()).increment(wire_bytes);
     metrics::counter!("edgeshift_served_chunks_total", "peer" => peer.to_string()).increment(1);
+    if let Some(u) = &cfg.uses {
+        u.record(*fp);
+    }
     Ok(())
 }
 

@@ -461,7 +461,7 @@ pub fn write(set: &RunSet, dir: &Path) -> Result<PathBuf, ReportError> {
         md.push('\n');
         let _ = writeln!(
             md,
-            "Reading it: chunks that a running VM pins are never evicted, and every VM here pins the base chunks its image shares with the family, so most local hits are those whatever the policy; the policies differ in which chunks of images that left an edge they keep. Agents do not report chunk reads to the coordinator, so on real agents LRU and LFU both rank by arrival, and what separates them is when each agent's GC ran relative to the arrivals. The origin/edge split of the bytes also depends on the planner, which spreads one fetch over every holder by path rate: \"held by the edge tier\" is the policy's part of it.\n"
+            "Reading it: chunks that a running VM pins are never evicted, and every VM here pins the base chunks its image shares with the family, so most local hits are those whatever the policy; the policies differ in which chunks of images that left an edge they keep. Agents report as uses only the chunks they serve to peers and the chunks of images newly pinned there (not a VM's reads of its own disk), so LRU and LFU see few uses beyond arrivals, and what separates them is mostly when each agent's GC ran relative to those. The origin/edge split of the bytes also depends on the planner, which spreads one fetch over every holder by path rate: \"held by the edge tier\" is the policy's part of it.\n"
         );
         if plots::policy_storage(set, &dir.join("policy_storage.svg"))? {
             let _ = writeln!(md, "![Storage per edge by policy](policy_storage.svg)\n");
