@@ -1,13 +1,17 @@
 //! The source half of a migration, step by step:
 //!
-//! 1. **plan**: slice the live disk (and report it to the coordinator, if
-//!    any); the destination says what its store lacks and, with a
-//!    coordinator, which edges send what ([`super::coord`]).
-//! 2. **pre-copy**: the destination pulls from every holder at once, coldest
-//!    first; each round re-slices the live disk and sends what changed since,
-//!    until the rounds stop shrinking; the hottest chunks wait for the pause.
+//! 1. **plan**: the destination prepares with the manifest the VM booted
+//!    from (this edge holds it in full) and says what its store lacks and,
+//!    with a coordinator, which edges send what ([`super::coord`]).
+//! 2. **pre-copy**: round 0 pulls the boot manifest from every holder at
+//!    once, coldest first, while the live disk is sliced here; round 1
+//!    sends what changed since boot; each later round re-reads what the
+//!    guest wrote since and sends it, until the rounds stop shrinking; the
+//!    hottest chunks wait for the pause.
 //! 3. **memory**: the destination QEMU waits with `-incoming`; the source runs
 //!    QMP `migrate` with `pause-before-switchover`.
+//!    If the chunks dirtied per round would overrun `--max-downtime` in the
+//!    pause, the source VM's disk writes are throttled step by step.
 //! 4. **pause**: the source VM is stopped and its disk flushed; the last
 //!    dirty chunks go over, the destination's disk is checked equal to the
 //!    source's manifest, then `migrate-continue`.
@@ -152,12 +156,14 @@ const QMP_WAIT: Duration = Duration::from_secs(5);
 /// How often a disk round runs while QEMU moves memory.
 const DISK_ROUND_DURING_MEMORY: Duration = Duration::from_secs(1);
 const MEMORY_TIMEOUT: Duration = Duration::from_secs(900);
-/// The first squeeze on the source VM's disk writes; each further step
+/// The squeeze on the source VM's disk writes starts at what the source's
+/// path can send within the budget each second (a write can dirty a whole
+/// chunk, so IOPS is chunks per second), at most these; each further step
 /// halves both, down to the floors (the guest keeps making progress).
 const THROTTLE_START_BPS: u64 = 16 << 20;
 const THROTTLE_START_IOPS: u64 = 1024;
-const THROTTLE_FLOOR_BPS: u64 = 256 << 10;
-const THROTTLE_FLOOR_IOPS: u64 = 16;
+const THROTTLE_FLOOR_BPS: u64 = 64 << 10;
+const THROTTLE_FLOOR_IOPS: u64 = 2;
 
 struct Run {
     opts: MigrateOptions,
@@ -257,6 +263,13 @@ impl Run {
     /// Tightens the throttle on the source VM's disk writes one step when
     /// `pending` chunks would take longer than the budget to send in the
     /// pause (QEMU's auto-converge does the same to vCPUs for memory).
+    /// Whether `pending` chunks would take longer than the budget to send.
+    fn over_budget(&self, pending: usize, chunk_bytes: u64) -> bool {
+        self.source_rate.is_some_and(|rate| {
+            pending as f64 * chunk_bytes as f64 / rate > self.opts.max_downtime.as_secs_f64()
+        })
+    }
+
     fn squeeze(&mut self, qmp: &mut QmpClient, pending: usize, chunk_bytes: u64) -> Result<(), MigrateError> {
         let Some(rate) = self.source_rate else {
             return Ok(());
@@ -276,7 +289,11 @@ impl Run {
                 (t.iops_wr / 2).max(THROTTLE_FLOOR_IOPS),
             )
         } else {
-            (THROTTLE_START_BPS, THROTTLE_START_IOPS)
+            let budget_bytes = rate * self.opts.max_downtime.as_secs_f64();
+            (
+                (budget_bytes as u64).clamp(THROTTLE_FLOOR_BPS, THROTTLE_START_BPS),
+                ((budget_bytes / chunk_bytes as f64) as u64).clamp(THROTTLE_FLOOR_IOPS, THROTTLE_START_IOPS),
+            )
         };
         if t.applied && bps == t.bps_wr && iops == t.iops_wr {
             return Ok(());
@@ -911,7 +928,10 @@ fn drive(
             cur = next;
             let todo = temp.order(run.stale(&cur), ordering, false);
             run.squeeze(qmp, todo.len(), cs.bytes())?;
-            if todo.len() > 2 * run.opts.converge_chunks {
+            // Throttled, a round goes whenever more is pending than the
+            // budget allows, so the pause starts from a small set.
+            let over_budget = run.throttle.applied && run.over_budget(todo.len(), cs.bytes());
+            if todo.len() > 2 * run.opts.converge_chunks || over_budget {
                 let only_source = vec![run.opts.source_addr.clone()];
                 run.round_from(&cur, todo, only_source)?;
             }

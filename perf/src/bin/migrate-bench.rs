@@ -48,8 +48,8 @@ struct Args {
     #[arg(long)]
     edgeshift: Option<PathBuf>,
     /// Only these scenarios (qemu, qemu-zstd, a, b, c, b-index, b-plain,
-    /// and b-nothrottle: (b) with the disk-write throttle off, only when
-    /// named), comma-separated or repeated; default all but b-nothrottle.
+    /// and b-nothrot: (b) with the disk-write throttle off, only when
+    /// named), comma-separated or repeated; default all but b-nothrot.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -380,7 +380,7 @@ fn edgeshift_run(
             copy_store(&vm.base_store, &b.store("n1"))?;
             copy_store(&vm.base_store, &b.store("n2"))?;
         }
-        "b" | "b-index" | "b-plain" | "b-nothrottle" | "c" => copy_store(&vm.base_store, &b.store("dst"))?,
+        "b" | "b-index" | "b-plain" | "b-nothrot" | "c" => copy_store(&vm.base_store, &b.store("dst"))?,
         _ => bail!("unknown scenario {name}"),
     }
     for h in ["src", "dst", "n1", "n2"] {
@@ -429,7 +429,7 @@ fn edgeshift_run(
         .arg(b.state("src"))
         .args(["--order", order, "--memory", memory, "--json", "--id", "src"])
         // A budget no pause reaches: the throttle never engages.
-        .args(if name == "b-nothrottle" {
+        .args(if name == "b-nothrot" {
             &["--max-downtime", "3599"][..]
         } else {
             &[][..]
@@ -694,7 +694,7 @@ fn markdown(rows: &[Row], a: &Args) -> String {
             throttle
         ));
     }
-    s.push_str("\n(a) cold destination, base at two neighbours; (b) warm destination; (c) warm destination + an earlier copy of the disk at two neighbours; b-index: (b) with plain index order instead of cold-first; b-plain: (b) with QEMU's plain memory stream instead of multifd + zstd; qemu-zstd: QEMU's path with the same multifd + zstd memory settings (virsh's default is the plain row `qemu`). Physical limit = disk limit + memory limit. Disk limit: the bytes of the final disk the destination lacked before the migration, grouped by the set of paths (source, n1, n2) that held them; the maximum over every set S of paths of (bytes held only within S) ÷ (S's summed link rates). Memory limit: QEMU's memory bytes (as sent, compressed or not) ÷ the source path's rate. Wire bytes: interface counters of every link into the destination. Disk throttle: how hard the source VM's disk writes were squeezed to keep the pause within `--max-downtime` (1 s); b-nothrottle: (b) with that throttle off.\n");
+    s.push_str("\n(a) cold destination, base at two neighbours; (b) warm destination; (c) warm destination + an earlier copy of the disk at two neighbours; b-index: (b) with plain index order instead of cold-first; b-plain: (b) with QEMU's plain memory stream instead of multifd + zstd; qemu-zstd: QEMU's path with the same multifd + zstd memory settings (virsh's default is the plain row `qemu`). Physical limit = disk limit + memory limit. Disk limit: the bytes of the final disk the destination lacked before the migration, grouped by the set of paths (source, n1, n2) that held them; the maximum over every set S of paths of (bytes held only within S) ÷ (S's summed link rates). Memory limit: QEMU's memory bytes (as sent, compressed or not) ÷ the source path's rate. Wire bytes: interface counters of every link into the destination. Disk throttle: how hard the source VM's disk writes were squeezed to keep the pause within `--max-downtime` (1 s); b-nothrot: (b) with that throttle off.\n");
     s
 }
 
@@ -725,9 +725,9 @@ fn main() -> anyhow::Result<()> {
         ("c", "cold-first", "multifd-zstd"),
         ("b-index", "index", "multifd-zstd"),
         ("b-plain", "cold-first", "plain"),
-        ("b-nothrottle", "cold-first", "multifd-zstd"),
+        ("b-nothrot", "cold-first", "multifd-zstd"),
     ] {
-        let named_only = name == "b-nothrottle";
+        let named_only = name == "b-nothrot";
         if (named_only && a.only.iter().any(|o| o == name)) || (!named_only && want(name)) {
             rows.push(edgeshift_run(name, &a, &bin, &vm, order, memory)?);
         }
