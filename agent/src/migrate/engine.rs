@@ -263,6 +263,13 @@ impl Run {
     /// Tightens the throttle on the source VM's disk writes one step when
     /// `pending` chunks would take longer than the budget to send in the
     /// pause (QEMU's auto-converge does the same to vCPUs for memory).
+    /// Chunks the source's path sends within the budget.
+    fn budget_chunks(&self, chunk_bytes: u64) -> usize {
+        self.source_rate.map_or(usize::MAX, |rate| {
+            (rate * self.opts.max_downtime.as_secs_f64() / chunk_bytes as f64) as usize
+        })
+    }
+
     /// Whether `pending` chunks would take longer than the budget to send.
     fn over_budget(&self, pending: usize, chunk_bytes: u64) -> bool {
         self.source_rate.is_some_and(|rate| {
@@ -932,6 +939,13 @@ fn drive(
             // budget allows, so the pause starts from a small set.
             let over_budget = run.throttle.applied && run.over_budget(todo.len(), cs.bytes());
             if todo.len() > 2 * run.opts.converge_chunks || over_budget {
+                let mut todo = todo;
+                if run.throttle.applied {
+                    // A round blocks noticing the pause; throttled (a slow
+                    // path), it sends only what the budget holds, coldest
+                    // first, so a pause that comes meanwhile waits little.
+                    todo.truncate(run.budget_chunks(cs.bytes()).max(1));
+                }
                 let only_source = vec![run.opts.source_addr.clone()];
                 run.round_from(&cur, todo, only_source)?;
             }
