@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::{Cluster, AGENT_PORT};
 use crate::images::repo_root;
-use crate::scenario::{io, must, ScenarioError};
+use crate::scenario::{io, must, wait_line, ScenarioError};
 use crate::signals;
 use crate::testbed::{self, LinkSpec};
 use crate::topology::Topology;
@@ -40,24 +40,6 @@ pub struct DemoRecord {
     /// The client's connection was still open at the end.
     pub connection_survived: bool,
     pub total_seconds: f64,
-}
-
-fn wait_line(child: &mut Child, prefix: &str, timeout: Duration) -> Result<(), ScenarioError> {
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| ScenarioError::Output("demo".into(), "no stdout".into()))?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let wanted = prefix.to_string();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.starts_with(&wanted) {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(timeout)
-        .map_err(|_| ScenarioError::Output("demo".into(), format!("no {prefix:?} line within {timeout:?}")))
 }
 
 /// The client's view of the counter stream: (arrival, value) per line.
@@ -137,7 +119,7 @@ pub fn run(tag: &str, work: &Path, log: &dyn Fn(&str)) -> Result<DemoRecord, Sce
             .stderr(std::fs::File::create(work.join("e2-vm-host.log")).map_err(io("log"))?)
             .spawn()
             .map_err(io("starting edgeshift vm host"))?;
-        wait_line(&mut host, "listening", Duration::from_secs(20))?;
+        wait_line("demo", &mut host, "listening", Duration::from_secs(20))?;
         children.push(host);
 
         log(&format!("VM: booting at e1 under QEMU (address {vm_ip})"));

@@ -10,7 +10,6 @@
 //! run, measures its write rate on the loop device, migrates, then asks the
 //! guest at the destination to check its disk (`es-check` on TCP 7001).
 
-use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,7 +18,7 @@ use std::time::{Duration, Instant};
 use crate::cluster::{Binaries, AGENT_PORT};
 use crate::qemu_mirror::{self, SourceVm};
 use crate::record::Run;
-use crate::scenario::{io, limit, must, ScenarioError};
+use crate::scenario::{io, limit, must, wait_line, ScenarioError};
 use crate::signals;
 use crate::testbed::{LinkSpec, Testbed};
 
@@ -151,7 +150,7 @@ impl LiveBench {
             .map_err(io("starting edgeshift agent"))?;
         me.agent = Some(agent);
         if let Some(a) = me.agent.as_mut() {
-            wait_line(a, "listening", Duration::from_secs(20))?;
+            wait_line("live", a, "listening", Duration::from_secs(20))?;
         }
         Ok(me)
     }
@@ -311,7 +310,7 @@ impl LiveBench {
             .spawn()
             .map_err(io("starting edgeshift vm host"))?;
         let result = (|| {
-            wait_line(&mut host, "listening", Duration::from_secs(20))?;
+            wait_line("live", &mut host, "listening", Duration::from_secs(20))?;
             let (name, write_rate) = self.boot(rate, log)?;
             let src_addr = self.tb.addr_of(SRC, DST)?;
             let wire0 = self.wire()?;
@@ -517,22 +516,4 @@ fn sectors_written(dev: &Path) -> u64 {
         .ok()
         .and_then(|s| s.split_whitespace().nth(6).and_then(|v| v.parse().ok()))
         .unwrap_or(0)
-}
-
-fn wait_line(child: &mut Child, prefix: &str, timeout: Duration) -> Result<(), ScenarioError> {
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| ScenarioError::Output("live".into(), "no stdout".into()))?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let wanted = prefix.to_string();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.starts_with(&wanted) {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(timeout)
-        .map_err(|_| ScenarioError::Output("live".into(), format!("no {prefix:?} line within {timeout:?}")))
 }

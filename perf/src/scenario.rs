@@ -9,6 +9,7 @@
 //! restore` at the destination, timed end to end.
 
 use std::collections::BTreeMap;
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,6 +61,31 @@ pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Scen
 fn run_tool(cmd: &mut Command) -> Result<String, ScenarioError> {
     let line = format!("{cmd:?}");
     must(cmd, &line)
+}
+
+/// Waits until `child`'s stdout prints a line starting with `prefix`; `what`
+/// names the scenario in the error.
+pub(crate) fn wait_line(
+    what: &str,
+    child: &mut Child,
+    prefix: &str,
+    timeout: Duration,
+) -> Result<(), ScenarioError> {
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| ScenarioError::Output(what.into(), "no stdout".into()))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let wanted = prefix.to_string();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with(&wanted) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(timeout)
+        .map_err(|_| ScenarioError::Output(what.into(), format!("no {prefix:?} line within {timeout:?}")))
 }
 
 /// Runs `cmd`, returning stdout; errors name it `what` and carry stderr's tail.
