@@ -93,8 +93,18 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
         &["c"],
         // Failing once memory reached the pause: by then the source has
         // checked the pending chunks once a second while memory moved (the
-        // guest fsyncs its counter every 100 ms, so some are pending).
-        &["--fail-after", "memory", "--max-downtime", "0.0001"],
+        // guest fsyncs its counter every 100 ms, so some are pending). The
+        // memory streams are capped so that this takes a few seconds (on
+        // the uncapped 400 Mbit/s link memory can converge before the
+        // second look, with nothing pending at the first).
+        &[
+            "--fail-after",
+            "memory",
+            "--max-downtime",
+            "0.0001",
+            "--memory-max-mbit",
+            "40",
+        ],
     );
     assert!(!ok, "the injected failure fails the migration");
     assert!(

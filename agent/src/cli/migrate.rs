@@ -89,6 +89,10 @@ pub struct Args {
     /// pages; plain when a QEMU lacks it) or plain (one uncompressed stream).
     #[arg(long, value_enum, default_value = "multifd-zstd")]
     memory: MemoryTransport,
+    /// Cap QEMU's memory streams at this many Mbit/s (QEMU max-bandwidth),
+    /// to leave the path to other traffic; by default uncapped.
+    #[arg(long)]
+    memory_max_mbit: Option<f64>,
     /// Testing: fail on purpose after this phase (the VM must stay at the source).
     #[arg(long, value_enum, hide = true)]
     fail_after: Option<Phase>,
@@ -110,6 +114,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.max_downtime > 0.0 && a.max_downtime < 3600.0,
         "--max-downtime must be between 0 and 3600 seconds"
     );
+    if let Some(m) = a.memory_max_mbit {
+        anyhow::ensure!(
+            (0.1..=100_000.0).contains(&m),
+            "--memory-max-mbit must be between 0.1 and 100000"
+        );
+    }
     let coordinator = coord_config(a.coordinator, a.token_file, a.edge, &a.id);
     let opts = MigrateOptions {
         name: a.name.clone(),
@@ -128,6 +138,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         coordinator,
         memory: a.memory,
         max_downtime: Duration::from_secs_f64(a.max_downtime),
+        memory_max_bps: a.memory_max_mbit.map(|m| (m * 1e6 / 8.0) as u64),
     };
     let bar = if std::io::stderr().is_terminal() {
         let pb = indicatif::ProgressBar::new_spinner();

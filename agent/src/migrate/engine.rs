@@ -74,6 +74,9 @@ pub struct MigrateOptions {
     /// over the source's measured rate, the source VM's disk writes are
     /// throttled, harder each round, so the pause stays near the budget.
     pub max_downtime: Duration,
+    /// Cap on QEMU's memory streams in bytes per second (None: 1 GiB/s,
+    /// i.e. whatever the path gives), to leave link for other traffic.
+    pub memory_max_bps: Option<u64>,
 }
 
 /// Whether and how hard the source VM's disk writes were throttled.
@@ -901,7 +904,10 @@ fn drive(
     }
     progress(Phase::Memory, &format!("QEMU migrate to {uri} ({memory:?})"));
     qmp.migrate_set_capabilities(&[("pause-before-switchover", true), ("events", true)])?;
-    qmp.migrate_set_parameters(Some(run.opts.downtime_limit_ms), Some(1 << 30))?;
+    qmp.migrate_set_parameters(
+        Some(run.opts.downtime_limit_ms),
+        Some(run.opts.memory_max_bps.unwrap_or(1 << 30)),
+    )?;
     *migration_started = true;
     qmp.migrate(&uri)?;
     tracing::info!(%uri, ?memory, "memory migration started");
