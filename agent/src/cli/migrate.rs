@@ -89,6 +89,12 @@ pub struct Args {
     /// pages; plain when a QEMU lacks it) or plain (one uncompressed stream).
     #[arg(long, value_enum, default_value = "multifd-zstd")]
     memory: MemoryTransport,
+    /// When QEMU's memory migration starts: with-disk (at once, so the path
+    /// carries memory while the live disk is sliced; capped while disk
+    /// rounds run so that it cannot converge before them) or after-disk
+    /// (once the disk pre-copy rounds end).
+    #[arg(long, value_enum, default_value = "with-disk")]
+    memory_start: MemoryStart,
     /// Cap QEMU's memory streams at this many Mbit/s (QEMU max-bandwidth),
     /// to leave the path to other traffic; by default uncapped.
     #[arg(long)]
@@ -102,6 +108,12 @@ pub struct Args {
     /// bytes from each source) as one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MemoryStart {
+    WithDisk,
+    AfterDisk,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -138,6 +150,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         coordinator,
         memory: a.memory,
         max_downtime: Duration::from_secs_f64(a.max_downtime),
+        memory_with_disk: a.memory_start == MemoryStart::WithDisk,
         memory_max_bps: a.memory_max_mbit.map(|m| (m * 1e6 / 8.0) as u64),
     };
     let bar = if std::io::stderr().is_terminal() {

@@ -3,11 +3,11 @@
 //! 1. **plan**: the destination prepares with the manifest the VM booted
 //!    from (this edge holds it in full) and says what its store lacks and,
 //!    with a coordinator, which edges send what ([`super::coord`]).
-//! 2. **pre-copy**: round 0 pulls the boot manifest from every holder at
-//!    once, coldest first, while the live disk is sliced here; round 1
-//!    sends what changed since boot; each later round re-reads what the
-//!    guest wrote since and sends it, until the rounds stop shrinking; the
-//!    hottest chunks wait for the pause.
+//! 2. **pre-copy**: the live disk is sliced; round 0 pulls it from every
+//!    holder at once, what changed since boot first (this edge's path
+//!    carries it while neighbours carry the boot image), coldest first;
+//!    each later round re-reads what the guest wrote since and sends it,
+//!    until the rounds stop shrinking; the hottest chunks wait for the pause.
 //! 3. **memory**: the destination QEMU waits with `-incoming`; the source runs
 //!    QMP `migrate` with `pause-before-switchover`.
 //!    If the chunks dirtied per round would overrun `--max-downtime` in the
@@ -25,6 +25,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
 use edgeshift_common::{Fingerprint, Manifest};
@@ -77,6 +78,9 @@ pub struct MigrateOptions {
     /// Cap on QEMU's memory streams in bytes per second (None: 1 GiB/s,
     /// i.e. whatever the path gives), to leave link for other traffic.
     pub memory_max_bps: Option<u64>,
+    /// Start memory with the disk pre-copy (capped while disk rounds run,
+    /// converging after them) instead of after it.
+    pub memory_with_disk: bool,
 }
 
 /// Whether and how hard the source VM's disk writes were throttled.
@@ -499,6 +503,186 @@ fn source_memory_transport(
     }
 }
 
+/// QEMU's `max-bandwidth` when nothing caps memory (1 GiB/s: the path decides).
+const UNCAPPED_BPS: u64 = 1 << 30;
+/// The share of memory's remaining bytes that may go while disk rounds run;
+/// the rest goes after, so the first pass cannot end (and QEMU converge)
+/// under the disk rounds even when they run slower than estimated.
+const MEMORY_SHARE_DURING_DISK: f64 = 0.8;
+
+/// Starts QEMU's memory migration to `uri` once the destination QEMU
+/// listens: the transport the destination settled on, pause-before-switchover,
+/// the downtime limit and the `--memory-max-mbit` cap. With `hold`, memory
+/// cannot converge (QEMU's switchover bandwidth set to a few bytes/s) until
+/// [`let_memory_converge`]; false, and nothing started, when this QEMU
+/// cannot do that.
+fn start_memory(
+    run: &mut Run,
+    qmp: &mut QmpClient,
+    uri: &str,
+    asked: MemoryTransport,
+    hold: bool,
+    progress: &dyn Fn(Phase, &str),
+) -> Result<bool, MigrateError> {
+    if hold {
+        // QEMU converges once what is pending fits the downtime at this
+        // rate. The budget must stay above zero: at zero the first pass's
+        // end (nothing pending before a new dirty sync) counts as
+        // converged. Half a page (2 KiB over the downtime limit) lets
+        // only a sync that finds no page dirty converge.
+        let hold_bps = (2048 * 1000 / run.opts.downtime_limit_ms.max(1)).max(1);
+        if let Err(e) = qmp.set_switchover_bandwidth(hold_bps) {
+            tracing::warn!(error = %e, "this QEMU cannot hold memory back; memory goes after the disk");
+            return Ok(false);
+        }
+    } else if let Err(e) = qmp.set_switchover_bandwidth(0) {
+        // Older QEMU: nothing of a held migration can linger there either.
+        tracing::debug!(error = %e, "no avail-switchover-bandwidth in this QEMU");
+    }
+    progress(Phase::Memory, "waiting for the destination QEMU");
+    let memory = match proto::call(run.ctl()?, &Request::AwaitIncoming)? {
+        Response::Incoming { memory, .. } => memory,
+        other => {
+            return Err(MigrateError::Protocol(format!(
+                "unexpected answer to AwaitIncoming: {other:?}"
+            )))
+        }
+    };
+    if memory != asked {
+        tracing::warn!(
+            ?asked,
+            ?memory,
+            "the destination QEMU fell back; so does the source"
+        );
+        qmp.set_memory_transport(memory)?;
+    }
+    progress(Phase::Memory, &format!("QEMU migrate to {uri} ({memory:?})"));
+    qmp.migrate_set_capabilities(&[("pause-before-switchover", true), ("events", true)])?;
+    let cap = run.opts.memory_max_bps.unwrap_or(UNCAPPED_BPS);
+    qmp.migrate_set_parameters(Some(run.opts.downtime_limit_ms), Some(cap))?;
+    qmp.migrate(uri)?;
+    tracing::info!(%uri, ?memory, hold, cap_bps = cap, "memory migration started");
+    Ok(true)
+}
+
+/// Ends the hold of [`start_memory`]: the measured rate decides the
+/// switchover again, and memory has the path (up to `--memory-max-mbit`).
+fn let_memory_converge(run: &Run, qmp: &mut QmpClient) -> Result<(), MigrateError> {
+    qmp.set_switchover_bandwidth(0)?;
+    qmp.migrate_set_parameters(
+        Some(run.opts.downtime_limit_ms),
+        Some(run.opts.memory_max_bps.unwrap_or(UNCAPPED_BPS)),
+    )?;
+    Ok(())
+}
+
+/// Signals between the disk pre-copy and [`hold_memory_back`].
+#[derive(Default)]
+struct MemoryHold {
+    /// Bytes the source's path should carry in the disk rounds (0: not
+    /// known yet, the slice still runs).
+    disk_bytes: AtomicU64,
+    /// QEMU reached pre-switchover (the VM is stopped) under the disk rounds.
+    converged: AtomicBool,
+    stop: AtomicBool,
+}
+
+/// QEMU's `max-bandwidth` once memory's first pass is over and disk rounds
+/// still run: a trickle. Passes over the dirty pages now would send pages
+/// that are dirtied again before the switchover (the path is the disk's),
+/// and a slow pass leaves no chance of a pass with nothing dirty (the one
+/// way a held migration can still converge).
+const MEMORY_TRICKLE_BPS: u64 = 64 << 10;
+/// How often the watch looks at QEMU.
+const MEMORY_WATCH: Duration = Duration::from_millis(25);
+
+/// Runs beside the disk pre-copy while memory moves (started uncapped and
+/// held from converging, see [`start_memory`]). Once the slice is done and the disk rounds'
+/// bytes are known, caps memory so that at most
+/// [`MEMORY_SHARE_DURING_DISK`] of what it has left goes in the time the
+/// disk takes (from the path rate QEMU measured with the path to itself).
+/// Remaining bytes are a guess (zero pages cost nothing on the wire), so
+/// before the first pass ends (in its last quarter, or at QEMU's second
+/// dirty sync) memory drops to a trickle.
+fn hold_memory_back(
+    qmp: &mut QmpClient,
+    since: Instant,
+    user_cap: Option<u64>,
+    hold: &MemoryHold,
+) -> Result<(), MigrateError> {
+    let mut capped = false;
+    let mut held = false;
+    while !hold.stop.load(AtomicOrdering::Acquire) {
+        let info = qmp.query_migrate()?;
+        match info.status.as_deref() {
+            Some("pre-switchover") => {
+                hold.converged.store(true, AtomicOrdering::Release);
+                tracing::warn!("memory converged before the disk rounds ended; the pause sends the rest");
+                return Ok(());
+            }
+            // The memory phase reports these.
+            Some("failed") | Some("cancelled") | Some("completed") => return Ok(()),
+            _ => {}
+        }
+        let ram = info.ram.unwrap_or_default();
+        tracing::debug!(
+            status = info.status.as_deref().unwrap_or("-"),
+            transferred = ram.transferred,
+            remaining = ram.remaining,
+            dirty_syncs = ram.dirty_sync_count,
+            "memory under the disk rounds"
+        );
+        // QEMU walks memory in address order and the end of a guest's
+        // memory is mostly zero pages (free on the wire), so the last
+        // quarter goes in a blink; held back before it, the pass ends (if
+        // at all) at a trickle, where no quick run of empty dirty syncs can
+        // converge it.
+        let last_quarter = ram.total > 0 && ram.remaining < ram.total / 4 && ram.transferred > 0;
+        if !held && (ram.dirty_sync_count >= 2 || last_quarter) {
+            qmp.migrate_set_parameters(None, Some(MEMORY_TRICKLE_BPS))?;
+            held = true;
+            tracing::info!(
+                transferred = ram.transferred,
+                remaining = ram.remaining,
+                "memory's first pass nearly done under the disk rounds: held back until they end"
+            );
+        }
+        let disk_bytes = hold.disk_bytes.load(AtomicOrdering::Acquire);
+        if !held && !capped && disk_bytes > 0 {
+            let secs = since.elapsed().as_secs_f64();
+            // Too little measured (QEMU still in setup): a low cap is safe.
+            let rate = if secs > 0.2 && ram.transferred > (1 << 20) {
+                ram.transferred as f64 / secs
+            } else {
+                1e6
+            };
+            let done = ram.total.saturating_sub(ram.remaining);
+            let wire_per_byte = if done > 0 {
+                (ram.transferred as f64 / done as f64).min(1.0)
+            } else {
+                1.0
+            };
+            let mem_left = ram.remaining as f64 * wire_per_byte;
+            let share = MEMORY_SHARE_DURING_DISK * mem_left / (mem_left + disk_bytes as f64);
+            let mut cap = (rate * share).max(MEMORY_TRICKLE_BPS as f64) as u64;
+            if let Some(user) = user_cap {
+                cap = cap.min(user);
+            }
+            qmp.migrate_set_parameters(None, Some(cap))?;
+            capped = true;
+            tracing::info!(
+                path_bps = rate,
+                memory_left = mem_left,
+                disk_bytes,
+                cap_bps = cap,
+                "memory capped while the disk rounds run"
+            );
+        }
+        std::thread::sleep(MEMORY_WATCH);
+    }
+    Ok(())
+}
+
 fn injected(opts: &MigrateOptions, phase: Phase) -> Result<(), MigrateError> {
     if opts.fail_after == Some(phase) {
         return Err(MigrateError::State(format!(
@@ -708,10 +892,9 @@ fn drive(
 
     // 1. Plan. The VM booted from a manifest this edge's store holds in
     //    full (pinned while it runs), so the destination prepares with it at
-    //    once and round 0 pulls it from every holder while the live disk is
-    //    sliced here alongside; what changed since boot exists only in that
-    //    slice and goes in round 1. The pause's check is against the final
-    //    live manifest, so the shortcut does not weaken it.
+    //    once (the coordinator plans sources for it) while nothing of the
+    //    live disk is read yet. The pause's check is against the final live
+    //    manifest, so the shortcut does not weaken it.
     let t = Instant::now();
     progress(Phase::Plan, "asking the destination what it lacks");
     let mut writes = WriteLog::open(&dev, cs.bytes());
@@ -785,95 +968,133 @@ fn drive(
         bytes: 0,
     });
     injected(&run.opts, Phase::Incoming)?;
+    // Memory starts with the disk when asked: the path carries it while the
+    // live disk is sliced (else idle), then shares it with the disk rounds
+    // (capped so that it cannot converge first); it converges after them.
+    let memory_started = if run.opts.memory_with_disk {
+        let t = Instant::now();
+        let started = start_memory(run, qmp, &uri, asked, true, progress)?;
+        *migration_started = started;
+        started.then_some(t)
+    } else {
+        None
+    };
 
-    // 3. Disk pre-copy: round 0 from every holder, coldest first; then
-    //    rounds of what was written since (it exists only here) while they
-    //    are big and shrinking.
+    // 3. Disk pre-copy. The live disk is sliced first (io_uring, parallel
+    //    hashing); round 0 then asks for all of it from every holder at
+    //    once. The chunks changed since boot lead the order: only this edge
+    //    holds most of them (unless an earlier copy of the disk sits at a
+    //    neighbour), so this edge's path carries them while the neighbours
+    //    carry the boot image. Sent after the boot image instead, they would
+    //    leave every other path idle at the end (measured: 2.9 s of 27 s at
+    //    100 Mbit/s with a cold destination). Later rounds re-send what the
+    //    guest wrote since, while they are big and shrinking.
     let t = Instant::now();
     let before = run.bytes_by_source.values().sum::<u64>();
-    progress(Phase::Precopy, "round 0 (boot image), slicing the live disk");
-    let all: Vec<u32> = (0..boot.chunks.len() as u32).collect();
-    let round0 = temp.order(all, ordering, true);
-    // The live disk is sliced (io_uring, parallel hashing) while round 0
-    // runs: with a warm destination round 0 is local writes there, with a
-    // cold one it pulls from every holder.
-    let (sliced, pulled) = std::thread::scope(|sc| {
-        let slicer = sc.spawn(|| {
-            let t = Instant::now();
-            let m = full_slice(&image, cs, store);
-            (m, t.elapsed().as_secs_f64())
+    let hold = MemoryHold::default();
+    let (precopy, monitor) = std::thread::scope(|sc| {
+        // Beside the disk rounds, a watch on memory caps it to its share of
+        // the path and holds it back once its first pass ends, so that it
+        // cannot converge (stop the VM) before the disk rounds do.
+        let monitor = memory_started.map(|started| {
+            let (qmp, hold) = (&mut *qmp, &hold);
+            let user_cap = run.opts.memory_max_bps;
+            sc.spawn(move || hold_memory_back(qmp, started, user_cap, hold))
         });
-        let pulled = run.round(boot, round0);
-        let sliced = slicer
-            .join()
-            .map_err(|_| MigrateError::State("live disk slicer panicked".into()));
-        (sliced, pulled)
+        let precopy = (|| -> Result<Manifest, MigrateError> {
+            progress(Phase::Precopy, "slicing the live disk");
+            let mut cur = full_slice(&image, cs, store)?;
+            tracing::info!(slice_s = t.elapsed().as_secs_f64(), "live disk sliced");
+            if ordering == Ordering::ColdFirst && !run.opts.sample_interval.is_zero() {
+                // An optional longer first temperature sample.
+                std::thread::sleep(run.opts.sample_interval);
+            }
+            if writes.is_some() {
+                // The first temperature sample is what the guest wrote while the
+                // slice ran (what changed since boot is not a temperature: the
+                // guest's first minutes wrote much that stays cold).
+                let next = reslice(&dev, &image, &cur, &mut writes, &mut temp, store)?;
+                temp.observe(&cur, &next);
+                cur = next;
+            }
+            if let Some(c) = &run.opts.coordinator {
+                // The plan is made (with the boot image, which the coordinator knows
+                // already); this report only tells it what the source holds now, so
+                // a coordinator gone since the plan does not stop the handoff.
+                progress(Phase::Precopy, "reporting the live disk to the coordinator");
+                if let Err(e) = super::coord::report_live_disk(c, store, &cur, &mut run.coord) {
+                    tracing::warn!(error = %e, "live disk not reported to the coordinator; the handoff goes on");
+                    run.coord.left.push(format!("live disk not reported: {e}"));
+                }
+            }
+            let (changed, unchanged): (Vec<u32>, Vec<u32>) = (0..cur.chunks.len() as u32)
+                .partition(|&i| cur.chunks[i as usize] != boot.chunks[i as usize]);
+            let mut round0 = temp.order(changed, ordering, true);
+            let n_changed = round0.len();
+            round0.extend(temp.order(unchanged, ordering, true));
+            progress(
+                Phase::Precopy,
+                &format!("round 0: the live disk, {n_changed} chunks changed since boot first"),
+            );
+            if memory_started.is_some() {
+                // The source's path carries the changed chunks and a share of the
+                // rest (an even split with the other holders, as a guess).
+                let changed_bytes: u64 = round0[..n_changed]
+                    .iter()
+                    .filter(|&&i| !cur.chunks[i as usize].is_zero_chunk())
+                    .map(|&i| cur.chunk_len(i as usize))
+                    .sum();
+                let disk_bytes = changed_bytes + missing.1 / run.holders().len() as u64;
+                hold.disk_bytes.store(disk_bytes.max(1), AtomicOrdering::Release);
+            }
+            // First sends of the live disk, not chunks written again.
+            run.counting_resent = false;
+            let sent = run.round(&cur, round0);
+            run.counting_resent = true;
+            sent?;
+            let mut last_len = usize::MAX;
+            for r in 1..=run.opts.max_rounds {
+                if hold.converged.load(AtomicOrdering::Acquire) {
+                    // Memory converged under the disk rounds after all: the VM is
+                    // stopped, so the rest goes in the pause.
+                    tracing::warn!("memory converged before the disk rounds ended; the pause sends the rest");
+                    break;
+                }
+                let next = reslice(&dev, &image, &cur, &mut writes, &mut temp, store)?;
+                temp.observe(&cur, &next);
+                cur = next;
+                let stale = run.stale(&cur);
+                let n = stale.len();
+                // Few enough left for the pause, or no longer shrinking: memory
+                // starts now.
+                if n <= run.opts.converge_chunks || n >= last_len {
+                    break;
+                }
+                // Hot chunks wait while there is other work; the last round before
+                // memory takes them too, so the pause has little to send.
+                let cold = temp.order(stale.clone(), ordering, true);
+                let todo = if cold.len() > run.opts.converge_chunks {
+                    cold
+                } else {
+                    temp.order(stale, ordering, false)
+                };
+                progress(Phase::Precopy, &format!("round {r}: {n} chunks"));
+                let only_source = vec![run.opts.source_addr.clone()];
+                run.round_from(&cur, todo, only_source)?;
+                last_len = n;
+            }
+            Ok(cur)
+        })();
+        hold.stop.store(true, AtomicOrdering::Release);
+        let monitor = monitor.map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(MigrateError::State("memory monitor panicked".into())))
+        });
+        (precopy, monitor)
     });
-    pulled?;
-    let (sliced, slice_s) = sliced?;
-    let mut cur = sliced?;
-    tracing::info!(slice_s, "live disk sliced alongside round 0");
-    if ordering == Ordering::ColdFirst && !run.opts.sample_interval.is_zero() {
-        // An optional longer first temperature sample.
-        std::thread::sleep(run.opts.sample_interval);
-    }
-    if writes.is_some() {
-        // The first temperature sample is what the guest wrote while the
-        // slice ran (what changed since boot is not a temperature: the
-        // guest's first minutes wrote much that stays cold).
-        let next = reslice(&dev, &image, &cur, &mut writes, &mut temp, store)?;
-        temp.observe(&cur, &next);
-        cur = next;
-    }
-    if let Some(c) = &run.opts.coordinator {
-        // The plan is made (with the boot image, which the coordinator knows
-        // already); this report only tells it what the source holds now, so
-        // a coordinator gone since the plan does not stop the handoff.
-        progress(Phase::Precopy, "reporting the live disk to the coordinator");
-        if let Err(e) = super::coord::report_live_disk(c, store, &cur, &mut run.coord) {
-            tracing::warn!(error = %e, "live disk not reported to the coordinator; the handoff goes on");
-            run.coord.left.push(format!("live disk not reported: {e}"));
-        }
-    }
-    // Round 1: what changed since boot, from every holder (an earlier copy
-    // of this disk may sit at a neighbour), coldest first.
-    let changed = run.stale(&cur);
-    if changed.len() > run.opts.converge_chunks {
-        let todo = temp.order(changed, ordering, true);
-        progress(
-            Phase::Precopy,
-            &format!("round 1: {} chunks changed since boot", todo.len()),
-        );
-        // First sends of the live disk, not chunks written again.
-        run.counting_resent = false;
-        let sent = run.round(&cur, todo);
-        run.counting_resent = true;
-        sent?;
-    }
-    let mut last_len = usize::MAX;
-    for r in 1..=run.opts.max_rounds {
-        let next = reslice(&dev, &image, &cur, &mut writes, &mut temp, store)?;
-        temp.observe(&cur, &next);
-        cur = next;
-        let stale = run.stale(&cur);
-        let n = stale.len();
-        // Few enough left for the pause, or no longer shrinking: memory
-        // starts now.
-        if n <= run.opts.converge_chunks || n >= last_len {
-            break;
-        }
-        // Hot chunks wait while there is other work; the last round before
-        // memory takes them too, so the pause has little to send.
-        let cold = temp.order(stale.clone(), ordering, true);
-        let todo = if cold.len() > run.opts.converge_chunks {
-            cold
-        } else {
-            temp.order(stale, ordering, false)
-        };
-        progress(Phase::Precopy, &format!("round {r}: {n} chunks"));
-        let only_source = vec![run.opts.source_addr.clone()];
-        run.round_from(&cur, todo, only_source)?;
-        last_len = n;
+    let mut cur = precopy?;
+    if let Some(m) = monitor {
+        m?;
     }
     phases.push(PhaseReport {
         phase: Phase::Precopy,
@@ -883,34 +1104,21 @@ fn drive(
     injected(&run.opts, Phase::Precopy)?;
 
     // 4. Memory, up to the pause before switchover, with disk rounds
-    //    alongside (QEMU's `migrate` runs in its own threads).
-    let t = Instant::now();
-    progress(Phase::Memory, "waiting for the destination QEMU");
-    let memory = match proto::call(run.ctl()?, &Request::AwaitIncoming)? {
-        Response::Incoming { memory, .. } => memory,
-        other => {
-            return Err(MigrateError::Protocol(format!(
-                "unexpected answer to AwaitIncoming: {other:?}"
-            )))
+    //    alongside (QEMU's `migrate` runs in its own threads). Started
+    //    already with the disk, memory is now let converge at full rate.
+    let t = match memory_started {
+        Some(started) => {
+            progress(Phase::Memory, &format!("QEMU migrate to {uri}: converging"));
+            let_memory_converge(run, qmp)?;
+            started
+        }
+        None => {
+            let t = Instant::now();
+            start_memory(run, qmp, &uri, asked, false, progress)?;
+            *migration_started = true;
+            t
         }
     };
-    if memory != asked {
-        tracing::warn!(
-            ?asked,
-            ?memory,
-            "the destination QEMU fell back; so does the source"
-        );
-        qmp.set_memory_transport(memory)?;
-    }
-    progress(Phase::Memory, &format!("QEMU migrate to {uri} ({memory:?})"));
-    qmp.migrate_set_capabilities(&[("pause-before-switchover", true), ("events", true)])?;
-    qmp.migrate_set_parameters(
-        Some(run.opts.downtime_limit_ms),
-        Some(run.opts.memory_max_bps.unwrap_or(1 << 30)),
-    )?;
-    *migration_started = true;
-    qmp.migrate(&uri)?;
-    tracing::info!(%uri, ?memory, "memory migration started");
     // The first look at the disk goes at once.
     let mut last_disk: Option<Instant> = None;
     let info = loop {

@@ -398,18 +398,35 @@ impl Incoming<'_> {
                 order.push((want, target.chunk_len(i)));
             }
         }
-        self.write_local(&local)?;
+        // The chunks this store holds are written into the image while the
+        // rest arrive: with a warm destination the local writes would
+        // otherwise hold the paths idle (measured: 0.4 s for 720 MB).
+        let this = &*self;
+        let (wrote_local, fetched) = std::thread::scope(|sc| {
+            let writer = sc.spawn(|| this.write_local(&local));
+            let fetched = if order.is_empty() {
+                Ok(Vec::new())
+            } else {
+                this.fetch_from_holders(order, &wanted, holders, &mut stats)
+            };
+            let wrote = writer
+                .join()
+                .unwrap_or_else(|_| Err(MigrateError::State("local chunk writer panicked".into())));
+            (wrote, fetched)
+        });
+        wrote_local?;
+        let fetched = fetched?;
         stats.local_chunks += local.len() as u64;
         for (i, fp) in local {
             self.current[i] = fp;
         }
-        if !order.is_empty() {
-            let fetched = self.fetch_from_holders(order, &wanted, holders, &mut stats)?;
-            for fp in fetched {
-                for &i in wanted.get(&fp).map(|v| v.as_slice()).unwrap_or(&[]) {
-                    self.current[i] = fp;
-                }
+        for fp in fetched {
+            for &i in wanted.get(&fp).map(|v| v.as_slice()).unwrap_or(&[]) {
+                self.current[i] = fp;
             }
+        }
+        if stats.indices_written > 0 {
+            self.flush_in_background();
         }
         stats.seconds = start.elapsed().as_secs_f64();
         metrics::counter!("edgeshift_migrate_pulled_bytes_total")
@@ -571,24 +588,22 @@ impl Incoming<'_> {
             self.qemu = Some(launched);
             self.memory = memory;
             // Memory starts now and takes seconds: flush what the pre-copy
-            // wrote meanwhile, so the pause's `Verify` (downtime) only syncs
-            // the last rounds. Best effort: `Verify` syncs in any case.
-            match self.file.try_clone() {
-                Ok(f) => {
-                    let path = self.image_path.clone();
-                    std::thread::spawn(move || {
-                        if let Err(e) = f.sync_data() {
-                            tracing::debug!(path = %path.display(), error = %e, "background image flush failed");
-                        }
-                    });
-                }
-                Err(e) => tracing::debug!(error = %e, "no background image flush"),
-            }
+            // wrote meanwhile.
+            self.flush_in_background();
         }
         match (&self.qemu, &self.uri) {
             (Some(_), Some(uri)) => Ok((uri.clone(), self.memory)),
             _ => Err(MigrateError::State("AwaitIncoming before StartIncoming".into())),
         }
+    }
+
+    /// Starts writing the image's dirty pages back (without waiting, and
+    /// without the journal commit an fsync forces on everything else on
+    /// this file system), so the pause's `Verify` (downtime) only syncs what
+    /// the last rounds wrote (measured: 0.3 s when 700 MB written 3 s
+    /// before were still dirty).
+    fn flush_in_background(&self) {
+        crate::store::local::start_writeback(&self.file);
     }
 
     fn verify(&mut self, id: &Fingerprint, recheck: &[u32]) -> Result<(bool, String), MigrateError> {

@@ -39,6 +39,15 @@ pub(crate) fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::i
 }
 
 /// Syncs a directory so that a rename into it is durable.
+/// Starts writing `f`'s dirty pages back without waiting for them and
+/// without a journal commit (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so
+/// a later `fsync` finds little left. Best effort: errors are ignored.
+pub fn start_writeback(f: &File) {
+    // SAFETY: sync_file_range only reads the fd, which `f` keeps open;
+    // SYNC_FILE_RANGE_WRITE does not wait and touches no user memory.
+    let _ = unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
 pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -351,9 +360,7 @@ impl ChunkBatch<'_> {
         }
         // Start writeback now, so the disk is busy while more chunks are
         // staged and the commit's fdatasync finds little left to do.
-        // SAFETY: sync_file_range only reads the fd, which `f` keeps open;
-        // SYNC_FILE_RANGE_WRITE does not wait and touches no user memory.
-        let _ = unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+        start_writeback(&f);
         self.staged.push((f, tmp, *fp));
         self.staged_bytes += data.len() as u64;
         Ok(())

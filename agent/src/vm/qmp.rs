@@ -150,6 +150,8 @@ struct MigrateParameters {
     downtime_limit: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_bandwidth: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    avail_switchover_bandwidth: Option<u64>,
 }
 
 /// A connected, negotiated QMP session.
@@ -320,6 +322,20 @@ impl QmpClient {
         let args = MigrateParameters {
             downtime_limit: downtime_limit_ms,
             max_bandwidth,
+            avail_switchover_bandwidth: None,
+        };
+        self.execute_unit("migrate-set-parameters", Some(&args))
+    }
+
+    /// QEMU's `avail-switchover-bandwidth` (bytes/s; 0: the measured rate):
+    /// the rate QEMU assumes for the final copy when it decides whether
+    /// the rest fits the downtime limit; a tiny rate holds convergence back
+    /// (QEMU 8.2 and later).
+    pub fn set_switchover_bandwidth(&mut self, bytes_per_sec: u64) -> Result<(), VmError> {
+        let args = MigrateParameters {
+            downtime_limit: None,
+            max_bandwidth: None,
+            avail_switchover_bandwidth: Some(bytes_per_sec),
         };
         self.execute_unit("migrate-set-parameters", Some(&args))
     }
