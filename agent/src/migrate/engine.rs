@@ -144,6 +144,9 @@ pub struct MigrationReport {
     pub downtime_ms: u64,
     /// Time the source VM was paused for the disk (within the downtime).
     pub pause_disk_seconds: f64,
+    /// Memory moved beside the disk pre-copy (held from converging until
+    /// it ended), not after it; the phases then overlap.
+    pub memory_started_with_disk: bool,
     pub phases: Vec<PhaseReport>,
     pub rounds: Vec<RoundReport>,
     pub disk_bytes: u64,
@@ -189,6 +192,8 @@ struct Run {
     throttle: ThrottleReport,
     /// The source disk's qdev path once a throttle was set (to lift it).
     throttled_qdev: Option<String>,
+    /// Memory started with the disk pre-copy (see [`start_memory`]).
+    memory_with_disk: bool,
 }
 
 impl Run {
@@ -748,6 +753,7 @@ pub fn migrate(
             ..Default::default()
         },
         throttled_qdev: None,
+        memory_with_disk: false,
         coord: Default::default(),
         opts,
     };
@@ -804,6 +810,7 @@ pub fn migrate(
                 manifest_id: final_id,
                 coordination: run.coord,
                 throttle: run.throttle,
+                memory_started_with_disk: run.memory_with_disk,
             })
         }
         Err(e) => {
@@ -975,6 +982,7 @@ fn drive(
         let t = Instant::now();
         let started = start_memory(run, qmp, &uri, asked, true, progress)?;
         *migration_started = started;
+        run.memory_with_disk = started;
         started.then_some(t)
     } else {
         None
