@@ -119,6 +119,12 @@ fn peers_holding_different_subsets_together_supply_the_image() {
         peers.iter().all(|p| p["chunks"].as_u64().unwrap_or(0) > 0),
         "both peers contributed: {r}"
     );
+    // The fetcher asked both what they hold first: neither was asked for
+    // a chunk it lacks.
+    assert!(
+        peers.iter().all(|p| p["lacking_chunks"].as_u64() == Some(0)),
+        "no peer answered Missing: {r}"
+    );
     assert_restores(&src.id, &dst, &src.image);
 
     // With only a, the odd chunks exist nowhere: a clear error naming the count.

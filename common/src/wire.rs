@@ -28,6 +28,8 @@ pub const MAX_AUTH_FRAME_LEN: u32 = 1024;
 pub const MAX_PEER_ID_LEN: usize = 128;
 /// Most fingerprints one chunk request may carry.
 pub const MAX_BATCH: usize = 4096;
+/// Most fingerprints in one `HasRequest` (2 MiB of body).
+pub const MAX_HAS: usize = 65536;
 /// Largest decompressed chunk (the largest chunk size).
 pub const MAX_CHUNK_LEN: u32 = 16 << 20;
 
@@ -53,6 +55,8 @@ pub enum WireError {
     BadPeerId(usize),
     #[error("chunk request carries {0} fingerprints (limit {MAX_BATCH})")]
     BatchTooLarge(usize),
+    #[error("holdings query carries {0} fingerprints (limit {MAX_HAS})")]
+    HasTooLarge(usize),
     #[error("chunk payload announces {0} bytes decompressed (limit {MAX_CHUNK_LEN})")]
     ChunkTooLong(u32),
 }
@@ -81,6 +85,12 @@ pub enum FrameKind {
     Missing = 9,
     /// either way: [`ErrorHead`] + UTF-8 message; the sender closes after it.
     Error = 10,
+    /// client → server: N × 32-byte fingerprints (1 ≤ N ≤ [`MAX_HAS`]):
+    /// which of these does the server hold?
+    HasRequest = 11,
+    /// server → client: ⌈N/8⌉ bytes, bit i (LSB first) set when the server
+    /// holds the request's fingerprint i.
+    HasReply = 12,
 }
 
 impl TryFrom<u8> for FrameKind {
@@ -98,6 +108,8 @@ impl TryFrom<u8> for FrameKind {
             8 => Chunk,
             9 => Missing,
             10 => FrameKind::Error,
+            11 => HasRequest,
+            12 => HasReply,
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -360,6 +372,51 @@ pub fn decode_chunk_request(body: &[u8]) -> Result<(ChunkRequestHead, &[Fingerpr
     Ok((head, fps))
 }
 
+/// Which of `fps` does the server hold? (1 ≤ len ≤ [`MAX_HAS`]).
+pub fn encode_has_request(request_id: u64, fps: &[Fingerprint]) -> Vec<u8> {
+    encode(FrameKind::HasRequest, 0, request_id, &[fps.as_bytes()])
+}
+
+pub fn decode_has_request(body: &[u8]) -> Result<&[Fingerprint], WireError> {
+    let fps = <[Fingerprint]>::ref_from_bytes(body).map_err(|_| WireError::BadBody {
+        kind: FrameKind::HasRequest,
+        len: body.len(),
+    })?;
+    if fps.is_empty() {
+        return Err(WireError::BadBody {
+            kind: FrameKind::HasRequest,
+            len: 0,
+        });
+    }
+    if fps.len() > MAX_HAS {
+        return Err(WireError::HasTooLarge(fps.len()));
+    }
+    Ok(fps)
+}
+
+/// The answer to a `HasRequest`: bit i set when `held[i]`.
+pub fn encode_has_reply(request_id: u64, held: &[bool]) -> Vec<u8> {
+    let mut bits = vec![0u8; held.len().div_ceil(8)];
+    for (i, &h) in held.iter().enumerate() {
+        if h {
+            bits[i / 8] |= 1 << (i % 8);
+        }
+    }
+    encode(FrameKind::HasReply, 0, request_id, &[&bits])
+}
+
+/// A `HasReply` to a request of `n` fingerprints; a body of another length
+/// is malformed.
+pub fn decode_has_reply(body: &[u8], n: usize) -> Result<Vec<bool>, WireError> {
+    if body.len() != n.div_ceil(8) {
+        return Err(WireError::BadBody {
+            kind: FrameKind::HasReply,
+            len: body.len(),
+        });
+    }
+    Ok((0..n).map(|i| body[i / 8] & (1 << (i % 8)) != 0).collect())
+}
+
 /// Header + chunk head for a payload of `wire_len` bytes; the payload itself
 /// is sent separately (straight from the chunk file when uncompressed).
 pub fn encode_chunk_prefix(
@@ -439,6 +496,31 @@ mod tests {
         let (head, got) = decode_chunk_request(&f[HEADER_LEN..]).expect("valid body");
         assert_eq!(head.path_rate.get(), 1234);
         assert_eq!(got, &fps);
+    }
+
+    #[test]
+    fn holdings_query_and_reply_round_trip_and_refuse_bad_bodies() {
+        let fps: Vec<Fingerprint> = (0..11u8).map(|i| Fingerprint::of(&[i])).collect();
+        let f = encode_has_request(3, &fps);
+        let (h, kind) = FrameHeader::decode(&header_of(&f), MAX_FRAME_LEN).expect("valid header");
+        assert_eq!((kind, h.request_id()), (FrameKind::HasRequest, 3));
+        assert_eq!(
+            decode_has_request(&f[HEADER_LEN..]).expect("valid body"),
+            &fps[..]
+        );
+        let held: Vec<bool> = (0..11).map(|i| i % 3 == 0).collect();
+        let r = encode_has_reply(3, &held);
+        assert_eq!(r.len() - HEADER_LEN, 2, "11 answers fit 2 bytes");
+        assert_eq!(decode_has_reply(&r[HEADER_LEN..], 11).expect("valid reply"), held);
+        // A reply sized for another request, an empty or ragged query.
+        assert!(decode_has_reply(&r[HEADER_LEN..], 17).is_err());
+        assert!(decode_has_request(&[]).is_err());
+        assert!(decode_has_request(&[0u8; 33]).is_err());
+        let too_many = vec![0u8; 32 * (MAX_HAS + 1)];
+        assert_eq!(
+            decode_has_request(&too_many).err(),
+            Some(WireError::HasTooLarge(MAX_HAS + 1))
+        );
     }
 
     #[test]

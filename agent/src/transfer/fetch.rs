@@ -55,6 +55,12 @@ pub struct FetchOptions {
     /// A path's window holds this much of its measured goodput. It must
     /// exceed the path's round-trip time, or the window limits the path.
     pub window_time: Duration,
+    /// With several peers and at least this many chunks, first ask every
+    /// peer which of them it holds (one `HasRequest` each, in parallel):
+    /// nobody is asked for a chunk it lacks, and each peer takes the chunks
+    /// only it holds first, so a path that alone holds some chunks is not
+    /// busy with shared ones while the others run dry. 0: never.
+    pub probe_min_chunks: usize,
 }
 
 impl Default for FetchOptions {
@@ -69,6 +75,7 @@ impl Default for FetchOptions {
             max_window: 32 << 20,
             initial_window: 4 << 20,
             window_time: Duration::from_millis(100),
+            probe_min_chunks: 64,
         }
     }
 }
@@ -113,6 +120,9 @@ pub struct PeerReport {
     pub mbit_per_s: f64,
     /// Copies that arrived after another peer's (tail stealing) or were not needed.
     pub duplicate_chunks: u64,
+    /// Chunks this peer was asked for and answered `Missing` (none when the
+    /// holdings probe ran and the peer's store did not change meanwhile).
+    pub lacking_chunks: u64,
     pub zstd_chunks: u64,
     /// Why the peer was dropped during this fetch, if it was.
     pub dropped: Option<String>,
@@ -228,12 +238,15 @@ impl Fetcher {
     }
 
     /// Fetches `wants` (earlier = higher priority) from all peers at once.
-    pub async fn fetch_chunks(&self, wants: Vec<ChunkWant>) -> Result<FetchReport, TransferError> {
+    pub async fn fetch_chunks(&self, mut wants: Vec<ChunkWant>) -> Result<FetchReport, TransferError> {
         let n_peers = self.peers.len();
         if n_peers > 64 {
             return Err(TransferError::TooManyPeers(n_peers));
         }
         let started = Instant::now();
+        if n_peers > 1 && self.opts.probe_min_chunks > 0 && wants.len() >= self.opts.probe_min_chunks {
+            self.narrow_to_holders(&mut wants).await;
+        }
         let sched = Arc::new(Shared {
             state: Mutex::new(Sched::new(&self.peers, wants, &self.opts)),
             wake: Notify::new(),
@@ -312,6 +325,101 @@ impl Fetcher {
     }
 }
 
+impl Fetcher {
+    /// Asks every peer at once which of `wants` it holds and narrows each
+    /// want's sources to the peers that said yes (a peer that could not be
+    /// asked stays a candidate; a chunk nobody claims keeps its sources, so
+    /// the fetch itself reports it). Costs one connection and a query of 32
+    /// bytes per chunk per peer; saves a `Missing` round trip per chunk a
+    /// peer lacks and lets the scheduler put exclusive chunks first.
+    async fn narrow_to_holders(&self, wants: &mut [ChunkWant]) {
+        let started = Instant::now();
+        let mut tasks = JoinSet::new();
+        for (i, &addr) in self.peers.iter().enumerate() {
+            let fps: Vec<Fingerprint> = wants
+                .iter()
+                .filter(|w| !w.fp.is_zero_chunk() && w.sources.as_ref().is_none_or(|s| s.contains(&addr)))
+                .map(|w| w.fp)
+                .collect();
+            let key = self.key.clone();
+            let opts = self.opts.clone();
+            tasks.spawn(async move {
+                let limit = opts.connect_timeout + Duration::from_secs(10);
+                let r = tokio::time::timeout(limit, query_holdings(addr, &key, &opts, &fps)).await;
+                let held = match r {
+                    Ok(Ok(held)) => Some(held),
+                    Ok(Err(e)) => {
+                        debug!(peer = %addr, error = %e, "no holdings answer; the peer stays a candidate for every chunk");
+                        None
+                    }
+                    Err(_) => {
+                        debug!(peer = %addr, "holdings query timed out; the peer stays a candidate for every chunk");
+                        None
+                    }
+                };
+                (i, fps, held)
+            });
+        }
+        // Per chunk, the peers known to lack it.
+        let mut lacks: HashMap<Fingerprint, u64> = HashMap::new();
+        let mut answered = 0;
+        while let Some(r) = tasks.join_next().await {
+            let Ok((i, fps, Some(held))) = r else { continue };
+            answered += 1;
+            for (fp, h) in fps.iter().zip(held) {
+                if !h {
+                    *lacks.entry(*fp).or_default() |= 1 << i;
+                }
+            }
+        }
+        let mut narrowed = 0;
+        for w in wants.iter_mut() {
+            let Some(&lack) = lacks.get(&w.fp) else { continue };
+            let keep: Vec<SocketAddr> = self
+                .peers
+                .iter()
+                .enumerate()
+                .filter(|(i, a)| lack & (1 << i) == 0 && w.sources.as_ref().is_none_or(|s| s.contains(a)))
+                .map(|(_, a)| *a)
+                .collect();
+            if !keep.is_empty() {
+                w.sources = Some(keep);
+                narrowed += 1;
+            }
+        }
+        info!(
+            peers = self.peers.len(),
+            answered,
+            chunks = wants.len(),
+            narrowed,
+            seconds = started.elapsed().as_secs_f64(),
+            "asked the peers what they hold"
+        );
+    }
+}
+
+/// One holdings query: connects, asks about `fps` (in frames of at most
+/// [`wire::MAX_HAS`]), returns one answer per fingerprint.
+async fn query_holdings(
+    addr: SocketAddr,
+    key: &ClusterKey,
+    opts: &FetchOptions,
+    fps: &[Fingerprint],
+) -> Result<Vec<bool>, TransferError> {
+    let (mut sock, _) = connect(addr, key, opts).await?;
+    let mut held = Vec::with_capacity(fps.len());
+    for (n, part) in fps.chunks(wire::MAX_HAS).enumerate() {
+        let rid = n as u64 + 1;
+        sock.write_all(&wire::encode_has_request(rid, part)).await?;
+        let frame = super::conn::read_frame(&mut sock, MAX_FRAME_LEN, None).await?;
+        if frame.kind != FrameKind::HasReply || frame.header.request_id() != rid {
+            return Err(unexpected(&frame));
+        }
+        held.extend(wire::decode_has_reply(&frame.body, part.len())?);
+    }
+    Ok(held)
+}
+
 /// Connects and authenticates; returns the stream and the peer's id.
 pub(crate) async fn connect(
     addr: SocketAddr,
@@ -368,6 +476,7 @@ struct PeerState {
     bytes: u64,
     chunks: u64,
     duplicates: u64,
+    lacking: u64,
     zstd_chunks: u64,
     first_request: Option<Instant>,
     last_chunk: Option<Instant>,
@@ -391,6 +500,7 @@ impl PeerState {
                 0.0
             },
             duplicate_chunks: self.duplicates,
+            lacking_chunks: self.lacking,
             zstd_chunks: self.zstd_chunks,
             dropped: self.dropped.clone(),
         }
@@ -472,7 +582,16 @@ impl Sched {
                 addr: *a,
                 id: None,
                 alive: true,
-                queue: (0..ws.len()).filter(|&c| ws[c].allowed & (1 << i) != 0).collect(),
+                queue: {
+                    // Chunks fewer peers may serve first (stable: the
+                    // caller's priority order within each group), so a
+                    // peer spends itself on what only it can send before
+                    // it takes shared work the others could do.
+                    let mut q: Vec<usize> =
+                        (0..ws.len()).filter(|&c| ws[c].allowed & (1 << i) != 0).collect();
+                    q.sort_by_key(|&c| ws[c].allowed.count_ones());
+                    q.into()
+                },
                 inflight: VecDeque::new(),
                 inflight_bytes: 0,
                 storing: Vec::new(),
@@ -480,6 +599,7 @@ impl Sched {
                 bytes: 0,
                 chunks: 0,
                 duplicates: 0,
+                lacking: 0,
                 zstd_chunks: 0,
                 first_request: None,
                 last_chunk: None,
@@ -633,6 +753,7 @@ impl Sched {
     }
 
     fn chunk_lacking(&mut self, p: usize, c: usize) {
+        self.peers[p].lacking += 1;
         self.lacking[c] |= 1 << p;
         self.release(p, c);
         self.requeue(c);
@@ -1164,6 +1285,24 @@ mod tests {
         assert_eq!(s.state[0], ChunkState::Done);
         assert_eq!(s.remaining, 19);
         assert_eq!(s.peers[0].chunks, 1);
+    }
+
+    #[test]
+    fn a_peer_takes_what_only_it_holds_before_shared_chunks() {
+        let a = addrs(2);
+        let mut w = wants(8, 100);
+        // Chunks 5..8 are held by peer 0 alone (as a migration's source
+        // alone holds what the guest wrote); 0..5 by both.
+        for x in &mut w[5..] {
+            x.sources = Some(vec![a[0]]);
+        }
+        let mut s = Sched::new(&a, w, &opts());
+        assert_eq!(s.take_batch(0, 32), vec![5, 6, 7], "peer 0 starts with its own");
+        assert_eq!(
+            s.take_batch(1, 32),
+            vec![0, 1, 2],
+            "peer 1 takes the shared ones in order"
+        );
     }
 
     #[test]

@@ -172,6 +172,10 @@ async fn handle_connection(mut sock: TcpStream, addr: SocketAddr, cfg: Arc<Serve
                 }
                 Err(e) => Err(e.into()),
             },
+            FrameKind::HasRequest => match wire::decode_has_request(&frame.body) {
+                Ok(fps) => send_holdings(&mut sock, &cfg, rid, fps.to_vec()).await,
+                Err(e) => Err(e.into()),
+            },
             other => Err(TransferError::Unexpected(format!("{other:?}"))),
         };
         if let Err(e) = result {
@@ -185,6 +189,27 @@ async fn handle_connection(mut sock: TcpStream, addr: SocketAddr, cfg: Arc<Serve
             return;
         }
     }
+}
+
+/// Answers a holdings query: which of `fps` this store holds (a chunk that
+/// cannot be checked counts as not held; the client then asks elsewhere).
+async fn send_holdings(
+    sock: &mut TcpStream,
+    cfg: &ServerConfig,
+    rid: u64,
+    fps: Vec<Fingerprint>,
+) -> Result<(), TransferError> {
+    let store = cfg.store.clone();
+    let held = tokio::task::spawn_blocking(move || {
+        fps.iter()
+            .map(|fp| crate::store::ChunkStore::has_chunk(&*store, fp).unwrap_or(false))
+            .collect::<Vec<bool>>()
+    })
+    .await
+    .map_err(|e| TransferError::Unexpected(format!("holdings check: {e}")))?;
+    metrics::counter!("edgeshift_holdings_queries_total").increment(1);
+    sock.write_all(&wire::encode_has_reply(rid, &held)).await?;
+    Ok(())
 }
 
 async fn send_manifest(
