@@ -283,6 +283,12 @@ impl Host {
                 .map_err(io("create", &image_path))?;
             file.set_len(manifest.image_size)
                 .map_err(io("size", &image_path))?;
+            // The whole disk's blocks now: a destination without room fails
+            // here, before anything moved, and the pre-copy's writes then
+            // allocate nothing, so the chunk store's syncs during the fetch
+            // do not wait on the image's data (ext4 writes a file's newly
+            // allocated blocks before the journal commit that records them).
+            crate::store::local::allocate(&file, manifest.image_size).map_err(io("allocate", &image_path))?;
             Ok::<_, MigrateError>((image_path, file))
         })();
         let (image_path, file) = match made {
