@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
 use edgeshift_common::{Fingerprint, Manifest};
@@ -510,10 +510,6 @@ fn source_memory_transport(
 
 /// QEMU's `max-bandwidth` when nothing caps memory (1 GiB/s: the path decides).
 const UNCAPPED_BPS: u64 = 1 << 30;
-/// The share of memory's remaining bytes that may go while disk rounds run;
-/// the rest goes after, so the first pass cannot end (and QEMU converge)
-/// under the disk rounds even when they run slower than estimated.
-const MEMORY_SHARE_DURING_DISK: f64 = 0.8;
 
 /// Starts QEMU's memory migration to `uri` once the destination QEMU
 /// listens: the transport the destination settled on, pause-before-switchover,
@@ -584,38 +580,27 @@ fn let_memory_converge(run: &Run, qmp: &mut QmpClient) -> Result<(), MigrateErro
 /// Signals between the disk pre-copy and [`hold_memory_back`].
 #[derive(Default)]
 struct MemoryHold {
-    /// Bytes the source's path should carry in the disk rounds (0: not
-    /// known yet, the slice still runs).
-    disk_bytes: AtomicU64,
     /// QEMU reached pre-switchover (the VM is stopped) under the disk rounds.
     converged: AtomicBool,
     stop: AtomicBool,
 }
 
-/// QEMU's `max-bandwidth` once memory's first pass is over and disk rounds
-/// still run: a trickle. Passes over the dirty pages now would send pages
-/// that are dirtied again before the switchover (the path is the disk's),
-/// and a slow pass leaves no chance of a pass with nothing dirty (the one
-/// way a held migration can still converge).
+/// QEMU's `max-bandwidth` once memory's first pass is nearly over and disk
+/// rounds still run: a trickle. Passes over the dirty pages now would send
+/// pages that are dirtied again before the switchover (the path is the
+/// disk's), and slow passes leave little chance of one with nothing dirty
+/// (the one way a held migration can still converge). QEMU 10's multifd
+/// streams do not keep to it (1-2 MB/s measured), but its passes slow down.
 const MEMORY_TRICKLE_BPS: u64 = 64 << 10;
 /// How often the watch looks at QEMU.
 const MEMORY_WATCH: Duration = Duration::from_millis(25);
 
-/// Runs beside the disk pre-copy while memory moves (started uncapped and
-/// held from converging, see [`start_memory`]). Once the slice is done and the disk rounds'
-/// bytes are known, caps memory so that at most
-/// [`MEMORY_SHARE_DURING_DISK`] of what it has left goes in the time the
-/// disk takes (from the path rate QEMU measured with the path to itself).
-/// Remaining bytes are a guess (zero pages cost nothing on the wire), so
-/// before the first pass ends (in its last quarter, or at QEMU's second
-/// dirty sync) memory drops to a trickle.
-fn hold_memory_back(
-    qmp: &mut QmpClient,
-    since: Instant,
-    user_cap: Option<u64>,
-    hold: &MemoryHold,
-) -> Result<(), MigrateError> {
-    let mut capped = false;
+/// Runs beside the disk pre-copy while memory moves (held from converging,
+/// see [`start_memory`]): before the first pass ends (in its last quarter,
+/// or at QEMU's second dirty sync) memory drops to a trickle. (A cap on
+/// memory's share of the path beside round 0 was tried and dropped: QEMU's
+/// multifd streams ran at 11.7 MB/s under a 6.1 MB/s `max-bandwidth`.)
+fn hold_memory_back(qmp: &mut QmpClient, hold: &MemoryHold) -> Result<(), MigrateError> {
     let mut held = false;
     while !hold.stop.load(AtomicOrdering::Acquire) {
         let info = qmp.query_migrate()?;
@@ -650,37 +635,6 @@ fn hold_memory_back(
                 transferred = ram.transferred,
                 remaining = ram.remaining,
                 "memory's first pass nearly done under the disk rounds: held back until they end"
-            );
-        }
-        let disk_bytes = hold.disk_bytes.load(AtomicOrdering::Acquire);
-        if !held && !capped && disk_bytes > 0 {
-            let secs = since.elapsed().as_secs_f64();
-            // Too little measured (QEMU still in setup): a low cap is safe.
-            let rate = if secs > 0.2 && ram.transferred > (1 << 20) {
-                ram.transferred as f64 / secs
-            } else {
-                1e6
-            };
-            let done = ram.total.saturating_sub(ram.remaining);
-            let wire_per_byte = if done > 0 {
-                (ram.transferred as f64 / done as f64).min(1.0)
-            } else {
-                1.0
-            };
-            let mem_left = ram.remaining as f64 * wire_per_byte;
-            let share = MEMORY_SHARE_DURING_DISK * mem_left / (mem_left + disk_bytes as f64);
-            let mut cap = (rate * share).max(MEMORY_TRICKLE_BPS as f64) as u64;
-            if let Some(user) = user_cap {
-                cap = cap.min(user);
-            }
-            qmp.migrate_set_parameters(None, Some(cap))?;
-            capped = true;
-            tracing::info!(
-                path_bps = rate,
-                memory_left = mem_left,
-                disk_bytes,
-                cap_bps = cap,
-                "memory capped while the disk rounds run"
             );
         }
         std::thread::sleep(MEMORY_WATCH);
@@ -1001,13 +955,12 @@ fn drive(
     let before = run.bytes_by_source.values().sum::<u64>();
     let hold = MemoryHold::default();
     let (precopy, monitor) = std::thread::scope(|sc| {
-        // Beside the disk rounds, a watch on memory caps it to its share of
-        // the path and holds it back once its first pass ends, so that it
-        // cannot converge (stop the VM) before the disk rounds do.
-        let monitor = memory_started.map(|started| {
+        // Beside the disk rounds, a watch on memory slows it as its first
+        // pass ends, so that it cannot converge (stop the VM) before the
+        // disk rounds do.
+        let monitor = memory_started.map(|_| {
             let (qmp, hold) = (&mut *qmp, &hold);
-            let user_cap = run.opts.memory_max_bps;
-            sc.spawn(move || hold_memory_back(qmp, started, user_cap, hold))
+            sc.spawn(move || hold_memory_back(qmp, hold))
         });
         let precopy = (|| -> Result<Manifest, MigrateError> {
             progress(Phase::Precopy, "slicing the live disk");
@@ -1044,17 +997,6 @@ fn drive(
                 Phase::Precopy,
                 &format!("round 0: the live disk, {n_changed} chunks changed since boot first"),
             );
-            if memory_started.is_some() {
-                // The source's path carries the changed chunks and a share of the
-                // rest (an even split with the other holders, as a guess).
-                let changed_bytes: u64 = round0[..n_changed]
-                    .iter()
-                    .filter(|&&i| !cur.chunks[i as usize].is_zero_chunk())
-                    .map(|&i| cur.chunk_len(i as usize))
-                    .sum();
-                let disk_bytes = changed_bytes + missing.1 / run.holders().len() as u64;
-                hold.disk_bytes.store(disk_bytes.max(1), AtomicOrdering::Release);
-            }
             // First sends of the live disk, not chunks written again.
             run.counting_resent = false;
             let sent = run.round(&cur, round0);

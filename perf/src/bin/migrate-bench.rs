@@ -48,7 +48,7 @@ struct Args {
     #[arg(long)]
     edgeshift: Option<PathBuf>,
     /// Only these scenarios (qemu, qemu-zstd, a, b, c, b-index, b-plain,
-    /// b-seq: (b) with memory after the disk, and b-nothrot: (b) with the
+    /// b-overlap: (b) with memory beside the disk, and b-nothrot: (b) with the
     /// disk-write throttle off, only when named), comma-separated or
     /// repeated; default all but b-nothrot.
     #[arg(long, value_delimiter = ',')]
@@ -383,7 +383,7 @@ fn edgeshift_run(
             copy_store(&vm.base_store, &b.store("n1"))?;
             copy_store(&vm.base_store, &b.store("n2"))?;
         }
-        "b" | "b-index" | "b-plain" | "b-nothrot" | "b-seq" | "c" => {
+        "b" | "b-index" | "b-plain" | "b-nothrot" | "b-overlap" | "c" => {
             copy_store(&vm.base_store, &b.store("dst"))?
         }
         _ => bail!("unknown scenario {name}"),
@@ -436,9 +436,8 @@ fn edgeshift_run(
         // A budget no pause reaches: the throttle never engages.
         .args(match name {
             "b-nothrot" => &["--max-downtime", "3599"][..],
-            // Memory only once the disk pre-copy has ended (the order
-            // before memory could be held back beside the disk).
-            "b-seq" => &["--memory-start", "after-disk"][..],
+            // Memory beside the disk pre-copy, held from converging.
+            "b-overlap" => &["--memory-start", "with-disk"][..],
             _ => &[][..],
         })
         .output()?;
@@ -705,7 +704,7 @@ fn markdown(rows: &[Row], a: &Args) -> String {
             throttle
         ));
     }
-    s.push_str("\n(a) cold destination, base at two neighbours; (b) warm destination; (c) warm destination + an earlier copy of the disk at two neighbours; b-index: (b) with plain index order instead of cold-first; b-plain: (b) with QEMU's plain memory stream instead of multifd + zstd; b-seq: (b) with memory started after the disk pre-copy (`--memory-start after-disk`) instead of beside it; qemu-zstd: QEMU's path with the same multifd + zstd memory settings (virsh's default is the plain row `qemu`). Physical limit = disk limit + memory limit. Disk limit: the bytes of the final disk the destination lacked before the migration, grouped by the set of paths (source, n1, n2) that held them; the maximum over every set S of paths of (bytes held only within S) ÷ (S's summed link rates). Memory limit: the fewest memory bytes any run of this bench moved for this VM with the same memory transport (one pass over its memory, as sent, compressed or not; a run whose memory passed again beside a long disk phase is charged for the extra) ÷ the source path's rate. Wire bytes: interface counters of every link into the destination. Disk throttle: how hard the source VM's disk writes were squeezed to keep the pause within `--max-downtime` (1 s); b-nothrot: (b) with that throttle off.\n");
+    s.push_str("\n(a) cold destination, base at two neighbours; (b) warm destination; (c) warm destination + an earlier copy of the disk at two neighbours; b-index: (b) with plain index order instead of cold-first; b-plain: (b) with QEMU's plain memory stream instead of multifd + zstd; b-overlap: (b) with memory started beside the disk pre-copy (`--memory-start with-disk`) instead of after it; qemu-zstd: QEMU's path with the same multifd + zstd memory settings (virsh's default is the plain row `qemu`). Physical limit = disk limit + memory limit. Disk limit: the bytes of the final disk the destination lacked before the migration, grouped by the set of paths (source, n1, n2) that held them; the maximum over every set S of paths of (bytes held only within S) ÷ (S's summed link rates). Memory limit: the fewest memory bytes any run of this bench moved for this VM with the same memory transport (one pass over its memory, as sent, compressed or not; a run whose memory passed again beside a long disk phase is charged for the extra) ÷ the source path's rate. Wire bytes: interface counters of every link into the destination. Disk throttle: how hard the source VM's disk writes were squeezed to keep the pause within `--max-downtime` (1 s); b-nothrot: (b) with that throttle off.\n");
     s
 }
 
@@ -756,7 +755,7 @@ fn main() -> anyhow::Result<()> {
         ("c", "cold-first", "multifd-zstd"),
         ("b-index", "index", "multifd-zstd"),
         ("b-plain", "cold-first", "plain"),
-        ("b-seq", "cold-first", "multifd-zstd"),
+        ("b-overlap", "cold-first", "multifd-zstd"),
         ("b-nothrot", "cold-first", "multifd-zstd"),
     ] {
         let named_only = name == "b-nothrot";
