@@ -48,26 +48,6 @@ pub fn start_writeback(f: &File) {
     let _ = unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
-/// Allocates `len` bytes of blocks for `f` (`fallocate`, mode 0: the size
-/// stays, blocks read as zeros); fails with ENOSPC when they do not fit.
-/// A file system that cannot preallocate is not an error: its blocks are
-/// then allocated as they are written.
-pub fn allocate(f: &File, len: u64) -> std::io::Result<()> {
-    let len = libc::off_t::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
-    // SAFETY: fallocate only acts on the fd, which `f` keeps open, and
-    // touches no user memory.
-    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len) };
-    if r == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-        Ok(())
-    } else {
-        Err(e)
-    }
-}
-
 pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())

@@ -154,6 +154,9 @@ struct MigrateParameters {
     avail_switchover_bandwidth: Option<u64>,
 }
 
+/// Events accepted before the greeting of a new QMP connection.
+const MAX_EVENTS_BEFORE_GREETING: usize = 16;
+
 /// A connected, negotiated QMP session.
 #[derive(Debug)]
 pub struct QmpClient {
@@ -202,9 +205,19 @@ impl QmpClient {
             events: VecDeque::new(),
             next_id: 1,
         };
-        match client.read_message()? {
-            Incoming::Greeting { .. } => {}
-            other => return Err(VmError::Qmp(format!("expected the QMP greeting, got {other:?}"))),
+        // An event can come first: measured once, a RESUME at a migration's
+        // switchover reached a client that connected as the previous one
+        // left, before its greeting. Such events are kept, not an error.
+        let mut early = 0;
+        loop {
+            match client.read_message()? {
+                Incoming::Greeting { .. } => break,
+                Incoming::Event(e) if early < MAX_EVENTS_BEFORE_GREETING => {
+                    early += 1;
+                    client.events.push_back(e);
+                }
+                other => return Err(VmError::Qmp(format!("expected the QMP greeting, got {other:?}"))),
+            }
         }
         client
             .reader
@@ -469,6 +482,52 @@ impl QmpClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A one-client QMP server that writes `lines` on connect, then
+    /// answers each command with an empty return carrying its id.
+    fn fake_qmp(lines: &'static [&'static str]) -> (tempfile::TempDir, std::path::PathBuf) {
+        use std::io::{BufRead, Write};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            for l in lines {
+                s.write_all(l.as_bytes()).expect("write");
+                s.write_all(b"\n").expect("write");
+            }
+            let mut r = BufReader::new(s.try_clone().expect("clone"));
+            let mut line = String::new();
+            while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                let v: Value = serde_json::from_str(&line).expect("command");
+                let reply = serde_json::json!({"return": {}, "id": v["id"]});
+                s.write_all(format!("{reply}\n").as_bytes()).expect("reply");
+                line.clear();
+            }
+        });
+        (dir, path)
+    }
+
+    const GREETING: &str = r#"{"QMP": {"version": {}, "capabilities": []}}"#;
+
+    #[test]
+    fn an_event_before_the_greeting_is_kept_not_an_error() {
+        let (_dir, path) = fake_qmp(&[
+            r#"{"event": "RESUME", "data": {}, "timestamp": {"seconds": 1, "microseconds": 2}}"#,
+            GREETING,
+        ]);
+        let mut q = QmpClient::connect(&path, Duration::from_secs(5)).expect("connect");
+        let events = q.take_events();
+        assert_eq!(events.len(), 1, "the early event is kept: {events:?}");
+        assert_eq!(events[0].event, "RESUME");
+    }
+
+    #[test]
+    fn a_reply_instead_of_the_greeting_is_refused() {
+        let (_dir, path) = fake_qmp(&[r#"{"return": {}, "id": 7}"#]);
+        let err = QmpClient::connect(&path, Duration::from_secs(5)).expect_err("no greeting");
+        assert!(err.to_string().contains("expected the QMP greeting"), "{err}");
+    }
 
     #[test]
     fn parses_replies_events_and_errors() {
