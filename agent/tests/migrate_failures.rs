@@ -94,14 +94,17 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
         // Failing once memory reached the pause: by then the source has
         // checked the pending chunks once a second while memory moved (the
         // guest fsyncs its counter every 100 ms, so some are pending). The
-        // memory streams are capped so that this takes a few seconds (on
+        // memory stream is plain and capped so that this takes seconds (on
         // the uncapped 400 Mbit/s link memory can converge before the
-        // second look, with nothing pending at the first).
+        // second look, with nothing pending at the first; QEMU's multifd
+        // streams do not keep to the cap, its plain stream does).
         &[
             "--fail-after",
             "memory",
             "--max-downtime",
             "0.0001",
+            "--memory",
+            "plain",
             "--memory-max-mbit",
             "40",
         ],
