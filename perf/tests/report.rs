@@ -7,6 +7,14 @@ use std::path::Path;
 use edgeshift_perf::record::RunSet;
 use edgeshift_perf::report::{self, ReportError};
 
+/// The first line of a markdown `table` that starts with `prefix`.
+fn row_starting<'a>(table: &'a str, prefix: &str) -> &'a str {
+    table
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no row starting {prefix:?} in:\n{table}"))
+}
+
 fn fixture() -> RunSet {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/runs.json");
     report::load(&path).expect("fixture loads")
@@ -28,10 +36,7 @@ fn report_tables_come_from_the_record() {
     let bw: Vec<_> = set.runs.iter().filter(|r| r.scenario == "bandwidth").collect();
     assert!(!bw.is_empty(), "fixture has bandwidth runs");
     for r in &bw {
-        let row = headline
-            .lines()
-            .find(|l| l.starts_with(&format!("| {} | {} |", r.rate_mbit, r.tool)))
-            .unwrap_or_else(|| panic!("no headline row for {} at {}", r.tool, r.rate_mbit));
+        let row = row_starting(&headline, &format!("| {} | {} |", r.rate_mbit, r.tool));
         assert!(row.contains(&format!("{:.1}", r.seconds)), "{row}");
         let ratio = r.seconds / r.limit_seconds;
         assert!(
@@ -46,10 +51,7 @@ fn report_tables_come_from_the_record() {
         .iter()
         .find(|r| r.tool != "edgeshift" && r.rate_mbit == es.rate_mbit)
         .expect("a baseline at the same rate");
-    let row = headline
-        .lines()
-        .find(|l| l.starts_with(&format!("| {} | {} |", other.rate_mbit, other.tool)))
-        .expect("baseline row");
+    let row = row_starting(&headline, &format!("| {} | {} |", other.rate_mbit, other.tool));
     assert!(
         row.contains(&format!("{:.1}×", other.seconds / es.seconds)),
         "{row}"
@@ -153,10 +155,7 @@ fn live_rows_come_from_the_record() {
     let rates: std::collections::BTreeSet<u32> = live.iter().map(|r| r.rate_mbit).collect();
     assert_eq!(rates.len(), 3, "QEMU and edgeshift at three rates");
     for r in &live {
-        let row = headline
-            .lines()
-            .find(|l| l.starts_with(&format!("| {} | {} | live VM |", r.rate_mbit, r.tool)))
-            .unwrap_or_else(|| panic!("no headline row for live {} at {}", r.tool, r.rate_mbit));
+        let row = row_starting(&headline, &format!("| {} | {} | live VM |", r.rate_mbit, r.tool));
         assert!(row.contains(&format!("| {:.1} |", r.seconds)), "{row}");
         assert!(
             row.contains(&format!("{:.2}×", r.seconds / r.limit_seconds)),
@@ -218,10 +217,7 @@ fn policy_tables_come_from_the_record() {
         std::fs::read_to_string(report::write(&set, dir.path()).expect("report written")).expect("report.md");
     let table = report::policy_table(&set);
     for p in &set.policies {
-        let row = table
-            .lines()
-            .find(|l| l.starts_with(&format!("| {} |", p.policy)))
-            .unwrap_or_else(|| panic!("no row for {}", p.policy));
+        let row = row_starting(&table, &format!("| {} |", p.policy));
         // Ratios recomputed here from the steps and the edges' stores.
         let chunks: u64 = p.steps.iter().map(|s| s.chunks).sum();
         let hits: u64 = p.steps.iter().map(|s| s.local_chunks + s.from_edges_chunks).sum();

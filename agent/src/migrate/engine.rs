@@ -78,8 +78,8 @@ pub struct MigrateOptions {
     /// Cap on QEMU's memory streams in bytes per second (None: 1 GiB/s,
     /// i.e. whatever the path gives), to leave link for other traffic.
     pub memory_max_bps: Option<u64>,
-    /// Start memory with the disk pre-copy (capped while disk rounds run,
-    /// converging after them) instead of after it.
+    /// Start memory with the disk pre-copy (held from converging until
+    /// the disk rounds end) instead of after it.
     pub memory_with_disk: bool,
 }
 
@@ -272,9 +272,6 @@ impl Run {
         Ok(stats)
     }
 
-    /// Tightens the throttle on the source VM's disk writes one step when
-    /// `pending` chunks would take longer than the budget to send in the
-    /// pause (QEMU's auto-converge does the same to vCPUs for memory).
     /// Chunks the source's path sends within the budget.
     fn budget_chunks(&self, chunk_bytes: u64) -> usize {
         self.source_rate.map_or(usize::MAX, |rate| {
@@ -289,14 +286,17 @@ impl Run {
         })
     }
 
+    /// Tightens the throttle on the source VM's disk writes one step when
+    /// `pending` chunks would take longer than the budget to send in the
+    /// pause (QEMU's auto-converge does the same to vCPUs for memory).
     fn squeeze(&mut self, qmp: &mut QmpClient, pending: usize, chunk_bytes: u64) -> Result<(), MigrateError> {
         let Some(rate) = self.source_rate else {
             return Ok(());
         };
-        let estimate = pending as f64 * chunk_bytes as f64 / rate;
-        if estimate <= self.opts.max_downtime.as_secs_f64() {
+        if !self.over_budget(pending, chunk_bytes) {
             return Ok(());
         }
+        let estimate = pending as f64 * chunk_bytes as f64 / rate;
         let qdev = match &self.throttled_qdev {
             Some(q) => q.clone(),
             None => qmp.disk_write_throttle(vm::qemu::DISK_NODE_NAME)?.qdev,
@@ -559,7 +559,7 @@ fn start_memory(
     }
     progress(Phase::Memory, &format!("QEMU migrate to {uri} ({memory:?})"));
     qmp.migrate_set_capabilities(&[("pause-before-switchover", true), ("events", true)])?;
-    let cap = run.opts.memory_max_bps.unwrap_or(UNCAPPED_BPS);
+    let cap = memory_cap(&run.opts);
     qmp.migrate_set_parameters(Some(run.opts.downtime_limit_ms), Some(cap))?;
     qmp.migrate(uri)?;
     tracing::info!(%uri, ?memory, hold, cap_bps = cap, "memory migration started");
@@ -570,11 +570,13 @@ fn start_memory(
 /// switchover again, and memory has the path (up to `--memory-max-mbit`).
 fn let_memory_converge(run: &Run, qmp: &mut QmpClient) -> Result<(), MigrateError> {
     qmp.set_switchover_bandwidth(0)?;
-    qmp.migrate_set_parameters(
-        Some(run.opts.downtime_limit_ms),
-        Some(run.opts.memory_max_bps.unwrap_or(UNCAPPED_BPS)),
-    )?;
+    qmp.migrate_set_parameters(Some(run.opts.downtime_limit_ms), Some(memory_cap(&run.opts)))?;
     Ok(())
+}
+
+/// QEMU's `max-bandwidth` for memory: `--memory-max-mbit`, else uncapped.
+fn memory_cap(opts: &MigrateOptions) -> u64 {
+    opts.memory_max_bps.unwrap_or(UNCAPPED_BPS)
 }
 
 /// Signals between the disk pre-copy and [`hold_memory_back`].
@@ -1025,9 +1027,8 @@ fn drive(
             let mut last_len = usize::MAX;
             for r in 1..=run.opts.max_rounds {
                 if hold.converged.load(AtomicOrdering::Acquire) {
-                    // Memory converged under the disk rounds after all: the VM is
-                    // stopped, so the rest goes in the pause.
-                    tracing::warn!("memory converged before the disk rounds ended; the pause sends the rest");
+                    // Memory converged under the disk rounds after all (the
+                    // watch said so): the VM is stopped, the rest goes in the pause.
                     break;
                 }
                 let next = reslice(&dev, &image, &cur, &mut writes, &mut temp, store)?;

@@ -38,7 +38,6 @@ pub(crate) fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::i
     }
 }
 
-/// Syncs a directory so that a rename into it is durable.
 /// Starts writing `f`'s dirty pages back without waiting for them and
 /// without a journal commit (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so
 /// a later `fsync` finds little left. Best effort: errors are ignored.
@@ -48,6 +47,7 @@ pub fn start_writeback(f: &File) {
     let _ = unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
+/// Syncs a directory so that a rename into it is durable.
 pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())

@@ -97,6 +97,13 @@ pub struct ChunkWant {
     pub sources: Option<Vec<SocketAddr>>,
 }
 
+impl ChunkWant {
+    /// Whether the chunk may come from the peer at `addr`.
+    fn may_come_from(&self, addr: &SocketAddr) -> bool {
+        self.sources.as_ref().is_none_or(|s| s.contains(addr))
+    }
+}
+
 /// Live counters a progress bar can poll.
 #[derive(Debug, Default)]
 pub struct FetchProgress {
@@ -323,9 +330,7 @@ impl Fetcher {
             peers,
         })
     }
-}
 
-impl Fetcher {
     /// Asks every peer at once which of `wants` it holds and narrows each
     /// want's sources to the peers that said yes (a peer that could not be
     /// asked stays a candidate; a chunk nobody claims keeps its sources, so
@@ -338,7 +343,7 @@ impl Fetcher {
         for (i, &addr) in self.peers.iter().enumerate() {
             let fps: Vec<Fingerprint> = wants
                 .iter()
-                .filter(|w| !w.fp.is_zero_chunk() && w.sources.as_ref().is_none_or(|s| s.contains(&addr)))
+                .filter(|w| !w.fp.is_zero_chunk() && w.may_come_from(&addr))
                 .map(|w| w.fp)
                 .collect();
             let key = self.key.clone();
@@ -379,7 +384,7 @@ impl Fetcher {
                 .peers
                 .iter()
                 .enumerate()
-                .filter(|(i, a)| lack & (1 << i) == 0 && w.sources.as_ref().is_none_or(|s| s.contains(a)))
+                .filter(|(i, a)| lack & (1 << i) == 0 && w.may_come_from(a))
                 .map(|(_, a)| *a)
                 .collect();
             if !keep.is_empty() {
