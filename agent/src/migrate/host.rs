@@ -12,13 +12,13 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgeshift_common::{Fingerprint, Manifest};
 
+use super::image_writer::ImageWriter;
 use super::proto::{self, HolderStats, PullStats, Request, Response};
 use super::MigrateError;
 use crate::store::{ChunkStore, LocalStore};
@@ -64,6 +64,8 @@ struct Incoming<'h> {
     image_path: PathBuf,
     dir: PathBuf,
     file: File,
+    /// Writes the pulled chunks into `file` in the background.
+    writer: ImageWriter,
     loop_dev: Option<LoopDevice>,
     /// The destination QEMU being started in the background (StartIncoming).
     starting: Option<std::thread::JoinHandle<Result<(Launched, MemoryTransport), MigrateError>>>,
@@ -313,8 +315,16 @@ impl Host {
             }
         }
         tracing::info!(vm = %spec.name, missing_chunks, missing_bytes, local_chunks, "prepared incoming VM");
+        let writer = ImageWriter::new(
+            file.try_clone().map_err(io("open", &image_path))?,
+            image_path.clone(),
+            Arc::clone(&self.store),
+            manifest.chunk_size,
+            manifest.image_size,
+        );
         let mut inc = Incoming {
             host: self,
+            writer,
             chunk_size: manifest.chunk_size,
             image_size: manifest.image_size,
             current: vec![Fingerprint::ZERO_CHUNK; manifest.chunks.len()],
@@ -355,13 +365,6 @@ impl Host {
 }
 
 impl Incoming<'_> {
-    fn write_at(&self, data: &[u8], index: usize) -> Result<(), MigrateError> {
-        let off = index as u64 * self.chunk_size.bytes();
-        self.file
-            .write_all_at(data, off)
-            .map_err(io("write", &self.image_path))
-    }
-
     fn pull(
         &mut self,
         target: &Manifest,
@@ -377,7 +380,9 @@ impl Incoming<'_> {
         let mut stats = PullStats::default();
         let mut wanted: HashMap<Fingerprint, Vec<usize>> = HashMap::new();
         let mut order: Vec<(Fingerprint, u64)> = Vec::new();
-        let mut local: Vec<(usize, Fingerprint)> = Vec::new();
+        // Chunks this edge's store holds (and zero chunks) go into the image
+        // in the background while the rest is fetched.
+        let mut writes: Vec<(usize, Fingerprint)> = Vec::new();
         let store = &self.host.store;
         for &i in indices {
             let i = i as usize;
@@ -390,33 +395,30 @@ impl Incoming<'_> {
             }
             stats.indices_written += 1;
             if want.is_zero_chunk() {
-                self.write_at(&vec![0u8; target.chunk_len(i) as usize], i)?;
-                self.current[i] = want;
                 stats.zero_chunks += 1;
+                writes.push((i, want));
             } else if let Some(v) = wanted.get_mut(&want) {
                 v.push(i);
             } else if store.has_chunk(&want)? {
-                local.push((i, want));
+                stats.local_chunks += 1;
+                writes.push((i, want));
             } else {
                 wanted.insert(want, vec![i]);
                 order.push((want, target.chunk_len(i)));
             }
+            // What the image will hold once the writer is done: `verify`
+            // waits for it first.
+            self.current[i] = want;
         }
-        self.write_local(&local)?;
-        stats.local_chunks += local.len() as u64;
-        for (i, fp) in local {
-            self.current[i] = fp;
-        }
+        self.writer.queue(writes)?;
         if !order.is_empty() {
-            let fetched = self.fetch_from_holders(order, &wanted, holders, &mut stats)?;
-            for fp in fetched {
-                for &i in wanted.get(&fp).map(|v| v.as_slice()).unwrap_or(&[]) {
-                    self.current[i] = fp;
-                }
-            }
-        }
-        if stats.indices_written > 0 {
-            self.flush_in_background();
+            self.fetch_from_holders(order, holders, &mut stats)?;
+            let fetched = wanted
+                .iter()
+                .flat_map(|(fp, at)| at.iter().map(move |&i| (i, *fp)))
+                .collect();
+            // The fetcher verified the bytes on arrival; the store re-checks on read.
+            self.writer.queue(fetched)?;
         }
         stats.seconds = start.elapsed().as_secs_f64();
         metrics::counter!("edgeshift_migrate_pulled_bytes_total")
@@ -424,48 +426,16 @@ impl Incoming<'_> {
         Ok(stats)
     }
 
-    /// Writes chunks this edge's store holds into the image, on every core
-    /// (each read is checked against its fingerprint by the store).
-    fn write_local(&self, jobs: &[(usize, Fingerprint)]) -> Result<(), MigrateError> {
-        if jobs.is_empty() {
-            return Ok(());
-        }
-        let workers = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .clamp(1, 8);
-        let per = jobs.len().div_ceil(workers);
-        std::thread::scope(|sc| {
-            let handles: Vec<_> = jobs
-                .chunks(per)
-                .map(|part| {
-                    sc.spawn(move || -> Result<(), MigrateError> {
-                        for &(i, fp) in part {
-                            let data = self.host.store.get_chunk(&fp)?;
-                            self.write_at(&data, i)?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            for h in handles {
-                h.join()
-                    .map_err(|_| MigrateError::State("local chunk writer panicked".into()))??;
-            }
-            Ok(())
-        })
-    }
-
     /// Pulls the chunks in `order` from every holder at once with the
     /// transfer module's striped fetcher (faster paths take more, a path that
     /// falls behind has its queue stolen, earlier chunks are asked for
-    /// first), into this edge's store; then writes them into the image.
+    /// first), into this edge's store.
     fn fetch_from_holders(
         &self,
         order: Vec<(Fingerprint, u64)>,
-        wanted: &HashMap<Fingerprint, Vec<usize>>,
         holders: &[String],
         stats: &mut PullStats,
-    ) -> Result<Vec<Fingerprint>, MigrateError> {
+    ) -> Result<(), MigrateError> {
         let mut peers = Vec::with_capacity(holders.len());
         for h in holders {
             let addr: SocketAddr = h
@@ -524,16 +494,7 @@ impl Incoming<'_> {
                 error: p.dropped.clone(),
             })
             .collect();
-        let mut done = Vec::with_capacity(order.len());
-        for (fp, _) in order {
-            // The fetcher verified the bytes on arrival; the store re-checks on read.
-            let data = self.host.store.get_chunk(&fp)?;
-            for &i in wanted.get(&fp).map(|v| v.as_slice()).unwrap_or(&[]) {
-                self.write_at(&data, i)?;
-            }
-            done.push(fp);
-        }
-        Ok(done)
+        Ok(())
     }
 
     /// Starts the destination QEMU in the background (`-incoming defer`,
@@ -604,6 +565,7 @@ impl Incoming<'_> {
     }
 
     fn verify(&mut self, id: &Fingerprint, recheck: &[u32]) -> Result<(bool, String), MigrateError> {
+        self.writer.wait()?;
         self.file.sync_all().map_err(io("sync", &self.image_path))?;
         let mine = Manifest::new(self.chunk_size, self.image_size, self.current.clone());
         if mine.id() != *id {
@@ -770,7 +732,9 @@ impl Drop for Incoming<'_> {
                 vm::qemu::remove_tap(&self.spec.name);
             }
         }
-        // Detaches the loop device before the image goes.
+        // No more writes into the image, and the loop device detached,
+        // before the image goes.
+        self.writer.shutdown();
         self.loop_dev = None;
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             tracing::warn!(dir = %self.dir.display(), error = %e, "destination half not removed");

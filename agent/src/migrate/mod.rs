@@ -12,6 +12,7 @@
 pub mod coord;
 pub mod engine;
 pub mod host;
+mod image_writer;
 pub mod proto;
 pub mod temperature;
 
