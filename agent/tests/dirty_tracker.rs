@@ -708,3 +708,67 @@ fn discards_change_chunks_and_reads_do_not_in_both_trackers() {
     assert_eq!(of_device(&by_chunk(&e), dev.id()), want);
     assert_eq!(of_device(&by_chunk(&f), dev.id()), want);
 }
+
+/// The program id behind a pinned link, from `bpftool link show pinned`.
+fn pinned_link_prog(path: &Path) -> Option<u32> {
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(path)
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v.get("prog_id")?.as_u64().map(|id| id as u32)
+}
+
+#[test]
+fn boot_log_keeps_counting_pinned_and_stop_frees_it() {
+    use edgeshift_agent::dirty::boot_log;
+    let Some(dev) = LoopDev::new(16 << 20) else {
+        return;
+    };
+    let vm_dir = tempfile::tempdir().expect("vm dir");
+    let pins = match boot_log::start(vm_dir.path(), &dev.path, 64 * KIB) {
+        Ok(p) => p,
+        Err(e) => {
+            capability(&format!("a pinned eBPF boot log ({e})"), false);
+            return;
+        }
+    };
+    assert_eq!(pins, boot_log::pin_dir(vm_dir.path()));
+    // No tracker object is alive any more: only the pins hold the program.
+    let prog = pinned_link_prog(&pins.join("link")).expect("bpftool shows the pinned link");
+    assert!(bpftool_has("prog", prog));
+    dev.dd(2 * 64 * KIB, 4096, 3); // chunk 2: three writes
+    dev.dd(9 * 64 * KIB + 60 * KIB, 8192, 1); // chunks 9 and 10: one each
+    let got = boot_log::read(vm_dir.path(), &dev.path, 64 * KIB).expect("read the boot log");
+    assert_eq!(got, vec![(2, 3), (9, 1), (10, 1)]);
+    // Reads do not reset it; later writes add.
+    dev.dd(2 * 64 * KIB, 4096, 1);
+    let again = boot_log::read(vm_dir.path(), &dev.path, 64 * KIB).expect("read again");
+    assert_eq!(again, vec![(2, 4), (9, 1), (10, 1)]);
+    // A log is only trusted for the device and chunk size it counts.
+    let err = boot_log::read(vm_dir.path(), &dev.path, 128 * KIB).expect_err("other chunk size");
+    assert!(err.to_string().contains("chunks"), "{err}");
+    let other = LoopDev::new(1 << 20).expect("second loop device");
+    let err = boot_log::read(vm_dir.path(), &other.path, 64 * KIB).expect_err("other device");
+    assert!(err.to_string().contains("watches"), "{err}");
+    // Starting again (a new VM in this directory) begins from zero.
+    boot_log::start(vm_dir.path(), &dev.path, 64 * KIB).expect("restart");
+    let fresh = boot_log::read(vm_dir.path(), &dev.path, 64 * KIB).expect("read fresh");
+    assert!(fresh.is_empty(), "{fresh:?}");
+    let prog2 = pinned_link_prog(&pins.join("link")).expect("pinned link");
+    boot_log::stop(vm_dir.path()).expect("stop");
+    assert!(!pins.exists(), "pin directory left behind");
+    boot_log::stop(vm_dir.path()).expect("stopping twice is fine");
+    assert!(boot_log::read(vm_dir.path(), &dev.path, 64 * KIB).is_err());
+    for id in [prog, prog2] {
+        let gone = (0..50).any(|_| {
+            let gone = !bpftool_has("prog", id);
+            if !gone {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            gone
+        });
+        assert!(gone, "program {id} still loaded after the boot log stopped");
+    }
+}

@@ -20,8 +20,9 @@
 //!
 //! Every kernel object (program, tracepoint link, maps, the mapping) is owned
 //! by the [`EbpfTracker`]; dropping it unmaps the array and closes the file
-//! descriptors, which detaches the program and frees the maps: nothing is
-//! pinned, nothing stays behind.
+//! descriptors, which detaches the program and frees the maps: nothing
+//! stays behind, unless [`EbpfTracker::pin`] pinned it (a VM's boot log,
+//! `boot_log.rs`) for [`unpin`] to remove.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
@@ -30,6 +31,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
+use aya::programs::links::FdLink;
 use aya::programs::BtfTracePoint;
 use aya::{Ebpf, EbpfLoader};
 use edgeshift_ebpf::{
@@ -228,6 +230,8 @@ pub struct EbpfTracker {
     stats: PerCpuArray<MapData, Stats>,
     prog_id: u32,
     map_ids: Vec<u32>,
+    /// The tracepoint link, while the program (in `_bpf`) owns it.
+    link: Option<aya::programs::tp_btf::BtfTracePointLinkId>,
     // Field order is drop order: unmap, then close the arrays, then the rest.
     table: InlineTable,
     counters: CounterArray,
@@ -252,7 +256,7 @@ impl EbpfTracker {
             .ok_or(DirtyError::BpfObject("the program dirty_bio_queue"))?
             .try_into()?;
         prog.load(edgeshift_ebpf::TRACEPOINT.1, &btf)?;
-        prog.attach()?;
+        let link = prog.attach()?;
         let info = prog.info()?;
         let prog_id = info.id();
         let map_ids = info.map_ids()?.unwrap_or_default();
@@ -290,6 +294,7 @@ impl EbpfTracker {
             stats,
             prog_id,
             map_ids,
+            link: Some(link),
             table,
             counters,
             _table_map: table_map,
@@ -308,6 +313,120 @@ impl EbpfTracker {
     pub fn free_slots(&self) -> u32 {
         self.capacity - self.next_slot
     }
+}
+
+/// Names of the pinned objects in a pin directory.
+const PINNED_LINK: &str = "link";
+const PINNED_CHUNKS: &str = "chunks";
+const PINNED_TABLE: &str = "table";
+const PINNED_STATS: &str = "stats";
+
+impl EbpfTracker {
+    /// Leaves the program counting after this tracker is gone: its link and
+    /// the maps a reader needs are pinned in `dir` (on a bpffs, created
+    /// here), which then holds them until [`unpin`] removes the files. On
+    /// error nothing stays pinned.
+    pub fn pin(mut self, dir: &std::path::Path) -> Result<(), DirtyError> {
+        let pin_err = |e: aya::pin::PinError| DirtyError::Pin(e.to_string());
+        std::fs::create_dir_all(dir).map_err(|source| DirtyError::Device {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let pinned = (|| -> Result<(), DirtyError> {
+            let link_id = self.link.take().ok_or(DirtyError::BpfObject("an attached link"))?;
+            let prog: &mut BtfTracePoint = self
+                ._bpf
+                .program_mut(edgeshift_ebpf::PROGRAM)
+                .ok_or(DirtyError::BpfObject("the program dirty_bio_queue"))?
+                .try_into()?;
+            let link: FdLink = prog.take_link(link_id)?.into();
+            // The pin holds the link; this fd closes as the PinnedLink drops.
+            link.pin(dir.join(PINNED_LINK)).map_err(pin_err)?;
+            self._chunks.pin(dir.join(PINNED_CHUNKS)).map_err(pin_err)?;
+            self._table_map.pin(dir.join(PINNED_TABLE)).map_err(pin_err)?;
+            self.stats.pin(dir.join(PINNED_STATS)).map_err(pin_err)?;
+            Ok(())
+        })();
+        if pinned.is_err() {
+            let _ = unpin(dir);
+        }
+        pinned
+    }
+}
+
+/// Removes a pin directory made by [`EbpfTracker::pin`]: the kernel detaches
+/// the program and frees the maps once no file or descriptor holds them.
+/// A directory that is not there is fine.
+pub fn unpin(dir: &std::path::Path) -> Result<(), DirtyError> {
+    for name in [PINNED_LINK, PINNED_CHUNKS, PINNED_TABLE, PINNED_STATS] {
+        match std::fs::remove_file(dir.join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(DirtyError::Device {
+                    path: dir.join(name).display().to_string(),
+                    source,
+                })
+            }
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DirtyError::Device {
+            path: dir.display().to_string(),
+            source,
+        }),
+    }
+}
+
+/// What a pinned tracker (one device, in the inline table's first entry)
+/// has counted so far.
+#[derive(Debug, Clone)]
+pub struct PinnedReading {
+    pub chunk_size: u64,
+    pub dev: DeviceId,
+    /// (chunk index, writes) of every chunk written at least once.
+    pub written: Vec<(u64, u64)>,
+    /// Chunk updates the program could not count (a device grown past its
+    /// range, a bio wider than it counts): the reading is then incomplete.
+    pub lost: u64,
+}
+
+/// Reads the counters of the tracker pinned in `dir`.
+pub fn read_pinned(dir: &std::path::Path) -> Result<PinnedReading, DirtyError> {
+    let chunks = MapData::from_pin(dir.join(PINNED_CHUNKS))?;
+    let table_map = MapData::from_pin(dir.join(PINNED_TABLE))?;
+    let stats: PerCpuArray<MapData, Stats> =
+        PerCpuArray::try_from(Map::PerCpuArray(MapData::from_pin(dir.join(PINNED_STATS))?))?;
+    let slots = chunks.info()?.max_entries() as usize;
+    let counters = CounterArray::map(&chunks, slots)?;
+    let table = SharedMapping::map(&table_map, std::mem::size_of::<WatchTable>(), false)?;
+    let word = |i: usize| table.u32_at(i).map_or(0, |w| w.load(Ordering::Acquire));
+    if word(USED_WORD) == 0 {
+        return Err(DirtyError::BpfObject("a watched device in the pinned tracker"));
+    }
+    let dev = DeviceId::from_kernel_dev(word(entry_word(0, DEV_FIELD)));
+    let base = word(entry_word(0, BASE_FIELD)) as usize;
+    let n = word(entry_word(0, CHUNKS_FIELD)) as usize;
+    let shift = word(CHUNK_SHIFT_WORD);
+    let written = (0..n)
+        .filter_map(|i| {
+            let (writes, _) = counters.get(base + i);
+            (writes > 0).then_some((i as u64, writes))
+        })
+        .collect();
+    let lost = stats
+        .get(&0, 0)?
+        .iter()
+        .map(|Stats(s)| s.dropped + s.truncated)
+        .sum();
+    Ok(PinnedReading {
+        chunk_size: 1u64 << shift.min(63),
+        dev,
+        written,
+        lost,
+    })
 }
 
 /// Chunks of a device of `bytes` bytes, the last one possibly short.

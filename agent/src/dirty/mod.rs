@@ -24,6 +24,7 @@
 //! sit in the page cache reach the disk later, merged, under the flusher's
 //! name.
 
+pub mod boot_log;
 mod ebpf;
 mod fake;
 mod ftrace;
@@ -70,6 +71,12 @@ pub enum DirtyError {
     DeviceSize { dev: DeviceId, source: std::io::Error },
     #[error("too many watched devices (at most {0})")]
     TooManyDevices(usize),
+    #[error("pinning the BPF tracker: {0}")]
+    Pin(String),
+    #[error("no bpffs to pin the boot log in: {0}")]
+    NoBpffs(String),
+    #[error("the boot log cannot be trusted: {0}")]
+    BootLog(String),
     #[error("no tracker could start: eBPF: {ebpf}; fallback: {fallback}")]
     NoTracker { ebpf: String, fallback: String },
 }
