@@ -66,6 +66,8 @@ fn handoff_there_and_back_keeps_the_vm_its_disk_and_its_client() {
         "pre-copy plus the pause round"
     );
     assert!(r["downtime_ms"].as_u64().expect("downtime") > 0);
+    // `vm run` started the VM's boot log: no slice of the live disk.
+    assert_eq!(r["changed_since_boot_from"], "boot log", "{r}");
     // By default memory moves after the disk rounds.
     assert_eq!(
         r["memory_started_with_disk"], false,
@@ -92,6 +94,8 @@ fn handoff_there_and_back_keeps_the_vm_its_disk_and_its_client() {
     assert!(ok, "migration b→a failed: {err}");
     let r2 = report(&out);
     eprintln!("b→a report: {r2}");
+    // b started the arriving VM's boot log before it ran there.
+    assert_eq!(r2["changed_since_boot_from"], "boot log", "{r2}");
     assert_eq!(
         r2["memory_started_with_disk"], true,
         "QEMU 10 can hold memory back: {r2}"

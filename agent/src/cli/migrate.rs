@@ -103,6 +103,13 @@ pub struct Args {
     /// above it (11.7 MB/s under a 6.1 MB/s cap).
     #[arg(long)]
     memory_max_mbit: Option<f64>,
+    /// Find what changed since the VM booted by slicing its whole live disk
+    /// (beside round 0; the changed chunks then go in round 1) even when the
+    /// VM has a boot log (the eBPF tracker `vm run` left counting, which
+    /// names them at once). For comparison; the report's
+    /// `changed_since_boot_from` says which ran.
+    #[arg(long)]
+    no_boot_log: bool,
     /// Testing: fail on purpose after this phase (the VM must stay at the source).
     #[arg(long, value_enum, hide = true)]
     fail_after: Option<Phase>,
@@ -155,6 +162,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         memory: a.memory,
         max_downtime: Duration::from_secs_f64(a.max_downtime),
         memory_with_disk: a.memory_start == MemoryStart::WithDisk,
+        use_boot_log: !a.no_boot_log,
         memory_max_bps: a.memory_max_mbit.map(|m| (m * 1e6 / 8.0) as u64),
     };
     let bar = if std::io::stderr().is_terminal() {

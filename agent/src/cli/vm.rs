@@ -254,6 +254,11 @@ fn start_vm(
     let image_path = dir.join("disk.raw");
     vm::image::restore(store, manifest, &image_path).context("restoring the disk image")?;
     let dev = vm::loopdev::LoopDevice::attach(&image_path)?;
+    // Counts the VM's writes from its first one, so that a migration need
+    // not slice the disk to find what changed since this manifest.
+    if let Err(e) = edgeshift_agent::dirty::boot_log::start(&dir, dev.path(), manifest.chunk_size.bytes()) {
+        tracing::warn!(vm = %a.name, error = %e, "no boot log: a migration of this VM slices its disk");
+    }
     let spec = VmSpec {
         name: a.name.clone(),
         memory_mib: memory >> 20,
@@ -308,6 +313,8 @@ struct DirGuard(Option<PathBuf>);
 impl Drop for DirGuard {
     fn drop(&mut self) {
         if let Some(d) = self.0.take() {
+            // The boot log's pin name derives from the directory: first.
+            let _ = edgeshift_agent::dirty::boot_log::stop(&d);
             let _ = std::fs::remove_dir_all(d);
         }
     }

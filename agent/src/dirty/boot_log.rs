@@ -98,8 +98,7 @@ pub fn ensure_bpffs() -> Result<(), DirtyError> {
     if is_bpffs(PIN_ROOT) {
         return Ok(());
     }
-    let ns = |p: &str| std::fs::read_link(p).ok();
-    if ns("/proc/self/ns/mnt") != ns("/proc/1/ns/mnt") {
+    if in_private_mount_ns() {
         return Err(DirtyError::NoBpffs(format!(
             "{PIN_ROOT} is not a bpffs and this agent runs in a private mount namespace \
              (ip netns exec?), where a mount would not outlive it: \
@@ -118,4 +117,25 @@ pub fn ensure_bpffs() -> Result<(), DirtyError> {
         )));
     }
     Ok(())
+}
+
+/// Whether this process runs in a mount namespace of its own: one other
+/// than init's, or (where init's cannot be read, as in some sandboxes) in a
+/// network namespace named under /run/netns, which `ip netns exec` enters
+/// with a private mount namespace.
+fn in_private_mount_ns() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let link = |p: &str| std::fs::read_link(p).ok();
+    if let (Some(me), Some(init)) = (link("/proc/self/ns/mnt"), link("/proc/1/ns/mnt")) {
+        return me != init;
+    }
+    let Ok(net) = std::fs::metadata("/proc/self/ns/net") else {
+        return false;
+    };
+    std::fs::read_dir("/run/netns").is_ok_and(|d| {
+        d.flatten().any(|e| {
+            e.metadata()
+                .is_ok_and(|m| m.dev() == net.dev() && m.ino() == net.ino())
+        })
+    })
 }

@@ -34,7 +34,7 @@ use serde::Serialize;
 use super::proto::{self, PullStats, Request, Response};
 use super::temperature::{Ordering, Temperature};
 use super::MigrateError;
-use crate::dirty::{open_tracker, DeviceId, DirtyTracker, TrackerChoice, DEFAULT_CAPACITY};
+use crate::dirty::{boot_log, open_tracker, DeviceId, DirtyTracker, TrackerChoice, DEFAULT_CAPACITY};
 use crate::slicer::{slice_image, ReadMode, SliceOptions};
 use crate::store::{ChunkStore, LocalStore};
 use crate::vm::{self, MemoryTransport, Qemu, QmpClient, StateDir};
@@ -81,6 +81,9 @@ pub struct MigrateOptions {
     /// Start memory with the disk pre-copy (held from converging until
     /// the disk rounds end) instead of after it.
     pub memory_with_disk: bool,
+    /// Read the VM's boot log (if it has one) instead of slicing the live
+    /// disk to find what changed since boot.
+    pub use_boot_log: bool,
 }
 
 /// Whether and how hard the source VM's disk writes were throttled.
@@ -147,6 +150,11 @@ pub struct MigrationReport {
     /// Memory moved beside the disk pre-copy (held from converging until
     /// it ended), not after it; the phases then overlap.
     pub memory_started_with_disk: bool,
+    /// How the source learnt which chunks changed since the manifest the VM
+    /// booted from: "boot log" (the pinned eBPF tracker, no slice; round 0
+    /// carries them) or "slice" (the live disk sliced beside round 0, they
+    /// go in round 1).
+    pub changed_since_boot_from: String,
     pub phases: Vec<PhaseReport>,
     pub rounds: Vec<RoundReport>,
     pub disk_bytes: u64,
@@ -194,6 +202,8 @@ struct Run {
     throttled_qdev: Option<String>,
     /// Memory started with the disk pre-copy (see [`start_memory`]).
     memory_with_disk: bool,
+    /// "boot log" or "slice": how the source learnt what changed since boot.
+    changed_since_boot_from: &'static str,
 }
 
 impl Run {
@@ -492,6 +502,83 @@ fn reslice_some(
     Ok(next)
 }
 
+/// Tells the coordinator what the source holds now (the live disk): the
+/// plan is made with the boot image, which it knows already, so a
+/// coordinator gone since the plan does not stop the handoff.
+fn report_live_disk(run: &mut Run, store: &LocalStore, cur: &Manifest, progress: &dyn Fn(Phase, &str)) {
+    if let Some(c) = &run.opts.coordinator {
+        progress(Phase::Precopy, "reporting the live disk to the coordinator");
+        if let Err(e) = super::coord::report_live_disk(c, store, cur, &mut run.coord) {
+            tracing::warn!(error = %e, "live disk not reported to the coordinator; the handoff goes on");
+            run.coord.left.push(format!("live disk not reported: {e}"));
+        }
+    }
+}
+
+/// Without a boot log: round 0 pulls the boot image from every holder while
+/// the live disk is sliced here (io_uring, parallel hashing); round 1 then
+/// sends what changed since boot (it exists only in that slice), from every
+/// holder, coldest first. Returns the live disk as last read.
+#[allow(clippy::too_many_arguments)]
+fn round0_beside_slice(
+    run: &mut Run,
+    writes: &mut Option<WriteLog>,
+    temp: &mut Temperature,
+    boot: &Manifest,
+    dev: &std::path::Path,
+    image: &std::path::Path,
+    store: &LocalStore,
+    progress: &dyn Fn(Phase, &str),
+) -> Result<Manifest, MigrateError> {
+    let ordering = run.opts.ordering;
+    progress(Phase::Precopy, "round 0 (boot image), slicing the live disk");
+    let all: Vec<u32> = (0..boot.chunks.len() as u32).collect();
+    let round0 = temp.order(all, ordering, true);
+    // With a warm destination round 0 is local writes there, with a cold
+    // one it pulls from every holder.
+    let (sliced, pulled) = std::thread::scope(|sc| {
+        let slicer = sc.spawn(|| {
+            let t = Instant::now();
+            full_slice(image, boot.chunk_size, store).map(|m| (m, t.elapsed().as_secs_f64()))
+        });
+        let pulled = run.round(boot, round0);
+        let sliced = slicer
+            .join()
+            .unwrap_or_else(|_| Err(MigrateError::State("live disk slicer panicked".into())));
+        (sliced, pulled)
+    });
+    pulled?;
+    let (mut cur, slice_s) = sliced?;
+    tracing::info!(slice_s, "live disk sliced alongside round 0");
+    if ordering == Ordering::ColdFirst && !run.opts.sample_interval.is_zero() {
+        // An optional longer first temperature sample.
+        std::thread::sleep(run.opts.sample_interval);
+    }
+    if writes.is_some() {
+        // The first temperature sample is what the guest wrote while the
+        // slice ran (what changed since boot is not a temperature: the
+        // guest's first minutes wrote much that stays cold).
+        let next = reslice(dev, image, &cur, writes, temp, store)?;
+        temp.observe(&cur, &next);
+        cur = next;
+    }
+    report_live_disk(run, store, &cur, progress);
+    let changed = run.stale(&cur);
+    if changed.len() > run.opts.converge_chunks {
+        let todo = temp.order(changed, ordering, true);
+        progress(
+            Phase::Precopy,
+            &format!("round 1: {} chunks changed since boot", todo.len()),
+        );
+        // First sends of the live disk, not chunks written again.
+        run.counting_resent = false;
+        let sent = run.round(&cur, todo);
+        run.counting_resent = true;
+        sent?;
+    }
+    Ok(cur)
+}
+
 /// Sets `want` on the source QEMU, or plain migration (with a log line)
 /// when this QEMU cannot take it. Returns what was set.
 fn source_memory_transport(
@@ -710,6 +797,7 @@ pub fn migrate(
         },
         throttled_qdev: None,
         memory_with_disk: false,
+        changed_since_boot_from: "slice",
         coord: Default::default(),
         opts,
     };
@@ -767,6 +855,7 @@ pub fn migrate(
                 coordination: run.coord,
                 throttle: run.throttle,
                 memory_started_with_disk: run.memory_with_disk,
+                changed_since_boot_from: run.changed_since_boot_from.into(),
             })
         }
         Err(e) => {
@@ -864,6 +953,21 @@ fn drive(
     if let Some(w) = writes.as_mut() {
         w.take();
     }
+    // The boot log (read after the tracker started, so that no write falls
+    // between them) names what changed since the boot manifest.
+    let vm_dir = rec.image_path.parent().filter(|_| run.opts.use_boot_log);
+    let mut since_boot = match vm_dir.map(|d| boot_log::read(d, &dev, cs.bytes())) {
+        Some(Ok(w)) => {
+            tracing::info!(chunks = w.len(), "boot log: chunks written since boot");
+            Some(w)
+        }
+        Some(Err(e)) => {
+            tracing::info!(error = %e, "no boot log: the live disk is sliced");
+            None
+        }
+        None => None,
+    };
+    run.changed_since_boot_from = if since_boot.is_some() { "boot log" } else { "slice" };
     let image = rec.image_path.clone();
     let ctl = proto::connect_auth(&run.opts.to, &run.opts.key, &run.opts.id, Duration::from_secs(5))?;
     ctl.set_read_timeout(Some(Duration::from_secs(600)))
@@ -965,65 +1069,39 @@ fn drive(
             sc.spawn(move || hold_memory_back(qmp, hold))
         });
         let precopy = (|| -> Result<Manifest, MigrateError> {
-            progress(Phase::Precopy, "round 0 (boot image), slicing the live disk");
-            let all: Vec<u32> = (0..boot.chunks.len() as u32).collect();
-            let round0 = temp.order(all, ordering, true);
-            // The live disk is sliced (io_uring, parallel hashing) while
-            // round 0 runs: with a warm destination round 0 is local writes
-            // there, with a cold one it pulls from every holder.
-            let (sliced, pulled) = std::thread::scope(|sc| {
-                let slicer = sc.spawn(|| {
-                    let t = Instant::now();
-                    full_slice(&image, cs, store).map(|m| (m, t.elapsed().as_secs_f64()))
-                });
-                let pulled = run.round(boot, round0);
-                let sliced = slicer
-                    .join()
-                    .unwrap_or_else(|_| Err(MigrateError::State("live disk slicer panicked".into())));
-                (sliced, pulled)
-            });
-            pulled?;
-            let (mut cur, slice_s) = sliced?;
-            tracing::info!(slice_s, "live disk sliced alongside round 0");
-            if ordering == Ordering::ColdFirst && !run.opts.sample_interval.is_zero() {
-                // An optional longer first temperature sample.
-                std::thread::sleep(run.opts.sample_interval);
-            }
-            if writes.is_some() {
-                // The first temperature sample is what the guest wrote while the
-                // slice ran (what changed since boot is not a temperature: the
-                // guest's first minutes wrote much that stays cold).
-                let next = reslice(&dev, &image, &cur, &mut writes, &mut temp, store)?;
-                temp.observe(&cur, &next);
-                cur = next;
-            }
-            if let Some(c) = &run.opts.coordinator {
-                // The plan is made (with the boot image, which the coordinator knows
-                // already); this report only tells it what the source holds now, so
-                // a coordinator gone since the plan does not stop the handoff.
-                progress(Phase::Precopy, "reporting the live disk to the coordinator");
-                if let Err(e) = super::coord::report_live_disk(c, store, &cur, &mut run.coord) {
-                    tracing::warn!(error = %e, "live disk not reported to the coordinator; the handoff goes on");
-                    run.coord.left.push(format!("live disk not reported: {e}"));
+            // What changed since boot: from the boot log when it can be
+            // trusted (no slice), else from a slice of the live disk beside
+            // round 0.
+            let (mut cur, reread) = match since_boot.take() {
+                Some(written) => {
+                    let idx: Vec<u32> = written.iter().map(|&(i, _)| i).collect();
+                    for &(i, n) in &written {
+                        temp.add_writes(i as usize, n as f64);
+                    }
+                    let cur = reslice_some(&dev, boot, &idx, store)?;
+                    report_live_disk(run, store, &cur, progress);
+                    // Round 0: the boot image and what changed since boot at
+                    // once, from every holder (an earlier copy of this disk
+                    // may sit at a neighbour; the fetcher's holdings query
+                    // keeps the source's path on what only it holds), the
+                    // chunks the log counts fewest writes for first.
+                    progress(
+                        Phase::Precopy,
+                        &format!("round 0: the boot image and {} chunks written since boot", idx.len()),
+                    );
+                    let all: Vec<u32> = (0..boot.chunks.len() as u32).collect();
+                    let round0 = temp.order(all, ordering, true);
+                    run.counting_resent = false;
+                    let sent = run.round(&cur, round0);
+                    run.counting_resent = true;
+                    sent?;
+                    // A write queued before the tracker started may have
+                    // completed after those reads: they are read again at
+                    // the next look.
+                    (cur, idx)
                 }
-            }
-            // Round 1: what changed since boot, from every holder (an
-            // earlier copy of this disk may sit at a neighbour; the
-            // fetcher's holdings query keeps the source's path on what only
-            // it holds), coldest first.
-            let changed = run.stale(&cur);
-            if changed.len() > run.opts.converge_chunks {
-                let todo = temp.order(changed, ordering, true);
-                progress(
-                    Phase::Precopy,
-                    &format!("round 1: {} chunks changed since boot", todo.len()),
-                );
-                // First sends of the live disk, not chunks written again.
-                run.counting_resent = false;
-                let sent = run.round(&cur, todo);
-                run.counting_resent = true;
-                sent?;
-            }
+                None => (round0_beside_slice(run, &mut writes, &mut temp, boot, &dev, &image, store, progress)?, Vec::new()),
+            };
             let mut last_len = usize::MAX;
             for r in 1..=run.opts.max_rounds {
                 if hold.converged.load(AtomicOrdering::Acquire) {
@@ -1031,7 +1109,10 @@ fn drive(
                     // watch said so): the VM is stopped, the rest goes in the pause.
                     break;
                 }
-                let next = reslice(&dev, &image, &cur, &mut writes, &mut temp, store)?;
+                let mut next = reslice(&dev, &image, &cur, &mut writes, &mut temp, store)?;
+                if r == 1 && !reread.is_empty() {
+                    next = reslice_some(&dev, &next, &reread, store)?;
+                }
                 temp.observe(&cur, &next);
                 cur = next;
                 let stale = run.stale(&cur);

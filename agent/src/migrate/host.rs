@@ -123,6 +123,7 @@ impl Host {
                 let _ = self.cfg.qemu.kill(pid, &dir.join("qmp.sock"));
             }
             vm::qemu::remove_tap(&name);
+            stop_boot_log(&dir);
             vm::loopdev::detach_backing(&dir.join("disk.raw"));
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 tracing::warn!(dir = %dir.display(), error = %e, "stale incoming VM not removed");
@@ -506,6 +507,12 @@ impl Incoming<'_> {
             return Err(MigrateError::State("QEMU already started for this VM".into()));
         }
         let dev = LoopDevice::attach(&self.image_path)?;
+        // The boot log counts from here: nothing writes through the loop
+        // device before the VM resumes here, so once `Verify` has passed it
+        // is the log of writes since the manifest the VM arrived as.
+        if let Err(e) = crate::dirty::boot_log::start(&self.dir, dev.path(), self.chunk_size.bytes()) {
+            tracing::warn!(vm = %self.spec.name, error = %e, "no boot log: a migration of this VM from here slices its disk");
+        }
         let port = {
             let l = TcpListener::bind((ip, 0))
                 .map_err(|e| MigrateError::Channel(format!("no free port: {e}")))?;
@@ -735,10 +742,19 @@ impl Drop for Incoming<'_> {
         // No more writes into the image, and the loop device detached,
         // before the image goes.
         self.writer.shutdown();
+        stop_boot_log(&self.dir);
         self.loop_dev = None;
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             tracing::warn!(dir = %self.dir.display(), error = %e, "destination half not removed");
         }
         tracing::info!(vm = %self.spec.name, "incoming VM torn down");
+    }
+}
+
+/// Removes the boot log of the VM in `dir`, if any (before the directory
+/// goes: the pin's name derives from it).
+fn stop_boot_log(dir: &std::path::Path) {
+    if let Err(e) = crate::dirty::boot_log::stop(dir) {
+        tracing::warn!(dir = %dir.display(), error = %e, "boot log not removed");
     }
 }

@@ -156,11 +156,17 @@ pub(crate) fn run_tool(program: &str, args: &[&str]) -> Result<String, VmError> 
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// Stops a VM's QEMU, removes its tap and detaches its loop device.
+/// Stops a VM's QEMU, removes its tap and boot log and detaches its loop
+/// device.
 pub fn teardown(hv: &dyn Hypervisor, rec: &VmRecord) -> Result<(), VmError> {
     hv.kill(rec.pid, &rec.qmp_socket)?;
     if rec.spec.net.is_some() {
         qemu::remove_tap(&rec.spec.name);
+    }
+    if let Some(dir) = rec.image_path.parent() {
+        if let Err(e) = crate::dirty::boot_log::stop(dir) {
+            tracing::warn!(vm = %rec.spec.name, error = %e, "boot log not removed");
+        }
     }
     loopdev::detach(&rec.loop_device)
 }

@@ -163,6 +163,9 @@ pub struct Cloud {
 impl Cloud {
     /// Edges `names` linked to a hub at `mbit` each way, one VM segment.
     pub fn new(names: &[&str], mbit: u32) -> Cloud {
+        // The VMs' boot logs are pinned in a bpffs outside /sys, mounted
+        // here in the host's mount namespace (`ip netns exec` replaces /sys).
+        edgeshift_agent::dirty::boot_log::ensure_bpffs().expect("a bpffs for boot logs");
         let vm = test_vm();
         let (base_store, base_id) = base_store(&vm);
         let tag = tag();

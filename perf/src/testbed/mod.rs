@@ -259,6 +259,12 @@ impl Testbed {
         if !tag_namespaces(tag, &list_netns()?).is_empty() {
             return Err(TestbedError::TagInUse(tag.to_string()));
         }
+        // VMs started in the namespaces pin their boot logs in a bpffs that
+        // `ip netns exec` does not replace; it is mounted from here, the
+        // host's mount namespace. Without it migrations slice the disk.
+        if let Err(e) = edgeshift_agent::dirty::boot_log::ensure_bpffs() {
+            tracing::warn!(error = %e, "no bpffs for boot logs");
+        }
         Ok(Self {
             tag: tag.to_string(),
             hosts: BTreeMap::new(),
