@@ -363,26 +363,38 @@ impl Run {
 /// disk. Counts mark when a write was queued, not when it completed, so the
 /// pause re-reads what was written since the mark taken before the
 /// *previous* slice: a write in flight across one slice is still covered.
+///
+/// With a boot log the counts are the log's (counting since the VM
+/// started, so the first [`WriteLog::take`] names every chunk written since
+/// boot); without one, a tracker started now.
 struct WriteLog {
-    tracker: Box<dyn DirtyTracker>,
-    dev: DeviceId,
+    counts: WriteCounts,
     /// Cumulative writes per chunk at the last two marks (older first).
     marks: [HashMap<u64, u64>; 2],
     lost: u64,
 }
 
+enum WriteCounts {
+    Tracker { tracker: Box<dyn DirtyTracker>, dev: DeviceId },
+    BootLog { vm_dir: std::path::PathBuf, dev: std::path::PathBuf, chunk_size: u64 },
+}
+
 impl WriteLog {
+    fn new(counts: WriteCounts) -> Self {
+        WriteLog {
+            counts,
+            marks: [HashMap::new(), HashMap::new()],
+            lost: 0,
+        }
+    }
+
+    /// A tracker started now.
     fn open(dev_path: &std::path::Path, chunk_size: u64) -> Option<Self> {
         let attempt = || -> Result<Self, crate::dirty::DirtyError> {
             let dev = DeviceId::of_path(dev_path)?;
             let mut tracker = open_tracker(TrackerChoice::Auto, chunk_size, DEFAULT_CAPACITY)?;
             tracker.watch(dev)?;
-            Ok(WriteLog {
-                tracker,
-                dev,
-                marks: [HashMap::new(), HashMap::new()],
-                lost: 0,
-            })
+            Ok(WriteLog::new(WriteCounts::Tracker { tracker, dev }))
         };
         match attempt() {
             Ok(w) => Some(w),
@@ -393,16 +405,47 @@ impl WriteLog {
         }
     }
 
+    /// The VM's boot log, if it has one that can be trusted now.
+    fn boot_log(vm_dir: &std::path::Path, dev_path: &std::path::Path, chunk_size: u64) -> Option<Self> {
+        match boot_log::read(vm_dir, dev_path, chunk_size) {
+            Ok(_) => Some(WriteLog::new(WriteCounts::BootLog {
+                vm_dir: vm_dir.to_path_buf(),
+                dev: dev_path.to_path_buf(),
+                chunk_size,
+            })),
+            Err(e) => {
+                tracing::info!(error = %e, "no boot log: the live disk is sliced");
+                None
+            }
+        }
+    }
+
     fn counts(&mut self) -> Option<HashMap<u64, u64>> {
-        let c = self.tracker.read_counts().ok()?;
-        self.lost = c.dropped + c.truncated;
-        Some(
-            c.chunks
-                .iter()
-                .filter(|ch| ch.dev == self.dev)
-                .map(|ch| (ch.index, ch.writes))
-                .collect(),
-        )
+        match &mut self.counts {
+            WriteCounts::Tracker { tracker, dev } => {
+                let c = tracker.read_counts().ok()?;
+                self.lost = c.dropped + c.truncated;
+                Some(
+                    c.chunks
+                        .iter()
+                        .filter(|ch| ch.dev == *dev)
+                        .map(|ch| (ch.index, ch.writes))
+                        .collect(),
+                )
+            }
+            WriteCounts::BootLog {
+                vm_dir,
+                dev,
+                chunk_size,
+            } => match boot_log::read(vm_dir, dev, *chunk_size) {
+                Ok(w) => Some(w.into_iter().map(|(i, n)| (u64::from(i), n)).collect()),
+                Err(e) => {
+                    // Lost updates (or a log gone): only a slice is right now.
+                    tracing::warn!(error = %e, "boot log unusable: reading the whole disk");
+                    None
+                }
+            },
+        }
     }
 
     /// Chunks written since the older of the last two marks, with how many
@@ -949,23 +992,24 @@ fn drive(
     //    manifest, so the shortcut does not weaken it.
     let t = Instant::now();
     progress(Phase::Plan, "asking the destination what it lacks");
-    let mut writes = WriteLog::open(&dev, cs.bytes());
-    if let Some(w) = writes.as_mut() {
-        w.take();
-    }
-    // The boot log (read after the tracker started, so that no write falls
-    // between them) names what changed since the boot manifest.
-    let vm_dir = rec.image_path.parent().filter(|_| run.opts.use_boot_log);
-    let mut since_boot = match vm_dir.map(|d| boot_log::read(d, &dev, cs.bytes())) {
-        Some(Ok(w)) => {
-            tracing::info!(chunks = w.len(), "boot log: chunks written since boot");
-            Some(w)
+    // What changed since the boot manifest: the boot log's first look, when
+    // the VM has a log that can be trusted; else a slice beside round 0.
+    let booted = rec.image_path.parent().filter(|_| run.opts.use_boot_log);
+    let (mut writes, mut since_boot) = match booted.and_then(|d| WriteLog::boot_log(d, &dev, cs.bytes())) {
+        Some(mut w) => {
+            let since = w.take();
+            if let Some(c) = &since {
+                tracing::info!(chunks = c.len(), "boot log: chunks written since boot");
+            }
+            (Some(w), since)
         }
-        Some(Err(e)) => {
-            tracing::info!(error = %e, "no boot log: the live disk is sliced");
-            None
+        None => {
+            let mut w = WriteLog::open(&dev, cs.bytes());
+            if let Some(w) = w.as_mut() {
+                w.take();
+            }
+            (w, None)
         }
-        None => None,
     };
     run.changed_since_boot_from = if since_boot.is_some() { "boot log" } else { "slice" };
     let image = rec.image_path.clone();
@@ -1072,7 +1116,7 @@ fn drive(
             // What changed since boot: from the boot log when it can be
             // trusted (no slice), else from a slice of the live disk beside
             // round 0.
-            let (mut cur, reread) = match since_boot.take() {
+            let mut cur = match since_boot.take() {
                 Some(written) => {
                     let idx: Vec<u32> = written.iter().map(|&(i, _)| i).collect();
                     for &(i, n) in &written {
@@ -1095,12 +1139,9 @@ fn drive(
                     let sent = run.round(&cur, round0);
                     run.counting_resent = true;
                     sent?;
-                    // A write queued before the tracker started may have
-                    // completed after those reads: they are read again at
-                    // the next look.
-                    (cur, idx)
+                    cur
                 }
-                None => (round0_beside_slice(run, &mut writes, &mut temp, boot, &dev, &image, store, progress)?, Vec::new()),
+                None => round0_beside_slice(run, &mut writes, &mut temp, boot, &dev, &image, store, progress)?,
             };
             let mut last_len = usize::MAX;
             for r in 1..=run.opts.max_rounds {
@@ -1109,10 +1150,7 @@ fn drive(
                     // watch said so): the VM is stopped, the rest goes in the pause.
                     break;
                 }
-                let mut next = reslice(&dev, &image, &cur, &mut writes, &mut temp, store)?;
-                if r == 1 && !reread.is_empty() {
-                    next = reslice_some(&dev, &next, &reread, store)?;
-                }
+                let next = reslice(&dev, &image, &cur, &mut writes, &mut temp, store)?;
                 temp.observe(&cur, &next);
                 cur = next;
                 let stale = run.stale(&cur);

@@ -412,8 +412,12 @@ impl Incoming<'_> {
             self.current[i] = want;
         }
         self.writer.queue(writes)?;
+        let order_len = order.len();
+        let mut fetch_s = 0.0;
         if !order.is_empty() {
+            let t = Instant::now();
             self.fetch_from_holders(order, holders, &mut stats)?;
+            fetch_s = t.elapsed().as_secs_f64();
             let fetched = wanted
                 .iter()
                 .flat_map(|(fp, at)| at.iter().map(move |&i| (i, *fp)))
@@ -422,6 +426,16 @@ impl Incoming<'_> {
             self.writer.queue(fetched)?;
         }
         stats.seconds = start.elapsed().as_secs_f64();
+        tracing::info!(
+            vm = %self.spec.name,
+            indices = stats.indices_written,
+            local = stats.local_chunks,
+            fetched = order_len,
+            bytes = stats.holders.iter().map(|h| h.bytes).sum::<u64>(),
+            fetch_s = fetch_s,
+            seconds = stats.seconds,
+            "pull"
+        );
         metrics::counter!("edgeshift_migrate_pulled_bytes_total")
             .increment(stats.holders.iter().map(|h| h.bytes).sum::<u64>());
         Ok(stats)
@@ -507,12 +521,6 @@ impl Incoming<'_> {
             return Err(MigrateError::State("QEMU already started for this VM".into()));
         }
         let dev = LoopDevice::attach(&self.image_path)?;
-        // The boot log counts from here: nothing writes through the loop
-        // device before the VM resumes here, so once `Verify` has passed it
-        // is the log of writes since the manifest the VM arrived as.
-        if let Err(e) = crate::dirty::boot_log::start(&self.dir, dev.path(), self.chunk_size.bytes()) {
-            tracing::warn!(vm = %self.spec.name, error = %e, "no boot log: a migration of this VM from here slices its disk");
-        }
         let port = {
             let l = TcpListener::bind((ip, 0))
                 .map_err(|e| MigrateError::Channel(format!("no free port: {e}")))?;
@@ -529,7 +537,16 @@ impl Incoming<'_> {
         };
         let qemu = self.host.cfg.qemu.clone();
         let listen = uri.clone();
+        let (dir, chunk_size) = (self.dir.clone(), self.chunk_size.bytes());
         self.starting = Some(std::thread::spawn(move || {
+            // The boot log counts from before QEMU starts: nothing writes
+            // through the loop device until the VM resumes here, so once
+            // `Verify` has passed it logs the writes since the manifest the
+            // VM arrived as. (Loading the BPF program takes 0.1 s: here, off
+            // the answer's path.)
+            if let Err(e) = crate::dirty::boot_log::start(&dir, &cfg.disk, chunk_size) {
+                tracing::warn!(vm = %cfg.spec.name, error = %e, "no boot log: a migration of this VM from here slices its disk");
+            }
             start_incoming_qemu(&qemu, &cfg, &listen, memory)
         }));
         self.loop_dev = Some(dev);

@@ -48,7 +48,8 @@ struct Args {
     #[arg(long)]
     edgeshift: Option<PathBuf>,
     /// Only these scenarios (qemu, qemu-zstd, a, b, c, b-index, b-plain,
-    /// b-overlap: (b) with memory beside the disk, and b-nothrot: (b) with the
+    /// b-overlap: (b) with memory beside the disk, b-slice: (b) slicing the
+    /// live disk instead of reading the boot log, and b-nothrot: (b) with the
     /// disk-write throttle off, only when named), comma-separated or
     /// repeated; default all but b-nothrot.
     #[arg(long, value_delimiter = ',')]
@@ -383,7 +384,7 @@ fn edgeshift_run(
             copy_store(&vm.base_store, &b.store("n1"))?;
             copy_store(&vm.base_store, &b.store("n2"))?;
         }
-        "b" | "b-index" | "b-plain" | "b-nothrot" | "b-overlap" | "c" => {
+        "b" | "b-index" | "b-plain" | "b-nothrot" | "b-overlap" | "b-slice" | "c" => {
             copy_store(&vm.base_store, &b.store("dst"))?
         }
         _ => bail!("unknown scenario {name}"),
@@ -438,11 +439,15 @@ fn edgeshift_run(
             "b-nothrot" => &["--max-downtime", "3599"][..],
             // Memory beside the disk pre-copy, held from converging.
             "b-overlap" => &["--memory-start", "with-disk"][..],
+            // What changed since boot found by a slice, not the boot log.
+            "b-slice" => &["--no-boot-log"][..],
             _ => &[][..],
         })
         .output()?;
     std::fs::create_dir_all(&a.out)?;
     std::fs::write(a.out.join(format!("{name}-migrate.log")), &out.stderr)?;
+    // The destination's side of the handoff (its pulls), beside the source's.
+    let _ = std::fs::copy(b.dir.path().join("dst-vm.log"), a.out.join(format!("{name}-dst.log")));
     if !out.status.success() {
         bail!(
             "edgeshift migrate failed: {}",
@@ -704,7 +709,7 @@ fn markdown(rows: &[Row], a: &Args) -> String {
             throttle
         ));
     }
-    s.push_str("\n(a) cold destination, base at two neighbours; (b) warm destination; (c) warm destination + an earlier copy of the disk at two neighbours; b-index: (b) with plain index order instead of cold-first; b-plain: (b) with QEMU's plain memory stream instead of multifd + zstd; b-overlap: (b) with memory started beside the disk pre-copy (`--memory-start with-disk`) instead of after it; qemu-zstd: QEMU's path with the same multifd + zstd memory settings (virsh's default is the plain row `qemu`). Physical limit = disk limit + memory limit. Disk limit: the bytes of the final disk the destination lacked before the migration, grouped by the set of paths (source, n1, n2) that held them; the maximum over every set S of paths of (bytes held only within S) ÷ (S's summed link rates). Memory limit: the fewest memory bytes any run of this bench moved for this VM with the same memory transport (one pass over its memory, as sent, compressed or not; a run whose memory passed again beside a long disk phase is charged for the extra) ÷ the source path's rate. Wire bytes: interface counters of every link into the destination. Disk throttle: how hard the source VM's disk writes were squeezed to keep the pause within `--max-downtime` (1 s); b-nothrot: (b) with that throttle off.\n");
+    s.push_str("\n(a) cold destination, base at two neighbours; (b) warm destination; (c) warm destination + an earlier copy of the disk at two neighbours; b-index: (b) with plain index order instead of cold-first; b-plain: (b) with QEMU's plain memory stream instead of multifd + zstd; b-overlap: (b) with memory started beside the disk pre-copy (`--memory-start with-disk`) instead of after it; b-slice: (b) finding what changed since boot by slicing the live disk beside round 0 (`--no-boot-log`; those chunks then go in round 1) instead of reading the VM's boot log; qemu-zstd: QEMU's path with the same multifd + zstd memory settings (virsh's default is the plain row `qemu`). Physical limit = disk limit + memory limit. Disk limit: the bytes of the final disk the destination lacked before the migration, grouped by the set of paths (source, n1, n2) that held them; the maximum over every set S of paths of (bytes held only within S) ÷ (S's summed link rates). Memory limit: the fewest memory bytes any run of this bench moved for this VM with the same memory transport (one pass over its memory, as sent, compressed or not; a run whose memory passed again beside a long disk phase is charged for the extra) ÷ the source path's rate. Wire bytes: interface counters of every link into the destination. Disk throttle: how hard the source VM's disk writes were squeezed to keep the pause within `--max-downtime` (1 s); b-nothrot: (b) with that throttle off.\n");
     s
 }
 
@@ -756,6 +761,7 @@ fn main() -> anyhow::Result<()> {
         ("b-index", "index", "multifd-zstd"),
         ("b-plain", "cold-first", "plain"),
         ("b-overlap", "cold-first", "multifd-zstd"),
+        ("b-slice", "cold-first", "multifd-zstd"),
         ("b-nothrot", "cold-first", "multifd-zstd"),
     ] {
         let named_only = name == "b-nothrot";
