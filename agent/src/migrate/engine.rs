@@ -438,7 +438,7 @@ impl WriteLog {
                 dev,
                 chunk_size,
             } => match boot_log::read(vm_dir, dev, *chunk_size) {
-                Ok(w) => Some(w.into_iter().map(|(i, n)| (u64::from(i), n)).collect()),
+                Ok(w) => Some(w.into_iter().map(|c| (u64::from(c.index), c.writes)).collect()),
                 Err(e) => {
                     // Lost updates (or a log gone): only a slice is right now.
                     tracing::warn!(error = %e, "boot log unusable: reading the whole disk");
