@@ -171,6 +171,12 @@ pub struct MigrationReport {
 }
 
 const QMP_WAIT: Duration = Duration::from_secs(5);
+/// A chunk the boot log saw written at least this often since boot, the
+/// latest time at most [`HOT_AGE`] ago, is hot from the start. (The test
+/// guest rewrites a random slot of a 32-chunk hot file 5 times a second:
+/// each chunk about every 6 s.)
+const HOT_WRITES: u64 = 2;
+const HOT_AGE: Duration = Duration::from_secs(10);
 /// How often a disk round runs while QEMU moves memory.
 const DISK_ROUND_DURING_MEMORY: Duration = Duration::from_secs(1);
 const MEMORY_TIMEOUT: Duration = Duration::from_secs(900);
@@ -289,6 +295,16 @@ impl Run {
         })
     }
 
+    /// How many hot chunks may wait for the pause: half of what the budget
+    /// sends (the rest is for what the guest writes meanwhile); none before
+    /// the source's path has been measured.
+    fn hold_room(&self, chunk_bytes: u64) -> usize {
+        if self.source_rate.is_none() {
+            return 0;
+        }
+        self.budget_chunks(chunk_bytes) / 2
+    }
+
     /// Whether `pending` chunks would take longer than the budget to send.
     fn over_budget(&self, pending: usize, chunk_bytes: u64) -> bool {
         self.source_rate.is_some_and(|rate| {
@@ -405,14 +421,22 @@ impl WriteLog {
         }
     }
 
-    /// The VM's boot log, if it has one that can be trusted now.
-    fn boot_log(vm_dir: &std::path::Path, dev_path: &std::path::Path, chunk_size: u64) -> Option<Self> {
+    /// The VM's boot log, if it has one that can be trusted now, and what
+    /// it says now.
+    fn boot_log(
+        vm_dir: &std::path::Path,
+        dev_path: &std::path::Path,
+        chunk_size: u64,
+    ) -> Option<(Self, Vec<boot_log::Written>)> {
         match boot_log::read(vm_dir, dev_path, chunk_size) {
-            Ok(_) => Some(WriteLog::new(WriteCounts::BootLog {
-                vm_dir: vm_dir.to_path_buf(),
-                dev: dev_path.to_path_buf(),
-                chunk_size,
-            })),
+            Ok(now) => Some((
+                WriteLog::new(WriteCounts::BootLog {
+                    vm_dir: vm_dir.to_path_buf(),
+                    dev: dev_path.to_path_buf(),
+                    chunk_size,
+                }),
+                now,
+            )),
             Err(e) => {
                 tracing::info!(error = %e, "no boot log: the live disk is sliced");
                 None
@@ -517,7 +541,10 @@ fn reslice(
     }
 }
 
-/// `cur` with the chunks at `indices` read again from the device.
+/// `cur` with the chunks at `indices` read again from the device. Reads
+/// and hashes run on several threads; the chunks the store lacks go in as
+/// one batch (one parallel sync, where a put per chunk synced each in turn:
+/// 0.13 s for the 115 chunks a boot log names).
 fn reslice_some(
     dev: &std::path::Path,
     cur: &Manifest,
@@ -529,19 +556,54 @@ fn reslice_some(
         path: dev.to_path_buf(),
         source,
     })?;
+    let indices: Vec<usize> = indices
+        .iter()
+        .map(|&i| i as usize)
+        .filter(|&i| i < cur.chunks.len())
+        .collect();
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 4)
+        .min(indices.len().div_ceil(8))
+        .max(1);
+    let per = indices.len().div_ceil(threads).max(1);
+    let read: Vec<Vec<(usize, Fingerprint, Vec<u8>)>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = indices
+            .chunks(per)
+            .map(|part| {
+                let f = &f;
+                sc.spawn(move || -> Result<Vec<_>, MigrateError> {
+                    let mut out = Vec::with_capacity(part.len());
+                    for &i in part {
+                        let data = vm::image::read_chunk(f, dev, cur.chunk_size, cur.image_size, i)?;
+                        out.push((i, vm::image::fingerprint_chunk(&data), data));
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(MigrateError::State("chunk reader panicked".into())))
+            })
+            .collect::<Result<_, _>>()
+    })?;
     let mut next = cur.clone();
-    for &i in indices {
-        let i = i as usize;
-        if i >= next.chunks.len() {
-            continue;
-        }
-        let data = vm::image::read_chunk(&f, dev, cur.chunk_size, cur.image_size, i)?;
-        let fp = vm::image::fingerprint_chunk(&data);
-        if !fp.is_zero_chunk() && !store.has_chunk(&fp)? {
-            store.put_chunk(&fp, &data)?;
+    let mut batch = store.batch();
+    let mut staged = std::collections::HashSet::new();
+    for (i, fp, data) in read.into_iter().flatten() {
+        if !fp.is_zero_chunk() && !staged.contains(&fp) && !store.has_chunk(&fp)? {
+            batch.stage(&fp, &data)?;
+            staged.insert(fp);
+            if batch.is_full() {
+                batch.commit()?;
+            }
         }
         next.chunks[i] = fp;
     }
+    batch.commit()?;
     Ok(next)
 }
 
@@ -996,10 +1058,20 @@ fn drive(
     // the VM has a log that can be trusted; else a slice beside round 0.
     let booted = rec.image_path.parent().filter(|_| run.opts.use_boot_log);
     let (mut writes, mut since_boot) = match booted.and_then(|d| WriteLog::boot_log(d, &dev, cs.bytes())) {
-        Some(mut w) => {
+        Some((mut w, now)) => {
             let since = w.take();
+            // Written repeatedly and lately: being written now. Such chunks
+            // are hot before any look of ours and wait (within the pause's
+            // budget) instead of going in round 0 to be sent twice.
+            let mut hot = 0;
+            for c in &now {
+                if c.writes >= HOT_WRITES && c.age <= HOT_AGE {
+                    temp.mark_hot(c.index as usize);
+                    hot += 1;
+                }
+            }
             if let Some(c) = &since {
-                tracing::info!(chunks = c.len(), "boot log: chunks written since boot");
+                tracing::info!(chunks = c.len(), hot, "boot log: chunks written since boot");
             }
             (Some(w), since)
         }
@@ -1153,22 +1225,20 @@ fn drive(
                 let next = reslice(&dev, &image, &cur, &mut writes, &mut temp, store)?;
                 temp.observe(&cur, &next);
                 cur = next;
-                let stale = run.stale(&cur);
-                let n = stale.len();
+                // The hottest chunks wait for the pause, as many as its
+                // budget holds; the rest go, coldest first.
+                let (waiting, todo) =
+                    temp.hold_hottest(run.stale(&cur), ordering, run.hold_room(cs.bytes()));
+                let n = todo.len();
                 // Few enough left for the pause, or no longer shrinking: memory
                 // starts now.
                 if n <= run.opts.converge_chunks || n >= last_len {
                     break;
                 }
-                // Hot chunks wait while there is other work; the last round before
-                // memory takes them too, so the pause has little to send.
-                let cold = temp.order(stale.clone(), ordering, true);
-                let todo = if cold.len() > run.opts.converge_chunks {
-                    cold
-                } else {
-                    temp.order(stale, ordering, false)
-                };
-                progress(Phase::Precopy, &format!("round {r}: {n} chunks"));
+                progress(
+                    Phase::Precopy,
+                    &format!("round {r}: {n} chunks ({} hot wait)", waiting.len()),
+                );
                 let only_source = vec![run.opts.source_addr.clone()];
                 run.round_from(&cur, todo, only_source)?;
                 last_len = n;
@@ -1237,11 +1307,13 @@ fn drive(
             let next = reslice(&dev, &image, &cur, &mut writes, &mut temp, store)?;
             temp.observe(&cur, &next);
             cur = next;
-            let todo = temp.order(run.stale(&cur), ordering, false);
-            run.squeeze(qmp, todo.len(), cs.bytes())?;
+            let stale = run.stale(&cur);
+            let pending = stale.len();
+            run.squeeze(qmp, pending, cs.bytes())?;
+            let (_, todo) = temp.hold_hottest(stale, ordering, run.hold_room(cs.bytes()));
             // Throttled, a round goes whenever more is pending than the
             // budget allows, so the pause starts from a small set.
-            let over_budget = run.throttle.applied && run.over_budget(todo.len(), cs.bytes());
+            let over_budget = run.throttle.applied && run.over_budget(pending, cs.bytes());
             if todo.len() > 2 * run.opts.converge_chunks || over_budget {
                 let mut todo = todo;
                 if run.throttle.applied {

@@ -82,6 +82,36 @@ impl Temperature {
         self.heat(index) >= HOT
     }
 
+    /// Makes a chunk hot now: the boot log saw it written repeatedly and
+    /// lately (it is being written), before any observation of ours.
+    pub fn mark_hot(&mut self, index: usize) {
+        if let Some(h) = self.heat.get_mut(index) {
+            *h = h.max(HOT);
+        }
+    }
+
+    /// Splits `candidates` into the hottest `room` hot chunks, which wait
+    /// for the pause (sent earlier they would likely be written again and
+    /// sent twice), and the rest in send order, coldest first. With
+    /// [`Ordering::Index`] nothing waits.
+    pub fn hold_hottest(&self, candidates: Vec<u32>, ordering: Ordering, room: usize) -> (Vec<u32>, Vec<u32>) {
+        if ordering == Ordering::Index {
+            return (Vec::new(), self.order(candidates, ordering, false));
+        }
+        let (mut hot, cold): (Vec<u32>, Vec<u32>) = candidates.into_iter().partition(|&i| self.is_hot(i as usize));
+        hot.sort_by(|&a, &b| {
+            let (a_, b_) = (a as usize, b as usize);
+            self.heat(b_)
+                .total_cmp(&self.heat(a_))
+                .then(self.writes(b_).total_cmp(&self.writes(a_)))
+                .then(a.cmp(&b))
+        });
+        let rest = hot.split_off(room.min(hot.len()));
+        let mut send = cold;
+        send.extend(rest);
+        (hot, self.order(send, ordering, false))
+    }
+
     /// Orders `candidates` for sending; with [`Ordering::ColdFirst`] and
     /// `hold_hot`, hot chunks are left out (they go in the pause).
     pub fn order(&self, mut candidates: Vec<u32>, ordering: Ordering, hold_hot: bool) -> Vec<u32> {
@@ -145,5 +175,34 @@ mod tests {
         t.add_writes(7, 1.0);
         assert!(!t.is_hot(0));
         assert_eq!(t.order(vec![0, 1, 2], Ordering::ColdFirst, true), vec![1, 2, 0]);
+    }
+
+    #[test]
+    fn the_hottest_wait_within_the_room_the_rest_go_coldest_first() {
+        let mut t = Temperature::new(6);
+        // 1 and 4 hot by observation, 5 by the boot log; among them the
+        // block-write counts rank 4, 5, 1.
+        t.observe(&m(&[1, 2, 3, 4, 5, 6]), &m(&[1, 9, 3, 4, 8, 6]));
+        t.observe(&m(&[1, 9, 3, 4, 8, 6]), &m(&[1, 10, 3, 4, 7, 6]));
+        t.mark_hot(5);
+        t.mark_hot(99); // out of range: ignored
+        t.add_writes(4, 9.0);
+        t.add_writes(5, 3.0);
+        t.add_writes(2, 1.0);
+        assert!(t.is_hot(5));
+        let all = vec![0, 1, 2, 3, 4, 5];
+        assert_eq!(
+            t.hold_hottest(all.clone(), Ordering::ColdFirst, 2),
+            (vec![4, 5], vec![0, 3, 2, 1])
+        );
+        assert_eq!(
+            t.hold_hottest(all.clone(), Ordering::ColdFirst, 10),
+            (vec![4, 5, 1], vec![0, 3, 2])
+        );
+        assert_eq!(
+            t.hold_hottest(all.clone(), Ordering::ColdFirst, 0),
+            (vec![], vec![0, 3, 2, 1, 5, 4])
+        );
+        assert_eq!(t.hold_hottest(all, Ordering::Index, 10), (vec![], vec![0, 1, 2, 3, 4, 5]));
     }
 }
