@@ -750,7 +750,11 @@ fn boot_log_keeps_counting_pinned_and_stop_frees_it() {
     let again = boot_log::read(vm_dir.path(), &dev.path, 64 * KIB).expect("read again");
     assert_eq!(counts(&again), vec![(2, 4), (9, 1), (10, 1)]);
     let (c2, c9) = (again[0], again[1]);
-    assert!(c2.age < Duration::from_millis(250), "chunk 2 written just now: {:?}", c2.age);
+    assert!(
+        c2.age < Duration::from_millis(250),
+        "chunk 2 written just now: {:?}",
+        c2.age
+    );
     assert!(
         c9.age >= Duration::from_millis(300) && c9.age < Duration::from_secs(30),
         "chunk 9 written before the pause: {:?}",

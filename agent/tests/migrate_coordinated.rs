@@ -295,6 +295,7 @@ fn handoff_plans_with_the_coordinator_and_moves_the_references() {
     let (ok, out, err) = cloud.migrate("vm1", "a", "b", &[], &strs(&coord.edge_args("a")));
     assert!(ok, "migration a→b failed: {err}");
     let r = report(&out);
+    assert_eq!(r["changed_since_boot_from"], "boot log", "{r}");
     eprintln!(
         "a→b: coordination {} ; bytes by source {}",
         r["coordination"], r["bytes_by_source"]
@@ -345,10 +346,15 @@ fn handoff_plans_with_the_coordinator_and_moves_the_references() {
     let check = cloud.check_disk();
     assert!(check.starts_with("check ok"), "disk at b: {check}");
 
-    // b → a: the references move back.
-    let (ok, out, err) = cloud.migrate("vm1", "b", "a", &[], &strs(&coord.edge_args("b")));
+    // b → a: the references move back. This leg finds what changed since
+    // the VM arrived by slicing its disk (as for a VM without a boot log).
+    let b_args = coord.edge_args("b");
+    let mut args = strs(&b_args);
+    args.push("--no-boot-log");
+    let (ok, out, err) = cloud.migrate("vm1", "b", "a", &[], &args);
     assert!(ok, "migration b→a failed: {err}");
     let r2 = report(&out);
+    assert_eq!(r2["changed_since_boot_from"], "slice", "{r2}");
     eprintln!(
         "b→a: coordination {} ; bytes by source {}",
         r2["coordination"], r2["bytes_by_source"]

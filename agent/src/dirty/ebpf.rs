@@ -346,7 +346,10 @@ impl EbpfTracker {
             source,
         })?;
         let pinned = (|| -> Result<(), DirtyError> {
-            let link_id = self.link.take().ok_or(DirtyError::BpfObject("an attached link"))?;
+            let link_id = self
+                .link
+                .take()
+                .ok_or(DirtyError::BpfObject("an attached link"))?;
             let prog: &mut BtfTracePoint = self
                 ._bpf
                 .program_mut(edgeshift_ebpf::PROGRAM)

@@ -391,8 +391,15 @@ struct WriteLog {
 }
 
 enum WriteCounts {
-    Tracker { tracker: Box<dyn DirtyTracker>, dev: DeviceId },
-    BootLog { vm_dir: std::path::PathBuf, dev: std::path::PathBuf, chunk_size: u64 },
+    Tracker {
+        tracker: Box<dyn DirtyTracker>,
+        dev: DeviceId,
+    },
+    BootLog {
+        vm_dir: std::path::PathBuf,
+        dev: std::path::PathBuf,
+        chunk_size: u64,
+    },
 }
 
 impl WriteLog {
@@ -1203,7 +1210,10 @@ fn drive(
                     // chunks the log counts fewest writes for first.
                     progress(
                         Phase::Precopy,
-                        &format!("round 0: the boot image and {} chunks written since boot", idx.len()),
+                        &format!(
+                            "round 0: the boot image and {} chunks written since boot",
+                            idx.len()
+                        ),
                     );
                     let all: Vec<u32> = (0..boot.chunks.len() as u32).collect();
                     let round0 = temp.order(all, ordering, true);
@@ -1213,7 +1223,9 @@ fn drive(
                     sent?;
                     cur
                 }
-                None => round0_beside_slice(run, &mut writes, &mut temp, boot, &dev, &image, store, progress)?,
+                None => {
+                    round0_beside_slice(run, &mut writes, &mut temp, boot, &dev, &image, store, progress)?
+                }
             };
             let mut last_len = usize::MAX;
             for r in 1..=run.opts.max_rounds {
@@ -1227,8 +1239,7 @@ fn drive(
                 cur = next;
                 // The hottest chunks wait for the pause, as many as its
                 // budget holds; the rest go, coldest first.
-                let (waiting, todo) =
-                    temp.hold_hottest(run.stale(&cur), ordering, run.hold_room(cs.bytes()));
+                let (waiting, todo) = temp.hold_hottest(run.stale(&cur), ordering, run.hold_room(cs.bytes()));
                 let n = todo.len();
                 // Few enough left for the pause, or no longer shrinking: memory
                 // starts now.

@@ -198,9 +198,16 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::FileExt as _;
 
-    fn setup(chunks: usize) -> (tempfile::TempDir, Arc<LocalStore>, ImageWriter, PathBuf, Vec<Fingerprint>) {
+    fn setup(
+        chunks: usize,
+    ) -> (
+        tempfile::TempDir,
+        Arc<LocalStore>,
+        ImageWriter,
+        PathBuf,
+        Vec<Fingerprint>,
+    ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(LocalStore::open_or_create(dir.path().join("store")).expect("store"));
         let cs = ChunkSize::new(4096).expect("chunk size");
@@ -239,8 +246,10 @@ mod tests {
         // their workers overlap: A everywhere, then B on evens, then A
         // again on multiples of 4, then zero on index 3.
         w.queue((0..512).map(|i| (i, fps[0])).collect()).expect("q1");
-        w.queue((0..512).step_by(2).map(|i| (i, fps[1])).collect()).expect("q2");
-        w.queue((0..512).step_by(4).map(|i| (i, fps[0])).collect()).expect("q3");
+        w.queue((0..512).step_by(2).map(|i| (i, fps[1])).collect())
+            .expect("q2");
+        w.queue((0..512).step_by(4).map(|i| (i, fps[0])).collect())
+            .expect("q3");
         w.queue(vec![(3, Fingerprint::ZERO_CHUNK)]).expect("q4");
         w.wait().expect("wait");
         for i in 0..512 {

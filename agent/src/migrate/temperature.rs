@@ -94,11 +94,17 @@ impl Temperature {
     /// for the pause (sent earlier they would likely be written again and
     /// sent twice), and the rest in send order, coldest first. With
     /// [`Ordering::Index`] nothing waits.
-    pub fn hold_hottest(&self, candidates: Vec<u32>, ordering: Ordering, room: usize) -> (Vec<u32>, Vec<u32>) {
+    pub fn hold_hottest(
+        &self,
+        candidates: Vec<u32>,
+        ordering: Ordering,
+        room: usize,
+    ) -> (Vec<u32>, Vec<u32>) {
         if ordering == Ordering::Index {
             return (Vec::new(), self.order(candidates, ordering, false));
         }
-        let (mut hot, cold): (Vec<u32>, Vec<u32>) = candidates.into_iter().partition(|&i| self.is_hot(i as usize));
+        let (mut hot, cold): (Vec<u32>, Vec<u32>) =
+            candidates.into_iter().partition(|&i| self.is_hot(i as usize));
         hot.sort_by(|&a, &b| {
             let (a_, b_) = (a as usize, b as usize);
             self.heat(b_)
@@ -203,6 +209,9 @@ mod tests {
             t.hold_hottest(all.clone(), Ordering::ColdFirst, 0),
             (vec![], vec![0, 3, 2, 1, 5, 4])
         );
-        assert_eq!(t.hold_hottest(all, Ordering::Index, 10), (vec![], vec![0, 1, 2, 3, 4, 5]));
+        assert_eq!(
+            t.hold_hottest(all, Ordering::Index, 10),
+            (vec![], vec![0, 1, 2, 3, 4, 5])
+        );
     }
 }

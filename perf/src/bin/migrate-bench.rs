@@ -447,7 +447,10 @@ fn edgeshift_run(
     std::fs::create_dir_all(&a.out)?;
     std::fs::write(a.out.join(format!("{name}-migrate.log")), &out.stderr)?;
     // The destination's side of the handoff (its pulls), beside the source's.
-    let _ = std::fs::copy(b.dir.path().join("dst-vm.log"), a.out.join(format!("{name}-dst.log")));
+    let _ = std::fs::copy(
+        b.dir.path().join("dst-vm.log"),
+        a.out.join(format!("{name}-dst.log")),
+    );
     if !out.status.success() {
         bail!(
             "edgeshift migrate failed: {}",
