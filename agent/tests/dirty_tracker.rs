@@ -743,23 +743,10 @@ fn boot_log_keeps_counting_pinned_and_stop_frees_it() {
     let counts = |w: &[boot_log::Written]| w.iter().map(|c| (c.index, c.writes)).collect::<Vec<_>>();
     let got = boot_log::read(vm_dir.path(), &dev.path, 64 * KIB).expect("read the boot log");
     assert_eq!(counts(&got), vec![(2, 3), (9, 1), (10, 1)]);
-    // Reads do not reset it; later writes add, and the latest write's time
-    // moves: chunk 2 written again after a pause is younger than chunk 9.
-    std::thread::sleep(Duration::from_millis(300));
+    // Reads do not reset it; later writes add.
     dev.dd(2 * 64 * KIB, 4096, 1);
     let again = boot_log::read(vm_dir.path(), &dev.path, 64 * KIB).expect("read again");
     assert_eq!(counts(&again), vec![(2, 4), (9, 1), (10, 1)]);
-    let (c2, c9) = (again[0], again[1]);
-    assert!(
-        c2.age < Duration::from_millis(250),
-        "chunk 2 written just now: {:?}",
-        c2.age
-    );
-    assert!(
-        c9.age >= Duration::from_millis(300) && c9.age < Duration::from_secs(30),
-        "chunk 9 written before the pause: {:?}",
-        c9.age
-    );
     // A log is only trusted for the device and chunk size it counts.
     let err = boot_log::read(vm_dir.path(), &dev.path, 128 * KIB).expect_err("other chunk size");
     assert!(err.to_string().contains("chunks"), "{err}");

@@ -502,6 +502,7 @@ async fn library_fetcher_respects_per_chunk_sources_and_priority() {
 
     // A chunk whose only allowed source is not among the peers is unavailable.
     let ghost = ChunkWant {
+        optional: false,
         fp: Fingerprint::of(b"ghost"),
         len: 5,
         sources: Some(vec!["127.0.0.1:9".parse().expect("addr")]),

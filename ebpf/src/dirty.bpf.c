@@ -63,15 +63,9 @@ struct watch_table {
 	struct watched_dev devs[INLINE_WATCHED];
 };
 
-// `last_ns`: CLOCK_MONOTONIC (bpf_ktime_get_ns) of the chunk's latest
-// write, a plain store (whichever of two racing writers lands, it is a
-// recent time). Counts say how often since the tracker started; this says
-// how lately, which counts alone cannot (a journal block written 40 times
-// an hour ago against a hot block written 5 times in the last seconds).
 struct chunk_counts {
 	__u64 writes;
 	__u64 bytes;
-	__u64 last_ns;
 };
 
 // Touched only off the common path (a counted one-chunk write never reads
@@ -181,7 +175,6 @@ static __noinline void count_span(__u64 range, __u64 start, __u64 end, __u32 shi
 		}
 		__sync_fetch_and_add(&c->writes, 1);
 		__sync_fetch_and_add(&c->bytes, hi - lo);
-		c->last_ns = bpf_ktime_get_ns();
 	}
 }
 
@@ -253,6 +246,5 @@ watched:;
 	}
 	__sync_fetch_and_add(&c->writes, 1);
 	__sync_fetch_and_add(&c->bytes, size);
-	c->last_ns = bpf_ktime_get_ns();
 	return 0;
 }

@@ -72,15 +72,13 @@ pub struct WatchTable {
     pub devs: [WatchedDev; INLINE_WATCHED],
 }
 
-/// One element of the `CHUNKS` array: `struct chunk_counts`, counts
-/// updated with atomic adds by the program.
+/// One element of the `CHUNKS` array: `struct chunk_counts`, updated with
+/// atomic adds by the program.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ChunkCounts {
     pub writes: u64,
     pub bytes: u64,
-    /// CLOCK_MONOTONIC nanoseconds of the latest write (0: never written).
-    pub last_ns: u64,
 }
 
 /// One CPU's value in the `STATS` map: `struct tracker_stats`. The program
@@ -111,7 +109,7 @@ impl TrackerStats {
 const _: () = assert!(std::mem::size_of::<ChunkRange>() == 8);
 const _: () = assert!(std::mem::size_of::<WatchedDev>() == 12);
 const _: () = assert!(std::mem::size_of::<WatchTable>() == 16 + 12 * INLINE_WATCHED);
-const _: () = assert!(std::mem::size_of::<ChunkCounts>() == 24);
+const _: () = assert!(std::mem::size_of::<ChunkCounts>() == 16);
 const _: () = assert!(std::mem::size_of::<TrackerStats>() == 24);
 
 /// The tracepoint's `dev` field is the kernel's internal `dev_t`,
@@ -239,7 +237,6 @@ mod tests {
         assert_eq!(std::mem::offset_of!(WatchTable, chunk_shift), 8);
         assert_eq!(std::mem::offset_of!(WatchTable, devs), 16);
         assert_eq!(std::mem::offset_of!(ChunkCounts, bytes), 8);
-        assert_eq!(std::mem::offset_of!(ChunkCounts, last_ns), 16);
         assert_eq!(std::mem::offset_of!(TrackerStats, truncated), 8);
         assert_eq!(std::mem::offset_of!(TrackerStats, extra_chunks), 16);
     }

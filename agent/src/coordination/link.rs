@@ -261,6 +261,7 @@ impl Link {
                     peers.push(addr);
                 }
                 wants.push(ChunkWant {
+                    optional: false,
                     fp: c.fp,
                     len: c.bytes,
                     sources: Some(vec![addr]),

@@ -22,7 +22,6 @@
 //! update; otherwise the migration slices the disk as before.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use super::ebpf::{read_pinned, unpin};
 use super::{capacity_for, DeviceId, DirtyError, DirtyTracker, EbpfTracker};
@@ -59,15 +58,12 @@ pub struct Written {
     pub index: u32,
     /// Write bios since the log started.
     pub writes: u64,
-    /// Time since its latest write.
-    pub age: Duration,
 }
 
 /// Chunks written since the log started, by index.
 pub fn read(vm_dir: &Path, dev_path: &Path, chunk_size: u64) -> Result<Vec<Written>, DirtyError> {
     let dir = pin_dir(vm_dir);
     let r = read_pinned(&dir)?;
-    let now = monotonic_ns();
     let dev = DeviceId::of_path(dev_path)?;
     if r.dev != dev {
         return Err(DirtyError::BootLog(format!(
@@ -90,25 +86,9 @@ pub fn read(vm_dir: &Path, dev_path: &Path, chunk_size: u64) -> Result<Vec<Writt
             u32::try_from(c.index).ok().map(|index| Written {
                 index,
                 writes: c.writes,
-                age: Duration::from_nanos(now.saturating_sub(c.last_ns)),
             })
         })
         .collect())
-}
-
-/// CLOCK_MONOTONIC now, in nanoseconds: the clock `bpf_ktime_get_ns` reads.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into `ts`, which is valid
-    // and exclusively borrowed; CLOCK_MONOTONIC always exists on Linux.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    if rc != 0 {
-        return 0;
-    }
-    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
 }
 
 /// Removes the VM's boot log, if it has one.

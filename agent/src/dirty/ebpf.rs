@@ -137,12 +137,9 @@ impl Drop for SharedMapping {
     }
 }
 
-/// The `CHUNKS` array mapped read-only: `slots` of (writes, bytes,
-/// last_ns) that the BPF program updates (the counts with atomic adds).
+/// The `CHUNKS` array mapped read-only: `slots` pairs of (writes, bytes)
+/// that the BPF program updates with atomic adds.
 struct CounterArray(SharedMapping);
-
-/// u64 words per `struct chunk_counts`.
-const COUNTS_WORDS: usize = std::mem::size_of::<ChunkCounts>() / 8;
 
 impl CounterArray {
     fn map(map: &MapData, slots: usize) -> Result<Self, DirtyError> {
@@ -152,18 +149,8 @@ impl CounterArray {
 
     /// (writes, bytes) of one slot; zeros past the end.
     fn get(&self, slot: usize) -> (u64, u64) {
-        (self.word(slot, 0), self.word(slot, 1))
-    }
-
-    /// When the slot's chunk was last written (CLOCK_MONOTONIC ns; 0: never).
-    fn last_ns(&self, slot: usize) -> u64 {
-        self.word(slot, 2)
-    }
-
-    fn word(&self, slot: usize, field: usize) -> u64 {
-        self.0
-            .u64_at(slot * COUNTS_WORDS + field)
-            .map_or(0, |w| w.load(Ordering::Relaxed))
+        let word = |i: usize| self.0.u64_at(i).map_or(0, |w| w.load(Ordering::Relaxed));
+        (word(slot * 2), word(slot * 2 + 1))
     }
 }
 
@@ -414,8 +401,6 @@ pub struct PinnedReading {
 pub struct PinnedChunk {
     pub index: u64,
     pub writes: u64,
-    /// CLOCK_MONOTONIC nanoseconds of its latest write.
-    pub last_ns: u64,
 }
 
 /// Reads the counters of the tracker pinned in `dir`.
@@ -438,10 +423,9 @@ pub fn read_pinned(dir: &std::path::Path) -> Result<PinnedReading, DirtyError> {
     let written = (0..n)
         .filter_map(|i| {
             let (writes, _) = counters.get(base + i);
-            (writes > 0).then(|| PinnedChunk {
+            (writes > 0).then_some(PinnedChunk {
                 index: i as u64,
                 writes,
-                last_ns: counters.last_ns(base + i),
             })
         })
         .collect();

@@ -202,12 +202,15 @@ impl Host {
                 manifest,
                 indices,
                 holders,
+                filler,
             } => {
                 let inc = incoming
                     .as_mut()
                     .ok_or_else(|| MigrateError::State("Pull before Prepare".into()))?;
                 let manifest = Manifest::from_bytes(&manifest)?;
-                Ok(Response::Pulled(inc.pull(&manifest, &indices, &holders)?))
+                Ok(Response::Pulled(
+                    inc.pull(&manifest, &indices, &holders, &filler)?,
+                ))
             }
             Request::StartIncoming { memory } => {
                 let inc = incoming
@@ -371,8 +374,10 @@ impl Incoming<'_> {
         target: &Manifest,
         indices: &[u32],
         holders: &[String],
+        filler: &[u32],
     ) -> Result<PullStats, MigrateError> {
         let start = Instant::now();
+        let filler: HashSet<u32> = filler.iter().copied().collect();
         if target.chunk_size != self.chunk_size || target.image_size != self.image_size {
             return Err(MigrateError::State(
                 "the manifest's geometry changed during the migration".into(),
@@ -408,16 +413,39 @@ impl Incoming<'_> {
                 order.push((want, target.chunk_len(i)));
             }
             // What the image will hold once the writer is done: `verify`
-            // waits for it first.
-            self.current[i] = want;
+            // waits for it first. (A filler chunk is set once it came.)
+            if !wanted.contains_key(&want) || !filler.contains(&(i as u32)) {
+                self.current[i] = want;
+            }
         }
         self.writer.queue(writes)?;
         let order_len = order.len();
         let mut fetch_s = 0.0;
         if !order.is_empty() {
+            // A chunk is filler when every index that needs it is.
+            let order: Vec<(Fingerprint, u64, bool)> = order
+                .into_iter()
+                .map(|(fp, len)| {
+                    let optional = wanted
+                        .get(&fp)
+                        .is_some_and(|at| at.iter().all(|&i| filler.contains(&(i as u32))));
+                    (fp, len, optional)
+                })
+                .collect();
             let t = Instant::now();
-            self.fetch_from_holders(order, holders, &mut stats)?;
+            let skipped = self.fetch_from_holders(order, holders, &mut stats)?;
             fetch_s = t.elapsed().as_secs_f64();
+            for fp in &skipped {
+                if let Some(at) = wanted.remove(fp) {
+                    stats.skipped.extend(at.iter().map(|&i| i as u32));
+                    stats.indices_written -= at.len() as u64;
+                }
+            }
+            for (fp, at) in &wanted {
+                for &i in at {
+                    self.current[i] = *fp;
+                }
+            }
             let fetched = wanted
                 .iter()
                 .flat_map(|(fp, at)| at.iter().map(move |&i| (i, *fp)))
@@ -431,6 +459,7 @@ impl Incoming<'_> {
             indices = stats.indices_written,
             local = stats.local_chunks,
             fetched = order_len,
+            skipped = stats.skipped.len(),
             bytes = stats.holders.iter().map(|h| h.bytes).sum::<u64>(),
             fetch_s = fetch_s,
             seconds = stats.seconds,
@@ -445,12 +474,14 @@ impl Incoming<'_> {
     /// transfer module's striped fetcher (faster paths take more, a path that
     /// falls behind has its queue stolen, earlier chunks are asked for
     /// first), into this edge's store.
+    /// Chunks marked optional only fill the tail of the others (see
+    /// `ChunkWant::optional`); those left out are returned.
     fn fetch_from_holders(
         &self,
-        order: Vec<(Fingerprint, u64)>,
+        order: Vec<(Fingerprint, u64, bool)>,
         holders: &[String],
         stats: &mut PullStats,
-    ) -> Result<(), MigrateError> {
+    ) -> Result<Vec<Fingerprint>, MigrateError> {
         let mut peers = Vec::with_capacity(holders.len());
         for h in holders {
             let addr: SocketAddr = h
@@ -472,12 +503,13 @@ impl Incoming<'_> {
         }
         let wants: Vec<ChunkWant> = order
             .iter()
-            .map(|&(fp, len)| ChunkWant {
+            .map(|&(fp, len, optional)| ChunkWant {
                 fp,
                 len,
                 sources: plan
                     .and_then(|p| p.sources_for(&fp).cloned())
                     .or_else(|| named.clone()),
+                optional,
             })
             .collect();
         let fetcher = Fetcher::with_options(
@@ -509,7 +541,7 @@ impl Incoming<'_> {
                 error: p.dropped.clone(),
             })
             .collect();
-        Ok(())
+        Ok(report.skipped)
     }
 
     /// Starts the destination QEMU in the background (`-incoming defer`,

@@ -45,6 +45,11 @@ pub enum Request {
         manifest: Vec<u8>,
         indices: Vec<u32>,
         holders: Vec<String>,
+        /// Indices whose chunks fill the round's tail: fetched only while
+        /// other chunks of the round are still on their way (hot chunks:
+        /// sent early they would likely be written again), else left as
+        /// they are (`PullStats::skipped`).
+        filler: Vec<u32>,
     },
     /// Destination: start QEMU waiting for the memory stream, moved as
     /// `memory` says. Answers the URI at once; QEMU starts in the background
@@ -81,6 +86,8 @@ pub struct PullStats {
     pub zero_chunks: u64,
     pub holders: Vec<HolderStats>,
     pub seconds: f64,
+    /// Filler indices left as they were: the rest of the round was done first.
+    pub skipped: Vec<u32>,
 }
 
 /// What a server answers.

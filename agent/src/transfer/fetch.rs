@@ -95,6 +95,11 @@ pub struct ChunkWant {
     /// Expected length in bytes (from the manifest); a payload of another length is rejected.
     pub len: u64,
     pub sources: Option<Vec<SocketAddr>>,
+    /// Filler: fetched only while chunks that are not optional are still
+    /// queued or on their way (it fills the paths' idle tail); once they are
+    /// all done, the optional chunks not yet asked for are left out (listed
+    /// in [`FetchReport::skipped`]), as are those no source has.
+    pub optional: bool,
 }
 
 impl ChunkWant {
@@ -145,6 +150,8 @@ pub struct FetchReport {
     pub chunks_fetched: u64,
     pub seconds: f64,
     pub peers: Vec<PeerReport>,
+    /// Optional chunks left out.
+    pub skipped: Vec<Fingerprint>,
 }
 
 /// Fetches manifests and chunks from a set of peers into a local store.
@@ -228,6 +235,7 @@ impl Fetcher {
             }
             if !self.store.has_chunk(fp)? {
                 out.push(ChunkWant {
+                    optional: false,
                     fp: *fp,
                     len: manifest.chunk_len(i),
                     sources: None,
@@ -307,9 +315,9 @@ impl Fetcher {
         }
         let seconds = started.elapsed().as_secs_f64();
         let peers: Vec<PeerReport> = s.peers.iter().map(|p| p.report()).collect();
-        let unavailable: Vec<usize> = (0..s.wants.len())
+        let (skipped, unavailable): (Vec<usize>, Vec<usize>) = (0..s.wants.len())
             .filter(|&i| s.state[i] != ChunkState::Done)
-            .collect();
+            .partition(|&i| s.wants[i].optional && s.state[i] == ChunkState::Unavailable);
         if let Some(&first) = unavailable.first() {
             let peers_text = peers
                 .iter()
@@ -325,9 +333,10 @@ impl Fetcher {
         Ok(FetchReport {
             bytes_received: peers.iter().map(|p| p.bytes).sum(),
             bytes_stored: s.stored_bytes,
-            chunks_fetched: s.wants.len() as u64,
+            chunks_fetched: (s.wants.len() - skipped.len()) as u64,
             seconds,
             peers,
+            skipped: skipped.iter().map(|&i| s.wants[i].fp).collect(),
         })
     }
 
@@ -462,6 +471,7 @@ struct Want {
     len: u64,
     /// Bit i set: peer i may serve it.
     allowed: u64,
+    optional: bool,
 }
 
 struct PeerState {
@@ -578,6 +588,7 @@ impl Sched {
                 fp: w.fp,
                 len: w.len,
                 allowed,
+                optional: w.optional,
             });
         }
         let peers = addrs
@@ -633,11 +644,29 @@ impl Sched {
                 s.remaining -= 1;
             }
         }
+        s.settle_fillers();
         s
     }
 
     fn finished(&self) -> bool {
         self.remaining == 0 || self.fatal.is_some()
+    }
+
+    /// Once no chunk that is not optional is queued or in flight, the
+    /// optional ones still queued are left out.
+    fn settle_fillers(&mut self) {
+        let required_pending = (0..self.wants.len()).any(|c| {
+            !self.wants[c].optional && matches!(self.state[c], ChunkState::Queued | ChunkState::InFlight)
+        });
+        if required_pending {
+            return;
+        }
+        for c in 0..self.wants.len() {
+            if self.wants[c].optional && self.state[c] == ChunkState::Queued {
+                self.state[c] = ChunkState::Unavailable;
+                self.remaining -= 1;
+            }
+        }
     }
 
     fn window(&self, p: usize) -> u64 {
@@ -762,6 +791,7 @@ impl Sched {
         self.lacking[c] |= 1 << p;
         self.release(p, c);
         self.requeue(c);
+        self.settle_fillers();
     }
 
     fn chunk_stored(&mut self, p: usize, c: usize, wire_len: u64, zstd: bool) {
@@ -780,6 +810,9 @@ impl Sched {
         self.state[c] = ChunkState::Done;
         self.remaining -= 1;
         self.stored_bytes += self.wants[c].len;
+        if !self.wants[c].optional {
+            self.settle_fillers();
+        }
         // Copies still in flight elsewhere (stolen) are now surplus; their
         // windows free up when they arrive.
     }
@@ -811,6 +844,7 @@ impl Sched {
                 self.remaining -= 1;
             }
         }
+        self.settle_fillers();
     }
 }
 
@@ -1255,6 +1289,7 @@ mod tests {
     fn wants(n: usize, len: u64) -> Vec<ChunkWant> {
         (0..n)
             .map(|i| ChunkWant {
+                optional: false,
                 fp: Fingerprint::of(&(i as u64).to_le_bytes()),
                 len,
                 sources: None,
@@ -1308,6 +1343,62 @@ mod tests {
             vec![0, 1, 2],
             "peer 1 takes the shared ones in order"
         );
+    }
+
+    #[test]
+    fn optional_chunks_fill_the_tail_and_are_left_out_after_it() {
+        let a = addrs(2);
+        let mut w = wants(6, 100);
+        // 0..3 required, 3..6 filler; chunk 0 only at peer 1.
+        w[0].sources = Some(vec![a[1]]);
+        for x in &mut w[3..] {
+            x.optional = true;
+        }
+        let mut s = Sched::new(&a, w, &opts());
+        // Peer 0 takes its required share, then fills with optional chunks
+        // while peer 1 still has required work on its way.
+        assert_eq!(s.take_batch(1, 1), vec![0]);
+        assert_eq!(s.take_batch(0, 32), vec![1, 2, 3]);
+        for c in [1, 2, 3] {
+            assert!(s.arrived(0, c));
+            s.chunk_stored(0, c, 100, false);
+        }
+        assert_eq!(
+            s.take_batch(0, 32),
+            vec![4, 5],
+            "filler while chunk 0 is on its way"
+        );
+        // Chunk 4 arrives; then chunk 0, the last required one: the filler
+        // still in flight (5) completes, nothing more is asked for.
+        assert!(s.arrived(0, 4));
+        s.chunk_stored(0, 4, 100, false);
+        assert!(s.arrived(1, 0));
+        s.chunk_stored(1, 0, 100, false);
+        assert!(!s.finished(), "5 is still on its way");
+        assert!(s.arrived(0, 5));
+        s.chunk_stored(0, 5, 100, false);
+        assert!(s.finished());
+
+        // Required work done before the filler was asked for: left out.
+        let mut w = wants(4, 100);
+        for x in &mut w[2..] {
+            x.optional = true;
+        }
+        let mut s = Sched::new(&addrs(1), w, &opts());
+        assert_eq!(s.take_batch(0, 2), vec![0, 1]);
+        for c in [0, 1] {
+            assert!(s.arrived(0, c));
+            s.chunk_stored(0, c, 100, false);
+        }
+        assert!(s.finished());
+        assert_eq!(s.state[2], ChunkState::Unavailable);
+        assert_eq!(s.state[3], ChunkState::Unavailable);
+        // Only optional chunks: nothing to fill, all left out at once.
+        let mut w = wants(2, 100);
+        for x in &mut w {
+            x.optional = true;
+        }
+        assert!(Sched::new(&addrs(1), w, &opts()).finished());
     }
 
     #[test]
