@@ -570,6 +570,7 @@ fn reslice_some(
     indices: &[u32],
     store: &LocalStore,
 ) -> Result<Manifest, MigrateError> {
+    let started = Instant::now();
     let f = std::fs::File::open(dev).map_err(|source| MigrateError::Io {
         op: "open",
         path: dev.to_path_buf(),
@@ -609,6 +610,7 @@ fn reslice_some(
             })
             .collect::<Result<_, _>>()
     })?;
+    let read_s = started.elapsed().as_secs_f64();
     let mut next = cur.clone();
     let mut batch = store.batch();
     let mut staged = std::collections::HashSet::new();
@@ -623,6 +625,13 @@ fn reslice_some(
         next.chunks[i] = fp;
     }
     batch.commit()?;
+    tracing::debug!(
+        chunks = indices.len(),
+        stored = staged.len(),
+        read_s,
+        seconds = started.elapsed().as_secs_f64(),
+        "chunks read again"
+    );
     Ok(next)
 }
 
