@@ -31,18 +31,23 @@ use crate::store::{ChunkStore, LocalStore};
 /// wait for each other (a write holds its shard's lock).
 const SHARDS: usize = 64;
 
-type Pending = Arc<Vec<Mutex<HashMap<usize, Fingerprint>>>>;
-
 /// Writes chunks of the store into an image file in the background.
 pub(super) struct ImageWriter {
-    file: Arc<File>,
-    path: Arc<PathBuf>,
+    target: Arc<Target>,
+    workers: Vec<JoinHandle<Result<(), MigrateError>>>,
+}
+
+/// What every worker writes into, and how.
+struct Target {
+    file: File,
+    path: PathBuf,
     store: Arc<LocalStore>,
     chunk_size: ChunkSize,
     image_size: u64,
-    pending: Pending,
-    workers: Vec<JoinHandle<Result<(), MigrateError>>>,
-    stop: Arc<AtomicBool>,
+    /// Index -> the content it must end with, for every write still to do;
+    /// sharded (a write holds its shard's lock).
+    pending: Vec<Mutex<HashMap<usize, Fingerprint>>>,
+    stop: AtomicBool,
 }
 
 impl ImageWriter {
@@ -54,14 +59,16 @@ impl ImageWriter {
         image_size: u64,
     ) -> Self {
         ImageWriter {
-            file: Arc::new(file),
-            path: Arc::new(path),
-            store,
-            chunk_size,
-            image_size,
-            pending: Arc::new((0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect()),
+            target: Arc::new(Target {
+                file,
+                path,
+                store,
+                chunk_size,
+                image_size,
+                pending: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                stop: AtomicBool::new(false),
+            }),
             workers: Vec::new(),
-            stop: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -74,7 +81,7 @@ impl ImageWriter {
             return Ok(());
         }
         for &(i, fp) in &jobs {
-            shard(&self.pending, i)?.insert(i, fp);
+            self.target.shard(i)?.insert(i, fp);
         }
         // Reads from the store (each checked against its fingerprint) run in
         // parallel; a small batch gets one thread.
@@ -86,16 +93,8 @@ impl ImageWriter {
         let mut jobs = jobs;
         while !jobs.is_empty() {
             let part: Vec<_> = jobs.drain(..per.min(jobs.len())).collect();
-            let w = Worker {
-                file: Arc::clone(&self.file),
-                path: Arc::clone(&self.path),
-                store: Arc::clone(&self.store),
-                chunk_size: self.chunk_size,
-                image_size: self.image_size,
-                pending: Arc::clone(&self.pending),
-                stop: Arc::clone(&self.stop),
-            };
-            self.workers.push(std::thread::spawn(move || w.run(part)));
+            let target = Arc::clone(&self.target);
+            self.workers.push(std::thread::spawn(move || target.write(part)));
         }
         Ok(())
     }
@@ -129,7 +128,7 @@ impl ImageWriter {
     /// Stops the workers after the chunk each is writing (the image is
     /// about to be deleted).
     pub(super) fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::Release);
+        self.target.stop.store(true, Ordering::Release);
         for h in self.workers.drain(..) {
             let _ = h.join();
         }
@@ -142,27 +141,18 @@ impl Drop for ImageWriter {
     }
 }
 
-fn shard(
-    pending: &Pending,
-    index: usize,
-) -> Result<std::sync::MutexGuard<'_, HashMap<usize, Fingerprint>>, MigrateError> {
-    pending[index % SHARDS]
-        .lock()
-        .map_err(|_| MigrateError::State("image writer state poisoned".into()))
-}
+impl Target {
+    fn shard(
+        &self,
+        index: usize,
+    ) -> Result<std::sync::MutexGuard<'_, HashMap<usize, Fingerprint>>, MigrateError> {
+        self.pending[index % SHARDS]
+            .lock()
+            .map_err(|_| MigrateError::State("image writer state poisoned".into()))
+    }
 
-struct Worker {
-    file: Arc<File>,
-    path: Arc<PathBuf>,
-    store: Arc<LocalStore>,
-    chunk_size: ChunkSize,
-    image_size: u64,
-    pending: Pending,
-    stop: Arc<AtomicBool>,
-}
-
-impl Worker {
-    fn run(self, part: Vec<(usize, Fingerprint)>) -> Result<(), MigrateError> {
+    /// One worker: writes its part, skipping what a newer job replaced.
+    fn write(&self, part: Vec<(usize, Fingerprint)>) -> Result<(), MigrateError> {
         let cs = self.chunk_size.bytes();
         for (i, fp) in part {
             if self.stop.load(Ordering::Acquire) {
@@ -173,9 +163,9 @@ impl Worker {
             let data = if fp.is_zero_chunk() {
                 vec![0u8; len]
             } else {
-                self.store.get_chunk(&fp)?.to_vec()
+                self.store.get_chunk(&fp)?
             };
-            let mut p = shard(&self.pending, i)?;
+            let mut p = self.shard(i)?;
             if p.get(&i) != Some(&fp) {
                 // A newer job for this index replaced ours, or it is written.
                 continue;
@@ -184,7 +174,7 @@ impl Worker {
                 .write_all_at(&data, off)
                 .map_err(|source| MigrateError::Io {
                     op: "write",
-                    path: self.path.to_path_buf(),
+                    path: self.path.clone(),
                     source,
                 })?;
             p.remove(&i);

@@ -105,17 +105,20 @@ impl Temperature {
         }
         let (mut hot, cold): (Vec<u32>, Vec<u32>) =
             candidates.into_iter().partition(|&i| self.is_hot(i as usize));
-        hot.sort_by(|&a, &b| {
-            let (a_, b_) = (a as usize, b as usize);
-            self.heat(b_)
-                .total_cmp(&self.heat(a_))
-                .then(self.writes(b_).total_cmp(&self.writes(a_)))
-                .then(a.cmp(&b))
-        });
+        hot.sort_by(|&a, &b| self.colder(b, a).then(a.cmp(&b)));
         let rest = hot.split_off(room.min(hot.len()));
         let mut send = cold;
         send.extend(rest);
         (hot, self.order(send, ordering, false))
+    }
+
+    /// `Less` when chunk `a` is colder than `b`: less heat, then fewer
+    /// block writes.
+    fn colder(&self, a: u32, b: u32) -> std::cmp::Ordering {
+        let (a, b) = (a as usize, b as usize);
+        self.heat(a)
+            .total_cmp(&self.heat(b))
+            .then(self.writes(a).total_cmp(&self.writes(b)))
     }
 
     /// Orders `candidates` for sending; with [`Ordering::ColdFirst`] and
@@ -130,13 +133,7 @@ impl Temperature {
                 if hold_hot {
                     candidates.retain(|&i| !self.is_hot(i as usize));
                 }
-                candidates.sort_by(|&a, &b| {
-                    let (a_, b_) = (a as usize, b as usize);
-                    self.heat(a_)
-                        .total_cmp(&self.heat(b_))
-                        .then(self.writes(a_).total_cmp(&self.writes(b_)))
-                        .then(a.cmp(&b))
-                });
+                candidates.sort_by(|&a, &b| self.colder(a, b).then(a.cmp(&b)));
                 candidates
             }
         }
