@@ -3,11 +3,14 @@
 //! 1. **plan**: the destination prepares with the manifest the VM booted
 //!    from (this edge holds it in full) and says what its store lacks and,
 //!    with a coordinator, which edges send what ([`super::coord`]).
-//! 2. **pre-copy**: round 0 pulls the boot manifest from every holder at
-//!    once, coldest first, while the live disk is sliced here; round 1
-//!    sends what changed since boot; each later round re-reads what the
-//!    guest wrote since and sends it, until the rounds stop shrinking; the
-//!    hottest chunks wait for the pause.
+//! 2. **pre-copy**: the VM's boot log (a pinned eBPF write counter,
+//!    [`crate::dirty::boot_log`]) names what changed since boot; round 0
+//!    pulls the whole live disk from every holder at once, coldest first,
+//!    the hot chunks only as filler of its tail (without a boot log: the
+//!    boot manifest while the live disk is sliced here, then a round 1 of
+//!    what changed); each later round re-reads what the guest wrote since
+//!    and sends it, until the rounds stop shrinking; the hottest chunks
+//!    wait for the pause, within its budget.
 //! 3. **memory**: the destination QEMU waits with `-incoming`; the source runs
 //!    QMP `migrate` with `pause-before-switchover`.
 //!    If the chunks dirtied per round would overrun `--max-downtime` in the
