@@ -540,7 +540,11 @@ struct Sched {
     /// Peers (bitmask) that said they do not hold a chunk.
     lacking: Vec<u64>,
     peers: Vec<PeerState>,
+    /// Chunks neither done nor given up.
     remaining: usize,
+    /// Of those, the ones that are not optional: at 0, the optional ones
+    /// still queued are given up.
+    required_left: usize,
     stored_bytes: u64,
     fatal: Option<String>,
     min_window: u64,
@@ -623,6 +627,7 @@ impl Sched {
             })
             .collect();
         let n = ws.len();
+        let required_left = ws.iter().filter(|w| !w.optional).count();
         let mut s = Sched {
             state: vec![ChunkState::Queued; n],
             holders: vec![0; n],
@@ -631,6 +636,7 @@ impl Sched {
             wants: ws,
             peers,
             remaining: n,
+            required_left,
             stored_bytes: 0,
             fatal: None,
             min_window: opts.min_window,
@@ -640,8 +646,7 @@ impl Sched {
         };
         for c in 0..n {
             if s.wants[c].allowed == 0 {
-                s.state[c] = ChunkState::Unavailable;
-                s.remaining -= 1;
+                s.give_up(c);
             }
         }
         s.settle_fillers();
@@ -652,19 +657,24 @@ impl Sched {
         self.remaining == 0 || self.fatal.is_some()
     }
 
+    /// Marks chunk `c` as one nobody will send.
+    fn give_up(&mut self, c: usize) {
+        self.state[c] = ChunkState::Unavailable;
+        self.remaining -= 1;
+        if !self.wants[c].optional {
+            self.required_left -= 1;
+        }
+    }
+
     /// Once no chunk that is not optional is queued or in flight, the
     /// optional ones still queued are left out.
     fn settle_fillers(&mut self) {
-        let required_pending = (0..self.wants.len()).any(|c| {
-            !self.wants[c].optional && matches!(self.state[c], ChunkState::Queued | ChunkState::InFlight)
-        });
-        if required_pending {
+        if self.required_left > 0 {
             return;
         }
         for c in 0..self.wants.len() {
             if self.wants[c].optional && self.state[c] == ChunkState::Queued {
-                self.state[c] = ChunkState::Unavailable;
-                self.remaining -= 1;
+                self.give_up(c);
             }
         }
     }
@@ -781,8 +791,7 @@ impl Sched {
         if any {
             self.state[c] = ChunkState::Queued;
         } else {
-            self.state[c] = ChunkState::Unavailable;
-            self.remaining -= 1;
+            self.give_up(c);
         }
     }
 
@@ -811,6 +820,7 @@ impl Sched {
         self.remaining -= 1;
         self.stored_bytes += self.wants[c].len;
         if !self.wants[c].optional {
+            self.required_left -= 1;
             self.settle_fillers();
         }
         // Copies still in flight elsewhere (stolen) are now surplus; their
@@ -840,8 +850,7 @@ impl Sched {
             if self.state[c] == ChunkState::Queued
                 && !(0..self.peers.len()).any(|q| self.peers[q].alive && self.can_serve(q, c))
             {
-                self.state[c] = ChunkState::Unavailable;
-                self.remaining -= 1;
+                self.give_up(c);
             }
         }
         self.settle_fillers();
