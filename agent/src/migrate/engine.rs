@@ -218,9 +218,6 @@ struct Run {
     memory_with_disk: bool,
     /// "boot log" or "slice": how the source learnt what changed since boot.
     changed_since_boot_from: &'static str,
-    /// For the next round: indices that only fill its tail (see
-    /// `Request::Pull`).
-    filler: Option<Vec<u32>>,
 }
 
 impl Run {
@@ -239,14 +236,17 @@ impl Run {
     /// One disk round: asks the destination to match `m` at `indices`.
     fn round(&mut self, m: &Manifest, indices: Vec<u32>) -> Result<PullStats, MigrateError> {
         let holders = self.holders();
-        self.round_from(m, indices, holders)
+        self.round_from(m, indices, holders, Vec::new())
     }
 
+    /// A round from `holders`; the chunks at `filler` only fill its tail
+    /// (see `Request::Pull`).
     fn round_from(
         &mut self,
         m: &Manifest,
         indices: Vec<u32>,
         holders: Vec<String>,
+        filler: Vec<u32>,
     ) -> Result<PullStats, MigrateError> {
         let start = Instant::now();
         let n = indices.len() as u64;
@@ -260,7 +260,7 @@ impl Run {
             manifest: m.to_bytes(),
             indices: indices.clone(),
             holders,
-            filler: self.filler.take().unwrap_or_default(),
+            filler,
         };
         let stats = match proto::call(self.ctl()?, &req)? {
             Response::Pulled(s) => s,
@@ -443,27 +443,35 @@ impl WriteLog {
         }
     }
 
-    /// The VM's boot log, if it has one that can be trusted now, and what
-    /// it says now.
+    /// The VM's boot log, if it has one that can be trusted now, with its
+    /// first look taken: every chunk written since boot, with its writes.
     fn boot_log(
         vm_dir: &std::path::Path,
         dev_path: &std::path::Path,
         chunk_size: u64,
-    ) -> Option<(Self, Vec<boot_log::Written>)> {
+    ) -> Option<(Self, Vec<(u32, u64)>)> {
         match boot_log::read(vm_dir, dev_path, chunk_size) {
-            Ok(now) => Some((
-                WriteLog::new(WriteCounts::BootLog {
+            Ok(now) => {
+                let mut w = WriteLog::new(WriteCounts::BootLog {
                     vm_dir: vm_dir.to_path_buf(),
                     dev: dev_path.to_path_buf(),
                     chunk_size,
-                }),
-                now,
-            )),
+                });
+                let since = w.take_from(Self::boot_counts(now))?;
+                Some((w, since))
+            }
             Err(e) => {
                 tracing::info!(error = %e, "no boot log: the live disk is sliced");
                 None
             }
         }
+    }
+
+    fn boot_counts(written: Vec<boot_log::Written>) -> HashMap<u64, u64> {
+        written
+            .into_iter()
+            .map(|c| (u64::from(c.index), c.writes))
+            .collect()
     }
 
     fn counts(&mut self) -> Option<HashMap<u64, u64>> {
@@ -484,7 +492,7 @@ impl WriteLog {
                 dev,
                 chunk_size,
             } => match boot_log::read(vm_dir, dev, *chunk_size) {
-                Ok(w) => Some(w.into_iter().map(|c| (u64::from(c.index), c.writes)).collect()),
+                Ok(w) => Some(Self::boot_counts(w)),
                 Err(e) => {
                     // Lost updates (or a log gone): only a slice is right now.
                     tracing::warn!(error = %e, "boot log unusable: reading the whole disk");
@@ -500,6 +508,11 @@ impl WriteLog {
     /// only a full slice can be trusted).
     fn take(&mut self) -> Option<Vec<(u32, u64)>> {
         let now = self.counts()?;
+        self.take_from(now)
+    }
+
+    /// [`WriteLog::take`] with the cumulative counts read already.
+    fn take_from(&mut self, now: HashMap<u64, u64>) -> Option<Vec<(u32, u64)>> {
         let lost = self.lost;
         let [older, newer] = &mut self.marks;
         let mut out: Vec<(u32, u64)> = now
@@ -934,7 +947,6 @@ pub fn migrate(
         throttled_qdev: None,
         memory_with_disk: false,
         changed_since_boot_from: "slice",
-        filler: None,
         coord: Default::default(),
         opts,
     };
@@ -1090,22 +1102,20 @@ fn drive(
     // the VM has a log that can be trusted; else a slice beside round 0.
     let booted = rec.image_path.parent().filter(|_| run.opts.use_boot_log);
     let (mut writes, mut since_boot) = match booted.and_then(|d| WriteLog::boot_log(d, &dev, cs.bytes())) {
-        Some((mut w, now)) => {
-            let since = w.take();
+        Some((w, since)) => {
             // Written again and again since boot: such chunks are hot before
             // any look of ours and wait (the most written first, within the
             // pause's budget) instead of going in round 0 to be sent twice.
             let mut hot = 0;
-            for c in &now {
-                if c.writes >= HOT_WRITES {
-                    temp.mark_hot(c.index as usize);
+            for &(i, n) in &since {
+                temp.add_writes(i as usize, n as f64);
+                if n >= HOT_WRITES {
+                    temp.mark_hot(i as usize);
                     hot += 1;
                 }
             }
-            if let Some(c) = &since {
-                tracing::info!(chunks = c.len(), hot, "boot log: chunks written since boot");
-            }
-            (Some(w), since)
+            tracing::info!(chunks = since.len(), hot, "boot log: chunks written since boot");
+            (Some(w), Some(since))
         }
         None => {
             let mut w = WriteLog::open(&dev, cs.bytes());
@@ -1196,15 +1206,12 @@ fn drive(
         None
     };
 
-    // 3. Disk pre-copy: round 0 pulls the boot image from every holder
-    //    while the live disk is sliced here; round 1 what changed since boot
-    //    (it exists only in that slice), from every holder; then rounds of
-    //    what was written since (it exists only here) while they are big and
-    //    shrinking. (One round 0 of the whole live disk after the slice, the
-    //    changed chunks first, was measured and dropped: it lost the slice's
-    //    overlap and re-sent more, as the changed chunks went at its start;
-    //    1 GiB at 100 Mbit/s: cold 27.6-28.0 s against 27.4 s, warm with an
-    //    earlier copy at neighbours 6.0 s against 5.1 s.)
+    // 3. Disk pre-copy: round 0 pulls the live disk from every holder, the
+    //    hot chunks only as filler of its tail (without a boot log: the boot
+    //    image while the live disk is sliced here, then a round 1 of what
+    //    changed since boot, from every holder); then rounds of what was
+    //    written since (it exists only here) while they are big and
+    //    shrinking, the hottest waiting for the pause.
     let t = Instant::now();
     let before = run.bytes_by_source.values().sum::<u64>();
     let hold = MemoryHold::default();
@@ -1223,9 +1230,6 @@ fn drive(
             let mut cur = match since_boot.take() {
                 Some(written) => {
                     let idx: Vec<u32> = written.iter().map(|&(i, _)| i).collect();
-                    for &(i, n) in &written {
-                        temp.add_writes(i as usize, n as f64);
-                    }
                     let cur = reslice_some(&dev, boot, &idx, store)?;
                     report_live_disk(run, store, &cur, progress);
                     // Round 0: the boot image and what changed since boot at
@@ -1253,11 +1257,14 @@ fn drive(
                         })
                         .collect();
                     let round0 = temp.order(all, ordering, false);
-                    if ordering == Ordering::ColdFirst && !hot.is_empty() {
-                        run.filler = Some(hot);
-                    }
+                    let filler = if ordering == Ordering::ColdFirst {
+                        hot
+                    } else {
+                        Vec::new()
+                    };
                     run.counting_resent = false;
-                    let sent = run.round(&cur, round0);
+                    let holders = run.holders();
+                    let sent = run.round_from(&cur, round0, holders, filler);
                     run.counting_resent = true;
                     sent?;
                     cur
@@ -1292,7 +1299,7 @@ fn drive(
                 // What was written since the last round, and the hot chunks
                 // no neighbour had, exist only here.
                 let only_source = vec![run.opts.source_addr.clone()];
-                run.round_from(&cur, todo, only_source)?;
+                run.round_from(&cur, todo, only_source, Vec::new())?;
                 last_len = n;
             }
             Ok(cur)
@@ -1375,7 +1382,7 @@ fn drive(
                     todo.truncate(run.budget_chunks(cs.bytes()).max(1));
                 }
                 let only_source = vec![run.opts.source_addr.clone()];
-                run.round_from(&cur, todo, only_source)?;
+                run.round_from(&cur, todo, only_source, Vec::new())?;
             }
             if run.opts.fail_after == Some(Phase::MemoryRound) {
                 return Err(MigrateError::State(format!(
@@ -1413,7 +1420,7 @@ fn drive(
     let before = run.bytes_by_source.values().sum::<u64>();
     // Everything written since the last round exists only at the source.
     let only_source = vec![run.opts.source_addr.clone()];
-    run.round_from(&fin, last.clone(), only_source)?;
+    run.round_from(&fin, last.clone(), only_source, Vec::new())?;
     let t_round = t.elapsed().as_secs_f64();
     let fin_id = fin.id();
     let (ok, detail) = match proto::call(

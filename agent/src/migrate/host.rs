@@ -413,8 +413,8 @@ impl Incoming<'_> {
                 order.push((want, target.chunk_len(i)));
             }
             // What the image will hold once the writer is done: `verify`
-            // waits for it first. (A filler chunk is set once it came.)
-            if !wanted.contains_key(&want) || !filler.contains(&(i as u32)) {
+            // waits for it first. (A fetched chunk is set once it came.)
+            if !wanted.contains_key(&want) {
                 self.current[i] = want;
             }
         }
