@@ -61,6 +61,10 @@ struct Incoming<'h> {
     image_size: u64,
     /// What the image file holds now, per chunk.
     current: Vec<Fingerprint>,
+    /// Chunks of the boot manifest this edge's store held at Prepare: a
+    /// Pull does not look them up again (2,900 lookups were 0.02 s before
+    /// round 0's fetch could start).
+    held_at_prepare: HashSet<Fingerprint>,
     image_path: PathBuf,
     dir: PathBuf,
     file: File,
@@ -305,19 +309,20 @@ impl Host {
         };
         let mut missing_chunks = 0;
         let mut missing_bytes = 0;
-        let mut local_chunks = 0;
         let mut seen = HashSet::new();
+        let mut held_at_prepare = HashSet::new();
         for (i, fp) in manifest.chunks.iter().enumerate() {
             if fp.is_zero_chunk() || !seen.insert(*fp) {
                 continue;
             }
             if self.store.has_chunk(fp)? {
-                local_chunks += 1;
+                held_at_prepare.insert(*fp);
             } else {
                 missing_chunks += 1;
                 missing_bytes += manifest.chunk_len(i);
             }
         }
+        let local_chunks = held_at_prepare.len() as u64;
         tracing::info!(vm = %spec.name, missing_chunks, missing_bytes, local_chunks, "prepared incoming VM");
         let writer = ImageWriter::new(
             file.try_clone().map_err(io("open", &image_path))?,
@@ -332,6 +337,7 @@ impl Host {
             chunk_size: manifest.chunk_size,
             image_size: manifest.image_size,
             current: vec![Fingerprint::ZERO_CHUNK; manifest.chunks.len()],
+            held_at_prepare,
             spec,
             image_path,
             dir,
@@ -405,7 +411,7 @@ impl Incoming<'_> {
                 writes.push((i, want));
             } else if let Some(v) = wanted.get_mut(&want) {
                 v.push(i);
-            } else if store.has_chunk(&want)? {
+            } else if self.held_at_prepare.contains(&want) || store.has_chunk(&want)? {
                 stats.local_chunks += 1;
                 writes.push((i, want));
             } else {

@@ -5,7 +5,9 @@
 //! `DIR/tmp/` for writes in progress. A chunk is written to `tmp/`, synced,
 //! then renamed into place and its directory synced: a chunk file under
 //! `chunks/` is always whole and durable, and a crash leaves at most a stray
-//! temp file, which the next open removes.
+//! temp file, which the next open removes. (Chunks published before they are
+//! synced, [`LocalStore::publish`], are named in `DIR/unsynced/` first; the
+//! next open checks them.)
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
@@ -20,7 +22,7 @@ use super::{ChunkStore, PutOutcome, StoreError, StoreStats};
 pub const STORE_MARKER: &str = "edgeshift-store";
 const MARKER_TEXT: &str = "edgeshift chunk store, layout 1\n";
 /// Directories of a store's layout (`pins` is the coordination module's).
-const STORE_LAYOUT_DIRS: [&str; 4] = ["chunks", "manifests", "tmp", "pins"];
+const STORE_LAYOUT_DIRS: [&str; 5] = ["chunks", "manifests", "tmp", "pins", super::publish::UNSYNCED_DIR];
 const MARKER_TMP_PREFIX: &str = ".edgeshift-store.creating.";
 
 /// A chunk store rooted at a directory.
@@ -28,6 +30,9 @@ const MARKER_TMP_PREFIX: &str = ".edgeshift-store.creating.";
 pub struct LocalStore {
     root: PathBuf,
     tmp_seq: AtomicU64,
+    /// Syncs of chunks published unsynced ([`LocalStore::publish_sync_later`]),
+    /// waited for on drop.
+    pub(super) syncing: std::sync::Mutex<Vec<std::thread::JoinHandle<Result<(), StoreError>>>>,
 }
 
 pub(crate) fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -68,8 +73,10 @@ impl LocalStore {
         let store = LocalStore {
             root,
             tmp_seq: AtomicU64::new(0),
+            syncing: Default::default(),
         };
         store.clean_tmp()?;
+        store.recover_unsynced()?;
         Ok(store)
     }
 
@@ -146,13 +153,7 @@ impl LocalStore {
                     // Another live process may own some of these; only remove
                     // files whose writer pid is gone.
                     let name = e.file_name().to_string_lossy().into_owned();
-                    let pid_alive = name
-                        .split('.')
-                        .nth(1)
-                        .and_then(|p| p.parse::<u32>().ok())
-                        .map(|pid| Path::new(&format!("/proc/{pid}")).exists())
-                        .unwrap_or(false);
-                    if !pid_alive {
+                    if !super::publish::writer_alive(&name) {
                         let _ = fs::remove_file(e.path());
                     }
                 }
@@ -440,7 +441,11 @@ impl Drop for ChunkBatch<'_> {
 
 /// `fsync`s (or `fdatasync`s) every fd at once through io_uring and waits
 /// for all of them; the first failure is returned.
-fn sync_all_parallel(fds: &[std::os::fd::RawFd], data_only: bool, what: &Path) -> Result<(), StoreError> {
+pub(crate) fn sync_all_parallel(
+    fds: &[std::os::fd::RawFd],
+    data_only: bool,
+    what: &Path,
+) -> Result<(), StoreError> {
     use io_uring::{opcode, types, IoUring};
     let mut ring = IoUring::new(BATCH_MAX_FILES as u32).map_err(io_err("io_uring setup", what))?;
     let flags = if data_only {

@@ -5,11 +5,13 @@
 //! tiered stores are composed from the same trait by the transfer module.
 
 pub mod local;
+pub mod publish;
 pub mod uses;
 
 use edgeshift_common::{Fingerprint, Manifest, ManifestError, ManifestId};
 
 pub use local::LocalStore;
+pub use publish::Unsynced;
 pub use uses::ChunkUses;
 
 #[derive(Debug, thiserror::Error)]

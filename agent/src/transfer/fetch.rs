@@ -314,6 +314,21 @@ impl Fetcher {
             }));
         }
         let seconds = started.elapsed().as_secs_f64();
+        tracing::debug!(
+            required_done_s = s.required_done.map(|t| (t - started).as_secs_f64()),
+            seconds,
+            "fetch done"
+        );
+        for p in &s.peers {
+            tracing::debug!(
+                peer = %p.addr,
+                chunks = p.chunks,
+                fillers = p.fillers,
+                exclusive = p.exclusive,
+                last_chunk_s = p.last_chunk.map(|t| (t - started).as_secs_f64()),
+                "fetch share"
+            );
+        }
         let peers: Vec<PeerReport> = s.peers.iter().map(|p| p.report()).collect();
         let (skipped, unavailable): (Vec<usize>, Vec<usize>) = (0..s.wants.len())
             .filter(|&i| s.state[i] != ChunkState::Done)
@@ -493,6 +508,9 @@ struct PeerState {
     duplicates: u64,
     lacking: u64,
     zstd_chunks: u64,
+    /// Of `chunks`, the optional ones, and the ones only this peer could send.
+    fillers: u64,
+    exclusive: u64,
     first_request: Option<Instant>,
     last_chunk: Option<Instant>,
     dropped: Option<String>,
@@ -545,6 +563,8 @@ struct Sched {
     /// Of those, the ones that are not optional: at 0, the optional ones
     /// still queued are given up.
     required_left: usize,
+    /// When the last chunk that is not optional was stored.
+    required_done: Option<Instant>,
     stored_bytes: u64,
     fatal: Option<String>,
     min_window: u64,
@@ -621,6 +641,8 @@ impl Sched {
                 duplicates: 0,
                 lacking: 0,
                 zstd_chunks: 0,
+                fillers: 0,
+                exclusive: 0,
                 first_request: None,
                 last_chunk: None,
                 dropped: None,
@@ -637,6 +659,7 @@ impl Sched {
             peers,
             remaining: n,
             required_left,
+            required_done: None,
             stored_bytes: 0,
             fatal: None,
             min_window: opts.min_window,
@@ -816,11 +839,20 @@ impl Sched {
         if zstd {
             peer.zstd_chunks += 1;
         }
+        if self.wants[c].optional {
+            peer.fillers += 1;
+        }
+        if self.wants[c].allowed.count_ones() == 1 {
+            peer.exclusive += 1;
+        }
         self.state[c] = ChunkState::Done;
         self.remaining -= 1;
         self.stored_bytes += self.wants[c].len;
         if !self.wants[c].optional {
             self.required_left -= 1;
+            if self.required_left == 0 {
+                self.required_done = Some(Instant::now());
+            }
             self.settle_fillers();
         }
         // Copies still in flight elsewhere (stolen) are now surplus; their

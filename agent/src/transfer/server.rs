@@ -201,9 +201,18 @@ async fn send_holdings(
 ) -> Result<(), TransferError> {
     let store = cfg.store.clone();
     let held = tokio::task::spawn_blocking(move || {
-        fps.iter()
+        let mut held: Vec<bool> = fps
+            .iter()
             .map(|fp| crate::store::ChunkStore::has_chunk(&*store, fp).unwrap_or(false))
-            .collect::<Vec<bool>>()
+            .collect();
+        // Chunks a publish in progress names are about to appear.
+        if held.iter().any(|h| !h) {
+            let publishing = store.being_published_set();
+            for (h, fp) in held.iter_mut().zip(&fps) {
+                *h = *h || publishing.contains(fp);
+            }
+        }
+        held
     })
     .await
     .map_err(|e| TransferError::Unexpected(format!("holdings check: {e}")))?;
@@ -253,7 +262,7 @@ async fn send_chunk(
     zstate: &mut ZstdState,
 ) -> Result<(), TransferError> {
     let path = cfg.store.chunk_path(fp);
-    let file = match File::open(&path) {
+    let file = match open_chunk_file(cfg, &path, fp).await {
         Ok(f) => f,
         Err(e) if e.kind() == ErrorKind::NotFound => {
             metrics::counter!("edgeshift_chunks_missing_total", "peer" => peer.to_string()).increment(1);
@@ -320,6 +329,38 @@ async fn send_chunk(
         u.record(*fp);
     }
     Ok(())
+}
+
+/// Most a request waits for a chunk that a publish in progress names.
+const PUBLISH_WAIT: Duration = Duration::from_secs(2);
+
+/// Opens chunk `fp`'s file; one that a publish in progress names (written
+/// on another thread after its intent, see `store::publish`) is waited for.
+async fn open_chunk_file(
+    cfg: &ServerConfig,
+    path: &std::path::Path,
+    fp: &Fingerprint,
+) -> std::io::Result<File> {
+    match File::open(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        other => return other,
+    }
+    let store = cfg.store.clone();
+    let f = *fp;
+    let publishing = tokio::task::spawn_blocking(move || store.being_published(&f))
+        .await
+        .unwrap_or(false);
+    if !publishing {
+        return Err(ErrorKind::NotFound.into());
+    }
+    let deadline = Instant::now() + PUBLISH_WAIT;
+    loop {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        match File::open(path) {
+            Err(e) if e.kind() == ErrorKind::NotFound && Instant::now() < deadline => {}
+            other => return other,
+        }
+    }
 }
 
 /// Sends `len` bytes of `file` from offset 0 on `sock` with sendfile(2),

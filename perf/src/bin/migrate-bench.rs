@@ -384,7 +384,7 @@ fn edgeshift_run(
             copy_store(&vm.base_store, &b.store("n1"))?;
             copy_store(&vm.base_store, &b.store("n2"))?;
         }
-        "b" | "b-index" | "b-plain" | "b-nothrot" | "b-overlap" | "b-slice" | "c" => {
+        "b" | "b-index" | "b-plain" | "b-nothrot" | "b-overlap" | "b-slice" | "c" | "c-overlap" => {
             copy_store(&vm.base_store, &b.store("dst"))?
         }
         _ => bail!("unknown scenario {name}"),
@@ -393,7 +393,7 @@ fn edgeshift_run(
         b.start_daemons(h)?;
     }
     run_vm(&b, vm, a)?;
-    if name == "c" {
+    if name.starts_with('c') {
         // An earlier copy of this VM's disk, left at the neighbours it passed through.
         let rec = StateDir::new(b.state("src")).load("vm1")?;
         let snap = b.dir.path().join("earlier");
@@ -438,7 +438,7 @@ fn edgeshift_run(
         .args(match name {
             "b-nothrot" => &["--max-downtime", "3599"][..],
             // Memory beside the disk pre-copy, held from converging.
-            "b-overlap" => &["--memory-start", "with-disk"][..],
+            "b-overlap" | "c-overlap" => &["--memory-start", "with-disk"][..],
             // What changed since boot found by a slice, not the boot log.
             "b-slice" => &["--no-boot-log"][..],
             _ => &[][..],
@@ -764,10 +764,11 @@ fn main() -> anyhow::Result<()> {
         ("b-index", "index", "multifd-zstd"),
         ("b-plain", "cold-first", "plain"),
         ("b-overlap", "cold-first", "multifd-zstd"),
+        ("c-overlap", "cold-first", "multifd-zstd"),
         ("b-slice", "cold-first", "multifd-zstd"),
         ("b-nothrot", "cold-first", "multifd-zstd"),
     ] {
-        let named_only = name == "b-nothrot";
+        let named_only = matches!(name, "b-nothrot" | "c-overlap");
         if (named_only && a.only.iter().any(|o| o == name)) || (!named_only && want(name)) {
             rows.push(edgeshift_run(name, &a, &bin, &vm, order, memory)?);
         }
