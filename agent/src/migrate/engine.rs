@@ -1115,7 +1115,7 @@ fn drive(
     // What changed since the boot manifest: the boot log's first look, when
     // the VM has a log that can be trusted; else a slice beside round 0.
     let booted = rec.image_path.parent().filter(|_| run.opts.use_boot_log);
-    let (mut writes, mut since_boot) = match booted.and_then(|d| WriteLog::boot_log(d, &dev, cs.bytes())) {
+    let (mut writes, since_boot) = match booted.and_then(|d| WriteLog::boot_log(d, &dev, cs.bytes())) {
         Some((w, since)) => {
             // Written again and again since boot: such chunks are hot before
             // any look of ours and wait (the most written first, within the
@@ -1141,72 +1141,91 @@ fn drive(
     };
     run.changed_since_boot_from = if since_boot.is_some() { "boot log" } else { "slice" };
     let image = rec.image_path.clone();
-    let ctl = proto::connect_auth(&run.opts.to, &run.opts.key, &run.opts.id, Duration::from_secs(5))?;
-    ctl.set_read_timeout(Some(Duration::from_secs(600)))
-        .map_err(|e| MigrateError::Channel(e.to_string()))?;
-    run.ctl = Some(ctl);
-    progress(Phase::Plan, "asking the destination what it lacks");
-    let missing = match proto::call(
-        run.ctl()?,
-        &Request::Prepare {
-            spec: rec.spec.clone(),
-            manifest: boot.to_bytes(),
-        },
-    )? {
-        Response::Prepared {
-            missing_chunks,
-            missing_bytes,
-            local_chunks,
-            plan,
-        } => {
-            tracing::info!(
-                missing_chunks,
-                missing_bytes,
-                local_chunks,
-                coordinator = plan.is_some(),
-                "plan"
-            );
-            run.coord.plan_from = if plan.is_some() {
-                "coordinator"
-            } else {
-                "peer list"
-            }
-            .into();
-            run.coord.plan = plan;
-            (missing_chunks, missing_bytes)
-        }
-        other => {
-            return Err(MigrateError::Protocol(format!(
-                "unexpected answer to Prepare: {other:?}"
-            )))
-        }
-    };
-    phases.push(PhaseReport {
-        phase: Phase::Plan,
-        seconds: t.elapsed().as_secs_f64(),
-        bytes: 0,
-    });
-    injected(&run.opts, Phase::Plan)?;
+    // What changed since boot is read (and published) while the
+    // destination prepares and its QEMU starts: the source's path would
+    // otherwise wait for the read.
+    let since_idx: Option<Vec<u32>> = since_boot.as_ref().map(|w| w.iter().map(|&(i, _)| i).collect());
+    let (steps, live0) = std::thread::scope(|sc| {
+        let reader = since_idx
+            .as_deref()
+            .map(|idx| sc.spawn(|| reslice_some(&dev, boot, idx, store)));
+        let steps = (|| -> Result<(MemoryTransport, String, (u64, u64)), MigrateError> {
+            let ctl = proto::connect_auth(&run.opts.to, &run.opts.key, &run.opts.id, Duration::from_secs(5))?;
+            ctl.set_read_timeout(Some(Duration::from_secs(600)))
+                .map_err(|e| MigrateError::Channel(e.to_string()))?;
+            run.ctl = Some(ctl);
+            progress(Phase::Plan, "asking the destination what it lacks");
+            let missing = match proto::call(
+                run.ctl()?,
+                &Request::Prepare {
+                    spec: rec.spec.clone(),
+                    manifest: boot.to_bytes(),
+                },
+            )? {
+                Response::Prepared {
+                    missing_chunks,
+                    missing_bytes,
+                    local_chunks,
+                    plan,
+                } => {
+                    tracing::info!(
+                        missing_chunks,
+                        missing_bytes,
+                        local_chunks,
+                        coordinator = plan.is_some(),
+                        "plan"
+                    );
+                    run.coord.plan_from = if plan.is_some() {
+                        "coordinator"
+                    } else {
+                        "peer list"
+                    }
+                    .into();
+                    run.coord.plan = plan;
+                    (missing_chunks, missing_bytes)
+                }
+                other => {
+                    return Err(MigrateError::Protocol(format!(
+                        "unexpected answer to Prepare: {other:?}"
+                    )))
+                }
+            };
+            phases.push(PhaseReport {
+                phase: Phase::Plan,
+                seconds: t.elapsed().as_secs_f64(),
+                bytes: 0,
+            });
+            injected(&run.opts, Phase::Plan)?;
 
-    // 2. The destination QEMU starts in the background (`-incoming defer`,
-    //    the memory transport set on it) while the disk moves.
-    let t = Instant::now();
-    progress(Phase::Incoming, "starting the destination QEMU");
-    let asked = source_memory_transport(qmp, run.opts.memory)?;
-    let uri = match proto::call(run.ctl()?, &Request::StartIncoming { memory: asked })? {
-        Response::Incoming { uri, .. } => uri,
-        other => {
-            return Err(MigrateError::Protocol(format!(
-                "unexpected answer to StartIncoming: {other:?}"
-            )))
-        }
-    };
-    phases.push(PhaseReport {
-        phase: Phase::Incoming,
-        seconds: t.elapsed().as_secs_f64(),
-        bytes: 0,
+            // 2. The destination QEMU starts in the background (`-incoming defer`,
+            //    the memory transport set on it) while the disk moves.
+            let t = Instant::now();
+            progress(Phase::Incoming, "starting the destination QEMU");
+            let asked = source_memory_transport(qmp, run.opts.memory)?;
+            let uri = match proto::call(run.ctl()?, &Request::StartIncoming { memory: asked })? {
+                Response::Incoming { uri, .. } => uri,
+                other => {
+                    return Err(MigrateError::Protocol(format!(
+                        "unexpected answer to StartIncoming: {other:?}"
+                    )))
+                }
+            };
+            phases.push(PhaseReport {
+                phase: Phase::Incoming,
+                seconds: t.elapsed().as_secs_f64(),
+                bytes: 0,
+            });
+            injected(&run.opts, Phase::Incoming)?;
+            Ok((asked, uri, missing))
+        })();
+        let live0 = reader.map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(MigrateError::State("chunk reader panicked".into())))
+        });
+        (steps, live0)
     });
-    injected(&run.opts, Phase::Incoming)?;
+    let (asked, uri, missing) = steps?;
+    let mut live0 = live0.transpose()?;
     // Memory starts with the disk when asked: the path carries it while the
     // live disk is sliced (else idle), then shares it with the disk rounds
     // (capped so that it cannot converge first); it converges after them.
@@ -1241,10 +1260,8 @@ fn drive(
             // What changed since boot: from the boot log when it can be
             // trusted (no slice), else from a slice of the live disk beside
             // round 0.
-            let mut cur = match since_boot.take() {
-                Some(written) => {
-                    let idx: Vec<u32> = written.iter().map(|&(i, _)| i).collect();
-                    let cur = reslice_some(&dev, boot, &idx, store)?;
+            let mut cur = match (since_idx.as_deref(), live0.take()) {
+                (Some(idx), Some(cur)) => {
                     report_live_disk(run, store, &cur, progress);
                     // Round 0: the boot image and what changed since boot at
                     // once, from every holder (an earlier copy of this disk
@@ -1283,9 +1300,7 @@ fn drive(
                     sent?;
                     cur
                 }
-                None => {
-                    round0_beside_slice(run, &mut writes, &mut temp, boot, &dev, &image, store, progress)?
-                }
+                _ => round0_beside_slice(run, &mut writes, &mut temp, boot, &dev, &image, store, progress)?,
             };
             let mut last_len = usize::MAX;
             for r in 1..=run.opts.max_rounds {
@@ -1421,7 +1436,8 @@ fn drive(
                 )));
             }
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // The pause starts when this loop notices it: a short poll.
+        std::thread::sleep(Duration::from_millis(10));
     };
     let mem_bytes_precopy = info.ram.map(|r| r.transferred).unwrap_or(0);
     phases.push(PhaseReport {
@@ -1497,7 +1513,8 @@ fn drive(
         if t.elapsed() > MEMORY_TIMEOUT {
             return Err(MigrateError::Memory("switchover did not complete".into()));
         }
-        std::thread::sleep(Duration::from_millis(10));
+        // The VM is down until this completes: poll tightly.
+        std::thread::sleep(Duration::from_millis(2));
     };
     // Past this point the VM is the destination's: no rollback.
     *migration_started = false;
