@@ -627,3 +627,60 @@ async fn peer_store_reads_verified_manifests_and_chunks() {
     ));
     drop(agent);
 }
+
+/// An intent under the store's `unsynced/` naming `fps`, as a publish in
+/// progress by this (live) process writes before placing its chunks.
+fn intent_naming(store: &Path, fps: &[Fingerprint]) {
+    use edgeshift_agent::store::publish::UNSYNCED_DIR;
+    let dir = store.join(UNSYNCED_DIR);
+    std::fs::create_dir_all(&dir).expect("unsynced dir");
+    let text: String = fps.iter().map(|f| format!("{}\n", f.to_hex())).collect();
+    std::fs::write(dir.join(format!("publish.{}.0", std::process::id())), text).expect("intent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_being_published_is_waited_for_and_one_that_never_comes_is_missing() {
+    let src = source(8, 11);
+    let agent = Agent::local(&src.store, &src.key, false, &src.dir.path().join("a.log"));
+    let key = ClusterKey::from_file(&src.key).expect("key");
+    let coming = vec![9u8; CHUNK];
+    let never = vec![10u8; CHUNK];
+    let (fc, fnv) = (Fingerprint::of(&coming), Fingerprint::of(&never));
+    intent_naming(&src.store, &[fc, fnv]);
+    let want = |fp: Fingerprint| ChunkWant {
+        optional: false,
+        fp,
+        len: CHUNK as u64,
+        sources: None,
+    };
+    // The chunk appears 300 ms after it is asked for: the server waits.
+    let placed = {
+        let path = LocalStore::open(&src.store).expect("src").chunk_path(&fc);
+        let data = coming.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            std::fs::create_dir_all(path.parent().expect("fan")).expect("fan dir");
+            std::fs::write(&path, data).expect("place");
+        })
+    };
+    let dst = Arc::new(LocalStore::open_or_create(src.dir.path().join("dst")).expect("dst"));
+    let fetcher = Fetcher::new(dst.clone(), vec![agent.addr], key);
+    let t = std::time::Instant::now();
+    let report = fetcher
+        .fetch_chunks(vec![want(fc)])
+        .await
+        .expect("fetch the coming chunk");
+    assert_eq!(report.chunks_fetched, 1);
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "served before it was placed?"
+    );
+    assert_eq!(dst.get_chunk(&fc).expect("stored"), coming);
+    placed.join().expect("placer");
+    // Named but never placed: after the server's wait, missing.
+    match fetcher.fetch_chunks(vec![want(fnv)]).await {
+        Err(TransferError::ChunksUnavailable { missing: 1, .. }) => {}
+        other => panic!("expected ChunksUnavailable, got {other:?}"),
+    }
+    drop(agent);
+}
