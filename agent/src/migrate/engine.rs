@@ -1089,6 +1089,89 @@ fn rollback(run: &mut Run, qmp: &mut QmpClient, rec: &vm::VmRecord, migration_st
 
 type Outcome = (u64, u64, f64, String, (u64, u64));
 
+/// Steps 1 (the destination's side of the plan: `Prepare`) and 2 (its QEMU
+/// started with `-incoming defer`); the plan's phase started at `t`.
+/// Returns the memory transport asked for, the URI memory goes to, and the
+/// chunks and bytes the destination lacked.
+#[allow(clippy::too_many_arguments)]
+fn prepare_destination(
+    run: &mut Run,
+    qmp: &mut QmpClient,
+    rec: &vm::VmRecord,
+    boot: &Manifest,
+    t: Instant,
+    phases: &mut Vec<PhaseReport>,
+    progress: &dyn Fn(Phase, &str),
+) -> Result<(MemoryTransport, String, (u64, u64)), MigrateError> {
+    let ctl = proto::connect_auth(&run.opts.to, &run.opts.key, &run.opts.id, Duration::from_secs(5))?;
+    ctl.set_read_timeout(Some(Duration::from_secs(600)))
+        .map_err(|e| MigrateError::Channel(e.to_string()))?;
+    run.ctl = Some(ctl);
+    progress(Phase::Plan, "asking the destination what it lacks");
+    let missing = match proto::call(
+        run.ctl()?,
+        &Request::Prepare {
+            spec: rec.spec.clone(),
+            manifest: boot.to_bytes(),
+        },
+    )? {
+        Response::Prepared {
+            missing_chunks,
+            missing_bytes,
+            local_chunks,
+            plan,
+        } => {
+            tracing::info!(
+                missing_chunks,
+                missing_bytes,
+                local_chunks,
+                coordinator = plan.is_some(),
+                "plan"
+            );
+            run.coord.plan_from = if plan.is_some() {
+                "coordinator"
+            } else {
+                "peer list"
+            }
+            .into();
+            run.coord.plan = plan;
+            (missing_chunks, missing_bytes)
+        }
+        other => {
+            return Err(MigrateError::Protocol(format!(
+                "unexpected answer to Prepare: {other:?}"
+            )))
+        }
+    };
+    phases.push(PhaseReport {
+        phase: Phase::Plan,
+        seconds: t.elapsed().as_secs_f64(),
+        bytes: 0,
+    });
+    injected(&run.opts, Phase::Plan)?;
+
+    // 2. The destination QEMU starts in the background (`-incoming defer`,
+    //    the memory transport set on it) while the disk moves.
+    let t = Instant::now();
+    progress(Phase::Incoming, "starting the destination QEMU");
+    let asked = source_memory_transport(qmp, run.opts.memory)?;
+    let uri = match proto::call(run.ctl()?, &Request::StartIncoming { memory: asked })? {
+        Response::Incoming { uri, .. } => uri,
+        other => {
+            return Err(MigrateError::Protocol(format!(
+                "unexpected answer to StartIncoming: {other:?}"
+            )))
+        }
+    };
+    phases.push(PhaseReport {
+        phase: Phase::Incoming,
+        seconds: t.elapsed().as_secs_f64(),
+        bytes: 0,
+    });
+    injected(&run.opts, Phase::Incoming)?;
+    Ok((asked, uri, missing))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn drive(
     run: &mut Run,
@@ -1149,75 +1232,7 @@ fn drive(
         let reader = since_idx
             .as_deref()
             .map(|idx| sc.spawn(|| reslice_some(&dev, boot, idx, store)));
-        let steps = (|| -> Result<(MemoryTransport, String, (u64, u64)), MigrateError> {
-            let ctl = proto::connect_auth(&run.opts.to, &run.opts.key, &run.opts.id, Duration::from_secs(5))?;
-            ctl.set_read_timeout(Some(Duration::from_secs(600)))
-                .map_err(|e| MigrateError::Channel(e.to_string()))?;
-            run.ctl = Some(ctl);
-            progress(Phase::Plan, "asking the destination what it lacks");
-            let missing = match proto::call(
-                run.ctl()?,
-                &Request::Prepare {
-                    spec: rec.spec.clone(),
-                    manifest: boot.to_bytes(),
-                },
-            )? {
-                Response::Prepared {
-                    missing_chunks,
-                    missing_bytes,
-                    local_chunks,
-                    plan,
-                } => {
-                    tracing::info!(
-                        missing_chunks,
-                        missing_bytes,
-                        local_chunks,
-                        coordinator = plan.is_some(),
-                        "plan"
-                    );
-                    run.coord.plan_from = if plan.is_some() {
-                        "coordinator"
-                    } else {
-                        "peer list"
-                    }
-                    .into();
-                    run.coord.plan = plan;
-                    (missing_chunks, missing_bytes)
-                }
-                other => {
-                    return Err(MigrateError::Protocol(format!(
-                        "unexpected answer to Prepare: {other:?}"
-                    )))
-                }
-            };
-            phases.push(PhaseReport {
-                phase: Phase::Plan,
-                seconds: t.elapsed().as_secs_f64(),
-                bytes: 0,
-            });
-            injected(&run.opts, Phase::Plan)?;
-
-            // 2. The destination QEMU starts in the background (`-incoming defer`,
-            //    the memory transport set on it) while the disk moves.
-            let t = Instant::now();
-            progress(Phase::Incoming, "starting the destination QEMU");
-            let asked = source_memory_transport(qmp, run.opts.memory)?;
-            let uri = match proto::call(run.ctl()?, &Request::StartIncoming { memory: asked })? {
-                Response::Incoming { uri, .. } => uri,
-                other => {
-                    return Err(MigrateError::Protocol(format!(
-                        "unexpected answer to StartIncoming: {other:?}"
-                    )))
-                }
-            };
-            phases.push(PhaseReport {
-                phase: Phase::Incoming,
-                seconds: t.elapsed().as_secs_f64(),
-                bytes: 0,
-            });
-            injected(&run.opts, Phase::Incoming)?;
-            Ok((asked, uri, missing))
-        })();
+        let steps = prepare_destination(run, qmp, rec, boot, t, phases, progress);
         let live0 = reader.map(|h| {
             h.join()
                 .unwrap_or_else(|_| Err(MigrateError::State("chunk reader panicked".into())))
