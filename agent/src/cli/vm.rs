@@ -314,7 +314,7 @@ impl Drop for DirGuard {
     fn drop(&mut self) {
         if let Some(d) = self.0.take() {
             // The boot log's pin name derives from the directory: first.
-            let _ = edgeshift_agent::dirty::boot_log::stop(&d);
+            edgeshift_agent::dirty::boot_log::stop_or_warn(&d);
             let _ = std::fs::remove_dir_all(d);
         }
     }

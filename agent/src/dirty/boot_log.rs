@@ -96,6 +96,14 @@ pub fn stop(vm_dir: &Path) -> Result<(), DirtyError> {
     unpin(&pin_dir(vm_dir))
 }
 
+/// [`stop`] for teardowns, which go on whatever happens: a failure is
+/// logged. Call it before `vm_dir` goes (the pin's name derives from it).
+pub fn stop_or_warn(vm_dir: &Path) {
+    if let Err(e) = stop(vm_dir) {
+        tracing::warn!(dir = %vm_dir.display(), error = %e, "boot log not removed");
+    }
+}
+
 fn is_bpffs(path: &str) -> bool {
     std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
         m.lines().any(|l| {

@@ -127,7 +127,7 @@ impl Host {
                 let _ = self.cfg.qemu.kill(pid, &dir.join("qmp.sock"));
             }
             vm::qemu::remove_tap(&name);
-            stop_boot_log(&dir);
+            crate::dirty::boot_log::stop_or_warn(&dir);
             vm::loopdev::detach_backing(&dir.join("disk.raw"));
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 tracing::warn!(dir = %dir.display(), error = %e, "stale incoming VM not removed");
@@ -797,19 +797,11 @@ impl Drop for Incoming<'_> {
         // No more writes into the image, and the loop device detached,
         // before the image goes.
         self.writer.shutdown();
-        stop_boot_log(&self.dir);
+        crate::dirty::boot_log::stop_or_warn(&self.dir);
         self.loop_dev = None;
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             tracing::warn!(dir = %self.dir.display(), error = %e, "destination half not removed");
         }
         tracing::info!(vm = %self.spec.name, "incoming VM torn down");
-    }
-}
-
-/// Removes the boot log of the VM in `dir`, if any (before the directory
-/// goes: the pin's name derives from it).
-fn stop_boot_log(dir: &std::path::Path) {
-    if let Err(e) = crate::dirty::boot_log::stop(dir) {
-        tracing::warn!(dir = %dir.display(), error = %e, "boot log not removed");
     }
 }

@@ -164,9 +164,7 @@ pub fn teardown(hv: &dyn Hypervisor, rec: &VmRecord) -> Result<(), VmError> {
         qemu::remove_tap(&rec.spec.name);
     }
     if let Some(dir) = rec.image_path.parent() {
-        if let Err(e) = crate::dirty::boot_log::stop(dir) {
-            tracing::warn!(vm = %rec.spec.name, error = %e, "boot log not removed");
-        }
+        crate::dirty::boot_log::stop_or_warn(dir);
     }
     loopdev::detach(&rec.loop_device)
 }
