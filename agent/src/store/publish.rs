@@ -90,7 +90,16 @@ impl LocalStore {
     /// durable once the returned [`Unsynced`] is synced.
     pub fn publish(&self, chunks: &[(Fingerprint, &[u8])]) -> Result<Unsynced, StoreError> {
         let (intent, todo) = self.begin_publish(chunks.iter().copied())?;
-        place_all(self.root(), intent, todo)
+        match place_all(self.root(), intent, todo) {
+            (u, Ok(())) => Ok(u),
+            (u, Err(e)) => {
+                // What was placed is made durable; the failure is the answer.
+                if let Err(se) = u.sync() {
+                    tracing::warn!(error = %se, "chunks placed before a failed publish not synced");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// [`LocalStore::publish`] with the chunks placed and synced on a thread
@@ -109,7 +118,11 @@ impl LocalStore {
         // Without a thread the intent stays, and the next open checks them.
         let h = std::thread::Builder::new()
             .name("store-publish".into())
-            .spawn(move || place_all(&root, Some(intent), todo)?.sync())
+            .spawn(move || {
+                let (u, placed) = place_all(&root, Some(intent), todo);
+                u.sync()?;
+                placed
+            })
             .map_err(io_err("start a publishing thread for", self.root()))?;
         self.syncing.lock().unwrap_or_else(|e| e.into_inner()).push(h);
         Ok(n)
@@ -243,12 +256,15 @@ impl LocalStore {
 }
 
 /// Writes each chunk to its temp file and renames it into place, unsynced,
-/// on a few threads (the copies into the page cache dominate).
+/// on a few threads (the copies into the page cache dominate). Returns what
+/// was placed, and the first failure: then the intent is rewritten to name
+/// only the chunks placed (the chunk server waits for a chunk an intent
+/// names, so one that will never come must not stay named).
 fn place_all<D: AsRef<[u8]> + Sync>(
     root: &Path,
     intent: Option<PathBuf>,
     todo: Vec<Placement<D>>,
-) -> Result<Unsynced, StoreError> {
+) -> (Unsynced, Result<(), StoreError>) {
     let mut out = Unsynced {
         files: Vec::new(),
         dirs: Vec::new(),
@@ -256,41 +272,81 @@ fn place_all<D: AsRef<[u8]> + Sync>(
         chunks: 0,
     };
     if todo.is_empty() {
-        return Ok(out);
+        return (out, Ok(()));
     }
     let threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(1, 4)
         .min(todo.len().div_ceil(16));
     let per = todo.len().div_ceil(threads);
-    let placed: Vec<Result<Vec<bool>, StoreError>> = std::thread::scope(|sc| {
+    let results: Vec<Result<bool, StoreError>> = std::thread::scope(|sc| {
         let parts: Vec<_> = todo
             .chunks(per)
-            .map(|part| sc.spawn(move || part.iter().map(place).collect()))
+            .map(|part| {
+                (
+                    part.len(),
+                    sc.spawn(move || part.iter().map(place).collect::<Vec<_>>()),
+                )
+            })
             .collect();
         parts
             .into_iter()
-            .map(|h| {
+            .flat_map(|(n, h)| {
                 h.join().unwrap_or_else(|_| {
-                    Err(io_err("publish", root)(std::io::Error::other(
-                        "writer thread panicked",
-                    )))
+                    (0..n)
+                        .map(|_| {
+                            Err(io_err("publish", root)(std::io::Error::other(
+                                "writer thread panicked",
+                            )))
+                        })
+                        .collect()
                 })
             })
             .collect()
     });
-    let made_fans = placed.into_iter().collect::<Result<Vec<_>, _>>()?;
-    for (p, made_fan) in todo.iter().zip(made_fans.into_iter().flatten()) {
-        if made_fan {
-            push_new(&mut out.dirs, root.join("chunks"));
+    let mut failed = None;
+    let mut placed = Vec::new();
+    for (p, r) in todo.iter().zip(results) {
+        match r {
+            Ok(made_fan) => {
+                if made_fan {
+                    push_new(&mut out.dirs, root.join("chunks"));
+                }
+                if let Some(fan) = p.dest.parent() {
+                    push_new(&mut out.dirs, fan.to_path_buf());
+                }
+                out.files.push(p.dest.clone());
+                out.chunks += 1;
+                placed.push(p.fp);
+            }
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
         }
-        if let Some(fan) = p.dest.parent() {
-            push_new(&mut out.dirs, fan.to_path_buf());
-        }
-        out.files.push(p.dest.clone());
-        out.chunks += 1;
     }
-    Ok(out)
+    let Some(e) = failed else {
+        return (out, Ok(()));
+    };
+    if let Some(intent) = &out.intent {
+        if let Err(re) = rename_intent(intent, &placed) {
+            tracing::warn!(error = %re, "the intent of a failed publish still names chunks never placed");
+        }
+    }
+    (out, Err(e))
+}
+
+/// Replaces the intent at `path` with one naming `fps` (atomically: a new
+/// file renamed over it, then synced).
+fn rename_intent(path: &Path, fps: &[Fingerprint]) -> Result<(), StoreError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
+    let text: String = fps.iter().map(|f| format!("{}\n", f.to_hex())).collect();
+    let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
+    f.write_all(text.as_bytes()).map_err(io_err("write", &tmp))?;
+    f.sync_all().map_err(io_err("sync", &tmp))?;
+    fs::rename(&tmp, path).map_err(io_err("rename into", path))?;
+    sync_dir(path.parent().unwrap_or(path))
 }
 
 /// Writes one chunk to its temp file and renames it into place, unsynced;
@@ -410,12 +466,38 @@ mod tests {
         assert!(!s.has_chunk(&fa).expect("has"), "not placed yet");
         assert!(s.being_published(&fa));
         assert!(!s.being_published(&Fingerprint::of(b"other")));
-        place_all(s.root(), intent, todo)
-            .expect("place")
-            .sync()
-            .expect("sync");
+        let (u, placed) = place_all(s.root(), intent, todo);
+        placed.expect("place");
+        u.sync().expect("sync");
         assert_eq!(s.get_chunk(&fa).expect("a"), a);
         assert!(!s.being_published(&fa), "its intent is gone");
+    }
+
+    #[test]
+    fn a_chunk_that_cannot_be_placed_is_no_longer_named_as_coming() {
+        let (_d, s) = store();
+        let good = vec![11u8; 4096];
+        let bad = vec![12u8; 4096];
+        let (fg, fb) = (Fingerprint::of(&good), Fingerprint::of(&bad));
+        let (intent, mut todo) = s
+            .begin_publish(vec![(fg, good.clone()), (fb, bad.clone())])
+            .expect("intent");
+        assert!(s.being_published(&fb));
+        // A write that fails (as on a full disk): its temp file cannot be made.
+        let at = todo.iter().position(|p| p.fp == fb).expect("bad placement");
+        todo[at].tmp = s.root().join("no-such-dir").join("chunk");
+        let (u, placed) = place_all(s.root(), intent, todo);
+        assert!(placed.is_err(), "the failure is reported");
+        assert!(!s.being_published(&fb), "the server must not wait for it");
+        assert!(s.being_published(&fg) || s.has_chunk(&fg).expect("has"));
+        u.sync().expect("sync what was placed");
+        assert_eq!(s.get_chunk(&fg).expect("good"), good);
+        assert!(!s.has_chunk(&fb).expect("has"));
+        let left: Vec<_> = fs::read_dir(s.root().join(UNSYNCED_DIR))
+            .expect("dir")
+            .flatten()
+            .collect();
+        assert!(left.is_empty(), "no intent left: {left:?}");
     }
 
     #[test]
