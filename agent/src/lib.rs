@@ -7,6 +7,7 @@
 pub mod coordination;
 pub mod dirty;
 pub mod migrate;
+pub mod par;
 pub mod slicer;
 pub mod store;
 pub mod transfer;

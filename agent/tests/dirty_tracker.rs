@@ -740,7 +740,7 @@ fn boot_log_keeps_counting_pinned_and_stop_frees_it() {
     assert!(bpftool_has("prog", prog));
     dev.dd(2 * 64 * KIB, 4096, 3); // chunk 2: three writes
     dev.dd(9 * 64 * KIB + 60 * KIB, 8192, 1); // chunks 9 and 10: one each
-    let counts = |w: &[boot_log::Written]| w.iter().map(|c| (c.index, c.writes)).collect::<Vec<_>>();
+    let counts = |w: &[boot_log::PinnedChunk]| w.iter().map(|c| (c.index, c.writes)).collect::<Vec<_>>();
     let got = boot_log::read(vm_dir.path(), &dev.path, 64 * KIB).expect("read the boot log");
     assert_eq!(counts(&got), vec![(2, 3), (9, 1), (10, 1)]);
     // Reads do not reset it; later writes add.

@@ -23,6 +23,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub use super::ebpf::PinnedChunk;
 use super::ebpf::{read_pinned, unpin};
 use super::{capacity_for, DeviceId, DirtyError, DirtyTracker, EbpfTracker};
 
@@ -52,16 +53,8 @@ pub fn start(vm_dir: &Path, dev_path: &Path, chunk_size: u64) -> Result<PathBuf,
     Ok(dir)
 }
 
-/// A chunk the boot log saw written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Written {
-    pub index: u32,
-    /// Write bios since the log started.
-    pub writes: u64,
-}
-
 /// Chunks written since the log started, by index.
-pub fn read(vm_dir: &Path, dev_path: &Path, chunk_size: u64) -> Result<Vec<Written>, DirtyError> {
+pub fn read(vm_dir: &Path, dev_path: &Path, chunk_size: u64) -> Result<Vec<PinnedChunk>, DirtyError> {
     let dir = pin_dir(vm_dir);
     let r = read_pinned(&dir)?;
     let dev = DeviceId::of_path(dev_path)?;
@@ -80,15 +73,7 @@ pub fn read(vm_dir: &Path, dev_path: &Path, chunk_size: u64) -> Result<Vec<Writt
     if r.lost > 0 {
         return Err(DirtyError::BootLog(format!("it lost {} chunk updates", r.lost)));
     }
-    Ok(r.written
-        .into_iter()
-        .filter_map(|c| {
-            u32::try_from(c.index).ok().map(|index| Written {
-                index,
-                writes: c.writes,
-            })
-        })
-        .collect())
+    Ok(r.written)
 }
 
 /// Removes the VM's boot log, if it has one.

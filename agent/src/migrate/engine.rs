@@ -205,9 +205,6 @@ struct Run {
     /// What the destination was last asked to hold at each index.
     sent: Vec<Option<Fingerprint>>,
     resent: u64,
-    /// Off while the chunks changed since boot go out: they are first sends
-    /// of the live disk, not chunks written again after they were sent.
-    counting_resent: bool,
     coord: super::coord::CoordReport,
     /// Bytes per second the source's path carried in the last round it sent in.
     source_rate: Option<f64>,
@@ -239,6 +236,18 @@ impl Run {
         self.round_from(m, indices, holders, Vec::new())
     }
 
+    /// A round of first sends of the live disk (what changed since boot):
+    /// its chunks do not count as re-sent.
+    fn first_sends(
+        &mut self,
+        m: &Manifest,
+        indices: Vec<u32>,
+        holders: Vec<String>,
+        filler: Vec<u32>,
+    ) -> Result<PullStats, MigrateError> {
+        self.pull(m, indices, holders, filler, false)
+    }
+
     /// A round from `holders`; the chunks at `filler` only fill its tail
     /// (see `Request::Pull`).
     fn round_from(
@@ -248,12 +257,25 @@ impl Run {
         holders: Vec<String>,
         filler: Vec<u32>,
     ) -> Result<PullStats, MigrateError> {
+        self.pull(m, indices, holders, filler, true)
+    }
+
+    /// Asks the destination to match `m` at `indices`; with `count_resent`,
+    /// an index sent before counts as re-sent.
+    fn pull(
+        &mut self,
+        m: &Manifest,
+        indices: Vec<u32>,
+        holders: Vec<String>,
+        filler: Vec<u32>,
+        count_resent: bool,
+    ) -> Result<PullStats, MigrateError> {
         let start = Instant::now();
         let n = indices.len() as u64;
         let again: Vec<u32> = indices
             .iter()
             .copied()
-            .filter(|&i| self.counting_resent && self.sent[i as usize].is_some())
+            .filter(|&i| count_resent && self.sent[i as usize].is_some())
             .collect();
         let resent = again.len() as u64;
         tracing::debug!(?again, ?filler, "round sends these indices again");
@@ -468,11 +490,8 @@ impl WriteLog {
         }
     }
 
-    fn boot_counts(written: Vec<boot_log::Written>) -> HashMap<u64, u64> {
-        written
-            .into_iter()
-            .map(|c| (u64::from(c.index), c.writes))
-            .collect()
+    fn boot_counts(written: Vec<boot_log::PinnedChunk>) -> HashMap<u64, u64> {
+        written.into_iter().map(|c| (c.index, c.writes)).collect()
     }
 
     fn counts(&mut self) -> Option<HashMap<u64, u64>> {
@@ -614,39 +633,17 @@ fn reslice_some(
         .map(|&i| i as usize)
         .filter(|&i| i < cur.chunks.len())
         .collect();
-    let threads = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(1, 4)
-        .min(indices.len().div_ceil(8))
-        .max(1);
-    let per = indices.len().div_ceil(threads).max(1);
-    let read: Vec<Vec<(usize, Fingerprint, Vec<u8>)>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = indices
-            .chunks(per)
-            .map(|part| {
-                let f = &f;
-                sc.spawn(move || -> Result<Vec<_>, MigrateError> {
-                    let mut out = Vec::with_capacity(part.len());
-                    for &i in part {
-                        let data = vm::image::read_chunk(f, dev, cur.chunk_size, cur.image_size, i)?;
-                        out.push((i, vm::image::fingerprint_chunk(&data), data));
-                    }
-                    Ok(out)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(MigrateError::State("chunk reader panicked".into())))
-            })
-            .collect::<Result<_, _>>()
-    })?;
+    let read: Vec<(usize, Fingerprint, Vec<u8>)> = crate::par::map_in_parts(&indices, 4, 8, |&i| {
+        let data = vm::image::read_chunk(&f, dev, cur.chunk_size, cur.image_size, i)?;
+        Ok((i, vm::image::fingerprint_chunk(&data), data))
+    })
+    .into_iter()
+    .map(|r| r.unwrap_or_else(|| Err(MigrateError::State("chunk reader panicked".into()))))
+    .collect::<Result<_, MigrateError>>()?;
     let read_s = started.elapsed().as_secs_f64();
     let mut next = cur.clone();
     let mut chunks = Vec::with_capacity(indices.len());
-    for (i, fp, data) in read.into_iter().flatten() {
+    for (i, fp, data) in read {
         next.chunks[i] = fp;
         chunks.push((fp, data));
     }
@@ -733,11 +730,8 @@ fn round0_beside_slice(
             Phase::Precopy,
             &format!("round 1: {} chunks changed since boot", todo.len()),
         );
-        // First sends of the live disk, not chunks written again.
-        run.counting_resent = false;
-        let sent = run.round(&cur, todo);
-        run.counting_resent = true;
-        sent?;
+        let holders = run.holders();
+        run.first_sends(&cur, todo, holders, Vec::new())?;
     }
     Ok(cur)
 }
@@ -952,7 +946,6 @@ pub fn migrate(
         bytes_by_source: BTreeMap::new(),
         sent: vec![None; boot.chunks.len()],
         resent: 0,
-        counting_resent: true,
         source_rate: None,
         throttle: ThrottleReport {
             max_downtime_ms: opts.max_downtime.as_millis() as u64,
@@ -1308,11 +1301,8 @@ fn drive(
                     } else {
                         Vec::new()
                     };
-                    run.counting_resent = false;
                     let holders = run.holders();
-                    let sent = run.round_from(&cur, round0, holders, filler);
-                    run.counting_resent = true;
-                    sent?;
+                    run.first_sends(&cur, round0, holders, filler)?;
                     cur
                 }
                 _ => round0_beside_slice(run, &mut writes, &mut temp, boot, &dev, &image, store, progress)?,

@@ -447,15 +447,13 @@ impl Incoming<'_> {
                     stats.indices_written -= at.len() as u64;
                 }
             }
-            for (fp, at) in &wanted {
-                for &i in at {
-                    self.current[i] = *fp;
-                }
-            }
-            let fetched = wanted
+            let fetched: Vec<(usize, Fingerprint)> = wanted
                 .iter()
                 .flat_map(|(fp, at)| at.iter().map(move |&i| (i, *fp)))
                 .collect();
+            for &(i, fp) in &fetched {
+                self.current[i] = fp;
+            }
             // The fetcher verified the bytes on arrival; the store re-checks on read.
             self.writer.queue(fetched)?;
         }

@@ -179,19 +179,7 @@ impl LocalStore {
                 .map(|n| n.to_os_string())
                 .unwrap_or_default(),
         );
-        let mut text = String::with_capacity(todo.len() * 65);
-        for p in &todo {
-            text.push_str(&p.fp.to_hex());
-            text.push('\n');
-        }
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&intent)
-            .map_err(io_err("create", &intent))?;
-        f.write_all(text.as_bytes()).map_err(io_err("write", &intent))?;
-        f.sync_all().map_err(io_err("sync", &intent))?;
-        sync_dir(&dir)?;
+        write_intent(&intent, todo.iter().map(|p| &p.fp))?;
         Ok((Some(intent), todo))
     }
 
@@ -202,11 +190,9 @@ impl LocalStore {
         let mut first = Ok(());
         for h in handles {
             let r = h.join().unwrap_or_else(|_| {
-                Err(StoreError::Io {
-                    op: "sync",
-                    path: self.root().join(UNSYNCED_DIR),
-                    source: std::io::Error::other("sync thread panicked"),
-                })
+                Err(io_err("sync", &self.root().join(UNSYNCED_DIR))(
+                    std::io::Error::other("sync thread panicked"),
+                ))
             });
             if first.is_ok() {
                 first = r;
@@ -274,36 +260,16 @@ fn place_all<D: AsRef<[u8]> + Sync>(
     if todo.is_empty() {
         return (out, Ok(()));
     }
-    let threads = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(1, 4)
-        .min(todo.len().div_ceil(16));
-    let per = todo.len().div_ceil(threads);
-    let results: Vec<Result<bool, StoreError>> = std::thread::scope(|sc| {
-        let parts: Vec<_> = todo
-            .chunks(per)
-            .map(|part| {
-                (
-                    part.len(),
-                    sc.spawn(move || part.iter().map(place).collect::<Vec<_>>()),
-                )
+    let results: Vec<Result<bool, StoreError>> = crate::par::map_in_parts(&todo, 4, 16, place)
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(io_err("publish", root)(std::io::Error::other(
+                    "writer thread panicked",
+                )))
             })
-            .collect();
-        parts
-            .into_iter()
-            .flat_map(|(n, h)| {
-                h.join().unwrap_or_else(|_| {
-                    (0..n)
-                        .map(|_| {
-                            Err(io_err("publish", root)(std::io::Error::other(
-                                "writer thread panicked",
-                            )))
-                        })
-                        .collect()
-                })
-            })
-            .collect()
-    });
+        })
+        .collect();
     let mut failed = None;
     let mut placed = Vec::new();
     for (p, r) in todo.iter().zip(results) {
@@ -328,20 +294,21 @@ fn place_all<D: AsRef<[u8]> + Sync>(
         return (out, Ok(()));
     };
     if let Some(intent) = &out.intent {
-        if let Err(re) = rename_intent(intent, &placed) {
+        if let Err(re) = write_intent(intent, &placed) {
             tracing::warn!(error = %re, "the intent of a failed publish still names chunks never placed");
         }
     }
     (out, Err(e))
 }
 
-/// Replaces the intent at `path` with one naming `fps` (atomically: a new
-/// file renamed over it, then synced).
-fn rename_intent(path: &Path, fps: &[Fingerprint]) -> Result<(), StoreError> {
+/// Makes the intent at `path` name `fps`, durably and atomically (a new
+/// file, synced, renamed over it, its directory synced): a publish's first
+/// intent, and the narrower one of a publish that failed part way.
+fn write_intent<'a>(path: &Path, fps: impl IntoIterator<Item = &'a Fingerprint>) -> Result<(), StoreError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".new");
     let tmp = PathBuf::from(tmp);
-    let text: String = fps.iter().map(|f| format!("{}\n", f.to_hex())).collect();
+    let text: String = fps.into_iter().map(|f| format!("{}\n", f.to_hex())).collect();
     let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
     f.write_all(text.as_bytes()).map_err(io_err("write", &tmp))?;
     f.sync_all().map_err(io_err("sync", &tmp))?;
