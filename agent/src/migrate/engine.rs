@@ -236,18 +236,6 @@ impl Run {
         self.round_from(m, indices, holders, Vec::new())
     }
 
-    /// A round of first sends of the live disk (what changed since boot):
-    /// its chunks do not count as re-sent.
-    fn first_sends(
-        &mut self,
-        m: &Manifest,
-        indices: Vec<u32>,
-        holders: Vec<String>,
-        filler: Vec<u32>,
-    ) -> Result<PullStats, MigrateError> {
-        self.pull(m, indices, holders, filler, false)
-    }
-
     /// A round from `holders`; the chunks at `filler` only fill its tail
     /// (see `Request::Pull`).
     fn round_from(
@@ -261,7 +249,8 @@ impl Run {
     }
 
     /// Asks the destination to match `m` at `indices`; with `count_resent`,
-    /// an index sent before counts as re-sent.
+    /// an index sent before counts as re-sent (without: first sends of the
+    /// live disk, what changed since boot).
     fn pull(
         &mut self,
         m: &Manifest,
@@ -731,7 +720,7 @@ fn round0_beside_slice(
             &format!("round 1: {} chunks changed since boot", todo.len()),
         );
         let holders = run.holders();
-        run.first_sends(&cur, todo, holders, Vec::new())?;
+        run.pull(&cur, todo, holders, Vec::new(), false)?;
     }
     Ok(cur)
 }
@@ -1302,7 +1291,7 @@ fn drive(
                         Vec::new()
                     };
                     let holders = run.holders();
-                    run.first_sends(&cur, round0, holders, filler)?;
+                    run.pull(&cur, round0, holders, filler, false)?;
                     cur
                 }
                 _ => round0_beside_slice(run, &mut writes, &mut temp, boot, &dev, &image, store, progress)?,
