@@ -269,6 +269,28 @@ fn loadavg() -> String {
 }
 
 /// The 1-minute load average of a /proc/loadavg line.
+/// Which of the noise conditions behind `Report::busy` held, in words: a
+/// spread alone (nothing else running) reads differently from a loaded host.
+fn noise_reasons(r: &Report) -> Vec<String> {
+    let mut why = Vec::new();
+    if load1(&r.loadavg_before) > 0.5 {
+        why.push(format!("1-minute load {:.2} before the run, above 0.5", load1(&r.loadavg_before)));
+    }
+    if load1(&r.loadavg_after_overhead) > 3.0 {
+        why.push(format!(
+            "1-minute load {:.2} after the overhead rounds, above 3",
+            load1(&r.loadavg_after_overhead)
+        ));
+    }
+    if r.baseline_spread_pct.is_nan() || r.baseline_spread_pct > MAX_BASELINE_SPREAD_PCT {
+        why.push(format!(
+            "the untracked runs' IOPS spread {:.1} % (median absolute deviation), above {MAX_BASELINE_SPREAD_PCT} %",
+            r.baseline_spread_pct
+        ));
+    }
+    why
+}
+
 fn load1(line: &str) -> f64 {
     line.split_whitespace()
         .next()
@@ -581,9 +603,9 @@ fn markdown(r: &Report) -> String {
         r.chunk_size >> 10,
         r.ebpf_max_events_per_sec_without_drops,
         if r.busy {
-            "**busy (other work running)**"
+            format!("**noisy** ({})", noise_reasons(r).join("; "))
         } else {
-            "quiet"
+            "quiet".into()
         },
         r.loadavg_before,
         r.loadavg_after_overhead,
@@ -657,12 +679,14 @@ fn markdown(r: &Report) -> String {
     ));
     if r.busy {
         s.push_str(
-            "**Caveat:** other work was running on this machine (1-minute load above 0.5 \
-             before the run, or above 3 after the overhead rounds, where this bench \
-             alone adds about 2, or the untracked runs' IOPS spread by more than 2 %), so run-to-run IOPS swing far more than the effect being \
-             measured; the IOPS-lost figures above are not trustworthy to ±2 %. The BPF \
-             cost per event (kernel run-time stats) and fio's CPU time per write are the \
-             steadier figures; rerun on an idle machine for the IOPS comparison.\n\n",
+            &format!(
+                "**Caveat:** the machine was noisy during the overhead rounds ({}; this \
+                 bench alone adds about 2 to the load), so run-to-run IOPS swing more than \
+                 the effect being measured and the IOPS-lost figures above are not \
+                 trustworthy to ±2 %. The BPF cost per event (kernel run-time stats) and \
+                 fio's CPU time per write are the steadier figures.\n\n",
+                noise_reasons(r).join("; ")
+            ),
         );
     }
     s.push_str(&format!(
