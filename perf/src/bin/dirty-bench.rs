@@ -274,7 +274,10 @@ fn loadavg() -> String {
 fn noise_reasons(r: &Report) -> Vec<String> {
     let mut why = Vec::new();
     if load1(&r.loadavg_before) > 0.5 {
-        why.push(format!("1-minute load {:.2} before the run, above 0.5", load1(&r.loadavg_before)));
+        why.push(format!(
+            "1-minute load {:.2} before the run, above 0.5",
+            load1(&r.loadavg_before)
+        ));
     }
     if load1(&r.loadavg_after_overhead) > 3.0 {
         why.push(format!(
@@ -678,16 +681,14 @@ fn markdown(r: &Report) -> String {
         r.loadavg_before, r.loadavg_after_overhead, r.loadavg_after
     ));
     if r.busy {
-        s.push_str(
-            &format!(
-                "**Caveat:** the machine was noisy during the overhead rounds ({}; this \
+        s.push_str(&format!(
+            "**Caveat:** the machine was noisy during the overhead rounds ({}; this \
                  bench alone adds about 2 to the load), so run-to-run IOPS swing more than \
                  the effect being measured and the IOPS-lost figures above are not \
                  trustworthy to ±2 %. The BPF cost per event (kernel run-time stats) and \
                  fio's CPU time per write are the steadier figures.\n\n",
-                noise_reasons(r).join("; ")
-            ),
-        );
+            noise_reasons(r).join("; ")
+        ));
     }
     s.push_str(&format!(
         "fio CPU time per write (median µs, user + system): none {:.2}, eBPF {:.2} ({:+.2} %), \
