@@ -13,11 +13,12 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::cluster::{Binaries, AGENT_PORT};
 use crate::qemu_mirror::{self, SourceVm};
-use crate::record::Run;
+use crate::record::{Run, Sample};
 use crate::scenario::{io, limit, must, wait_line, ScenarioError};
 use crate::signals;
 use crate::testbed::{LinkSpec, Testbed};
@@ -32,6 +33,8 @@ pub const DISK_MIB: u32 = 192;
 pub const MEMORY_MIB: u32 = 128;
 /// Seconds the workload runs at the source before a handoff starts.
 const WARMUP_SECS: u64 = 6;
+/// How often a handoff's timeline samples the bytes e2 received.
+const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
 /// How hard the guest writes: `es_hot_every` / `es_hot_blocks` on the
 /// kernel command line (perf/images/guest/es-workload).
@@ -231,6 +234,29 @@ impl LiveBench {
         Ok((name, write_rate))
     }
 
+    /// Runs `body` while a thread samples the bytes e2 received from e1
+    /// every [`SAMPLE_EVERY`]: (seconds since the start, bytes since it).
+    fn sampling_rx<T>(&self, body: impl FnOnce() -> T) -> Result<(T, Vec<(f64, u64)>), ScenarioError> {
+        let rx0 = self.tb.link_counters(DST, SRC)?.rx_bytes;
+        let stop = AtomicBool::new(false);
+        let start = Instant::now();
+        Ok(std::thread::scope(|s| {
+            let sampler = s.spawn(|| {
+                let mut out = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(c) = self.tb.link_counters(DST, SRC) {
+                        out.push((start.elapsed().as_secs_f64(), c.rx_bytes.saturating_sub(rx0)));
+                    }
+                    std::thread::sleep(SAMPLE_EVERY);
+                }
+                out
+            });
+            let value = body();
+            stop.store(true, Ordering::Relaxed);
+            (value, sampler.join().unwrap_or_default())
+        }))
+    }
+
     /// Bytes both ways on e2's end of the e1–e2 link.
     fn wire(&self) -> Result<u64, ScenarioError> {
         let c = self.tb.link_counters(DST, SRC)?;
@@ -315,9 +341,8 @@ impl LiveBench {
             let src_addr = self.tb.addr_of(SRC, DST)?;
             let wire0 = self.wire()?;
             let t = Instant::now();
-            let out = self
-                .tb
-                .command(SRC, &self.bins.edgeshift)
+            let mut migrate = self.tb.command(SRC, &self.bins.edgeshift);
+            migrate
                 .args(["migrate", &name, "--to", &format!("{dst_addr}:{HOST_PORT}")])
                 .args(["--source-addr", &format!("{src_addr}:{AGENT_PORT}")])
                 .arg("--cluster-key-file")
@@ -325,9 +350,9 @@ impl LiveBench {
                 .arg("--state-dir")
                 .arg(self.state(SRC))
                 .args(["--id", SRC, "--json"])
-                .stdin(Stdio::null())
-                .output()
-                .map_err(io("edgeshift migrate"))?;
+                .stdin(Stdio::null());
+            let (out, received) = self.sampling_rx(|| migrate.output())?;
+            let out = out.map_err(io("edgeshift migrate"))?;
             let seconds = t.elapsed().as_secs_f64();
             let wire = self.wire()?.saturating_sub(wire0);
             let _ = std::fs::write(self.work.join(format!("{name}-migrate.log")), &out.stderr);
@@ -372,7 +397,7 @@ impl LiveBench {
                 limit_seconds: limit(needed, self.rate),
                 verified: check.starts_with("check ok"),
                 projected_from: None,
-                timeline: Vec::new(),
+                timeline: phased(received, &report),
                 detail: serde_json::json!({
                     "command_seconds": seconds,
                     "downtime_ms": report["downtime_ms"],
@@ -510,10 +535,61 @@ impl Drop for LiveBench {
 }
 
 /// Sectors written to a block device so far (/sys/block/NAME/stat, field 7).
+/// A handoff's samples of bytes received, each named by the engine's phase
+/// it fell in: the `--json` report's phases in order, each lasting its
+/// `seconds` (they follow one another with memory after the disk, the
+/// default; the command's start stands for the engine's, a few ms apart),
+/// then "switchover" (QEMU's last state, then the VM runs at e2, and the
+/// source cleans up).
+fn phased(received: Vec<(f64, u64)>, report: &serde_json::Value) -> Vec<Sample> {
+    let mut ends = Vec::new();
+    let mut t = 0.0;
+    for p in report["phases"].as_array().into_iter().flatten() {
+        t += p["seconds"].as_f64().unwrap_or(0.0);
+        ends.push((t, p["phase"].as_str().unwrap_or("?").to_string()));
+    }
+    received
+        .into_iter()
+        .map(|(t, bytes)| Sample {
+            t,
+            phase: ends
+                .iter()
+                .find(|(end, _)| t < *end)
+                .map_or_else(|| "switchover".to_string(), |(_, name)| name.clone()),
+            bytes: vec![(SRC.to_string(), bytes)],
+        })
+        .collect()
+}
+
 fn sectors_written(dev: &Path) -> u64 {
     let name = dev.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     std::fs::read_to_string(format!("/sys/block/{name}/stat"))
         .ok()
         .and_then(|s| s.split_whitespace().nth(6).and_then(|v| v.parse().ok()))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_are_named_by_the_phase_they_fall_in() {
+        let report = serde_json::json!({"phases": [
+            {"phase": "plan", "seconds": 0.05},
+            {"phase": "precopy", "seconds": 0.9},
+            {"phase": "memory", "seconds": 2.0},
+            {"phase": "pause", "seconds": 1.0},
+        ]});
+        let got = phased(
+            vec![(0.0, 0), (0.5, 10), (1.0, 20), (3.9, 30), (4.0, 40)],
+            &report,
+        );
+        let names: Vec<&str> = got.iter().map(|s| s.phase.as_str()).collect();
+        assert_eq!(names, ["plan", "precopy", "memory", "pause", "switchover"]);
+        assert_eq!(got[2].bytes, vec![(SRC.to_string(), 20)]);
+        // A report without phases (a failed parse upstream) names nothing.
+        let bare = phased(vec![(0.1, 1)], &serde_json::json!({}));
+        assert_eq!(bare[0].phase, "switchover");
+    }
 }

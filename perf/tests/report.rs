@@ -285,3 +285,42 @@ fn malformed_policy_records_are_rejected() {
         );
     }
 }
+
+#[test]
+fn a_live_handoff_timeline_is_drawn_with_its_phases_when_recorded() {
+    let mut set = fixture();
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The fixture predates live timelines: no section without one.
+    let md = std::fs::read_to_string(report::write(&set, dir.path()).expect("report")).expect("report.md");
+    assert!(!md.contains("live_timeline.svg"));
+    let run = set
+        .runs
+        .iter_mut()
+        .find(|r| r.scenario == "live" && r.tool == "edgeshift migrate" && r.rate_mbit == 50)
+        .expect("fixture has edgeshift migrate at 50 Mbit/s");
+    run.timeline = [
+        (0.1, "precopy", 1_000_000u64),
+        (1.0, "memory", 6_000_000),
+        (4.0, "pause", 30_000_000),
+        (5.0, "switchover", 34_000_000),
+    ]
+    .into_iter()
+    .map(|(t, phase, b)| edgeshift_perf::record::Sample {
+        t,
+        phase: phase.into(),
+        bytes: vec![("e1".into(), b)],
+    })
+    .collect();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let md = std::fs::read_to_string(report::write(&set, dir.path()).expect("report")).expect("report.md");
+    assert!(
+        md.contains("### One live handoff, phase by phase\n\n`edgeshift migrate` at 50 Mbit/s"),
+        "{md}"
+    );
+    assert!(md.contains("](live_timeline.svg)"));
+    let svg = std::fs::read_to_string(dir.path().join("live_timeline.svg")).expect("live timeline figure");
+    for phase in ["precopy", "memory", "pause", "switchover"] {
+        assert!(svg.contains(phase), "{phase} band missing");
+    }
+    assert!(svg.contains("from e1"));
+}

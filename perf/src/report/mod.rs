@@ -292,6 +292,16 @@ fn scenario_table(set: &RunSet, scenario: &str) -> String {
     s
 }
 
+/// The live handoff whose timeline the report draws: `edgeshift migrate`
+/// in the `live` group at the rate nearest 50 Mbit/s (phases long enough
+/// to see, short enough to read).
+fn live_timeline_run(set: &RunSet) -> Option<&Run> {
+    set.runs
+        .iter()
+        .filter(|r| r.scenario == "live" && r.tool == "edgeshift migrate" && r.timeline.len() > 1)
+        .min_by_key(|r| r.rate_mbit.abs_diff(50))
+}
+
 /// The run whose timeline the report draws: the edgeshift run with the most sources.
 fn timeline_run(set: &RunSet) -> Option<&Run> {
     set.runs
@@ -409,6 +419,15 @@ pub fn write(set: &RunSet, dir: &Path) -> Result<PathBuf, ReportError> {
                 md,
                 "![Live handoff time against link rate](live_vs_bandwidth.svg)\n"
             );
+        }
+        if let Some(run) = live_timeline_run(set) {
+            if plots::timeline(run, &dir.join("live_timeline.svg"))? {
+                let _ = writeln!(
+                    md,
+                    "### One live handoff, phase by phase\n\n`edgeshift migrate` at {} Mbit/s ({} guest writes, {:.1} s): bytes e2 received from e1, sampled every 100 ms, shaded by the engine's phases from its `--json` report. precopy: the disk rounds; memory: QEMU's stream, with disk rounds beside it when the guest wrote enough; pause: the VM stopped at e1 while the last dirty chunks go; switchover: QEMU's final state, then the VM runs at e2.\n\n![Live handoff timeline](live_timeline.svg)\n",
+                    run.rate_mbit, run.workload, run.seconds
+                );
+            }
         }
     }
     let live: Vec<&Run> = set.runs.iter().filter(|r| r.scenario == "live-bench").collect();
