@@ -10,11 +10,15 @@
 //! run, measures its write rate on the loop device, migrates, then asks the
 //! guest at the destination to check its disk (`es-check` on TCP 7001).
 
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use edgeshift_agent::store::{ChunkStore, LocalStore};
+use edgeshift_common::Fingerprint;
 
 use crate::cluster::{Binaries, AGENT_PORT};
 use crate::qemu_mirror::{self, SourceVm};
@@ -339,6 +343,7 @@ impl LiveBench {
             wait_line("live", &mut host, "listening", Duration::from_secs(20))?;
             let (name, write_rate) = self.boot(rate, log)?;
             let src_addr = self.tb.addr_of(SRC, DST)?;
+            let held = chunks_in(&store)?;
             let wire0 = self.wire()?;
             let t = Instant::now();
             let mut migrate = self.tb.command(SRC, &self.bins.edgeshift);
@@ -380,7 +385,11 @@ impl LiveBench {
             // engine's own total (QEMU's run is timed the same way). The
             // command itself returns after its source-side cleanup.
             let handoff_seconds = report["total_seconds"].as_f64().unwrap_or(seconds);
-            let missing = report["missing_at_plan_bytes"].as_u64().unwrap_or(0);
+            // What e2 lacked of the disk the VM runs on there (the plan
+            // counts only the boot image: what changed since boot is found
+            // after it).
+            let final_id = report["manifest_id"].as_str().unwrap_or_default();
+            let missing = lacked_bytes(&store, final_id, &held)?;
             let memory = report["memory_bytes"].as_u64().unwrap_or(0);
             let needed = missing + memory;
             let r = Run {
@@ -535,6 +544,37 @@ impl Drop for LiveBench {
 }
 
 /// Sectors written to a block device so far (/sys/block/NAME/stat, field 7).
+fn store_error(e: impl std::fmt::Display) -> ScenarioError {
+    ScenarioError::Output("e2's chunk store".into(), e.to_string())
+}
+
+/// The chunks a store holds.
+fn chunks_in(store: &Path) -> Result<HashSet<Fingerprint>, ScenarioError> {
+    let s = LocalStore::open(store).map_err(store_error)?;
+    Ok(s.list_chunks().map_err(store_error)?.into_iter().collect())
+}
+
+/// Bytes of the disk `id` (a manifest in `store`, hex) in distinct non-zero
+/// chunks that were not in `held`: what the destination lacked of it.
+fn lacked_bytes(store: &Path, id: &str, held: &HashSet<Fingerprint>) -> Result<u64, ScenarioError> {
+    let id: Fingerprint = id.parse().map_err(|e| {
+        ScenarioError::Output(
+            "edgeshift migrate --json manifest_id".into(),
+            format!("{id:?}: {e:?}"),
+        )
+    })?;
+    let s = LocalStore::open(store).map_err(store_error)?;
+    let disk = s.get_manifest(&id).map_err(store_error)?;
+    let mut seen = HashSet::new();
+    Ok(disk
+        .chunks
+        .iter()
+        .enumerate()
+        .filter(|(_, fp)| !fp.is_zero_chunk() && !held.contains(fp) && seen.insert(**fp))
+        .map(|(i, _)| disk.chunk_len(i))
+        .sum())
+}
+
 /// A handoff's samples of bytes received, each named by the engine's phase
 /// it fell in: the `--json` report's phases in order, each lasting its
 /// `seconds` (they follow one another with memory after the disk, the

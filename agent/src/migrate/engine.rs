@@ -1194,6 +1194,7 @@ fn drive(
                 }
             }
             tracing::info!(chunks = since.len(), hot, "boot log: chunks written since boot");
+            tracing::debug!(?since, "boot log: (chunk, writes since boot)");
             (Some(w), Some(since))
         }
         None => {
