@@ -85,11 +85,7 @@ impl ImageWriter {
         }
         // Reads from the store (each checked against its fingerprint) run in
         // parallel; a small batch gets one thread.
-        let threads = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .clamp(1, 8)
-            .min(jobs.len().div_ceil(32));
-        let per = jobs.len().div_ceil(threads);
+        let per = jobs.len().div_ceil(crate::par::threads_for(jobs.len(), 8, 32));
         let mut jobs = jobs;
         while !jobs.is_empty() {
             let part: Vec<_> = jobs.drain(..per.min(jobs.len())).collect();

@@ -291,10 +291,10 @@ fn fill_batch(
     batch: &[Job],
     bufs: &mut [Vec<u8>],
 ) -> Result<(), SlicerError> {
-    let threads = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(1, 8);
-    let per_thread = batch.len().div_ceil(threads).max(1);
+    let per_thread = batch
+        .len()
+        .div_ceil(crate::par::threads_for(batch.len(), 8, 1))
+        .max(1);
     let fill_one = |job: &Job, buf: &mut Vec<u8>| -> Result<(), SlicerError> {
         let len = manifest.chunk_len(job.index) as usize;
         let slot = &mut buf[..len];

@@ -77,9 +77,7 @@ pub fn slice_image(
     let src = ImageSource::open(path, opts.read_mode)?;
     let cs = opts.chunk_size.as_usize();
     let seg_bytes = cs.max(SEGMENT_MIN);
-    let hashers = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(1, 8);
+    let hashers = crate::par::cores(8);
     let pool = READS_IN_FLIGHT + 2 * hashers + 2;
     let n_chunks = chunk_count(src.size, opts.chunk_size) as usize;
     tracing::debug!(path = %path.display(), size = src.size, direct = src.direct, chunk_size = cs, "slicing");
