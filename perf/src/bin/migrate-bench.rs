@@ -368,33 +368,89 @@ fn chunk_set(store: &Path) -> anyhow::Result<std::collections::HashSet<edgeshift
     Ok(s.list_chunks()?.into_iter().collect())
 }
 
-fn edgeshift_run(
-    name: &str,
-    a: &Args,
-    bin: &Path,
-    vm: &Vm,
-    order: &str,
-    memory: &str,
-) -> anyhow::Result<Row> {
+/// One edgeshift scenario of the bench: who holds what before the handoff,
+/// and how `edgeshift migrate` is asked to move the VM.
+struct Scenario {
+    name: &'static str,
+    /// The VM's base image at the destination (warm); else at both
+    /// neighbours (a cold destination).
+    warm: bool,
+    /// An earlier copy of this VM's disk at both neighbours (edges it
+    /// passed through), sliced a warm-up before the handoff.
+    earlier_copy: bool,
+    order: &'static str,
+    memory: &'static str,
+    /// More `edgeshift migrate` flags.
+    flags: &'static [&'static str],
+    /// Run only when named in `--only`.
+    named_only: bool,
+}
+
+const fn scenario(name: &'static str, warm: bool, earlier_copy: bool) -> Scenario {
+    Scenario {
+        name,
+        warm,
+        earlier_copy,
+        order: "cold-first",
+        memory: "multifd-zstd",
+        flags: &[],
+        named_only: false,
+    }
+}
+
+/// The edgeshift rows, in the report's order.
+const SCENARIOS: &[Scenario] = &[
+    scenario("a", false, false),
+    scenario("b", true, false),
+    scenario("c", true, true),
+    Scenario {
+        order: "index",
+        ..scenario("b-index", true, false)
+    },
+    Scenario {
+        memory: "plain",
+        ..scenario("b-plain", true, false)
+    },
+    // Memory beside the disk pre-copy, held from converging.
+    Scenario {
+        flags: &["--memory-start", "with-disk"],
+        ..scenario("b-overlap", true, false)
+    },
+    Scenario {
+        flags: &["--memory-start", "with-disk"],
+        named_only: true,
+        ..scenario("c-overlap", true, true)
+    },
+    // What changed since boot found by a slice, not the boot log.
+    Scenario {
+        flags: &["--no-boot-log"],
+        ..scenario("b-slice", true, false)
+    },
+    // A budget no pause reaches: the throttle never engages.
+    Scenario {
+        flags: &["--max-downtime", "3599"],
+        named_only: true,
+        ..scenario("b-nothrot", true, false)
+    },
+];
+
+fn edgeshift_run(sc: &Scenario, a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result<Row> {
+    let (name, order, memory) = (sc.name, sc.order, sc.memory);
     eprintln!("== {name}: edgeshift ({order}, memory {memory})");
     let tag = format!("mb{}", name.replace('-', "_"));
     let mut b = bed(&tag, a, bin)?;
     copy_store(&vm.base_store, &b.store("src"))?;
-    match name {
-        "a" => {
-            copy_store(&vm.base_store, &b.store("n1"))?;
-            copy_store(&vm.base_store, &b.store("n2"))?;
-        }
-        "b" | "b-index" | "b-plain" | "b-nothrot" | "b-overlap" | "b-slice" | "c" | "c-overlap" => {
-            copy_store(&vm.base_store, &b.store("dst"))?
-        }
-        _ => bail!("unknown scenario {name}"),
+    if sc.warm {
+        copy_store(&vm.base_store, &b.store("dst"))?;
+    } else {
+        copy_store(&vm.base_store, &b.store("n1"))?;
+        copy_store(&vm.base_store, &b.store("n2"))?;
     }
     for h in ["src", "dst", "n1", "n2"] {
         b.start_daemons(h)?;
     }
     run_vm(&b, vm, a)?;
-    if name.starts_with('c') {
+    if sc.earlier_copy {
         // An earlier copy of this VM's disk, left at the neighbours it passed through.
         let rec = StateDir::new(b.state("src")).load("vm1")?;
         let snap = b.dir.path().join("earlier");
@@ -435,15 +491,7 @@ fn edgeshift_run(
         .arg("--state-dir")
         .arg(b.state("src"))
         .args(["--order", order, "--memory", memory, "--json", "--id", "src"])
-        // A budget no pause reaches: the throttle never engages.
-        .args(match name {
-            "b-nothrot" => &["--max-downtime", "3599"][..],
-            // Memory beside the disk pre-copy, held from converging.
-            "b-overlap" | "c-overlap" => &["--memory-start", "with-disk"][..],
-            // What changed since boot found by a slice, not the boot log.
-            "b-slice" => &["--no-boot-log"][..],
-            _ => &[][..],
-        })
+        .args(sc.flags)
         .output()?;
     std::fs::create_dir_all(&a.out)?;
     std::fs::write(a.out.join(format!("{name}-migrate.log")), &out.stderr)?;
@@ -749,6 +797,13 @@ fn main() -> anyhow::Result<()> {
             bin.display()
         );
     }
+    let known: Vec<&str> = ["qemu", "qemu-zstd"]
+        .into_iter()
+        .chain(SCENARIOS.iter().map(|s| s.name))
+        .collect();
+    if let Some(bad) = a.only.iter().find(|o| !known.contains(&o.as_str())) {
+        bail!("--only {bad}: no such scenario (known: {})", known.join(", "));
+    }
     let vm = prepare_vm(&bin)?;
     let want = |s: &str| a.only.is_empty() || a.only.iter().any(|o| o == s);
     let mut rows = Vec::new();
@@ -758,20 +813,10 @@ fn main() -> anyhow::Result<()> {
     if want("qemu-zstd") {
         rows.push(qemu_run(&a, &bin, &vm, true)?);
     }
-    for (name, order, memory) in [
-        ("a", "cold-first", "multifd-zstd"),
-        ("b", "cold-first", "multifd-zstd"),
-        ("c", "cold-first", "multifd-zstd"),
-        ("b-index", "index", "multifd-zstd"),
-        ("b-plain", "cold-first", "plain"),
-        ("b-overlap", "cold-first", "multifd-zstd"),
-        ("c-overlap", "cold-first", "multifd-zstd"),
-        ("b-slice", "cold-first", "multifd-zstd"),
-        ("b-nothrot", "cold-first", "multifd-zstd"),
-    ] {
-        let named_only = matches!(name, "b-nothrot" | "c-overlap");
-        if (named_only && a.only.iter().any(|o| o == name)) || (!named_only && want(name)) {
-            rows.push(edgeshift_run(name, &a, &bin, &vm, order, memory)?);
+    for sc in SCENARIOS {
+        let named = a.only.iter().any(|o| o == sc.name);
+        if named || (!sc.named_only && want(sc.name)) {
+            rows.push(edgeshift_run(sc, &a, &bin, &vm)?);
         }
     }
     memory_limits(&mut rows, a.mbit as f64 * 1e6 / 8.0);
