@@ -543,7 +543,7 @@ impl Drop for LiveBench {
     }
 }
 
-/// Sectors written to a block device so far (/sys/block/NAME/stat, field 7).
+/// e2's store could not be read.
 fn store_error(e: impl std::fmt::Display) -> ScenarioError {
     ScenarioError::Output("e2's chunk store".into(), e.to_string())
 }
@@ -601,6 +601,7 @@ fn phased(received: Vec<(f64, u64)>, report: &serde_json::Value) -> Vec<Sample> 
         .collect()
 }
 
+/// Sectors written to a block device so far (/sys/block/NAME/stat, field 7).
 fn sectors_written(dev: &Path) -> u64 {
     let name = dev.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     std::fs::read_to_string(format!("/sys/block/{name}/stat"))
