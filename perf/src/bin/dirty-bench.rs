@@ -236,8 +236,8 @@ struct Report {
     /// here first; above `MAX_BASELINE_SPREAD_PCT` the comparison cannot
     /// resolve a 2 % effect.
     baseline_spread_pct: f64,
-    /// Whether the machine had other work: load above 0.5 before the run,
-    /// above 3 after the overhead rounds, or a baseline spread too wide.
+    /// Whether any of [`noise_reasons`] held: other work on the machine,
+    /// or a baseline spread too wide.
     busy: bool,
     /// Extra fio CPU time per write with the tracker, relative to none
     /// (medians), in percent.
@@ -269,29 +269,44 @@ fn loadavg() -> String {
 }
 
 /// The 1-minute load average of a /proc/loadavg line.
-/// Which of the noise conditions behind `Report::busy` held, in words: a
-/// spread alone (nothing else running) reads differently from a loaded host.
-fn noise_reasons(r: &Report) -> Vec<String> {
+/// The noise conditions that held, in words (none: a quiet machine; the
+/// report's `busy` flag): load above 0.5 before the run, above 3 after the
+/// overhead rounds (where this bench alone adds about 2), or the untracked
+/// runs' IOPS spread too wide to resolve a 2 % effect. A spread alone
+/// (nothing else running) reads differently from a loaded host.
+fn noise_reasons(
+    loadavg_before: &str,
+    loadavg_after_overhead: &str,
+    baseline_spread_pct: f64,
+) -> Vec<String> {
     let mut why = Vec::new();
-    if load1(&r.loadavg_before) > 0.5 {
+    if load1(loadavg_before) > 0.5 {
         why.push(format!(
             "1-minute load {:.2} before the run, above 0.5",
-            load1(&r.loadavg_before)
+            load1(loadavg_before)
         ));
     }
-    if load1(&r.loadavg_after_overhead) > 3.0 {
+    if load1(loadavg_after_overhead) > 3.0 {
         why.push(format!(
             "1-minute load {:.2} after the overhead rounds, above 3",
-            load1(&r.loadavg_after_overhead)
+            load1(loadavg_after_overhead)
         ));
     }
-    if r.baseline_spread_pct.is_nan() || r.baseline_spread_pct > MAX_BASELINE_SPREAD_PCT {
+    if baseline_spread_pct.is_nan() || baseline_spread_pct > MAX_BASELINE_SPREAD_PCT {
         why.push(format!(
-            "the untracked runs' IOPS spread {:.1} % (median absolute deviation), above {MAX_BASELINE_SPREAD_PCT} %",
-            r.baseline_spread_pct
+            "the untracked runs' IOPS spread {baseline_spread_pct:.1} % (median absolute deviation), above {MAX_BASELINE_SPREAD_PCT} %"
         ));
     }
     why
+}
+
+/// [`noise_reasons`] of a report.
+fn report_noise(r: &Report) -> Vec<String> {
+    noise_reasons(
+        &r.loadavg_before,
+        &r.loadavg_after_overhead,
+        r.baseline_spread_pct,
+    )
 }
 
 fn load1(line: &str) -> f64 {
@@ -512,10 +527,7 @@ fn main() -> anyhow::Result<()> {
         let deviations: Vec<f64> = base.iops.iter().map(|i| (i - mb).abs()).collect();
         median(&deviations) / mb * 100.0
     };
-    let busy = load1(&loadavg_before) > 0.5
-        || load1(&loadavg_after_overhead) > 3.0
-        || baseline_spread_pct.is_nan()
-        || baseline_spread_pct > MAX_BASELINE_SPREAD_PCT;
+    let busy = !noise_reasons(&loadavg_before, &loadavg_after_overhead, baseline_spread_pct).is_empty();
     let report = Report {
         baseline_spread_pct,
         busy,
@@ -606,7 +618,7 @@ fn markdown(r: &Report) -> String {
         r.chunk_size >> 10,
         r.ebpf_max_events_per_sec_without_drops,
         if r.busy {
-            format!("**noisy** ({})", noise_reasons(r).join("; "))
+            format!("**noisy** ({})", report_noise(r).join("; "))
         } else {
             "quiet".into()
         },
@@ -687,7 +699,7 @@ fn markdown(r: &Report) -> String {
                  the effect being measured and the IOPS-lost figures above are not \
                  trustworthy to ±2 %. The BPF cost per event (kernel run-time stats) and \
                  fio's CPU time per write are the steadier figures.\n\n",
-            noise_reasons(r).join("; ")
+            report_noise(r).join("; ")
         ));
     }
     s.push_str(&format!(
