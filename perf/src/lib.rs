@@ -1,11 +1,14 @@
 //! Evaluation harness: the emulated edge cloud ([`testbed`], [`topology`],
 //! [`cluster`]), the images, the scenarios with their baselines
 //! ([`scenario`]), and reports with plots ([`report`]).
-//! Must never depend on the agent crate: the agent's tests dev-depend on this.
+//! It depends on the agent crate (its QMP client, its chunk store) while the
+//! agent's tests dev-depend on this crate's testbed: a dev-dependency cycle
+//! that builds, compiling the agent twice for those tests.
 
 pub mod cluster;
 pub mod demo;
 pub mod heat;
+pub mod holdings;
 pub mod images;
 pub mod live;
 pub mod policy;

@@ -14,16 +14,16 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use edgeshift_agent::store::{ChunkStore, LocalStore};
 use edgeshift_common::Fingerprint;
 
 use crate::cluster::{Binaries, AGENT_PORT};
+use crate::holdings;
 use crate::qemu_mirror::{self, SourceVm};
 use crate::record::{Run, Sample};
-use crate::scenario::{io, limit, must, wait_line, ScenarioError};
+use crate::scenario::{io, limit, must, sampled, wait_line, ScenarioError};
 use crate::signals;
 use crate::testbed::{LinkSpec, Testbed};
 
@@ -238,27 +238,18 @@ impl LiveBench {
         Ok((name, write_rate))
     }
 
-    /// Runs `body` while a thread samples the bytes e2 received from e1
-    /// every [`SAMPLE_EVERY`]: (seconds since the start, bytes since it).
+    /// Runs `body` while the bytes e2 received from e1 are sampled every
+    /// [`SAMPLE_EVERY`]: (seconds since the start, bytes since it).
     fn sampling_rx<T>(&self, body: impl FnOnce() -> T) -> Result<(T, Vec<(f64, u64)>), ScenarioError> {
         let rx0 = self.tb.link_counters(DST, SRC)?.rx_bytes;
-        let stop = AtomicBool::new(false);
-        let start = Instant::now();
-        Ok(std::thread::scope(|s| {
-            let sampler = s.spawn(|| {
-                let mut out = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok(c) = self.tb.link_counters(DST, SRC) {
-                        out.push((start.elapsed().as_secs_f64(), c.rx_bytes.saturating_sub(rx0)));
-                    }
-                    std::thread::sleep(SAMPLE_EVERY);
-                }
-                out
-            });
-            let value = body();
-            stop.store(true, Ordering::Relaxed);
-            (value, sampler.join().unwrap_or_default())
-        }))
+        Ok(sampled(
+            SAMPLE_EVERY,
+            || {
+                let c = self.tb.link_counters(DST, SRC).ok()?;
+                Some(c.rx_bytes.saturating_sub(rx0))
+            },
+            body,
+        ))
     }
 
     /// Bytes both ways on e2's end of the e1–e2 link.
@@ -343,7 +334,7 @@ impl LiveBench {
             wait_line("live", &mut host, "listening", Duration::from_secs(20))?;
             let (name, write_rate) = self.boot(rate, log)?;
             let src_addr = self.tb.addr_of(SRC, DST)?;
-            let held = chunks_in(&store)?;
+            let held = holdings::chunk_set(&store).map_err(store_error)?;
             let wire0 = self.wire()?;
             let t = Instant::now();
             let mut migrate = self.tb.command(SRC, &self.bins.edgeshift);
@@ -548,12 +539,6 @@ fn store_error(e: impl std::fmt::Display) -> ScenarioError {
     ScenarioError::Output("e2's chunk store".into(), e.to_string())
 }
 
-/// The chunks a store holds.
-fn chunks_in(store: &Path) -> Result<HashSet<Fingerprint>, ScenarioError> {
-    let s = LocalStore::open(store).map_err(store_error)?;
-    Ok(s.list_chunks().map_err(store_error)?.into_iter().collect())
-}
-
 /// Bytes of the disk `id` (a manifest in `store`, hex) in distinct non-zero
 /// chunks that were not in `held`: what the destination lacked of it.
 fn lacked_bytes(store: &Path, id: &str, held: &HashSet<Fingerprint>) -> Result<u64, ScenarioError> {
@@ -563,16 +548,10 @@ fn lacked_bytes(store: &Path, id: &str, held: &HashSet<Fingerprint>) -> Result<u
             format!("{id:?}: {e:?}"),
         )
     })?;
-    let s = LocalStore::open(store).map_err(store_error)?;
-    let disk = s.get_manifest(&id).map_err(store_error)?;
-    let mut seen = HashSet::new();
-    Ok(disk
-        .chunks
-        .iter()
-        .enumerate()
-        .filter(|(_, fp)| !fp.is_zero_chunk() && !held.contains(fp) && seen.insert(**fp))
-        .map(|(i, _)| disk.chunk_len(i))
-        .sum())
+    let disk = LocalStore::open(store)
+        .and_then(|s| s.get_manifest(&id))
+        .map_err(store_error)?;
+    Ok(holdings::lacked_by_holders(&disk, held, &[]).values().sum())
 }
 
 /// A handoff's samples of bytes received, each named by the engine's phase

@@ -52,6 +52,33 @@ pub enum ScenarioError {
     Output(String, String),
 }
 
+/// Runs `body` while a scoped thread calls `sample` every `every`, and
+/// returns body's result with the samples taken (seconds since the start,
+/// value; a `None` is skipped).
+pub(crate) fn sampled<R, T: Send>(
+    every: Duration,
+    sample: impl Fn() -> Option<T> + Sync,
+    body: impl FnOnce() -> R,
+) -> (R, Vec<(f64, T)>) {
+    let stop = AtomicBool::new(false);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut out = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(v) = sample() {
+                    out.push((start.elapsed().as_secs_f64(), v));
+                }
+                std::thread::sleep(every);
+            }
+            out
+        });
+        let value = body();
+        stop.store(true, Ordering::Relaxed);
+        (value, sampler.join().unwrap_or_default())
+    })
+}
+
 pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ScenarioError {
     let what = what.into();
     move |source| ScenarioError::Io { what, source }
@@ -375,46 +402,29 @@ impl Bench {
     /// per-source timeline sampled every 250 ms.
     fn measured<T>(
         &self,
-        phase_of: &(dyn Fn(f64) -> String + Sync),
+        phase_of: &dyn Fn(f64) -> String,
         body: impl FnOnce() -> Result<T, ScenarioError>,
     ) -> Result<(T, f64, u64, Vec<Sample>), ScenarioError> {
         let netns = self.tb.host(DST)?.netns.clone();
         let before = Self::dst_counters(&self.tb, &netns)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let samples = Arc::new(Mutex::new(Vec::new()));
         let start = Instant::now();
-        let result = std::thread::scope(|s| {
-            let stop2 = stop.clone();
-            let samples2 = samples.clone();
-            let before2 = before.clone();
-            let tb = &self.tb;
-            let netns2 = netns.clone();
-            s.spawn(move || {
-                while !stop2.load(Ordering::Relaxed) {
-                    if let Ok(now) = Self::dst_counters(tb, &netns2) {
-                        let t = start.elapsed().as_secs_f64();
-                        let bytes = now
-                            .iter()
-                            .map(|(peer, (rx, _))| {
-                                (
-                                    peer.clone(),
-                                    rx.saturating_sub(before2.get(peer).map_or(0, |b| b.0)),
-                                )
-                            })
-                            .collect();
-                        samples2.lock().unwrap_or_else(|p| p.into_inner()).push(Sample {
-                            t,
-                            phase: phase_of(t),
-                            bytes,
-                        });
-                    }
-                    std::thread::sleep(Duration::from_millis(250));
-                }
-            });
-            let r = body();
-            stop.store(true, Ordering::Relaxed);
-            r
-        });
+        let (result, samples) = sampled(
+            Duration::from_millis(250),
+            || {
+                let now = Self::dst_counters(&self.tb, &netns).ok()?;
+                Some(
+                    now.iter()
+                        .map(|(peer, (rx, _))| {
+                            (
+                                peer.clone(),
+                                rx.saturating_sub(before.get(peer).map_or(0, |b| b.0)),
+                            )
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            },
+            body,
+        );
         let seconds = start.elapsed().as_secs_f64();
         let value = result?;
         let after = Self::dst_counters(&self.tb, &netns)?;
@@ -425,7 +435,14 @@ impl Bench {
                 rx.saturating_sub(brx) + tx.saturating_sub(btx)
             })
             .sum();
-        let timeline = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
+        let timeline = samples
+            .into_iter()
+            .map(|(t, bytes)| Sample {
+                t,
+                phase: phase_of(t),
+                bytes,
+            })
+            .collect();
         Ok((value, seconds, wire, timeline))
     }
 

@@ -23,6 +23,7 @@ use clap::Parser;
 use edgeshift_agent::vm::{
     Accel, AccelChoice, LaunchConfig, MemoryTransport, NetSpec, Qemu, QmpClient, StateDir, VmSpec,
 };
+use edgeshift_perf::holdings::{chunk_set, lacked_by_holders};
 use edgeshift_perf::testbed::{LinkSpec, Testbed};
 use serde::Serialize;
 use serde_json::json;
@@ -334,38 +335,6 @@ fn disk_lower_bound(bytes_by_holders: &std::collections::HashMap<u32, u64>, rate
         }
     }
     best
-}
-
-/// Bytes of `final_disk` that `dst` lacked, by which of `paths` held them
-/// (bit i: `paths[i]`; the source, path 0, holds all of its disk).
-fn lacked_by_holders(
-    final_disk: &edgeshift_common::Manifest,
-    dst: &std::collections::HashSet<edgeshift_common::Fingerprint>,
-    paths: &[std::collections::HashSet<edgeshift_common::Fingerprint>],
-) -> std::collections::HashMap<u32, u64> {
-    let mut seen = std::collections::HashSet::new();
-    let mut out = std::collections::HashMap::new();
-    for (i, fp) in final_disk.chunks.iter().enumerate() {
-        if fp.is_zero_chunk() || dst.contains(fp) || !seen.insert(*fp) {
-            continue;
-        }
-        let mut held = 1u32;
-        for (p, set) in paths.iter().enumerate().skip(1) {
-            if set.contains(fp) {
-                held |= 1 << p;
-            }
-        }
-        *out.entry(held).or_default() += final_disk.chunk_len(i);
-    }
-    out
-}
-
-fn chunk_set(store: &Path) -> anyhow::Result<std::collections::HashSet<edgeshift_common::Fingerprint>> {
-    if !store.exists() {
-        return Ok(Default::default());
-    }
-    let s = edgeshift_agent::store::LocalStore::open(store)?;
-    Ok(s.list_chunks()?.into_iter().collect())
 }
 
 /// One edgeshift scenario of the bench: who holds what before the handoff,
