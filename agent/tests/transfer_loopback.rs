@@ -503,6 +503,7 @@ async fn library_fetcher_respects_per_chunk_sources_and_priority() {
     // A chunk whose only allowed source is not among the peers is unavailable.
     let ghost = ChunkWant {
         optional: false,
+        base: None,
         fp: Fingerprint::of(b"ghost"),
         len: 5,
         sources: Some(vec!["127.0.0.1:9".parse().expect("addr")]),
@@ -649,6 +650,7 @@ async fn a_chunk_being_published_is_waited_for_and_one_that_never_comes_is_missi
     intent_naming(&src.store, &[fc, fnv]);
     let want = |fp: Fingerprint| ChunkWant {
         optional: false,
+        base: None,
         fp,
         len: CHUNK as u64,
         sources: None,

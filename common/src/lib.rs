@@ -3,6 +3,7 @@
 //! control messages. Nothing here does I/O.
 
 pub mod control;
+pub mod delta;
 pub mod fingerprint;
 pub mod manifest;
 pub mod size;

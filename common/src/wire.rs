@@ -91,6 +91,13 @@ pub enum FrameKind {
     /// server → client: ⌈N/8⌉ bytes, bit i (LSB first) set when the server
     /// holds the request's fingerprint i.
     HasReply = 12,
+    /// client → server: [`ChunkRequestHead`] + N × [`BasedAsk`]: chunks
+    /// asked for together with the version the client already holds at
+    /// that place; answered, in order, by `Delta`, `Chunk` or `Missing`.
+    DeltaRequest = 13,
+    /// server → client: [`DeltaHead`] + bitmap + the changed blocks' bytes
+    /// (see [`crate::delta`]).
+    Delta = 14,
 }
 
 impl TryFrom<u8> for FrameKind {
@@ -110,6 +117,8 @@ impl TryFrom<u8> for FrameKind {
             10 => FrameKind::Error,
             11 => HasRequest,
             12 => HasReply,
+            13 => DeltaRequest,
+            14 => Delta,
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -224,6 +233,30 @@ pub struct ChunkHead {
 }
 
 pub const CHUNK_HEAD_LEN: usize = std::mem::size_of::<ChunkHead>();
+
+/// One entry of a `DeltaRequest`: the chunk wanted and the chunk the client
+/// holds where it goes (its earlier version).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct BasedAsk {
+    pub want: Fingerprint,
+    pub base: Fingerprint,
+}
+
+/// Fixed part of a delta payload; the bitmap (⌈⌈raw_len / 4096⌉ / 8⌉
+/// bytes) and the bytes of the blocks it names follow.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct DeltaHead {
+    pub fingerprint: Fingerprint,
+    /// The version the delta applies to (the one the client named).
+    pub base: Fingerprint,
+    /// Length of the rebuilt chunk.
+    pub raw_len: U32,
+    pub reserved: U32,
+}
+
+pub const DELTA_HEAD_LEN: usize = std::mem::size_of::<DeltaHead>();
 
 /// Fixed part of an error frame; a UTF-8 message follows.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -370,6 +403,74 @@ pub fn decode_chunk_request(body: &[u8]) -> Result<(ChunkRequestHead, &[Fingerpr
         return Err(WireError::BatchTooLarge(fps.len()));
     }
     Ok((head, fps))
+}
+
+/// A chunk request naming each chunk's base (1 ≤ len ≤ [`MAX_BATCH`]).
+pub fn encode_delta_request(request_id: u64, zstd_ok: bool, path_rate: u64, asks: &[BasedAsk]) -> Vec<u8> {
+    let head = ChunkRequestHead {
+        path_rate: U64::new(path_rate),
+    };
+    let flags = if zstd_ok { FLAG_ZSTD_OK } else { 0 };
+    encode(
+        FrameKind::DeltaRequest,
+        flags,
+        request_id,
+        &[head.as_bytes(), asks.as_bytes()],
+    )
+}
+
+pub fn decode_delta_request(body: &[u8]) -> Result<(ChunkRequestHead, &[BasedAsk]), WireError> {
+    let bad = || WireError::BadBody {
+        kind: FrameKind::DeltaRequest,
+        len: body.len(),
+    };
+    let (head, tail) = ChunkRequestHead::read_from_prefix(body).map_err(|_| bad())?;
+    let asks = <[BasedAsk]>::ref_from_bytes(tail).map_err(|_| bad())?;
+    if asks.is_empty() {
+        return Err(bad());
+    }
+    if asks.len() > MAX_BATCH {
+        return Err(WireError::BatchTooLarge(asks.len()));
+    }
+    Ok((head, asks))
+}
+
+/// A whole delta frame: `fp` rebuilt from `base` with `bitmap` and `payload`.
+pub fn encode_delta(
+    request_id: u64,
+    fp: &Fingerprint,
+    base: &Fingerprint,
+    raw_len: u32,
+    bitmap: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    let head = DeltaHead {
+        fingerprint: *fp,
+        base: *base,
+        raw_len: U32::new(raw_len),
+        reserved: U32::new(0),
+    };
+    encode(FrameKind::Delta, 0, request_id, &[head.as_bytes(), bitmap, payload])
+}
+
+/// Splits a delta body into its head, bitmap and block bytes (the bitmap's
+/// length follows from `raw_len`; `crate::delta::apply` checks the rest).
+pub fn decode_delta(body: &[u8]) -> Result<(DeltaHead, &[u8], &[u8]), WireError> {
+    let bad = || WireError::BadBody {
+        kind: FrameKind::Delta,
+        len: body.len(),
+    };
+    let (head, tail) = DeltaHead::ref_from_prefix(body).map_err(|_| bad())?;
+    let raw_len = head.raw_len.get();
+    if raw_len > MAX_CHUNK_LEN {
+        return Err(WireError::ChunkTooLong(raw_len));
+    }
+    let n = crate::delta::bitmap_len(raw_len as usize);
+    if tail.len() < n {
+        return Err(bad());
+    }
+    let (bitmap, payload) = tail.split_at(n);
+    Ok((*head, bitmap, payload))
 }
 
 /// Which of `fps` does the server hold? (1 ≤ len ≤ [`MAX_HAS`]).
@@ -578,6 +679,33 @@ mod tests {
         huge.drain(..HEADER_LEN);
         assert!(matches!(decode_chunk(&huge), Err(WireError::ChunkTooLong(_))));
         assert!(decode_fingerprint(FrameKind::Missing, &[0u8; 31]).is_err());
+    }
+
+    #[test]
+    fn delta_request_and_delta_round_trip_and_refuse_bad_bodies() {
+        let asks = [BasedAsk {
+            want: Fingerprint::of(b"new"),
+            base: Fingerprint::of(b"old"),
+        }];
+        let f = encode_delta_request(4, false, 99, &asks);
+        let (h, kind) = FrameHeader::decode(&header_of(&f), MAX_FRAME_LEN).expect("header");
+        assert_eq!((kind, h.request_id(), h.flags()), (FrameKind::DeltaRequest, 4, 0));
+        let (head, got) = decode_delta_request(&f[HEADER_LEN..]).expect("body");
+        assert_eq!((head.path_rate.get(), got), (99, &asks[..]));
+        assert!(decode_delta_request(&[0u8; 8]).is_err(), "empty");
+        assert!(decode_delta_request(&[0u8; 8 + 63]).is_err(), "ragged");
+
+        let d = encode_delta(4, &asks[0].want, &asks[0].base, 3 * 4096, &[0b010], &[7u8; 4096]);
+        let (h, kind) = FrameHeader::decode(&header_of(&d), MAX_FRAME_LEN).expect("header");
+        assert_eq!((kind, h.body_len() as usize), (FrameKind::Delta, d.len() - HEADER_LEN));
+        let (head, bitmap, payload) = decode_delta(&d[HEADER_LEN..]).expect("body");
+        assert_eq!((head.fingerprint, head.base), (asks[0].want, asks[0].base));
+        assert_eq!((head.raw_len.get(), bitmap, payload.len()), (3 * 4096, &[0b010u8][..], 4096));
+        // Too short for its bitmap; too long a chunk.
+        let cut = &d[HEADER_LEN..HEADER_LEN + DELTA_HEAD_LEN];
+        assert!(decode_delta(cut).is_err());
+        let huge = encode_delta(4, &asks[0].want, &asks[0].base, MAX_CHUNK_LEN + 1, &[], &[]);
+        assert!(matches!(decode_delta(&huge[HEADER_LEN..]), Err(WireError::ChunkTooLong(_))));
     }
 
     #[test]

@@ -262,6 +262,7 @@ impl Link {
                 }
                 wants.push(ChunkWant {
                     optional: false,
+                    base: None,
                     fp: c.fp,
                     len: c.bytes,
                     sources: Some(vec![addr]),

@@ -137,6 +137,10 @@ pub struct RoundReport {
     pub bytes: u64,
     /// Indices sent before that were sent again (written in between).
     pub resent_chunks: u64,
+    /// Chunks that went as the blocks that differ from what the
+    /// destination's image held there, and the bytes that saved.
+    pub delta_chunks: u64,
+    pub delta_saved_bytes: u64,
     pub seconds: f64,
 }
 
@@ -164,6 +168,9 @@ pub struct MigrationReport {
     pub memory_bytes: u64,
     pub bytes_by_source: BTreeMap<String, u64>,
     pub chunks_resent: u64,
+    /// Over all rounds: chunks sent as deltas, and the bytes that saved.
+    pub delta_chunks: u64,
+    pub delta_saved_bytes: u64,
     pub missing_at_plan_chunks: u64,
     pub missing_at_plan_bytes: u64,
     pub manifest_id: String,
@@ -301,6 +308,8 @@ impl Run {
             chunks: n,
             bytes,
             resent_chunks: resent,
+            delta_chunks: stats.holders.iter().map(|h| h.delta_chunks).sum(),
+            delta_saved_bytes: stats.holders.iter().map(|h| h.delta_saved_bytes).sum(),
             seconds: start.elapsed().as_secs_f64(),
         };
         tracing::info!(
@@ -308,6 +317,7 @@ impl Run {
             chunks = r.chunks,
             bytes = r.bytes,
             resent = r.resent_chunks,
+            delta = r.delta_chunks,
             seconds = r.seconds,
             "disk round"
         );
@@ -990,6 +1000,8 @@ pub fn migrate(
                 pause_disk_seconds,
                 phases,
                 chunks_resent: run.resent,
+                delta_chunks: run.rounds.iter().map(|r| r.delta_chunks).sum(),
+                delta_saved_bytes: run.rounds.iter().map(|r| r.delta_saved_bytes).sum(),
                 rounds: run.rounds,
                 disk_bytes,
                 memory_bytes,

@@ -374,6 +374,16 @@ impl Host {
     }
 }
 
+/// One chunk a pull fetches.
+struct Fetch {
+    fp: Fingerprint,
+    len: u64,
+    /// Fills the round's tail only (`ChunkWant::optional`).
+    optional: bool,
+    /// What the image held at its place (`ChunkWant::base`).
+    base: Option<Fingerprint>,
+}
+
 impl Incoming<'_> {
     fn pull(
         &mut self,
@@ -391,7 +401,9 @@ impl Incoming<'_> {
         }
         let mut stats = PullStats::default();
         let mut wanted: HashMap<Fingerprint, Vec<usize>> = HashMap::new();
-        let mut order: Vec<(Fingerprint, u64)> = Vec::new();
+        // What the image held where a fetched chunk goes (its base: a peer
+        // holding both sends only the blocks that differ).
+        let mut order: Vec<(Fingerprint, u64, Option<Fingerprint>)> = Vec::new();
         // Chunks this edge's store holds (and zero chunks) go into the image
         // in the background while the rest is fetched.
         let mut writes: Vec<(usize, Fingerprint)> = Vec::new();
@@ -416,7 +428,8 @@ impl Incoming<'_> {
                 writes.push((i, want));
             } else {
                 wanted.insert(want, vec![i]);
-                order.push((want, target.chunk_len(i)));
+                let base = Some(self.current[i]).filter(|b| !b.is_zero_chunk());
+                order.push((want, target.chunk_len(i), base));
             }
             // What the image will hold once the writer is done: `verify`
             // waits for it first. (A fetched chunk is set once it came.)
@@ -429,13 +442,18 @@ impl Incoming<'_> {
         let mut fetch_s = 0.0;
         if !order.is_empty() {
             // A chunk is filler when every index that needs it is.
-            let order: Vec<(Fingerprint, u64, bool)> = order
+            let order: Vec<Fetch> = order
                 .into_iter()
-                .map(|(fp, len)| {
+                .map(|(fp, len, base)| {
                     let optional = wanted
                         .get(&fp)
                         .is_some_and(|at| at.iter().all(|&i| filler.contains(&(i as u32))));
-                    (fp, len, optional)
+                    Fetch {
+                        fp,
+                        len,
+                        optional,
+                        base,
+                    }
                 })
                 .collect();
             let t = Instant::now();
@@ -482,7 +500,7 @@ impl Incoming<'_> {
     /// `ChunkWant::optional`); those left out are returned.
     fn fetch_from_holders(
         &self,
-        order: Vec<(Fingerprint, u64, bool)>,
+        order: Vec<Fetch>,
         holders: &[String],
         stats: &mut PullStats,
     ) -> Result<Vec<Fingerprint>, MigrateError> {
@@ -507,13 +525,14 @@ impl Incoming<'_> {
         }
         let wants: Vec<ChunkWant> = order
             .iter()
-            .map(|&(fp, len, optional)| ChunkWant {
-                fp,
-                len,
+            .map(|f| ChunkWant {
+                fp: f.fp,
+                len: f.len,
                 sources: plan
-                    .and_then(|p| p.sources_for(&fp).cloned())
+                    .and_then(|p| p.sources_for(&f.fp).cloned())
                     .or_else(|| named.clone()),
-                optional,
+                optional: f.optional,
+                base: f.base,
             })
             .collect();
         let fetcher = Fetcher::with_options(
@@ -542,6 +561,8 @@ impl Incoming<'_> {
                 holder: p.addr.clone(),
                 chunks: p.chunks,
                 bytes: p.bytes,
+                delta_chunks: p.delta_chunks,
+                delta_saved_bytes: p.delta_saved_bytes,
                 error: p.dropped.clone(),
             })
             .collect();

@@ -72,6 +72,10 @@ pub struct HolderStats {
     pub holder: String,
     pub chunks: u64,
     pub bytes: u64,
+    /// Of `chunks`, those sent as deltas against what the image held, and
+    /// the bytes that saved.
+    pub delta_chunks: u64,
+    pub delta_saved_bytes: u64,
     pub error: Option<String>,
 }
 

@@ -100,6 +100,10 @@ pub struct ChunkWant {
     /// all done, the optional chunks not yet asked for are left out (listed
     /// in [`FetchReport::skipped`]), as are those no source has.
     pub optional: bool,
+    /// A chunk this store holds that the wanted one is a later version of
+    /// (what the image held at that place before): a peer holding both may
+    /// send only the blocks that differ (`docs/wire.md`, deltas).
+    pub base: Option<Fingerprint>,
 }
 
 impl ChunkWant {
@@ -136,6 +140,10 @@ pub struct PeerReport {
     /// holdings probe ran and the peer's store did not change meanwhile).
     pub lacking_chunks: u64,
     pub zstd_chunks: u64,
+    /// Chunks that came as deltas against the version this store held
+    /// (`ChunkWant::base`), and the bytes that saved.
+    pub delta_chunks: u64,
+    pub delta_saved_bytes: u64,
     /// Why the peer was dropped during this fetch, if it was.
     pub dropped: Option<String>,
 }
@@ -239,6 +247,7 @@ impl Fetcher {
                     fp: *fp,
                     len: manifest.chunk_len(i),
                     sources: None,
+                    base: None,
                 });
             }
         }
@@ -293,6 +302,7 @@ impl Fetcher {
                 progress: self.progress.clone(),
                 writer: writer.clone(),
                 pool: pool.clone(),
+                store: self.store.clone(),
             };
             tasks.spawn(async move {
                 let reason = run_peer(&ctx).await;
@@ -487,6 +497,7 @@ struct Want {
     /// Bit i set: peer i may serve it.
     allowed: u64,
     optional: bool,
+    base: Option<Fingerprint>,
 }
 
 struct PeerState {
@@ -508,6 +519,8 @@ struct PeerState {
     duplicates: u64,
     lacking: u64,
     zstd_chunks: u64,
+    delta_chunks: u64,
+    delta_saved_bytes: u64,
     /// Of `chunks`, the optional ones, and the ones only this peer could send.
     fillers: u64,
     exclusive: u64,
@@ -535,6 +548,8 @@ impl PeerState {
             duplicate_chunks: self.duplicates,
             lacking_chunks: self.lacking,
             zstd_chunks: self.zstd_chunks,
+            delta_chunks: self.delta_chunks,
+            delta_saved_bytes: self.delta_saved_bytes,
             dropped: self.dropped.clone(),
         }
     }
@@ -613,6 +628,7 @@ impl Sched {
                 len: w.len,
                 allowed,
                 optional: w.optional,
+                base: w.base.filter(|b| !b.is_zero_chunk() && *b != w.fp),
             });
         }
         let peers = addrs
@@ -641,6 +657,8 @@ impl Sched {
                 duplicates: 0,
                 lacking: 0,
                 zstd_chunks: 0,
+                delta_chunks: 0,
+                delta_saved_bytes: 0,
                 fillers: 0,
                 exclusive: 0,
                 first_request: None,
@@ -818,6 +836,15 @@ impl Sched {
         }
     }
 
+    /// The base of chunk `c` could not be read here (evicted, damaged):
+    /// `c` goes back to the queues, to be asked for whole.
+    fn base_unusable(&mut self, p: usize, c: usize, wire_len: u64) {
+        self.wants[c].base = None;
+        self.peers[p].bytes += wire_len;
+        self.release(p, c);
+        self.requeue(c);
+    }
+
     fn chunk_lacking(&mut self, p: usize, c: usize) {
         self.peers[p].lacking += 1;
         self.lacking[c] |= 1 << p;
@@ -826,7 +853,7 @@ impl Sched {
         self.settle_fillers();
     }
 
-    fn chunk_stored(&mut self, p: usize, c: usize, wire_len: u64, zstd: bool) {
+    fn chunk_stored(&mut self, p: usize, c: usize, wire_len: u64, encoding: Encoding) {
         self.release(p, c);
         let peer = &mut self.peers[p];
         peer.bytes += wire_len;
@@ -836,8 +863,13 @@ impl Sched {
             return;
         }
         peer.chunks += 1;
-        if zstd {
-            peer.zstd_chunks += 1;
+        match encoding {
+            Encoding::Raw => {}
+            Encoding::Zstd => peer.zstd_chunks += 1,
+            Encoding::Delta => {
+                peer.delta_chunks += 1;
+                peer.delta_saved_bytes += self.wants[c].len.saturating_sub(wire_len);
+            }
         }
         if self.wants[c].optional {
             peer.fillers += 1;
@@ -898,13 +930,24 @@ struct PeerCtx {
     progress: Arc<FetchProgress>,
     writer: std::sync::mpsc::Sender<WriteJob>,
     pool: Arc<BufPool>,
+    /// This fetch's store, where the bases of deltas are read.
+    store: Arc<LocalStore>,
+}
+
+/// How a chunk's bytes came on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Raw,
+    Zstd,
+    /// The blocks that differ from the chunk's base (`ChunkWant::base`).
+    Delta,
 }
 
 /// Outcome of verifying and storing one received chunk.
 struct Stored {
     c: usize,
     wire_len: u64,
-    zstd: bool,
+    encoding: Encoding,
     result: Result<(), TransferError>,
 }
 
@@ -957,14 +1000,32 @@ async fn run_peer(ctx: &PeerCtx) -> Option<String> {
             } else {
                 s.take_batch(ctx.index, ctx.opts.batch)
             };
-            let fps: Vec<Fingerprint> = batch.iter().map(|&c| s.wants[c].fp).collect();
+            // Chunks with a base go in a delta request of their own; the
+            // server answers both in the order they were sent.
+            let mut plain = Vec::new();
+            let mut based = Vec::new();
+            for &c in &batch {
+                let w = &s.wants[c];
+                match w.base {
+                    Some(base) => based.push(wire::BasedAsk { want: w.fp, base }),
+                    None => plain.push(w.fp),
+                }
+            }
             let peer = &s.peers[ctx.index];
-            (fps, peer.rate as u64, s.finished(), peer.inflight.is_empty())
+            ((plain, based), peer.rate as u64, s.finished(), peer.inflight.is_empty())
         };
-        if !batch.is_empty() {
-            request_id += 1;
-            let frame = wire::encode_chunk_request(request_id, ctx.opts.zstd, rate, &batch);
-            if let Err(e) = wr.write_all(&frame).await {
+        let (plain, based) = batch;
+        if !plain.is_empty() || !based.is_empty() {
+            let mut frames = Vec::new();
+            if !plain.is_empty() {
+                request_id += 1;
+                frames.extend(wire::encode_chunk_request(request_id, ctx.opts.zstd, rate, &plain));
+            }
+            if !based.is_empty() {
+                request_id += 1;
+                frames.extend(wire::encode_delta_request(request_id, ctx.opts.zstd, rate, &based));
+            }
+            if let Err(e) = wr.write_all(&frames).await {
                 return Some(format!("sending a request: {e}"));
             }
             last_progress = Instant::now();
@@ -1000,7 +1061,7 @@ async fn run_peer(ctx: &PeerCtx) -> Option<String> {
                         let mut s = ctx.sched.lock();
                         let was_done = s.state[done.c] == ChunkState::Done;
                         let len = s.wants[done.c].len;
-                        s.chunk_stored(ctx.index, done.c, done.wire_len, done.zstd);
+                        s.chunk_stored(ctx.index, done.c, done.wire_len, done.encoding);
                         if s.finished() {
                             ctx.sched.wake.notify_waiters();
                         }
@@ -1016,6 +1077,11 @@ async fn run_peer(ctx: &PeerCtx) -> Option<String> {
                         metrics::counter!("edgeshift_verification_failures_total", "peer" => label.clone()).increment(1);
                         warn!(peer = %ctx.addr, chunk = %fp, got = %actual, "peer sent wrong bytes; dropped for this fetch");
                         return Some(format!("sent wrong bytes for chunk {fp}"));
+                    }
+                    Err(e @ TransferError::BaseUnavailable { .. }) => {
+                        warn!(peer = %ctx.addr, error = %e, "delta not usable");
+                        ctx.sched.lock().base_unusable(ctx.index, done.c, done.wire_len);
+                        ctx.sched.wake.notify_waiters();
                     }
                     Err(TransferError::BadChunk { fp, reason }) => {
                         metrics::counter!("edgeshift_verification_failures_total", "peer" => label.clone()).increment(1);
@@ -1080,7 +1146,7 @@ fn on_frame(ctx: &PeerCtx, label: &str, frame: Frame, stores: &mut JoinSet<Store
                 let surplus = s.state[c] == ChunkState::Done;
                 if surplus {
                     // Another peer's copy already won; just free the window.
-                    s.chunk_stored(ctx.index, c, wire_len, false);
+                    s.chunk_stored(ctx.index, c, wire_len, Encoding::Raw);
                 }
                 (c, s.wants[c].len, surplus)
             };
@@ -1089,38 +1155,42 @@ fn on_frame(ctx: &PeerCtx, label: &str, frame: Frame, stores: &mut JoinSet<Store
                     .increment(wire_len);
                 return Ok(());
             }
-            let writer = ctx.writer.clone();
-            stores.spawn(async move {
-                let raw_len = head.raw_len.get();
-                let verified = tokio::task::spawn_blocking(move || {
-                    verify(&fp, want_len, raw_len, zstd, frame.body, wire::CHUNK_HEAD_LEN)
-                })
-                .await;
-                let result = match verified {
-                    Ok(Ok((buf, start))) => {
-                        let (done, wait) = tokio::sync::oneshot::channel();
-                        if writer.send(WriteJob { fp, buf, start, done }).is_err() {
-                            Err(TransferError::WriterStopped)
-                        } else {
-                            match wait.await {
-                                Ok(Ok(())) => Ok(()),
-                                Ok(Err(e)) => Err(TransferError::Store(e)),
-                                Err(_) => Err(TransferError::WriterStopped),
-                            }
-                        }
-                    }
-                    Ok(Err(e)) => Err(e),
-                    Err(_) => Err(TransferError::BadChunk {
-                        fp,
-                        reason: "verification panicked".into(),
-                    }),
+            let raw_len = head.raw_len.get();
+            let encoding = if zstd { Encoding::Zstd } else { Encoding::Raw };
+            spawn_store(ctx, stores, c, fp, wire_len, encoding, move || {
+                verify(&fp, want_len, raw_len, zstd, frame.body, wire::CHUNK_HEAD_LEN)
+            });
+            Ok(())
+        }
+        FrameKind::Delta => {
+            let (head, _, _) = wire::decode_delta(&frame.body).map_err(|e| e.to_string())?;
+            let fp = head.fingerprint;
+            let wire_len = (frame.body.len() - wire::DELTA_HEAD_LEN) as u64;
+            let (c, want_len, surplus) = {
+                let mut s = ctx.sched.lock();
+                let Some(&c) = s.index.get(&fp) else {
+                    return Err(format!("sent a delta for chunk {fp}, which was never requested"));
                 };
-                Stored {
-                    c,
-                    wire_len,
-                    zstd,
-                    result,
+                if s.wants[c].base != Some(head.base) {
+                    return Err(format!("sent a delta for chunk {fp} against a base it was not given"));
                 }
+                if !s.arrived(ctx.index, c) {
+                    return Err(format!("sent chunk {fp}, which was not requested from it"));
+                }
+                let surplus = s.state[c] == ChunkState::Done;
+                if surplus {
+                    s.chunk_stored(ctx.index, c, wire_len, Encoding::Delta);
+                }
+                (c, s.wants[c].len, surplus)
+            };
+            if surplus {
+                metrics::counter!("edgeshift_received_bytes_total", "peer" => label.to_string())
+                    .increment(wire_len);
+                return Ok(());
+            }
+            let store = ctx.store.clone();
+            spawn_store(ctx, stores, c, fp, wire_len, Encoding::Delta, move || {
+                rebuild(&store, &fp, want_len, &head.base, &frame.body)
             });
             Ok(())
         }
@@ -1142,6 +1212,85 @@ fn on_frame(ctx: &PeerCtx, label: &str, frame: Frame, stores: &mut JoinSet<Store
             Err(e.to_string())
         }
     }
+}
+
+/// Verifies a received chunk off the async workers (`check` returns the
+/// buffer holding it and where it starts), hands it to the writer thread
+/// and reports the outcome in `stores`.
+fn spawn_store(
+    ctx: &PeerCtx,
+    stores: &mut JoinSet<Stored>,
+    c: usize,
+    fp: Fingerprint,
+    wire_len: u64,
+    encoding: Encoding,
+    check: impl FnOnce() -> Result<(Vec<u8>, usize), TransferError> + Send + 'static,
+) {
+    let writer = ctx.writer.clone();
+    stores.spawn(async move {
+        let result = match tokio::task::spawn_blocking(check).await {
+            Ok(Ok((buf, start))) => {
+                let (done, wait) = tokio::sync::oneshot::channel();
+                if writer.send(WriteJob { fp, buf, start, done }).is_err() {
+                    Err(TransferError::WriterStopped)
+                } else {
+                    match wait.await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(TransferError::Store(e)),
+                        Err(_) => Err(TransferError::WriterStopped),
+                    }
+                }
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(TransferError::BadChunk {
+                fp,
+                reason: "verification panicked".into(),
+            }),
+        };
+        Stored {
+            c,
+            wire_len,
+            encoding,
+            result,
+        }
+    });
+}
+
+/// Rebuilds chunk `fp` from a delta body against `base`, read (and
+/// checked) from this store, then checks the result's fingerprint: a wrong
+/// delta is a bad chunk from the peer; a base this store cannot read is a
+/// local failure.
+fn rebuild(
+    store: &LocalStore,
+    fp: &Fingerprint,
+    want_len: u64,
+    base: &Fingerprint,
+    body: &[u8],
+) -> Result<(Vec<u8>, usize), TransferError> {
+    let bad = |reason: String| TransferError::BadChunk { fp: *fp, reason };
+    let (head, bitmap, payload) = wire::decode_delta(body).map_err(|e| bad(e.to_string()))?;
+    let raw_len = head.raw_len.get();
+    if raw_len as u64 != want_len {
+        return Err(bad(format!(
+            "announced {raw_len} bytes, the manifest says {want_len}"
+        )));
+    }
+    let mut buf = vec![0u8; want_len as usize];
+    // A base whose length differs from the chunk's fails the read (its
+    // length is checked), like a corrupt one.
+    store
+        .read_chunk_into(base, &mut buf)
+        .map_err(|e| TransferError::BaseUnavailable {
+            fp: *fp,
+            base: *base,
+            reason: e.to_string(),
+        })?;
+    edgeshift_common::delta::apply(&mut buf, bitmap, payload).map_err(|e| bad(format!("delta: {e}")))?;
+    let actual = Fingerprint::of(&buf);
+    if actual != *fp {
+        return Err(TransferError::Store(StoreError::ChunkRejected { fp: *fp, actual }));
+    }
+    Ok((buf, 0))
 }
 
 /// Checks a received chunk against the manifest's length and its
@@ -1334,6 +1483,7 @@ mod tests {
                 fp: Fingerprint::of(&(i as u64).to_le_bytes()),
                 len,
                 sources: None,
+                base: None,
             })
             .collect()
     }

@@ -62,6 +62,12 @@ pub enum TransferError {
     },
     #[error("chunk {fp}: {reason}")]
     BadChunk { fp: Fingerprint, reason: String },
+    #[error("chunk {fp}: its base {base} cannot be read here ({reason}); it is asked for whole")]
+    BaseUnavailable {
+        fp: Fingerprint,
+        base: Fingerprint,
+        reason: String,
+    },
     #[error("the chunk writer stopped before storing a chunk")]
     WriterStopped,
     #[error("too many peers: {0} (at most 64 per fetch)")]

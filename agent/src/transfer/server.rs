@@ -5,7 +5,10 @@
 //! socket with `sendfile(2)`: the kernel moves page-cache pages to the socket
 //! and the bytes never enter user space (see docs/wire.md for why sendfile
 //! rather than io_uring). A chunk is compressed with zstd only when the client
-//! allows it and doing so makes it arrive sooner on that client's path.
+//! allows it and doing so makes it arrive sooner on that client's path. A
+//! chunk asked for together with the version the client holds (a delta
+//! request) goes as the 4 KiB blocks that differ, when those are at most
+//! three quarters of it.
 
 use std::fs::File;
 use std::io::{ErrorKind, Read};
@@ -172,6 +175,28 @@ async fn handle_connection(mut sock: TcpStream, addr: SocketAddr, cfg: Arc<Serve
                 }
                 Err(e) => Err(e.into()),
             },
+            FrameKind::DeltaRequest => match wire::decode_delta_request(&frame.body) {
+                Ok((head, asks)) => {
+                    let zstd_ok = frame.header.flags() & wire::FLAG_ZSTD_OK != 0;
+                    let path_rate = head.path_rate.get();
+                    let mut r = Ok(());
+                    for ask in asks {
+                        r = match send_delta(&mut sock, &cfg, &peer, rid, ask).await {
+                            Ok(true) => Ok(()),
+                            Ok(false) => {
+                                send_chunk(&mut sock, &cfg, &peer, rid, &ask.want, zstd_ok, path_rate, &mut zstate)
+                                    .await
+                            }
+                            Err(e) => Err(e),
+                        };
+                        if r.is_err() {
+                            break;
+                        }
+                    }
+                    r
+                }
+                Err(e) => Err(e.into()),
+            },
             FrameKind::HasRequest => match wire::decode_has_request(&frame.body) {
                 Ok(fps) => send_holdings(&mut sock, &cfg, rid, fps.to_vec()).await,
                 Err(e) => Err(e.into()),
@@ -329,6 +354,60 @@ async fn send_chunk(
         u.record(*fp);
     }
     Ok(())
+}
+
+/// Sends `ask.want` as a delta against `ask.base` when this store holds
+/// both and the delta is at most three quarters of the chunk; returns
+/// false (nothing sent) when it is not, and the chunk goes whole.
+async fn send_delta(
+    sock: &mut TcpStream,
+    cfg: &ServerConfig,
+    peer: &str,
+    rid: u64,
+    ask: &wire::BasedAsk,
+) -> Result<bool, TransferError> {
+    if ask.base.is_zero_chunk() || ask.want.is_zero_chunk() || ask.base == ask.want {
+        return Ok(false);
+    }
+    let want = match open_chunk_file(cfg, &cfg.store.chunk_path(&ask.want), &ask.want).await {
+        Ok(f) => f,
+        // `send_chunk` answers `Missing` (or the error) itself.
+        Err(_) => return Ok(false),
+    };
+    let base = match File::open(cfg.store.chunk_path(&ask.base)) {
+        Ok(f) => f,
+        Err(_) => return Ok(false),
+    };
+    // Both versions are read and compared off the async workers; the
+    // bytes have to be in user space to be compared anyway.
+    let delta = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        let (mut new, mut old) = (Vec::new(), Vec::new());
+        let (mut want, mut base) = (want, base);
+        want.read_to_end(&mut new)?;
+        base.read_to_end(&mut old)?;
+        if new.is_empty() || new.len() > MAX_CHUNK_LEN as usize {
+            return Ok(None);
+        }
+        let limit = new.len() / 4 * 3;
+        Ok(edgeshift_common::delta::encode(&old, &new, limit).map(|(bitmap, payload)| (new.len(), bitmap, payload)))
+    })
+    .await
+    .map_err(|e| TransferError::Io(std::io::Error::other(e)))??;
+    let Some((raw_len, bitmap, payload)) = delta else {
+        return Ok(false);
+    };
+    let frame = wire::encode_delta(rid, &ask.want, &ask.base, raw_len as u32, &bitmap, &payload);
+    sock.write_all(&frame).await?;
+    let wire_bytes = (bitmap.len() + payload.len()) as u64;
+    metrics::counter!("edgeshift_served_bytes_total", "peer" => peer.to_string()).increment(wire_bytes);
+    metrics::counter!("edgeshift_served_chunks_total", "peer" => peer.to_string()).increment(1);
+    metrics::counter!("edgeshift_chunks_delta_total", "peer" => peer.to_string()).increment(1);
+    metrics::counter!("edgeshift_delta_saved_bytes_total", "peer" => peer.to_string())
+        .increment((raw_len as u64).saturating_sub(wire_bytes));
+    if let Some(u) = &cfg.uses {
+        u.record(ask.want);
+    }
+    Ok(true)
 }
 
 /// Most a request waits for a chunk that a publish in progress names.
