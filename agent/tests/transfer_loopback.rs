@@ -212,6 +212,8 @@ enum Lie {
     FirstChunkBytes,
     /// Answers manifest requests with bytes that do not hash to the id.
     Manifest,
+    /// Answers delta requests with deltas whose first block is wrong.
+    DeltaBytes,
 }
 
 /// A peer that speaks the protocol (real TCP, real handshake) but lies.
@@ -284,9 +286,138 @@ async fn liar_session(
                     sock.write_all(&bytes).await?;
                 }
             }
+            FrameKind::DeltaRequest => {
+                let (_, asks) = wire::decode_delta_request(&f.body)?;
+                for ask in asks {
+                    let new = store.get_chunk(&ask.want)?;
+                    let base = store.get_chunk(&ask.base)?;
+                    let (bitmap, mut payload) =
+                        edgeshift_common::delta::encode(&base, &new, usize::MAX).expect("same length");
+                    if lie == Lie::DeltaBytes {
+                        payload[0] ^= 0xff;
+                    }
+                    let frame = wire::encode_delta(rid, &ask.want, &ask.base, new.len() as u32, &bitmap, &payload);
+                    sock.write_all(&frame).await?;
+                }
+            }
             _ => return Ok(()),
         }
     }
+}
+
+/// Versions of `n` chunks of `CHUNK` bytes: the earlier ones (`bases`) and
+/// later ones with one 4 KiB block of each rewritten, all put in `store`.
+fn two_versions(store: &LocalStore, n: usize) -> (Vec<Fingerprint>, Vec<(Fingerprint, Vec<u8>)>) {
+    let mut bases = Vec::new();
+    let mut later = Vec::new();
+    for i in 0..n {
+        let old: Vec<u8> = (0..CHUNK).map(|j| (j as u8) ^ (i as u8).wrapping_mul(13)).collect();
+        let mut new = old.clone();
+        let block = (i % (CHUNK / 4096)) * 4096;
+        new[block..block + 4096].fill(0xa5 ^ i as u8);
+        let (fo, fnew) = (Fingerprint::of(&old), Fingerprint::of(&new));
+        store.put_chunk(&fo, &old).expect("put base");
+        store.put_chunk(&fnew, &new).expect("put later");
+        bases.push(fo);
+        later.push((fnew, new));
+    }
+    (bases, later)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_written_again_travel_as_deltas_and_bad_deltas_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src_path = dir.path().join("src");
+    let src = LocalStore::open_or_create(&src_path).expect("src store");
+    let (bases, later) = two_versions(&src, 24);
+    drop(src);
+    let key_path = write_key(dir.path(), "key", 0x42);
+    let key = ClusterKey::from_file(&key_path).expect("key");
+    let agent = Agent::local(&src_path, &key_path, false, &dir.path().join("agent.log"));
+    let wants = |with_base: &dyn Fn(usize) -> Option<Fingerprint>| -> Vec<ChunkWant> {
+        later
+            .iter()
+            .enumerate()
+            .map(|(i, (fp, _))| ChunkWant {
+                fp: *fp,
+                len: CHUNK as u64,
+                sources: None,
+                optional: false,
+                base: with_base(i),
+            })
+            .collect()
+    };
+    let opts = || FetchOptions {
+        id: "delta-test".into(),
+        ..FetchOptions::default()
+    };
+    // The destination holds the earlier versions.
+    let dst_with_bases = |name: &str| {
+        let store = Arc::new(LocalStore::open_or_create(&dir.path().join(name)).expect("dst store"));
+        let src = LocalStore::open(&src_path).expect("src");
+        for b in &bases {
+            store.put_chunk(b, &src.get_chunk(b).expect("base")).expect("put");
+        }
+        store
+    };
+
+    // An honest agent: every chunk comes as one block and its bitmap.
+    let dst = dst_with_bases("dst");
+    let f = Fetcher::with_options(dst.clone(), vec![agent.addr], key.clone(), opts());
+    let r = f.fetch_chunks(wants(&|i| Some(bases[i]))).await.expect("fetch");
+    assert_eq!((r.chunks_fetched, r.peers[0].delta_chunks), (24, 24), "{r:?}");
+    let bitmap = CHUNK.div_ceil(4096).div_ceil(8);
+    assert_eq!(r.bytes_received, 24 * (4096 + bitmap) as u64, "only the changed blocks travel");
+    assert_eq!(r.peers[0].delta_saved_bytes, 24 * (CHUNK - 4096 - bitmap) as u64);
+    for (fp, bytes) in &later {
+        assert_eq!(&dst.get_chunk(fp).expect("stored"), bytes);
+    }
+
+    // A base this store does not hold (never had, or evicted) while the
+    // server has it: the delta cannot be applied, the chunk is asked for whole.
+    let bare = Arc::new(LocalStore::open_or_create(&dir.path().join("bare")).expect("bare store"));
+    let f = Fetcher::with_options(bare.clone(), vec![agent.addr], key.clone(), opts());
+    let r = f.fetch_chunks(wants(&|i| Some(bases[i]))).await.expect("fetch whole");
+    assert_eq!((r.chunks_fetched, r.peers[0].delta_chunks), (24, 0), "{r:?}");
+    assert!(r.peers[0].dropped.is_none(), "the peer did nothing wrong: {r:?}");
+    for (fp, bytes) in &later {
+        assert_eq!(&bare.get_chunk(fp).expect("stored"), bytes);
+    }
+
+    // A base the server lacks, and no base: whole chunks.
+    let dst2 = dst_with_bases("dst2");
+    let f = Fetcher::with_options(dst2.clone(), vec![agent.addr], key.clone(), opts());
+    let unknown = Fingerprint::of(b"a version nobody holds");
+    let r = f
+        .fetch_chunks(wants(&|i| if i % 2 == 0 { Some(unknown) } else { None }))
+        .await
+        .expect("fetch");
+    assert_eq!((r.chunks_fetched, r.peers[0].delta_chunks), (24, 0));
+    assert_eq!(r.bytes_received, 24 * CHUNK as u64);
+
+    // A peer whose deltas rebuild the wrong bytes is dropped; the honest
+    // agent carries its chunks, and no wrong chunk is stored.
+    let liar = spawn_liar(&src_path, key.clone(), Lie::DeltaBytes);
+    let dst3 = dst_with_bases("dst3");
+    let f = Fetcher::with_options(dst3.clone(), vec![liar, agent.addr], key.clone(), opts());
+    let r = f.fetch_chunks(wants(&|i| Some(bases[i]))).await.expect("fetch");
+    let lr = r.peers.iter().find(|p| p.addr == liar.to_string()).expect("liar");
+    assert!(
+        lr.dropped.as_deref().unwrap_or("").contains("wrong bytes"),
+        "liar dropped for its lie: {lr:?}"
+    );
+    assert_eq!(r.chunks_fetched, 24);
+    for (fp, bytes) in &later {
+        assert_eq!(&dst3.get_chunk(fp).expect("stored"), bytes);
+    }
+    // The liar alone: the fetch fails and nothing it rebuilt is stored.
+    let dst4 = dst_with_bases("dst4");
+    let f = Fetcher::with_options(dst4.clone(), vec![liar], key, opts());
+    assert!(f.fetch_chunks(wants(&|i| Some(bases[i]))).await.is_err());
+    for (fp, _) in &later {
+        assert!(!dst4.has_chunk(fp).expect("has"), "no chunk from the liar");
+    }
+    drop(agent);
 }
 
 #[test]
