@@ -110,6 +110,11 @@ pub struct Args {
     /// `changed_since_boot_from` says which ran.
     #[arg(long)]
     no_boot_log: bool,
+    /// Send chunks written again after they were sent whole, instead of
+    /// as the 4 KiB blocks that differ from the destination's earlier copy.
+    /// For comparison; the report's `delta_chunks` counts the deltas.
+    #[arg(long)]
+    whole_chunks: bool,
     /// Testing: fail on purpose after this phase (the VM must stay at the source).
     #[arg(long, value_enum, hide = true)]
     fail_after: Option<Phase>,
@@ -163,6 +168,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         max_downtime: Duration::from_secs_f64(a.max_downtime),
         memory_with_disk: a.memory_start == MemoryStart::WithDisk,
         use_boot_log: !a.no_boot_log,
+        deltas: !a.whole_chunks,
         memory_max_bps: a.memory_max_mbit.map(|m| (m * 1e6 / 8.0) as u64),
     };
     let bar = if std::io::stderr().is_terminal() {

@@ -87,6 +87,9 @@ pub struct MigrateOptions {
     /// Read the VM's boot log (if it has one) instead of slicing the live
     /// disk to find what changed since boot.
     pub use_boot_log: bool,
+    /// Chunks written again after they were sent go as the blocks that
+    /// differ from what the destination holds (false: whole, to compare).
+    pub deltas: bool,
 }
 
 /// Whether and how hard the source VM's disk writes were throttled.
@@ -280,6 +283,7 @@ impl Run {
             indices: indices.clone(),
             holders,
             filler,
+            deltas: self.opts.deltas,
         };
         let stats = match proto::call(self.ctl()?, &req)? {
             Response::Pulled(s) => s,

@@ -207,13 +207,14 @@ impl Host {
                 indices,
                 holders,
                 filler,
+                deltas,
             } => {
                 let inc = incoming
                     .as_mut()
                     .ok_or_else(|| MigrateError::State("Pull before Prepare".into()))?;
                 let manifest = Manifest::from_bytes(&manifest)?;
                 Ok(Response::Pulled(
-                    inc.pull(&manifest, &indices, &holders, &filler)?,
+                    inc.pull(&manifest, &indices, &holders, &filler, deltas)?,
                 ))
             }
             Request::StartIncoming { memory } => {
@@ -391,6 +392,7 @@ impl Incoming<'_> {
         indices: &[u32],
         holders: &[String],
         filler: &[u32],
+        deltas: bool,
     ) -> Result<PullStats, MigrateError> {
         let start = Instant::now();
         let filler: HashSet<u32> = filler.iter().copied().collect();
@@ -428,7 +430,7 @@ impl Incoming<'_> {
                 writes.push((i, want));
             } else {
                 wanted.insert(want, vec![i]);
-                let base = Some(self.current[i]).filter(|b| !b.is_zero_chunk());
+                let base = Some(self.current[i]).filter(|b| deltas && !b.is_zero_chunk());
                 order.push((want, target.chunk_len(i), base));
             }
             // What the image will hold once the writer is done: `verify`

@@ -50,6 +50,10 @@ pub enum Request {
         /// sent early they would likely be written again), else left as
         /// they are (`PullStats::skipped`).
         filler: Vec<u32>,
+        /// A chunk whose index the image already holds an earlier version
+        /// of may come as the blocks that differ (`docs/wire.md`, deltas);
+        /// false: whole chunks only.
+        deltas: bool,
     },
     /// Destination: start QEMU waiting for the memory stream, moved as
     /// `memory` says. Answers the URI at once; QEMU starts in the background

@@ -50,7 +50,8 @@ struct Args {
     edgeshift: Option<PathBuf>,
     /// Only these scenarios (qemu, qemu-zstd, a, b, c, b-index, b-plain,
     /// b-overlap: (b) with memory beside the disk, b-slice: (b) slicing the
-    /// live disk instead of reading the boot log; b-nothrot: (b) with the
+    /// live disk instead of reading the boot log; c-whole: (c) with chunks
+    /// written again sent whole, not as deltas; b-nothrot: (b) with the
     /// disk-write throttle off, and c-overlap: (c) with memory beside the
     /// disk, both only when named), comma-separated or repeated; default
     /// all but b-nothrot and c-overlap.
@@ -78,6 +79,10 @@ struct Row {
     memory_transport: String,
     rounds: usize,
     chunks_resent: u64,
+    /// edgeshift only: chunks sent as the blocks that differ from the
+    /// destination's earlier copy, and the bytes that saved.
+    delta_chunks: u64,
+    delta_saved_bytes: u64,
     /// edgeshift only: bytes the destination lacked at the plan.
     missing_bytes: u64,
     /// edgeshift only: the bytes the destination lacked of the final disk,
@@ -395,6 +400,11 @@ const SCENARIOS: &[Scenario] = &[
         flags: &["--no-boot-log"],
         ..scenario("b-slice", true, false)
     },
+    // Chunks written again sent whole, not as deltas.
+    Scenario {
+        flags: &["--whole-chunks"],
+        ..scenario("c-whole", true, true)
+    },
     // A budget no pause reaches: the throttle never engages.
     Scenario {
         flags: &["--max-downtime", "3599"],
@@ -512,6 +522,8 @@ fn edgeshift_run(sc: &Scenario, a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result
         memory_transport: memory.to_string(),
         rounds: r["rounds"].as_array().map(|x| x.len()).unwrap_or(0),
         chunks_resent: r["chunks_resent"].as_u64().unwrap_or(0),
+        delta_chunks: r["delta_chunks"].as_u64().unwrap_or(0),
+        delta_saved_bytes: r["delta_saved_bytes"].as_u64().unwrap_or(0),
         missing_bytes: missing,
         physical_limit_seconds: Some(limit),
         disk_limit_seconds: Some(disk_limit),
@@ -662,6 +674,8 @@ fn qemu_run(a: &Args, bin: &Path, vm: &Vm, zstd: bool) -> anyhow::Result<Row> {
         memory_transport: if zstd { "multifd-zstd" } else { "plain" }.into(),
         rounds: 0,
         chunks_resent: 0,
+        delta_chunks: 0,
+        delta_saved_bytes: 0,
         missing_bytes: size,
         physical_limit_seconds: None,
         disk_limit_seconds: None,
@@ -680,8 +694,8 @@ fn markdown(rows: &[Row], a: &Args) -> String {
         .iter()
         .find(|r| r.scenario == "qemu")
         .map(|r| r.total_seconds);
-    s.push_str("| scenario | method | total s | memory phase s | downtime ms | wire MB | disk MB | memory MB | rounds | chunks re-sent | speed-up vs QEMU | disk limit s | physical limit s | total / limit | disk throttle |\n");
-    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    s.push_str("| scenario | method | total s | memory phase s | downtime ms | wire MB | disk MB | memory MB | rounds | chunks re-sent | deltas (MB saved) | speed-up vs QEMU | disk limit s | physical limit s | total / limit | disk throttle |\n");
+    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for r in rows {
         let speedup = qemu
             .map(|q| format!("{:.2}×", q / r.total_seconds))
@@ -700,6 +714,11 @@ fn markdown(rows: &[Row], a: &Args) -> String {
             Some(l) => (format!("{l:.1}"), format!("{:.2}", r.total_seconds / l)),
             None => ("-".into(), "-".into()),
         };
+        let deltas = if r.physical_limit_seconds.is_some() {
+            format!("{} ({:.1})", r.delta_chunks, r.delta_saved_bytes as f64 / 1e6)
+        } else {
+            "-".into()
+        };
         let t = &r.report["throttle"];
         let throttle = if t["applied"].as_bool() == Some(true) {
             format!(
@@ -712,7 +731,7 @@ fn markdown(rows: &[Row], a: &Args) -> String {
             "-".into()
         };
         s.push_str(&format!(
-            "| {} | {} | {:.1} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.1} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.scenario,
             r.method,
             r.total_seconds,
@@ -723,6 +742,7 @@ fn markdown(rows: &[Row], a: &Args) -> String {
             r.memory_bytes as f64 / 1e6,
             r.rounds,
             r.chunks_resent,
+            deltas,
             speedup,
             disk_lim,
             lim,
@@ -730,7 +750,7 @@ fn markdown(rows: &[Row], a: &Args) -> String {
             throttle
         ));
     }
-    s.push_str("\n(a) cold destination, base at two neighbours; (b) warm destination; (c) warm destination + an earlier copy of the disk at two neighbours; b-index: (b) with plain index order instead of cold-first; b-plain: (b) with QEMU's plain memory stream instead of multifd + zstd; b-overlap: (b) with memory started beside the disk pre-copy (`--memory-start with-disk`) instead of after it (c-overlap, run only when named in `--only`: the same for (c)); b-slice: (b) finding what changed since boot by slicing the live disk beside round 0 (`--no-boot-log`; those chunks then go in round 1) instead of reading the VM's boot log; qemu-zstd: QEMU's path with the same multifd + zstd memory settings (virsh's default is the plain row `qemu`). Physical limit = disk limit + memory limit. Disk limit: the bytes of the final disk the destination lacked before the migration, grouped by the set of paths (source, n1, n2) that held them; the maximum over every set S of paths of (bytes held only within S) ÷ (S's summed link rates). Memory limit: the fewest memory bytes any run of this bench moved for this VM with the same memory transport (one pass over its memory, as sent, compressed or not; a run whose memory passed again beside a long disk phase is charged for the extra) ÷ the source path's rate. Wire bytes: interface counters of every link into the destination. Disk throttle: how hard the source VM's disk writes were squeezed to keep the pause within `--max-downtime` (1 s); b-nothrot: (b) with that throttle off.\n");
+    s.push_str("\n(a) cold destination, base at two neighbours; (b) warm destination; (c) warm destination + an earlier copy of the disk at two neighbours; b-index: (b) with plain index order instead of cold-first; b-plain: (b) with QEMU's plain memory stream instead of multifd + zstd; b-overlap: (b) with memory started beside the disk pre-copy (`--memory-start with-disk`) instead of after it (c-overlap, run only when named in `--only`: the same for (c)); c-whole: (c) sending chunks written again whole instead of as the 4 KiB blocks that differ from the destination's earlier copy (`--whole-chunks`); deltas: chunks sent that way (the bytes they saved); b-slice: (b) finding what changed since boot by slicing the live disk beside round 0 (`--no-boot-log`; those chunks then go in round 1) instead of reading the VM's boot log; qemu-zstd: QEMU's path with the same multifd + zstd memory settings (virsh's default is the plain row `qemu`). Physical limit = disk limit + memory limit. Disk limit: the bytes of the final disk the destination lacked before the migration, grouped by the set of paths (source, n1, n2) that held them; the maximum over every set S of paths of (bytes held only within S) ÷ (S's summed link rates). Memory limit: the fewest memory bytes any run of this bench moved for this VM with the same memory transport (one pass over its memory, as sent, compressed or not; a run whose memory passed again beside a long disk phase is charged for the extra) ÷ the source path's rate. Wire bytes: interface counters of every link into the destination. Disk throttle: how hard the source VM's disk writes were squeezed to keep the pause within `--max-downtime` (1 s); b-nothrot: (b) with that throttle off.\n");
     s
 }
 
