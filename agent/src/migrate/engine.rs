@@ -279,8 +279,17 @@ impl Run {
         let resent = again.len() as u64;
         tracing::debug!(?again, ?filler, "round sends these indices again");
         let req = Request::Pull {
-            manifest: m.to_bytes(),
-            indices: indices.clone(),
+            image_size: m.image_size,
+            chunk_size: m.chunk_size.bytes() as u32,
+            chunks: indices
+                .iter()
+                .map(|&i| {
+                    m.chunks
+                        .get(i as usize)
+                        .map(|fp| (i, fp.0))
+                        .ok_or_else(|| MigrateError::State(format!("chunk index {i} past the disk's end")))
+                })
+                .collect::<Result<_, _>>()?,
             holders,
             filler,
             deltas: self.opts.deltas,

@@ -203,8 +203,9 @@ impl Host {
                 Ok(resp)
             }
             Request::Pull {
-                manifest,
-                indices,
+                image_size,
+                chunk_size,
+                chunks,
                 holders,
                 filler,
                 deltas,
@@ -212,10 +213,12 @@ impl Host {
                 let inc = incoming
                     .as_mut()
                     .ok_or_else(|| MigrateError::State("Pull before Prepare".into()))?;
-                let manifest = Manifest::from_bytes(&manifest)?;
-                Ok(Response::Pulled(
-                    inc.pull(&manifest, &indices, &holders, &filler, deltas)?,
-                ))
+                if u64::from(chunk_size) != inc.chunk_size.bytes() || image_size != inc.image_size {
+                    return Err(MigrateError::State(
+                        "the disk's geometry changed during the migration".into(),
+                    ));
+                }
+                Ok(Response::Pulled(inc.pull(&chunks, &holders, &filler, deltas)?))
             }
             Request::StartIncoming { memory } => {
                 let inc = incoming
@@ -386,21 +389,21 @@ struct Fetch {
 }
 
 impl Incoming<'_> {
+    /// Bytes of chunk `i` (the last may be short).
+    fn chunk_len(&self, i: usize) -> u64 {
+        let cs = self.chunk_size.bytes();
+        (self.image_size - i as u64 * cs).min(cs)
+    }
+
     fn pull(
         &mut self,
-        target: &Manifest,
-        indices: &[u32],
+        chunks: &[(u32, proto::Fp)],
         holders: &[String],
         filler: &[u32],
         deltas: bool,
     ) -> Result<PullStats, MigrateError> {
         let start = Instant::now();
         let filler: HashSet<u32> = filler.iter().copied().collect();
-        if target.chunk_size != self.chunk_size || target.image_size != self.image_size {
-            return Err(MigrateError::State(
-                "the manifest's geometry changed during the migration".into(),
-            ));
-        }
         let mut stats = PullStats::default();
         let mut wanted: HashMap<Fingerprint, Vec<usize>> = HashMap::new();
         // What the image held where a fetched chunk goes (its base: a peer
@@ -410,12 +413,12 @@ impl Incoming<'_> {
         // in the background while the rest is fetched.
         let mut writes: Vec<(usize, Fingerprint)> = Vec::new();
         let store = &self.host.store;
-        for &i in indices {
+        for &(i, want) in chunks {
             let i = i as usize;
-            let want = *target
-                .chunks
-                .get(i)
-                .ok_or_else(|| MigrateError::Protocol(format!("chunk index {i} out of range")))?;
+            if i >= self.current.len() {
+                return Err(MigrateError::Protocol(format!("chunk index {i} out of range")));
+            }
+            let want = Fingerprint(want);
             if self.current[i] == want {
                 continue;
             }
@@ -431,7 +434,7 @@ impl Incoming<'_> {
             } else {
                 wanted.insert(want, vec![i]);
                 let base = Some(self.current[i]).filter(|b| deltas && !b.is_zero_chunk());
-                order.push((want, target.chunk_len(i), base));
+                order.push((want, self.chunk_len(i), base));
             }
             // What the image will hold once the writer is done: `verify`
             // waits for it first. (A fetched chunk is set once it came.)
@@ -701,7 +704,8 @@ impl Incoming<'_> {
                     st.status
                 )));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            // The handoff ends when this notices the VM running: poll tightly.
+            std::thread::sleep(Duration::from_millis(5));
         }
         q.announce_self()?;
         self.adopt(&launched)?;
