@@ -296,7 +296,8 @@ async fn liar_session(
                     if lie == Lie::DeltaBytes {
                         payload[0] ^= 0xff;
                     }
-                    let frame = wire::encode_delta(rid, &ask.want, &ask.base, new.len() as u32, &bitmap, &payload);
+                    let frame =
+                        wire::encode_delta(rid, &ask.want, &ask.base, new.len() as u32, &bitmap, &payload);
                     sock.write_all(&frame).await?;
                 }
             }
@@ -311,7 +312,9 @@ fn two_versions(store: &LocalStore, n: usize) -> (Vec<Fingerprint>, Vec<(Fingerp
     let mut bases = Vec::new();
     let mut later = Vec::new();
     for i in 0..n {
-        let old: Vec<u8> = (0..CHUNK).map(|j| (j as u8) ^ (i as u8).wrapping_mul(13)).collect();
+        let old: Vec<u8> = (0..CHUNK)
+            .map(|j| (j as u8) ^ (i as u8).wrapping_mul(13))
+            .collect();
         let mut new = old.clone();
         let block = (i % (CHUNK / 4096)) * 4096;
         new[block..block + 4096].fill(0xa5 ^ i as u8);
@@ -353,7 +356,7 @@ async fn chunks_written_again_travel_as_deltas_and_bad_deltas_are_refused() {
     };
     // The destination holds the earlier versions.
     let dst_with_bases = |name: &str| {
-        let store = Arc::new(LocalStore::open_or_create(&dir.path().join(name)).expect("dst store"));
+        let store = Arc::new(LocalStore::open_or_create(dir.path().join(name)).expect("dst store"));
         let src = LocalStore::open(&src_path).expect("src");
         for b in &bases {
             store.put_chunk(b, &src.get_chunk(b).expect("base")).expect("put");
@@ -367,7 +370,11 @@ async fn chunks_written_again_travel_as_deltas_and_bad_deltas_are_refused() {
     let r = f.fetch_chunks(wants(&|i| Some(bases[i]))).await.expect("fetch");
     assert_eq!((r.chunks_fetched, r.peers[0].delta_chunks), (24, 24), "{r:?}");
     let bitmap = CHUNK.div_ceil(4096).div_ceil(8);
-    assert_eq!(r.bytes_received, 24 * (4096 + bitmap) as u64, "only the changed blocks travel");
+    assert_eq!(
+        r.bytes_received,
+        24 * (4096 + bitmap) as u64,
+        "only the changed blocks travel"
+    );
     assert_eq!(r.peers[0].delta_saved_bytes, 24 * (CHUNK - 4096 - bitmap) as u64);
     for (fp, bytes) in &later {
         assert_eq!(&dst.get_chunk(fp).expect("stored"), bytes);
@@ -375,9 +382,12 @@ async fn chunks_written_again_travel_as_deltas_and_bad_deltas_are_refused() {
 
     // A base this store does not hold (never had, or evicted) while the
     // server has it: the delta cannot be applied, the chunk is asked for whole.
-    let bare = Arc::new(LocalStore::open_or_create(&dir.path().join("bare")).expect("bare store"));
+    let bare = Arc::new(LocalStore::open_or_create(dir.path().join("bare")).expect("bare store"));
     let f = Fetcher::with_options(bare.clone(), vec![agent.addr], key.clone(), opts());
-    let r = f.fetch_chunks(wants(&|i| Some(bases[i]))).await.expect("fetch whole");
+    let r = f
+        .fetch_chunks(wants(&|i| Some(bases[i])))
+        .await
+        .expect("fetch whole");
     assert_eq!((r.chunks_fetched, r.peers[0].delta_chunks), (24, 0), "{r:?}");
     assert!(r.peers[0].dropped.is_none(), "the peer did nothing wrong: {r:?}");
     for (fp, bytes) in &later {

@@ -68,7 +68,10 @@ pub fn apply(base: &mut [u8], bitmap: &[u8], payload: &[u8]) -> Result<(), Delta
     }
     let blocks = len.div_ceil(DELTA_BLOCK);
     let named = |b: usize| bitmap[b / 8] & (1 << (b % 8)) != 0;
-    let want: usize = (0..blocks).filter(|&b| named(b)).map(|b| block(len, b).len()).sum();
+    let want: usize = (0..blocks)
+        .filter(|&b| named(b))
+        .map(|b| block(len, b).len())
+        .sum();
     // Bits past the last block must be clear: a bitmap is one exact encoding.
     let stray = (blocks..bitmap.len() * 8).any(named);
     if payload.len() != want || stray {
@@ -104,7 +107,9 @@ mod tests {
     use super::*;
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
     }
 
     #[test]
@@ -129,7 +134,11 @@ mod tests {
         let mut new = base.clone();
         new[9_999] = 0;
         let (bitmap, payload) = encode(&base, &new, usize::MAX).expect("pays");
-        assert_eq!(payload.len(), 10_000 - 2 * DELTA_BLOCK, "only the short last block");
+        assert_eq!(
+            payload.len(),
+            10_000 - 2 * DELTA_BLOCK,
+            "only the short last block"
+        );
         let mut rebuilt = base.clone();
         apply(&mut rebuilt, &bitmap, &payload).expect("applies");
         assert_eq!(rebuilt, new);
@@ -141,7 +150,10 @@ mod tests {
     fn no_delta_when_it_would_not_pay_or_lengths_differ() {
         let base = pattern(64 << 10, 1);
         let new = pattern(64 << 10, 2);
-        assert!(encode(&base, &new, new.len() * 3 / 4).is_none(), "every block differs");
+        assert!(
+            encode(&base, &new, new.len() * 3 / 4).is_none(),
+            "every block differs"
+        );
         assert!(encode(&base, &new[..1000], usize::MAX).is_none());
     }
 

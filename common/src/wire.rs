@@ -450,7 +450,12 @@ pub fn encode_delta(
         raw_len: U32::new(raw_len),
         reserved: U32::new(0),
     };
-    encode(FrameKind::Delta, 0, request_id, &[head.as_bytes(), bitmap, payload])
+    encode(
+        FrameKind::Delta,
+        0,
+        request_id,
+        &[head.as_bytes(), bitmap, payload],
+    )
 }
 
 /// Splits a delta body into its head, bitmap and block bytes (the bitmap's
@@ -697,15 +702,24 @@ mod tests {
 
         let d = encode_delta(4, &asks[0].want, &asks[0].base, 3 * 4096, &[0b010], &[7u8; 4096]);
         let (h, kind) = FrameHeader::decode(&header_of(&d), MAX_FRAME_LEN).expect("header");
-        assert_eq!((kind, h.body_len() as usize), (FrameKind::Delta, d.len() - HEADER_LEN));
+        assert_eq!(
+            (kind, h.body_len() as usize),
+            (FrameKind::Delta, d.len() - HEADER_LEN)
+        );
         let (head, bitmap, payload) = decode_delta(&d[HEADER_LEN..]).expect("body");
         assert_eq!((head.fingerprint, head.base), (asks[0].want, asks[0].base));
-        assert_eq!((head.raw_len.get(), bitmap, payload.len()), (3 * 4096, &[0b010u8][..], 4096));
+        assert_eq!(
+            (head.raw_len.get(), bitmap, payload.len()),
+            (3 * 4096, &[0b010u8][..], 4096)
+        );
         // Too short for its bitmap; too long a chunk.
         let cut = &d[HEADER_LEN..HEADER_LEN + DELTA_HEAD_LEN];
         assert!(decode_delta(cut).is_err());
         let huge = encode_delta(4, &asks[0].want, &asks[0].base, MAX_CHUNK_LEN + 1, &[], &[]);
-        assert!(matches!(decode_delta(&huge[HEADER_LEN..]), Err(WireError::ChunkTooLong(_))));
+        assert!(matches!(
+            decode_delta(&huge[HEADER_LEN..]),
+            Err(WireError::ChunkTooLong(_))
+        ));
     }
 
     #[test]

@@ -216,8 +216,16 @@ struct Run {
     sent: Vec<Option<Fingerprint>>,
     resent: u64,
     coord: super::coord::CoordReport,
-    /// Bytes per second the source's path carried in the last round it sent in.
+    /// Bytes per second the source's path carried in the last round it sent
+    /// in with no memory stream beside it (the pause has the path to itself;
+    /// a round beside QEMU's streams gets a small share of it).
     source_rate: Option<f64>,
+    /// QEMU's memory stream runs beside the rounds now.
+    memory_running: bool,
+    /// Wire bytes of the chunks that went as deltas, and their whole length:
+    /// what a chunk written again costs in the pause, as measured.
+    delta_wire: u64,
+    delta_whole: u64,
     throttle: ThrottleReport,
     /// The source disk's qdev path once a throttle was set (to lift it).
     throttled_qdev: Option<String>,
@@ -225,6 +233,7 @@ struct Run {
     memory_with_disk: bool,
     /// "boot log" or "slice": how the source learnt what changed since boot.
     changed_since_boot_from: &'static str,
+    chunk_bytes: u64,
 }
 
 impl Run {
@@ -311,9 +320,16 @@ impl Run {
         let bytes: u64 = stats.holders.iter().map(|h| h.bytes).sum();
         for h in &stats.holders {
             *self.bytes_by_source.entry(h.holder.clone()).or_default() += h.bytes;
-            if h.holder == self.opts.source_addr && h.bytes > 0 && stats.seconds > 0.0 {
+            if h.holder == self.opts.source_addr
+                && h.bytes > 0
+                && stats.seconds > 0.0
+                && (!self.memory_running || self.source_rate.is_none())
+            {
                 self.source_rate = Some(h.bytes as f64 / stats.seconds);
             }
+            let whole = h.delta_chunks * self.chunk_bytes;
+            self.delta_whole += whole;
+            self.delta_wire += whole.saturating_sub(h.delta_saved_bytes);
         }
         self.resent += resent;
         let r = RoundReport {
@@ -355,24 +371,48 @@ impl Run {
         self.budget_chunks(chunk_bytes) / 2
     }
 
-    /// Whether `pending` chunks would take longer than the budget to send.
-    fn over_budget(&self, pending: usize, chunk_bytes: u64) -> bool {
-        self.source_rate.is_some_and(|rate| {
-            pending as f64 * chunk_bytes as f64 / rate > self.opts.max_downtime.as_secs_f64()
-        })
+    /// Bytes the pause would send for `pending`: a chunk the destination
+    /// holds an earlier version of goes as a delta, at the share of a whole
+    /// chunk the deltas so far took (a whole chunk until one was measured).
+    fn pause_bytes(&self, pending: &[u32]) -> f64 {
+        let cb = self.chunk_bytes as f64;
+        let delta_share = if self.opts.deltas && self.delta_whole > 0 {
+            self.delta_wire as f64 / self.delta_whole as f64
+        } else {
+            1.0
+        };
+        pending
+            .iter()
+            .map(|&i| match self.sent.get(i as usize) {
+                Some(Some(fp)) if !fp.is_zero_chunk() => cb * delta_share,
+                _ => cb,
+            })
+            .sum()
+    }
+
+    /// Seconds the pause would take to send `pending` (None: the source's
+    /// path not measured yet).
+    fn pause_estimate(&self, pending: &[u32]) -> Option<f64> {
+        self.source_rate.map(|rate| self.pause_bytes(pending) / rate)
+    }
+
+    /// Whether `pending` would take longer than the budget to send.
+    fn over_budget(&self, pending: &[u32]) -> bool {
+        self.pause_estimate(pending)
+            .is_some_and(|t| t > self.opts.max_downtime.as_secs_f64())
     }
 
     /// Tightens the throttle on the source VM's disk writes one step when
     /// `pending` chunks would take longer than the budget to send in the
     /// pause (QEMU's auto-converge does the same to vCPUs for memory).
-    fn squeeze(&mut self, qmp: &mut QmpClient, pending: usize, chunk_bytes: u64) -> Result<(), MigrateError> {
-        let Some(rate) = self.source_rate else {
+    fn squeeze(&mut self, qmp: &mut QmpClient, stale: &[u32], chunk_bytes: u64) -> Result<(), MigrateError> {
+        let (Some(rate), Some(estimate)) = (self.source_rate, self.pause_estimate(stale)) else {
             return Ok(());
         };
-        if !self.over_budget(pending, chunk_bytes) {
+        if estimate <= self.opts.max_downtime.as_secs_f64() {
             return Ok(());
         }
-        let estimate = pending as f64 * chunk_bytes as f64 / rate;
+        let pending = stale.len();
         let qdev = match &self.throttled_qdev {
             Some(q) => q.clone(),
             None => qmp.disk_write_throttle(vm::qemu::DISK_NODE_NAME)?.qdev,
@@ -959,6 +999,10 @@ pub fn migrate(
         sent: vec![None; boot.chunks.len()],
         resent: 0,
         source_rate: None,
+        memory_running: false,
+        delta_wire: 0,
+        delta_whole: 0,
+        chunk_bytes: boot.chunk_size.bytes(),
         throttle: ThrottleReport {
             max_downtime_ms: opts.max_downtime.as_millis() as u64,
             ..Default::default()
@@ -1257,6 +1301,7 @@ fn drive(
         let started = start_memory(run, qmp, &uri, asked, true, progress)?;
         *migration_started = started;
         run.memory_with_disk = started;
+        run.memory_running = started;
         started.then_some(t)
     } else {
         None
@@ -1405,6 +1450,7 @@ fn drive(
             t
         }
     };
+    run.memory_running = true;
     // The first look at the disk goes at once.
     let mut last_disk: Option<Instant> = None;
     let info = loop {
@@ -1434,12 +1480,11 @@ fn drive(
             temp.observe(&cur, &next);
             cur = next;
             let stale = run.stale(&cur);
-            let pending = stale.len();
-            run.squeeze(qmp, pending, cs.bytes())?;
-            let (_, todo) = temp.hold_hottest(stale, ordering, run.hold_room(cs.bytes()));
+            run.squeeze(qmp, &stale, cs.bytes())?;
             // Throttled, a round goes whenever more is pending than the
             // budget allows, so the pause starts from a small set.
-            let over_budget = run.throttle.applied && run.over_budget(pending, cs.bytes());
+            let over_budget = run.throttle.applied && run.over_budget(&stale);
+            let (_, todo) = temp.hold_hottest(stale, ordering, run.hold_room(cs.bytes()));
             if todo.len() > 2 * run.opts.converge_chunks || over_budget {
                 let mut todo = todo;
                 if run.throttle.applied {

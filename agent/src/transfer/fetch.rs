@@ -1012,18 +1012,33 @@ async fn run_peer(ctx: &PeerCtx) -> Option<String> {
                 }
             }
             let peer = &s.peers[ctx.index];
-            ((plain, based), peer.rate as u64, s.finished(), peer.inflight.is_empty())
+            (
+                (plain, based),
+                peer.rate as u64,
+                s.finished(),
+                peer.inflight.is_empty(),
+            )
         };
         let (plain, based) = batch;
         if !plain.is_empty() || !based.is_empty() {
             let mut frames = Vec::new();
             if !plain.is_empty() {
                 request_id += 1;
-                frames.extend(wire::encode_chunk_request(request_id, ctx.opts.zstd, rate, &plain));
+                frames.extend(wire::encode_chunk_request(
+                    request_id,
+                    ctx.opts.zstd,
+                    rate,
+                    &plain,
+                ));
             }
             if !based.is_empty() {
                 request_id += 1;
-                frames.extend(wire::encode_delta_request(request_id, ctx.opts.zstd, rate, &based));
+                frames.extend(wire::encode_delta_request(
+                    request_id,
+                    ctx.opts.zstd,
+                    rate,
+                    &based,
+                ));
             }
             if let Err(e) = wr.write_all(&frames).await {
                 return Some(format!("sending a request: {e}"));
@@ -1172,7 +1187,9 @@ fn on_frame(ctx: &PeerCtx, label: &str, frame: Frame, stores: &mut JoinSet<Store
                     return Err(format!("sent a delta for chunk {fp}, which was never requested"));
                 };
                 if s.wants[c].base != Some(head.base) {
-                    return Err(format!("sent a delta for chunk {fp} against a base it was not given"));
+                    return Err(format!(
+                        "sent a delta for chunk {fp} against a base it was not given"
+                    ));
                 }
                 if !s.arrived(ctx.index, c) {
                     return Err(format!("sent chunk {fp}, which was not requested from it"));
@@ -1288,7 +1305,10 @@ fn rebuild(
     edgeshift_common::delta::apply(&mut buf, bitmap, payload).map_err(|e| bad(format!("delta: {e}")))?;
     let actual = Fingerprint::of(&buf);
     if actual != *fp {
-        return Err(TransferError::Store(StoreError::ChunkRejected { fp: *fp, actual }));
+        return Err(TransferError::Store(StoreError::ChunkRejected {
+            fp: *fp,
+            actual,
+        }));
     }
     Ok((buf, 0))
 }
@@ -1512,7 +1532,7 @@ mod tests {
         // Arrival frees window; storing completes the chunk.
         assert!(s.arrived(0, 0));
         assert!(!s.arrived(0, 0), "a chunk arrives once");
-        s.chunk_stored(0, 0, 100, false);
+        s.chunk_stored(0, 0, 100, Encoding::Raw);
         assert_eq!(s.state[0], ChunkState::Done);
         assert_eq!(s.remaining, 19);
         assert_eq!(s.peers[0].chunks, 1);
@@ -1552,7 +1572,7 @@ mod tests {
         assert_eq!(s.take_batch(0, 32), vec![1, 2, 3]);
         for c in [1, 2, 3] {
             assert!(s.arrived(0, c));
-            s.chunk_stored(0, c, 100, false);
+            s.chunk_stored(0, c, 100, Encoding::Raw);
         }
         assert_eq!(
             s.take_batch(0, 32),
@@ -1562,12 +1582,12 @@ mod tests {
         // Chunk 4 arrives; then chunk 0, the last required one: the filler
         // still in flight (5) completes, nothing more is asked for.
         assert!(s.arrived(0, 4));
-        s.chunk_stored(0, 4, 100, false);
+        s.chunk_stored(0, 4, 100, Encoding::Raw);
         assert!(s.arrived(1, 0));
-        s.chunk_stored(1, 0, 100, false);
+        s.chunk_stored(1, 0, 100, Encoding::Raw);
         assert!(!s.finished(), "5 is still on its way");
         assert!(s.arrived(0, 5));
-        s.chunk_stored(0, 5, 100, false);
+        s.chunk_stored(0, 5, 100, Encoding::Raw);
         assert!(s.finished());
 
         // Required work done before the filler was asked for: left out.
@@ -1579,7 +1599,7 @@ mod tests {
         assert_eq!(s.take_batch(0, 2), vec![0, 1]);
         for c in [0, 1] {
             assert!(s.arrived(0, c));
-            s.chunk_stored(0, c, 100, false);
+            s.chunk_stored(0, c, 100, Encoding::Raw);
         }
         assert!(s.finished());
         assert_eq!(s.state[2], ChunkState::Unavailable);
@@ -1630,7 +1650,7 @@ mod tests {
         s.peers[0].rate = 1e6;
         s.peers[1].rate = 10.0;
         s.arrived(0, 2);
-        s.chunk_stored(0, 2, 100, false);
+        s.chunk_stored(0, 2, 100, Encoding::Raw);
         assert!(s.take_batch(0, 32).is_empty(), "0 and 1 are restricted to peer 1");
 
         let mut s = Sched::new(&a, wants(4, 100), &opts());
@@ -1639,7 +1659,7 @@ mod tests {
         s.peers[0].rate = 1e6;
         s.peers[1].rate = 10.0;
         s.arrived(0, 3);
-        s.chunk_stored(0, 3, 100, false);
+        s.chunk_stored(0, 3, 100, Encoding::Raw);
         assert_eq!(
             s.take_batch(0, 32),
             vec![2],
@@ -1647,9 +1667,9 @@ mod tests {
         );
         // The stolen copy wins; the slow copy is a duplicate when it arrives.
         s.arrived(0, 2);
-        s.chunk_stored(0, 2, 100, false);
+        s.chunk_stored(0, 2, 100, Encoding::Raw);
         assert!(s.arrived(1, 2));
-        s.chunk_stored(1, 2, 100, false);
+        s.chunk_stored(1, 2, 100, Encoding::Raw);
         assert_eq!(s.peers[1].duplicates, 1);
         assert_eq!(s.peers[1].chunks, 0);
     }

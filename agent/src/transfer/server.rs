@@ -184,8 +184,17 @@ async fn handle_connection(mut sock: TcpStream, addr: SocketAddr, cfg: Arc<Serve
                         r = match send_delta(&mut sock, &cfg, &peer, rid, ask).await {
                             Ok(true) => Ok(()),
                             Ok(false) => {
-                                send_chunk(&mut sock, &cfg, &peer, rid, &ask.want, zstd_ok, path_rate, &mut zstate)
-                                    .await
+                                send_chunk(
+                                    &mut sock,
+                                    &cfg,
+                                    &peer,
+                                    rid,
+                                    &ask.want,
+                                    zstd_ok,
+                                    path_rate,
+                                    &mut zstate,
+                                )
+                                .await
                             }
                             Err(e) => Err(e),
                         };
@@ -389,7 +398,8 @@ async fn send_delta(
             return Ok(None);
         }
         let limit = new.len() / 4 * 3;
-        Ok(edgeshift_common::delta::encode(&old, &new, limit).map(|(bitmap, payload)| (new.len(), bitmap, payload)))
+        Ok(edgeshift_common::delta::encode(&old, &new, limit)
+            .map(|(bitmap, payload)| (new.len(), bitmap, payload)))
     })
     .await
     .map_err(|e| TransferError::Io(std::io::Error::other(e)))??;
