@@ -827,3 +827,68 @@ async fn a_chunk_being_published_is_waited_for_and_one_that_never_comes_is_missi
     }
     drop(agent);
 }
+
+fn agent_with_info_log(store: &Path, key: &Path, listen: &str, log: &Path) -> Agent {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.env("RUST_LOG", "info");
+    Agent::start(cmd, store, key, listen, None, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetches_sharing_a_pool_authenticate_once_and_replace_a_closed_connection() {
+    use edgeshift_agent::transfer::pool::ConnPool;
+    let src = source(120, 9);
+    let log1 = src.dir.path().join("a1.log");
+    let mut a = agent_with_info_log(&src.store, &src.key, "127.0.0.1:0", &log1);
+    let addr = a.addr;
+    let key = ClusterKey::from_file(&src.key).expect("key");
+    let pool = Arc::new(ConnPool::new());
+    let fetcher = |dst: &str| {
+        let store = Arc::new(LocalStore::open_or_create(src.dir.path().join(dst)).expect("dst store"));
+        let opts = FetchOptions {
+            id: "pool-test".into(),
+            ..FetchOptions::default()
+        };
+        (
+            store.clone(),
+            Fetcher::with_options(store, vec![addr], key.clone(), opts).with_pool(pool.clone()),
+        )
+    };
+    let (store, f) = fetcher("dst");
+    let id: ManifestId = src.id.parse().expect("id");
+    let manifest = f.fetch_manifest(&id).await.expect("manifest");
+    let wants = f.missing_chunks(&manifest).expect("missing");
+    let (first, second) = wants.split_at(wants.len() / 2);
+    // Three fetches (rounds): one connection, kept in the pool after each.
+    for part in [first, second, &second[..1]] {
+        let r = f.fetch_chunks(part.to_vec()).await.expect("fetch");
+        assert!(r.peers[0].dropped.is_none(), "{r:?}");
+        assert_eq!(pool.idle_count(), 1, "the connection went back to the pool");
+    }
+    for w in &wants {
+        assert!(store.has_chunk(&w.fp).expect("has"));
+    }
+    let authenticated = |log: &Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches("peer authenticated")
+            .count()
+    };
+    // The manifest's connection (`PeerStore`), then one for three fetches.
+    assert_eq!(authenticated(&log1), 2, "one handshake for three fetches");
+
+    // The agent restarts on the same address: the pooled connection it
+    // closed is noticed and replaced, and the fetch does not lose the peer.
+    a.kill();
+    let log2 = src.dir.path().join("a2.log");
+    let _b = agent_with_info_log(&src.store, &src.key, &addr.to_string(), &log2);
+    let (store2, f2) = fetcher("dst2");
+    let r = f2.fetch_chunks(wants.clone()).await.expect("fetch after restart");
+    assert!(r.peers[0].dropped.is_none(), "{r:?}");
+    assert_eq!(r.chunks_fetched, wants.len() as u64);
+    for w in &wants {
+        assert!(store2.has_chunk(&w.fp).expect("has"));
+    }
+    assert_eq!(authenticated(&log2), 1);
+    assert_eq!(pool.idle_count(), 1);
+}

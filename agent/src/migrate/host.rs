@@ -23,6 +23,7 @@ use super::proto::{self, HolderStats, PullStats, Request, Response};
 use super::MigrateError;
 use crate::store::{ChunkStore, LocalStore};
 use crate::transfer::fetch::{ChunkWant, FetchOptions, Fetcher};
+use crate::transfer::pool::ConnPool;
 use crate::transfer::ClusterKey;
 use crate::vm::loopdev::LoopDevice;
 use crate::vm::{
@@ -82,6 +83,8 @@ struct Incoming<'h> {
     plan: Option<super::coord::IncomingPlan>,
     /// What step 5 did at the coordinator.
     after: Option<String>,
+    /// The holders' connections, kept from one pull to the next.
+    conns: Arc<ConnPool>,
 }
 
 fn io<'a>(op: &'static str, path: &'a std::path::Path) -> impl FnOnce(std::io::Error) -> MigrateError + 'a {
@@ -354,6 +357,7 @@ impl Host {
             finished: false,
             plan: None,
             after: None,
+            conns: Arc::new(ConnPool::new()),
         };
         if let Some(c) = &self.cfg.coordinator {
             // On error `inc` is dropped, which tears this half down again.
@@ -548,7 +552,8 @@ impl Incoming<'_> {
                 id: self.host.cfg.id.clone(),
                 ..FetchOptions::default()
             },
-        );
+        )
+        .with_pool(Arc::clone(&self.conns));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -32,6 +32,7 @@ use tracing::{debug, info, warn};
 
 use super::conn::{client_handshake, read_frame_into, unexpected, Frame, AUTH_TIMEOUT};
 use super::peer::PeerStore;
+use super::pool::{checkin, checkout, ConnPool};
 use super::{ClusterKey, TransferError};
 use crate::store::{ChunkStore, LocalStore, StoreError};
 
@@ -169,6 +170,8 @@ pub struct Fetcher {
     key: ClusterKey,
     opts: FetchOptions,
     progress: Arc<FetchProgress>,
+    /// Connections kept between fetches (see [`ConnPool`]).
+    pool: Option<Arc<ConnPool>>,
 }
 
 impl Fetcher {
@@ -188,7 +191,16 @@ impl Fetcher {
             key,
             opts,
             progress: Arc::new(FetchProgress::default()),
+            pool: None,
         }
+    }
+
+    /// Takes peer connections from `pool` and gives them back after each
+    /// fetch, so a series of fetches (a migration's rounds) connects and
+    /// authenticates once per peer.
+    pub fn with_pool(mut self, pool: Arc<ConnPool>) -> Self {
+        self.pool = Some(pool);
+        self
     }
 
     /// Counters updated while a fetch runs.
@@ -303,6 +315,7 @@ impl Fetcher {
                 writer: writer.clone(),
                 pool: pool.clone(),
                 store: self.store.clone(),
+                conns: self.pool.clone(),
             };
             tasks.spawn(async move {
                 let reason = run_peer(&ctx).await;
@@ -335,6 +348,7 @@ impl Fetcher {
                 chunks = p.chunks,
                 fillers = p.fillers,
                 exclusive = p.exclusive,
+                first_request_s = p.first_request.map(|t| (t - started).as_secs_f64()),
                 last_chunk_s = p.last_chunk.map(|t| (t - started).as_secs_f64()),
                 "fetch share"
             );
@@ -382,9 +396,10 @@ impl Fetcher {
                 .collect();
             let key = self.key.clone();
             let opts = self.opts.clone();
+            let pool = self.pool.clone();
             tasks.spawn(async move {
                 let limit = opts.connect_timeout + Duration::from_secs(10);
-                let r = tokio::time::timeout(limit, query_holdings(addr, &key, &opts, &fps)).await;
+                let r = tokio::time::timeout(limit, query_holdings(addr, &key, &opts, &fps, pool.as_deref())).await;
                 let held = match r {
                     Ok(Ok(held)) => Some(held),
                     Ok(Err(e)) => {
@@ -444,8 +459,9 @@ async fn query_holdings(
     key: &ClusterKey,
     opts: &FetchOptions,
     fps: &[Fingerprint],
+    pool: Option<&ConnPool>,
 ) -> Result<Vec<bool>, TransferError> {
-    let (mut sock, _) = connect(addr, key, opts).await?;
+    let (mut sock, id) = checkout(pool, addr, key, opts).await?;
     let mut held = Vec::with_capacity(fps.len());
     for (n, part) in fps.chunks(wire::MAX_HAS).enumerate() {
         let rid = n as u64 + 1;
@@ -456,6 +472,8 @@ async fn query_holdings(
         }
         held.extend(wire::decode_has_reply(&frame.body, part.len())?);
     }
+    // Nothing is outstanding on it: the chunk requests may use it next.
+    checkin(pool, addr, sock, id);
     Ok(held)
 }
 
@@ -932,6 +950,7 @@ struct PeerCtx {
     pool: Arc<BufPool>,
     /// This fetch's store, where the bases of deltas are read.
     store: Arc<LocalStore>,
+    conns: Option<Arc<ConnPool>>,
 }
 
 /// How a chunk's bytes came on the wire.
@@ -957,7 +976,7 @@ async fn run_peer(ctx: &PeerCtx) -> Option<String> {
     if ctx.sched.lock().finished() {
         return None;
     }
-    let (sock, peer_id) = match connect(ctx.addr, &ctx.key, &ctx.opts).await {
+    let (sock, peer_id) = match checkout(ctx.conns.as_deref(), ctx.addr, &ctx.key, &ctx.opts).await {
         Ok(x) => x,
         Err(e) => {
             warn!(peer = %ctx.addr, error = %e, "peer unavailable for this fetch");
@@ -971,17 +990,25 @@ async fn run_peer(ctx: &PeerCtx) -> Option<String> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame, TransferError>>(8);
     let rx_counter = received.clone();
     let reader_pool = ctx.pool.clone();
+    // Told to stop (the fetch is over and nothing is outstanding on the
+    // connection, so no frame is on its way), the reader hands its half
+    // back for the connection to be kept.
+    let (stop_reader, mut stopped) = tokio::sync::oneshot::channel::<()>();
     let reader = tokio::spawn(async move {
         loop {
             let buf = reader_pool.take();
-            let r = read_frame_into(&mut rd, MAX_FRAME_LEN, Some(&rx_counter), buf).await;
+            let r = tokio::select! {
+                biased;
+                _ = &mut stopped => return Some(rd),
+                r = read_frame_into(&mut rd, MAX_FRAME_LEN, Some(&rx_counter), buf) => r,
+            };
             let stop = r.is_err();
             if tx.send(r).await.is_err() || stop {
-                return;
+                return None;
             }
         }
     });
-    let _abort_reader = AbortOnDrop(reader);
+    let mut reader = AbortOnDrop(Some(reader));
 
     let mut stores: JoinSet<Stored> = JoinSet::new();
     let mut request_id = 0u64;
@@ -1047,6 +1074,17 @@ async fn run_peer(ctx: &PeerCtx) -> Option<String> {
             continue;
         }
         if finished && stores.is_empty() {
+            let clean = ctx.sched.lock().peers[ctx.index].inflight.is_empty();
+            if clean && ctx.conns.is_some() {
+                if let Some(handle) = reader.0.take() {
+                    let _ = stop_reader.send(());
+                    if let Ok(Some(rd)) = handle.await {
+                        if let Ok(sock) = rd.reunite(wr) {
+                            checkin(ctx.conns.as_deref(), ctx.addr, sock, peer_id);
+                        }
+                    }
+                }
+            }
             return None;
         }
         if idle && stores.is_empty() {
@@ -1478,11 +1516,14 @@ impl BufPool {
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// A task aborted when its owner is dropped, unless taken out first.
+struct AbortOnDrop<T>(Option<tokio::task::JoinHandle<T>>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(h) = &self.0 {
+            h.abort();
+        }
     }
 }
 

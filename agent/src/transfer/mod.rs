@@ -8,12 +8,15 @@
 //! - [`fetch`]: the destination side; pulls the chunks it lacks from every
 //!   peer at once, weighted by measured path throughput, with tail stealing.
 //! - [`peer`]: [`peer::PeerStore`], read access to one peer's store.
+//! - [`pool`]: authenticated connections kept between fetches (a
+//!   migration's rounds).
 //!
 //! The protocol and its choices are described in `docs/wire.md`.
 
 pub mod conn;
 pub mod fetch;
 pub mod peer;
+pub mod pool;
 pub mod server;
 
 use std::path::{Path, PathBuf};
