@@ -1412,11 +1412,13 @@ fn drive(
                         let (dev, image, before) = (&dev, &image, &cur);
                         let (writes, temp_now) = (&mut writes, &mut temp);
                         let (sent, reread) = std::thread::scope(|sc| {
-                            let reread = sc.spawn(move || reslice(dev, image, before, writes, temp_now, store));
+                            let reread =
+                                sc.spawn(move || reslice(dev, image, before, writes, temp_now, store));
                             let sent = run.round_from(before, known, only_source, Vec::new());
                             (sent, reread.join())
                         });
-                        let next = reread.map_err(|_| MigrateError::State("chunk re-read panicked".into()))??;
+                        let next =
+                            reread.map_err(|_| MigrateError::State("chunk re-read panicked".into()))??;
                         sent?;
                         temp.observe(&cur, &next);
                         cur = next;

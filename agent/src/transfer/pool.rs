@@ -70,7 +70,9 @@ pub(crate) async fn checkout(
     if let Some((sock, id)) = pool.and_then(|p| p.take(&addr)) {
         match TcpStream::from_std(sock) {
             Ok(s) => return Ok((s, id)),
-            Err(e) => tracing::debug!(peer = %addr, error = %e, "pooled connection unusable; connecting anew"),
+            Err(e) => {
+                tracing::debug!(peer = %addr, error = %e, "pooled connection unusable; connecting anew")
+            }
         }
     }
     connect(addr, key, opts).await
