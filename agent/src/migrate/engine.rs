@@ -26,7 +26,7 @@
 //! resumes the source VM if it was paused, and tells the destination to tear
 //! its half down.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
@@ -1382,48 +1382,12 @@ fn drive(
                 let written = writes.as_mut().and_then(WriteLog::peek);
                 if let Some(written) = written {
                     let mut pending = run.stale(&cur);
-                    pending.extend(written.iter().copied());
+                    pending.extend(written);
                     pending.sort_unstable();
                     pending.dedup();
-                    let (waiting, todo) = temp.hold_hottest(pending, ordering, run.hold_room(cs.bytes()));
-                    let n = todo.len();
-                    if n <= run.opts.converge_chunks || (n as u64) * 5 > (last_len as u64).saturating_mul(4) {
+                    let (_, todo) = temp.hold_hottest(pending, ordering, run.hold_room(cs.bytes()));
+                    if todo.len() <= run.opts.converge_chunks {
                         break;
-                    }
-                    // Of what goes now, the chunks nothing wrote since `cur`
-                    // was read (round 0's fillers it did not get to, mostly)
-                    // have their fingerprints in `cur`: they go at once,
-                    // beside the re-read of the written ones, which go in
-                    // the next round or the pause (the re-read first kept
-                    // the source's path idle for 0.07 s).
-                    let written: HashSet<u32> = written.into_iter().collect();
-                    let known: Vec<u32> = todo.into_iter().filter(|i| !written.contains(i)).collect();
-                    if !known.is_empty() {
-                        progress(
-                            Phase::Precopy,
-                            &format!(
-                                "round {r}: {} chunks ({} hot wait), re-reading {} written",
-                                known.len(),
-                                waiting.len(),
-                                written.len()
-                            ),
-                        );
-                        let only_source = vec![run.opts.source_addr.clone()];
-                        let (dev, image, before) = (&dev, &image, &cur);
-                        let (writes, temp_now) = (&mut writes, &mut temp);
-                        let (sent, reread) = std::thread::scope(|sc| {
-                            let reread =
-                                sc.spawn(move || reslice(dev, image, before, writes, temp_now, store));
-                            let sent = run.round_from(before, known, only_source, Vec::new());
-                            (sent, reread.join())
-                        });
-                        let next =
-                            reread.map_err(|_| MigrateError::State("chunk re-read panicked".into()))??;
-                        sent?;
-                        temp.observe(&cur, &next);
-                        cur = next;
-                        last_len = n;
-                        continue;
                     }
                 }
                 let next = reslice(&dev, &image, &cur, &mut writes, &mut temp, store)?;
