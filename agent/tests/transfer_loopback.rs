@@ -409,7 +409,14 @@ async fn chunks_written_again_travel_as_deltas_and_bad_deltas_are_refused() {
     // agent carries its chunks, and no wrong chunk is stored.
     let liar = spawn_liar(&src_path, key.clone(), Lie::DeltaBytes);
     let dst3 = dst_with_bases("dst3");
-    let f = Fetcher::with_options(dst3.clone(), vec![liar, agent.addr], key.clone(), opts());
+    // Windows of two deltas each, so the honest agent cannot take every
+    // chunk before the liar is asked for any.
+    let small = FetchOptions {
+        initial_window: CHUNK as u64,
+        min_window: CHUNK as u64,
+        ..opts()
+    };
+    let f = Fetcher::with_options(dst3.clone(), vec![liar, agent.addr], key.clone(), small);
     let r = f.fetch_chunks(wants(&|i| Some(bases[i]))).await.expect("fetch");
     let lr = r.peers.iter().find(|p| p.addr == liar.to_string()).expect("liar");
     assert!(

@@ -376,63 +376,57 @@ pub fn decode_fingerprint(kind: FrameKind, body: &[u8]) -> Result<Fingerprint, W
     })
 }
 
-pub fn encode_chunk_request(request_id: u64, zstd_ok: bool, path_rate: u64, fps: &[Fingerprint]) -> Vec<u8> {
+/// A request frame: [`ChunkRequestHead`] and then `items` (fingerprints or
+/// [`BasedAsk`]s).
+fn encode_request<T: IntoBytes + Immutable>(
+    kind: FrameKind,
+    request_id: u64,
+    zstd_ok: bool,
+    path_rate: u64,
+    items: &[T],
+) -> Vec<u8> {
     let head = ChunkRequestHead {
         path_rate: U64::new(path_rate),
     };
     let flags = if zstd_ok { FLAG_ZSTD_OK } else { 0 };
-    encode(
-        FrameKind::ChunkRequest,
-        flags,
-        request_id,
-        &[head.as_bytes(), fps.as_bytes()],
-    )
+    encode(kind, flags, request_id, &[head.as_bytes(), items.as_bytes()])
 }
 
-pub fn decode_chunk_request(body: &[u8]) -> Result<(ChunkRequestHead, &[Fingerprint]), WireError> {
+/// The head and the 1 to [`MAX_BATCH`] items of a request body.
+fn decode_request<T: FromBytes + KnownLayout + Immutable>(
+    kind: FrameKind,
+    body: &[u8],
+) -> Result<(ChunkRequestHead, &[T]), WireError> {
     let bad = || WireError::BadBody {
-        kind: FrameKind::ChunkRequest,
+        kind,
         len: body.len(),
     };
     let (head, tail) = ChunkRequestHead::read_from_prefix(body).map_err(|_| bad())?;
-    let fps = <[Fingerprint]>::ref_from_bytes(tail).map_err(|_| bad())?;
-    if fps.is_empty() {
+    let items = <[T]>::ref_from_bytes(tail).map_err(|_| bad())?;
+    if items.is_empty() {
         return Err(bad());
     }
-    if fps.len() > MAX_BATCH {
-        return Err(WireError::BatchTooLarge(fps.len()));
+    if items.len() > MAX_BATCH {
+        return Err(WireError::BatchTooLarge(items.len()));
     }
-    Ok((head, fps))
+    Ok((head, items))
+}
+
+pub fn encode_chunk_request(request_id: u64, zstd_ok: bool, path_rate: u64, fps: &[Fingerprint]) -> Vec<u8> {
+    encode_request(FrameKind::ChunkRequest, request_id, zstd_ok, path_rate, fps)
+}
+
+pub fn decode_chunk_request(body: &[u8]) -> Result<(ChunkRequestHead, &[Fingerprint]), WireError> {
+    decode_request(FrameKind::ChunkRequest, body)
 }
 
 /// A chunk request naming each chunk's base (1 ≤ len ≤ [`MAX_BATCH`]).
 pub fn encode_delta_request(request_id: u64, zstd_ok: bool, path_rate: u64, asks: &[BasedAsk]) -> Vec<u8> {
-    let head = ChunkRequestHead {
-        path_rate: U64::new(path_rate),
-    };
-    let flags = if zstd_ok { FLAG_ZSTD_OK } else { 0 };
-    encode(
-        FrameKind::DeltaRequest,
-        flags,
-        request_id,
-        &[head.as_bytes(), asks.as_bytes()],
-    )
+    encode_request(FrameKind::DeltaRequest, request_id, zstd_ok, path_rate, asks)
 }
 
 pub fn decode_delta_request(body: &[u8]) -> Result<(ChunkRequestHead, &[BasedAsk]), WireError> {
-    let bad = || WireError::BadBody {
-        kind: FrameKind::DeltaRequest,
-        len: body.len(),
-    };
-    let (head, tail) = ChunkRequestHead::read_from_prefix(body).map_err(|_| bad())?;
-    let asks = <[BasedAsk]>::ref_from_bytes(tail).map_err(|_| bad())?;
-    if asks.is_empty() {
-        return Err(bad());
-    }
-    if asks.len() > MAX_BATCH {
-        return Err(WireError::BatchTooLarge(asks.len()));
-    }
-    Ok((head, asks))
+    decode_request(FrameKind::DeltaRequest, body)
 }
 
 /// A whole delta frame: `fp` rebuilt from `base` with `bitmap` and `payload`.

@@ -1215,28 +1215,11 @@ fn on_frame(ctx: &PeerCtx, label: &str, frame: Frame, stores: &mut JoinSet<Store
             let fp = head.fingerprint;
             let zstd = frame.header.flags() & wire::FLAG_ZSTD != 0;
             let wire_len = (frame.body.len() - wire::CHUNK_HEAD_LEN) as u64;
-            let (c, want_len, surplus) = {
-                let mut s = ctx.sched.lock();
-                let Some(&c) = s.index.get(&fp) else {
-                    return Err(format!("sent chunk {fp}, which was never requested"));
-                };
-                if !s.arrived(ctx.index, c) {
-                    return Err(format!("sent chunk {fp}, which was not requested from it"));
-                }
-                let surplus = s.state[c] == ChunkState::Done;
-                if surplus {
-                    // Another peer's copy already won; just free the window.
-                    s.chunk_stored(ctx.index, c, wire_len, Encoding::Raw);
-                }
-                (c, s.wants[c].len, surplus)
-            };
-            if surplus {
-                metrics::counter!("edgeshift_received_bytes_total", "peer" => label.to_string())
-                    .increment(wire_len);
-                return Ok(());
-            }
-            let raw_len = head.raw_len.get();
             let encoding = if zstd { Encoding::Zstd } else { Encoding::Raw };
+            let Some((c, want_len)) = book_arrival(ctx, label, &fp, None, wire_len, encoding)? else {
+                return Ok(());
+            };
+            let raw_len = head.raw_len.get();
             spawn_store(ctx, stores, c, fp, wire_len, encoding, move || {
                 verify(&fp, want_len, raw_len, zstd, frame.body, wire::CHUNK_HEAD_LEN)
             });
@@ -1246,30 +1229,10 @@ fn on_frame(ctx: &PeerCtx, label: &str, frame: Frame, stores: &mut JoinSet<Store
             let (head, _, _) = wire::decode_delta(&frame.body).map_err(|e| e.to_string())?;
             let fp = head.fingerprint;
             let wire_len = (frame.body.len() - wire::DELTA_HEAD_LEN) as u64;
-            let (c, want_len, surplus) = {
-                let mut s = ctx.sched.lock();
-                let Some(&c) = s.index.get(&fp) else {
-                    return Err(format!("sent a delta for chunk {fp}, which was never requested"));
-                };
-                if s.wants[c].base != Some(head.base) {
-                    return Err(format!(
-                        "sent a delta for chunk {fp} against a base it was not given"
-                    ));
-                }
-                if !s.arrived(ctx.index, c) {
-                    return Err(format!("sent chunk {fp}, which was not requested from it"));
-                }
-                let surplus = s.state[c] == ChunkState::Done;
-                if surplus {
-                    s.chunk_stored(ctx.index, c, wire_len, Encoding::Delta);
-                }
-                (c, s.wants[c].len, surplus)
-            };
-            if surplus {
-                metrics::counter!("edgeshift_received_bytes_total", "peer" => label.to_string())
-                    .increment(wire_len);
+            let arrival = book_arrival(ctx, label, &fp, Some(&head.base), wire_len, Encoding::Delta)?;
+            let Some((c, want_len)) = arrival else {
                 return Ok(());
-            }
+            };
             let store = ctx.store.clone();
             spawn_store(ctx, stores, c, fp, wire_len, Encoding::Delta, move || {
                 rebuild(&store, &fp, want_len, &head.base, &frame.body)
@@ -1294,6 +1257,41 @@ fn on_frame(ctx: &PeerCtx, label: &str, frame: Frame, stores: &mut JoinSet<Store
             Err(e.to_string())
         }
     }
+}
+
+/// Books chunk `fp` arriving from this peer (as a delta against `base`,
+/// if given): its index and expected length, or None when another peer's
+/// copy already won (the window is freed, the bytes counted). An error
+/// names how the peer broke the protocol.
+fn book_arrival(
+    ctx: &PeerCtx,
+    label: &str,
+    fp: &Fingerprint,
+    base: Option<&Fingerprint>,
+    wire_len: u64,
+    encoding: Encoding,
+) -> Result<Option<(usize, u64)>, String> {
+    let mut s = ctx.sched.lock();
+    let Some(&c) = s.index.get(fp) else {
+        return Err(format!("sent chunk {fp}, which was never requested"));
+    };
+    if let Some(b) = base {
+        if s.wants[c].base != Some(*b) {
+            return Err(format!(
+                "sent a delta for chunk {fp} against a base it was not given"
+            ));
+        }
+    }
+    if !s.arrived(ctx.index, c) {
+        return Err(format!("sent chunk {fp}, which was not requested from it"));
+    }
+    if s.state[c] == ChunkState::Done {
+        s.chunk_stored(ctx.index, c, wire_len, encoding);
+        drop(s);
+        metrics::counter!("edgeshift_received_bytes_total", "peer" => label.to_string()).increment(wire_len);
+        return Ok(None);
+    }
+    Ok(Some((c, s.wants[c].len)))
 }
 
 /// Verifies a received chunk off the async workers (`check` returns the

@@ -159,53 +159,49 @@ async fn handle_connection(mut sock: TcpStream, addr: SocketAddr, cfg: Arc<Serve
                 Ok(id) => send_manifest(&mut sock, &cfg, rid, &id).await,
                 Err(e) => Err(e.into()),
             },
-            FrameKind::ChunkRequest => match wire::decode_chunk_request(&frame.body) {
-                Ok((head, fps)) => {
-                    let zstd_ok = frame.header.flags() & wire::FLAG_ZSTD_OK != 0;
-                    let path_rate = head.path_rate.get();
-                    let mut r = Ok(());
-                    for fp in fps {
-                        r = send_chunk(&mut sock, &cfg, &peer, rid, fp, zstd_ok, path_rate, &mut zstate)
-                            .await;
-                        if r.is_err() {
-                            break;
-                        }
-                    }
-                    r
-                }
-                Err(e) => Err(e.into()),
-            },
-            FrameKind::DeltaRequest => match wire::decode_delta_request(&frame.body) {
-                Ok((head, asks)) => {
-                    let zstd_ok = frame.header.flags() & wire::FLAG_ZSTD_OK != 0;
-                    let path_rate = head.path_rate.get();
-                    let mut r = Ok(());
-                    for ask in asks {
-                        r = match send_delta(&mut sock, &cfg, &peer, rid, ask).await {
-                            Ok(true) => Ok(()),
-                            Ok(false) => {
-                                send_chunk(
+            FrameKind::ChunkRequest | FrameKind::DeltaRequest => {
+                // Either way a list of chunks, each maybe with the base the
+                // client holds (a delta request).
+                let asked = if frame.kind == FrameKind::ChunkRequest {
+                    wire::decode_chunk_request(&frame.body)
+                        .map(|(head, fps)| (head, fps.iter().map(|fp| (*fp, None)).collect::<Vec<_>>()))
+                } else {
+                    wire::decode_delta_request(&frame.body)
+                        .map(|(head, asks)| (head, asks.iter().map(|a| (a.want, Some(*a))).collect()))
+                };
+                match asked {
+                    Ok((head, asks)) => {
+                        let zstd_ok = frame.header.flags() & wire::FLAG_ZSTD_OK != 0;
+                        let path_rate = head.path_rate.get();
+                        let mut r: Result<bool, TransferError> = Ok(true);
+                        for (fp, ask) in &asks {
+                            r = match ask {
+                                Some(ask) => send_delta(&mut sock, &cfg, &peer, rid, ask).await,
+                                None => Ok(false),
+                            };
+                            if matches!(r, Ok(false)) {
+                                r = send_chunk(
                                     &mut sock,
                                     &cfg,
                                     &peer,
                                     rid,
-                                    &ask.want,
+                                    fp,
                                     zstd_ok,
                                     path_rate,
                                     &mut zstate,
                                 )
                                 .await
+                                .map(|()| true);
                             }
-                            Err(e) => Err(e),
-                        };
-                        if r.is_err() {
-                            break;
+                            if r.is_err() {
+                                break;
+                            }
                         }
+                        r.map(|_| ())
                     }
-                    r
+                    Err(e) => Err(e.into()),
                 }
-                Err(e) => Err(e.into()),
-            },
+            }
             FrameKind::HasRequest => match wire::decode_has_request(&frame.body) {
                 Ok(fps) => send_holdings(&mut sock, &cfg, rid, fps.to_vec()).await,
                 Err(e) => Err(e.into()),
