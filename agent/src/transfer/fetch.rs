@@ -1076,23 +1076,16 @@ async fn run_peer(ctx: &PeerCtx) -> Option<String> {
         let (plain, based) = batch;
         if !plain.is_empty() || !based.is_empty() {
             let mut frames = Vec::new();
-            if !plain.is_empty() {
+            let zstd = ctx.opts.zstd;
+            let mut next_id = || {
                 request_id += 1;
-                frames.extend(wire::encode_chunk_request(
-                    request_id,
-                    ctx.opts.zstd,
-                    rate,
-                    &plain,
-                ));
+                request_id
+            };
+            if !plain.is_empty() {
+                frames.extend(wire::encode_chunk_request(next_id(), zstd, rate, &plain));
             }
             if !based.is_empty() {
-                request_id += 1;
-                frames.extend(wire::encode_delta_request(
-                    request_id,
-                    ctx.opts.zstd,
-                    rate,
-                    &based,
-                ));
+                frames.extend(wire::encode_delta_request(next_id(), zstd, rate, &based));
             }
             if let Err(e) = wr.write_all(&frames).await {
                 return Some(format!("sending a request: {e}"));
