@@ -13,8 +13,6 @@ pub const DELTA_BLOCK: usize = 4096;
 /// Errors from applying a delta.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DeltaError {
-    #[error("base is {base} bytes, the chunk is {chunk}")]
-    BaseLength { base: usize, chunk: usize },
     #[error("bitmap is {got} bytes, a chunk of {chunk} bytes needs {want}")]
     BitmapLength { got: usize, want: usize, chunk: usize },
     #[error("payload is {got} bytes, the bitmap names {want}")]
@@ -90,18 +88,6 @@ pub fn apply(base: &mut [u8], bitmap: &[u8], payload: &[u8]) -> Result<(), Delta
     Ok(())
 }
 
-/// Checks that a base of `base_len` bytes can carry a chunk of `chunk_len`.
-pub fn check_base(base_len: usize, chunk_len: usize) -> Result<(), DeltaError> {
-    if base_len == chunk_len {
-        Ok(())
-    } else {
-        Err(DeltaError::BaseLength {
-            base: base_len,
-            chunk: chunk_len,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,10 +157,5 @@ mod tests {
         ));
         // A bit past the last of 3 blocks.
         assert!(apply(&mut base, &[0b1000], &[]).is_err());
-        assert_eq!(
-            check_base(10, 11),
-            Err(DeltaError::BaseLength { base: 10, chunk: 11 })
-        );
-        assert!(check_base(11, 11).is_ok());
     }
 }

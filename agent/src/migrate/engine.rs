@@ -222,10 +222,6 @@ struct Run {
     source_rate: Option<f64>,
     /// QEMU's memory stream runs beside the rounds now.
     memory_running: bool,
-    /// Wire bytes of the chunks that went as deltas, and their whole length:
-    /// what a chunk written again costs in the pause, as measured.
-    delta_wire: u64,
-    delta_whole: u64,
     throttle: ThrottleReport,
     /// The source disk's qdev path once a throttle was set (to lift it).
     throttled_qdev: Option<String>,
@@ -233,6 +229,7 @@ struct Run {
     memory_with_disk: bool,
     /// "boot log" or "slice": how the source learnt what changed since boot.
     changed_since_boot_from: &'static str,
+    /// The disk's chunk size in bytes.
     chunk_bytes: u64,
 }
 
@@ -327,9 +324,6 @@ impl Run {
             {
                 self.source_rate = Some(h.bytes as f64 / stats.seconds);
             }
-            let whole = h.delta_chunks * self.chunk_bytes;
-            self.delta_whole += whole;
-            self.delta_wire += whole.saturating_sub(h.delta_saved_bytes);
         }
         self.resent += resent;
         let r = RoundReport {
@@ -355,29 +349,32 @@ impl Run {
     }
 
     /// Chunks the source's path sends within the budget.
-    fn budget_chunks(&self, chunk_bytes: u64) -> usize {
+    fn budget_chunks(&self) -> usize {
         self.source_rate.map_or(usize::MAX, |rate| {
-            (rate * self.opts.max_downtime.as_secs_f64() / chunk_bytes as f64) as usize
+            (rate * self.opts.max_downtime.as_secs_f64() / self.chunk_bytes as f64) as usize
         })
     }
 
     /// How many hot chunks may wait for the pause: half of what the budget
     /// sends (the rest is for what the guest writes meanwhile); none before
     /// the source's path has been measured.
-    fn hold_room(&self, chunk_bytes: u64) -> usize {
+    fn hold_room(&self) -> usize {
         if self.source_rate.is_none() {
             return 0;
         }
-        self.budget_chunks(chunk_bytes) / 2
+        self.budget_chunks() / 2
     }
 
     /// Bytes the pause would send for `pending`: a chunk the destination
     /// holds an earlier version of goes as a delta, at the share of a whole
-    /// chunk the deltas so far took (a whole chunk until one was measured).
+    /// chunk the deltas of the rounds so far took (a whole chunk until one
+    /// was measured).
     fn pause_bytes(&self, pending: &[u32]) -> f64 {
         let cb = self.chunk_bytes as f64;
-        let delta_share = if self.opts.deltas && self.delta_whole > 0 {
-            self.delta_wire as f64 / self.delta_whole as f64
+        let deltas: u64 = self.rounds.iter().map(|r| r.delta_chunks).sum();
+        let saved: u64 = self.rounds.iter().map(|r| r.delta_saved_bytes).sum();
+        let delta_share = if self.opts.deltas && deltas > 0 {
+            1.0 - saved as f64 / (deltas as f64 * cb)
         } else {
             1.0
         };
@@ -405,7 +402,7 @@ impl Run {
     /// Tightens the throttle on the source VM's disk writes one step when
     /// `pending` chunks would take longer than the budget to send in the
     /// pause (QEMU's auto-converge does the same to vCPUs for memory).
-    fn squeeze(&mut self, qmp: &mut QmpClient, stale: &[u32], chunk_bytes: u64) -> Result<(), MigrateError> {
+    fn squeeze(&mut self, qmp: &mut QmpClient, stale: &[u32]) -> Result<(), MigrateError> {
         let (Some(rate), Some(estimate)) = (self.source_rate, self.pause_estimate(stale)) else {
             return Ok(());
         };
@@ -427,7 +424,8 @@ impl Run {
             let budget_bytes = rate * self.opts.max_downtime.as_secs_f64();
             (
                 (budget_bytes as u64).clamp(THROTTLE_FLOOR_BPS, THROTTLE_START_BPS),
-                ((budget_bytes / chunk_bytes as f64) as u64).clamp(THROTTLE_FLOOR_IOPS, THROTTLE_START_IOPS),
+                ((budget_bytes / self.chunk_bytes as f64) as u64)
+                    .clamp(THROTTLE_FLOOR_IOPS, THROTTLE_START_IOPS),
             )
         };
         if t.applied && bps == t.bps_wr && iops == t.iops_wr {
@@ -1000,8 +998,6 @@ pub fn migrate(
         resent: 0,
         source_rate: None,
         memory_running: false,
-        delta_wire: 0,
-        delta_whole: 0,
         chunk_bytes: boot.chunk_size.bytes(),
         throttle: ThrottleReport {
             max_downtime_ms: opts.max_downtime.as_millis() as u64,
@@ -1385,7 +1381,7 @@ fn drive(
                     pending.extend(written);
                     pending.sort_unstable();
                     pending.dedup();
-                    let (_, todo) = temp.hold_hottest(pending, ordering, run.hold_room(cs.bytes()));
+                    let (_, todo) = temp.hold_hottest(pending, ordering, run.hold_room());
                     if todo.len() <= run.opts.converge_chunks {
                         break;
                     }
@@ -1395,7 +1391,7 @@ fn drive(
                 cur = next;
                 // The hottest chunks wait for the pause, as many as its
                 // budget holds; the rest go, coldest first.
-                let (waiting, todo) = temp.hold_hottest(run.stale(&cur), ordering, run.hold_room(cs.bytes()));
+                let (waiting, todo) = temp.hold_hottest(run.stale(&cur), ordering, run.hold_room());
                 let n = todo.len();
                 // Few enough left for the pause, or shrinking by less than a
                 // fifth (another round would mostly send the hot set again:
@@ -1480,18 +1476,18 @@ fn drive(
             temp.observe(&cur, &next);
             cur = next;
             let stale = run.stale(&cur);
-            run.squeeze(qmp, &stale, cs.bytes())?;
+            run.squeeze(qmp, &stale)?;
             // Throttled, a round goes whenever more is pending than the
             // budget allows, so the pause starts from a small set.
             let over_budget = run.throttle.applied && run.over_budget(&stale);
-            let (_, todo) = temp.hold_hottest(stale, ordering, run.hold_room(cs.bytes()));
+            let (_, todo) = temp.hold_hottest(stale, ordering, run.hold_room());
             if todo.len() > 2 * run.opts.converge_chunks || over_budget {
                 let mut todo = todo;
                 if run.throttle.applied {
                     // A round blocks noticing the pause; throttled (a slow
                     // path), it sends only what the budget holds, coldest
                     // first, so a pause that comes meanwhile waits little.
-                    todo.truncate(run.budget_chunks(cs.bytes()).max(1));
+                    todo.truncate(run.budget_chunks().max(1));
                 }
                 let only_source = vec![run.opts.source_addr.clone()];
                 run.round_from(&cur, todo, only_source, Vec::new())?;

@@ -410,9 +410,7 @@ impl Incoming<'_> {
         let filler: HashSet<u32> = filler.iter().copied().collect();
         let mut stats = PullStats::default();
         let mut wanted: HashMap<Fingerprint, Vec<usize>> = HashMap::new();
-        // What the image held where a fetched chunk goes (its base: a peer
-        // holding both sends only the blocks that differ).
-        let mut order: Vec<(Fingerprint, u64, Option<Fingerprint>)> = Vec::new();
+        let mut order: Vec<Fetch> = Vec::new();
         // Chunks this edge's store holds (and zero chunks) go into the image
         // in the background while the rest is fetched.
         let mut writes: Vec<(usize, Fingerprint)> = Vec::new();
@@ -437,8 +435,16 @@ impl Incoming<'_> {
                 writes.push((i, want));
             } else {
                 wanted.insert(want, vec![i]);
-                let base = Some(self.current[i]).filter(|b| deltas && !b.is_zero_chunk());
-                order.push((want, self.chunk_len(i), base));
+                order.push(Fetch {
+                    fp: want,
+                    len: self.chunk_len(i),
+                    // Set once every index that needs it is known.
+                    optional: false,
+                    // What the image held where it goes: a peer holding both
+                    // sends only the blocks that differ (the fetcher ignores
+                    // a zero chunk as base).
+                    base: deltas.then_some(self.current[i]),
+                });
             }
             // What the image will hold once the writer is done: `verify`
             // waits for it first. (A fetched chunk is set once it came.)
@@ -451,20 +457,11 @@ impl Incoming<'_> {
         let mut fetch_s = 0.0;
         if !order.is_empty() {
             // A chunk is filler when every index that needs it is.
-            let order: Vec<Fetch> = order
-                .into_iter()
-                .map(|(fp, len, base)| {
-                    let optional = wanted
-                        .get(&fp)
-                        .is_some_and(|at| at.iter().all(|&i| filler.contains(&(i as u32))));
-                    Fetch {
-                        fp,
-                        len,
-                        optional,
-                        base,
-                    }
-                })
-                .collect();
+            for f in &mut order {
+                f.optional = wanted
+                    .get(&f.fp)
+                    .is_some_and(|at| at.iter().all(|&i| filler.contains(&(i as u32))));
+            }
             let t = Instant::now();
             let skipped = self.fetch_from_holders(order, holders, &mut stats)?;
             fetch_s = t.elapsed().as_secs_f64();

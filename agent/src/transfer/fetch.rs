@@ -1342,12 +1342,7 @@ fn rebuild(
 ) -> Result<(Vec<u8>, usize), TransferError> {
     let bad = |reason: String| TransferError::BadChunk { fp: *fp, reason };
     let (head, bitmap, payload) = wire::decode_delta(body).map_err(|e| bad(e.to_string()))?;
-    let raw_len = head.raw_len.get();
-    if raw_len as u64 != want_len {
-        return Err(bad(format!(
-            "announced {raw_len} bytes, the manifest says {want_len}"
-        )));
-    }
+    check_announced(fp, head.raw_len.get(), want_len)?;
     let mut buf = vec![0u8; want_len as usize];
     // A base whose length differs from the chunk's fails the read (its
     // length is checked), like a corrupt one.
@@ -1359,14 +1354,33 @@ fn rebuild(
             reason: e.to_string(),
         })?;
     edgeshift_common::delta::apply(&mut buf, bitmap, payload).map_err(|e| bad(format!("delta: {e}")))?;
-    let actual = Fingerprint::of(&buf);
+    check_fingerprint(fp, &buf)?;
+    Ok((buf, 0))
+}
+
+/// A payload announcing another length than the manifest's is a bad chunk.
+fn check_announced(fp: &Fingerprint, raw_len: u32, want_len: u64) -> Result<(), TransferError> {
+    if raw_len as u64 == want_len {
+        return Ok(());
+    }
+    Err(TransferError::BadChunk {
+        fp: *fp,
+        reason: format!("announced {raw_len} bytes, the manifest says {want_len}"),
+    })
+}
+
+/// Bytes that do not hash to the fingerprint asked for are rejected.
+fn check_fingerprint(fp: &Fingerprint, bytes: &[u8]) -> Result<(), TransferError> {
+    // Single-threaded BLAKE3 (SIMD within the chunk): for chunks of at most a
+    // few MiB, fanning out to rayon costs more than it saves on a busy host.
+    let actual = Fingerprint::of(bytes);
     if actual != *fp {
         return Err(TransferError::Store(StoreError::ChunkRejected {
             fp: *fp,
             actual,
         }));
     }
-    Ok((buf, 0))
+    Ok(())
 }
 
 /// Checks a received chunk against the manifest's length and its
@@ -1381,11 +1395,7 @@ fn verify(
     head_len: usize,
 ) -> Result<(Vec<u8>, usize), TransferError> {
     let bad = |reason: String| TransferError::BadChunk { fp: *fp, reason };
-    if raw_len as u64 != want_len {
-        return Err(bad(format!(
-            "announced {raw_len} bytes, the manifest says {want_len}"
-        )));
-    }
+    check_announced(fp, raw_len, want_len)?;
     let (buf, start) = if zstd {
         // Bounded by the manifest's length, so a zstd bomb cannot grow past it.
         let raw = zstd::bulk::decompress(&body[head_len..], want_len as usize)
@@ -1401,15 +1411,7 @@ fn verify(
             bytes.len()
         )));
     }
-    // Single-threaded BLAKE3 (SIMD within the chunk): for chunks of at most a
-    // few MiB, fanning out to rayon costs more than it saves on a busy host.
-    let actual = Fingerprint::of(bytes);
-    if actual != *fp {
-        return Err(TransferError::Store(StoreError::ChunkRejected {
-            fp: *fp,
-            actual,
-        }));
-    }
+    check_fingerprint(fp, bytes)?;
     Ok((buf, start))
 }
 

@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io::{ErrorKind, Read};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -167,37 +168,31 @@ async fn handle_connection(mut sock: TcpStream, addr: SocketAddr, cfg: Arc<Serve
                         .map(|(head, fps)| (head, fps.iter().map(|fp| (*fp, None)).collect::<Vec<_>>()))
                 } else {
                     wire::decode_delta_request(&frame.body)
-                        .map(|(head, asks)| (head, asks.iter().map(|a| (a.want, Some(*a))).collect()))
+                        .map(|(head, asks)| (head, asks.iter().map(|a| (a.want, Some(a.base))).collect()))
                 };
                 match asked {
                     Ok((head, asks)) => {
                         let zstd_ok = frame.header.flags() & wire::FLAG_ZSTD_OK != 0;
                         let path_rate = head.path_rate.get();
-                        let mut r: Result<bool, TransferError> = Ok(true);
-                        for (fp, ask) in &asks {
-                            r = match ask {
-                                Some(ask) => send_delta(&mut sock, &cfg, &peer, rid, ask).await,
-                                None => Ok(false),
-                            };
-                            if matches!(r, Ok(false)) {
-                                r = send_chunk(
-                                    &mut sock,
-                                    &cfg,
-                                    &peer,
-                                    rid,
-                                    fp,
-                                    zstd_ok,
-                                    path_rate,
-                                    &mut zstate,
-                                )
-                                .await
-                                .map(|()| true);
-                            }
+                        let mut r = Ok(());
+                        for (fp, base) in &asks {
+                            r = send_chunk(
+                                &mut sock,
+                                &cfg,
+                                &peer,
+                                rid,
+                                fp,
+                                base.as_ref(),
+                                zstd_ok,
+                                path_rate,
+                                &mut zstate,
+                            )
+                            .await;
                             if r.is_err() {
                                 break;
                             }
                         }
-                        r.map(|_| ())
+                        r
                     }
                     Err(e) => Err(e.into()),
                 }
@@ -280,6 +275,10 @@ async fn send_manifest(
     Ok(())
 }
 
+/// Answers a request for chunk `fp`: `Missing`, a delta against `base`
+/// (the client's earlier version, for a delta request) when this store
+/// holds it and the blocks that differ are at most three quarters of the
+/// chunk, else the whole chunk (zstd-compressed when that arrives sooner).
 #[allow(clippy::too_many_arguments)]
 async fn send_chunk(
     sock: &mut TcpStream,
@@ -287,6 +286,7 @@ async fn send_chunk(
     peer: &str,
     rid: u64,
     fp: &Fingerprint,
+    base: Option<&Fingerprint>,
     zstd_ok: bool,
     path_rate: u64,
     zstate: &mut ZstdState,
@@ -311,6 +311,37 @@ async fn send_chunk(
     }
     let len32 = len as u32;
 
+    // The chunk's bytes once read into user space (for a delta), so that
+    // compressing it does not read it again.
+    let mut read: Option<Vec<u8>> = None;
+    if let Some(base) = base.filter(|b| len > 0 && !b.is_zero_chunk() && *b != fp) {
+        if let Ok(base_file) = File::open(cfg.store.chunk_path(base)) {
+            let want_file = file.try_clone()?;
+            // Both versions are read and compared off the async workers.
+            let (new, delta) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+                let mut new = vec![0u8; len as usize];
+                want_file.read_exact_at(&mut new, 0)?;
+                let mut old = Vec::new();
+                (&base_file).read_to_end(&mut old)?;
+                let delta = edgeshift_common::delta::encode(&old, &new, new.len() / 4 * 3);
+                Ok((new, delta))
+            })
+            .await
+            .map_err(|e| TransferError::Io(std::io::Error::other(e)))??;
+            if let Some((bitmap, payload)) = delta {
+                sock.write_all(&wire::encode_delta(rid, fp, base, len32, &bitmap, &payload))
+                    .await?;
+                let wire_bytes = (bitmap.len() + payload.len()) as u64;
+                metrics::counter!("edgeshift_chunks_delta_total", "peer" => peer.to_string()).increment(1);
+                metrics::counter!("edgeshift_delta_saved_bytes_total", "peer" => peer.to_string())
+                    .increment(len.saturating_sub(wire_bytes));
+                served(cfg, peer, fp, wire_bytes);
+                return Ok(());
+            }
+            read = Some(new);
+        }
+    }
+
     let try_zstd = zstd_ok && cfg.zstd.worth_trying(path_rate) && {
         if zstate.misses >= 4 {
             zstate.skipped += 1;
@@ -324,9 +355,15 @@ async fn send_chunk(
         // on links slow enough that the CPU is not the bottleneck.
         // Reading and compressing run off the async workers.
         let (raw, compressed, spent) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-            let mut raw = Vec::with_capacity(len as usize);
-            let mut f = file;
-            f.read_to_end(&mut raw)?;
+            let raw = match read {
+                Some(raw) => raw,
+                None => {
+                    let mut raw = Vec::with_capacity(len as usize);
+                    let mut f = file;
+                    f.read_to_end(&mut raw)?;
+                    raw
+                }
+            };
             let t = Instant::now();
             let compressed = zstd::bulk::compress(&raw, ZstdPolicy::LEVEL)?;
             Ok((raw, compressed, t.elapsed()))
@@ -350,70 +387,21 @@ async fn send_chunk(
     } else {
         let prefix = wire::encode_chunk_prefix(rid, fp, len32, len32, false);
         sock.write_all(&prefix).await?;
+        // sendfile reads from offset 0 whatever the file's position.
         sendfile_all(sock, &file, len).await?;
         len
     };
+    served(cfg, peer, fp, wire_bytes);
+    Ok(())
+}
+
+/// Counts a chunk served to `peer` in `wire_bytes`, and its use.
+fn served(cfg: &ServerConfig, peer: &str, fp: &Fingerprint, wire_bytes: u64) {
     metrics::counter!("edgeshift_served_bytes_total", "peer" => peer.to_string()).increment(wire_bytes);
     metrics::counter!("edgeshift_served_chunks_total", "peer" => peer.to_string()).increment(1);
     if let Some(u) = &cfg.uses {
         u.record(*fp);
     }
-    Ok(())
-}
-
-/// Sends `ask.want` as a delta against `ask.base` when this store holds
-/// both and the delta is at most three quarters of the chunk; returns
-/// false (nothing sent) when it is not, and the chunk goes whole.
-async fn send_delta(
-    sock: &mut TcpStream,
-    cfg: &ServerConfig,
-    peer: &str,
-    rid: u64,
-    ask: &wire::BasedAsk,
-) -> Result<bool, TransferError> {
-    if ask.base.is_zero_chunk() || ask.want.is_zero_chunk() || ask.base == ask.want {
-        return Ok(false);
-    }
-    let want = match open_chunk_file(cfg, &cfg.store.chunk_path(&ask.want), &ask.want).await {
-        Ok(f) => f,
-        // `send_chunk` answers `Missing` (or the error) itself.
-        Err(_) => return Ok(false),
-    };
-    let base = match File::open(cfg.store.chunk_path(&ask.base)) {
-        Ok(f) => f,
-        Err(_) => return Ok(false),
-    };
-    // Both versions are read and compared off the async workers; the
-    // bytes have to be in user space to be compared anyway.
-    let delta = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-        let (mut new, mut old) = (Vec::new(), Vec::new());
-        let (mut want, mut base) = (want, base);
-        want.read_to_end(&mut new)?;
-        base.read_to_end(&mut old)?;
-        if new.is_empty() || new.len() > MAX_CHUNK_LEN as usize {
-            return Ok(None);
-        }
-        let limit = new.len() / 4 * 3;
-        Ok(edgeshift_common::delta::encode(&old, &new, limit)
-            .map(|(bitmap, payload)| (new.len(), bitmap, payload)))
-    })
-    .await
-    .map_err(|e| TransferError::Io(std::io::Error::other(e)))??;
-    let Some((raw_len, bitmap, payload)) = delta else {
-        return Ok(false);
-    };
-    let frame = wire::encode_delta(rid, &ask.want, &ask.base, raw_len as u32, &bitmap, &payload);
-    sock.write_all(&frame).await?;
-    let wire_bytes = (bitmap.len() + payload.len()) as u64;
-    metrics::counter!("edgeshift_served_bytes_total", "peer" => peer.to_string()).increment(wire_bytes);
-    metrics::counter!("edgeshift_served_chunks_total", "peer" => peer.to_string()).increment(1);
-    metrics::counter!("edgeshift_chunks_delta_total", "peer" => peer.to_string()).increment(1);
-    metrics::counter!("edgeshift_delta_saved_bytes_total", "peer" => peer.to_string())
-        .increment((raw_len as u64).saturating_sub(wire_bytes));
-    if let Some(u) = &cfg.uses {
-        u.record(ask.want);
-    }
-    Ok(true)
 }
 
 /// Most a request waits for a chunk that a publish in progress names.
