@@ -20,8 +20,11 @@ pub fn threads_for(items: usize, max_threads: usize, min_per_thread: usize) -> u
 /// Applies `f` to every item on up to `max_threads` scoped threads (never
 /// more than the machine's cores, each thread given at least
 /// `min_per_thread` items, so a small slice gets one) and returns the
-/// results in the items' order. The items of a part whose thread panicked
-/// get `None`.
+/// results in the items' order. Thread k of T takes items k, k + T, ...:
+/// the items are done roughly in their order overall, so a caller that
+/// lists them by urgency gets the urgent ones first (a publish places the
+/// chunks the destination asks for first, first). The items of a thread
+/// that panicked get `None`.
 pub fn map_in_parts<T, R, F>(items: &[T], max_threads: usize, min_per_thread: usize, f: F) -> Vec<Option<R>>
 where
     T: Sync,
@@ -31,26 +34,18 @@ where
     if items.is_empty() {
         return Vec::new();
     }
-    let per = items
-        .len()
-        .div_ceil(threads_for(items.len(), max_threads, min_per_thread));
+    let threads = threads_for(items.len(), max_threads, min_per_thread);
     let f = &f;
     std::thread::scope(|sc| {
-        let parts: Vec<_> = items
-            .chunks(per)
-            .map(|part| {
-                (
-                    part.len(),
-                    sc.spawn(move || part.iter().map(f).collect::<Vec<R>>()),
-                )
-            })
+        let handles: Vec<_> = (0..threads)
+            .map(|k| sc.spawn(move || items.iter().skip(k).step_by(threads).map(f).collect::<Vec<R>>()))
             .collect();
-        parts
+        let mut parts: Vec<Option<std::vec::IntoIter<R>>> = handles
             .into_iter()
-            .flat_map(|(n, h)| match h.join() {
-                Ok(out) => out.into_iter().map(Some).collect::<Vec<_>>(),
-                Err(_) => (0..n).map(|_| None).collect(),
-            })
+            .map(|h| h.join().ok().map(Vec::into_iter))
+            .collect();
+        (0..items.len())
+            .map(|i| parts[i % threads].as_mut().and_then(Iterator::next))
             .collect()
     })
 }
@@ -85,5 +80,16 @@ mod tests {
             i
         });
         assert_eq!(out, vec![None; 5]);
+        // Several threads: a panic spoils only the items its thread took
+        // (every T-th, from the panicking item's position modulo T).
+        let t = threads_for(items.len(), 4, 8);
+        let out = map_in_parts(&items, 4, 8, |&i| {
+            assert!(i != 3, "item 3 fails");
+            i
+        });
+        for (i, r) in out.iter().enumerate() {
+            let spoiled = i % t == 3 % t;
+            assert_eq!(r.is_none(), spoiled, "item {i} with {t} threads");
+        }
     }
 }

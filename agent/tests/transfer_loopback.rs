@@ -835,6 +835,70 @@ async fn a_chunk_being_published_is_waited_for_and_one_that_never_comes_is_missi
     drop(agent);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_in_place_are_not_held_behind_one_still_being_placed() {
+    use edgeshift_agent::transfer::peer::PeerStore;
+    let src = source(8, 12);
+    let agent = Agent::local(&src.store, &src.key, false, &src.dir.path().join("a.log"));
+    let key = ClusterKey::from_file(&src.key).expect("key");
+    let store = LocalStore::open(&src.store).expect("src");
+    let present = vec![5u8; CHUNK];
+    let fp_present = Fingerprint::of(&present);
+    store.put_chunk(&fp_present, &present).expect("put");
+    let place_later = |data: Vec<u8>, ms: u64| {
+        let fp = Fingerprint::of(&data);
+        intent_naming(&src.store, &[fp]);
+        let path = store.chunk_path(&fp);
+        let placer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms));
+            std::fs::create_dir_all(path.parent().expect("fan")).expect("fan dir");
+            std::fs::write(&path, data).expect("place");
+        });
+        (fp, placer)
+    };
+
+    // Asked first, placed 400 ms later: the chunk in place comes before it.
+    let (fp_coming, placer) = place_later(vec![6u8; CHUNK], 400);
+    let mut s = TcpStream::connect(agent.addr).await.expect("connect");
+    client_handshake(&mut s, &key, "tester", "agent")
+        .await
+        .expect("auth");
+    s.write_all(&wire::encode_chunk_request(1, false, 0, &[fp_coming, fp_present]))
+        .await
+        .expect("request");
+    let mut order = Vec::new();
+    for _ in 0..2 {
+        let f = read_frame(&mut s, wire::MAX_FRAME_LEN, None)
+            .await
+            .expect("answer");
+        assert_eq!(f.kind, FrameKind::Chunk);
+        let (head, bytes) = wire::decode_chunk(&f.body).expect("chunk");
+        assert_eq!(Fingerprint::of(bytes), head.fingerprint, "bytes match their name");
+        order.push(head.fingerprint);
+    }
+    assert_eq!(
+        order,
+        vec![fp_present, fp_coming],
+        "the chunk in place went first"
+    );
+    placer.join().expect("placer");
+
+    // The library client still returns the answers in the order asked.
+    let (fp_late, placer) = place_later(vec![7u8; CHUNK], 300);
+    let mut peer = PeerStore::connect(agent.addr, &key, FetchOptions::default())
+        .await
+        .expect("peer");
+    let got = peer
+        .get_chunks(&[fp_late, fp_present, fp_late])
+        .await
+        .expect("chunks");
+    assert_eq!(got[0].as_deref(), Some(&[7u8; CHUNK][..]));
+    assert_eq!(got[1].as_deref(), Some(&present[..]));
+    assert_eq!(got[2].as_deref(), Some(&[7u8; CHUNK][..]));
+    placer.join().expect("placer");
+    drop(agent);
+}
+
 fn agent_with_info_log(store: &Path, key: &Path, listen: &str, log: &Path) -> Agent {
     let mut cmd = std::process::Command::new(BIN);
     cmd.env("RUST_LOG", "info");

@@ -119,8 +119,16 @@ impl LocalStore {
         let h = std::thread::Builder::new()
             .name("store-publish".into())
             .spawn(move || {
+                let t = std::time::Instant::now();
                 let (u, placed) = place_all(&root, Some(intent), todo);
+                let placed_s = t.elapsed().as_secs_f64();
                 u.sync()?;
+                tracing::debug!(
+                    chunks = n,
+                    placed_s,
+                    synced_s = t.elapsed().as_secs_f64(),
+                    "published chunks placed and synced"
+                );
                 placed
             })
             .map_err(io_err("start a publishing thread for", self.root()))?;
@@ -260,6 +268,8 @@ fn place_all<D: AsRef<[u8]> + Sync>(
     if todo.is_empty() {
         return (out, Ok(()));
     }
+    // In the caller's order overall (map_in_parts interleaves its threads):
+    // the chunk server waits for a chunk named but not yet placed.
     let results: Vec<Result<bool, StoreError>> = crate::par::map_in_parts(&todo, 4, 16, place)
         .into_iter()
         .map(|r| {

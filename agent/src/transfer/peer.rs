@@ -104,48 +104,49 @@ impl PeerStore {
         self.sock
             .write_all(&wire::encode_chunk_request(rid, false, 0, fps))
             .await?;
-        let mut out = Vec::with_capacity(fps.len());
-        for fp in fps {
+        // One answer per fingerprint; a chunk the server is still placing
+        // may come after later ones (docs/wire.md), so each answer fills the
+        // first unanswered position of its fingerprint.
+        let mut out: Vec<Option<Option<Vec<u8>>>> = vec![None; fps.len()];
+        for _ in 0..fps.len() {
             let f = self.next_frame().await?;
-            match f.kind {
+            let (fp, answer) = match f.kind {
                 FrameKind::Chunk => {
                     let (head, bytes) = wire::decode_chunk(&f.body)?;
-                    if head.fingerprint != *fp || f.header.flags() & wire::FLAG_ZSTD != 0 {
+                    let fp = head.fingerprint;
+                    if f.header.flags() & wire::FLAG_ZSTD != 0 {
                         return Err(TransferError::BadChunk {
-                            fp: *fp,
-                            reason: format!(
-                                "peer answered with chunk {} or compressed it unasked",
-                                head.fingerprint
-                            ),
+                            fp,
+                            reason: "peer compressed it unasked".into(),
                         });
                     }
                     if bytes.len() > MAX_CHUNK_LEN as usize || head.raw_len.get() as usize != bytes.len() {
                         return Err(TransferError::BadChunk {
-                            fp: *fp,
+                            fp,
                             reason: "length does not match its header".into(),
                         });
                     }
-                    let actual = Fingerprint::of(bytes);
-                    if actual != *fp {
-                        return Err(TransferError::Store(StoreError::ChunkRejected {
-                            fp: *fp,
-                            actual,
-                        }));
-                    }
-                    out.push(Some(bytes.to_vec()));
+                    (fp, Some(bytes))
                 }
-                FrameKind::Missing => {
-                    let got = wire::decode_fingerprint(f.kind, &f.body)?;
-                    if got != *fp {
-                        return Err(TransferError::Unexpected(format!(
-                            "Missing for {got}, expected {fp}"
-                        )));
-                    }
-                    out.push(None);
-                }
+                FrameKind::Missing => (wire::decode_fingerprint(f.kind, &f.body)?, None),
                 _ => return Err(unexpected(&f)),
+            };
+            let Some(slot) = (0..fps.len()).find(|&i| fps[i] == fp && out[i].is_none()) else {
+                return Err(TransferError::BadChunk {
+                    fp,
+                    reason: "peer answered a chunk not asked for (or twice)".into(),
+                });
+            };
+            if let Some(bytes) = answer {
+                let actual = Fingerprint::of(bytes);
+                if actual != fp {
+                    return Err(TransferError::Store(StoreError::ChunkRejected { fp, actual }));
+                }
+                out[slot] = Some(Some(bytes.to_vec()));
+            } else {
+                out[slot] = Some(None);
             }
         }
-        Ok(out)
+        Ok(out.into_iter().map(Option::flatten).collect())
     }
 }

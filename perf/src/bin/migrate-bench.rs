@@ -479,6 +479,11 @@ fn edgeshift_run(sc: &Scenario, a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result
         b.dir.path().join("dst-vm.log"),
         a.out.join(format!("{name}-dst.log")),
     );
+    // The source's chunk server (what it was asked for, when).
+    let _ = std::fs::copy(
+        b.dir.path().join("src-agent.log"),
+        a.out.join(format!("{name}-src-agent.log")),
+    );
     if !out.status.success() {
         bail!(
             "edgeshift migrate failed: {}",
