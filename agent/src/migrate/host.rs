@@ -141,6 +141,7 @@ impl Host {
     /// Accepts connections forever, one thread each.
     pub fn serve(self: Arc<Self>, listener: TcpListener) -> Result<(), MigrateError> {
         tracing::info!(addr = ?listener.local_addr().ok(), id = %self.cfg.id, "migration host listening");
+        self.cfg.qemu.probe_ahead();
         for conn in listener.incoming() {
             let s = match conn {
                 Ok(s) => s,
