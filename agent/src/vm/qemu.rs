@@ -242,6 +242,27 @@ impl Qemu {
     }
 }
 
+/// Below this many free bytes a file system counts as full for QEMU's
+/// start (its pid file, its QMP socket).
+const FULL_BELOW: u64 = 1 << 20;
+
+/// Bytes an unprivileged writer may still use on `path`'s file system.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call, and `st`
+    // points to writable memory the size of a `statvfs`, which the kernel
+    // fills when the call returns 0 (read only then).
+    let st = unsafe {
+        if libc::statvfs(c.as_ptr(), st.as_mut_ptr()) != 0 {
+            return None;
+        }
+        st.assume_init()
+    };
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 fn newest_host_kernel() -> Option<PathBuf> {
     let mut ks: Vec<PathBuf> = std::fs::read_dir("/boot")
         .ok()?
@@ -323,10 +344,20 @@ impl Hypervisor for Qemu {
             if cfg.spec.net.is_some() {
                 remove_tap(&cfg.spec.name);
             }
+            let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            // QEMU says only "Failed to write pid file" when the run
+            // directory's file system is full (an incoming VM's image
+            // filling it, say): name the cause.
+            if let Some(free) = free_bytes(&cfg.run_dir).filter(|&f| f < FULL_BELOW) {
+                stderr.push_str(&format!(
+                    " (no space left on the file system of {}: {free} bytes free)",
+                    cfg.run_dir.display()
+                ));
+            }
             return Err(VmError::Command {
                 program: self.binary.display().to_string(),
                 status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                stderr,
             });
         }
         let pid_path = cfg.run_dir.join("qemu.pid");
@@ -372,5 +403,17 @@ impl Hypervisor for Qemu {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_bytes_reads_the_file_system_and_is_none_for_a_missing_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(free_bytes(dir.path()).is_some_and(|f| f > 0));
+        assert_eq!(free_bytes(&dir.path().join("no-such-dir")), None);
     }
 }
