@@ -24,6 +24,7 @@ use edgeshift_agent::vm::{
     Accel, AccelChoice, LaunchConfig, MemoryTransport, NetSpec, Qemu, QmpClient, StateDir, VmSpec,
 };
 use edgeshift_perf::holdings::{chunk_set, lacked_by_holders};
+use edgeshift_perf::testbed::iperf::{iperf3, Direction};
 use edgeshift_perf::testbed::{LinkSpec, Testbed};
 use serde::Serialize;
 use serde_json::json;
@@ -57,12 +58,18 @@ struct Args {
     /// all but b-nothrot and c-overlap.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Seconds of iperf3 per path (after one omitted for slow start) to
+    /// measure each path's TCP goodput, the rate of the physical limit.
+    #[arg(long, default_value_t = 3)]
+    goodput_secs: u32,
 }
 
 const CHUNK_PORT: u16 = 7070;
 const HOST_PORT: u16 = 7080;
 const NBD_PORT: u16 = 10809;
 const MIG_PORT: u16 = 4444;
+/// First of three iperf3 ports (one per path into dst).
+const IPERF_PORT: u16 = 5201;
 
 #[derive(Debug, Clone, Serialize)]
 struct Row {
@@ -87,10 +94,19 @@ struct Row {
     missing_bytes: u64,
     /// edgeshift only: the bytes the destination lacked of the final disk,
     /// over the paths that held them ([`disk_lower_bound`]), plus the
-    /// memory limit ([`memory_limits`]).
+    /// memory limit ([`limits`]), at the paths' measured TCP goodput.
     physical_limit_seconds: Option<f64>,
     /// The disk part of the limit alone.
     disk_limit_seconds: Option<f64>,
+    /// The same limit at the links' nominal rate (`--mbit` taken as payload
+    /// bytes, headers ignored): a bound no TCP stream can reach.
+    nominal_limit_seconds: Option<f64>,
+    /// edgeshift only: TCP goodput of the paths src, n1, n2 into dst,
+    /// measured with iperf3 in this run's testbed before the VM started.
+    path_goodput_mbit: Vec<f64>,
+    /// edgeshift only: bytes of the final disk the destination lacked, by
+    /// the set of paths that held them (bit 0 src, 1 n1, 2 n2).
+    lacked_by_paths: std::collections::BTreeMap<u32, u64>,
     bytes_by_source: serde_json::Value,
     /// edgeshift only: the full `migrate --json` report (phases, rounds, ...).
     report: serde_json::Value,
@@ -418,6 +434,11 @@ fn edgeshift_run(sc: &Scenario, a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result
     eprintln!("== {name}: edgeshift ({order}, memory {memory})");
     let tag = format!("mb{}", name.replace('-', "_"));
     let mut b = bed(&tag, a, bin)?;
+    let goodput = path_goodput(&b, a)?;
+    eprintln!(
+        "   TCP goodput into dst (iperf3), Mbit/s: src {:.1}, n1 {:.1}, n2 {:.1}",
+        goodput[0], goodput[1], goodput[2]
+    );
     copy_store(&vm.base_store, &b.store("src"))?;
     if sc.warm {
         copy_store(&vm.base_store, &b.store("dst"))?;
@@ -494,7 +515,6 @@ fn edgeshift_run(sc: &Scenario, a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).context("migrate --json output")?;
     let by_source = r["bytes_by_source"].clone();
     let missing = r["missing_at_plan_bytes"].as_u64().unwrap_or(0);
-    let rate = a.mbit as f64 * 1e6 / 8.0;
     let final_id: edgeshift_common::Fingerprint = r["manifest_id"]
         .as_str()
         .context("manifest_id in the report")?
@@ -505,13 +525,9 @@ fn edgeshift_run(sc: &Scenario, a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result
         &final_id,
     )?;
     let lacked = lacked_by_holders(&final_disk, &held_dst, &held_paths);
-    let disk_limit = disk_lower_bound(&lacked, &[rate; 3]);
     let memory_bytes = r["memory_bytes"].as_u64().unwrap_or(0);
-    // This run's own memory bytes for now; `memory_limits` lowers it to the
-    // fewest any run of the bench needed.
-    let limit = disk_limit + memory_bytes as f64 / rate;
     eprintln!(
-        "   lacked {:.1} MB by holder set {:?}; disk limit {disk_limit:.2} s, memory {:.1} MB",
+        "   lacked {:.1} MB by holder set {:?}; memory {:.1} MB",
         lacked.values().sum::<u64>() as f64 / 1e6,
         lacked,
         memory_bytes as f64 / 1e6
@@ -530,8 +546,12 @@ fn edgeshift_run(sc: &Scenario, a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result
         delta_chunks: r["delta_chunks"].as_u64().unwrap_or(0),
         delta_saved_bytes: r["delta_saved_bytes"].as_u64().unwrap_or(0),
         missing_bytes: missing,
-        physical_limit_seconds: Some(limit),
-        disk_limit_seconds: Some(disk_limit),
+        // Filled in by `limits` once every run's memory bytes are known.
+        physical_limit_seconds: None,
+        disk_limit_seconds: None,
+        nominal_limit_seconds: None,
+        path_goodput_mbit: goodput,
+        lacked_by_paths: lacked.into_iter().collect(),
         bytes_by_source: by_source,
         report: r.clone(),
     })
@@ -684,6 +704,9 @@ fn qemu_run(a: &Args, bin: &Path, vm: &Vm, zstd: bool) -> anyhow::Result<Row> {
         missing_bytes: size,
         physical_limit_seconds: None,
         disk_limit_seconds: None,
+        nominal_limit_seconds: None,
+        path_goodput_mbit: Vec::new(),
+        lacked_by_paths: Default::default(),
         bytes_by_source: json!({}),
         report: json!({ "mirror_ready_seconds": disk_secs }),
     })
@@ -699,8 +722,8 @@ fn markdown(rows: &[Row], a: &Args) -> String {
         .iter()
         .find(|r| r.scenario == "qemu")
         .map(|r| r.total_seconds);
-    s.push_str("| scenario | method | total s | memory phase s | downtime ms | wire MB | disk MB | memory MB | rounds | chunks re-sent | deltas (MB saved) | speed-up vs QEMU | disk limit s | physical limit s | total / limit | disk throttle |\n");
-    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    s.push_str("| scenario | method | total s | memory phase s | downtime ms | wire MB | disk MB | memory MB | rounds | chunks re-sent | deltas (MB saved) | speed-up vs QEMU | path goodput Mbit/s (src, n1, n2) | disk limit s | physical limit s | total / limit | total / limit at nominal rate | disk throttle |\n");
+    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|\n");
     for r in rows {
         let speedup = qemu
             .map(|q| format!("{:.2}×", q / r.total_seconds))
@@ -719,6 +742,19 @@ fn markdown(rows: &[Row], a: &Args) -> String {
             Some(l) => (format!("{l:.1}"), format!("{:.2}", r.total_seconds / l)),
             None => ("-".into(), "-".into()),
         };
+        let nominal_ratio = r
+            .nominal_limit_seconds
+            .map(|l| format!("{:.2}", r.total_seconds / l))
+            .unwrap_or_else(|| "-".into());
+        let goodput = if r.path_goodput_mbit.is_empty() {
+            "-".into()
+        } else {
+            r.path_goodput_mbit
+                .iter()
+                .map(|m| format!("{m:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let deltas = if r.physical_limit_seconds.is_some() {
             format!("{} ({:.1})", r.delta_chunks, r.delta_saved_bytes as f64 / 1e6)
         } else {
@@ -736,7 +772,7 @@ fn markdown(rows: &[Row], a: &Args) -> String {
             "-".into()
         };
         s.push_str(&format!(
-            "| {} | {} | {:.1} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.1} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.scenario,
             r.method,
             r.total_seconds,
@@ -749,22 +785,26 @@ fn markdown(rows: &[Row], a: &Args) -> String {
             r.chunks_resent,
             deltas,
             speedup,
+            goodput,
             disk_lim,
             lim,
             ratio,
+            nominal_ratio,
             throttle
         ));
     }
-    s.push_str("\n(a) cold destination, base at two neighbours; (b) warm destination; (c) warm destination + an earlier copy of the disk at two neighbours; b-index: (b) with plain index order instead of cold-first; b-plain: (b) with QEMU's plain memory stream instead of multifd + zstd; b-overlap: (b) with memory started beside the disk pre-copy (`--memory-start with-disk`) instead of after it (c-overlap, run only when named in `--only`: the same for (c)); c-whole: (c) sending chunks written again whole instead of as the 4 KiB blocks that differ from the destination's earlier copy (`--whole-chunks`); deltas: chunks sent that way (the bytes they saved); b-slice: (b) finding what changed since boot by slicing the live disk beside round 0 (`--no-boot-log`; those chunks then go in round 1) instead of reading the VM's boot log; qemu-zstd: QEMU's path with the same multifd + zstd memory settings (virsh's default is the plain row `qemu`). Physical limit = disk limit + memory limit. Disk limit: the bytes of the final disk the destination lacked before the migration, grouped by the set of paths (source, n1, n2) that held them; the maximum over every set S of paths of (bytes held only within S) ÷ (S's summed link rates). Memory limit: the fewest memory bytes any run of this bench moved for this VM with the same memory transport (one pass over its memory, as sent, compressed or not; a run whose memory passed again beside a long disk phase is charged for the extra) ÷ the source path's rate. Wire bytes: interface counters of every link into the destination. Disk throttle: how hard the source VM's disk writes were squeezed to keep the pause within `--max-downtime` (1 s); b-nothrot: (b) with that throttle off.\n");
+    s.push_str("\n(a) cold destination, base at two neighbours; (b) warm destination; (c) warm destination + an earlier copy of the disk at two neighbours; b-index: (b) with plain index order instead of cold-first; b-plain: (b) with QEMU's plain memory stream instead of multifd + zstd; b-overlap: (b) with memory started beside the disk pre-copy (`--memory-start with-disk`) instead of after it (c-overlap, run only when named in `--only`: the same for (c)); c-whole: (c) sending chunks written again whole instead of as the 4 KiB blocks that differ from the destination's earlier copy (`--whole-chunks`); deltas: chunks sent that way (the bytes they saved); b-slice: (b) finding what changed since boot by slicing the live disk beside round 0 (`--no-boot-log`; those chunks then go in round 1) instead of reading the VM's boot log; qemu-zstd: QEMU's path with the same multifd + zstd memory settings (virsh's default is the plain row `qemu`). Physical limit = disk limit + memory limit. Disk limit: the bytes of the final disk the destination lacked before the migration, grouped by the set of paths (source, n1, n2) that held them; the maximum over every set S of paths of (bytes held only within S) ÷ (S's summed path rates). Memory limit: the fewest memory bytes any run of this bench moved for this VM with the same memory transport (one pass over its memory, as sent, compressed or not; a run whose memory passed again beside a long disk phase is charged for the extra) ÷ the source path's rate. A path's rate is its TCP goodput, measured with iperf3 in the run's own testbed before the VM starts (capped at the link rate): the payload a bulk TCP stream gets through the link, below the link rate by the Ethernet, IP and TCP headers of every 1500-byte frame (about 4.4 %). `total / limit at nominal rate` takes the link rate itself as payload bytes per second instead, a bound no TCP transfer can reach. Wire bytes: interface counters of every link into the destination. Disk throttle: how hard the source VM's disk writes were squeezed to keep the pause within `--max-downtime` (1 s); b-nothrot: (b) with that throttle off.\n");
     s
 }
 
-/// The memory part of each edgeshift row's physical limit: the fewest
-/// memory bytes any run of this bench moved for this VM with the same
-/// transport (one pass over its memory), over the source path's rate. A run
-/// that sent more (memory passing again beside a long disk phase) is
-/// charged for the extra, not credited with it.
-fn memory_limits(rows: &mut [Row], rate: f64) {
+/// Each edgeshift row's physical limit: the disk limit ([`disk_lower_bound`]
+/// over the bytes the row's destination lacked) plus the memory limit, the
+/// fewest memory bytes any run of this bench moved for this VM with the
+/// same transport (one pass over its memory) over the source path's rate.
+/// A run that sent more (memory passing again beside a long disk phase) is
+/// charged for the extra, not credited with it. Computed at the paths'
+/// measured goodput (never above `nominal`, bytes/s) and at `nominal`.
+fn limits(rows: &mut [Row], nominal: f64) {
     let fewest = |t: &str, rows: &[Row]| {
         rows.iter()
             .filter(|r| r.memory_transport == t && r.memory_bytes > 0)
@@ -773,10 +813,45 @@ fn memory_limits(rows: &mut [Row], rate: f64) {
     };
     let refs: Vec<Option<u64>> = rows.iter().map(|r| fewest(&r.memory_transport, rows)).collect();
     for (r, least) in rows.iter_mut().zip(refs) {
-        if let (Some(disk), Some(mem)) = (r.disk_limit_seconds, least) {
-            r.physical_limit_seconds = Some(disk + mem as f64 / rate);
-        }
+        let (Some(mem), 3) = (least, r.path_goodput_mbit.len()) else {
+            continue;
+        };
+        let lacked: std::collections::HashMap<u32, u64> =
+            r.lacked_by_paths.iter().map(|(&k, &v)| (k, v)).collect();
+        let measured: Vec<f64> = r
+            .path_goodput_mbit
+            .iter()
+            .map(|m| (m * 1e6 / 8.0).min(nominal))
+            .collect();
+        let disk = disk_lower_bound(&lacked, &measured);
+        r.disk_limit_seconds = Some(disk);
+        r.physical_limit_seconds = Some(disk + mem as f64 / measured[0]);
+        r.nominal_limit_seconds = Some(disk_lower_bound(&lacked, &[nominal; 3]) + mem as f64 / nominal);
     }
+}
+
+/// TCP goodput of the paths src, n1, n2 into dst (Mbit/s), measured at once
+/// (they are separate links) with iperf3 for a few seconds each.
+fn path_goodput(b: &Bed, a: &Args) -> anyhow::Result<Vec<f64>> {
+    let hosts = ["src", "n1", "n2"];
+    std::thread::scope(|s| {
+        let runs: Vec<_> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                s.spawn(move || -> anyhow::Result<f64> {
+                    let addr = b.tb.addr_of("dst", h)?;
+                    let port = IPERF_PORT + i as u16;
+                    let run = iperf3(&b.tb, "dst", addr, port, h, a.goodput_secs, Direction::ToServer)
+                        .with_context(|| format!("iperf3 {h} -> dst"))?;
+                    Ok(run.mbit_per_s)
+                })
+            })
+            .collect();
+        runs.into_iter()
+            .map(|t| t.join().map_err(|_| anyhow::anyhow!("iperf3 thread panicked"))?)
+            .collect()
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -813,7 +888,7 @@ fn main() -> anyhow::Result<()> {
             rows.push(edgeshift_run(sc, &a, &bin, &vm)?);
         }
     }
-    memory_limits(&mut rows, a.mbit as f64 * 1e6 / 8.0);
+    limits(&mut rows, a.mbit as f64 * 1e6 / 8.0);
     std::fs::create_dir_all(&a.out)?;
     let json =
         serde_json::to_string_pretty(&json!({ "mbit": a.mbit, "memory_mib": a.memory_mib, "rows": rows }))?;

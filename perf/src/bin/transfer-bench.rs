@@ -13,9 +13,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use edgeshift_perf::testbed::iperf::{iperf3, Direction};
 use edgeshift_perf::testbed::{LinkSpec, Testbed};
 use serde_json::{json, Value};
 
@@ -89,19 +90,9 @@ fn parse_opts() -> Result<Opts> {
     Ok(o)
 }
 
-/// CPU seconds (user + system) of a reaped child.
+/// CPU seconds (user + system) of a reaped child, and its status.
 fn wait_rusage(child: &mut Child) -> Result<(i32, f64)> {
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our own unreaped child; status and ru point to live locals.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error()).context("wait4");
-    }
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    Ok((status, secs(ru.ru_utime) + secs(ru.ru_stime)))
+    edgeshift_perf::testbed::iperf::wait_rusage(child).context("wait4")
 }
 
 /// An agent running in a peer namespace; stopped with SIGTERM on drop.
@@ -249,47 +240,16 @@ fn slice(o: &Opts, image: &Path, store: &Path) -> Result<String> {
 /// iperf3 from `p1` to `dst` (reverse mode: the server sends, as a chunk
 /// server does); returns (Mbit/s, server CPU s, client CPU s, bytes).
 fn iperf(tb: &Testbed, server_addr: Ipv4Addr, seconds: u32) -> Result<(f64, f64, f64, f64)> {
-    let mut server = tb
-        .command("p1", "iperf3")
-        .args([
-            "-s",
-            "-1",
-            "-B",
-            &server_addr.to_string(),
-            "-p",
-            &IPERF_PORT.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawn iperf3 server (is iperf3 installed?)")?;
-    std::thread::sleep(Duration::from_millis(500));
-    let mut client = tb
-        .command("dst", "iperf3")
-        .args([
-            "-c",
-            &server_addr.to_string(),
-            "-p",
-            &IPERF_PORT.to_string(),
-            "-R",
-            "-J",
-            "-t",
-        ])
-        .arg(seconds.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawn iperf3 client")?;
-    let mut out = String::new();
-    client.stdout.take().context("stdout")?.read_to_string(&mut out)?;
-    let (_, client_cpu) = wait_rusage(&mut client)?;
-    let (_, server_cpu) = wait_rusage(&mut server)?;
-    let v: Value = serde_json::from_str(&out).context("iperf3 -J output")?;
-    let bps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3 output lacks end.sum_received")?;
-    let bytes = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
-    Ok((bps / 1e6, server_cpu, client_cpu, bytes))
+    let r = iperf3(
+        tb,
+        "p1",
+        server_addr,
+        IPERF_PORT,
+        "dst",
+        seconds,
+        Direction::FromServer,
+    )?;
+    Ok((r.mbit_per_s, r.server_cpu_s, r.client_cpu_s, r.bytes))
 }
 
 fn main() -> Result<()> {

@@ -16,6 +16,7 @@
 //! Latency is not emulated (this kernel has no netem); bandwidth is.
 
 mod cmd;
+pub mod iperf;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;

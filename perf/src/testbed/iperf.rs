@@ -1,0 +1,144 @@
+//! TCP goodput of a testbed path, measured with iperf3 (a bulk stream, the
+//! payload bytes the receiver got per second): what a path really carries,
+//! below its link rate by the Ethernet, IP and TCP headers of every frame.
+
+use std::io::Read;
+use std::net::Ipv4Addr;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use super::{Testbed, TestbedError};
+
+/// One iperf3 run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Iperf3Run {
+    /// Payload received, Mbit/s (10^6 bits).
+    pub mbit_per_s: f64,
+    /// Payload bytes received.
+    pub bytes: f64,
+    /// CPU seconds (user + system) of the server and of the client.
+    pub server_cpu_s: f64,
+    pub client_cpu_s: f64,
+}
+
+/// Which way the stream flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// The client sends to the server.
+    ToServer,
+    /// The server sends to the client (`-R`), as a chunk server does.
+    FromServer,
+}
+
+/// Runs an iperf3 server in `server_host` bound to `server_addr:port` for
+/// one test, and a client in `client_host` for `seconds` (the first second
+/// omitted, so TCP's slow start is not averaged in).
+pub fn iperf3(
+    tb: &Testbed,
+    server_host: &str,
+    server_addr: Ipv4Addr,
+    port: u16,
+    client_host: &str,
+    seconds: u32,
+    direction: Direction,
+) -> Result<Iperf3Run, TestbedError> {
+    tb.host(server_host)?;
+    tb.host(client_host)?;
+    let spawn_err = |source| TestbedError::Spawn {
+        cmd: "iperf3 (is it installed?)".into(),
+        source,
+    };
+    let mut server = tb
+        .command(server_host, "iperf3")
+        .args([
+            "-s",
+            "-1",
+            "-B",
+            &server_addr.to_string(),
+            "-p",
+            &port.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(spawn_err)?;
+    // The server needs a moment to listen; a client that comes too early
+    // is refused, so retry a few times rather than sleeping long.
+    let mut last = String::new();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        let mut cmd = tb.command(client_host, "iperf3");
+        cmd.args([
+            "-c",
+            &server_addr.to_string(),
+            "-p",
+            &port.to_string(),
+            "-J",
+            "-O",
+            "1",
+            "-t",
+        ])
+        .arg(seconds.to_string());
+        if direction == Direction::FromServer {
+            cmd.arg("-R");
+        }
+        let mut client = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(spawn_err)?;
+        let mut out = String::new();
+        let read = client
+            .stdout
+            .take()
+            .map(|mut s| s.read_to_string(&mut out))
+            .transpose();
+        let (status, client_cpu_s) = wait_rusage(&mut client).map_err(spawn_err)?;
+        read.map_err(spawn_err)?;
+        if status != 0 {
+            last = out;
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&out).map_err(|_| TestbedError::Parse {
+            cmd: "iperf3 -J".into(),
+            output: out.clone(),
+        })?;
+        let received = &v["end"]["sum_received"];
+        let (Some(bps), Some(bytes)) = (received["bits_per_second"].as_f64(), received["bytes"].as_f64())
+        else {
+            return Err(TestbedError::Parse {
+                cmd: "iperf3 -J (end.sum_received)".into(),
+                output: out,
+            });
+        };
+        let (_, server_cpu_s) = wait_rusage(&mut server).map_err(spawn_err)?;
+        return Ok(Iperf3Run {
+            mbit_per_s: bps / 1e6,
+            bytes,
+            server_cpu_s,
+            client_cpu_s,
+        });
+    }
+    let _ = server.kill();
+    let _ = wait_rusage(&mut server);
+    Err(TestbedError::Parse {
+        cmd: format!("iperf3 -c {server_addr}:{port} from {client_host}"),
+        output: last,
+    })
+}
+
+/// Reaps `child`; its exit status (as `wait4` gives it) and CPU seconds
+/// (user + system).
+pub fn wait_rusage(child: &mut Child) -> std::io::Result<(i32, f64)> {
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own unreaped child; status and ru point to live locals.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok((status, secs(ru.ru_utime) + secs(ru.ru_stime)))
+}
