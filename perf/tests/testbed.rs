@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use edgeshift_perf::testbed::iperf::{iperf3, Direction};
 use edgeshift_perf::testbed::{cleanup_stale, list_netns, LinkSpec, Testbed, TestbedError};
 
 /// Whether the test can run; panics under CI=true when it cannot.
@@ -51,45 +52,19 @@ fn root_ifaces() -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Throughput in Mbit/s from `client` to `server` (or back with `reverse`).
+/// Throughput in Mbit/s from `client` to `server` (or back with `reverse`),
+/// through the library's iperf3 runner (4 s after 1 s of slow start).
 fn iperf_mbit(tb: &Testbed, client: &str, server: &str, reverse: bool) -> f64 {
     let server_addr = tb.addr_of(server, client).expect("link exists");
-    let mut srv = tb
-        .command(server, "iperf3")
-        .args(["-s", "-1", "-B", &server_addr.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start iperf3 server");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let out = loop {
-        let mut cmd = tb.command(client, "iperf3");
-        cmd.args(["-c", &server_addr.to_string(), "-t", "4", "-O", "1", "-J"]);
-        if reverse {
-            cmd.arg("-R");
-        }
-        let out = cmd.output().expect("run iperf3 client");
-        // iperf3 3.12 -J exits 0 even when it could not connect; look at the JSON.
-        let refused = String::from_utf8_lossy(&out.stdout).contains("\"error\"");
-        if (out.status.success() && !refused) || Instant::now() > deadline {
-            break out;
-        }
-        // The server may not listen yet.
-        std::thread::sleep(Duration::from_millis(100));
+    let direction = if reverse {
+        Direction::FromServer
+    } else {
+        Direction::ToServer
     };
-    // iperf3 -s -1 sometimes lingers after the test; the client's report is all we need.
-    let _ = srv.kill();
-    let _ = srv.wait();
-    assert!(
-        out.status.success(),
-        "iperf3 failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no bits_per_second in iperf3 output: {v}"))
-        / 1e6
+    let run = iperf3(tb, server, server_addr, 5201, client, 4, direction)
+        .unwrap_or_else(|e| panic!("iperf3 {client} -> {server}: {e}"));
+    assert!(run.bytes > 0.0, "iperf3 reported no bytes: {run:?}");
+    run.mbit_per_s
 }
 
 #[test]
@@ -344,6 +319,38 @@ fn bad_input_is_rejected() {
         tb.l2_segment("s", &["a", "zz"], LinkSpec::default()),
         Err(TestbedError::UnknownHost(_))
     ));
+    // iperf3 between unknown hosts, or to an address no server can bind
+    // (not a's): an error, not a hang.
+    assert!(matches!(
+        iperf3(
+            &tb,
+            "zz",
+            Ipv4Addr::new(198, 18, 9, 9),
+            5201,
+            "a",
+            1,
+            Direction::ToServer
+        ),
+        Err(TestbedError::UnknownHost(_))
+    ));
+    let started = Instant::now();
+    match iperf3(
+        &tb,
+        "a",
+        Ipv4Addr::new(198, 18, 200, 1),
+        5201,
+        "b",
+        1,
+        Direction::ToServer,
+    ) {
+        Err(TestbedError::Parse { cmd, .. }) => assert!(cmd.contains("198.18.200.1"), "{cmd}"),
+        other => panic!("expected iperf3 to fail without a server, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
     // A failing command surfaces its stderr.
     match tb.run_in("a", "ip", &["link", "set", "nonexistent0", "up"]) {
         Err(TestbedError::Command { stderr, .. }) => assert!(!stderr.is_empty()),

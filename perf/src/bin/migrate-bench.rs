@@ -11,8 +11,12 @@
 //!
 //! Each scenario gets a fresh testbed: hosts `src`, `dst`, `n1`, `n2`, links
 //! src–dst, n1–dst, n2–dst at `--mbit`, and an L2 segment for the VM's NIC.
-//! Writes JSON and markdown under `--out` (perf/reports/migrate/).
-//! Needs root, QEMU and the test VM (perf/images/build-test-vm.sh).
+//! Before its VM starts, each edgeshift scenario's testbed measures the
+//! TCP goodput of its three paths into dst with iperf3: the rates of the
+//! physical limit (`limits`), beside which the limit at the nominal link
+//! rate is kept. Writes JSON and markdown under `--out`
+//! (perf/reports/migrate/). Needs root, QEMU, iperf3 and the test VM
+//! (perf/images/build-test-vm.sh).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -903,6 +907,71 @@ fn main() -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    fn row(transport: &str, memory_bytes: u64, goodput: &[f64], lacked: &[(u32, u64)]) -> Row {
+        Row {
+            scenario: "t".into(),
+            method: "t".into(),
+            total_seconds: 10.0,
+            downtime_ms: 0,
+            wire_bytes: 0,
+            disk_bytes: 0,
+            memory_bytes,
+            memory_transport: transport.into(),
+            rounds: 0,
+            chunks_resent: 0,
+            delta_chunks: 0,
+            delta_saved_bytes: 0,
+            missing_bytes: 0,
+            physical_limit_seconds: None,
+            disk_limit_seconds: None,
+            nominal_limit_seconds: None,
+            path_goodput_mbit: goodput.to_vec(),
+            lacked_by_paths: lacked.iter().copied().collect(),
+            bytes_by_source: json!({}),
+            report: json!({}),
+        }
+    }
+
+    #[test]
+    fn limits_use_measured_goodput_and_the_fewest_memory_bytes() {
+        // Nominal 100 Mbit/s = 12.5 MB/s; measured 96 Mbit/s = 12 MB/s.
+        let nominal = 12.5e6;
+        let mut rows = vec![
+            // 24 MB only at the source, 36 MB at all three; memory 30 MB.
+            row(
+                "zstd",
+                30_000_000,
+                &[96.0, 96.0, 96.0],
+                &[(0b001, 24_000_000), (0b111, 36_000_000)],
+            ),
+            // Same transport, 24 MB of memory: the fewest, used by both rows.
+            row("zstd", 24_000_000, &[96.0, 96.0, 96.0], &[(0b001, 12_000_000)]),
+            // Another transport keeps its own memory bytes; a path measured
+            // above the link rate is held to it.
+            row("plain", 50_000_000, &[200.0, 96.0, 96.0], &[(0b001, 25_000_000)]),
+            // QEMU's rows measure no paths: no limit (their memory bytes
+            // count towards the fewest like any run's).
+            row("zstd", 26_000_000, &[], &[(0b001, 1)]),
+        ];
+        limits(&mut rows, nominal);
+        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
+        // Disk: max(24/12, 60/36) = 2 s; memory 24 MB / 12 MB/s = 2 s.
+        assert!(
+            close(rows[0].disk_limit_seconds, 2.0),
+            "{:?}",
+            rows[0].disk_limit_seconds
+        );
+        assert!(close(rows[0].physical_limit_seconds, 4.0));
+        // At 12.5 MB/s: 24/12.5 + 24/12.5.
+        assert!(close(rows[0].nominal_limit_seconds, 48.0 / 12.5));
+        assert!(close(rows[1].physical_limit_seconds, 1.0 + 2.0));
+        // Source path capped at 12.5 MB/s: 25/12.5 + 50/12.5.
+        assert!(close(rows[2].physical_limit_seconds, 6.0));
+        assert!(close(rows[2].nominal_limit_seconds, 6.0));
+        assert_eq!(rows[3].physical_limit_seconds, None);
+        assert_eq!(rows[3].nominal_limit_seconds, None);
+    }
 
     #[test]
     fn disk_bound_takes_the_tightest_set_of_paths() {

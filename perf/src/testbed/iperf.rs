@@ -65,7 +65,7 @@ pub fn iperf3(
     // The server needs a moment to listen; a client that comes too early
     // is refused, so retry a few times rather than sleeping long.
     let mut last = String::new();
-    for _ in 0..20 {
+    for _ in 0..30 {
         std::thread::sleep(Duration::from_millis(100));
         let mut cmd = tb.command(client_host, "iperf3");
         cmd.args([
@@ -95,23 +95,27 @@ pub fn iperf3(
             .transpose();
         let (status, client_cpu_s) = wait_rusage(&mut client).map_err(spawn_err)?;
         read.map_err(spawn_err)?;
-        if status != 0 {
+        let v: Option<serde_json::Value> = serde_json::from_str(&out).ok();
+        // iperf3 3.12 exits 0 with an "error" in its JSON when it could not
+        // connect: a server not listening yet, so try again.
+        if status != 0 || v.as_ref().is_none_or(|v| v.get("error").is_some()) {
             last = out;
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(&out).map_err(|_| TestbedError::Parse {
-            cmd: "iperf3 -J".into(),
-            output: out.clone(),
-        })?;
-        let received = &v["end"]["sum_received"];
-        let (Some(bps), Some(bytes)) = (received["bits_per_second"].as_f64(), received["bytes"].as_f64())
-        else {
+        let received = v.as_ref().map(|v| &v["end"]["sum_received"]);
+        let (Some(bps), Some(bytes)) = (
+            received.and_then(|r| r["bits_per_second"].as_f64()),
+            received.and_then(|r| r["bytes"].as_f64()),
+        ) else {
+            stop(&mut server);
             return Err(TestbedError::Parse {
                 cmd: "iperf3 -J (end.sum_received)".into(),
                 output: out,
             });
         };
-        let (_, server_cpu_s) = wait_rusage(&mut server).map_err(spawn_err)?;
+        // `-s -1` sometimes lingers after its test: give it a moment, then
+        // stop it (its CPU time so far is still counted).
+        let (_, server_cpu_s) = wait_rusage_within(&mut server, Duration::from_secs(2)).map_err(spawn_err)?;
         return Ok(Iperf3Run {
             mbit_per_s: bps / 1e6,
             bytes,
@@ -119,26 +123,54 @@ pub fn iperf3(
             client_cpu_s,
         });
     }
-    let _ = server.kill();
-    let _ = wait_rusage(&mut server);
+    stop(&mut server);
     Err(TestbedError::Parse {
         cmd: format!("iperf3 -c {server_addr}:{port} from {client_host}"),
         output: last,
     })
 }
 
+fn stop(server: &mut Child) {
+    let _ = server.kill();
+    let _ = wait_rusage(server);
+}
+
+/// [`wait_rusage`], killing `child` first if it has not exited within
+/// `limit`.
+pub fn wait_rusage_within(child: &mut Child, limit: Duration) -> std::io::Result<(i32, f64)> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(done) = reap(child, libc::WNOHANG)? {
+            return Ok(done);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            return wait_rusage(child);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Reaps `child`; its exit status (as `wait4` gives it) and CPU seconds
 /// (user + system).
 pub fn wait_rusage(child: &mut Child) -> std::io::Result<(i32, f64)> {
+    reap(child, 0)?.ok_or_else(|| std::io::Error::other("wait4 returned without a child"))
+}
+
+/// `wait4` on `child` with `flags`; `None` when WNOHANG found it running.
+fn reap(child: &mut Child, flags: libc::c_int) -> std::io::Result<Option<(i32, f64)>> {
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
     // SAFETY: an all-zero rusage is a valid value of this plain C struct.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: `pid` is our own unreaped child; status and ru point to live locals.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let r = unsafe { libc::wait4(pid, &mut status, flags, &mut ru) };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    if r == 0 {
+        return Ok(None);
+    }
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    Ok((status, secs(ru.ru_utime) + secs(ru.ru_stime)))
+    Ok(Some((status, secs(ru.ru_utime) + secs(ru.ru_stime))))
 }
