@@ -31,10 +31,39 @@ where
     R: Send,
     F: Fn(&T) -> R + Sync,
 {
+    map_on(items, threads_for(items.len(), max_threads, min_per_thread), f)
+}
+
+/// [`map_in_parts`] for work that mostly waits on a device (reads that miss
+/// every cache): up to `max_threads` threads whatever the cores, so one
+/// thread's wait overlaps another's hashing and the device sees several
+/// reads at once.
+pub fn map_in_parts_waiting<T, R, F>(
+    items: &[T],
+    max_threads: usize,
+    min_per_thread: usize,
+    f: F,
+) -> Vec<Option<R>>
+where
+    T: Sync,
+    R: Send,
+    F: Fn(&T) -> R + Sync,
+{
+    let threads = max_threads
+        .min(items.len().div_ceil(min_per_thread.max(1)))
+        .max(1);
+    map_on(items, threads, f)
+}
+
+fn map_on<T, R, F>(items: &[T], threads: usize, f: F) -> Vec<Option<R>>
+where
+    T: Sync,
+    R: Send,
+    F: Fn(&T) -> R + Sync,
+{
     if items.is_empty() {
         return Vec::new();
     }
-    let threads = threads_for(items.len(), max_threads, min_per_thread);
     let f = &f;
     std::thread::scope(|sc| {
         let handles: Vec<_> = (0..threads)
@@ -91,5 +120,36 @@ mod tests {
             let spoiled = i % t == 3 % t;
             assert_eq!(r.is_none(), spoiled, "item {i} with {t} threads");
         }
+    }
+
+    #[test]
+    fn waiting_work_gets_its_threads_whatever_the_cores() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::time::{Duration, Instant};
+        // Six items that each wait until all six run at once (or 5 s pass):
+        // on a machine of fewer cores too, all six are in flight together.
+        let active = AtomicUsize::new(0);
+        let items: Vec<usize> = (0..6).collect();
+        let seen = map_in_parts_waiting(&items, 8, 1, |&i| {
+            active.fetch_add(1, Ordering::SeqCst);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while active.load(Ordering::SeqCst) < 6 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            (i, active.load(Ordering::SeqCst))
+        });
+        for (i, r) in seen.into_iter().enumerate() {
+            assert_eq!(r, Some((i, 6)), "item {i}");
+        }
+        // The per-thread minimum still applies: 6 items, 3 per thread.
+        let threads = std::sync::Mutex::new(std::collections::HashSet::new());
+        map_in_parts_waiting(&items, 8, 3, |_| {
+            threads
+                .lock()
+                .map(|mut t| t.insert(std::thread::current().id()))
+                .ok()
+        });
+        assert_eq!(threads.lock().map(|t| t.len()).ok(), Some(2));
+        assert!(map_in_parts_waiting(&[] as &[u8], 8, 1, |_| 0).is_empty());
     }
 }
