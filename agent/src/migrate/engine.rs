@@ -1028,6 +1028,10 @@ pub fn migrate(
     };
     let mut phases = Vec::new();
     let mut migration_started = false;
+    tracing::debug!(
+        setup_s = t0.elapsed().as_secs_f64(),
+        "VM record, QMP session and boot manifest loaded"
+    );
     let result = drive(
         &mut run,
         &mut qmp,
