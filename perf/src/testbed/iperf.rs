@@ -44,10 +44,6 @@ pub fn iperf3(
 ) -> Result<Iperf3Run, TestbedError> {
     tb.host(server_host)?;
     tb.host(client_host)?;
-    let spawn_err = |source| TestbedError::Spawn {
-        cmd: "iperf3 (is it installed?)".into(),
-        source,
-    };
     let mut server = tb
         .command(server_host, "iperf3")
         .args([
@@ -62,6 +58,35 @@ pub fn iperf3(
         .stderr(Stdio::null())
         .spawn()
         .map_err(spawn_err)?;
+    let (mbit_per_s, bytes, client_cpu_s) =
+        match measure(tb, server_addr, port, client_host, seconds, direction) {
+            Ok(m) => m,
+            Err(e) => {
+                // Not left waiting for a client in the namespace.
+                stop(&mut server);
+                return Err(e);
+            }
+        };
+    // `-s -1` sometimes lingers after its test: give it a moment, then stop
+    // it (its CPU time so far is still counted).
+    let (_, server_cpu_s) = wait_rusage_within(&mut server, Duration::from_secs(2)).map_err(spawn_err)?;
+    Ok(Iperf3Run {
+        mbit_per_s,
+        bytes,
+        server_cpu_s,
+        client_cpu_s,
+    })
+}
+
+/// The client's side of [`iperf3`]: (Mbit/s, bytes, client CPU seconds).
+fn measure(
+    tb: &Testbed,
+    server_addr: Ipv4Addr,
+    port: u16,
+    client_host: &str,
+    seconds: u32,
+    direction: Direction,
+) -> Result<(f64, f64, f64), TestbedError> {
     // The server needs a moment to listen; a client that comes too early
     // is refused, so retry a few times rather than sleeping long.
     let mut last = String::new();
@@ -107,27 +132,24 @@ pub fn iperf3(
             received.and_then(|r| r["bits_per_second"].as_f64()),
             received.and_then(|r| r["bytes"].as_f64()),
         ) else {
-            stop(&mut server);
             return Err(TestbedError::Parse {
                 cmd: "iperf3 -J (end.sum_received)".into(),
                 output: out,
             });
         };
-        // `-s -1` sometimes lingers after its test: give it a moment, then
-        // stop it (its CPU time so far is still counted).
-        let (_, server_cpu_s) = wait_rusage_within(&mut server, Duration::from_secs(2)).map_err(spawn_err)?;
-        return Ok(Iperf3Run {
-            mbit_per_s: bps / 1e6,
-            bytes,
-            server_cpu_s,
-            client_cpu_s,
-        });
+        return Ok((bps / 1e6, bytes, client_cpu_s));
     }
-    stop(&mut server);
     Err(TestbedError::Parse {
         cmd: format!("iperf3 -c {server_addr}:{port} from {client_host}"),
         output: last,
     })
+}
+
+fn spawn_err(source: std::io::Error) -> TestbedError {
+    TestbedError::Spawn {
+        cmd: "iperf3 (is it installed?)".into(),
+        source,
+    }
 }
 
 fn stop(server: &mut Child) {
