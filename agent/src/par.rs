@@ -12,9 +12,12 @@ pub fn cores(max: usize) -> usize {
 /// Threads for `items` items: [`cores`]`(max_threads)`, fewer when that
 /// would give a thread under `min_per_thread` items, and at least one.
 pub fn threads_for(items: usize, max_threads: usize, min_per_thread: usize) -> usize {
-    cores(max_threads)
-        .min(items.div_ceil(min_per_thread.max(1)))
-        .max(1)
+    threads_within(cores(max_threads), items, min_per_thread)
+}
+
+/// At most `cap` threads, none given under `min_per_thread` items, at least one.
+fn threads_within(cap: usize, items: usize, min_per_thread: usize) -> usize {
+    cap.min(items.div_ceil(min_per_thread.max(1))).max(1)
 }
 
 /// Applies `f` to every item on up to `max_threads` scoped threads (never
@@ -49,10 +52,7 @@ where
     R: Send,
     F: Fn(&T) -> R + Sync,
 {
-    let threads = max_threads
-        .min(items.len().div_ceil(min_per_thread.max(1)))
-        .max(1);
-    map_on(items, threads, f)
+    map_on(items, threads_within(max_threads, items.len(), min_per_thread), f)
 }
 
 fn map_on<T, R, F>(items: &[T], threads: usize, f: F) -> Vec<Option<R>>

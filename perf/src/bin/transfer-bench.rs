@@ -237,21 +237,6 @@ fn slice(o: &Opts, image: &Path, store: &Path) -> Result<String> {
     Ok(text.lines().last().unwrap_or_default().trim().to_string())
 }
 
-/// iperf3 from `p1` to `dst` (reverse mode: the server sends, as a chunk
-/// server does); returns (Mbit/s, server CPU s, client CPU s, bytes).
-fn iperf(tb: &Testbed, server_addr: Ipv4Addr, seconds: u32) -> Result<(f64, f64, f64, f64)> {
-    let r = iperf3(
-        tb,
-        "p1",
-        server_addr,
-        IPERF_PORT,
-        "dst",
-        seconds,
-        Direction::FromServer,
-    )?;
-    Ok((r.mbit_per_s, r.server_cpu_s, r.client_cpu_s, r.bytes))
-}
-
 fn main() -> Result<()> {
     let o = parse_opts()?;
     // SAFETY: geteuid has no preconditions.
@@ -362,8 +347,17 @@ fn main() -> Result<()> {
             round + 1,
             o.iperf_seconds
         );
-        let (m, srv, cli, bytes) = iperf(&tb, peers[0], o.iperf_seconds)?;
-        iperf_runs.push(json!({"mbit_per_s": m, "server_cpu_s_per_gib": srv / gib(bytes), "client_cpu_s_per_gib": cli / gib(bytes)}));
+        // Reverse mode: the server sends, as a chunk server does.
+        let r = iperf3(
+            &tb,
+            "p1",
+            peers[0],
+            IPERF_PORT,
+            "dst",
+            o.iperf_seconds,
+            Direction::FromServer,
+        )?;
+        iperf_runs.push(json!({"mbit_per_s": r.mbit_per_s, "server_cpu_s_per_gib": r.server_cpu_s / gib(r.bytes), "client_cpu_s_per_gib": r.client_cpu_s / gib(r.bytes)}));
         for (label, dst) in [("disk", &dst_disk), ("tmpfs", &dst_tmpfs)] {
             // A fresh agent so its CPU time covers this fetch only.
             agents.remove(0).stop()?;
