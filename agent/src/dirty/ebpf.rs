@@ -43,6 +43,63 @@ use super::{chunk_shift, DeviceId, DirtyError, DirtyTracker, RawChunk, RawCounts
 /// The object built from `ebpf/src/dirty.bpf.c` by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dirty.bpf.o"));
 
+/// Attempts at loading the program while the verifier keeps being
+/// interrupted: it gives up with EAGAIN whenever the loading thread has a
+/// signal pending, which says nothing about the program (libbpf retries 5
+/// times for the same reason; aya does not retry).
+const LOAD_ATTEMPTS: u32 = 5;
+
+/// Loads the program into the kernel, again while the verifier reports an
+/// interruption, and keeps the errno and the verifier's log when it refuses.
+fn load_program(prog: &mut BtfTracePoint, btf: &aya::Btf) -> Result<(), DirtyError> {
+    load_retrying_interrupted(LOAD_ATTEMPTS, || {
+        prog.load(edgeshift_ebpf::TRACEPOINT.1, btf).map_err(|e| match e {
+            aya::programs::ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            } => LoadFailure::Refused {
+                source: io_error,
+                log: verifier_log.to_string(),
+            },
+            other => LoadFailure::Other(other),
+        })
+    })
+}
+
+/// Why one BPF_PROG_LOAD failed.
+enum LoadFailure {
+    /// The syscall failed: its errno and the verifier's log.
+    Refused { source: std::io::Error, log: String },
+    /// aya failed before the syscall.
+    Other(aya::programs::ProgramError),
+}
+
+fn load_retrying_interrupted(
+    max_attempts: u32,
+    mut load: impl FnMut() -> Result<(), LoadFailure>,
+) -> Result<(), DirtyError> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match load() {
+            Ok(()) => return Ok(()),
+            Err(LoadFailure::Refused { source, log }) => {
+                let interrupted = matches!(source.raw_os_error(), Some(libc::EAGAIN | libc::EINTR));
+                if interrupted && attempts < max_attempts {
+                    tracing::debug!(attempts, error = %source, "BPF verifier interrupted; loading again");
+                    continue;
+                }
+                return Err(DirtyError::BpfRefused {
+                    attempts,
+                    source,
+                    log,
+                });
+            }
+            Err(LoadFailure::Other(e)) => return Err(e.into()),
+        }
+    }
+}
+
 /// Most devices one tracker watches: the inline table plus `WATCHED_MORE`.
 const MAX_WATCHED: usize = INLINE_WATCHED + MAX_OVERFLOW_WATCHED;
 
@@ -255,7 +312,7 @@ impl EbpfTracker {
             .program_mut(edgeshift_ebpf::PROGRAM)
             .ok_or(DirtyError::BpfObject("the program dirty_bio_queue"))?
             .try_into()?;
-        prog.load(edgeshift_ebpf::TRACEPOINT.1, &btf)?;
+        load_program(prog, &btf)?;
         let link = prog.attach()?;
         let info = prog.info()?;
         let prog_id = info.id();
@@ -553,5 +610,57 @@ impl DirtyTracker for EbpfTracker {
         out.dropped = stats.dropped;
         out.truncated = stats.truncated;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(errno: i32) -> LoadFailure {
+        LoadFailure::Refused {
+            source: std::io::Error::from_raw_os_error(errno),
+            log: format!("log of errno {errno}"),
+        }
+    }
+
+    #[test]
+    fn an_interrupted_verifier_is_tried_again_and_a_refusal_is_not() {
+        // Interrupted twice, then loaded.
+        let mut calls = 0;
+        load_retrying_interrupted(5, || {
+            calls += 1;
+            if calls < 3 {
+                Err(refused(libc::EAGAIN))
+            } else {
+                Ok(())
+            }
+        })
+        .expect("loads on the third attempt");
+        assert_eq!(calls, 3);
+
+        // Interrupted every time: gives up after the attempts, with the errno.
+        let mut calls = 0;
+        let err = load_retrying_interrupted(5, || {
+            calls += 1;
+            Err(refused(libc::EINTR))
+        })
+        .expect_err("never loads");
+        assert_eq!(calls, 5);
+        assert!(matches!(err, DirtyError::BpfRefused { attempts: 5, .. }), "{err}");
+
+        // A real refusal is reported at once, with its errno and log.
+        let mut calls = 0;
+        let err = load_retrying_interrupted(5, || {
+            calls += 1;
+            Err(refused(libc::EACCES))
+        })
+        .expect_err("refused");
+        assert_eq!(calls, 1);
+        let text = err.to_string();
+        assert!(
+            text.contains("Permission denied") && text.contains("log of errno 13"),
+            "{text}"
+        );
     }
 }

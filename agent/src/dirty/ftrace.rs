@@ -306,6 +306,29 @@ impl DirtyTracker for FtraceTracker {
     }
 }
 
+/// How long Drop keeps trying to remove a busy instance.
+const REMOVE_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Removes the instance directory. tracefs refuses (EBUSY) while any file
+/// of the instance is open anywhere, and a child this process forks on
+/// another thread holds copies of our descriptors until it execs, so a
+/// busy instance is tried again for a while before it is reported.
+fn remove_instance(instance: &Path) {
+    let deadline = std::time::Instant::now() + REMOVE_PATIENCE;
+    loop {
+        match std::fs::remove_dir(instance) {
+            Ok(()) => return,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => {
+                tracing::warn!(instance = %instance.display(), error = %e, "could not remove the ftrace instance");
+                return;
+            }
+        }
+    }
+}
+
 impl Drop for FtraceTracker {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -315,9 +338,7 @@ impl Drop for FtraceTracker {
         let _ = std::fs::write(self.event_file("enable"), "0");
         // The instance cannot be removed while its trace_pipe is open.
         lock(&self.shared).pipe = None;
-        if let Err(e) = std::fs::remove_dir(&self.instance) {
-            tracing::warn!(instance = %self.instance.display(), error = %e, "could not remove the ftrace instance");
-        }
+        remove_instance(&self.instance);
     }
 }
 

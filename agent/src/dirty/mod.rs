@@ -55,6 +55,12 @@ pub enum DirtyError {
     Btf(#[from] aya::BtfError),
     #[error("attaching the BPF program: {0}")]
     BpfProgram(#[from] aya::programs::ProgramError),
+    #[error("the kernel refused the BPF program ({attempts} attempts): {source}; verifier log:\n{log}")]
+    BpfRefused {
+        attempts: u32,
+        source: std::io::Error,
+        log: String,
+    },
     #[error("BPF map: {0}")]
     BpfMap(#[from] aya::maps::MapError),
     #[error("the BPF object lacks {0}")]
