@@ -6,6 +6,7 @@ mod transfer_support;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -218,6 +219,14 @@ enum Lie {
 
 /// A peer that speaks the protocol (real TCP, real handshake) but lies.
 fn spawn_liar(store: &Path, key: ClusterKey, lie: Lie) -> SocketAddr {
+    spawn_liar_telling(store, key, lie).0
+}
+
+/// [`spawn_liar`], with a flag that turns true once the liar has been asked
+/// for chunks or deltas.
+fn spawn_liar_telling(store: &Path, key: ClusterKey, lie: Lie) -> (SocketAddr, Arc<AtomicBool>) {
+    let asked = Arc::new(AtomicBool::new(false));
+    let flag = asked.clone();
     let store = LocalStore::open(store).expect("liar store");
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind liar");
     let addr = std_listener.local_addr().expect("liar addr");
@@ -234,9 +243,42 @@ fn spawn_liar(store: &Path, key: ClusterKey, lie: Lie) -> SocketAddr {
                 let Ok((sock, _)) = listener.accept().await else {
                     return;
                 };
-                let (store, key) = (store.clone(), key.clone());
+                let (store, key, asked) = (store.clone(), key.clone(), flag.clone());
                 tokio::spawn(async move {
-                    let _ = liar_session(sock, &store, &key, lie).await;
+                    let _ = liar_session(sock, &store, &key, lie, &asked).await;
+                });
+            }
+        });
+    });
+    (addr, asked)
+}
+
+/// A TCP relay to `upstream` that holds every connection until `open` is
+/// true: the peer behind it cannot serve anything before then, however the
+/// scheduler and the machine's load order the connections.
+fn behind_gate(upstream: SocketAddr, open: Arc<AtomicBool>) -> SocketAddr {
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind gate");
+    let addr = std_listener.local_addr().expect("gate addr");
+    std_listener.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("gate runtime");
+        rt.block_on(async move {
+            let listener = TcpListener::from_std(std_listener).expect("tokio listener");
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                let open = open.clone();
+                tokio::spawn(async move {
+                    while !open.load(Ordering::Acquire) {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    if let Ok(mut server) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
                 });
             }
         });
@@ -249,12 +291,16 @@ async fn liar_session(
     store: &LocalStore,
     key: &ClusterKey,
     lie: Lie,
+    asked: &AtomicBool,
 ) -> Result<(), TransferError> {
     server_handshake(&mut sock, key, "liar", "test").await?;
     let mut lied = false;
     loop {
         let f = read_frame(&mut sock, wire::MAX_FRAME_LEN, None).await?;
         let rid = f.header.request_id();
+        if matches!(f.kind, FrameKind::ChunkRequest | FrameKind::DeltaRequest) {
+            asked.store(true, Ordering::Release);
+        }
         match f.kind {
             FrameKind::ManifestRequest => {
                 let id = wire::decode_fingerprint(f.kind, &f.body)?;
@@ -406,17 +452,14 @@ async fn chunks_written_again_travel_as_deltas_and_bad_deltas_are_refused() {
     assert_eq!(r.bytes_received, 24 * CHUNK as u64);
 
     // A peer whose deltas rebuild the wrong bytes is dropped; the honest
-    // agent carries its chunks, and no wrong chunk is stored.
-    let liar = spawn_liar(&src_path, key.clone(), Lie::DeltaBytes);
+    // agent carries its chunks, and no wrong chunk is stored. The honest
+    // agent is reached through a gate that opens once the liar has been
+    // asked, so it cannot take every chunk first (as it did on a loaded
+    // machine, where the in-process liar was slow to answer its connection).
+    let (liar, liar_asked) = spawn_liar_telling(&src_path, key.clone(), Lie::DeltaBytes);
+    let honest = behind_gate(agent.addr, liar_asked);
     let dst3 = dst_with_bases("dst3");
-    // Windows of two deltas each, so the honest agent cannot take every
-    // chunk before the liar is asked for any.
-    let small = FetchOptions {
-        initial_window: CHUNK as u64,
-        min_window: CHUNK as u64,
-        ..opts()
-    };
-    let f = Fetcher::with_options(dst3.clone(), vec![liar, agent.addr], key.clone(), small);
+    let f = Fetcher::with_options(dst3.clone(), vec![liar, honest], key.clone(), opts());
     let r = f.fetch_chunks(wants(&|i| Some(bases[i]))).await.expect("fetch");
     let lr = r.peers.iter().find(|p| p.addr == liar.to_string()).expect("liar");
     assert!(
@@ -787,6 +830,17 @@ fn intent_naming(store: &Path, fps: &[Fingerprint]) {
     std::fs::write(dir.join(format!("publish.{}.0", std::process::id())), text).expect("intent");
 }
 
+/// Puts `data` into the store at `store` after `ms`, on a thread of its
+/// own, the way a publish does: written aside, then renamed into place, so
+/// a server never sees a chunk half written.
+fn place_after(store: &Path, data: Vec<u8>, ms: u64) -> std::thread::JoinHandle<()> {
+    let store = LocalStore::open(store).expect("store");
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(ms));
+        store.put_chunk(&Fingerprint::of(&data), &data).expect("place");
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_being_published_is_waited_for_and_one_that_never_comes_is_missing() {
     let src = source(8, 11);
@@ -804,15 +858,7 @@ async fn a_chunk_being_published_is_waited_for_and_one_that_never_comes_is_missi
         sources: None,
     };
     // The chunk appears 300 ms after it is asked for: the server waits.
-    let placed = {
-        let path = LocalStore::open(&src.store).expect("src").chunk_path(&fc);
-        let data = coming.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            std::fs::create_dir_all(path.parent().expect("fan")).expect("fan dir");
-            std::fs::write(&path, data).expect("place");
-        })
-    };
+    let placed = place_after(&src.store, coming.clone(), 300);
     let dst = Arc::new(LocalStore::open_or_create(src.dir.path().join("dst")).expect("dst"));
     let fetcher = Fetcher::new(dst.clone(), vec![agent.addr], key);
     let t = std::time::Instant::now();
@@ -848,13 +894,7 @@ async fn chunks_in_place_are_not_held_behind_one_still_being_placed() {
     let place_later = |data: Vec<u8>, ms: u64| {
         let fp = Fingerprint::of(&data);
         intent_naming(&src.store, &[fp]);
-        let path = store.chunk_path(&fp);
-        let placer = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(ms));
-            std::fs::create_dir_all(path.parent().expect("fan")).expect("fan dir");
-            std::fs::write(&path, data).expect("place");
-        });
-        (fp, placer)
+        (fp, place_after(&src.store, data, ms))
     };
 
     // Asked first, placed 400 ms later: the chunk in place comes before it.
