@@ -227,28 +227,12 @@ fn spawn_liar(store: &Path, key: ClusterKey, lie: Lie) -> SocketAddr {
 fn spawn_liar_telling(store: &Path, key: ClusterKey, lie: Lie) -> (SocketAddr, Arc<AtomicBool>) {
     let asked = Arc::new(AtomicBool::new(false));
     let flag = asked.clone();
-    let store = LocalStore::open(store).expect("liar store");
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind liar");
-    let addr = std_listener.local_addr().expect("liar addr");
-    std_listener.set_nonblocking(true).expect("nonblocking");
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("liar runtime");
-        rt.block_on(async move {
-            let listener = TcpListener::from_std(std_listener).expect("tokio listener");
-            let store = Arc::new(store);
-            loop {
-                let Ok((sock, _)) = listener.accept().await else {
-                    return;
-                };
-                let (store, key, asked) = (store.clone(), key.clone(), flag.clone());
-                tokio::spawn(async move {
-                    let _ = liar_session(sock, &store, &key, lie, &asked).await;
-                });
-            }
-        });
+    let store = Arc::new(LocalStore::open(store).expect("liar store"));
+    let addr = serve_each_connection(move |sock| {
+        let (store, key, asked) = (store.clone(), key.clone(), flag.clone());
+        async move {
+            let _ = liar_session(sock, &store, &key, lie, &asked).await;
+        }
     });
     (addr, asked)
 }
@@ -257,29 +241,38 @@ fn spawn_liar_telling(store: &Path, key: ClusterKey, lie: Lie) -> (SocketAddr, A
 /// true: the peer behind it cannot serve anything before then, however the
 /// scheduler and the machine's load order the connections.
 fn behind_gate(upstream: SocketAddr, open: Arc<AtomicBool>) -> SocketAddr {
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind gate");
-    let addr = std_listener.local_addr().expect("gate addr");
+    serve_each_connection(move |mut client| {
+        let open = open.clone();
+        async move {
+            while !open.load(Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            if let Ok(mut server) = TcpStream::connect(upstream).await {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            }
+        }
+    })
+}
+
+/// Listens on a loopback port and runs `session` for every connection, on a
+/// thread with a runtime of its own (a test's runtime cannot starve it).
+fn serve_each_connection<F, S>(session: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> S + Send + 'static,
+    S: std::future::Future<Output = ()> + Send + 'static,
+{
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = std_listener.local_addr().expect("local addr");
     std_listener.set_nonblocking(true).expect("nonblocking");
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .expect("gate runtime");
+            .expect("server runtime");
         rt.block_on(async move {
             let listener = TcpListener::from_std(std_listener).expect("tokio listener");
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else {
-                    return;
-                };
-                let open = open.clone();
-                tokio::spawn(async move {
-                    while !open.load(Ordering::Acquire) {
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                    if let Ok(mut server) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
+            while let Ok((sock, _)) = listener.accept().await {
+                tokio::spawn(session(sock));
             }
         });
     });
