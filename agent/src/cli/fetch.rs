@@ -10,8 +10,9 @@ use std::time::Duration;
 use anyhow::Context;
 use edgeshift_agent::store::LocalStore;
 use edgeshift_agent::transfer::fetch::{FetchOptions, Fetcher};
-use edgeshift_agent::transfer::ClusterKey;
 use edgeshift_common::ManifestId;
+
+use crate::cli::args::{ClusterArgs, CoordinatorArgs};
 
 /// Fetch manifest ID and every chunk the local store lacks, from all peers at once.
 ///
@@ -22,6 +23,10 @@ use edgeshift_common::ManifestId;
 /// that dies or stalls costs only its in-flight chunks. Stored chunks are
 /// durable, so running the same fetch again after an interruption fetches only
 /// what is still missing. Restore the image afterwards with `edgeshift restore`.
+///
+/// With --coordinator the sources come from the coordinator instead of
+/// --peer: the image is pinned here (edge --id), fetched from the planned
+/// holders, and the measured path rates are reported back.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Manifest id (64 hex digits) of the image to fetch.
@@ -32,28 +37,19 @@ pub struct Args {
     /// A peer agent's address (HOST:PORT); repeat for several.
     #[arg(long = "peer", required_unless_present = "coordinator")]
     peers: Vec<String>,
-    /// File holding the cluster key: 64 hex digits.
-    #[arg(long)]
-    cluster_key_file: PathBuf,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Print one JSON object with the figures instead of a summary line.
     #[arg(long)]
     json: bool,
-    /// This node's id announced to peers (default: the host name).
-    #[arg(long)]
-    node_id: Option<String>,
     /// Drop a peer that sends nothing for this many seconds while chunks are outstanding.
     #[arg(long, default_value_t = 10.0)]
     stall_timeout: f64,
     /// Never ask peers for zstd-compressed chunks.
     #[arg(long)]
     no_zstd: bool,
-    /// Ask the cache coordinator at URL (http://HOST:PORT) for the sources instead
-    /// of --peer: pins the image here, fetches from the planned holders, reports path rates.
-    #[arg(long)]
-    coordinator: Option<String>,
-    /// File holding the coordinator's bearer token.
-    #[arg(long, requires = "coordinator")]
-    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    coord: CoordinatorArgs,
 }
 
 fn resolve(peer: &str) -> anyhow::Result<SocketAddr> {
@@ -64,7 +60,7 @@ fn resolve(peer: &str) -> anyhow::Result<SocketAddr> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let key = ClusterKey::from_file(&args.cluster_key_file)?;
+    let key = args.cluster.key()?;
     let peers = args
         .peers
         .iter()
@@ -75,18 +71,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !(args.stall_timeout > 0.0 && args.stall_timeout.is_finite()) {
         anyhow::bail!("--stall-timeout must be a positive number of seconds");
     }
-    let mut opts = FetchOptions {
+    let opts = FetchOptions {
         stall_timeout: Duration::from_secs_f64(args.stall_timeout),
         zstd: !args.no_zstd,
+        id: args.cluster.id.id.clone(),
         ..FetchOptions::default()
     };
-    if let Some(id) = args.node_id {
-        opts.id = id;
-    }
-    let coordinated = match &args.coordinator {
+    let coordinated = match &args.coord.coordinator {
         Some(url) => Some(edgeshift_agent::coordination::fetch::CoordinatedFetch::begin_url(
             url,
-            args.token_file.as_deref(),
+            args.coord.token_file.as_deref(),
             &store,
             &opts.id,
             &args.id,

@@ -1,31 +1,36 @@
-//! `edgeshift migrate NAME --to EDGE`: hand a running VM over to another edge;
-//! `edgeshift vm host`: the listener that receives VMs and serves chunks.
+//! `edgeshift migrate NAME --to EDGE`: hand a running VM over to another edge.
 
 use std::io::IsTerminal;
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use edgeshift_agent::migrate::coord::CoordConfig;
 use edgeshift_agent::migrate::engine::Phase;
 use edgeshift_agent::migrate::temperature::Ordering;
-use edgeshift_agent::migrate::{self, Host, HostConfig, MigrateOptions};
-use edgeshift_agent::transfer::ClusterKey;
-use edgeshift_agent::vm::{MemoryTransport, Qemu};
+use edgeshift_agent::migrate::{self, MigrateOptions};
+use edgeshift_agent::vm::MemoryTransport;
 
-use crate::cli::vm::StateArgs;
+use crate::cli::args::{ClusterArgs, CoordinatorArgs, StateArgs};
 
 /// Hand a running VM over to another edge: its disk as the chunks the
 /// destination lacks (pulled from every holder at once, coldest first), its
 /// memory by QEMU live migration, the last dirty chunks in the switchover
 /// pause. On any failure before the switchover the VM keeps running here.
+///
+/// With --coordinator, before anything moves this edge (its id at the
+/// coordinator is --id, as for its `edgeshift agent`) reports the live
+/// disk's chunks to it (so its plan can name this edge for what the VM
+/// wrote), and after the switchover drops this edge's reference to the
+/// image (its chunks stay cached until the policy evicts them). If it
+/// cannot be reached before the start, the migration fails and the VM keeps
+/// running here. Whether the destination's sources come from the
+/// coordinator is the destination agent's --coordinator; without it, it
+/// pulls from --source-addr and the --peer list.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The VM to move (see `edgeshift vm list`).
     name: String,
-    /// The destination's migration listener (`edgeshift vm host`), HOST:PORT.
+    /// The destination agent's migration address (its `edgeshift agent
+    /// --migrate-listen`), HOST:PORT.
     #[arg(long)]
     to: String,
     /// This edge's chunk server (`edgeshift agent --listen`) as the
@@ -37,30 +42,10 @@ pub struct Args {
     /// chunks its plan does not name.
     #[arg(long = "peer")]
     peers: Vec<String>,
-    /// The cache coordinator (http://HOST:PORT), as for `edgeshift agent
-    /// --coordinator`. Before anything moves this edge reports the live
-    /// disk's chunks to it (so its plan can name this edge for what the VM
-    /// wrote), and after the switchover drops this edge's reference to the
-    /// image (its chunks stay cached until the policy evicts them). If it
-    /// cannot be reached before the start, the migration fails and the VM
-    /// keeps running here. Whether the destination's sources come from the
-    /// coordinator is the destination's `vm host --coordinator`; without it,
-    /// it pulls from --source-addr and the --peer list.
-    #[arg(long)]
-    coordinator: Option<String>,
-    /// File holding the coordinator's bearer token.
-    #[arg(long, requires = "coordinator")]
-    token_file: Option<PathBuf>,
-    /// This edge's id at the coordinator: the `--id` of its `edgeshift
-    /// agent` (default: --id).
-    #[arg(long, requires = "coordinator")]
-    edge: Option<String>,
-    /// File holding the cluster key (64 hex digits), as for `edgeshift agent`.
-    #[arg(long)]
-    cluster_key_file: PathBuf,
-    /// This edge's name in handshakes.
-    #[arg(long, default_value = "edge")]
-    id: String,
+    #[command(flatten)]
+    coord: CoordinatorArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// cold-first (by observed write rate, hottest in the pause) or index.
     #[arg(long, value_enum, default_value = "cold-first")]
     order: Ordering,
@@ -133,7 +118,7 @@ enum MemoryStart {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let key = *ClusterKey::from_file(&a.cluster_key_file)?.as_bytes();
+    let key = *a.cluster.key()?.as_bytes();
     anyhow::ensure!(
         a.sample_secs >= 0.0 && a.sample_secs < 600.0,
         "--sample-secs out of range"
@@ -148,7 +133,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "--memory-max-mbit must be between 0.1 and 100000"
         );
     }
-    let coordinator = coord_config(a.coordinator, a.token_file, a.edge, &a.id);
+    let coordinator = a.coord.config(&a.cluster.id);
     let opts = MigrateOptions {
         name: a.name.clone(),
         state_dir: a.state.state_dir.clone(),
@@ -156,7 +141,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         source_addr: a.source_addr,
         peers: a.peers,
         key,
-        id: a.id,
+        id: a.cluster.id.id,
         ordering: a.order,
         max_rounds: a.max_rounds,
         converge_chunks: a.converge_chunks,
@@ -225,71 +210,5 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             println!("  left at the coordinator: {left}");
         }
     }
-    Ok(())
-}
-
-/// Serve migrations into this edge and chunks out of it.
-#[derive(Debug, clap::Args)]
-pub struct HostArgs {
-    /// Address to listen on (HOST:PORT).
-    #[arg(long)]
-    listen: String,
-    /// This edge's chunk store (created if absent).
-    #[arg(long)]
-    store: PathBuf,
-    /// File holding the cluster key (64 hex digits), as for `edgeshift agent`.
-    #[arg(long)]
-    cluster_key_file: PathBuf,
-    /// This edge's name in handshakes.
-    #[arg(long, default_value = "edge")]
-    id: String,
-    /// The cache coordinator (http://HOST:PORT), as for `edgeshift agent
-    /// --coordinator`. With it, an incoming VM's missing chunks come
-    /// from the edges the coordinator's plan names (ranked by measured path
-    /// rate; the source and the origin included), the VM's image is pinned
-    /// while it arrives and its final image pinned once it runs here; an
-    /// unreachable coordinator fails the migration before anything starts.
-    /// Without it, chunks come from the source and the holders it names
-    /// (`edgeshift migrate --peer`).
-    #[arg(long)]
-    coordinator: Option<String>,
-    /// File holding the coordinator's bearer token.
-    #[arg(long, requires = "coordinator")]
-    token_file: Option<PathBuf>,
-    /// This edge's id at the coordinator: the `--id` of its `edgeshift
-    /// agent` (default: --id).
-    #[arg(long, requires = "coordinator")]
-    edge: Option<String>,
-    #[command(flatten)]
-    state: StateArgs,
-}
-
-fn coord_config(
-    url: Option<String>,
-    token_file: Option<PathBuf>,
-    edge: Option<String>,
-    id: &str,
-) -> Option<CoordConfig> {
-    url.map(|url| CoordConfig {
-        url,
-        token_file,
-        edge: edge.unwrap_or_else(|| id.to_string()),
-    })
-}
-
-pub fn host(a: HostArgs) -> anyhow::Result<()> {
-    let key = *ClusterKey::from_file(&a.cluster_key_file)?.as_bytes();
-    let host = Host::new(HostConfig {
-        store: a.store,
-        state_dir: a.state.state_dir,
-        key,
-        coordinator: coord_config(a.coordinator, a.token_file, a.edge, &a.id),
-        id: a.id,
-        qemu: Qemu::default(),
-    })?;
-    let listener = TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
-    // Readiness line for scripts: the address actually bound.
-    println!("listening {}", listener.local_addr()?);
-    Arc::new(host).serve(listener)?;
     Ok(())
 }

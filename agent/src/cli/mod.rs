@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod agent;
+mod args;
 mod dirty;
 mod fetch;
 mod inspect;
@@ -32,7 +33,7 @@ pub enum Command {
     Restore(restore::Args),
     /// Show an image's figures: size, chunk size, chunks, unique and zero chunks.
     Inspect(inspect::Args),
-    /// Run the agent daemon: serve chunks and manifests to authenticated peers.
+    /// Run the edge's one daemon: serve chunks to peers, receive migrations, keep the coordinator link.
     Agent(agent::Args),
     /// Fetch an image's missing chunks from several peers at once.
     Fetch(fetch::Args),

@@ -1,5 +1,5 @@
-//! `edgeshift vm run|list|stop|host`: VMs on this edge, and the listener that
-//! receives VMs from other edges.
+//! `edgeshift vm run|list|stop`: VMs on this edge. (`vm host` was merged into
+//! `edgeshift agent`; it is kept hidden only to say so.)
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -7,15 +7,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use edgeshift_agent::coordination::fetch::pin_image;
-use edgeshift_agent::migrate::coord::{release_source, CoordConfig};
+use edgeshift_agent::migrate::coord::release_source;
 use edgeshift_agent::store::{ChunkStore, LocalStore};
 use edgeshift_agent::transfer::fetch::Fetcher;
 use edgeshift_agent::transfer::ClusterKey;
-use edgeshift_agent::vm::state::{is_running, DEFAULT_STATE_DIR};
+use edgeshift_agent::vm::state::is_running;
 use edgeshift_agent::vm::{
     self, AccelChoice, Hypervisor, LaunchConfig, NetSpec, Qemu, StateDir, VmRecord, VmSpec,
 };
 use edgeshift_common::{parse_size, Fingerprint};
+
+use crate::cli::args::{CoordinatorArgs, IdArgs, OptionalClusterArgs, StateArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -26,21 +28,29 @@ pub struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum Cmd {
     /// Restore an image from the store, expose it as a loop device and boot it under QEMU.
+    ///
+    /// With --coordinator the VM's image counts as referenced by this edge
+    /// (--id) while the VM runs here: `vm run` pins it (locally and at the
+    /// coordinator, so GC keeps its chunks; an unreachable coordinator
+    /// fails the start).
     Run(RunArgs),
     /// List the VMs on this edge.
     List(ListArgs),
     /// Stop a VM (QMP quit), detach its disk and forget it.
+    ///
+    /// With --coordinator, drops this edge's (--id) reference to the VM's
+    /// image; its chunks stay cached until the policy evicts them.
     Stop(StopArgs),
-    /// Serve migrations into this edge and chunks out of it (the control
-    /// listener a migration's source talks to).
-    Host(crate::cli::migrate::HostArgs),
+    /// Retired: merged into `edgeshift agent --migrate-listen`.
+    #[command(hide = true)]
+    Host(RetiredArgs),
 }
 
+/// Whatever a retired command was given: it only says what replaced it.
 #[derive(Debug, clap::Args)]
-pub struct StateArgs {
-    /// Where VM records, sockets, logs and disks live.
-    #[arg(long, env = "EDGESHIFT_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
+struct RetiredArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    _rest: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -57,9 +67,8 @@ struct RunArgs {
     /// missing chunks (and manifest) from, all peers at once.
     #[arg(long = "peer")]
     peers: Vec<std::net::SocketAddr>,
-    /// The cluster key file (64 hex digits), needed with --peer.
-    #[arg(long, requires = "peers")]
-    cluster_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    cluster: OptionalClusterArgs,
     /// Guest memory (e.g. 256MiB).
     #[arg(long, default_value = "256MiB")]
     memory: String,
@@ -80,7 +89,7 @@ struct RunArgs {
     #[arg(long, requires = "kernel")]
     append: Option<String>,
     #[command(flatten)]
-    coord: CoordArgs,
+    coord: CoordinatorArgs,
     #[command(flatten)]
     state: StateArgs,
     /// Print the VM's record as JSON.
@@ -100,40 +109,11 @@ struct ListArgs {
 struct StopArgs {
     name: String,
     #[command(flatten)]
-    coord: CoordArgs,
+    id: IdArgs,
+    #[command(flatten)]
+    coord: CoordinatorArgs,
     #[command(flatten)]
     state: StateArgs,
-}
-
-/// The coordinator's reference count of a VM's image on this edge.
-#[derive(Debug, clap::Args)]
-struct CoordArgs {
-    /// The cache coordinator (http://HOST:PORT). With it the VM's image
-    /// counts as referenced by this edge while the VM runs here: `vm run`
-    /// pins it (locally and at the coordinator, so GC keeps its chunks; an
-    /// unreachable coordinator fails the start), `vm stop` drops the
-    /// reference (the chunks stay cached until the policy evicts them).
-    #[arg(long, requires = "edge")]
-    coordinator: Option<String>,
-    /// File holding the coordinator's bearer token.
-    #[arg(long, requires = "coordinator")]
-    token_file: Option<PathBuf>,
-    /// This edge's id at the coordinator (the `--id` of its `edgeshift agent`).
-    #[arg(long, requires = "coordinator")]
-    edge: Option<String>,
-}
-
-impl CoordArgs {
-    fn config(&self) -> Option<CoordConfig> {
-        match (&self.coordinator, &self.edge) {
-            (Some(url), Some(edge)) => Some(CoordConfig {
-                url: url.clone(),
-                token_file: self.token_file.clone(),
-                edge: edge.clone(),
-            }),
-            _ => None,
-        }
-    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -141,7 +121,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Run(a) => run_vm(a),
         Cmd::List(a) => list(a),
         Cmd::Stop(a) => stop(a),
-        Cmd::Host(a) => crate::cli::migrate::host(a),
+        Cmd::Host(_) => anyhow::bail!(
+            "`edgeshift vm host` was merged into `edgeshift agent`: run `edgeshift agent --listen ADDR --migrate-listen ADDR --store DIR --state-dir DIR --cluster-key-file K` (one daemon per edge; docs/migration.md)"
+        ),
     }
 }
 
@@ -175,6 +157,7 @@ fn run_vm(a: RunArgs) -> anyhow::Result<()> {
     );
     if !a.peers.is_empty() {
         let key_file = a
+            .cluster
             .cluster_key_file
             .as_ref()
             .context("--peer needs --cluster-key-file")?;
@@ -206,7 +189,7 @@ fn run_vm(a: RunArgs) -> anyhow::Result<()> {
         "the store lacks {missing} chunks of image {}; give --peer to fetch them",
         a.image
     );
-    let coord = a.coord.config();
+    let coord = a.coord.config(&a.cluster.id);
     if let Some(c) = &coord {
         let client = c.client()?;
         client
@@ -376,7 +359,7 @@ fn stop(a: StopArgs) -> anyhow::Result<()> {
     let dir = sd.vm_dir(&a.name)?;
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     println!("VM {} stopped", a.name);
-    if let Some(c) = a.coord.config() {
+    if let Some(c) = a.coord.config(&a.id) {
         // The VM is gone whatever the coordinator says; say what was left.
         for left in release_source(&c, &sd, &rec.store, &a.name, &rec.manifest_id) {
             eprintln!("warning: left at the coordinator: {left}");

@@ -2,22 +2,22 @@
 //! QEMU, final chunks in the pause, switchover.
 //!
 //! - [`proto`]: the authenticated control channel between agents.
-//! - [`host`]: the listener every edge runs to receive incoming VMs (the
-//!   destination half); chunks come through [`crate::transfer`]'s fetcher.
+//! - [`destination`]: the destination half, run by every edge's agent to
+//!   receive incoming VMs; chunks come through [`crate::transfer`]'s fetcher.
 //! - [`engine`]: the source half, driving both QEMUs and the destination.
 //! - [`temperature`]: the order chunks go in (coldest first, hottest last).
 //! - [`coord`]: the coordinator's part: the plan (step 1) and the reference
 //!   counts that move with the VM (step 5).
 
 pub mod coord;
+pub mod destination;
 pub mod engine;
-pub mod host;
 mod image_writer;
 pub mod proto;
 pub mod temperature;
 
+pub use destination::{Host, HostConfig};
 pub use engine::{migrate, MigrateOptions, MigrationReport};
-pub use host::{Host, HostConfig};
 
 /// Errors of a migration, named by what failed.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +38,8 @@ pub enum MigrateError {
     Memory(String),
     #[error("{0}")]
     State(String),
+    #[error("{0}")]
+    OutOfOrder(#[from] destination::state::OutOfOrder),
     #[error("coordinator: {0}")]
     Coordinator(#[from] crate::coordination::CoordError),
     #[error(transparent)]

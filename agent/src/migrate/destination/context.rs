@@ -1,0 +1,70 @@
+//! What a destination needs and shares between its connections: the
+//! configuration, the store, the VM records and the names being received.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::migrate::coord::CoordConfig;
+use crate::migrate::MigrateError;
+use crate::store::LocalStore;
+use crate::transfer::ClusterKey;
+use crate::vm::{Qemu, StateDir};
+
+/// What a destination needs.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    pub store: PathBuf,
+    pub state_dir: PathBuf,
+    pub key: ClusterKey,
+    /// This edge's name in handshakes.
+    pub id: String,
+    pub qemu: Qemu,
+    /// The coordinator that plans incoming VMs' sources and counts their
+    /// references; without one the pulls use the holders the source names.
+    pub coordinator: Option<CoordConfig>,
+}
+
+/// The destination side of this edge, shared by its control connections.
+#[derive(Debug)]
+pub struct Host {
+    pub(super) cfg: HostConfig,
+    pub(super) store: Arc<LocalStore>,
+    pub(super) state: StateDir,
+    /// The agent's runtime: pulls await the fetcher on it.
+    pub(super) runtime: tokio::runtime::Handle,
+    /// Names of VMs being received right now.
+    receiving: Mutex<HashSet<String>>,
+}
+
+impl Host {
+    /// Opens the store; pulls run on `runtime`. Does not touch VMs (see
+    /// [`super::open`], which also removes what a crash left).
+    pub fn new(cfg: HostConfig, runtime: tokio::runtime::Handle) -> Result<Self, MigrateError> {
+        let store = Arc::new(LocalStore::open_or_create(&cfg.store)?);
+        let state = StateDir::new(&cfg.state_dir);
+        Ok(Host {
+            cfg,
+            store,
+            state,
+            runtime,
+            receiving: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Claims `name` for one incoming migration; false if it is already
+    /// being received.
+    pub(super) fn mark(&self, name: &str) -> Result<bool, MigrateError> {
+        let mut r = self
+            .receiving
+            .lock()
+            .map_err(|_| MigrateError::State("host state poisoned".into()))?;
+        Ok(r.insert(name.to_string()))
+    }
+
+    pub(super) fn unmark(&self, name: &str) {
+        if let Ok(mut r) = self.receiving.lock() {
+            r.remove(name);
+        }
+    }
+}
