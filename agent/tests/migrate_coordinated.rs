@@ -91,17 +91,23 @@ impl Coordinator {
         ]
     }
 
-    /// The coordinator flags of `edgeshift vm host` and `edgeshift migrate`
-    /// on `edge` (whose agent's id is `{edge}-chunks`).
-    fn edge_args(&self, edge: &str) -> Vec<String> {
+    /// The coordinator flags of `edgeshift migrate` (whose `--id` the
+    /// harness sets to the edge's name, as for its agent).
+    fn coord_args(&self) -> Vec<String> {
         vec![
             "--coordinator".into(),
             self.url.clone(),
             "--token-file".into(),
             self.token_file.display().to_string(),
-            "--edge".into(),
-            format!("{edge}-chunks"),
         ]
+    }
+
+    /// The coordinator flags of `edgeshift vm run|stop` on `edge`: its id
+    /// there is its agent's `--id`, the edge's name.
+    fn edge_args(&self, edge: &str) -> Vec<String> {
+        let mut v = self.coord_args();
+        v.extend(["--id".into(), edge.to_string()]);
+        v
     }
 
     /// An HTTP request from inside the hub namespace: (status, JSON body).
@@ -154,19 +160,15 @@ impl Coordinator {
     fn wait_reported(&self, edges: &[&str], chunks_at: &[&str]) {
         let deadline = Instant::now() + Duration::from_secs(60);
         for e in edges {
-            let id = format!("{e}-chunks");
             loop {
-                let (status, v) = self.get(&format!("/v1/edges/{id}"));
+                let (status, v) = self.get(&format!("/v1/edges/{e}"));
                 let ready = status == 200
                     && v["reported"].as_bool() == Some(true)
                     && (!chunks_at.contains(e) || v["chunks"].as_u64().unwrap_or(0) > 0);
                 if ready {
                     break;
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "edge {id} never reported: {status} {v}"
-                );
+                assert!(Instant::now() < deadline, "edge {e} never reported: {status} {v}");
                 std::thread::sleep(Duration::from_millis(300));
             }
         }
@@ -218,8 +220,7 @@ fn coordinated_cloud() -> (Cloud, Coordinator) {
     let coord = Coordinator::start(&cloud);
     let agent_args = coord.agent_args();
     for e in ["a", "b", "c"] {
-        let host_args = coord.edge_args(e);
-        cloud.start_daemons_with(e, &strs(&agent_args), &strs(&host_args));
+        cloud.start_daemons_with(e, &strs(&agent_args));
     }
     coord.wait_reported(&["a", "b", "c"], &["a", "c"]);
     (cloud, coord)
@@ -244,14 +245,13 @@ fn assert_planned_by_coordinator(r: &serde_json::Value, cloud: &Cloud, named: &s
     assert_eq!(c["plan_from"], "coordinator", "coordination: {c}");
     let plan = &c["plan"];
     let sources = plan["sources"].as_array().expect("plan sources");
-    let edge_id = format!("{named}-chunks");
     let planned = sources
         .iter()
-        .find(|s| s["edge"] == edge_id.as_str())
-        .unwrap_or_else(|| panic!("the plan names {edge_id}: {plan}"));
+        .find(|s| s["edge"] == named)
+        .unwrap_or_else(|| panic!("the plan names {named}: {plan}"));
     assert!(
         planned["chunks"].as_u64().unwrap_or(0) > 0,
-        "{edge_id} assigned chunks: {plan}"
+        "{named} assigned chunks: {plan}"
     );
     assert_eq!(planned["addr"], cloud.edge(named).chunk_addr().as_str());
     let from = r["bytes_by_source"][cloud.edge(named).chunk_addr()]
@@ -278,7 +278,7 @@ fn handoff_plans_with_the_coordinator_and_moves_the_references() {
     let base = cloud.base_id.clone();
     // `vm run --coordinator`: the VM's image counts as referenced by a.
     run_vm_coordinated(&cloud, &coord, "a", "vm1", &base);
-    let at_a = coord.pins("a-chunks");
+    let at_a = coord.pins("a");
     assert_eq!(
         at_a.get(&base).and_then(|n| n.as_u64()),
         Some(1),
@@ -292,7 +292,7 @@ fn handoff_plans_with_the_coordinator_and_moves_the_references() {
     );
 
     // a → b, no --peer: c is a source only because the coordinator names it.
-    let (ok, out, err) = cloud.migrate("vm1", "a", "b", &[], &strs(&coord.edge_args("a")));
+    let (ok, out, err) = cloud.migrate("vm1", "a", "b", &[], &strs(&coord.coord_args()));
     assert!(ok, "migration a→b failed: {err}");
     let r = report(&out);
     assert_eq!(r["changed_since_boot_from"], "boot log", "{r}");
@@ -311,17 +311,17 @@ fn handoff_plans_with_the_coordinator_and_moves_the_references() {
     assert!(cloud.list("a").is_empty());
     assert_eq!(cloud.list("b").len(), 1);
     // Step 5: b references the VM's image, a no longer does.
-    let at_b = coord.pins("b-chunks");
+    let at_b = coord.pins("b");
     assert_eq!(
         at_b.get(&fin1).and_then(|n| n.as_u64()),
         Some(1),
         "b pins {fin1}: {at_b:?}"
     );
     assert_eq!(at_b.len(), 1, "only the final image stays pinned at b: {at_b:?}");
-    assert!(coord.pins("a-chunks").is_empty(), "a dropped its reference");
+    assert!(coord.pins("a").is_empty(), "a dropped its reference");
     let (status, m) = coord.get(&format!("/v1/manifests/{fin1}"));
     assert_eq!(status, 200);
-    assert_eq!(m["pinned_on"], serde_json::json!({ "b-chunks": 1 }));
+    assert_eq!(m["pinned_on"], serde_json::json!({ "b": 1 }));
     assert_eq!(local_pins(&cloud, "b"), vec![fin1.clone()]);
     assert!(
         r["coordination"]["destination"]
@@ -331,9 +331,9 @@ fn handoff_plans_with_the_coordinator_and_moves_the_references() {
         r["coordination"]
     );
     // a keeps the chunks cached (the policy evicts them, not the handoff).
-    assert!(coord.edge("a-chunks")["chunks"].as_u64().unwrap_or(0) > 0);
+    assert!(coord.edge("a")["chunks"].as_u64().unwrap_or(0) > 0);
     assert_eq!(
-        coord.edge("b-chunks")["leased_chunks"],
+        coord.edge("b")["leased_chunks"],
         0,
         "the plan's lease was released"
     );
@@ -348,7 +348,7 @@ fn handoff_plans_with_the_coordinator_and_moves_the_references() {
 
     // b → a: the references move back. This leg finds what changed since
     // the VM arrived by slicing its disk (as for a VM without a boot log).
-    let b_args = coord.edge_args("b");
+    let b_args = coord.coord_args();
     let mut args = strs(&b_args);
     args.push("--no-boot-log");
     let (ok, out, err) = cloud.migrate("vm1", "b", "a", &[], &args);
@@ -361,14 +361,14 @@ fn handoff_plans_with_the_coordinator_and_moves_the_references() {
     );
     assert_eq!(r2["coordination"]["plan_from"], "coordinator");
     let fin2 = r2["manifest_id"].as_str().expect("manifest id").to_string();
-    let at_a = coord.pins("a-chunks");
+    let at_a = coord.pins("a");
     assert_eq!(
         at_a.get(&fin2).and_then(|n| n.as_u64()),
         Some(1),
         "a pins {fin2}: {at_a:?}"
     );
     assert_eq!(at_a.len(), 1, "{at_a:?}");
-    assert!(coord.pins("b-chunks").is_empty(), "b dropped its reference");
+    assert!(coord.pins("b").is_empty(), "b dropped its reference");
     assert!(
         local_pins(&cloud, "b").is_empty(),
         "b's local pin went with the VM"
@@ -389,12 +389,9 @@ fn handoff_plans_with_the_coordinator_and_moves_the_references() {
         .arg(&e.state)
         .args(strs(&coord.edge_args("a")));
     migrate_support::sh(&mut stop);
-    assert!(
-        coord.pins("a-chunks").is_empty(),
-        "a dropped the stopped VM's reference"
-    );
+    assert!(coord.pins("a").is_empty(), "a dropped the stopped VM's reference");
     assert!(local_pins(&cloud, "a").is_empty());
-    assert!(coord.edge("a-chunks")["chunks"].as_u64().unwrap_or(0) > 0);
+    assert!(coord.edge("a")["chunks"].as_u64().unwrap_or(0) > 0);
 }
 
 /// `edgeshift vm run` of the test VM on `edge`, pinning its image at the coordinator.
@@ -429,7 +426,7 @@ fn coordinator_gone_before_migrate_keeps_the_vm_at_the_source() {
     coord.kill();
 
     // The source cannot report the live disk: nothing starts.
-    let (ok, _out, err) = cloud.migrate("vm1", "a", "b", &["c"], &strs(&coord.edge_args("a")));
+    let (ok, _out, err) = cloud.migrate("vm1", "a", "b", &["c"], &strs(&coord.coord_args()));
     assert!(!ok, "a migration without its coordinator must fail");
     assert!(
         err.contains("coordinator") && err.contains("keeps running here"),
@@ -474,14 +471,14 @@ fn coordinator_gone_after_the_plan_does_not_undo_the_handoff() {
     let base = cloud.base_id.clone();
     cloud.run_vm("a", "vm1", &base);
     let stream = cloud.counter_stream();
-    let args = coord.edge_args("a");
+    let args = coord.coord_args();
     let (ok, out, err) = std::thread::scope(|sc| {
         let mig = sc.spawn(|| cloud.migrate("vm1", "a", "b", &[], &strs(&args)));
         // The plan leases the chunks it assigns on the sources: once a
         // lease shows, the destination has its plan; then the coordinator goes.
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let (status, v) = coord.get("/v1/edges/a-chunks");
+            let (status, v) = coord.get("/v1/edges/a");
             if status == 200 && v["leased_chunks"].as_u64().unwrap_or(0) > 0 {
                 break;
             }
@@ -532,8 +529,8 @@ fn coordinator_gone_after_the_plan_does_not_undo_the_handoff() {
     coord.restart();
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let (sb, b) = coord.get("/v1/edges/b-chunks");
-        let (sa, a) = coord.get("/v1/edges/a-chunks");
+        let (sb, b) = coord.get("/v1/edges/b");
+        let (sa, a) = coord.get("/v1/edges/a");
         let b_pins = b["pinned_manifests"].as_object().cloned().unwrap_or_default();
         let a_pins = a["pinned_manifests"].as_object().cloned().unwrap_or_default();
         if sb == 200 && sa == 200 && b_pins.contains_key(&fin) && b_pins.len() == 1 && a_pins.is_empty() {

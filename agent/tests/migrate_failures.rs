@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use migrate_support::{kill_tree, require_capabilities, sh, Cloud, CounterStream, BIN, HOST_PORT};
+use migrate_support::{
+    kill_tree, require_capabilities, sh, Cloud, CounterStream, BIN, CHUNK_PORT, MIGRATE_PORT,
+};
 
 /// The VM runs at a, b has no trace of it, the guest still counts.
 fn assert_still_at_source(cloud: &Cloud, stream: &CounterStream, what: &str) {
@@ -143,7 +145,7 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
         "migrate",
         "vm1",
         "--to",
-        &cloud.edge("b").host_addr(),
+        &cloud.edge("b").migrate_addr(),
         "--source-addr",
         &cloud.edge("a").chunk_addr(),
     ])
@@ -192,15 +194,15 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
     std::thread::sleep(Duration::from_millis(500));
     assert_still_at_source(&cloud, &stream, "destination QEMU killed");
 
-    // 3. The destination's host daemon killed mid-migration, then restarted:
-    //    the restart removes the half it left.
+    // 3. The destination's agent killed mid-migration, then restarted: the
+    //    restart removes the half it left.
     let incoming_dir = cloud.edge("b").state.join("vm1");
     let mut mig = cloud.cmd("a");
     mig.args([
         "migrate",
         "vm1",
         "--to",
-        &cloud.edge("b").host_addr(),
+        &cloud.edge("b").migrate_addr(),
         "--source-addr",
         &cloud.edge("a").chunk_addr(),
     ])
@@ -215,13 +217,12 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
         wait_for(&incoming_dir, Duration::from_secs(60)),
         "the destination prepared"
     );
-    cloud.kill_host("b");
+    cloud.kill_agent("b");
     let out = child.wait_with_output().expect("migrate ends");
     assert!(
         !out.status.success(),
         "killing the destination agent fails the migration"
     );
-    cloud.kill_agent("b");
     cloud.start_daemons("b");
     assert_still_at_source(&cloud, &stream, "destination agent killed");
 
@@ -231,10 +232,10 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
     assert!(!ok, "without the source's chunk server the migration fails");
     assert!(err.contains("chunk"), "the error names the missing chunks: {err}");
     assert_still_at_source(&cloud, &stream, "source chunk server gone");
-    cloud.kill_host("a");
     cloud.start_daemons("a");
 
-    // 5. A full disk at the destination: a host whose state dir is a small tmpfs.
+    // 5. A full disk at the destination: a second agent at b whose state dir
+    //    is a small tmpfs.
     let small = cloud.dir.path().join("small");
     std::fs::create_dir_all(&small).expect("dir");
     sh(std::process::Command::new("mount")
@@ -250,7 +251,7 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
         }
     }
     let _unmount = Unmount(&small);
-    let port = HOST_PORT + 1;
+    let port = MIGRATE_PORT + 1;
     let b = cloud.edge("b");
     let mut full = std::process::Command::new("ip")
         .args([
@@ -258,9 +259,10 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
             "exec",
             &b.ns,
             BIN,
-            "vm",
-            "host",
+            "agent",
             "--listen",
+            &format!("{}:{}", b.wan_ip, CHUNK_PORT + 1),
+            "--migrate-listen",
             &format!("{}:{port}", b.wan_ip),
             "--store",
         ])
@@ -272,7 +274,7 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start small host");
+        .expect("start the small destination's agent");
     std::thread::sleep(Duration::from_secs(1));
     let mut mig = cloud.cmd("a");
     mig.args([

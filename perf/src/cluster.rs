@@ -14,8 +14,10 @@ use std::time::Duration;
 use crate::testbed::{Testbed, TestbedError};
 use crate::topology::{Role, Topology, TopologyError};
 
-/// Port every agent listens on (inside its own namespace).
+/// Port every agent listens on for chunks (inside its own namespace).
 pub const AGENT_PORT: u16 = 7070;
+/// Port agents that receive migrations listen on for them (`--migrate-listen`).
+pub const MIGRATE_PORT: u16 = 7900;
 /// Port of the coordinator's HTTP API.
 pub const COORDINATOR_PORT: u16 = 7800;
 
@@ -149,6 +151,13 @@ impl Cluster {
         Self::start_with(tb, topo, work, &|_| 64 << 30, false)
     }
 
+    /// As [`Cluster::start`], every agent also receiving migrations on
+    /// [`MIGRATE_PORT`], its VMs' state in [`Cluster::state`]: one daemon
+    /// per edge.
+    pub fn start_receiving(tb: &Testbed, topo: &Topology, work: &Path) -> Result<Self, ClusterError> {
+        Self::launch(tb, topo, work, &|_| 64 << 30, false, true)
+    }
+
     /// As [`Cluster::start`], each agent's store limited to `capacity(host)`
     /// bytes (the coordinator's GC keeps it under its watermarks); with
     /// `on_host_addrs`, agents listen on their host's routed address
@@ -160,6 +169,17 @@ impl Cluster {
         work: &Path,
         capacity: &dyn Fn(&str) -> u64,
         on_host_addrs: bool,
+    ) -> Result<Self, ClusterError> {
+        Self::launch(tb, topo, work, capacity, on_host_addrs, false)
+    }
+
+    fn launch(
+        tb: &Testbed,
+        topo: &Topology,
+        work: &Path,
+        capacity: &dyn Fn(&str) -> u64,
+        on_host_addrs: bool,
+        receive_migrations: bool,
     ) -> Result<Self, ClusterError> {
         let bins = Binaries::locate()?;
         std::fs::create_dir_all(work).map_err(io(format!("creating {}", work.display())))?;
@@ -209,6 +229,14 @@ impl Cluster {
                 .arg("--cluster-key-file")
                 .arg(&cluster.key_file)
                 .args(["--id", &host]);
+            if receive_migrations {
+                cmd.args([
+                    "--migrate-listen",
+                    &format!("0.0.0.0:{MIGRATE_PORT}"),
+                    "--state-dir",
+                ])
+                .arg(work.join(&host).join("vms"));
+            }
             if let Some(chost) = &topo.coordinator {
                 let url = if *chost == host {
                     format!("http://127.0.0.1:{COORDINATOR_PORT}")
@@ -237,6 +265,11 @@ impl Cluster {
             .iter()
             .find(|a| a.host == host)
             .map(|a| a.store.as_path())
+    }
+
+    /// Where `host`'s agent keeps its VMs' state (with [`Cluster::start_receiving`]).
+    pub fn state(&self, host: &str) -> PathBuf {
+        self.work.join(host).join("vms")
     }
 
     /// The address `from` uses to reach `host`'s agent.

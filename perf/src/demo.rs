@@ -13,14 +13,13 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{Cluster, AGENT_PORT};
+use crate::cluster::{Cluster, AGENT_PORT, MIGRATE_PORT};
 use crate::images::repo_root;
-use crate::scenario::{io, must, wait_line, ScenarioError};
+use crate::scenario::{io, must, ScenarioError};
 use crate::signals;
 use crate::testbed::{self, LinkSpec};
 use crate::topology::Topology;
 
-const HOST_PORT: u16 = 7900;
 const SEGMENT: &str = "vmnet";
 
 /// What the demo saw.
@@ -73,10 +72,11 @@ pub fn run(tag: &str, work: &Path, log: &dyn Fn(&str)) -> Result<DemoRecord, Sce
         .guest_addr(0)
         .ok_or_else(|| ScenarioError::Output("demo".into(), "no guest address".into()))?;
     let _ = std::fs::remove_dir_all(work);
-    let cluster = Cluster::start(&tb, &topo, &work.join("cluster"))?;
+    // One daemon per edge: each agent serves chunks and receives migrations.
+    let cluster = Cluster::start_receiving(&tb, &topo, &work.join("cluster"))?;
     let bin = cluster.bins.edgeshift.clone();
     let store = |h: &str| cluster.store(h).map(Path::to_path_buf).unwrap_or_default();
-    let state = |h: &str| work.join(h).join("vm");
+    let state = |h: &str| cluster.state(h);
     log("stores: the VM's base disk sliced at e1 (its edge) and e3 (a neighbour)");
     let id_out = must(
         Command::new(&bin)
@@ -100,28 +100,6 @@ pub fn run(tag: &str, work: &Path, log: &dyn Fn(&str)) -> Result<DemoRecord, Sce
     let mut children: Vec<Child> = Vec::new();
     let result = (|| -> Result<(), ScenarioError> {
         let e2_addr = tb.addr_of("e2", "e1")?;
-        let mut host = tb
-            .command("e2", &bin)
-            .args([
-                "vm",
-                "host",
-                "--listen",
-                &format!("{e2_addr}:{HOST_PORT}"),
-                "--store",
-            ])
-            .arg(store("e2"))
-            .arg("--cluster-key-file")
-            .arg(&cluster.key_file)
-            .arg("--state-dir")
-            .arg(state("e2"))
-            .args(["--id", "e2"])
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(work.join("e2-vm-host.log")).map_err(io("log"))?)
-            .spawn()
-            .map_err(io("starting edgeshift vm host"))?;
-        wait_line("demo", &mut host, "listening", Duration::from_secs(20))?;
-        children.push(host);
-
         log(&format!("VM: booting at e1 under QEMU (address {vm_ip})"));
         let boot = Instant::now();
         must(
@@ -201,7 +179,7 @@ pub fn run(tag: &str, work: &Path, log: &dyn Fn(&str)) -> Result<DemoRecord, Sce
         let e3_for_e2 = tb.addr_of("e3", "e2")?;
         let mig = must(
             tb.command("e1", &bin)
-                .args(["migrate", "demo", "--to", &format!("{e2_addr}:{HOST_PORT}")])
+                .args(["migrate", "demo", "--to", &format!("{e2_addr}:{MIGRATE_PORT}")])
                 .args(["--source-addr", &format!("{e1_for_e2}:{AGENT_PORT}")])
                 .args(["--peer", &format!("{e3_for_e2}:{AGENT_PORT}")])
                 .arg("--cluster-key-file")

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use edgeshift_agent::store::{ChunkStore, LocalStore};
 use edgeshift_common::Fingerprint;
 
-use crate::cluster::{Binaries, AGENT_PORT};
+use crate::cluster::{Binaries, AGENT_PORT, MIGRATE_PORT};
 use crate::holdings;
 use crate::qemu_mirror::{self, SourceVm};
 use crate::record::{Run, Sample};
@@ -30,7 +30,6 @@ use crate::testbed::{LinkSpec, Testbed};
 const SRC: &str = "e1";
 const DST: &str = "e2";
 const SEGMENT: &str = "vmnet";
-const HOST_PORT: u16 = 7900;
 /// Disk size of the VM variant the live runs use.
 pub const DISK_MIB: u32 = 192;
 /// Guest memory.
@@ -307,14 +306,16 @@ impl LiveBench {
             "seeding e2's store",
         )?;
         let dst_addr = self.tb.addr_of(DST, SRC)?;
+        // e2's one daemon, on this run's fresh store: it receives the VM.
         let mut host = self
             .tb
             .command(DST, &self.bins.edgeshift)
             .args([
-                "vm",
-                "host",
+                "agent",
                 "--listen",
-                &format!("{dst_addr}:{HOST_PORT}"),
+                &format!("{dst_addr}:{AGENT_PORT}"),
+                "--migrate-listen",
+                &format!("{dst_addr}:{MIGRATE_PORT}"),
                 "--store",
             ])
             .arg(&store)
@@ -325,11 +326,11 @@ impl LiveBench {
             .args(["--id", DST])
             .stdout(Stdio::piped())
             .stderr(
-                std::fs::File::create(self.work.join(format!("e2-vm-host-{}.log", self.seq + 1)))
+                std::fs::File::create(self.work.join(format!("e2-agent-{}.log", self.seq + 1)))
                     .map_err(io("log"))?,
             )
             .spawn()
-            .map_err(io("starting edgeshift vm host"))?;
+            .map_err(io("starting edgeshift agent"))?;
         let result = (|| {
             wait_line("live", &mut host, "listening", Duration::from_secs(20))?;
             let (name, write_rate) = self.boot(rate, log)?;
@@ -339,7 +340,7 @@ impl LiveBench {
             let t = Instant::now();
             let mut migrate = self.tb.command(SRC, &self.bins.edgeshift);
             migrate
-                .args(["migrate", &name, "--to", &format!("{dst_addr}:{HOST_PORT}")])
+                .args(["migrate", &name, "--to", &format!("{dst_addr}:{MIGRATE_PORT}")])
                 .args(["--source-addr", &format!("{src_addr}:{AGENT_PORT}")])
                 .arg("--cluster-key-file")
                 .arg(&self.key_file)

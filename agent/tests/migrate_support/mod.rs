@@ -2,7 +2,8 @@
 //! perf/images/build-test-vm.sh, cached under target/images/vm/), edges in
 //! network namespaces joined by tbf-limited veth links through a hub, one L2
 //! segment for the VMs' NICs across all edges, a client namespace on it, and
-//! the agents (`edgeshift agent`, `edgeshift vm host`) as real processes.
+//! each edge's one daemon (`edgeshift agent`, chunks and migrations) as a
+//! real process.
 //! Everything is named with a per-test tag and removed on drop.
 #![allow(dead_code)]
 
@@ -16,8 +17,9 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_edgeshift");
 pub const VM_IP: &str = "198.19.0.10";
 pub const CLIENT_IP: &str = "198.19.0.100";
+/// The agents' `--listen` (chunks) and `--migrate-listen` ports.
 pub const CHUNK_PORT: u16 = 7070;
-pub const HOST_PORT: u16 = 7080;
+pub const MIGRATE_PORT: u16 = 7080;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -128,7 +130,7 @@ pub fn tag() -> String {
 }
 
 /// One edge: a namespace with a WAN address, a VM bridge, a store, a state
-/// dir, and its two daemons.
+/// dir, and its daemon.
 pub struct Edge {
     pub name: String,
     pub ns: String,
@@ -136,15 +138,14 @@ pub struct Edge {
     pub store: PathBuf,
     pub state: PathBuf,
     pub agent: Option<Child>,
-    pub host: Option<Child>,
 }
 
 impl Edge {
     pub fn chunk_addr(&self) -> String {
         format!("{}:{CHUNK_PORT}", self.wan_ip)
     }
-    pub fn host_addr(&self) -> String {
-        format!("{}:{HOST_PORT}", self.wan_ip)
+    pub fn migrate_addr(&self) -> String {
+        format!("{}:{MIGRATE_PORT}", self.wan_ip)
     }
 }
 
@@ -236,7 +237,6 @@ impl Cloud {
                 store,
                 state,
                 agent: None,
-                host: None,
             });
         }
         // The client on the VM segment.
@@ -290,20 +290,19 @@ impl Cloud {
         c
     }
 
-    /// Starts `edgeshift agent` (chunk server) and `edgeshift vm host` on `edge`.
+    /// Starts `edge`'s daemon: `edgeshift agent` serving chunks and
+    /// receiving migrations, under the edge's name as its id.
     pub fn start_daemons(&mut self, edge: &str) {
-        self.start_daemons_with(edge, &[], &[]);
+        self.start_daemons_with(edge, &[]);
     }
 
-    /// [`Self::start_daemons`] with extra arguments for the agent and the host.
-    pub fn start_daemons_with(&mut self, edge: &str, agent_args: &[&str], host_args: &[&str]) {
+    /// [`Self::start_daemons`] with extra arguments for the agent.
+    pub fn start_daemons_with(&mut self, edge: &str, agent_args: &[&str]) {
         let (ns, ip, store, state) = {
             let e = self.edge(edge);
             (e.ns.clone(), e.wan_ip.clone(), e.store.clone(), e.state.clone())
         };
-        let log = |what: &str| {
-            std::fs::File::create(self.dir.path().join(format!("{edge}-{what}.log"))).expect("log file")
-        };
+        let log = std::fs::File::create(self.dir.path().join(format!("{edge}-agent.log"))).expect("log file");
         let agent = Command::new("ip")
             .args([
                 "netns",
@@ -313,28 +312,8 @@ impl Cloud {
                 "agent",
                 "--listen",
                 &format!("{ip}:{CHUNK_PORT}"),
-                "--store",
-            ])
-            .arg(&store)
-            .arg("--cluster-key-file")
-            .arg(&self.key)
-            .args(["--id", &format!("{edge}-chunks"), "--no-zstd"])
-            .args(agent_args)
-            .stdout(Stdio::piped())
-            .stderr(log("agent"))
-            .spawn()
-            .expect("start agent");
-        let agent = wait_line(agent, "listening");
-        let host = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns,
-                BIN,
-                "vm",
-                "host",
-                "--listen",
-                &format!("{ip}:{HOST_PORT}"),
+                "--migrate-listen",
+                &format!("{ip}:{MIGRATE_PORT}"),
                 "--store",
             ])
             .arg(&store)
@@ -342,25 +321,18 @@ impl Cloud {
             .arg(&self.key)
             .arg("--state-dir")
             .arg(&state)
-            .args(["--id", edge])
-            .args(host_args)
+            .args(["--id", edge, "--no-zstd"])
+            .args(agent_args)
             .stdout(Stdio::piped())
-            .stderr(log("host"))
+            .stderr(log)
             .spawn()
-            .expect("start vm host");
-        let host = wait_line(host, "listening");
-        let e = self.edge_mut(edge);
-        e.agent = Some(agent);
-        e.host = Some(host);
+            .expect("start agent");
+        let agent = wait_line(agent, "listening");
+        self.edge_mut(edge).agent = Some(agent);
     }
 
-    /// Kills `edge`'s vm host (as a crash would).
-    pub fn kill_host(&mut self, edge: &str) {
-        if let Some(mut c) = self.edge_mut(edge).host.take() {
-            kill_tree(&mut c);
-        }
-    }
-
+    /// Kills `edge`'s agent (as a crash would): its chunk server and any
+    /// migration it is receiving go with it.
     pub fn kill_agent(&mut self, edge: &str) {
         if let Some(mut c) = self.edge_mut(edge).agent.take() {
             kill_tree(&mut c);
@@ -410,7 +382,7 @@ impl Cloud {
             "migrate",
             name,
             "--to",
-            &self.edge(to).host_addr(),
+            &self.edge(to).migrate_addr(),
             "--source-addr",
             &self.edge(from).chunk_addr(),
         ])
@@ -625,8 +597,7 @@ impl Drop for Cloud {
             }
         }
         for e in &mut self.edges {
-            for c in [e.agent.take(), e.host.take()].into_iter().flatten() {
-                let mut c = c;
+            if let Some(mut c) = e.agent.take() {
                 kill_tree(&mut c);
             }
         }

@@ -68,8 +68,9 @@ struct Args {
     goodput_secs: u32,
 }
 
+/// The agents' `--listen` (chunks) and `--migrate-listen` ports.
 const CHUNK_PORT: u16 = 7070;
-const HOST_PORT: u16 = 7080;
+const MIGRATE_PORT: u16 = 7080;
 const NBD_PORT: u16 = 10809;
 const MIG_PORT: u16 = 4444;
 /// First of three iperf3 ports (one per path into dst).
@@ -148,43 +149,29 @@ impl Bed {
         c.args(["netns", "exec", &self.ns(host)?]).arg(&self.bin);
         Ok(c)
     }
+    /// Starts `host`'s one daemon: `edgeshift agent`, serving chunks and
+    /// receiving migrations.
     fn start_daemons(&mut self, host: &str) -> anyhow::Result<()> {
         std::fs::create_dir_all(self.state(host))?;
-        for args in [
-            vec![
-                "agent".to_string(),
-                "--listen".into(),
-                format!("0.0.0.0:{CHUNK_PORT}"),
-                "--no-zstd".into(),
-            ],
-            vec![
-                "vm".to_string(),
-                "host".into(),
-                "--listen".into(),
-                format!("0.0.0.0:{HOST_PORT}"),
-            ],
-        ] {
-            let mut c = self.edgeshift(host)?;
-            c.args(&args)
-                .arg("--store")
-                .arg(self.store(host))
-                .arg("--cluster-key-file")
-                .arg(&self.key);
-            if args[0] == "vm" {
-                c.arg("--state-dir").arg(self.state(host));
-            }
-            c.args(["--id", host]);
-            let log = std::fs::File::create(self.dir.path().join(format!("{host}-{}.log", args[0])))?;
-            let child = c
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .context("start daemon")?;
-            self.daemons.push(child);
-            // Both daemons create the store if absent; let the first finish.
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        std::thread::sleep(Duration::from_millis(500));
+        let mut c = self.edgeshift(host)?;
+        c.args(["agent", "--listen", &format!("0.0.0.0:{CHUNK_PORT}")])
+            .args(["--migrate-listen", &format!("0.0.0.0:{MIGRATE_PORT}")])
+            .arg("--no-zstd")
+            .arg("--store")
+            .arg(self.store(host))
+            .arg("--cluster-key-file")
+            .arg(&self.key)
+            .arg("--state-dir")
+            .arg(self.state(host))
+            .args(["--id", host]);
+        let log = std::fs::File::create(self.dir.path().join(format!("{host}-agent.log")))?;
+        let child = c
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("start daemon")?;
+        self.daemons.push(child);
+        std::thread::sleep(Duration::from_secs(1));
         Ok(())
     }
 }
@@ -485,7 +472,7 @@ fn edgeshift_run(sc: &Scenario, a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result
             "migrate",
             "vm1",
             "--to",
-            &format!("{}:{HOST_PORT}", b.addr("dst")?),
+            &format!("{}:{MIGRATE_PORT}", b.addr("dst")?),
         ])
         .args(["--source-addr", &format!("{}:{CHUNK_PORT}", b.addr("src")?)])
         .args(["--peer", &format!("{}:{CHUNK_PORT}", b.addr("n1")?)])
