@@ -33,7 +33,7 @@ enum Cmd {
     /// (--id) while the VM runs here: `vm run` pins it (locally and at the
     /// coordinator, so GC keeps its chunks; an unreachable coordinator
     /// fails the start).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the VMs on this edge.
     List(ListArgs),
     /// Stop a VM (QMP quit), detach its disk and forget it.
@@ -118,7 +118,7 @@ struct StopArgs {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.cmd {
-        Cmd::Run(a) => run_vm(a),
+        Cmd::Run(a) => run_vm(*a),
         Cmd::List(a) => list(a),
         Cmd::Stop(a) => stop(a),
         Cmd::Host(_) => anyhow::bail!(
