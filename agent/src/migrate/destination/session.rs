@@ -112,3 +112,134 @@ impl Session {
             .ok_or_else(|| MigrateError::State("no incoming VM on this connection".into()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migrate::destination::context::HostConfig;
+    use crate::transfer::ClusterKey;
+    use crate::vm::{MemoryTransport, Qemu};
+
+    fn session(dir: &std::path::Path, rt: &tokio::runtime::Runtime) -> Session {
+        let host = Host::new(
+            HostConfig {
+                store: dir.join("store"),
+                state_dir: dir.join("vms"),
+                key: ClusterKey::from_bytes([3; 32]),
+                id: "dst".into(),
+                qemu: Qemu::default(),
+                coordinator: None,
+            },
+            rt.handle().clone(),
+        )
+        .expect("host");
+        Session::new(Arc::new(host), IpAddr::from([127, 0, 0, 1]))
+    }
+
+    fn spec(name: &str) -> crate::vm::VmSpec {
+        crate::vm::VmSpec {
+            name: name.into(),
+            memory_mib: 128,
+            cpus: 1,
+            accel: crate::vm::AccelChoice::Tcg,
+            kernel: None,
+            initrd: None,
+            append: None,
+            net: None,
+        }
+    }
+
+    /// Prepare, a pull of holes and the refusals around them need no root
+    /// (no loop device, no QEMU); Abort removes the half made.
+    #[test]
+    fn a_prepared_vm_takes_pulls_refuses_what_is_out_of_order_and_aborts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let mut s = session(dir.path(), &rt);
+        let cs = edgeshift_common::ChunkSize::new(4096).expect("chunk size");
+        let manifest = Manifest::new(cs, 8192, vec![Fingerprint::ZERO_CHUNK; 2]);
+        let prepare = || Request::Prepare {
+            spec: spec("vm1"),
+            manifest: manifest.to_bytes(),
+        };
+        match s.handle(prepare()) {
+            Ok(Response::Prepared { missing_chunks, .. }) => assert_eq!(missing_chunks, 0),
+            other => panic!("Prepare: {other:?}"),
+        }
+        let image = dir.path().join("vms").join("vm1").join("disk.raw");
+        assert!(image.exists(), "the sparse image");
+        assert!(matches!(s.handle(prepare()), Err(MigrateError::OutOfOrder(_))));
+        let pull = s.handle(Request::Pull {
+            image_size: 8192,
+            chunk_size: 4096,
+            chunks: vec![(1, [0; 32])],
+            holders: Vec::new(),
+            filler: Vec::new(),
+            deltas: true,
+        });
+        assert!(matches!(pull, Ok(Response::Pulled(_))), "{pull:?}");
+        assert_eq!(s.state(), ReceiveState::Prepared { pulls: 1 });
+        for req in [Request::AwaitIncoming, Request::Finish] {
+            match s.handle(req) {
+                Err(MigrateError::OutOfOrder(e)) => {
+                    assert_eq!(e.state, ReceiveState::Prepared { pulls: 1 })
+                }
+                other => panic!("out of order: {other:?}"),
+            }
+        }
+        assert!(matches!(s.handle(Request::Abort), Ok(Response::Done)));
+        assert!(!image.exists(), "Abort tore the half down");
+    }
+
+    #[test]
+    fn commands_before_prepare_are_refused_and_abort_ends_the_session() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let mut s = session(dir.path(), &rt);
+        let early = [
+            Request::Pull {
+                image_size: 4096,
+                chunk_size: 4096,
+                chunks: vec![(0, [1; 32])],
+                holders: vec!["127.0.0.1:1".into()],
+                filler: Vec::new(),
+                deltas: true,
+            },
+            Request::StartIncoming {
+                memory: MemoryTransport::Plain,
+            },
+            Request::AwaitIncoming,
+            Request::Verify {
+                manifest_id: [0; 32],
+                recheck: Vec::new(),
+            },
+            Request::Finish,
+        ];
+        for req in early {
+            let what = format!("{req:?}");
+            match s.handle(req) {
+                Err(MigrateError::OutOfOrder(e)) => {
+                    assert_eq!(e.state, ReceiveState::Idle, "{what}");
+                    assert!(e.to_string().contains("Prepare first"), "{e}");
+                }
+                other => panic!("{what} before Prepare: {other:?}"),
+            }
+            assert_eq!(s.state(), ReceiveState::Idle);
+        }
+        assert!(matches!(s.handle(Request::Abort), Ok(Response::Done)));
+        assert_eq!(s.state(), ReceiveState::Aborted);
+        let again = s.handle(Request::Prepare {
+            spec: spec("vm1"),
+            manifest: Vec::new(),
+        });
+        assert!(matches!(again, Err(MigrateError::OutOfOrder(_))), "{again:?}");
+        assert!(
+            !dir.path().join("vms").join("vm1").exists(),
+            "a refused Prepare makes nothing"
+        );
+    }
+}
