@@ -108,6 +108,23 @@ fn bad_input_is_refused_with_a_reason() {
             "manifest",
         ),
         (vec!["vm", "stop", "nope", "--state-dir", &st], "no VM named nope"),
+        // The retired second daemon names its replacement, whatever its flags.
+        (
+            vec!["vm", "host", "--listen", "127.0.0.1:1", "--state-dir", &st],
+            "merged into `edgeshift agent`",
+        ),
+        (
+            vec![
+                "agent",
+                "--listen",
+                "127.0.0.1:0",
+                "--store",
+                &store,
+                "--cluster-key-file",
+                "/nonexistent",
+            ],
+            "/nonexistent",
+        ),
         (
             vec![
                 "migrate",

@@ -325,7 +325,7 @@ fn run_one(tag: &str, work: &Path, policy: &str, images: &DebianImages) -> Resul
                 .arg(dst_store)
                 .arg("--cluster-key-file")
                 .arg(&cluster.key_file)
-                .args(["--coordinator", &url, "--json", "--node-id", to])
+                .args(["--coordinator", &url, "--json", "--id", to])
                 .stdin(Stdio::null())
                 .output()
                 .map_err(io("edgeshift fetch"))?;

@@ -476,7 +476,7 @@ impl Bench {
         fetch
             .arg("--cluster-key-file")
             .arg(&self.cluster.key_file)
-            .args(["--json", "--node-id", DST]);
+            .args(["--json", "--id", DST]);
         let mut restore = Command::new(&self.cluster.bins.edgeshift);
         restore
             .arg("restore")
