@@ -127,6 +127,20 @@ fn bad_input_is_refused_with_a_reason() {
         ),
         (
             vec![
+                "agent",
+                "--listen",
+                "127.0.0.1:0",
+                "--store",
+                &store,
+                "--cluster-key-file",
+                "/nonexistent",
+                "--coordinator",
+                "http://127.0.0.1:1",
+            ],
+            "--coordinator needs --capacity",
+        ),
+        (
+            vec![
                 "migrate",
                 "nope",
                 "--to",

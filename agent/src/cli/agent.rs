@@ -73,8 +73,6 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let key = args.cluster.key()?;
-    let id = args.cluster.id.id.clone();
     // The coordinator's GC keeps the store under watermarks of this figure;
     // a guess (the file system's size, say) could let it fill a shared disk.
     let capacity = match (&args.coord.coordinator, args.capacity) {
@@ -83,6 +81,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ),
         (_, c) => c,
     };
+    let key = args.cluster.key()?;
+    let id = args.cluster.id.id.clone();
     let store = LocalStore::open_or_create(&args.store)
         .with_context(|| format!("opening the store {}", args.store.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
