@@ -77,15 +77,15 @@ pub struct Args {
     /// When QEMU's memory migration starts: after-disk (once the disk
     /// pre-copy rounds end) or with-disk (at once, so the path carries
     /// memory while the live disk is sliced; held from converging until the
-    /// rounds end). with-disk cut the downtime at 100 Mbit/s (0.14 s against
-    /// 0.41 s) at the same total, but on a slow link memory re-sends dirty
-    /// pages all through a long disk phase (237 MB instead of 27 at 10 Mbit/s).
+    /// rounds end). with-disk shortens the downtime on a fast link, but on a
+    /// slow one memory re-sends dirty pages all through a long disk phase
+    /// (figures in docs/migration.md).
     #[arg(long, value_enum, default_value = "after-disk")]
     memory_start: MemoryStart,
     /// Cap QEMU's memory streams at this many Mbit/s (QEMU max-bandwidth),
     /// to leave the path to other traffic; by default uncapped. QEMU keeps
     /// to it with `--memory plain`; its multifd streams were measured well
-    /// above it (11.7 MB/s under a 6.1 MB/s cap).
+    /// above it (docs/migration.md).
     #[arg(long)]
     memory_max_mbit: Option<f64>,
     /// Find what changed since the VM booted by slicing its whole live disk
