@@ -16,10 +16,9 @@ use edgeshift_agent::vm::Qemu;
 
 use crate::cli::args::{ClusterArgs, CoordinatorArgs, StateArgs};
 
-/// The edge's daemon: serve chunks and manifests to peers that hold the
-/// cluster key, receive migrations, report to the coordinator.
+/// Run the edge's one daemon: serve chunks, receive migrations, report to the coordinator.
 ///
-/// Peers authenticate both ways (keyed BLAKE3 challenge-response) before any
+/// It serves chunks and manifests to peers that hold the cluster key. Peers authenticate both ways (keyed BLAKE3 challenge-response) before any
 /// manifest or chunk flows; a peer that fails is dropped and logged, and
 /// counted in `edgeshift_auth_failures_total`. Uncompressed chunks are sent
 /// from the store's files with sendfile(2); a chunk is zstd-compressed only

@@ -14,7 +14,9 @@ use edgeshift_common::ManifestId;
 
 use crate::cli::args::{ClusterArgs, CoordinatorArgs};
 
-/// Fetch manifest ID and every chunk the local store lacks, from all peers at once.
+/// Fetch an image's missing chunks from several peers at once.
+///
+/// Fetches manifest ID and every chunk the local store lacks, from all peers at once.
 ///
 /// The manifest comes from the first peer that has it and must hash to ID.
 /// Chunks are striped over the peers by measured path throughput; a slow path's

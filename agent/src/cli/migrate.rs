@@ -11,8 +11,9 @@ use edgeshift_agent::vm::MemoryTransport;
 
 use crate::cli::args::{ClusterArgs, CoordinatorArgs, StateArgs};
 
-/// Hand a running VM over to another edge: its disk as the chunks the
-/// destination lacks (pulled from every holder at once, coldest first), its
+/// Hand a running VM over to another edge.
+///
+/// Its disk moves as the chunks the destination lacks (pulled from every holder at once, coldest first), its
 /// memory by QEMU live migration, the last dirty chunks in the switchover
 /// pause. On any failure before the switchover the VM keeps running here.
 ///

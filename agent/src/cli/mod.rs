@@ -33,15 +33,14 @@ pub enum Command {
     Restore(restore::Args),
     /// Show an image's figures: size, chunk size, chunks, unique and zero chunks.
     Inspect(inspect::Args),
-    /// Run the edge's one daemon: serve chunks to peers, receive migrations, keep the coordinator link.
+    // Agent, Fetch and Migrate take their help from their Args' doc
+    // comments, whose later paragraphs say what --coordinator does there.
     Agent(agent::Args),
-    /// Fetch an image's missing chunks from several peers at once.
     Fetch(fetch::Args),
     /// Watch a block device and report per-chunk write rates.
     Dirty(dirty::Args),
     /// Run, list and stop VMs on this edge.
     Vm(vm::Args),
-    /// Hand a running VM over to another edge.
     Migrate(migrate::Args),
 }
 
