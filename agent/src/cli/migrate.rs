@@ -13,9 +13,9 @@ use crate::cli::args::{ClusterArgs, CoordinatorArgs, StateArgs};
 
 /// Hand a running VM over to another edge.
 ///
-/// Its disk moves as the chunks the destination lacks (pulled from every holder at once, coldest first), its
-/// memory by QEMU live migration, the last dirty chunks in the switchover
-/// pause. On any failure before the switchover the VM keeps running here.
+/// Its disk moves as the chunks the destination lacks (pulled from every
+/// holder at once, coldest first), its memory by QEMU live migration, the
+/// last dirty chunks in the switchover pause. On any failure before the switchover the VM keeps running here.
 ///
 /// With --coordinator, before anything moves this edge (its id at the
 /// coordinator is --id, as for its `edgeshift agent`) reports the live
