@@ -67,6 +67,12 @@ pub struct Args {
     /// under its watermarks. Needed with --coordinator.
     #[arg(long, value_parser = edgeshift_common::parse_size)]
     capacity: Option<u64>,
+    /// Plan incoming VMs' sources from the holders the source names
+    /// (`edgeshift migrate --source-addr/--peer`) even with --coordinator,
+    /// and pin nothing for them at the coordinator: what a `vm host`
+    /// without --coordinator beside a coordinated agent did.
+    #[arg(long, requires = "migrate_listen")]
+    uncoordinated_migrations: bool,
     #[command(flatten)]
     state: StateArgs,
 }
@@ -117,7 +123,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         key: key.clone(),
                         id: id.clone(),
                         qemu: Qemu::default(),
-                        coordinator: args.coord.config(&args.cluster.id),
+                        coordinator: args
+                            .coord
+                            .config(&args.cluster.id)
+                            .filter(|_| !args.uncoordinated_migrations),
                     },
                     tokio::runtime::Handle::current(),
                 )?;
