@@ -230,12 +230,17 @@ impl Cluster {
                 .arg(&cluster.key_file)
                 .args(["--id", &host]);
             if receive_migrations {
+                // Incoming VMs pull from the holders the source names, as
+                // the demo's destination always did: the coordinator's plan
+                // names agents by the one address each advertises, which
+                // only the link towards the coordinator reaches here.
                 cmd.args([
                     "--migrate-listen",
                     &format!("0.0.0.0:{MIGRATE_PORT}"),
                     "--state-dir",
                 ])
-                .arg(work.join(&host).join("vms"));
+                .arg(work.join(&host).join("vms"))
+                .arg("--uncoordinated-migrations");
             }
             if let Some(chost) = &topo.coordinator {
                 let url = if *chost == host {
