@@ -4,12 +4,17 @@
 //! Implementations: [`local::LocalStore`] (a directory on this edge). Peer and
 //! tiered stores are composed from the same trait by the transfer module.
 
+pub mod batch;
+mod fs;
+pub mod layout;
 pub mod local;
 pub mod publish;
+mod recover;
 pub mod uses;
 
 use edgeshift_common::{Fingerprint, Manifest, ManifestError, ManifestId};
 
+pub use batch::ChunkBatch;
 pub use local::LocalStore;
 pub use publish::Unsynced;
 pub use uses::ChunkUses;
@@ -18,7 +23,7 @@ pub use uses::ChunkUses;
 pub enum StoreError {
     #[error("no chunk store at {0} (create one with `edgeshift slice IMAGE --store DIR`)")]
     Missing(std::path::PathBuf),
-    #[error("{0} is not an edgeshift chunk store (no {marker} file)", marker = local::STORE_MARKER)]
+    #[error("{0} is not an edgeshift chunk store (no {marker} file)", marker = layout::STORE_MARKER)]
     NotAStore(std::path::PathBuf),
     #[error("chunk {0} is not in the store")]
     ChunkMissing(Fingerprint),
