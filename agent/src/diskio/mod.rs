@@ -48,7 +48,7 @@ impl Engine {
     /// A queue of up to `depth` reads and writes in flight.
     pub fn queue<'f, B: IoBuf>(self, depth: usize) -> io::Result<Queue<'f, B>> {
         let backend = match self {
-            Engine::Uring => Backend::Uring(uring::Ring::new(depth)?),
+            Engine::Uring => Backend::Uring(Box::new(uring::Ring::new(depth)?)),
             Engine::Sync => Backend::Sync(sync::Done::default()),
         };
         Ok(Queue {
@@ -103,7 +103,8 @@ struct Pending<B> {
 }
 
 enum Backend {
-    Uring(uring::Ring),
+    // Boxed: a ring's handle is large, and the fallback's is small.
+    Uring(Box<uring::Ring>),
     Sync(sync::Done),
 }
 
@@ -137,12 +138,26 @@ impl<'f, B: IoBuf> Queue<'f, B> {
     }
 
     /// Reads into `buf[range]` from `file` at `offset`.
-    pub fn read(&mut self, file: &'f File, buf: B, range: Range<usize>, offset: u64, tag: usize) -> io::Result<()> {
+    pub fn read(
+        &mut self,
+        file: &'f File,
+        buf: B,
+        range: Range<usize>,
+        offset: u64,
+        tag: usize,
+    ) -> io::Result<()> {
         self.start(Op::Read, file, buf, range, offset, tag)
     }
 
     /// Writes `buf[range]` to `file` at `offset`.
-    pub fn write(&mut self, file: &'f File, buf: B, range: Range<usize>, offset: u64, tag: usize) -> io::Result<()> {
+    pub fn write(
+        &mut self,
+        file: &'f File,
+        buf: B,
+        range: Range<usize>,
+        offset: u64,
+        tag: usize,
+    ) -> io::Result<()> {
         self.start(Op::Write, file, buf, range, offset, tag)
     }
 

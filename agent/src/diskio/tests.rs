@@ -21,7 +21,11 @@ fn usable(engine: Engine) -> bool {
 fn temp_file(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> File {
     let path = dir.path().join(name);
     std::fs::write(&path, bytes).expect("write");
-    OpenOptions::new().read(true).write(true).open(path).expect("open")
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open")
 }
 
 fn pattern(len: usize) -> Vec<u8> {
@@ -37,7 +41,8 @@ fn writes_then_reads_at_offsets(engine: Engine) {
     for (tag, i) in [3usize, 0, 2, 1].into_iter().enumerate() {
         let start = i * 2600;
         let end = ((i + 1) * 2600).min(data.len());
-        q.write(&f, data.clone(), start..end, start as u64, tag).expect("write");
+        q.write(&f, data.clone(), start..end, start as u64, tag)
+            .expect("write");
     }
     assert!(q.is_full());
     let mut tags = Vec::new();
@@ -49,11 +54,16 @@ fn writes_then_reads_at_offsets(engine: Engine) {
     tags.sort();
     assert_eq!(tags, [0, 1, 2, 3]);
     let mut q = engine.queue::<AlignedBuf>(2).expect("queue");
-    q.read(&f, AlignedBuf::new(2600), 100..2600, 100, 7).expect("read");
+    q.read(&f, AlignedBuf::new(2600), 100..2600, 100, 7)
+        .expect("read");
     let c = q.next_completion().expect("completion");
     assert_eq!((c.tag, c.requested, c.result.expect("read")), (7, 2500, 2500));
     assert_eq!(&c.buf.as_slice()[100..2600], &data[100..2600]);
-    assert_eq!(&c.buf.as_slice()[..100], &[0u8; 100][..], "bytes outside the range untouched");
+    assert_eq!(
+        &c.buf.as_slice()[..100],
+        &[0u8; 100][..],
+        "bytes outside the range untouched"
+    );
 }
 
 fn a_read_past_the_end_comes_back_short(engine: Engine) {
@@ -88,7 +98,11 @@ fn errors_come_back_with_their_buffer(engine: Engine) {
     // A full device reports ENOSPC, as a full disk would.
     if let Some(full) = &full {
         q.write(full, vec![0; 4096], 0..4096, 0, 0).expect("queued");
-        let err = q.next_completion().expect("completion").result.expect_err("ENOSPC");
+        let err = q
+            .next_completion()
+            .expect("completion")
+            .result
+            .expect_err("ENOSPC");
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
     }
 }
@@ -98,7 +112,9 @@ fn misuse_is_an_error_not_a_hang(engine: Engine) {
     let f = temp_file(&dir, "f", &pattern(100));
     let mut q = engine.queue::<Vec<u8>>(1).expect("queue");
     assert!(q.next_completion().is_err(), "nothing in flight");
-    let e = q.read(&f, vec![0; 4], 0..5, 0, 0).expect_err("range past the buffer");
+    let e = q
+        .read(&f, vec![0; 4], 0..5, 0, 0)
+        .expect_err("range past the buffer");
     assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     assert_eq!(q.in_flight(), 0);
     q.read(&f, vec![0; 4], 0..4, 0, 0).expect("read");
@@ -122,11 +138,17 @@ fn large_batches_through_a_small_queue(engine: Engine) {
             .expect("write");
     }
     while q.in_flight() > 0 {
-        assert_eq!(q.next_completion().expect("completion").result.expect("write"), chunk);
+        assert_eq!(
+            q.next_completion().expect("completion").result.expect("write"),
+            chunk
+        );
     }
     let back = std::fs::read(dir.path().join("f")).expect("read back");
     assert_eq!(back.len(), n * chunk);
-    assert!(back.chunks(chunk).enumerate().all(|(i, c)| c.iter().all(|b| *b == (i % 251) as u8)));
+    assert!(back
+        .chunks(chunk)
+        .enumerate()
+        .all(|(i, c)| c.iter().all(|b| *b == (i % 251) as u8)));
 
     // More files than one sync ring holds, data and full syncs.
     let files: Vec<File> = (0..300)

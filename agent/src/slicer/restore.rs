@@ -1,9 +1,8 @@
 //! Rebuilding an image from its manifest: every chunk read from the store and
 //! verified, written ([`crate::diskio`], io_uring where it works) while the
-//! next batch is read and verified.
-//! A file is written next to its final path and renamed over it only after
-//! every chunk is in and synced, so a failed restore leaves nothing at PATH;
-//! all-zero chunks stay holes. An existing block device is written in place
+//! next batch is read and verified. A file is written next to its final path
+//! and renamed over it only after every chunk is in and synced, so a failed
+//! restore leaves nothing at PATH; all-zero chunks stay holes. An existing block device is written in place
 //! (zero chunks written as zeros, the device may hold old data) and read back.
 
 use std::fs::{self, File, OpenOptions};
@@ -196,7 +195,13 @@ fn write_chunks(
             // The buffer travels with its write and is put back by wait_writes.
             let buf = std::mem::take(&mut sets[set][i]);
             queue
-                .write(file, buf, 0..len, manifest.chunk_offset(job.index), set * per_batch + i)
+                .write(
+                    file,
+                    buf,
+                    0..len,
+                    manifest.chunk_offset(job.index),
+                    set * per_batch + i,
+                )
                 .map_err(|e| SlicerError::io("submit a write to", path, e))?;
             done += len as u64;
         }

@@ -231,7 +231,7 @@ fn submit_read<'f>(
     let remaining = f.expected - f.filled;
     // O_DIRECT reads whole blocks; the tail past the end of the image
     // comes back short, which is what we want.
-    let len = if src.direct && f.filled % DIRECT_ALIGN == 0 {
+    let len = if src.direct && f.filled.is_multiple_of(DIRECT_ALIGN) {
         remaining.next_multiple_of(DIRECT_ALIGN)
     } else {
         remaining

@@ -1,8 +1,21 @@
-//! The chunk store seam. A store is content-addressed: a chunk is named by its
+//! The chunk store. A store is content-addressed: a chunk is named by its
 //! BLAKE3 fingerprint, and a manifest by the BLAKE3 of its bytes.
 //!
-//! Implementations: [`local::LocalStore`] (a directory on this edge). Peer and
-//! tiered stores are composed from the same trait by the transfer module.
+//! [`ChunkStore`] is that contract: has/get/put a chunk (verified), get/put/
+//! list manifests, figures. [`LocalStore`] (a directory on this edge) is its
+//! one implementation; code that needs only the contract takes
+//! `&dyn ChunkStore` (`vm::image`). What is about files stays inherent on
+//! [`LocalStore`], and code that needs it names `LocalStore`: the chunk's
+//! path (the chunk server sends payloads with sendfile from it), reads into
+//! a caller's buffer, [`ChunkBatch`] and [`LocalStore::publish`]. A peer's
+//! store (`transfer::peer::PeerStore`) is asynchronous and read-only, so it
+//! is not a `ChunkStore`.
+//!
+//! Files, from the bottom up: [`layout`] (where things are, temp names),
+//! `fs` (path-naming errors, directory and batch syncs), `recover` (what a
+//! crash leaves, cleared at open), [`batch`] (writes made durable together),
+//! [`local`] (the store), [`publish`] (chunks visible now, durable later),
+//! [`uses`] (chunks used since the last heartbeat).
 
 pub mod batch;
 mod fs;
