@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use crate::testbed::{Testbed, TestbedError};
+use edgeshift_testbed::{Testbed, TestbedError};
 use crate::topology::{Role, Topology, TopologyError};
 
 /// Port every agent listens on (inside its own namespace).

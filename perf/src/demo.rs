@@ -17,7 +17,7 @@ use crate::cluster::{Cluster, AGENT_PORT};
 use crate::images::repo_root;
 use crate::scenario::{io, must, wait_line, ScenarioError};
 use crate::signals;
-use crate::testbed::{self, LinkSpec};
+use edgeshift_testbed::{self as testbed, LinkSpec};
 use crate::topology::Topology;
 
 const HOST_PORT: u16 = 7900;

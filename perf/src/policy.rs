@@ -25,7 +25,7 @@ use crate::images::DebianImages;
 use crate::record::{EdgeStore, PolicyRun, PolicyStep};
 use crate::scenario::ScenarioError;
 use crate::signals;
-use crate::testbed::{self, Testbed};
+use edgeshift_testbed::{self as testbed, Testbed};
 use crate::topology::Topology;
 
 /// The policies compared, as the coordinator names them.

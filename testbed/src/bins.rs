@@ -1,0 +1,105 @@
+//! Where the repository and the edgeshift programs are: `edgeshift` and
+//! `edgeshift-coordinator` from target/<profile>, found the way the benches
+//! and tests find them (or built once under cargo).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Errors locating the programs.
+#[derive(Debug, thiserror::Error)]
+pub enum BinariesError {
+    /// A program is neither next to this one nor in $EDGESHIFT_BIN_DIR.
+    #[error("{0} not found next to this program or in $EDGESHIFT_BIN_DIR ({1}); build it: cargo build --release -p edgeshift-agent -p edgeshift-coordinator")]
+    Missing(&'static str, String),
+    /// Locating this program or running cargo failed.
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+}
+
+/// The repository root (this crate's manifest dir's parent).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Where the edgeshift binaries are: $EDGESHIFT_BIN_DIR, else the directory
+/// of the running program (target/release next to edgeshift-perf, or one
+/// level above a test binary in target/<profile>/deps).
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub edgeshift: PathBuf,
+    pub coordinator: PathBuf,
+}
+
+impl Binaries {
+    /// Finds both programs; under cargo (which sets $CARGO) a missing one is
+    /// built first (`cargo build --release`), so a fresh checkout works.
+    pub fn locate() -> Result<Self, BinariesError> {
+        let dir = match std::env::var_os("EDGESHIFT_BIN_DIR") {
+            Some(d) => PathBuf::from(d),
+            None => std::env::current_exe()
+                .map_err(|source| BinariesError::Io {
+                    what: "locating this program".into(),
+                    source,
+                })?
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+        };
+        // Test binaries live in target/<profile>/deps; the programs one level up.
+        let dirs = [
+            dir.clone(),
+            dir.parent().map(Path::to_path_buf).unwrap_or_default(),
+        ];
+        let find = |name: &'static str| {
+            dirs.iter()
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+                .ok_or_else(|| BinariesError::Missing(name, dir.display().to_string()))
+        };
+        if let (Ok(edgeshift), Ok(coordinator)) = (find("edgeshift"), find("edgeshift-coordinator")) {
+            return Ok(Self {
+                edgeshift,
+                coordinator,
+            });
+        }
+        if let Some(cargo) = std::env::var_os("CARGO") {
+            build_release(&cargo)?;
+        }
+        Ok(Self {
+            edgeshift: find("edgeshift")?,
+            coordinator: find("edgeshift-coordinator")?,
+        })
+    }
+}
+
+/// `cargo build --release` of both programs, from the repository root.
+fn build_release(cargo: &std::ffi::OsStr) -> Result<(), BinariesError> {
+    const WHAT: &str = "cargo build --release -p edgeshift-agent -p edgeshift-coordinator";
+    tracing::info!("building edgeshift and edgeshift-coordinator (release)");
+    eprintln!("building edgeshift and edgeshift-coordinator (cargo build --release)...");
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "edgeshift-agent",
+            "-p",
+            "edgeshift-coordinator",
+        ])
+        .current_dir(repo_root())
+        .status()
+        .map_err(|source| BinariesError::Io {
+            what: "running cargo build".into(),
+            source,
+        })?;
+    if !status.success() {
+        return Err(BinariesError::Io {
+            what: WHAT.into(),
+            source: std::io::Error::other(status.to_string()),
+        });
+    }
+    Ok(())
+}
