@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 /// Errors locating the programs.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +73,78 @@ impl Binaries {
             edgeshift: find("edgeshift")?,
             coordinator: find("edgeshift-coordinator")?,
         })
+    }
+}
+
+/// The coordinator program of this test's build profile, brought up to
+/// date first when running under cargo (`cargo build -p
+/// edgeshift-coordinator` in the profile of target/<profile>/deps/<test>,
+/// quick when nothing changed), so a test never runs a stale coordinator.
+/// Elsewhere (or with $EDGESHIFT_BIN_DIR) as [`Binaries::locate`].
+pub fn coordinator() -> Result<PathBuf, BinariesError> {
+    // One build per test binary, whatever the number of tests asking.
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(bin) = BUILT.get() {
+        return Ok(bin.clone());
+    }
+    let bin = build_coordinator()?;
+    Ok(BUILT.get_or_init(|| bin).clone())
+}
+
+fn build_coordinator() -> Result<PathBuf, BinariesError> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| BinariesError::Io { what, source }
+    };
+    let exe = std::env::current_exe().map_err(io("locating this program"))?;
+    let profile_dir = exe
+        .parent()
+        .filter(|d| d.ends_with("deps"))
+        .and_then(Path::parent);
+    let (Some(cargo), Some(dir), None) = (
+        std::env::var_os("CARGO"),
+        profile_dir,
+        std::env::var_os("EDGESHIFT_BIN_DIR"),
+    ) else {
+        return Ok(Binaries::locate()?.coordinator);
+    };
+    let mut build = Command::new(cargo);
+    build.args([
+        "build",
+        "--quiet",
+        "-p",
+        "edgeshift-coordinator",
+        "--bin",
+        "edgeshift-coordinator",
+    ]);
+    match dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => {}
+        Some("release") => {
+            build.arg("--release");
+        }
+        Some(other) => {
+            build.args(["--profile", other]);
+        }
+        None => {}
+    }
+    let status = build
+        .current_dir(repo_root())
+        .status()
+        .map_err(io("running cargo build"))?;
+    if !status.success() {
+        return Err(BinariesError::Io {
+            what: "cargo build -p edgeshift-coordinator".into(),
+            source: std::io::Error::other(status.to_string()),
+        });
+    }
+    let bin = dir.join("edgeshift-coordinator");
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(BinariesError::Missing(
+            "edgeshift-coordinator",
+            dir.display().to_string(),
+        ))
     }
 }
 

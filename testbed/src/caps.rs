@@ -65,7 +65,12 @@ pub fn missing(root: bool, tools: &[&str], files: &[&str]) -> Option<String> {
     if root && !is_root() {
         why.push("not root".to_string());
     }
-    why.extend(tools.iter().filter(|t| !has_tool(t)).map(|t| format!("{t} missing")));
+    why.extend(
+        tools
+            .iter()
+            .filter(|t| !has_tool(t))
+            .map(|t| format!("{t} missing")),
+    );
     why.extend(
         files
             .iter()

@@ -1,11 +1,12 @@
 //! A coordinator for tests: `edgeshift-coordinator` as a process with a
-//! token, ready once it prints where it listens, stopped on drop.
+//! token, ready once it prints where it listens, killed on drop.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::bins::{self, BinariesError};
 use crate::daemon::{self, wait_ready, DaemonError};
 
 /// How long a coordinator may take to open its database and bind.
@@ -18,6 +19,8 @@ pub enum CoordinatorError {
     Io { what: String, source: std::io::Error },
     #[error(transparent)]
     NotReady(#[from] DaemonError),
+    #[error(transparent)]
+    Binary(#[from] BinariesError),
     /// The ready line did not name an address.
     #[error("unexpected ready line {0:?}")]
     BadReadyLine(String),
@@ -74,9 +77,7 @@ impl CoordinatorProc {
     /// and waits until it listens.
     pub fn start(mut program: Command, spec: CoordinatorSpec) -> Result<Self, CoordinatorError> {
         let io = |what: String| move |source| CoordinatorError::Io { what, source };
-        program
-            .args(["--listen", &spec.listen, "--data"])
-            .arg(&spec.data);
+        program.args(["--listen", &spec.listen, "--data"]).arg(&spec.data);
         if let Some(token) = &spec.token {
             let file = spec.token_file();
             std::fs::write(&file, format!("{token}\n")).map_err(io(format!("writing {}", file.display())))?;
@@ -128,14 +129,29 @@ impl CoordinatorProc {
         Self::start(Command::new(bin), spec)
     }
 
+    /// Starts this build's coordinator ([`bins::coordinator`]) on this host,
+    /// listening on `listen`, with its database in `data` and `token`.
+    pub fn local(listen: &str, data: &Path, token: &str) -> Result<Self, CoordinatorError> {
+        let bin = bins::coordinator()?;
+        Self::start_local(&bin, CoordinatorSpec::new(listen, data, token))
+    }
+
     /// The bearer token, if any.
     pub fn token(&self) -> Option<&str> {
         self.spec.token.as_deref()
     }
 
-    /// Kills the process (as a crash would); [`Drop`] does it too.
+    /// Kills the process as a crash would (SIGKILL); [`Drop`] does this
+    /// too, so a coordinator started again on the same data proves that
+    /// what it acknowledged survives a crash.
     pub fn kill(&mut self) {
         daemon::kill(&mut self.child);
+    }
+
+    /// Stops the process as Ctrl-C would (it then closes its database),
+    /// killing it if it has not exited within a few seconds.
+    pub fn stop(&mut self) {
+        daemon::interrupt(&mut self.child, Duration::from_secs(5));
     }
 }
 

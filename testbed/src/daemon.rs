@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::Child;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Errors waiting for a daemon.
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +24,12 @@ pub enum DaemonError {
 /// Waits until `child` prints a line containing `want` on stdout; returns
 /// that line. Stdout keeps being drained afterwards, so the daemon never
 /// blocks on (or dies of) a full or closed pipe.
-pub fn wait_ready(child: &mut Child, what: &str, want: &str, timeout: Duration) -> Result<String, DaemonError> {
+pub fn wait_ready(
+    child: &mut Child,
+    what: &str,
+    want: &str,
+    timeout: Duration,
+) -> Result<String, DaemonError> {
     let stdout = child
         .stdout
         .take()
@@ -52,4 +57,24 @@ pub fn wait_ready(child: &mut Child, what: &str, want: &str, timeout: Duration) 
 pub fn kill(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Sends SIGINT to `child` and reaps it, killing it if it has not exited
+/// within `grace`.
+pub fn interrupt(child: &mut Child, grace: Duration) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours;
+        // `pid` is our own child, not yet reaped, so it names no other process.
+        unsafe {
+            libc::kill(pid, libc::SIGINT);
+        }
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_)) | Err(_)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill(child);
 }

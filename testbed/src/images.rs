@@ -90,4 +90,3 @@ pub fn test_images(which: &str) -> Result<PathBuf, ImageError> {
         Command::new("bash").arg(&script).arg(which),
     )
 }
-

@@ -150,7 +150,6 @@ impl Testbed {
         let ns = &self.host(host)?.netns;
         iface_counters(ns, &end.ifname)
     }
-
 }
 
 /// tbf on the egress of `ifname`: `mbit` Mbit/s, burst of ~10 ms (at least

@@ -131,7 +131,6 @@ impl Testbed {
             .get(name)
             .ok_or_else(|| TestbedError::UnknownSegment(name.to_string()))
     }
-
 }
 
 fn truncate(s: &str, max: usize) -> &str {
