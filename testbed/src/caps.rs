@@ -37,7 +37,11 @@ pub fn has_tool(tool: &str) -> bool {
 /// Reports that the test cannot run for want of `what`: panics under
 /// `CI=true`, otherwise prints why it skips.
 pub fn unavailable(what: &str) {
-    if under_ci() {
+    report_unavailable(what, under_ci());
+}
+
+fn report_unavailable(what: &str, ci: bool) {
+    if ci {
         panic!("CI=true and this test cannot run: {what} (run .ci/setup as root)");
     }
     eprintln!("skipping: {what} (set CI=true to make this a failure)");
@@ -96,4 +100,20 @@ pub fn missing_for_netns(extra_tools: &[&str]) -> Option<String> {
 /// the test can run, else why not (see [`missing`]).
 pub fn missing_for_vms() -> Option<String> {
     missing(true, VM_TOOLS, &["/dev/net/tun"])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "CI=true and this test cannot run: a pretend capability")]
+    fn under_ci_a_missing_capability_fails() {
+        report_unavailable("a pretend capability", true);
+    }
+
+    #[test]
+    fn outside_ci_a_missing_capability_skips() {
+        report_unavailable("a pretend capability", false);
+    }
 }

@@ -533,6 +533,8 @@ impl Drop for Cloud {
 /// the VM segment joining the edges' `br0` bridges and the client. Returns
 /// the testbed and the hub's namespace.
 fn build_net(tag: &str, names: &[&str], mbit: u32) -> (Testbed, String) {
+    // A cloud left by a killed earlier run with this pid would block the tag.
+    let _ = edgeshift_testbed::cleanup_stale(tag);
     let mut tb = Testbed::new(tag).expect("testbed");
     for name in names.iter().chain(&[CLIENT]) {
         tb.add_host(name).expect("host");
