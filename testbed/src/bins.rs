@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 /// Errors locating the programs.
 #[derive(Debug, thiserror::Error)]
@@ -82,13 +82,16 @@ impl Binaries {
 /// quick when nothing changed), so a test never runs a stale coordinator.
 /// Elsewhere (or with $EDGESHIFT_BIN_DIR) as [`Binaries::locate`].
 pub fn coordinator() -> Result<PathBuf, BinariesError> {
-    // One build per test binary, whatever the number of tests asking.
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    if let Some(bin) = BUILT.get() {
+    // One build per test binary, whatever the number of tests asking at
+    // once: the others wait for it here rather than on cargo's lock.
+    static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(bin) = built.as_ref() {
         return Ok(bin.clone());
     }
     let bin = build_coordinator()?;
-    Ok(BUILT.get_or_init(|| bin).clone())
+    *built = Some(bin.clone());
+    Ok(bin)
 }
 
 fn build_coordinator() -> Result<PathBuf, BinariesError> {

@@ -47,7 +47,9 @@ fn wait_ready_gives_up_on_a_silent_or_dead_daemon() {
 
 #[test]
 fn interrupt_stops_a_daemon_and_kills_one_that_ignores_it() {
-    let mut polite = sh("sleep 30");
+    // SIGINT's default action, even when this test inherited it ignored (as
+    // a background job of a non-interactive shell does).
+    let mut polite = sh("exec env --default-signal=INT sleep 30");
     let started = Instant::now();
     daemon::interrupt(&mut polite, Duration::from_secs(10));
     assert!(
