@@ -15,14 +15,15 @@
 //! bytes do not match is dropped for the rest of the fetch and its in-flight
 //! chunks go back to the others, as do those of a peer that dies or stalls.
 //!
-//! A fetch, in order:
-//! - [`holdings`]: with several peers and many chunks, every peer is asked
-//!   what it holds, and each chunk's sources narrowed to its holders;
-//! - [`schedule`]: the pure scheduler deciding who asks for what, shared by
-//! - [`peer_task`]: one task per peer, requesting, receiving and booking;
-//! - [`verify`]: each chunk checked (decompressed, or rebuilt from a delta);
-//! - [`writer`]: a thread making verified chunks durable in batches;
-//! - [`report`]: the figures handed back.
+//! The parts, in the order a fetch uses them:
+//! - `holdings`: with several peers and many chunks, every peer is first
+//!   asked what it holds, and each chunk's sources narrowed to its holders;
+//! - `schedule`: the pure scheduler deciding which peer asks for what;
+//! - `peer_task`: one task per peer, requesting what the scheduler hands
+//!   it and booking what arrives;
+//! - `verify`: each chunk checked (decompressed, or rebuilt from a delta);
+//! - `writer`: a thread making verified chunks durable in batches;
+//! - `report`: live counters and the figures handed back.
 
 mod holdings;
 mod options;

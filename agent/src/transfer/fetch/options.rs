@@ -63,10 +63,6 @@ impl FetchOptions {
 
 impl From<FetchOptions> for DialOptions {
     fn from(opts: FetchOptions) -> Self {
-        DialOptions {
-            id: opts.id,
-            connect_timeout: opts.connect_timeout,
-            stall_timeout: opts.stall_timeout,
-        }
+        opts.dial()
     }
 }
