@@ -1,6 +1,6 @@
 //! Memory through QEMU: the transport, starting QEMU's `migrate` (with
 //! `pause-before-switchover`), holding memory back from converging while
-//! the disk pre-copy runs beside it, then step 4: memory up to the pause,
+//! the disk pre-copy runs beside it, then step 3: memory up to the pause,
 //! with disk rounds alongside.
 
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
@@ -30,7 +30,7 @@ const MEMORY_WATCH: Duration = Duration::from_millis(25);
 const DISK_ROUND_DURING_MEMORY: Duration = Duration::from_secs(1);
 /// Longest memory may take to reach the pause (and the pause to complete).
 pub(super) const MEMORY_TIMEOUT: Duration = Duration::from_secs(900);
-/// How often step 4 looks for the pause: it starts when this loop notices.
+/// How often step 3 looks for the pause: it starts when this loop notices.
 const PAUSE_POLL: Duration = Duration::from_millis(10);
 
 /// Sets `want` on the source QEMU, or plain migration (with a log line)
@@ -179,7 +179,7 @@ pub(super) fn hold_memory_back(qmp: &mut dyn Qmp, hold: &MemoryHold) -> Result<(
 }
 
 impl Session<'_> {
-    /// Step 4: memory up to the pause before switchover, with disk rounds
+    /// Step 3: memory up to the pause before switchover, with disk rounds
     /// alongside (QEMU's `migrate` runs in its own threads). Started
     /// already with the disk (at `started_with_disk`), memory is now let
     /// converge at full rate. Returns the live disk as last read and the

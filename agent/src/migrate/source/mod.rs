@@ -3,10 +3,9 @@
 //! 1. **plan** ([`prepare`]): the destination prepares with the manifest
 //!    the VM booted from (this edge holds it in full) and says what its
 //!    store lacks and, with a coordinator, which edges send what
-//!    ([`crate::migrate::coord`]).
-//! 2. **incoming** ([`prepare`]): the destination QEMU starts with
-//!    `-incoming defer` in the background.
-//! 3. **pre-copy** ([`precopy`]): the VM's boot log (a pinned eBPF write
+//!    ([`crate::migrate::coord`]); its QEMU then starts with `-incoming
+//!    defer` in the background.
+//! 2. **pre-copy** ([`precopy`]): the VM's boot log (a pinned eBPF write
 //!    counter, [`crate::dirty::boot_log`]) names what changed since boot;
 //!    round 0 pulls the whole live disk from every holder at once, coldest
 //!    first, the hot chunks only as filler of its tail (without a boot log:
@@ -14,18 +13,18 @@
 //!    of what changed); each later round re-reads what the guest wrote
 //!    since and sends it, until the rounds stop shrinking; the hottest
 //!    chunks wait for the pause, within its budget.
-//! 4. **memory** ([`memory`]): the destination QEMU waits with `-incoming`;
+//! 3. **memory** ([`memory`]): the destination QEMU waits with `-incoming`;
 //!    the source runs QMP `migrate` with `pause-before-switchover`. If the
 //!    chunks dirtied per round would overrun `--max-downtime` in the pause,
 //!    the source VM's disk writes are throttled step by step ([`throttle`]).
-//! 5. **pause** ([`switchover`]): the source VM is stopped and its disk
+//! 4. **pause** ([`switchover`]): the source VM is stopped and its disk
 //!    flushed; the last dirty chunks go over, the destination's disk is
 //!    checked equal to the source's manifest, then `migrate-continue`.
-//! 6. **after**: the destination keeps the VM and announces it; the source
+//! 5. **after**: the destination keeps the VM and announces it; the source
 //!    stops its QEMU and frees the disk; the coordinator's reference counts
 //!    move with the VM.
 //!
-//! Any failure before step 5's `migrate-continue` cancels the migration,
+//! Any failure before step 4's `migrate-continue` cancels the migration,
 //! resumes the source VM if it was paused, and tells the destination to
 //! tear its half down ([`rollback`]).
 //!
@@ -144,7 +143,7 @@ pub fn migrate(
             if let Ok(dir) = sd.vm_dir(&rec.spec.name) {
                 let _ = std::fs::remove_dir_all(dir);
             }
-            // Step 6 at the source: this edge's reference to the image goes.
+            // Step 5 at the source: this edge's reference to the image goes.
             if let Some(c) = &session.opts.coordinator {
                 let left = crate::migrate::coord::release_source(
                     c,
@@ -173,7 +172,7 @@ pub fn migrate(
 }
 
 impl Session<'_> {
-    /// Steps 1 to 5 for the VM `spec` that booted from `boot`; `connect`
+    /// Steps 1 to 4 for the VM `spec` that booted from `boot`; `connect`
     /// makes the control connection to the destination.
     fn drive(
         &mut self,

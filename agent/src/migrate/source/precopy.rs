@@ -1,4 +1,4 @@
-//! Step 3, the disk pre-copy: round 0 pulls the live disk from every
+//! Step 2, the disk pre-copy: round 0 pulls the live disk from every
 //! holder, the hot chunks only as filler of its tail (without a boot log:
 //! the boot image while the live disk is sliced here, then a round 1 of
 //! what changed since boot, from every holder); then rounds of what was
@@ -27,7 +27,7 @@ pub(super) fn rounds_converged(todo: usize, last: usize, converge_chunks: usize)
 }
 
 impl Session<'_> {
-    /// Step 3. With `memory_beside` (memory started with the disk), a watch
+    /// Step 2. With `memory_beside` (memory started with the disk), a watch
     /// on memory slows it as its first pass ends, so that it cannot
     /// converge (stop the VM) before the disk rounds do. Returns the live
     /// disk as last read.

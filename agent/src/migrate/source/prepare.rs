@@ -1,7 +1,6 @@
-//! Steps 1 and 2: the plan (the destination prepares with the manifest the
-//! VM booted from and says what its store lacks) and the destination QEMU
-//! started with `-incoming defer`, while what changed since boot is read
-//! here.
+//! Step 1, the plan: the destination prepares with the manifest the VM
+//! booted from and says what its store lacks, and its QEMU starts with
+//! `-incoming defer`, while what changed since boot is read here.
 
 use std::time::Instant;
 
@@ -40,7 +39,7 @@ pub(super) struct SinceBoot {
     pub(super) live: Manifest,
 }
 
-/// What steps 1 and 2 leave for the rest.
+/// What step 1 leaves for the rest.
 pub(super) struct Ready {
     /// The memory transport the source asked the destination for.
     pub(super) asked: MemoryTransport,
@@ -52,7 +51,7 @@ pub(super) struct Ready {
 }
 
 impl Session<'_> {
-    /// Steps 1 and 2. The VM booted from a manifest this edge's store holds
+    /// Step 1. The VM booted from a manifest this edge's store holds
     /// in full (pinned while it runs), so the destination prepares with it
     /// at once (the coordinator plans sources for it) while nothing of the
     /// live disk is read yet; the pause's check is against the final live
@@ -136,9 +135,9 @@ impl Session<'_> {
         tracing::debug!(?since, "boot log: (chunk, writes since boot)");
     }
 
-    /// Step 1 at the destination (`Prepare`) and step 2 (its QEMU started
-    /// with `-incoming defer`, the memory transport set on it); the plan's
-    /// phase started at `t`. Returns the memory transport asked for, the
+    /// Step 1 at the destination: `Prepare`, then its QEMU started with
+    /// `-incoming defer`, the memory transport set on it; the plan's phase
+    /// started at `t`. Returns the memory transport asked for, the
     /// URI memory goes to, and what the destination lacked.
     fn prepare_destination(
         &mut self,
@@ -172,8 +171,8 @@ impl Session<'_> {
         self.phase_done(Phase::Plan, t, 0);
         self.injected(Phase::Plan)?;
 
-        // 2. The destination QEMU starts in the background (`-incoming defer`,
-        //    the memory transport set on it) while the disk moves.
+        // The destination QEMU starts in the background (`-incoming defer`,
+        // the memory transport set on it) while the disk moves.
         let t = Instant::now();
         self.say(Phase::Incoming, "starting the destination QEMU");
         let asked = source_memory_transport(qmp, self.opts.memory)?;

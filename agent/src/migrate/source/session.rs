@@ -47,7 +47,7 @@ impl<'a> Session<'a> {
             opts.deltas,
         );
         Session {
-            throttle: Throttle::new(&ledger),
+            throttle: Throttle::new(opts.max_downtime),
             ledger,
             temp: Temperature::new(boot.chunks.len()),
             dest: None,

@@ -1,4 +1,4 @@
-//! Step 5, the pause: the source VM is stopped (QEMU paused it before the
+//! Step 4, the pause: the source VM is stopped (QEMU paused it before the
 //! switchover) and its disk flushed; the last dirty chunks go over, the
 //! destination's disk is checked equal to the source's manifest, then
 //! `migrate-continue` hands the VM over and the destination keeps it.
@@ -31,7 +31,7 @@ pub(super) struct Switched {
 }
 
 impl Session<'_> {
-    /// Step 5, from the live disk `cur` as last read and the memory bytes
+    /// Step 4, from the live disk `cur` as last read and the memory bytes
     /// sent before the pause. Past its `migrate-continue` the VM is the
     /// destination's.
     pub(super) fn switchover(

@@ -4,6 +4,8 @@
 //! pause stays near its budget (QEMU's auto-converge does the same to vCPUs
 //! for memory). Lifted again when the VM stays here.
 
+use std::time::Duration;
+
 use super::ledger::Ledger;
 use crate::migrate::report::ThrottleReport;
 use crate::migrate::MigrateError;
@@ -25,10 +27,11 @@ pub(super) struct Throttle {
 }
 
 impl Throttle {
-    pub(super) fn new(ledger: &Ledger) -> Self {
+    /// No throttle yet; `max_downtime` is the pause's budget.
+    pub(super) fn new(max_downtime: Duration) -> Self {
         Throttle {
             report: ThrottleReport {
-                max_downtime_ms: ledger.max_downtime().as_millis() as u64,
+                max_downtime_ms: max_downtime.as_millis() as u64,
                 ..Default::default()
             },
             qdev: None,
@@ -116,7 +119,6 @@ mod tests {
     use crate::migrate::proto::{HolderStats, PullStats};
     use crate::vm::qmp::fake::{FakeQmp, FAKE_QDEV};
     use edgeshift_common::{ChunkSize, Fingerprint, Manifest};
-    use std::time::Duration;
 
     const CHUNK: u64 = 64 << 10;
     const SOURCE: &str = "10.0.0.1:7000";
@@ -153,7 +155,7 @@ mod tests {
     fn no_squeeze_within_the_budget_or_before_a_measurement() {
         let mut q = FakeQmp::running();
         let (l, _) = measured(10);
-        let mut t = Throttle::new(&l);
+        let mut t = Throttle::new(l.max_downtime());
         t.squeeze(&mut q, &l, &pending(10)).expect("squeeze");
         assert!(!t.applied(), "10 chunks at 10/s fit a 1 s budget");
         let unmeasured = Ledger::new(100, CHUNK, SOURCE.into(), Duration::from_secs(1), true);
@@ -166,7 +168,7 @@ mod tests {
     fn squeeze_engages_over_budget_then_halves_down_to_the_floors() {
         let mut q = FakeQmp::running();
         let (l, _) = measured(10);
-        let mut t = Throttle::new(&l);
+        let mut t = Throttle::new(l.max_downtime());
         t.squeeze(&mut q, &l, &pending(30)).expect("squeeze");
         assert!(t.applied());
         // The budget is 10 chunks (640 KiB) a second at the measured rate.
@@ -194,7 +196,7 @@ mod tests {
         let mut q = FakeQmp::running();
         // 2000 chunks a second: the budget (125 MiB, 2000 chunks) is above both caps.
         let (l, _) = measured(2000);
-        let mut t = Throttle::new(&l);
+        let mut t = Throttle::new(l.max_downtime());
         t.squeeze(&mut q, &l, &(0..1900).collect::<Vec<_>>())
             .expect("squeeze");
         assert!(!t.applied(), "1900 chunks fit");
@@ -208,7 +210,7 @@ mod tests {
     fn lift_sets_no_limit_and_only_once() {
         let mut q = FakeQmp::running();
         let (l, _) = measured(10);
-        let mut t = Throttle::new(&l);
+        let mut t = Throttle::new(l.max_downtime());
         t.lift(&mut q);
         assert!(q.calls().is_empty(), "nothing to lift");
         t.squeeze(&mut q, &l, &pending(30)).expect("squeeze");
