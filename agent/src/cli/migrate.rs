@@ -133,7 +133,7 @@ enum MemoryStart {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let key = *ClusterKey::from_file(&a.cluster_key_file)?.as_bytes();
+    let key = ClusterKey::from_file(&a.cluster_key_file)?;
     anyhow::ensure!(
         a.sample_secs >= 0.0 && a.sample_secs < 600.0,
         "--sample-secs out of range"

@@ -4,19 +4,28 @@
 //! - [`proto`]: the authenticated control channel between agents.
 //! - [`host`]: the listener every edge runs to receive incoming VMs (the
 //!   destination half); chunks come through [`crate::transfer`]'s fetcher.
-//! - [`engine`]: the source half, driving both QEMUs and the destination.
+//! - [`source`]: the source half, driving both QEMUs and the destination.
+//! - [`report`]: what a migration reports (its `--json` output).
 //! - [`temperature`]: the order chunks go in (coldest first, hottest last).
 //! - [`coord`]: the coordinator's part: the plan (step 1) and the reference
 //!   counts that move with the VM (step 5).
 
 pub mod coord;
-pub mod engine;
 pub mod host;
 mod image_writer;
 pub mod proto;
+pub mod report;
+pub mod source;
 pub mod temperature;
 
-pub use engine::{migrate, MigrateOptions, MigrationReport};
+pub use report::MigrationReport;
+pub use source::{migrate, MigrateOptions};
+
+/// The source half's former name, for callers that still use it.
+pub mod engine {
+    pub use super::report::{MigrationReport, Phase, PhaseReport, RoundReport, ThrottleReport};
+    pub use super::source::{migrate, MigrateOptions};
+}
 pub use host::{Host, HostConfig};
 
 /// Errors of a migration, named by what failed.
