@@ -6,6 +6,7 @@
 
 pub mod coordination;
 pub mod dirty;
+pub mod diskio;
 pub mod migrate;
 pub mod par;
 pub mod slicer;

@@ -1,7 +1,8 @@
-//! The agent's coordinator link against a real coordinator (the axum app on
-//! 127.0.0.1:0) and real chunk servers: inventory, GC re-checked against
-//! local pins, prefetch through the transfer fetcher, the planned fetch, a
-//! coordinator restart, and pins racing GC.
+//! The agent's coordinator link against a real coordinator (the
+//! `edgeshift-coordinator` program on 127.0.0.1:0) and real chunk servers:
+//! inventory, GC re-checked against local pins, prefetch through the
+//! transfer fetcher, the planned fetch, a coordinator restart (after a
+//! crash), and pins racing GC.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -19,58 +20,16 @@ use edgeshift_agent::transfer::fetch::{FetchOptions, Fetcher};
 use edgeshift_agent::transfer::server::{serve, ServerConfig, ZstdPolicy};
 use edgeshift_agent::transfer::ClusterKey;
 use edgeshift_common::{ChunkSize, Fingerprint, Manifest, ManifestId};
-use edgeshift_coordinator::{AppState, Coordinator, Options};
+use edgeshift_testbed::coordinator::CoordinatorProc;
 
 const TOKEN: &str = "link-test-token";
 const CHUNK: usize = 4096;
 
-/// A coordinator served in-process on its own runtime; stopped on drop.
-struct Coord {
-    url: String,
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+type Coord = CoordinatorProc;
 
-impl Drop for Coord {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
+/// `edgeshift-coordinator` on `addr` with its database in `data`; killed on drop.
 fn start_coord(data: &Path, addr: &str) -> Coord {
-    let coord = Coordinator::open(data, Options::default()).expect("open coordinator");
-    let app = AppState::new(coord, Some(TOKEN.into()));
-    let std_listener = std::net::TcpListener::bind(addr).expect("bind coordinator");
-    std_listener.set_nonblocking(true).expect("nonblocking");
-    let local = std_listener.local_addr().expect("addr");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
-            edgeshift_coordinator::serve(listener, app, 64 << 20, async {
-                let _ = rx.await;
-            })
-            .await
-            .expect("serve");
-        });
-    });
-    Coord {
-        url: format!("http://{local}"),
-        addr: local,
-        stop: Some(tx),
-        thread: Some(thread),
-    }
+    CoordinatorProc::local(addr, data, TOKEN).expect("start edgeshift-coordinator")
 }
 
 fn client(c: &Coord) -> Client {

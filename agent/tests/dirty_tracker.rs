@@ -15,25 +15,9 @@ use std::time::Duration;
 use edgeshift_agent::dirty::{
     DeviceId, DirtyMonitor, DirtyTracker, EbpfTracker, FtraceTracker, RateConfig, RawCounts,
 };
+use edgeshift_testbed::caps;
 
 const KIB: u64 = 1024;
-
-/// Skips (returns false) outside CI, panics under CI=true.
-fn capability(what: &str, ok: bool) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("CI=true and {what} is unavailable");
-    }
-    eprintln!("skipping: {what} is unavailable (run as root; CI=true makes this a failure)");
-    false
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
 
 /// A loop device over a sparse file in a private temp dir (tmpfs when there
 /// is one); detached and removed on drop, even when the test fails.
@@ -44,7 +28,7 @@ struct LoopDev {
 
 impl LoopDev {
     fn new(size: u64) -> Option<LoopDev> {
-        if !capability("root", is_root()) {
+        if !caps::available("root", caps::is_root()) {
             return None;
         }
         let dir = if Path::new("/dev/shm").is_dir() {
@@ -62,7 +46,7 @@ impl LoopDev {
             .arg(&backing)
             .output()
             .expect("losetup runs");
-        if !capability(
+        if !caps::available(
             &format!("a loop device ({})", String::from_utf8_lossy(&out.stderr).trim()),
             out.status.success(),
         ) {
@@ -130,7 +114,7 @@ fn ebpf_tracker(chunk_size: u64, capacity: u32) -> Option<EbpfTracker> {
     match EbpfTracker::new(chunk_size, capacity) {
         Ok(t) => Some(t),
         Err(e) => {
-            capability(&format!("BPF ({e})"), false);
+            caps::available(&format!("BPF ({e})"), false);
             None
         }
     }
@@ -140,7 +124,7 @@ fn ftrace_tracker(chunk_size: u64) -> Option<FtraceTracker> {
     match FtraceTracker::new(chunk_size) {
         Ok(t) => Some(t),
         Err(e) => {
-            capability(&format!("tracefs ({e})"), false);
+            caps::available(&format!("tracefs ({e})"), false);
             None
         }
     }
@@ -462,7 +446,7 @@ fn bpftool_has(kind: &str, id: u32) -> bool {
 
 #[test]
 fn detaching_leaves_no_bpf_program_or_map_behind() {
-    if !capability("root", is_root()) {
+    if !caps::available("root", caps::is_root()) {
         return;
     }
     let Some(t) = ebpf_tracker(64 * KIB, 1 << 16) else {
@@ -730,7 +714,7 @@ fn boot_log_keeps_counting_pinned_and_stop_frees_it() {
     let pins = match boot_log::start(vm_dir.path(), &dev.path, 64 * KIB) {
         Ok(p) => p,
         Err(e) => {
-            capability(&format!("a pinned eBPF boot log ({e})"), false);
+            caps::available(&format!("a pinned eBPF boot log ({e})"), false);
             return;
         }
     };

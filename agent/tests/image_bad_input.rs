@@ -9,6 +9,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
+use edgeshift_testbed::caps;
 use image_util::*;
 
 /// A store holding the two small images; returns (dir, store, base id, derived id).
@@ -135,9 +136,8 @@ fn qcow2_and_other_non_raw_files_are_refused() {
     match made {
         Ok(st) if st.success() => {}
         _ => {
-            if may_skip("qemu-img") {
-                return;
-            }
+            caps::unavailable("qemu-img is not available");
+            return;
         }
     }
     let err = fails(&["slice", s(&q), "--store", s(&store)]);
@@ -227,7 +227,7 @@ fn unwritable_output_paths_fail_cleanly() {
     let err = fails(&["restore", &a, "--store", s(&store), "--out", s(dir.path())]);
     assert!(err.contains("is a directory"), "{err}");
     // A full file system: a 1 MiB tmpfs cannot hold a 48 MiB image.
-    if is_root() {
+    if caps::is_root() {
         let mnt = dir.path().join("tiny");
         fs::create_dir(&mnt).expect("mkdir");
         let mounted = Command::new("mount")
@@ -242,8 +242,9 @@ fn unwritable_output_paths_fail_cleanly() {
             let _ = Command::new("umount").arg(&mnt).status();
             assert!(err.contains("No space left"), "{err}");
             assert_eq!(leftover, 0, "a failed restore left files on the full file system");
-        } else if may_skip("mount -t tmpfs") {
-            // fall through to the store check
+        } else {
+            // Outside CI, fall through to the store check.
+            caps::unavailable("mount -t tmpfs is not available");
         }
     }
     assert_eq!(snapshot(&store), before, "a failed restore changed the store");

@@ -12,6 +12,7 @@ use std::path::Path;
 use edgeshift_agent::slicer::{restore_image, slice_image, ReadMode, SliceOptions};
 use edgeshift_agent::store::{ChunkStore, LocalStore};
 use edgeshift_common::{ChunkSize, ManifestId};
+use edgeshift_testbed::caps;
 use image_util::*;
 
 fn assert_same_file(a: &Path, b: &Path) {
@@ -206,7 +207,7 @@ fn library_slice_dedups_repeated_chunks_and_restores() {
 
 #[test]
 fn loop_device_as_input_and_as_output() {
-    if !is_root() && may_skip("root (losetup)") {
+    if caps::skip_unless_root("losetup") {
         return;
     }
     let img = image("aligned.img");
@@ -216,10 +217,8 @@ fn loop_device_as_input_and_as_output() {
     let lo = match LoopDevice::attach(&img) {
         Ok(lo) => lo,
         Err(e) => {
-            if may_skip(&format!("a loop device ({e})")) {
-                return;
-            }
-            unreachable!()
+            caps::unavailable(&format!("a loop device is not available ({e})"));
+            return;
         }
     };
     // The device is the same bytes, so it has the same manifest.

@@ -1,9 +1,9 @@
 //! The migration's coordinator steps (agent/src/migrate/coord.rs) against a
-//! real coordinator (the axum app on 127.0.0.1:0), without VMs: the source's
-//! report of its live disk, the destination's plan and pin, the pin moving to
-//! the final image after the switchover, an aborted migration taking its pin
-//! and lease back, the source releasing its reference, and an unreachable
-//! coordinator.
+//! real coordinator (the `edgeshift-coordinator` program on 127.0.0.1:0),
+//! without VMs: the source's report of its live disk, the destination's plan
+//! and pin, the pin moving to the final image after the switchover, an
+//! aborted migration taking its pin and lease back, the source releasing its
+//! reference, and an unreachable coordinator.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -17,56 +17,19 @@ use edgeshift_agent::migrate::MigrateError;
 use edgeshift_agent::store::{ChunkStore, LocalStore};
 use edgeshift_agent::vm::StateDir;
 use edgeshift_common::{ChunkSize, Fingerprint, Manifest};
-use edgeshift_coordinator::{AppState, Coordinator, Options};
+use edgeshift_testbed::coordinator::CoordinatorProc;
 
 const TOKEN: &str = "coord-steps-token";
 const CHUNK: usize = 4096;
 /// Where the source's chunk server would be (never dialled here).
 const SRC_ADDR: &str = "127.0.0.1:7999";
 
-struct Coord {
-    url: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+type Coord = CoordinatorProc;
 
-impl Drop for Coord {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
+/// `edgeshift-coordinator` on 127.0.0.1:0 with its database in `data`;
+/// killed on drop.
 fn start_coord(data: &Path) -> Coord {
-    let coord = Coordinator::open(data, Options::default()).expect("open coordinator");
-    let app = AppState::new(coord, Some(TOKEN.into()));
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind coordinator");
-    l.set_nonblocking(true).expect("nonblocking");
-    let local: SocketAddr = l.local_addr().expect("addr");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(l).expect("listener");
-            edgeshift_coordinator::serve(listener, app, 64 << 20, async {
-                let _ = rx.await;
-            })
-            .await
-            .expect("serve");
-        });
-    });
-    Coord {
-        url: format!("http://{local}"),
-        stop: Some(tx),
-        thread: Some(thread),
-    }
+    CoordinatorProc::local("127.0.0.1:0", data, TOKEN).expect("start edgeshift-coordinator")
 }
 
 fn get(c: &Coord, path: &str) -> serde_json::Value {

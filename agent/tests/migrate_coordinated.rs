@@ -10,42 +10,36 @@
 
 mod migrate_support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use migrate_support::{kill_tree, require_capabilities, Cloud};
+use edgeshift_testbed::caps;
+use edgeshift_testbed::coordinator::{CoordinatorProc, CoordinatorSpec};
+use migrate_support::{require_capabilities, Cloud, HUB_IP};
 
 const TOKEN: &str = "migrate-coordinated-token";
 /// The coordinator's address on the hub's WAN bridge (the benchmarking range).
-const COORD_IP: &str = "198.18.0.254";
+const COORD_IP: &str = HUB_IP;
 const COORD_PORT: u16 = 7800;
 
 /// `edgeshift-coordinator` running in the hub namespace; killed on drop.
 struct Coordinator {
-    child: Option<Child>,
+    proc: Option<CoordinatorProc>,
     hub: String,
     url: String,
-    token_file: PathBuf,
-    data: PathBuf,
+    spec: CoordinatorSpec,
 }
 
 impl Coordinator {
     fn start(cloud: &Cloud) -> Coordinator {
-        let hub = cloud.hub.clone();
-        cloud.in_ns(
-            &hub,
-            "ip",
-            &["addr", "add", &format!("{COORD_IP}/24"), "dev", "wan"],
-        );
-        let token_file = cloud.dir.path().join("coordinator.token");
-        std::fs::write(&token_file, TOKEN).expect("token file");
+        let data = cloud.dir.path().join("coordinator");
+        let mut spec = CoordinatorSpec::new(&format!("{COORD_IP}:{COORD_PORT}"), &data, TOKEN);
+        spec.log = Some(data.with_extension("log"));
         let mut c = Coordinator {
-            child: None,
-            hub,
+            proc: None,
+            hub: cloud.hub.clone(),
             url: format!("http://{COORD_IP}:{COORD_PORT}"),
-            token_file,
-            data: cloud.dir.path().join("coordinator"),
+            spec,
         };
         c.restart();
         c
@@ -54,29 +48,11 @@ impl Coordinator {
     /// Starts the process (again, on the same database) and waits until it answers.
     fn restart(&mut self) {
         self.kill();
-        let bins = edgeshift_perf::cluster::Binaries::locate().expect("edgeshift-coordinator binary");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.data.with_extension("log"))
-            .expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.hub])
-            .arg(&bins.coordinator)
-            .args(["--listen", &format!("{COORD_IP}:{COORD_PORT}"), "--data"])
-            .arg(&self.data)
-            .arg("--token-file")
-            .arg(&self.token_file)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start edgeshift-coordinator");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.get("/v1/policy").0 != 200 {
-            assert!(Instant::now() < deadline, "the coordinator never answered");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let bin = edgeshift_testbed::bins::coordinator().expect("edgeshift-coordinator binary");
+        let mut in_hub = Command::new("ip");
+        in_hub.args(["netns", "exec", &self.hub]).arg(bin);
+        let proc = CoordinatorProc::start(in_hub, self.spec.clone()).expect("start edgeshift-coordinator");
+        self.proc = Some(proc);
     }
 
     /// The coordinator flags of `edgeshift agent`.
@@ -85,7 +61,7 @@ impl Coordinator {
             "--coordinator".into(),
             self.url.clone(),
             "--token-file".into(),
-            self.token_file.display().to_string(),
+            self.spec.token_file().display().to_string(),
             "--capacity".into(),
             "64GiB".into(),
         ]
@@ -98,7 +74,7 @@ impl Coordinator {
             "--coordinator".into(),
             self.url.clone(),
             "--token-file".into(),
-            self.token_file.display().to_string(),
+            self.spec.token_file().display().to_string(),
         ]
     }
 
@@ -175,8 +151,8 @@ impl Coordinator {
     }
 
     fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            kill_tree(&mut c);
+        if let Some(mut c) = self.proc.take() {
+            c.kill();
         }
     }
 }
@@ -189,18 +165,7 @@ impl Drop for Coordinator {
 
 /// The checks query the coordinator with curl inside the hub namespace.
 fn curl_missing() -> bool {
-    let found = Command::new("sh")
-        .args(["-c", "command -v curl"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if found {
-        return false;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("CI=true and curl is missing (run .ci/setup as root)");
-    }
-    eprintln!("skipping: curl missing (set CI=true to make this a failure)");
-    true
+    caps::missing(false, &["curl"], &[]).is_some()
 }
 
 fn report(stdout: &str) -> serde_json::Value {

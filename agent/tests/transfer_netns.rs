@@ -1,5 +1,5 @@
 //! Transfer across network namespaces joined by veth pairs with tbf rate
-//! limits (the perf crate's testbed): agents in peer namespaces, the fetch in
+//! limits (edgeshift-testbed): agents in peer namespaces, the fetch in
 //! the destination's. Needs root; skips without it unless CI=true.
 
 mod transfer_support;
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use edgeshift_perf::testbed::{LinkSpec, Testbed};
+use edgeshift_testbed::{caps, LinkSpec, Testbed};
 use transfer_support::*;
 
 /// A testbed with host `dst` linked to hosts `p1..pN` at the given rates, and
@@ -22,7 +22,7 @@ struct Net {
 impl Net {
     fn new(tag: &str, rates_mbit: &[u32], stores: &[&Path], key: &Path, logs: &Path) -> Net {
         // A testbed left by a killed earlier run of this test would block the tag.
-        let _ = edgeshift_perf::testbed::cleanup_stale(tag);
+        let _ = edgeshift_testbed::cleanup_stale(tag);
         let mut tb = Testbed::new(tag).expect("testbed");
         tb.add_host("dst").expect("dst host");
         let mut agents = Vec::new();
@@ -93,7 +93,7 @@ fn wait_for_chunks(store: &Path, n: usize, limit: Duration) {
 
 #[test]
 fn netns_fetch_from_one_two_and_three_rate_limited_peers_is_byte_exact() {
-    if need_root("netns transfer test") {
+    if caps::skip_unless_root("netns transfer test") {
         return;
     }
     let img = image(160, 64 << 10, "64KiB", 11);
@@ -123,7 +123,7 @@ fn netns_fetch_from_one_two_and_three_rate_limited_peers_is_byte_exact() {
 
 #[test]
 fn netns_peer_killed_mid_fetch_costs_only_its_in_flight_chunks() {
-    if need_root("netns transfer test") {
+    if caps::skip_unless_root("netns transfer test") {
         return;
     }
     // 24 MiB over two 40 Mbit/s paths: about 2.5 s, long enough to kill one.
@@ -156,7 +156,7 @@ fn netns_peer_killed_mid_fetch_costs_only_its_in_flight_chunks() {
 
 #[test]
 fn netns_interrupted_fetch_resumes_with_only_the_rest() {
-    if need_root("netns transfer test") {
+    if caps::skip_unless_root("netns transfer test") {
         return;
     }
     // 24 MiB over one 50 Mbit/s path: about 4 s.
@@ -198,7 +198,7 @@ fn netns_interrupted_fetch_resumes_with_only_the_rest() {
 
 #[test]
 fn netns_compressible_chunks_are_compressed_on_a_slow_path_only() {
-    if need_root("netns transfer test") {
+    if caps::skip_unless_root("netns transfer test") {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

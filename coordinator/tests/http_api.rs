@@ -1,54 +1,25 @@
 //! The coordinator binary over real HTTP on loopback: auth, bad input,
 //! plans, GC orders, prefetch, restart, and GC racing hints and fetches.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use edgeshift_common::{ChunkSize, Fingerprint, Manifest};
+use edgeshift_testbed::coordinator::{CoordinatorProc, CoordinatorSpec};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "test-token-0123456789";
 const CHUNK: u64 = 4096;
 
-/// A running coordinator; killed on drop.
-struct Coord {
-    child: Child,
-    base: String,
-}
+type Coord = CoordinatorProc;
 
-impl Drop for Coord {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// This package's coordinator on a free loopback port with `extra` arguments;
+/// killed on drop.
 fn start(data: &Path, extra: &[&str]) -> Coord {
-    let token_file = data.with_extension("token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).expect("write token");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgeshift-coordinator"))
-        .args(["--listen", "127.0.0.1:0", "--data"])
-        .arg(data)
-        .arg("--token-file")
-        .arg(&token_file)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn coordinator");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read listening line");
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    Coord { child, base }
+    let mut spec = CoordinatorSpec::new("127.0.0.1:0", data, TOKEN);
+    spec.extra = extra.iter().map(|a| a.to_string()).collect();
+    let bin = Path::new(env!("CARGO_BIN_EXE_edgeshift-coordinator"));
+    CoordinatorProc::start_local(bin, spec).expect("start edgeshift-coordinator")
 }
 
 struct Http {
@@ -66,7 +37,7 @@ impl Http {
             .into();
         Http {
             agent,
-            base: c.base.clone(),
+            base: c.url.clone(),
             token: Some(TOKEN.into()),
         }
     }

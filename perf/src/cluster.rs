@@ -11,8 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use crate::testbed::{Testbed, TestbedError};
 use crate::topology::{Role, Topology, TopologyError};
+use edgeshift_testbed::{Testbed, TestbedError};
 
 /// Port every agent listens on for chunks (inside its own namespace).
 pub const AGENT_PORT: u16 = 7070;

@@ -17,8 +17,8 @@ use crate::cluster::{Cluster, AGENT_PORT, MIGRATE_PORT};
 use crate::images::repo_root;
 use crate::scenario::{io, must, ScenarioError};
 use crate::signals;
-use crate::testbed::{self, LinkSpec};
 use crate::topology::Topology;
+use edgeshift_testbed::{self as testbed, LinkSpec};
 
 const SEGMENT: &str = "vmnet";
 

@@ -20,13 +20,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {
     move |source| ImageError::Io { what, source }
 }
 
-/// The repository root (perf's manifest dir's parent).
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
+pub use edgeshift_testbed::repo_root;
 
 /// Paths of the Debian images.
 #[derive(Debug, Clone)]

@@ -1,10 +1,11 @@
-//! Evaluation harness: the emulated edge cloud ([`testbed`], [`topology`],
+//! Evaluation harness: the emulated edge cloud (the `edgeshift-testbed`
+//! crate's namespaces and links, shaped by [`topology`], populated by
 //! [`cluster`]), the images, the scenarios with their baselines
 //! ([`scenario`]), and reports with plots ([`report`]).
-//! It depends on the agent crate (its QMP client, its chunk store) while the
-//! agent's tests dev-depend on this crate's testbed: a dev-dependency cycle
-//! that builds, compiling the agent twice for those tests.
+//! It depends on the agent crate (its QMP client, its chunk store); the
+//! agent's tests use `edgeshift-testbed` directly, so there is no cycle.
 
+pub mod boot_logs;
 pub mod cluster;
 pub mod demo;
 pub mod heat;
@@ -18,5 +19,8 @@ pub mod report;
 pub mod scenario;
 pub mod signals;
 pub mod suite;
-pub mod testbed;
 pub mod topology;
+
+/// The testbed crate under its old path `edgeshift_perf::testbed`, for the
+/// few call sites that still name it so.
+pub use edgeshift_testbed as testbed;

@@ -25,7 +25,7 @@ use crate::qemu_mirror::{self, SourceVm};
 use crate::record::{Run, Sample};
 use crate::scenario::{io, limit, must, sampled, wait_line, ScenarioError};
 use crate::signals;
-use crate::testbed::{LinkSpec, Testbed};
+use edgeshift_testbed::{LinkSpec, Testbed};
 
 const SRC: &str = "e1";
 const DST: &str = "e2";
@@ -103,6 +103,7 @@ impl LiveBench {
         signals::detach_loops_under(&[work.to_path_buf()]);
         signals::register_loop_dir(work);
         let mut tb = Testbed::new(tag)?;
+        crate::boot_logs::ensure_bpffs();
         tb.add_host(SRC)?;
         tb.add_host(DST)?;
         tb.link(SRC, DST, LinkSpec::mbit(100))?;

@@ -25,8 +25,8 @@ use crate::images::DebianImages;
 use crate::record::{EdgeStore, PolicyRun, PolicyStep};
 use crate::scenario::ScenarioError;
 use crate::signals;
-use crate::testbed::{self, Testbed};
 use crate::topology::Topology;
+use edgeshift_testbed::{self as testbed, Testbed};
 
 /// The policies compared, as the coordinator names them.
 pub const POLICIES: [&str; 3] = ["lru", "lfu", "popularity"];

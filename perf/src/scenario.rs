@@ -20,8 +20,8 @@ use crate::cluster::{Cluster, ClusterError};
 use crate::images::{self, DebianImages, ImageError, Workload};
 use crate::record::{Run, Sample, Storage};
 use crate::signals;
-use crate::testbed::{self, LinkSpec, Testbed, TestbedError};
 use crate::topology::{Topology, TopologyError};
+use edgeshift_testbed::{self as testbed, LinkSpec, Testbed, TestbedError};
 
 /// The destination edge and the VM's current edge in every scenario.
 pub const DST: &str = "e2";

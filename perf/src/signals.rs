@@ -8,7 +8,7 @@
 
 use std::sync::Mutex;
 
-use crate::testbed;
+use edgeshift_testbed as testbed;
 
 static ACTIVE_TAGS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 static LOOP_DIRS: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());

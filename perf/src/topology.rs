@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::testbed::{LinkSpec, Testbed, TestbedError};
+use edgeshift_testbed::{LinkSpec, Testbed, TestbedError};
 
 /// Errors reading or building a topology.
 #[derive(Debug, thiserror::Error)]
@@ -164,9 +164,11 @@ impl Topology {
             .collect()
     }
 
-    /// Builds the testbed: one namespace per host, a rate-limited veth per pair.
+    /// Builds the testbed: one namespace per host, a rate-limited veth per
+    /// pair, and the bpffs its VMs' boot logs need.
     pub fn build(&self, tag: &str) -> Result<Testbed, TopologyError> {
         let mut tb = Testbed::new(tag)?;
+        crate::boot_logs::ensure_bpffs();
         for h in &self.hosts {
             tb.add_host(&h.name)?;
         }

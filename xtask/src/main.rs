@@ -1,9 +1,15 @@
-//! `cargo xtask …`: build glue. `build-ebpf` compiles the dirty tracker's BPF
-//! object with the same recipe `agent/build.rs` runs
-//! ([`edgeshift_ebpf::build_object`]).
+//! `cargo xtask …`: build glue.
+//!
+//! - `build-ebpf` compiles the dirty tracker's BPF object with the same
+//!   recipe `agent/build.rs` runs ([`edgeshift_ebpf::build_object`]).
+//! - `ci` is what CI runs (`.ci/run` and the README's test command): style,
+//!   lints, then every test, stopping at the first step that fails.
 
 use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
 
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -22,17 +28,77 @@ enum Cmd {
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
+    /// Run CI's checks in order: `cargo fmt --check`, `cargo clippy
+    /// --workspace --all-targets -- -D warnings`, then `cargo test
+    /// --workspace --release`. Stops at the first failure with a non-zero
+    /// exit. Needs root for the tests that use namespaces, QEMU and eBPF
+    /// (run `.ci/setup` first; under CI=true a missing capability fails).
+    Ci {
+        /// Only the style and lint steps, no tests.
+        #[arg(long)]
+        no_tests: bool,
+        /// Extra arguments passed to `cargo test` after `--` (a test name filter, say).
+        #[arg(last = true)]
+        test_args: Vec<String>,
+    },
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Runs one cargo step in the workspace root, timing it.
+fn cargo_step(name: &str, args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("==> {name}: cargo {}", args.join(" "));
+    let start = Instant::now();
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("starting {cargo}"))?;
+    let secs = start.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("{name} failed after {secs:.0} s ({status})");
+    }
+    eprintln!("==> {name}: passed in {secs:.0} s");
+    Ok(())
+}
+
+fn ci(no_tests: bool, test_args: &[String]) -> anyhow::Result<()> {
+    cargo_step("format", &["fmt", "--all", "--", "--check"])?;
+    cargo_step(
+        "lints",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    if no_tests {
+        return Ok(());
+    }
+    let mut args = vec!["test", "--workspace", "--release"];
+    if !test_args.is_empty() {
+        args.push("--");
+        args.extend(test_args.iter().map(String::as_str));
+    }
+    cargo_step("tests", &args)
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::BuildEbpf { out_dir } => {
-            let out_dir =
-                out_dir.unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bpf"));
+            let out_dir = out_dir.unwrap_or_else(|| workspace_root().join("target/bpf"));
             let object = edgeshift_ebpf::build_object(&out_dir)?;
             let object = object.canonicalize().unwrap_or(object);
             println!("{}", object.display());
             Ok(())
         }
+        Cmd::Ci { no_tests, test_args } => ci(no_tests, &test_args),
     }
 }

@@ -119,7 +119,7 @@ enum MemoryStart {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let key = *a.cluster.key()?.as_bytes();
+    let key = a.cluster.key()?;
     anyhow::ensure!(
         a.sample_secs >= 0.0 && a.sample_secs < 600.0,
         "--sample-secs out of range"

@@ -4,20 +4,29 @@
 //! - [`proto`]: the authenticated control channel between agents.
 //! - [`destination`]: the destination half, run by every edge's agent to
 //!   receive incoming VMs; chunks come through [`crate::transfer`]'s fetcher.
-//! - [`engine`]: the source half, driving both QEMUs and the destination.
+//! - [`source`]: the source half, driving both QEMUs and the destination.
+//! - [`report`]: what a migration reports (its `--json` output).
 //! - [`temperature`]: the order chunks go in (coldest first, hottest last).
 //! - [`coord`]: the coordinator's part: the plan (step 1) and the reference
 //!   counts that move with the VM (step 5).
 
 pub mod coord;
 pub mod destination;
-pub mod engine;
 mod image_writer;
 pub mod proto;
+pub mod report;
+pub mod source;
 pub mod temperature;
 
+pub use report::MigrationReport;
+pub use source::{migrate, MigrateOptions};
+
+/// The source half's former name, for callers that still use it.
+pub mod engine {
+    pub use super::report::{MigrationReport, Phase, PhaseReport, RoundReport, ThrottleReport};
+    pub use super::source::{migrate, MigrateOptions};
+}
 pub use destination::{Host, HostConfig};
-pub use engine::{migrate, MigrateOptions, MigrationReport};
 
 /// Errors of a migration, named by what failed.
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,8 @@ use edgeshift_common::{Fingerprint, ManifestId};
 
 use crate::store::StoreError;
 
-pub use image::{AlignedBuf, ImageSource, ReadMode};
+pub use crate::diskio::AlignedBuf;
+pub use image::{ImageSource, ReadMode};
 pub use inspect::{inspect_image, ImageFigures};
 pub use restore::{restore_image, RestoreReport};
 pub use slice::{slice_image, SliceOptions, SliceReport};

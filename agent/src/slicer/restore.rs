@@ -1,22 +1,20 @@
 //! Rebuilding an image from its manifest: every chunk read from the store and
-//! verified, written with io_uring while the next batch is read and verified.
-//! A file is written next to its final path and renamed over it only after
-//! every chunk is in and synced, so a failed restore leaves nothing at PATH;
-//! all-zero chunks stay holes. An existing block device is written in place
+//! verified, written ([`crate::diskio`], io_uring where it works) while the
+//! next batch is read and verified. A file is written next to its final path
+//! and renamed over it only after every chunk is in and synced, so a failed
+//! restore leaves nothing at PATH; all-zero chunks stay holes. An existing block device is written in place
 //! (zero chunks written as zeros, the device may hold old data) and read back.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use edgeshift_common::{Fingerprint, Manifest, ManifestId};
-use io_uring::{opcode, types, IoUring};
 
-use super::image::{AlignedBuf, DIRECT_ALIGN};
 use super::{chunk_fingerprint, Progress, SlicerError};
+use crate::diskio::{AlignedBuf, Engine, Queue, DIRECT_ALIGN};
 use crate::store::{ChunkStore, LocalStore};
 
 /// Bytes read and verified per batch (one batch is written while the next
@@ -47,81 +45,6 @@ impl Drop for TempGuard {
         if self.armed {
             let _ = fs::remove_file(&self.path);
         }
-    }
-}
-
-/// An io_uring whose writes point into buffers the caller keeps alive until
-/// [`Writer::wait_all`] returns; Drop waits for stragglers.
-struct Writer<'a> {
-    ring: IoUring,
-    in_flight: usize,
-    fd: i32,
-    path: &'a Path,
-}
-
-impl Writer<'_> {
-    /// Writes `data` at `offset`, all of it (short writes are resumed).
-    /// SAFETY contract (upheld by the caller): `data` stays alive and
-    /// unmodified until `wait_all` returns or the writer is dropped.
-    fn push(&mut self, data: &[u8], offset: u64) -> Result<(), SlicerError> {
-        if self.in_flight + 1 > self.ring.params().sq_entries() as usize {
-            self.wait_all()?;
-        }
-        let sqe = opcode::Write::new(types::Fd(self.fd), data.as_ptr(), data.len() as u32)
-            .offset(offset)
-            .build()
-            .user_data(data.len() as u64);
-        // SAFETY: the entry reads from `data`, which the caller keeps alive and
-        // unchanged until every write is reaped (wait_all, or Drop, which
-        // waits); the queue has room (checked above); the fd outlives us.
-        let pushed = unsafe { self.ring.submission().push(&sqe) };
-        if pushed.is_err() {
-            return Err(SlicerError::io(
-                "io_uring submit for",
-                self.path,
-                std::io::Error::other("queue full"),
-            ));
-        }
-        self.in_flight += 1;
-        self.ring
-            .submit()
-            .map_err(|e| SlicerError::io("io_uring submit for", self.path, e))?;
-        Ok(())
-    }
-
-    /// Waits for every write; a failed or short write is an error (short
-    /// writes to a regular file or block device mean no space or EOF).
-    fn wait_all(&mut self) -> Result<(), SlicerError> {
-        let mut first_err = None;
-        while self.in_flight > 0 {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(SlicerError::io("io_uring wait for", self.path, e)),
-            }
-            for cqe in self.ring.completion() {
-                self.in_flight -= 1;
-                let res = cqe.result();
-                if first_err.is_none() {
-                    if res < 0 {
-                        first_err = Some(std::io::Error::from_raw_os_error(-res));
-                    } else if res as u64 != cqe.user_data() {
-                        // A regular file or device writes short only when full.
-                        first_err = Some(std::io::Error::from_raw_os_error(libc::ENOSPC));
-                    }
-                }
-            }
-        }
-        match first_err {
-            Some(e) => Err(SlicerError::io("write", self.path, e)),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Writer<'_> {
-    fn drop(&mut self) {
-        let _ = self.wait_all();
     }
 }
 
@@ -253,34 +176,75 @@ fn write_chunks(
         (0..per_batch).map(|_| vec![0u8; cs]).collect(),
         (0..per_batch).map(|_| vec![0u8; cs]).collect(),
     ];
-    let ring = IoUring::new((per_batch * 2).next_power_of_two() as u32)
-        .map_err(|e| SlicerError::io("io_uring setup for", path, e))?;
-    let mut writer = Writer {
-        ring,
-        in_flight: 0,
-        fd: file.as_raw_fd(),
-        path,
-    };
+    // Room for both sets' writes, though only one set is written at a time.
+    let mut queue = Engine::current()
+        .queue::<Vec<u8>>((per_batch * 2).next_power_of_two())
+        .map_err(|e| SlicerError::io("set up disk writes for", path, e))?;
     let mut done = 0u64;
     for (n, batch) in jobs.chunks(per_batch).enumerate() {
-        let bufs = &mut sets[n % 2];
-        fill_batch(store, id, manifest, batch, bufs)?;
+        let set = n % 2;
+        fill_batch(store, id, manifest, batch, &mut sets[set])?;
         // The other set's writes were submitted a batch ago; they must be done
         // before that set is filled again, i.e. before the next iteration.
-        writer.wait_all()?;
-        for (job, buf) in batch.iter().zip(bufs.iter()) {
+        wait_writes(&mut queue, &mut sets, per_batch, path)?;
+        for (i, job) in batch.iter().enumerate() {
+            if queue.is_full() {
+                wait_writes(&mut queue, &mut sets, per_batch, path)?;
+            }
             let len = manifest.chunk_len(job.index) as usize;
-            writer.push(&buf[..len], manifest.chunk_offset(job.index))?;
+            // The buffer travels with its write and is put back by wait_writes.
+            let buf = std::mem::take(&mut sets[set][i]);
+            queue
+                .write(
+                    file,
+                    buf,
+                    0..len,
+                    manifest.chunk_offset(job.index),
+                    set * per_batch + i,
+                )
+                .map_err(|e| SlicerError::io("submit a write to", path, e))?;
             done += len as u64;
         }
         if let Some(p) = progress {
             p(done);
         }
     }
-    writer.wait_all()?;
-    drop(writer);
+    wait_writes(&mut queue, &mut sets, per_batch, path)?;
+    drop(queue);
     let written = jobs.iter().filter(|j| !j.fp.is_zero_chunk()).count() as u64;
     Ok((written, zero_chunks))
+}
+
+/// Waits for every write in flight and puts each buffer back in its set
+/// (tag `set * per_batch + i`). A failed or short write is an error: a
+/// regular file or block device writes short only when it is full.
+fn wait_writes(
+    queue: &mut Queue<'_, Vec<u8>>,
+    sets: &mut [Vec<Vec<u8>>; 2],
+    per_batch: usize,
+    path: &Path,
+) -> Result<(), SlicerError> {
+    let mut first_err = None;
+    while queue.in_flight() > 0 {
+        let done = queue
+            .next_completion()
+            .map_err(|e| SlicerError::io("wait for writes to", path, e))?;
+        let written = match done.result {
+            Ok(n) if n == done.requested => Ok(()),
+            Ok(_) => Err(std::io::Error::from_raw_os_error(libc::ENOSPC)),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            first_err.get_or_insert(e);
+        }
+        if let Some(slot) = sets
+            .get_mut(done.tag / per_batch)
+            .and_then(|set| set.get_mut(done.tag % per_batch))
+        {
+            *slot = done.buf;
+        }
+    }
+    first_err.map_or(Ok(()), |e| Err(SlicerError::io("write", path, e)))
 }
 
 /// Reads and verifies a batch of chunks into `bufs`, on every core.

@@ -1,10 +1,9 @@
-//! Slicing: io_uring reads into aligned buffers, BLAKE3 on every core while
-//! the next reads are in flight, new chunks written to the store in durable
-//! batches. A buffer travels reader → hasher → store writer → reader by
+//! Slicing: reads into aligned buffers ([`crate::diskio`], io_uring where it
+//! works), BLAKE3 on every core while the next reads are in flight, new
+//! chunks written to the store in durable batches. A buffer travels reader → hasher → store writer → reader by
 //! ownership; the bytes the kernel read are hashed and written where they lie.
 
 use std::collections::HashSet;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::sync::Mutex;
@@ -12,10 +11,10 @@ use std::time::Instant;
 
 use edgeshift_common::manifest::chunk_count;
 use edgeshift_common::{ChunkSize, Fingerprint, Manifest, ManifestId};
-use io_uring::{opcode, types, IoUring};
 
-use super::image::{AlignedBuf, ImageSource, ReadMode, DIRECT_ALIGN};
+use super::image::{ImageSource, ReadMode};
 use super::{chunk_fingerprint, Progress, SlicerError};
+use crate::diskio::{AlignedBuf, Engine, Queue, DIRECT_ALIGN};
 use crate::store::{ChunkStore, LocalStore};
 
 /// Bytes one read (and one hashing task) covers: a whole number of chunks,
@@ -213,93 +212,34 @@ fn store_segments(
     Ok(out)
 }
 
-/// One read in flight: segment bytes `[offset, offset + expected)` landing in
-/// `buf`, `filled` of them so far.
+/// One read in flight: segment bytes `[offset, offset + expected)`, `filled`
+/// of them read so far (its buffer is with the queue meanwhile).
 struct InFlight {
     offset: u64,
     expected: usize,
     filled: usize,
+}
+
+/// Asks for the rest of `f`'s segment, into `buf` where it left off.
+fn submit_read<'f>(
+    queue: &mut Queue<'f, AlignedBuf>,
+    src: &'f ImageSource,
+    f: &InFlight,
     buf: AlignedBuf,
-}
-
-/// An io_uring with the buffers its reads point into. Dropping it waits for
-/// every read still in flight, so the kernel never writes into freed memory.
-struct Reader<'a> {
-    ring: IoUring,
-    slots: Vec<Option<InFlight>>,
-    in_flight: usize,
-    src: &'a ImageSource,
-}
-
-impl Reader<'_> {
-    fn submit(&mut self, slot: usize) -> Result<(), SlicerError> {
-        let src = self.src;
-        let Some(f) = self.slots[slot].as_mut() else {
-            return Ok(());
-        };
-        let remaining = f.expected - f.filled;
-        // O_DIRECT reads whole blocks; the tail past the end of the image
-        // comes back short, which is what we want.
-        let len = if src.direct && f.filled % DIRECT_ALIGN == 0 {
-            remaining.next_multiple_of(DIRECT_ALIGN)
-        } else {
-            remaining
-        };
-        let buf = &mut f.buf.as_mut_slice()[f.filled..];
-        let len = len.min(buf.len());
-        let sqe = opcode::Read::new(types::Fd(src.file.as_raw_fd()), buf.as_mut_ptr(), len as u32)
-            .offset(f.offset + f.filled as u64)
-            .build()
-            .user_data(slot as u64);
-        // SAFETY: the entry points into `slots[slot].buf`, whose heap bytes
-        // stay put and alive until its completion is reaped: the slot is only
-        // emptied after that, and Drop reaps every read still in flight. The
-        // fd belongs to `src`, which outlives the reader. The queue has room:
-        // it is larger than the number of slots.
-        let pushed = unsafe { self.ring.submission().push(&sqe) };
-        if pushed.is_err() {
-            return Err(SlicerError::io(
-                "io_uring submit for",
-                &src.path,
-                std::io::Error::other("queue full"),
-            ));
-        }
-        self.in_flight += 1;
-        self.ring
-            .submit()
-            .map_err(|e| SlicerError::io("io_uring submit for", &src.path, e))?;
-        Ok(())
-    }
-
-    /// Waits for one completion: (slot, result).
-    fn reap(&mut self) -> Result<(usize, i32), SlicerError> {
-        loop {
-            if let Some(cqe) = self.ring.completion().next() {
-                self.in_flight -= 1;
-                return Ok((cqe.user_data() as usize, cqe.result()));
-            }
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(SlicerError::io("io_uring wait for", &self.src.path, e)),
-            }
-        }
-    }
-}
-
-impl Drop for Reader<'_> {
-    fn drop(&mut self) {
-        while self.in_flight > 0 {
-            if self.reap().is_err() {
-                // Cannot tell when the kernel is done with the buffers: leak
-                // them rather than free memory it may still write into.
-                for slot in self.slots.drain(..).flatten() {
-                    std::mem::forget(slot.buf);
-                }
-                return;
-            }
-        }
-    }
+    slot: usize,
+) -> Result<(), SlicerError> {
+    let remaining = f.expected - f.filled;
+    // O_DIRECT reads whole blocks; the tail past the end of the image
+    // comes back short, which is what we want.
+    let len = if src.direct && f.filled.is_multiple_of(DIRECT_ALIGN) {
+        remaining.next_multiple_of(DIRECT_ALIGN)
+    } else {
+        remaining
+    };
+    let end = (f.filled + len).min(buf.len());
+    queue
+        .read(&src.file, buf, f.filled..end, f.offset + f.filled as u64, slot)
+        .map_err(|e| SlicerError::io("submit a read of", &src.path, e))
 }
 
 fn read_segments(
@@ -310,14 +250,10 @@ fn read_segments(
     returned: Receiver<AlignedBuf>,
 ) -> Result<(), SlicerError> {
     let n_segs = src.size.div_ceil(seg_bytes as u64);
-    let ring = IoUring::new((READS_IN_FLIGHT * 2) as u32)
-        .map_err(|e| SlicerError::io("io_uring setup for", &src.path, e))?;
-    let mut reader = Reader {
-        ring,
-        slots: (0..READS_IN_FLIGHT).map(|_| None).collect(),
-        in_flight: 0,
-        src,
-    };
+    let mut queue = Engine::current()
+        .queue::<AlignedBuf>(READS_IN_FLIGHT * 2)
+        .map_err(|e| SlicerError::io("set up disk reads for", &src.path, e))?;
+    let mut slots: Vec<Option<InFlight>> = (0..READS_IN_FLIGHT).map(|_| None).collect();
     let stopped = || {
         SlicerError::io(
             "hand over a chunk of",
@@ -328,7 +264,7 @@ fn read_segments(
     let mut next_seg = 0u64;
     let mut done_segs = 0u64;
     while done_segs < n_segs {
-        while reader.in_flight < READS_IN_FLIGHT && next_seg < n_segs {
+        while queue.in_flight() < READS_IN_FLIGHT && next_seg < n_segs {
             let buf = match free.pop() {
                 Some(b) => b,
                 None => match returned.try_recv() {
@@ -337,60 +273,58 @@ fn read_segments(
                     Err(TryRecvError::Disconnected) => return Err(stopped()),
                 },
             };
-            let Some(slot) = reader.slots.iter().position(Option::is_none) else {
+            let Some(slot) = slots.iter().position(Option::is_none) else {
                 free.push(buf);
                 break;
             };
             let offset = next_seg * seg_bytes as u64;
             let expected = (src.size - offset).min(seg_bytes as u64) as usize;
-            reader.slots[slot] = Some(InFlight {
+            let f = slots[slot].insert(InFlight {
                 offset,
                 expected,
                 filled: 0,
-                buf,
             });
-            reader.submit(slot)?;
+            submit_read(&mut queue, src, f, buf, slot)?;
             next_seg += 1;
         }
-        if reader.in_flight == 0 {
+        if queue.in_flight() == 0 {
             // Every buffer is with the hashers or the writer: wait for one.
             free.push(returned.recv().map_err(|_| stopped())?);
             continue;
         }
-        let (slot, res) = reader.reap()?;
-        let Some(f) = reader.slots.get_mut(slot).and_then(Option::as_mut) else {
+        let done = queue
+            .next_completion()
+            .map_err(|e| SlicerError::io("wait for reads of", &src.path, e))?;
+        let Some(f) = slots.get_mut(done.tag).and_then(Option::as_mut) else {
             continue;
         };
-        if res < 0 {
-            if res == -libc::EINTR || res == -libc::EAGAIN {
-                reader.submit(slot)?;
+        let n = match done.result {
+            Ok(n) => n,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {
+                submit_read(&mut queue, src, f, done.buf, done.tag)?;
                 continue;
             }
-            return Err(SlicerError::io(
-                "read",
-                &src.path,
-                std::io::Error::from_raw_os_error(-res),
-            ));
-        }
-        if res == 0 {
+            Err(e) => return Err(SlicerError::io("read", &src.path, e)),
+        };
+        if n == 0 {
             return Err(SlicerError::ImageShrank {
                 path: src.path.clone(),
                 expected: src.size,
                 got: f.offset + f.filled as u64,
             });
         }
-        f.filled = (f.filled + res as usize).min(f.expected);
+        f.filled = (f.filled + n).min(f.expected);
         if f.filled < f.expected {
-            reader.submit(slot)?;
+            submit_read(&mut queue, src, f, done.buf, done.tag)?;
             continue;
         }
-        let Some(done) = reader.slots[slot].take() else {
+        let Some(read) = slots[done.tag].take() else {
             continue;
         };
         to_hash
             .send(Segment {
-                offset: done.offset,
-                len: done.expected,
+                offset: read.offset,
+                len: read.expected,
                 buf: done.buf,
                 fps: Vec::new(),
             })

@@ -1,62 +1,35 @@
-//! A chunk store in a directory on this edge.
+//! A chunk store in a directory on this edge ([`super::layout`] has the
+//! layout).
 //!
-//! Layout: `DIR/edgeshift-store` (marker), `DIR/chunks/ab/<64 hex>` (one file
-//! per chunk, fanned out by the first byte), `DIR/manifests/<64 hex>`, and
-//! `DIR/tmp/` for writes in progress. A chunk is written to `tmp/`, synced,
-//! then renamed into place and its directory synced: a chunk file under
-//! `chunks/` is always whole and durable, and a crash leaves at most a stray
-//! temp file, which the next open removes. (Chunks published before they are
-//! synced, [`LocalStore::publish`], are named in `DIR/unsynced/` first; the
-//! next open checks them.)
+//! A chunk is written to `tmp/`, synced, then renamed into place and its
+//! directory synced: a chunk file under `chunks/` is always whole and
+//! durable, and a crash leaves at most a stray temp file, which the next open
+//! removes ([`super::recover`]). (Chunks published before they are synced,
+//! [`LocalStore::publish`], are named in `DIR/unsynced/` first; the next open
+//! checks them.)
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use edgeshift_common::{Fingerprint, Manifest, ManifestId};
 
+use super::fs::{io_err, sync_dir};
+use super::layout::{StorePaths, MARKER_TEXT, MARKER_TMP_PREFIX, STORE_LAYOUT_DIRS, STORE_MARKER};
+use super::recover::{clean_tmp, recover_unsynced};
 use super::{ChunkStore, PutOutcome, StoreError, StoreStats};
-
-pub const STORE_MARKER: &str = "edgeshift-store";
-const MARKER_TEXT: &str = "edgeshift chunk store, layout 1\n";
-/// Directories of a store's layout (`pins` is the coordination module's).
-const STORE_LAYOUT_DIRS: [&str; 5] = ["chunks", "manifests", "tmp", "pins", super::publish::UNSYNCED_DIR];
-const MARKER_TMP_PREFIX: &str = ".edgeshift-store.creating.";
+// Where callers have always found them.
+pub use super::batch::{ChunkBatch, BATCH_MAX_BYTES, BATCH_MAX_FILES};
+pub use super::fs::start_writeback;
 
 /// A chunk store rooted at a directory.
 #[derive(Debug)]
 pub struct LocalStore {
-    root: PathBuf,
-    tmp_seq: AtomicU64,
+    paths: StorePaths,
     /// Syncs of chunks published unsynced ([`LocalStore::publish_sync_later`]),
     /// waited for on drop.
     pub(super) syncing: std::sync::Mutex<Vec<std::thread::JoinHandle<Result<(), StoreError>>>>,
-}
-
-pub(crate) fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// Starts writing `f`'s dirty pages back without waiting for them and
-/// without a journal commit (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so
-/// a later `fsync` finds little left. Best effort: errors are ignored.
-pub fn start_writeback(f: &File) {
-    // SAFETY: sync_file_range only reads the fd, which `f` keeps open;
-    // SYNC_FILE_RANGE_WRITE does not wait and touches no user memory.
-    let _ = unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
-}
-
-/// Syncs a directory so that a rename into it is durable.
-pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("sync directory", dir))
 }
 
 impl LocalStore {
@@ -70,14 +43,13 @@ impl LocalStore {
         if !root.join(STORE_MARKER).is_file() {
             return Err(StoreError::NotAStore(root));
         }
-        let store = LocalStore {
-            root,
-            tmp_seq: AtomicU64::new(0),
+        let paths = StorePaths::new(root);
+        clean_tmp(&paths)?;
+        recover_unsynced(&paths)?;
+        Ok(LocalStore {
+            paths,
             syncing: Default::default(),
-        };
-        store.clean_tmp()?;
-        store.recover_unsynced()?;
-        Ok(store)
+        })
     }
 
     /// Opens the store at `root`, creating it (and its directory) if absent.
@@ -120,54 +92,27 @@ impl LocalStore {
     }
 
     pub fn root(&self) -> &Path {
-        &self.root
+        self.paths.root()
     }
 
     /// Where chunk `fp` lives (whether or not it is there). The transfer sends
     /// chunk payloads straight from this file.
     pub fn chunk_path(&self, fp: &Fingerprint) -> PathBuf {
-        let hex = fp.to_hex();
-        self.root.join("chunks").join(&hex[..2]).join(hex)
+        self.paths.chunk_path(fp)
     }
 
     pub fn manifest_path(&self, id: &ManifestId) -> PathBuf {
-        self.root.join("manifests").join(id.to_hex())
+        self.paths.manifest_path(id)
     }
 
     /// Directory for writes in progress; files there are never read as chunks.
     pub fn tmp_dir(&self) -> PathBuf {
-        self.root.join("tmp")
+        self.paths.tmp_dir()
     }
 
     /// A fresh temp file path under `tmp/`, unique within this process.
     pub fn tmp_path(&self, tag: &str) -> PathBuf {
-        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        self.tmp_dir().join(format!("{tag}.{}.{n}", std::process::id()))
-    }
-
-    fn clean_tmp(&self) -> Result<(), StoreError> {
-        let tmp = self.tmp_dir();
-        match fs::read_dir(&tmp) {
-            Ok(entries) => {
-                for e in entries.flatten() {
-                    // Another live process may own some of these; only remove
-                    // files whose writer pid is gone.
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    if !super::publish::writer_alive(&name) {
-                        let _ = fs::remove_file(e.path());
-                    }
-                }
-                Ok(())
-            }
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                fs::create_dir_all(&tmp).map_err(io_err("create directory", &tmp))
-            }
-            Err(e) => Err(StoreError::Io {
-                op: "read directory",
-                path: tmp,
-                source: e,
-            }),
-        }
+        self.paths.tmp_path(tag)
     }
 
     /// Moves a whole, synced temp file into place as chunk `fp`.
@@ -179,10 +124,10 @@ impl LocalStore {
             let _ = fs::remove_file(tmp);
             return Ok(PutOutcome::AlreadyPresent);
         }
-        let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
+        let dir = dest.parent().unwrap_or(self.root()).to_path_buf();
         if !dir.exists() {
             fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
-            sync_dir(&self.root.join("chunks"))?;
+            sync_dir(&self.paths.chunks_dir())?;
         }
         fs::rename(tmp, &dest).map_err(io_err("rename into", &dest))?;
         sync_dir(&dir)?;
@@ -284,11 +229,7 @@ impl LocalStore {
     /// Starts a batch of chunk writes that become durable and visible
     /// together (see [`ChunkBatch`]).
     pub fn batch(&self) -> ChunkBatch<'_> {
-        ChunkBatch {
-            store: self,
-            staged: Vec::new(),
-            staged_bytes: 0,
-        }
+        ChunkBatch::new(&self.paths)
     }
 
     /// Every chunk fingerprint in the store (directory walk).
@@ -299,7 +240,7 @@ impl LocalStore {
     }
 
     fn walk_chunks(&self, mut f: impl FnMut(Fingerprint, u64)) -> Result<(), StoreError> {
-        let chunks = self.root.join("chunks");
+        let chunks = self.paths.chunks_dir();
         for fan in fs::read_dir(&chunks)
             .map_err(io_err("read directory", &chunks))?
             .flatten()
@@ -317,177 +258,6 @@ impl LocalStore {
             }
         }
         Ok(())
-    }
-}
-
-/// Chunk writes made durable together: each chunk goes to its own temp file
-/// at [`ChunkBatch::stage`]; [`ChunkBatch::commit`] then syncs all of them at
-/// once (parallel `fdatasync` through io_uring, so the file system folds them
-/// into few journal commits), renames them into place and syncs the touched
-/// directories, again in parallel. A chunk is visible only after its data is
-/// durable, exactly as with [`ChunkStore::put_chunk`], at a fraction of the
-/// cost of one sync per chunk. Temp files not committed are removed on drop.
-pub struct ChunkBatch<'s> {
-    store: &'s LocalStore,
-    staged: Vec<(File, PathBuf, Fingerprint)>,
-    staged_bytes: u64,
-}
-
-/// Most files a batch keeps open before it should be committed (stays well
-/// under the usual 1024 open-file limit, and is the ring size).
-pub const BATCH_MAX_FILES: usize = 256;
-/// Most bytes a batch holds before it should be committed.
-pub const BATCH_MAX_BYTES: u64 = 128 << 20;
-
-impl ChunkBatch<'_> {
-    /// Writes `data` (which the caller hashed to `fp`) to a new temp file.
-    pub fn stage(&mut self, fp: &Fingerprint, data: &[u8]) -> Result<(), StoreError> {
-        if fp.is_zero_chunk() {
-            return Err(StoreError::ZeroChunk);
-        }
-        let tmp = self.store.tmp_path("chunk");
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
-        if let Err(e) = f.write_all(data) {
-            let _ = fs::remove_file(&tmp);
-            return Err(StoreError::Io {
-                op: "write",
-                path: tmp,
-                source: e,
-            });
-        }
-        // Start writeback now, so the disk is busy while more chunks are
-        // staged and the commit's fdatasync finds little left to do.
-        start_writeback(&f);
-        self.staged.push((f, tmp, *fp));
-        self.staged_bytes += data.len() as u64;
-        Ok(())
-    }
-
-    /// True when the batch should be committed before staging more.
-    pub fn is_full(&self) -> bool {
-        self.staged.len() >= BATCH_MAX_FILES || self.staged_bytes >= BATCH_MAX_BYTES
-    }
-
-    pub fn len(&self) -> usize {
-        self.staged.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.staged.is_empty()
-    }
-
-    /// Makes every staged chunk durable and visible; returns how many were
-    /// newly stored (a chunk another writer stored meanwhile is not counted).
-    pub fn commit(&mut self) -> Result<u64, StoreError> {
-        if self.staged.is_empty() {
-            return Ok(0);
-        }
-        let fds: Vec<std::os::fd::RawFd> = self.staged.iter().map(|(f, _, _)| f.as_raw_fd()).collect();
-        sync_all_parallel(&fds, true, &self.store.tmp_dir())?;
-        let chunks_dir = self.store.root.join("chunks");
-        let mut touched: Vec<PathBuf> = Vec::new();
-        let mut made_fan = false;
-        let mut stored = 0;
-        for (f, tmp, fp) in self.staged.drain(..) {
-            drop(f);
-            let dest = self.store.chunk_path(&fp);
-            if dest.exists() {
-                let _ = fs::remove_file(&tmp);
-                continue;
-            }
-            let dir = dest.parent().unwrap_or(&chunks_dir).to_path_buf();
-            if let Err(e) = fs::rename(&tmp, &dest) {
-                if e.kind() != ErrorKind::NotFound || dir.exists() {
-                    return Err(StoreError::Io {
-                        op: "rename into",
-                        path: dest,
-                        source: e,
-                    });
-                }
-                fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
-                made_fan = true;
-                fs::rename(&tmp, &dest).map_err(io_err("rename into", &dest))?;
-            }
-            if !touched.contains(&dir) {
-                touched.push(dir);
-            }
-            stored += 1;
-        }
-        self.staged_bytes = 0;
-        if made_fan {
-            touched.push(chunks_dir);
-        }
-        let dirs: Vec<File> = touched
-            .iter()
-            .map(|d| File::open(d).map_err(io_err("open directory", d)))
-            .collect::<Result<_, _>>()?;
-        let dir_fds: Vec<std::os::fd::RawFd> = dirs.iter().map(|d| d.as_raw_fd()).collect();
-        sync_all_parallel(&dir_fds, false, &self.store.root)?;
-        Ok(stored)
-    }
-}
-
-impl Drop for ChunkBatch<'_> {
-    fn drop(&mut self) {
-        for (_, tmp, _) in self.staged.drain(..) {
-            let _ = fs::remove_file(tmp);
-        }
-    }
-}
-
-/// `fsync`s (or `fdatasync`s) every fd at once through io_uring and waits
-/// for all of them; the first failure is returned.
-pub(crate) fn sync_all_parallel(
-    fds: &[std::os::fd::RawFd],
-    data_only: bool,
-    what: &Path,
-) -> Result<(), StoreError> {
-    use io_uring::{opcode, types, IoUring};
-    let mut ring = IoUring::new(BATCH_MAX_FILES as u32).map_err(io_err("io_uring setup", what))?;
-    let flags = if data_only {
-        types::FsyncFlags::DATASYNC
-    } else {
-        types::FsyncFlags::empty()
-    };
-    let mut first_err: Option<std::io::Error> = None;
-    for group in fds.chunks(BATCH_MAX_FILES) {
-        for (i, fd) in group.iter().enumerate() {
-            let sqe = opcode::Fsync::new(types::Fd(*fd))
-                .flags(flags)
-                .build()
-                .user_data(i as u64);
-            // SAFETY: an fsync entry refers to no user memory, only to an fd
-            // that the caller keeps open until this function returns; the
-            // queue has room because a group is at most the ring size.
-            let pushed = unsafe { ring.submission().push(&sqe) };
-            if pushed.is_err() {
-                return Err(io_err("io_uring sync", what)(std::io::Error::other(
-                    "submission queue full",
-                )));
-            }
-        }
-        let mut done = 0;
-        while done < group.len() {
-            match ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_err("io_uring sync", what)(e)),
-            }
-            for cqe in ring.completion() {
-                done += 1;
-                if cqe.result() < 0 && first_err.is_none() {
-                    first_err = Some(std::io::Error::from_raw_os_error(-cqe.result()));
-                }
-            }
-        }
-    }
-    match first_err {
-        Some(e) => Err(io_err("sync", what)(e)),
-        None => Ok(()),
     }
 }
 
@@ -546,12 +316,12 @@ impl ChunkStore for LocalStore {
         }
         let tmp = self.write_tmp("manifest", &bytes)?;
         fs::rename(&tmp, &dest).map_err(io_err("rename into", &dest))?;
-        sync_dir(&self.root.join("manifests"))?;
+        sync_dir(&self.paths.manifests_dir())?;
         Ok(id)
     }
 
     fn list_manifests(&self) -> Result<Vec<ManifestId>, StoreError> {
-        let dir = self.root.join("manifests");
+        let dir = self.paths.manifests_dir();
         let mut out = Vec::new();
         for e in fs::read_dir(&dir)
             .map_err(io_err("read directory", &dir))?

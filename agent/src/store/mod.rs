@@ -1,15 +1,33 @@
-//! The chunk store seam. A store is content-addressed: a chunk is named by its
+//! The chunk store. A store is content-addressed: a chunk is named by its
 //! BLAKE3 fingerprint, and a manifest by the BLAKE3 of its bytes.
 //!
-//! Implementations: [`local::LocalStore`] (a directory on this edge). Peer and
-//! tiered stores are composed from the same trait by the transfer module.
+//! [`ChunkStore`] is that contract: has/get/put a chunk (verified), get/put/
+//! list manifests, figures. [`LocalStore`] (a directory on this edge) is its
+//! one implementation; code that needs only the contract takes
+//! `&dyn ChunkStore` (`vm::image`). What is about files stays inherent on
+//! [`LocalStore`], and code that needs it names `LocalStore`: the chunk's
+//! path (the chunk server sends payloads with sendfile from it), reads into
+//! a caller's buffer, [`ChunkBatch`] and [`LocalStore::publish`]. A peer's
+//! store (`transfer::peer::PeerStore`) is asynchronous and read-only, so it
+//! is not a `ChunkStore`.
+//!
+//! Files, from the bottom up: [`layout`] (where things are, temp names),
+//! `fs` (path-naming errors, directory and batch syncs), `recover` (what a
+//! crash leaves, cleared at open), [`batch`] (writes made durable together),
+//! [`local`] (the store), [`publish`] (chunks visible now, durable later),
+//! [`uses`] (chunks used since the last heartbeat).
 
+pub mod batch;
+mod fs;
+pub mod layout;
 pub mod local;
 pub mod publish;
+mod recover;
 pub mod uses;
 
 use edgeshift_common::{Fingerprint, Manifest, ManifestError, ManifestId};
 
+pub use batch::ChunkBatch;
 pub use local::LocalStore;
 pub use publish::Unsynced;
 pub use uses::ChunkUses;
@@ -18,7 +36,7 @@ pub use uses::ChunkUses;
 pub enum StoreError {
     #[error("no chunk store at {0} (create one with `edgeshift slice IMAGE --store DIR`)")]
     Missing(std::path::PathBuf),
-    #[error("{0} is not an edgeshift chunk store (no {marker} file)", marker = local::STORE_MARKER)]
+    #[error("{0} is not an edgeshift chunk store (no {marker} file)", marker = layout::STORE_MARKER)]
     NotAStore(std::path::PathBuf),
     #[error("chunk {0} is not in the store")]
     ChunkMissing(Fingerprint),

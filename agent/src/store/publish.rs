@@ -3,7 +3,7 @@
 //! A migration's source reads the chunks its VM wrote since boot and must
 //! serve them to the destination at once; syncing them first (the store's
 //! usual rule) keeps the source's path idle for as long as the sync takes
-//! (0.04–0.13 s for the ~140 chunks of a boot log here). Publishing renames
+//! (docs/wire.md, "The disk path", has the figures). Publishing renames
 //! the chunks into place unsynced and syncs them on another thread.
 //!
 //! The store's promise, that a chunk file under its name is whole, still
@@ -11,21 +11,21 @@
 //! `DIR/unsynced/` naming them is written and synced. It is removed once the
 //! chunks are durable. [`LocalStore::open`] re-hashes the chunks an orphaned
 //! intent names (its writer died before they were synced, perhaps in a power
-//! cut) and removes those that are torn. A reader meanwhile checks each chunk
+//! cut) and removes those that are torn ([`super::recover`]). A reader meanwhile checks each chunk
 //! against its name anyway (`ChunkInvalid`).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use edgeshift_common::Fingerprint;
 
-use super::local::{io_err, sync_all_parallel, sync_dir, LocalStore};
+use super::fs::{io_err, sync_all_parallel, sync_dir};
+use super::layout::writer_alive;
+use super::local::LocalStore;
 use super::StoreError;
-
-/// Directory of intent files, one per publish not yet durable.
-pub const UNSYNCED_DIR: &str = "unsynced";
+// Where callers have always found it.
+pub use super::layout::UNSYNCED_DIR;
 
 /// Chunks published but not yet durable. [`Unsynced::sync`] makes them so
 /// (on any thread); dropping it without syncing leaves the intent file, and
@@ -69,8 +69,8 @@ impl Unsynced {
                 Err(e) => return Err(io_err("open", p)(e)),
             }
         }
-        let fds: Vec<_> = open.iter().map(|f| f.as_raw_fd()).collect();
-        sync_all_parallel(&fds, false, &intent)?;
+        let files: Vec<&File> = open.iter().collect();
+        sync_all_parallel(&files, false, &intent)?;
         fs::remove_file(&intent).map_err(io_err("remove", &intent))?;
         Ok(())
     }
@@ -208,45 +208,6 @@ impl LocalStore {
         }
         first
     }
-
-    /// Checks the chunks that intents of dead writers name and removes the
-    /// torn ones, then the intents. Returns how many chunks were removed.
-    pub(crate) fn recover_unsynced(&self) -> Result<usize, StoreError> {
-        let dir = self.root().join(UNSYNCED_DIR);
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(io_err("read directory", &dir)(e)),
-        };
-        let mut removed = 0;
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if writer_alive(&name) {
-                continue;
-            }
-            let path = e.path();
-            // A torn intent names only chunks that were never renamed.
-            let text = fs::read(&path).map_err(io_err("read", &path))?;
-            for fp in String::from_utf8_lossy(&text)
-                .lines()
-                .filter_map(|l| l.parse::<Fingerprint>().ok())
-            {
-                let p = self.chunk_path(&fp);
-                match fs::read(&p) {
-                    Ok(bytes) if Fingerprint::of(&bytes) == fp => {}
-                    Ok(_) => {
-                        tracing::warn!(chunk = %fp, "removing a chunk torn before it was synced");
-                        self.remove_chunk(&fp)?;
-                        removed += 1;
-                    }
-                    Err(e) if e.kind() == ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_err("read", &p)(e)),
-                }
-            }
-            fs::remove_file(&path).map_err(io_err("remove", &path))?;
-        }
-        Ok(removed)
-    }
 }
 
 /// Writes each chunk to its temp file and renames it into place, unsynced,
@@ -351,14 +312,6 @@ fn push_new(v: &mut Vec<PathBuf>, p: PathBuf) {
     if !v.contains(&p) {
         v.push(p);
     }
-}
-
-/// Whether the process named in a `tag.PID.SEQ` file name still runs.
-pub(crate) fn writer_alive(name: &str) -> bool {
-    name.split('.')
-        .nth(1)
-        .and_then(|p| p.parse::<u32>().ok())
-        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }
 
 #[cfg(test)]

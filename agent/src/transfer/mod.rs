@@ -10,10 +10,13 @@
 //! - [`peer`]: [`peer::PeerStore`], read access to one peer's store.
 //! - [`pool`]: authenticated connections kept between fetches (a
 //!   migration's rounds).
+//! - [`dial`]: connecting and authenticating to a peer, under all three
+//!   client modules above.
 //!
 //! The protocol and its choices are described in `docs/wire.md`.
 
 pub mod conn;
+pub mod dial;
 pub mod fetch;
 pub mod peer;
 pub mod pool;
@@ -75,6 +78,15 @@ pub enum TransferError {
     WriterStopped,
     #[error("too many peers: {0} (at most 64 per fetch)")]
     TooManyPeers(usize),
+    #[error("too many chunks: {0} (at most 2^32 per fetch)")]
+    TooManyChunks(usize),
+}
+
+/// This host's name, the default node id.
+pub fn default_node_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "edgeshift".to_string())
 }
 
 /// The cluster's shared secret: 32 bytes, written as 64 hex digits in a file.

@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::conn::{read_frame, unexpected, Frame};
-use super::fetch::{connect, FetchOptions};
+use super::dial::{connect, DialOptions};
 use super::{ClusterKey, TransferError};
 use crate::store::StoreError;
 
@@ -21,16 +21,18 @@ pub struct PeerStore {
     peer_id: String,
     sock: TcpStream,
     next_request: u64,
-    opts: FetchOptions,
+    opts: DialOptions,
 }
 
 impl PeerStore {
-    /// Connects and authenticates (both ways) with the cluster key.
+    /// Connects and authenticates (both ways) with the cluster key. `opts`
+    /// may be [`DialOptions`] or a fetch's options.
     pub async fn connect(
         addr: SocketAddr,
         key: &ClusterKey,
-        opts: FetchOptions,
+        opts: impl Into<DialOptions>,
     ) -> Result<Self, TransferError> {
+        let opts = opts.into();
         let (sock, peer_id) = connect(addr, key, &opts).await?;
         Ok(PeerStore {
             addr,

@@ -1,12 +1,11 @@
 //! Authenticated peer connections kept between fetches.
 //!
-//! A migration pulls in rounds, each a fetch of its own; opening and
-//! authenticating a connection per peer per round cost 15–35 ms before the
-//! first request, and in the pause, where the source's path is still
-//! draining memory's last bytes, the handshake's answers queue behind them
-//! (31 ms measured). A fetch given a pool takes an idle connection from it
-//! and gives it back when it ends with nothing outstanding on it; the
-//! holdings probe does the same, so the chunk requests go on the
+//! A migration pulls in rounds, each a fetch of its own; a handshake per
+//! peer per round delays the first request, most in the pause, where the
+//! handshake's answers queue behind memory's last bytes on the source's
+//! path (`docs/wire.md`). A fetch given a pool takes an idle connection
+//! from it and gives it back when it ends with nothing outstanding on it;
+//! the holdings probe does the same, so the chunk requests go on the
 //! connection the probe opened.
 
 use std::collections::HashMap;
@@ -16,7 +15,7 @@ use std::sync::Mutex;
 
 use tokio::net::TcpStream;
 
-use super::fetch::{connect, FetchOptions};
+use super::dial::{connect, DialOptions};
 use super::{ClusterKey, TransferError};
 
 /// Idle, authenticated connections by peer address, with the peer's id.
@@ -65,7 +64,7 @@ pub(crate) async fn checkout(
     pool: Option<&ConnPool>,
     addr: SocketAddr,
     key: &ClusterKey,
-    opts: &FetchOptions,
+    opts: &DialOptions,
 ) -> Result<(TcpStream, String), TransferError> {
     if let Some((sock, id)) = pool.and_then(|p| p.take(&addr)) {
         match TcpStream::from_std(sock) {

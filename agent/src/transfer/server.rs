@@ -226,7 +226,7 @@ async fn handle_connection(mut sock: TcpStream, addr: SocketAddr, cfg: Arc<Serve
 /// yet moved after the others (each group in its order): the path carries
 /// what is there while they are placed. A migration's source publishes the
 /// chunks it just read while the destination already asks for them; served
-/// strictly in order, its path sat idle for 60-180 ms at round 0's start.
+/// strictly in order, its path would sit idle meanwhile (`docs/migration.md`).
 fn publishing_last(
     cfg: &ServerConfig,
     asks: Vec<(Fingerprint, Option<Fingerprint>)>,

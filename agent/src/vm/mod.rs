@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use qemu::{Accel, AccelChoice, Qemu};
-pub use qmp::{MemoryTransport, QmpClient};
+pub use qmp::{MemoryTransport, Qmp, QmpClient};
 pub use state::{StateDir, VmRecord};
 
 /// Errors from running VMs.

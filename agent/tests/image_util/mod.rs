@@ -1,5 +1,5 @@
 //! Shared helpers for the image_* tests: the test images (built and cached by
-//! perf/images/make-test-images.sh), running the real `edgeshift` binary, and
+//! perf/images/make-test-images.sh, through edgeshift-testbed), running the real `edgeshift` binary, and
 //! an independent reckoning of what a manifest of an image must say.
 #![allow(dead_code)]
 
@@ -14,19 +14,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_edgeshift");
 pub fn images() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../perf/images/make-test-images.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg("small")
-            .output()
-            .expect("run make-test-images.sh");
-        assert!(
-            out.status.success(),
-            "make-test-images.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8(out.stdout).expect("utf-8 path");
-        PathBuf::from(stdout.lines().last().expect("script prints its directory"))
+        edgeshift_testbed::images::test_images("small").unwrap_or_else(|e| panic!("the test images: {e}"))
     })
 }
 
@@ -139,21 +127,6 @@ pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     }
     out.sort();
     out
-}
-
-/// True when the test may skip for want of `what` (only outside CI); under
-/// CI=true a missing capability is a failure.
-pub fn may_skip(what: &str) -> bool {
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("CI=true but {what} is not available");
-    }
-    eprintln!("skipping: {what} is not available (this would fail under CI=true)");
-    true
-}
-
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// A read-only loop device over a file, detached on drop.

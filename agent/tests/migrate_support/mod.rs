@@ -1,61 +1,37 @@
 //! Shared harness of the VM and migration tests: the test VM (built by
-//! perf/images/build-test-vm.sh, cached under target/images/vm/), edges in
-//! network namespaces joined by tbf-limited veth links through a hub, one L2
-//! segment for the VMs' NICs across all edges, a client namespace on it, and
-//! each edge's one daemon (`edgeshift agent`, chunks and migrations) as a
-//! real process.
-//! Everything is named with a per-test tag and removed on drop.
+//! perf/images/build-test-vm.sh, cached under target/images/vm/), edges as
+//! hosts of a testbed (edgeshift-testbed) on one WAN segment through a hub
+//! with tbf-limited legs, one L2 segment for the VMs' NICs across all edges
+//! with a client host on it, and each edge's one daemon (`edgeshift agent`,
+//! chunks and migrations) as a real process. Everything is named with a
+//! per-test tag and removed on drop.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub use edgeshift_testbed::caps::missing_for_vms as require_capabilities;
+pub use edgeshift_testbed::images::TestVm;
+use edgeshift_testbed::{daemon, LinkSpec, Testbed};
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_edgeshift");
-pub const VM_IP: &str = "198.19.0.10";
-pub const CLIENT_IP: &str = "198.19.0.100";
+/// The VM's address: the first guest address of the VM segment (checked
+/// against the testbed's address plan in [`Cloud::new`]).
+pub const VM_IP: &str = "198.19.2.100";
+/// The WAN hub's address, for services every edge reaches (a coordinator).
+pub const HUB_IP: &str = "198.19.1.254";
 /// The agents' `--listen` (chunks) and `--migrate-listen` ports.
 pub const CHUNK_PORT: u16 = 7070;
 pub const MIGRATE_PORT: u16 = 7080;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Returns why this test cannot run here, if it cannot. Under CI=true a
-/// missing capability is a failure, not a skip.
-pub fn require_capabilities() -> Option<String> {
-    let mut why = Vec::new();
-    // SAFETY: geteuid has no preconditions and touches no memory.
-    if unsafe { libc::geteuid() } != 0 {
-        why.push("not root".to_string());
-    }
-    for tool in ["qemu-system-x86_64", "ip", "losetup", "socat", "tc", "mkfs.ext4"] {
-        if Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map(|o| !o.status.success())
-            .unwrap_or(true)
-        {
-            why.push(format!("{tool} missing"));
-        }
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        why.push("/dev/net/tun missing".into());
-    }
-    if why.is_empty() {
-        return None;
-    }
-    let why = why.join(", ");
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("CI=true and this test cannot run: {why} (run .ci/setup as root)");
-    }
-    eprintln!("skipping: {why} (set CI=true to make this a failure)");
-    Some(why)
-}
+/// The WAN segment (first, so 198.19.1.0/24) and the VMs' segment, whose
+/// bridge at every edge is the `--net` of `vm run` (198.19.2.0/24).
+const WAN: &str = "wan";
+const VM_NET: &str = "br0";
+const CLIENT: &str = "client";
 
 pub fn sh(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
@@ -68,36 +44,9 @@ pub fn sh(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-fn ip(args: &[&str]) {
-    sh(Command::new("ip").args(args));
-}
-
-/// The test VM's files.
-pub struct TestVm {
-    pub dir: PathBuf,
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
-    pub base: PathBuf,
-}
-
 /// Builds (or reuses) the test VM; one build at a time across test binaries.
 pub fn test_vm() -> TestVm {
-    let out = sh(Command::new("flock")
-        .arg(repo().join("target/.build-test-vm.lock"))
-        .arg("bash")
-        .arg(repo().join("perf/images/build-test-vm.sh")));
-    let dir = PathBuf::from(
-        out.lines()
-            .last()
-            .expect("build-test-vm.sh prints its directory")
-            .trim(),
-    );
-    TestVm {
-        kernel: dir.join("vmlinuz"),
-        initrd: dir.join("initramfs.gz"),
-        base: dir.join("base.raw"),
-        dir,
-    }
+    TestVm::ensure().unwrap_or_else(|e| panic!("the test VM: {e}"))
 }
 
 /// A store holding the base image, sliced once and cached; returns (store, id).
@@ -152,13 +101,16 @@ impl Edge {
 /// The whole emulated cloud of one test.
 pub struct Cloud {
     pub tag: String,
+    /// The WAN hub's namespace (answering at [`HUB_IP`]).
     pub hub: String,
     pub client_ns: String,
     pub edges: Vec<Edge>,
-    pub dir: tempfile::TempDir,
     pub key: PathBuf,
     pub vm: TestVm,
     pub base_id: String,
+    /// Namespaces, links and segments; torn down before `dir` goes.
+    pub tb: Testbed,
+    pub dir: tempfile::TempDir,
 }
 
 impl Cloud {
@@ -176,86 +128,36 @@ impl Cloud {
             .expect("temp dir");
         let key = dir.path().join("cluster.key");
         std::fs::write(&key, hex::encode(rand_key())).expect("key");
-        let hub = format!("{tag}-hub");
-        let mut cloud = Cloud {
-            client_ns: format!("{tag}-cl"),
-            hub: hub.clone(),
-            edges: Vec::new(),
-            tag: tag.clone(),
+        let (tb, hub) = build_net(&tag, names, mbit);
+        let wan = tb.segment(WAN).expect("WAN segment");
+        let edges = names
+            .iter()
+            .map(|name| {
+                let store = dir.path().join(format!("store-{name}"));
+                let state = dir.path().join(format!("state-{name}"));
+                std::fs::create_dir_all(&state).expect("state dir");
+                Edge {
+                    name: name.to_string(),
+                    ns: tb.host(name).expect("edge host").netns.clone(),
+                    wan_ip: wan.members[*name].to_string(),
+                    store,
+                    state,
+                    agent: None,
+                }
+            })
+            .collect();
+        let _ = base_store;
+        Cloud {
+            client_ns: tb.host(CLIENT).expect("client host").netns.clone(),
+            hub,
+            edges,
+            tag,
             key,
             vm,
             base_id,
+            tb,
             dir,
-        };
-        ip(&["netns", "add", &hub]);
-        cloud.in_ns(&hub, "ip", &["link", "set", "lo", "up"]);
-        cloud.in_ns(&hub, "ip", &["link", "add", "wan", "type", "bridge"]);
-        cloud.in_ns(&hub, "ip", &["link", "set", "wan", "up"]);
-        cloud.in_ns(&hub, "ip", &["link", "add", "vmnet", "type", "bridge"]);
-        cloud.in_ns(&hub, "ip", &["link", "set", "vmnet", "up"]);
-        for (i, name) in names.iter().enumerate() {
-            let ns = format!("{tag}-{name}");
-            ip(&["netns", "add", &ns]);
-            let wan_ip = format!("198.18.0.{}", i + 1);
-            // WAN link, shaped both ways.
-            let (e, h) = (format!("{tag}w{i}"), format!("{tag}W{i}"));
-            ip(&["link", "add", &e, "type", "veth", "peer", "name", &h]);
-            ip(&["link", "set", &e, "netns", &ns]);
-            ip(&["link", "set", &h, "netns", &hub]);
-            cloud.in_ns(&ns, "ip", &["link", "set", "lo", "up"]);
-            cloud.in_ns(&ns, "ip", &["addr", "add", &format!("{wan_ip}/24"), "dev", &e]);
-            cloud.in_ns(&ns, "ip", &["link", "set", &e, "up"]);
-            cloud.in_ns(&hub, "ip", &["link", "set", &h, "master", "wan", "up"]);
-            let rate = format!("{mbit}mbit");
-            let burst = format!("{}", (mbit as u64 * 1_000_000 / 8 / 100).max(64 * 1024));
-            for (n, dev) in [(&ns, &e), (&hub, &h)] {
-                cloud.in_ns(
-                    n,
-                    "tc",
-                    &[
-                        "qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate, "burst", &burst, "latency",
-                        "50ms",
-                    ],
-                );
-            }
-            // VM segment: br0 in the edge, a leg into the hub's vmnet.
-            let (ve, vh) = (format!("{tag}v{i}"), format!("{tag}V{i}"));
-            ip(&["link", "add", &ve, "type", "veth", "peer", "name", &vh]);
-            ip(&["link", "set", &ve, "netns", &ns]);
-            ip(&["link", "set", &vh, "netns", &hub]);
-            cloud.in_ns(&ns, "ip", &["link", "add", "br0", "type", "bridge"]);
-            cloud.in_ns(&ns, "ip", &["link", "set", "br0", "up"]);
-            cloud.in_ns(&ns, "ip", &["link", "set", &ve, "master", "br0", "up"]);
-            cloud.in_ns(&hub, "ip", &["link", "set", &vh, "master", "vmnet", "up"]);
-            let store = cloud.dir.path().join(format!("store-{name}"));
-            let state = cloud.dir.path().join(format!("state-{name}"));
-            std::fs::create_dir_all(&state).expect("state dir");
-            cloud.edges.push(Edge {
-                name: name.to_string(),
-                ns,
-                wan_ip,
-                store,
-                state,
-                agent: None,
-            });
         }
-        // The client on the VM segment.
-        let cl = cloud.client_ns.clone();
-        ip(&["netns", "add", &cl]);
-        let (ce, ch) = (format!("{tag}c"), format!("{tag}C"));
-        ip(&["link", "add", &ce, "type", "veth", "peer", "name", &ch]);
-        ip(&["link", "set", &ce, "netns", &cl]);
-        ip(&["link", "set", &ch, "netns", &hub]);
-        cloud.in_ns(&cl, "ip", &["link", "set", "lo", "up"]);
-        cloud.in_ns(
-            &cl,
-            "ip",
-            &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", &ce],
-        );
-        cloud.in_ns(&cl, "ip", &["link", "set", &ce, "up"]);
-        cloud.in_ns(&hub, "ip", &["link", "set", &ch, "master", "vmnet", "up"]);
-        let _ = base_store;
-        cloud
     }
 
     pub fn in_ns(&self, ns: &str, prog: &str, args: &[&str]) -> String {
@@ -532,39 +434,13 @@ fn rand_key() -> [u8; 32] {
     k
 }
 
-/// Waits for a daemon's readiness line on stdout.
+/// Waits for a daemon's readiness line on stdout (stdout is drained after).
 fn wait_line(mut child: Child, want: &str) -> Child {
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let want = want.to_string();
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(stdout);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match r.read_line(&mut line) {
-                Ok(0) | Err(_) => {
-                    let _ = tx.send(false);
-                    return;
-                }
-                Ok(_) if line.contains(&want) => {
-                    let _ = tx.send(true);
-                    // Keep draining so the daemon never blocks on stdout.
-                    let mut sink = String::new();
-                    while r.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                        sink.clear();
-                    }
-                    return;
-                }
-                Ok(_) => {}
-            }
-        }
-    });
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(true) => child,
-        _ => {
+    match daemon::wait_ready(&mut child, "daemon", want, Duration::from_secs(30)) {
+        Ok(_) => child,
+        Err(e) => {
             kill_tree(&mut child);
-            panic!("daemon did not get ready");
+            panic!("daemon did not get ready: {e}");
         }
     }
 }
@@ -572,8 +448,7 @@ fn wait_line(mut child: Child, want: &str) -> Child {
 /// Kills a process started through `ip netns exec` (which execs, so the pid
 /// is the daemon's own).
 pub fn kill_tree(c: &mut Child) {
-    let _ = c.kill();
-    let _ = c.wait();
+    daemon::kill(c);
 }
 
 impl Drop for Cloud {
@@ -619,11 +494,37 @@ impl Drop for Cloud {
                 }
             }
         }
-        let mut all: Vec<String> = self.edges.iter().map(|e| e.ns.clone()).collect();
-        all.push(self.hub.clone());
-        all.push(self.client_ns.clone());
-        for ns in all {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        }
+        // The testbed (a field) then removes the namespaces with everything in them.
     }
+}
+
+/// The network of a cloud: edges `names` on one WAN segment through a hub,
+/// each leg limited to `mbit` both ways, the hub answering at [`HUB_IP`];
+/// the VM segment joining the edges' `br0` bridges and the client. Returns
+/// the testbed and the hub's namespace.
+fn build_net(tag: &str, names: &[&str], mbit: u32) -> (Testbed, String) {
+    // A cloud left by a killed earlier run with this pid would block the tag.
+    let _ = edgeshift_testbed::cleanup_stale(tag);
+    let mut tb = Testbed::new(tag).expect("testbed");
+    for name in names.iter().chain(&[CLIENT]) {
+        tb.add_host(name).expect("host");
+    }
+    let wan = tb
+        .l2_segment(WAN, names, LinkSpec::mbit(mbit))
+        .expect("WAN segment");
+    let hub = wan.netns.clone();
+    assert_eq!(
+        wan.guest_addr(154).map(|a| a.to_string()).as_deref(),
+        Some(HUB_IP)
+    );
+    sh(Command::new("ip").args(["-n", &hub, "addr", "add", &format!("{HUB_IP}/24"), "dev", "br0"]));
+    let vm_members: Vec<&str> = names.iter().chain(&[CLIENT]).copied().collect();
+    let vm_net = tb
+        .l2_segment(VM_NET, &vm_members, LinkSpec::default())
+        .expect("VM segment");
+    assert_eq!(
+        vm_net.guest_addr(0).map(|a| a.to_string()).as_deref(),
+        Some(VM_IP)
+    );
+    (tb, hub)
 }

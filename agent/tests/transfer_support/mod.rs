@@ -281,17 +281,3 @@ pub fn partial_copy(src: &Path, dst: &Path, keep: impl Fn(usize) -> bool, with_m
         }
     }
 }
-
-/// Skips (returns true) when not root, unless CI=true, where it fails.
-pub fn need_root(what: &str) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    if root {
-        return false;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{what} needs root, and CI=true: failing rather than skipping");
-    }
-    eprintln!("skipping {what}: needs root (set CI=true to make this a failure)");
-    true
-}

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use edgeshift_perf::{demo, images, report, suite, testbed, topology::Topology};
+use edgeshift_perf::{demo, images, report, suite, topology::Topology};
+use edgeshift_testbed as testbed;
 
 /// Evaluate edgeshift on an emulated edge cloud on this machine: hosts are
 /// network namespaces, WAN links are veth pairs limited by tbf (bandwidth

@@ -28,8 +28,8 @@ use edgeshift_agent::vm::{
     Accel, AccelChoice, LaunchConfig, MemoryTransport, NetSpec, Qemu, QmpClient, StateDir, VmSpec,
 };
 use edgeshift_perf::holdings::{chunk_set, lacked_by_holders};
-use edgeshift_perf::testbed::iperf::{iperf3, Direction};
-use edgeshift_perf::testbed::{LinkSpec, Testbed};
+use edgeshift_testbed::iperf::{iperf3, Direction};
+use edgeshift_testbed::{LinkSpec, Testbed};
 use serde::Serialize;
 use serde_json::json;
 
@@ -257,6 +257,7 @@ fn prepare_vm(bin: &Path) -> anyhow::Result<Vm> {
 fn bed(tag: &str, a: &Args, bin: &Path) -> anyhow::Result<Bed> {
     let _ = edgeshift_perf::testbed::cleanup_stale(tag);
     let mut tb = Testbed::new(tag)?;
+    edgeshift_perf::boot_logs::ensure_bpffs();
     for h in ["src", "dst", "n1", "n2"] {
         tb.add_host(h)?;
     }

@@ -16,8 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use edgeshift_perf::testbed::iperf::{iperf3, Direction};
-use edgeshift_perf::testbed::{LinkSpec, Testbed};
+use edgeshift_testbed::iperf::{iperf3, Direction};
+use edgeshift_testbed::{LinkSpec, Testbed};
 use serde_json::{json, Value};
 
 const TAG: &str = "tbench";
@@ -92,7 +92,7 @@ fn parse_opts() -> Result<Opts> {
 
 /// CPU seconds (user + system) of a reaped child, and its status.
 fn wait_rusage(child: &mut Child) -> Result<(i32, f64)> {
-    edgeshift_perf::testbed::iperf::wait_rusage(child).context("wait4")
+    edgeshift_testbed::iperf::wait_rusage(child).context("wait4")
 }
 
 /// An agent running in a peer namespace; stopped with SIGTERM on drop.
@@ -266,7 +266,7 @@ fn main() -> Result<()> {
         std::process::id()
     ));
 
-    let _ = edgeshift_perf::testbed::cleanup_stale(TAG);
+    let _ = edgeshift_testbed::cleanup_stale(TAG);
     let mut tb = Testbed::new(TAG)?;
     tb.add_host("dst")?;
     let mut addrs = Vec::new();

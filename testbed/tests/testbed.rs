@@ -2,40 +2,20 @@
 //! measured with iperf3, an L2 segment across namespaces, and teardown that
 //! leaves nothing behind (on drop, after a panic, and via cleanup_stale).
 //! Needs root, iproute2 and iperf3; skips without them only when CI != "true".
+//! (A topology file built into a testbed is tested in perf/tests/topology.rs.)
 
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use edgeshift_perf::testbed::iperf::{iperf3, Direction};
-use edgeshift_perf::testbed::{cleanup_stale, list_netns, LinkSpec, Testbed, TestbedError};
+use edgeshift_testbed::caps;
+use edgeshift_testbed::iperf::{iperf3, Direction};
+use edgeshift_testbed::{cleanup_stale, list_netns, LinkSpec, Testbed, TestbedError};
 
-/// Whether the test can run; panics under CI=true when it cannot.
-fn capable(test: &str) -> bool {
-    let mut missing = Vec::new();
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        missing.push("root");
-    }
-    for tool in ["ip", "tc", "iperf3", "ping"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !found {
-            missing.push(tool);
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: CI=true but missing {missing:?}");
-    }
-    eprintln!("{test}: SKIPPED, missing {missing:?} (set CI=true to make this a failure)");
-    false
+/// Whether the test can run (root, iproute2, iperf3, ping); panics under
+/// CI=true when it cannot.
+fn capable() -> bool {
+    caps::missing_for_netns(&["iperf3", "ping"]).is_none()
 }
 
 fn netns_of_tag(tag: &str) -> Vec<String> {
@@ -69,7 +49,7 @@ fn iperf_mbit(tb: &Testbed, client: &str, server: &str, reverse: bool) -> f64 {
 
 #[test]
 fn links_are_rate_limited_both_ways_and_torn_down() {
-    if !capable("links_are_rate_limited_both_ways_and_torn_down") {
+    if !capable() {
         return;
     }
     let tag = "tbrate";
@@ -126,7 +106,7 @@ fn links_are_rate_limited_both_ways_and_torn_down() {
 
 #[test]
 fn l2_segment_joins_hosts_on_one_ethernet() {
-    if !capable("l2_segment_joins_hosts_on_one_ethernet") {
+    if !capable() {
         return;
     }
     let tag = "tbl2";
@@ -210,7 +190,7 @@ fn l2_segment_joins_hosts_on_one_ethernet() {
 
 #[test]
 fn teardown_after_panic_kills_processes_and_removes_namespaces() {
-    if !capable("teardown_after_panic_kills_processes_and_removes_namespaces") {
+    if !capable() {
         return;
     }
     let tag = "tbpanic";
@@ -246,7 +226,7 @@ fn teardown_after_panic_kills_processes_and_removes_namespaces() {
 
 #[test]
 fn cleanup_stale_removes_a_leaked_testbed() {
-    if !capable("cleanup_stale_removes_a_leaked_testbed") {
+    if !capable() {
         return;
     }
     let tag = "tbstale";
@@ -276,7 +256,7 @@ fn cleanup_stale_removes_a_leaked_testbed() {
 
 #[test]
 fn bad_input_is_rejected() {
-    if !capable("bad_input_is_rejected") {
+    if !capable() {
         return;
     }
     for tag in ["", "has-dash", "has space", "much_too_long_tag", "a/b"] {
@@ -361,46 +341,8 @@ fn bad_input_is_rejected() {
 }
 
 #[test]
-fn topology_toml_builds_rate_limited_links_and_leaves_nothing() {
-    if !capable("topology_toml_builds_rate_limited_links_and_leaves_nothing") {
-        return;
-    }
-    use edgeshift_perf::topology::Topology;
-    let tag = "tbtopo";
-    cleanup_stale(tag).expect("cleanup");
-    let topo = Topology::from_toml(
-        "name = 'small'\ndefault_rate_mbit = 20\n\
-         [[host]]\nname = 'dc'\nrole = 'origin'\n\
-         [[host]]\nname = 'x1'\nrole = 'edge'\n\
-         [[host]]\nname = 'x2'\nrole = 'edge'\n\
-         [[link]]\na = 'x1'\nb = 'x2'\nrate_mbit = 60\n",
-    )
-    .expect("topology parses");
-    let tb = topo.build(tag).expect("testbed from topology");
-    assert_eq!(netns_of_tag(tag).len(), 3);
-    // Every pair is linked: the listed pair at its rate, the others at the default.
-    let fast = iperf_mbit(&tb, "x1", "x2", false);
-    assert!(
-        (54.0..=66.0).contains(&fast),
-        "x1->x2 {fast:.1} Mbit/s, want 60 ±10%"
-    );
-    let slow = iperf_mbit(&tb, "dc", "x2", true);
-    assert!(
-        (18.0..=22.0).contains(&slow),
-        "x2->dc {slow:.1} Mbit/s, want 20 ±10%"
-    );
-    assert!(tb.addr_of("dc", "x1").is_ok());
-    drop(tb);
-    assert!(
-        netns_of_tag(tag).is_empty(),
-        "namespaces left: {:?}",
-        netns_of_tag(tag)
-    );
-}
-
-#[test]
 fn host_addresses_reach_every_linked_host_over_its_direct_link() {
-    if !capable("host_addresses_reach_every_linked_host_over_its_direct_link") {
+    if !capable() {
         return;
     }
     let tag = "tbha";

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use super::{Testbed, TestbedError};
+use crate::{Testbed, TestbedError};
 
 /// One iperf3 run.
 #[derive(Debug, Clone, Copy, PartialEq)]

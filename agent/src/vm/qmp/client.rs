@@ -16,20 +16,14 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::VmError;
+use super::api::Qmp;
+use super::types::{DiskThrottle, MemoryTransport, MigrationInfo, QmpEvent, StatusInfo, MULTIFD_CHANNELS};
+use crate::vm::VmError;
 
 /// Longest a single reply may take before the client gives up.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Least time to wait for the greeting once connected (QEMU sends it at once).
 const GREETING_MIN_WAIT: Duration = Duration::from_secs(2);
-
-/// An event QEMU emitted (`STOP`, `RESUME`, `MIGRATION`, ...).
-#[derive(Debug, Clone, Deserialize)]
-pub struct QmpEvent {
-    pub event: String,
-    #[serde(default)]
-    pub data: Value,
-}
 
 #[derive(Debug, Deserialize)]
 struct QmpErrorBody {
@@ -55,40 +49,6 @@ enum Incoming {
         #[serde(rename = "QMP")]
         _qmp: Value,
     },
-}
-
-/// `query-status`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct StatusInfo {
-    pub running: bool,
-    pub status: String,
-}
-
-/// RAM figures of `query-migrate`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct MigrationRam {
-    #[serde(default)]
-    pub transferred: u64,
-    #[serde(default)]
-    pub remaining: u64,
-    #[serde(default)]
-    pub total: u64,
-    #[serde(default)]
-    pub dirty_sync_count: u64,
-}
-
-/// `query-migrate`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct MigrationInfo {
-    /// `setup`, `active`, `pre-switchover`, `device`, `completed`, `failed`, `cancelled`, ...
-    pub status: Option<String>,
-    pub total_time: Option<u64>,
-    /// Milliseconds the VM was stopped, once completed.
-    pub downtime: Option<u64>,
-    pub ram: Option<MigrationRam>,
-    pub error_desc: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -119,22 +79,6 @@ struct AnnounceArgs {
     rounds: u64,
     step: u64,
 }
-
-/// How QEMU moves memory. Both ends of a migration must use the same.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum MemoryTransport {
-    /// One TCP stream, pages uncompressed (QEMU's default).
-    Plain,
-    /// `multifd` with [`MULTIFD_CHANNELS`] streams, pages compressed with
-    /// zstd: on slow links memory is bandwidth-bound, and guest RAM
-    /// (kernel, page cache) compresses well.
-    MultifdZstd,
-}
-
-/// Parallel memory streams under [`MemoryTransport::MultifdZstd`]: one per
-/// core here; more would only contend with the guest for CPU.
-pub const MULTIFD_CHANNELS: u64 = 2;
 
 #[derive(Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -479,6 +423,66 @@ impl QmpClient {
     }
 }
 
+/// The trait's operations are the client's own methods (callers that hold
+/// a `QmpClient` use those directly, without the trait in scope).
+impl Qmp for QmpClient {
+    fn query_status(&mut self) -> Result<StatusInfo, VmError> {
+        QmpClient::query_status(self)
+    }
+    fn stop(&mut self) -> Result<(), VmError> {
+        QmpClient::stop(self)
+    }
+    fn cont(&mut self) -> Result<(), VmError> {
+        QmpClient::cont(self)
+    }
+    fn migrate_set_capabilities(&mut self, caps: &[(&str, bool)]) -> Result<(), VmError> {
+        QmpClient::migrate_set_capabilities(self, caps)
+    }
+    fn migrate_set_parameters(
+        &mut self,
+        downtime_limit_ms: Option<u64>,
+        max_bandwidth: Option<u64>,
+    ) -> Result<(), VmError> {
+        QmpClient::migrate_set_parameters(self, downtime_limit_ms, max_bandwidth)
+    }
+    fn set_switchover_bandwidth(&mut self, bytes_per_sec: u64) -> Result<(), VmError> {
+        QmpClient::set_switchover_bandwidth(self, bytes_per_sec)
+    }
+    fn set_memory_transport(&mut self, t: MemoryTransport) -> Result<(), VmError> {
+        QmpClient::set_memory_transport(self, t)
+    }
+    fn migrate_incoming(&mut self, uri: &str) -> Result<(), VmError> {
+        QmpClient::migrate_incoming(self, uri)
+    }
+    fn migrate(&mut self, uri: &str) -> Result<(), VmError> {
+        QmpClient::migrate(self, uri)
+    }
+    fn query_migrate(&mut self) -> Result<MigrationInfo, VmError> {
+        QmpClient::query_migrate(self)
+    }
+    fn migrate_continue(&mut self, state: &str) -> Result<(), VmError> {
+        QmpClient::migrate_continue(self, state)
+    }
+    fn disk_write_throttle(&mut self, node: &str) -> Result<DiskThrottle, VmError> {
+        QmpClient::disk_write_throttle(self, node)
+    }
+    fn set_disk_write_throttle(&mut self, qdev: &str, bps_wr: u64, iops_wr: u64) -> Result<(), VmError> {
+        QmpClient::set_disk_write_throttle(self, qdev, bps_wr, iops_wr)
+    }
+    fn migrate_cancel(&mut self) -> Result<(), VmError> {
+        QmpClient::migrate_cancel(self)
+    }
+    fn announce_self(&mut self) -> Result<(), VmError> {
+        QmpClient::announce_self(self)
+    }
+    fn take_events(&mut self) -> Vec<QmpEvent> {
+        QmpClient::take_events(self)
+    }
+    fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<QmpEvent, VmError> {
+        QmpClient::wait_event(self, name, timeout)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -577,13 +581,4 @@ struct BlockInserted {
     bps_wr: u64,
     #[serde(default)]
     iops_wr: u64,
-}
-
-/// A disk's write throttle as QEMU holds it (0: unlimited).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskThrottle {
-    /// The device's qdev path, e.g. `/machine/peripheral/vd0/virtio-backend`.
-    pub qdev: String,
-    pub bps_wr: u64,
-    pub iops_wr: u64,
 }

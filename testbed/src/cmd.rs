@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use super::TestbedError;
+use crate::TestbedError;
 
 /// Runs `cmd` to completion; its stdout on success, or an error holding the
 /// command line, exit status and stderr.

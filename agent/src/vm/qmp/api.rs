@@ -1,0 +1,46 @@
+//! The QMP operations the agent drives a VM with, as a trait: the real
+//! [`super::QmpClient`] implements it over QEMU's socket, and
+//! [`super::fake::FakeQmp`] scripts it for tests of the migration engine's
+//! phases without root or QEMU.
+
+use std::time::Duration;
+
+use super::types::{DiskThrottle, MemoryTransport, MigrationInfo, QmpEvent, StatusInfo};
+use crate::vm::VmError;
+
+/// One QMP session with one QEMU. `Send`: the migration engine watches
+/// memory from a second thread while the disk rounds run.
+pub trait Qmp: Send {
+    /// `query-status`.
+    fn query_status(&mut self) -> Result<StatusInfo, VmError>;
+    fn stop(&mut self) -> Result<(), VmError>;
+    fn cont(&mut self) -> Result<(), VmError>;
+    /// `migrate-set-capabilities` with each `(capability, state)`.
+    fn migrate_set_capabilities(&mut self, caps: &[(&str, bool)]) -> Result<(), VmError>;
+    /// The allowed downtime (ms) and the migration bandwidth cap (bytes/s).
+    fn migrate_set_parameters(
+        &mut self,
+        downtime_limit_ms: Option<u64>,
+        max_bandwidth: Option<u64>,
+    ) -> Result<(), VmError>;
+    /// `avail-switchover-bandwidth` (bytes/s; 0: the measured rate).
+    fn set_switchover_bandwidth(&mut self, bytes_per_sec: u64) -> Result<(), VmError>;
+    /// Sets up `t` for the next migration (either end).
+    fn set_memory_transport(&mut self, t: MemoryTransport) -> Result<(), VmError>;
+    fn migrate_incoming(&mut self, uri: &str) -> Result<(), VmError>;
+    fn migrate(&mut self, uri: &str) -> Result<(), VmError>;
+    fn query_migrate(&mut self) -> Result<MigrationInfo, VmError>;
+    /// Leaves the pause `pause-before-switchover` made (`state`: the state left).
+    fn migrate_continue(&mut self, state: &str) -> Result<(), VmError>;
+    /// The write throttle of the disk whose block node is `node`.
+    fn disk_write_throttle(&mut self, node: &str) -> Result<DiskThrottle, VmError>;
+    /// Limits guest writes of the disk at `qdev` (0 lifts a limit).
+    fn set_disk_write_throttle(&mut self, qdev: &str, bps_wr: u64, iops_wr: u64) -> Result<(), VmError>;
+    fn migrate_cancel(&mut self) -> Result<(), VmError>;
+    /// Gratuitous ARP/RARP for the VM's NICs.
+    fn announce_self(&mut self) -> Result<(), VmError>;
+    /// Events received so far and not yet taken.
+    fn take_events(&mut self) -> Vec<QmpEvent>;
+    /// Waits for an event named `name` (a queued one counts).
+    fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<QmpEvent, VmError>;
+}

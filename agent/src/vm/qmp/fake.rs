@@ -1,0 +1,307 @@
+//! A scripted stand-in for QEMU's monitor, for tests of what drives a VM
+//! (the migration engine's phases) without root or QEMU.
+//!
+//! It records every command as one line (`name` or `name args`), keeps the
+//! little state the engine reads back (running or paused, the disk's write
+//! throttle, a migration begun or cancelled) and answers `query-migrate`
+//! from a script. QEMU's own rule that reaching `pre-switchover` pauses the
+//! VM is modelled; nothing else is.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use super::api::Qmp;
+use super::types::{DiskThrottle, MemoryTransport, MigrationInfo, MigrationRam, QmpEvent, StatusInfo};
+use crate::vm::VmError;
+
+/// The qdev path the fake's one disk has.
+pub const FAKE_QDEV: &str = "/machine/peripheral/vd0/virtio-backend";
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct FakeQmp {
+    calls: Vec<String>,
+    running: bool,
+    /// Answers of `query-migrate` once `migrate` ran; the last one repeats.
+    migration: VecDeque<MigrationInfo>,
+    migrating: bool,
+    cancelled: bool,
+    /// Calls whose line starts with one of these fail.
+    failing: Vec<String>,
+    events: VecDeque<QmpEvent>,
+    throttle: DiskThrottle,
+}
+
+impl Default for FakeQmp {
+    fn default() -> Self {
+        Self::running()
+    }
+}
+
+impl FakeQmp {
+    /// A VM that runs, with no migration and no throttle.
+    pub fn running() -> Self {
+        FakeQmp {
+            calls: Vec::new(),
+            running: true,
+            migration: VecDeque::new(),
+            migrating: false,
+            cancelled: false,
+            failing: Vec::new(),
+            events: VecDeque::new(),
+            throttle: DiskThrottle {
+                qdev: FAKE_QDEV.into(),
+                bps_wr: 0,
+                iops_wr: 0,
+            },
+        }
+    }
+
+    /// The statuses `query-migrate` answers once `migrate` ran, in order
+    /// (the last repeats), each with `ram`'s figures.
+    pub fn script_migration(&mut self, statuses: &[&str], ram: MigrationRam) {
+        self.migration = statuses
+            .iter()
+            .map(|s| MigrationInfo {
+                status: Some((*s).to_string()),
+                downtime: (*s == "completed").then_some(42),
+                ram: Some(ram.clone()),
+                ..Default::default()
+            })
+            .collect();
+    }
+
+    /// Adds one answer of `query-migrate` to the script.
+    pub fn push_migration(&mut self, info: MigrationInfo) {
+        self.migration.push_back(info);
+    }
+
+    /// Makes every call whose recorded line starts with `prefix` fail
+    /// (e.g. `"migrate-continue"`, `"migrate-set-parameters avail-switchover-bandwidth"`).
+    pub fn fail(&mut self, prefix: &str) {
+        self.failing.push(prefix.to_string());
+    }
+
+    pub fn push_event(&mut self, event: &str) {
+        self.events.push_back(QmpEvent {
+            event: event.into(),
+            data: serde_json::Value::Null,
+        });
+    }
+
+    /// Every command so far, one line each, in order.
+    pub fn calls(&self) -> &[String] {
+        &self.calls
+    }
+
+    /// Whether a call was made whose line starts with `prefix`.
+    pub fn called(&self, prefix: &str) -> bool {
+        self.position(prefix).is_some()
+    }
+
+    /// Index of the first call whose line starts with `prefix`.
+    pub fn position(&self, prefix: &str) -> Option<usize> {
+        self.calls.iter().position(|c| c.starts_with(prefix))
+    }
+
+    /// Calls whose line starts with `prefix`.
+    pub fn calls_of(&self, prefix: &str) -> Vec<&str> {
+        self.calls
+            .iter()
+            .filter(|c| c.starts_with(prefix))
+            .map(String::as_str)
+            .collect()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    /// The disk's write limits now (bytes/s, requests/s; 0: none).
+    pub fn throttle(&self) -> (u64, u64) {
+        (self.throttle.bps_wr, self.throttle.iops_wr)
+    }
+
+    fn call(&mut self, line: String) -> Result<(), VmError> {
+        let fails = self.failing.iter().any(|p| line.starts_with(p.as_str()));
+        let command = line.split(' ').next().unwrap_or_default().to_string();
+        self.calls.push(line);
+        if fails {
+            return Err(VmError::QmpCommand {
+                command,
+                class: "GenericError".into(),
+                desc: "failure scripted by the test".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+impl Qmp for FakeQmp {
+    fn query_status(&mut self) -> Result<StatusInfo, VmError> {
+        self.call("query-status".into())?;
+        Ok(StatusInfo {
+            running: self.running,
+            status: if self.running { "running" } else { "paused" }.into(),
+        })
+    }
+
+    fn stop(&mut self) -> Result<(), VmError> {
+        self.call("stop".into())?;
+        self.running = false;
+        Ok(())
+    }
+
+    fn cont(&mut self) -> Result<(), VmError> {
+        self.call("cont".into())?;
+        self.running = true;
+        Ok(())
+    }
+
+    fn migrate_set_capabilities(&mut self, caps: &[(&str, bool)]) -> Result<(), VmError> {
+        let args: Vec<String> = caps.iter().map(|(c, s)| format!("{c}={s}")).collect();
+        self.call(format!("migrate-set-capabilities {}", args.join(" ")))
+    }
+
+    fn migrate_set_parameters(
+        &mut self,
+        downtime_limit_ms: Option<u64>,
+        max_bandwidth: Option<u64>,
+    ) -> Result<(), VmError> {
+        self.call(format!(
+            "migrate-set-parameters downtime-limit={} max-bandwidth={}",
+            opt(downtime_limit_ms),
+            opt(max_bandwidth)
+        ))
+    }
+
+    fn set_switchover_bandwidth(&mut self, bytes_per_sec: u64) -> Result<(), VmError> {
+        self.call(format!(
+            "migrate-set-parameters avail-switchover-bandwidth={bytes_per_sec}"
+        ))
+    }
+
+    fn set_memory_transport(&mut self, t: MemoryTransport) -> Result<(), VmError> {
+        self.call(format!("set-memory-transport {t:?}"))
+    }
+
+    fn migrate_incoming(&mut self, uri: &str) -> Result<(), VmError> {
+        self.call(format!("migrate-incoming {uri}"))
+    }
+
+    fn migrate(&mut self, uri: &str) -> Result<(), VmError> {
+        self.call(format!("migrate {uri}"))?;
+        self.migrating = true;
+        Ok(())
+    }
+
+    fn query_migrate(&mut self) -> Result<MigrationInfo, VmError> {
+        self.call("query-migrate".into())?;
+        if self.cancelled {
+            return Ok(MigrationInfo {
+                status: Some("cancelled".into()),
+                ..Default::default()
+            });
+        }
+        if !self.migrating {
+            return Ok(MigrationInfo::default());
+        }
+        let info = if self.migration.len() > 1 {
+            self.migration.pop_front().unwrap_or_default()
+        } else {
+            self.migration.front().cloned().unwrap_or_default()
+        };
+        if info.status.as_deref() == Some("pre-switchover") {
+            // QEMU pauses the VM to wait in this state.
+            self.running = false;
+        }
+        Ok(info)
+    }
+
+    fn migrate_continue(&mut self, state: &str) -> Result<(), VmError> {
+        self.call(format!("migrate-continue {state}"))
+    }
+
+    fn disk_write_throttle(&mut self, node: &str) -> Result<DiskThrottle, VmError> {
+        self.call(format!("query-block {node}"))?;
+        Ok(self.throttle.clone())
+    }
+
+    fn set_disk_write_throttle(&mut self, qdev: &str, bps_wr: u64, iops_wr: u64) -> Result<(), VmError> {
+        self.call(format!(
+            "block_set_io_throttle {qdev} bps_wr={bps_wr} iops_wr={iops_wr}"
+        ))?;
+        self.throttle.bps_wr = bps_wr;
+        self.throttle.iops_wr = iops_wr;
+        Ok(())
+    }
+
+    fn migrate_cancel(&mut self) -> Result<(), VmError> {
+        self.call("migrate_cancel".into())?;
+        if self.migrating {
+            self.cancelled = true;
+        }
+        Ok(())
+    }
+
+    fn announce_self(&mut self) -> Result<(), VmError> {
+        self.call("announce-self".into())
+    }
+
+    fn take_events(&mut self) -> Vec<QmpEvent> {
+        self.events.drain(..).collect()
+    }
+
+    fn wait_event(&mut self, name: &str, _timeout: Duration) -> Result<QmpEvent, VmError> {
+        match self.events.iter().position(|e| e.event == name) {
+            Some(pos) => self
+                .events
+                .remove(pos)
+                .ok_or_else(|| VmError::Qmp("event queue changed".into())),
+            None => Err(VmError::Timeout(format!("QMP event {name}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scripted_migration_pauses_at_pre_switchover_and_cancels() {
+        let mut q = FakeQmp::running();
+        q.script_migration(&["active", "pre-switchover"], MigrationRam::default());
+        assert_eq!(q.query_migrate().expect("query").status, None, "no migration yet");
+        q.migrate("tcp:x").expect("migrate");
+        assert_eq!(
+            q.query_migrate().expect("query").status.as_deref(),
+            Some("active")
+        );
+        assert!(q.is_running());
+        assert_eq!(
+            q.query_migrate().expect("query").status.as_deref(),
+            Some("pre-switchover")
+        );
+        assert!(!q.is_running(), "QEMU pauses the VM at pre-switchover");
+        q.migrate_cancel().expect("cancel");
+        assert_eq!(
+            q.query_migrate().expect("query").status.as_deref(),
+            Some("cancelled")
+        );
+    }
+
+    #[test]
+    fn a_scripted_failure_fails_only_matching_calls() {
+        let mut q = FakeQmp::running();
+        q.fail("migrate-set-parameters avail-switchover-bandwidth");
+        assert!(q.set_switchover_bandwidth(0).is_err());
+        assert!(q.migrate_set_parameters(Some(300), None).is_ok());
+        assert_eq!(q.calls().len(), 2, "failed calls are recorded too");
+        q.stop().expect("stop");
+        assert!(!q.query_status().expect("status").running);
+    }
+}

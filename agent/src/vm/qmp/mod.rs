@@ -1,0 +1,17 @@
+//! QMP, QEMU's monitor protocol.
+//!
+//! - [`api`]: the [`Qmp`] trait, the operations the agent drives a VM with.
+//! - [`client`]: [`QmpClient`], the typed client over QEMU's socket.
+//! - [`fake`]: [`fake::FakeQmp`], a scripted stand-in for tests.
+//! - [`types`]: the values both return.
+
+pub mod api;
+pub mod client;
+pub mod fake;
+pub mod types;
+
+pub use api::Qmp;
+pub use client::QmpClient;
+pub use types::{
+    DiskThrottle, MemoryTransport, MigrationInfo, MigrationRam, QmpEvent, StatusInfo, MULTIFD_CHANNELS,
+};
