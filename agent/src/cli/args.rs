@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use edgeshift_agent::migrate::coord::CoordConfig;
-use edgeshift_agent::transfer::fetch::default_node_id;
+use edgeshift_agent::transfer::default_node_id;
 use edgeshift_agent::transfer::ClusterKey;
 use edgeshift_agent::vm::state::DEFAULT_STATE_DIR;
 

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::Context;
-use edgeshift_agent::migrate::engine::Phase;
+use edgeshift_agent::migrate::report::Phase;
 use edgeshift_agent::migrate::temperature::Ordering;
 use edgeshift_agent::migrate::{self, MigrateOptions};
 use edgeshift_agent::vm::MemoryTransport;

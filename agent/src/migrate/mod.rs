@@ -21,11 +21,6 @@ pub mod temperature;
 pub use report::MigrationReport;
 pub use source::{migrate, MigrateOptions};
 
-/// The source half's former name, for callers that still use it.
-pub mod engine {
-    pub use super::report::{MigrationReport, Phase, PhaseReport, RoundReport, ThrottleReport};
-    pub use super::source::{migrate, MigrateOptions};
-}
 pub use destination::{Host, HostConfig};
 
 /// Errors of a migration, named by what failed.

@@ -46,8 +46,6 @@ use tracing::warn;
 pub use self::options::FetchOptions;
 pub use self::report::{FetchProgress, FetchReport, PeerReport};
 pub use self::want::ChunkWant;
-/// Kept here for callers that named it through the fetcher.
-pub use super::default_node_id;
 
 use self::peer_task::{run_peer, PeerCtx, Shared};
 use self::schedule::{ChunkIdx, PeerIdx, PeerSet, Sched};
