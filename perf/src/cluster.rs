@@ -24,8 +24,8 @@ pub const COORDINATOR_PORT: u16 = 7800;
 /// Errors starting the cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("{0} not found next to this program or in $EDGESHIFT_BIN_DIR ({1}); build it: cargo build --release -p edgeshift-agent -p edgeshift-coordinator")]
-    MissingBinary(&'static str, String),
+    #[error(transparent)]
+    Binaries(#[from] edgeshift_testbed::bins::BinariesError),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
     #[error("{0} did not report listening within {1:?}")]
@@ -41,71 +41,9 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
     move |source| ClusterError::Io { what, source }
 }
 
-/// Where the edgeshift binaries are: $EDGESHIFT_BIN_DIR, else the directory
-/// of the running program (target/release next to edgeshift-perf).
-#[derive(Debug, Clone)]
-pub struct Binaries {
-    pub edgeshift: PathBuf,
-    pub coordinator: PathBuf,
-}
-
-impl Binaries {
-    pub fn locate() -> Result<Self, ClusterError> {
-        let dir = match std::env::var_os("EDGESHIFT_BIN_DIR") {
-            Some(d) => PathBuf::from(d),
-            None => std::env::current_exe()
-                .map_err(io("locating this program"))?
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_default(),
-        };
-        // Test binaries live in target/<profile>/deps; the programs one level up.
-        let dirs = [
-            dir.clone(),
-            dir.parent().map(Path::to_path_buf).unwrap_or_default(),
-        ];
-        let find = |name: &'static str| {
-            dirs.iter()
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-                .ok_or_else(|| ClusterError::MissingBinary(name, dir.display().to_string()))
-        };
-        if let (Ok(edgeshift), Ok(coordinator)) = (find("edgeshift"), find("edgeshift-coordinator")) {
-            return Ok(Self {
-                edgeshift,
-                coordinator,
-            });
-        }
-        // Under `cargo run` (which sets $CARGO) build the daemons the first
-        // time, so the README's one command works on a fresh checkout.
-        if let Some(cargo) = std::env::var_os("CARGO") {
-            tracing::info!("building edgeshift and edgeshift-coordinator (release)");
-            eprintln!("building edgeshift and edgeshift-coordinator (cargo build --release)...");
-            let status = Command::new(cargo)
-                .args([
-                    "build",
-                    "--release",
-                    "-p",
-                    "edgeshift-agent",
-                    "-p",
-                    "edgeshift-coordinator",
-                ])
-                .current_dir(crate::images::repo_root())
-                .status()
-                .map_err(io("running cargo build"))?;
-            if !status.success() {
-                return Err(ClusterError::Io {
-                    what: "cargo build --release -p edgeshift-agent -p edgeshift-coordinator".into(),
-                    source: std::io::Error::other(status.to_string()),
-                });
-            }
-        }
-        Ok(Self {
-            edgeshift: find("edgeshift")?,
-            coordinator: find("edgeshift-coordinator")?,
-        })
-    }
-}
+/// Where the edgeshift programs are (the testbed crate finds them the way
+/// the tests do, building them once under `cargo run`).
+pub use edgeshift_testbed::Binaries;
 
 /// A running agent.
 #[derive(Debug)]

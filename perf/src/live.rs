@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use edgeshift_agent::store::{ChunkStore, LocalStore};
 use edgeshift_common::Fingerprint;
 
-use crate::cluster::{Binaries, AGENT_PORT, MIGRATE_PORT};
+use crate::cluster::{Binaries, ClusterError, AGENT_PORT, MIGRATE_PORT};
 use crate::holdings;
 use crate::qemu_mirror::{self, SourceVm};
 use crate::record::{Run, Sample};
@@ -97,7 +97,7 @@ impl LiveBench {
             "build-test-vm.sh",
         )?;
         let vm_dir = PathBuf::from(out.lines().last().unwrap_or_default().trim());
-        let bins = Binaries::locate()?;
+        let bins = Binaries::locate().map_err(ClusterError::from)?;
         crate::testbed::cleanup_stale(tag)?;
         signals::register(tag);
         signals::detach_loops_under(&[work.to_path_buf()]);

@@ -321,7 +321,7 @@ pub fn heatmap(
     log: &dyn Fn(&str),
 ) -> Result<crate::record::Heatmap, ScenarioError> {
     log("heat map: fio zipf writes on a loop device, edgeshift dirty per 1 s interval");
-    let bins = crate::cluster::Binaries::locate()?;
+    let bins = crate::cluster::Binaries::locate().map_err(crate::cluster::ClusterError::from)?;
     let image = crate::images::repo_root().join("target/images/perf/vm-low.raw");
     let h = crate::heat::measure(&bins.edgeshift, &image, work, rows, 1.0);
     let _ = std::fs::remove_dir_all(work);

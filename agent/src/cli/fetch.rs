@@ -31,8 +31,10 @@ use crate::cli::args::{ClusterArgs, CoordinatorArgs};
 /// holders, and the measured path rates are reported back.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Manifest id (64 hex digits) of the image to fetch.
-    id: ManifestId,
+    /// Manifest id (64 hex digits) of the image to fetch. (Not `id`: that
+    /// name is this edge's `--id`, and clap keys arguments by name.)
+    #[arg(value_name = "ID")]
+    manifest: ManifestId,
     /// The local chunk store to fill (created if absent).
     #[arg(long)]
     store: PathBuf,
@@ -85,7 +87,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.coord.token_file.as_deref(),
             &store,
             &opts.id,
-            &args.id,
+            &args.manifest,
         )?),
         None => None,
     };
@@ -121,7 +123,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         });
         let r = match &coordinated {
             Some(c) => c.run(&fetcher).await,
-            None => fetcher.fetch(&args.id).await.map_err(Into::into),
+            None => fetcher.fetch(&args.manifest).await.map_err(Into::into),
         };
         if let Some(t) = ticker {
             t.abort();
@@ -131,7 +133,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let report = report.with_context(|| format!("fetching {}", args.id))?;
+    let report = report.with_context(|| format!("fetching {}", args.manifest))?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

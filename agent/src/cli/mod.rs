@@ -55,6 +55,8 @@ pub fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Plain text into files and journals; colour only on a terminal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -68,5 +70,93 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dirty(a) => dirty::run(a),
         Command::Vm(a) => vm::run(a),
         Command::Migrate(a) => migrate::run(a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// clap's own consistency checks: among them, two arguments of one
+    /// command keyed by the same name (a positional `id` beside the shared
+    /// `--id` made `fetch ID` unusable once).
+    #[test]
+    fn every_command_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// The command lines DESIGN.md's contract promises parse as written.
+    #[test]
+    fn the_contracts_command_lines_parse() {
+        let id = "ab".repeat(32);
+        let lines: [&[&str]; 8] = [
+            &["slice", "img", "--store", "s", "--chunk-size", "256KiB"],
+            &["restore", &id, "--store", "s", "--out", "o"],
+            &["inspect", &id, "--store", "s", "--json"],
+            &[
+                "agent",
+                "--listen",
+                "0.0.0.0:7070",
+                "--store",
+                "s",
+                "--cluster-key-file",
+                "k",
+            ],
+            &[
+                "fetch",
+                &id,
+                "--store",
+                "s",
+                "--peer",
+                "10.0.0.1:7070",
+                "--peer",
+                "10.0.0.2:7070",
+                "--json",
+                "--cluster-key-file",
+                "k",
+            ],
+            &[
+                "vm", "run", "v", "--image", &id, "--store", "s", "--net", "br0", "--accel", "tcg",
+            ],
+            &["vm", "list", "--json"],
+            &[
+                "migrate",
+                "v",
+                "--to",
+                "10.0.0.2:7900",
+                "--source-addr",
+                "10.0.0.1:7070",
+                "--cluster-key-file",
+                "k",
+                "--json",
+            ],
+        ];
+        for line in lines {
+            let argv = std::iter::once("edgeshift").chain(line.iter().copied());
+            if let Err(e) = Cli::try_parse_from(argv) {
+                panic!("`edgeshift {}` does not parse: {e}", line.join(" "));
+            }
+        }
+        // The manifest id and this edge's id are different arguments.
+        let cli = Cli::try_parse_from([
+            "edgeshift",
+            "fetch",
+            &id,
+            "--store",
+            "s",
+            "--peer",
+            "10.0.0.1:7070",
+            "--cluster-key-file",
+            "k",
+            "--id",
+            "e2",
+        ])
+        .expect("fetch with --id parses");
+        let Command::Fetch(f) = cli.command else {
+            panic!("not a fetch");
+        };
+        let parsed = format!("{f:?}");
+        assert!(parsed.contains("id: \"e2\""), "{parsed}");
     }
 }
