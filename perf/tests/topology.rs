@@ -3,7 +3,7 @@
 //! without them only when CI != "true".
 
 use edgeshift_perf::topology::Topology;
-use edgeshift_testbed::iperf::{iperf3, Direction};
+use edgeshift_testbed::iperf::{link_goodput_mbit, Direction};
 use edgeshift_testbed::{caps, cleanup_stale, list_netns, Testbed};
 
 fn netns_of_tag(tag: &str) -> Vec<String> {
@@ -18,16 +18,13 @@ fn netns_of_tag(tag: &str) -> Vec<String> {
 /// Throughput in Mbit/s from `client` to `server` (or back with `reverse`),
 /// 4 s after 1 s of slow start.
 fn iperf_mbit(tb: &Testbed, client: &str, server: &str, reverse: bool) -> f64 {
-    let server_addr = tb.addr_of(server, client).expect("link exists");
     let direction = if reverse {
         Direction::FromServer
     } else {
         Direction::ToServer
     };
-    let run = iperf3(tb, server, server_addr, 5201, client, 4, direction)
-        .unwrap_or_else(|e| panic!("iperf3 {client} -> {server}: {e}"));
-    assert!(run.bytes > 0.0, "iperf3 reported no bytes: {run:?}");
-    run.mbit_per_s
+    link_goodput_mbit(tb, client, server, 4, direction)
+        .unwrap_or_else(|e| panic!("iperf3 {client} -> {server}: {e}"))
 }
 
 #[test]

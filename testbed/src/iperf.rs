@@ -196,3 +196,33 @@ fn reap(child: &mut Child, flags: libc::c_int) -> std::io::Result<Option<(i32, f
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     Ok(Some((status, secs(ru.ru_utime) + secs(ru.ru_stime))))
 }
+
+/// TCP goodput in Mbit/s over the link between `client_host` and
+/// `server_host` (the server bound to its address on that link, port 5201),
+/// `seconds` after one second of slow start. A run that moved no bytes is
+/// reported as unexpected output, not as a rate of 0.
+pub fn link_goodput_mbit(
+    tb: &Testbed,
+    client_host: &str,
+    server_host: &str,
+    seconds: u32,
+    direction: Direction,
+) -> Result<f64, TestbedError> {
+    let server_addr = tb.addr_of(server_host, client_host)?;
+    let run = iperf3(
+        tb,
+        server_host,
+        server_addr,
+        5201,
+        client_host,
+        seconds,
+        direction,
+    )?;
+    if run.bytes <= 0.0 {
+        return Err(TestbedError::Parse {
+            cmd: format!("iperf3 {client_host} -> {server_host}"),
+            output: format!("no bytes moved: {run:?}"),
+        });
+    }
+    Ok(run.mbit_per_s)
+}

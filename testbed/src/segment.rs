@@ -63,19 +63,7 @@ impl Testbed {
         }
         let n = u8::try_from(self.segments.len() + 1).map_err(|_| TestbedError::AddressesExhausted)?;
         let hub = self.create_netns(name)?;
-        run(Command::new("ip").args([
-            "-n",
-            &hub,
-            "link",
-            "add",
-            "br0",
-            "type",
-            "bridge",
-            "stp_state",
-            "0",
-            "forward_delay",
-            "0",
-        ]))?;
+        add_bridge(&hub, "br0")?;
         run(Command::new("ip").args(["-n", &hub, "link", "set", "br0", "up"]))?;
         let subnet = [198, 19, n];
         let mut addrs = BTreeMap::new();
@@ -94,19 +82,7 @@ impl Testbed {
                 &ns,
             ]))?;
             run(Command::new("ip").args(["-n", &hub, "link", "set", &hub_if, "master", "br0", "up"]))?;
-            run(Command::new("ip").args([
-                "-n",
-                &ns,
-                "link",
-                "add",
-                name,
-                "type",
-                "bridge",
-                "stp_state",
-                "0",
-                "forward_delay",
-                "0",
-            ]))?;
+            add_bridge(&ns, name)?;
             run(Command::new("ip").args(["-n", &ns, "link", "set", &member_if, "master", name, "up"]))?;
             run(Command::new("ip").args(["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", name]))?;
             run(Command::new("ip").args(["-n", &ns, "link", "set", name, "up"]))?;
@@ -136,6 +112,25 @@ impl Testbed {
 fn truncate(s: &str, max: usize) -> &str {
     // Names are ASCII (check_name), so byte slicing is on char boundaries.
     &s[..s.len().min(max)]
+}
+
+/// A bridge `name` in namespace `netns` that forwards at once (no STP, no
+/// forwarding delay), so a segment carries traffic as soon as it is up.
+fn add_bridge(netns: &str, name: &str) -> Result<(), TestbedError> {
+    run(Command::new("ip").args([
+        "-n",
+        netns,
+        "link",
+        "add",
+        name,
+        "type",
+        "bridge",
+        "stp_state",
+        "0",
+        "forward_delay",
+        "0",
+    ]))?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edgeshift_testbed::caps;
-use edgeshift_testbed::iperf::{iperf3, Direction};
+use edgeshift_testbed::iperf::{iperf3, link_goodput_mbit, Direction};
 use edgeshift_testbed::{cleanup_stale, list_netns, LinkSpec, Testbed, TestbedError};
 
 /// Whether the test can run (root, iproute2, iperf3, ping); panics under
@@ -33,18 +33,15 @@ fn root_ifaces() -> String {
 }
 
 /// Throughput in Mbit/s from `client` to `server` (or back with `reverse`),
-/// through the library's iperf3 runner (4 s after 1 s of slow start).
+/// 4 s after 1 s of slow start.
 fn iperf_mbit(tb: &Testbed, client: &str, server: &str, reverse: bool) -> f64 {
-    let server_addr = tb.addr_of(server, client).expect("link exists");
     let direction = if reverse {
         Direction::FromServer
     } else {
         Direction::ToServer
     };
-    let run = iperf3(tb, server, server_addr, 5201, client, 4, direction)
-        .unwrap_or_else(|e| panic!("iperf3 {client} -> {server}: {e}"));
-    assert!(run.bytes > 0.0, "iperf3 reported no bytes: {run:?}");
-    run.mbit_per_s
+    link_goodput_mbit(tb, client, server, 4, direction)
+        .unwrap_or_else(|e| panic!("iperf3 {client} -> {server}: {e}"))
 }
 
 #[test]
