@@ -88,8 +88,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let key = args.cluster.key()?;
     let id = args.cluster.id.id.clone();
-    let store = LocalStore::open_or_create(&args.store)
-        .with_context(|| format!("opening the store {}", args.store.display()))?;
+    // One store for the chunk server, the coordinator link and incoming VMs.
+    let store = Arc::new(
+        LocalStore::open_or_create(&args.store)
+            .with_context(|| format!("opening the store {}", args.store.display()))?,
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -118,7 +121,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Some(addr) => {
                 let host = destination::open(
                     HostConfig {
-                        store: args.store.clone(),
                         state_dir: args.state.state_dir.clone(),
                         key: key.clone(),
                         id: id.clone(),
@@ -128,8 +130,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                             .config(&args.cluster.id)
                             .filter(|_| !args.uncoordinated_migrations),
                     },
+                    store.clone(),
                     tokio::runtime::Handle::current(),
-                )?;
+                );
                 let l = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("listening for migrations on {addr}"))?;
@@ -146,7 +149,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             writeln!(out, "listening on {local}")?;
             out.flush()?;
         }
-        let store = Arc::new(store);
         let link = match (&args.coord.coordinator, capacity) {
             (Some(url), Some(capacity)) => Some(edgeshift_agent::coordination::link::start(
                 url,

@@ -14,7 +14,6 @@ use crate::vm::{Qemu, StateDir};
 /// What a destination needs.
 #[derive(Debug, Clone)]
 pub struct HostConfig {
-    pub store: PathBuf,
     pub state_dir: PathBuf,
     pub key: ClusterKey,
     /// This edge's name in handshakes.
@@ -38,18 +37,18 @@ pub struct Host {
 }
 
 impl Host {
-    /// Opens the store; pulls run on `runtime`. Does not touch VMs (see
+    /// Receives into `store` (the daemon's own, shared with its chunk
+    /// server); pulls run on `runtime`. Does not touch VMs (see
     /// [`super::open`], which also removes what a crash left).
-    pub fn new(cfg: HostConfig, runtime: tokio::runtime::Handle) -> Result<Self, MigrateError> {
-        let store = Arc::new(LocalStore::open_or_create(&cfg.store)?);
+    pub fn new(cfg: HostConfig, store: Arc<LocalStore>, runtime: tokio::runtime::Handle) -> Self {
         let state = StateDir::new(&cfg.state_dir);
-        Ok(Host {
+        Host {
             cfg,
             store,
             state,
             runtime,
             receiving: Mutex::new(HashSet::new()),
-        })
+        }
     }
 
     /// Claims `name` for one incoming migration; false if it is already

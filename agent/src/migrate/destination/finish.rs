@@ -54,7 +54,7 @@ impl Incoming {
                 .ok_or_else(|| MigrateError::State("no loop device".into()))?,
             image_path: self.image_path.clone(),
             manifest_id: manifest.id().to_hex(),
-            store: self.host.cfg.store.clone(),
+            store: self.host.store.root().to_path_buf(),
             started_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())

@@ -38,14 +38,14 @@ use std::sync::Arc;
 pub use context::{Host, HostConfig};
 pub use listener::serve;
 
-use super::MigrateError;
+use crate::store::LocalStore;
 
-/// Opens this edge's destination side: the store, and what a crashed
-/// daemon left half received removed; the KVM probe started ahead of the
-/// first incoming VM. Pulls run on `runtime`.
-pub fn open(cfg: HostConfig, runtime: tokio::runtime::Handle) -> Result<Arc<Host>, MigrateError> {
-    let host = Host::new(cfg, runtime)?;
+/// Opens this edge's destination side on the daemon's `store`: what a
+/// crashed daemon left half received is removed and the KVM probe started
+/// ahead of the first incoming VM. Pulls run on `runtime`.
+pub fn open(cfg: HostConfig, store: Arc<LocalStore>, runtime: tokio::runtime::Handle) -> Arc<Host> {
+    let host = Host::new(cfg, store, runtime);
     teardown::remove_stale_incoming(&host);
     host.cfg.qemu.probe_ahead();
-    Ok(Arc::new(host))
+    Arc::new(host)
 }

@@ -121,18 +121,18 @@ mod tests {
     use crate::vm::{MemoryTransport, Qemu};
 
     fn session(dir: &std::path::Path, rt: &tokio::runtime::Runtime) -> Session {
+        let store = crate::store::LocalStore::open_or_create(dir.join("store")).expect("store");
         let host = Host::new(
             HostConfig {
-                store: dir.join("store"),
                 state_dir: dir.join("vms"),
                 key: ClusterKey::from_bytes([3; 32]),
                 id: "dst".into(),
                 qemu: Qemu::default(),
                 coordinator: None,
             },
+            Arc::new(store),
             rt.handle().clone(),
-        )
-        .expect("host");
+        );
         Session::new(Arc::new(host), IpAddr::from([127, 0, 0, 1]))
     }
 
