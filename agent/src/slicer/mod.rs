@@ -6,6 +6,9 @@ pub mod format;
 pub mod image;
 pub mod inspect;
 pub mod restore;
+mod hash;
+mod read;
+mod segment;
 pub mod slice;
 
 use std::path::{Path, PathBuf};
