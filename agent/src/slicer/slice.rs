@@ -20,7 +20,7 @@ use super::read::{read_segments, READS_IN_FLIGHT};
 use super::segment::Segment;
 use super::{Progress, SlicerError};
 use crate::diskio::{AlignedBuf, MappedFile};
-use crate::store::{ChunkStore, LocalStore};
+use crate::store::{ChunkBatch, ChunkStore, LocalStore, StoreError};
 
 /// Bytes one read (and one hashing task) covers: a whole number of chunks,
 /// large enough that per-read and per-task costs vanish.
@@ -160,9 +160,10 @@ struct Stored {
     present_chunks: u64,
 }
 
-/// Places fingerprints in manifest order and writes chunks the store lacks.
-/// The presence check is one `stat` per distinct chunk, done here so that it
-/// never holds up reading or hashing.
+/// Places fingerprints in manifest order and writes chunks the store lacks
+/// (the hashers checked their presence), in batches: a full batch is
+/// committed on a second thread while the next one is staged, so the disk
+/// flushes one batch while the next is copied into the page cache.
 fn store_segments(
     store: &LocalStore,
     rx: Receiver<Segment>,
@@ -171,6 +172,41 @@ fn store_segments(
     n_chunks: usize,
     progress: Option<Progress<'_>>,
 ) -> Result<Stored, SlicerError> {
+    std::thread::scope(|s| {
+        // Rendezvous: at most one batch committing and one staging, so the
+        // open temp files stay within two batches' worth.
+        let (commit_tx, commit_rx) = mpsc::sync_channel::<ChunkBatch<'_>>(0);
+        let committer = s.spawn(move || -> Result<(), StoreError> {
+            for mut batch in commit_rx {
+                batch.commit()?;
+            }
+            Ok(())
+        });
+        let staged = stage_segments(store, rx, free, cs, n_chunks, progress, &commit_tx);
+        drop(commit_tx);
+        let committed = committer.join().map_err(|_| SlicerError::WorkerPanicked)?;
+        // A stager stopped by a failed commit reports the commit's error.
+        committed?;
+        staged
+    })
+}
+
+fn stage_segments<'s>(
+    store: &'s LocalStore,
+    rx: Receiver<Segment>,
+    free: mpsc::Sender<AlignedBuf>,
+    cs: usize,
+    n_chunks: usize,
+    progress: Option<Progress<'_>>,
+    commit: &mpsc::SyncSender<ChunkBatch<'s>>,
+) -> Result<Stored, SlicerError> {
+    let committer_gone = || {
+        SlicerError::io(
+            "hand a batch to the committer of",
+            store.root(),
+            std::io::Error::other("committer stopped"),
+        )
+    };
     let mut out = Stored {
         fps: vec![Fingerprint::ZERO_CHUNK; n_chunks],
         zero_chunks: 0,
@@ -205,7 +241,9 @@ fn store_segments(
             out.new_chunks += 1;
             out.new_bytes += bytes.len() as u64;
             if batch.is_full() {
-                batch.commit()?;
+                commit
+                    .send(std::mem::replace(&mut batch, store.batch()))
+                    .map_err(|_| committer_gone())?;
             }
         }
         done += seg.len as u64;
@@ -217,7 +255,7 @@ fn store_segments(
             let _ = free.send(buf);
         }
     }
-    batch.commit()?;
+    commit.send(batch).map_err(|_| committer_gone())?;
     out.unique_chunks = seen.len() as u64;
     Ok(out)
 }
