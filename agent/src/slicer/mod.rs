@@ -3,11 +3,11 @@
 //! manifest ([`restore`]), and its figures ([`inspect`]).
 
 pub mod format;
+mod hash;
 pub mod image;
 pub mod inspect;
-pub mod restore;
-mod hash;
 mod read;
+pub mod restore;
 mod segment;
 pub mod slice;
 

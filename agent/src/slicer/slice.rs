@@ -100,7 +100,9 @@ pub fn slice_image(
                     for _ in 0..hashers {
                         let tx = store_tx.clone();
                         let (next, bufs) = (&next, &bufs);
-                        h.spawn(move || hash_mapped_segments(map.bytes(), next, seg_bytes, cs, store, bufs, tx));
+                        h.spawn(move || {
+                            hash_mapped_segments(map.bytes(), next, seg_bytes, cs, store, bufs, tx)
+                        });
                     }
                     drop(store_tx);
                 });
