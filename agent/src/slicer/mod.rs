@@ -9,6 +9,8 @@ pub mod inspect;
 mod read;
 pub mod restore;
 mod segment;
+#[cfg(test)]
+mod slice_tests;
 pub mod slice;
 
 use std::path::{Path, PathBuf};
