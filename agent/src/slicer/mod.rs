@@ -9,9 +9,9 @@ pub mod inspect;
 mod read;
 pub mod restore;
 mod segment;
+pub mod slice;
 #[cfg(test)]
 mod slice_tests;
-pub mod slice;
 
 use std::path::{Path, PathBuf};
 

@@ -409,7 +409,11 @@ fn main() -> Result<()> {
         }));
     }
     // Issue 25: the disk's fetch CPU per GiB within 1.5× of tmpfs's.
-    let cpu = |i: usize| unthrottled[i]["client_cpu_s_per_gib"].as_f64().unwrap_or(f64::NAN);
+    let cpu = |i: usize| {
+        unthrottled[i]["client_cpu_s_per_gib"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    };
     let cpu_ratio = cpu(0) / cpu(1);
     results["unthrottled_pair"] = json!({
         "fetch_cpu_disk_to_tmpfs": cpu_ratio,
@@ -454,31 +458,34 @@ fn markdown(r: &Value) -> String {
         r["image_bytes"].as_u64().unwrap_or(0) >> 20,
         r["tbf"].as_str().unwrap_or("")
     ));
-    s.push_str("## Equal paths, 100 Mbit/s each\n\n| peers | goodput Mbit/s | target | met |\n| --- | --- | --- | --- |\n");
-    for e in r["equal_paths_100mbit"].as_array().into_iter().flatten() {
+    // Absent under --unthrottled-only.
+    if !r["unequal_paths_100_50_20"].is_null() {
+        s.push_str("## Equal paths, 100 Mbit/s each\n\n| peers | goodput Mbit/s | target | met |\n| --- | --- | --- | --- |\n");
+        for e in r["equal_paths_100mbit"].as_array().into_iter().flatten() {
+            s.push_str(&format!(
+                "| {} | {:.1} | ≥ {:.0} | {} |\n",
+                e["peers"],
+                f(&e["goodput_mbit_per_s"]),
+                f(&e["target_mbit_per_s"]),
+                ok(&e["meets_target"])
+            ));
+        }
+        let u = &r["unequal_paths_100_50_20"];
         s.push_str(&format!(
-            "| {} | {:.1} | ≥ {:.0} | {} |\n",
-            e["peers"],
-            f(&e["goodput_mbit_per_s"]),
-            f(&e["target_mbit_per_s"]),
-            ok(&e["meets_target"])
+            "\n## Unequal paths 100 / 50 / 20 Mbit/s\n\nfinish {:.2} s, ideal (bytes ÷ 170 Mbit/s) {:.2} s, ratio {:.3} (target ≤ 1.1): {}\n\nper peer: ",
+            f(&u["seconds"]),
+            f(&u["ideal_seconds"]),
+            f(&u["ratio_to_ideal"]),
+            ok(&u["meets_target"])
         ));
-    }
-    let u = &r["unequal_paths_100_50_20"];
-    s.push_str(&format!(
-        "\n## Unequal paths 100 / 50 / 20 Mbit/s\n\nfinish {:.2} s, ideal (bytes ÷ 170 Mbit/s) {:.2} s, ratio {:.3} (target ≤ 1.1): {}\n\nper peer: ",
-        f(&u["seconds"]),
-        f(&u["ideal_seconds"]),
-        f(&u["ratio_to_ideal"]),
-        ok(&u["meets_target"])
-    ));
-    for p in u["fetch"]["peers"].as_array().into_iter().flatten() {
-        s.push_str(&format!(
-            "{} {} chunks {:.1} Mbit/s; ",
-            p["id"].as_str().unwrap_or("?"),
-            p["chunks"],
-            f(&p["mbit_per_s"])
-        ));
+        for p in u["fetch"]["peers"].as_array().into_iter().flatten() {
+            s.push_str(&format!(
+                "{} {} chunks {:.1} Mbit/s; ",
+                p["id"].as_str().unwrap_or("?"),
+                p["chunks"],
+                f(&p["mbit_per_s"])
+            ));
+        }
     }
     let t = &r["unthrottled_pair"];
     s.push_str(&format!(
