@@ -235,7 +235,9 @@ fn start_vm(
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let cleanup = DirGuard(Some(dir.clone()));
     let image_path = dir.join("disk.raw");
-    vm::image::restore(store, manifest, &image_path).context("restoring the disk image")?;
+    // Through the I/O module, as `edgeshift restore` (io_uring writes).
+    edgeshift_agent::slicer::restore_image(store, &id, &image_path, None)
+        .context("restoring the disk image")?;
     let dev = vm::loopdev::LoopDevice::attach(&image_path)?;
     // Counts the VM's writes from its first one, so that a migration need
     // not slice the disk to find what changed since this manifest.
