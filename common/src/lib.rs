@@ -2,6 +2,7 @@
 //! layout (an image's recipe), and — as they are added — wire frames and
 //! control messages. Nothing here does I/O.
 
+pub mod config;
 pub mod control;
 pub mod delta;
 pub mod fingerprint;
