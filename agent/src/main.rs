@@ -10,7 +10,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    cli::service::init_logging(args.verbose, args.log_format);
+    edgeshift_common::service::init_logging(args.verbose, args.log_format);
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -16,9 +16,9 @@ use edgeshift_agent::transfer::server::{serve, ServerConfig, ZstdPolicy};
 use edgeshift_agent::transfer::ClusterKey;
 use edgeshift_agent::vm::lifecycle::{self, Recovered};
 use edgeshift_agent::vm::{Qemu, StateDir};
+use edgeshift_common::service;
 
 use crate::cli::args::{ClusterArgs, CoordinatorArgs, StateArgs};
-use crate::cli::service;
 
 /// Run the edge's one daemon: serve chunks, receive migrations, report to the coordinator.
 ///

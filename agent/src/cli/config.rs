@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use edgeshift_common::config::{self, ConfigError};
 
-use crate::cli::service::LogFormat;
+use edgeshift_common::service::LogFormat;
 
 /// Where an installed agent's configuration lives.
 pub const DEFAULT_PATH: &str = "/etc/edgeshift/agent.toml";

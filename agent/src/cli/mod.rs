@@ -4,6 +4,7 @@
 use std::ffi::OsString;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use edgeshift_common::service::LogFormat;
 
 mod agent;
 mod args;
@@ -13,7 +14,6 @@ mod fetch;
 mod inspect;
 mod migrate;
 mod restore;
-pub mod service;
 mod slice;
 mod vm;
 
@@ -38,7 +38,7 @@ pub struct Cli {
         value_enum,
         default_value = "text"
     )]
-    pub log_format: service::LogFormat,
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -1,6 +1,7 @@
 //! What running as a system service asks of the binary: log lines a journal
 //! or a log shipper can take, systemd's readiness protocol, and the signals
-//! that ask for a clean stop.
+//! that ask for a clean stop. Shared by `edgeshift agent` and
+//! `edgeshift-coordinator`.
 
 /// How log lines are written on standard error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
