@@ -266,12 +266,20 @@ fn run_list_stop_a_real_vm() {
         "vm stop: {}",
         String::from_utf8_lossy(&stop.stderr)
     );
-    let list = Command::new(BIN)
-        .args(["vm", "list", "--json", "--state-dir"])
-        .arg(&state)
-        .output()
-        .expect("list");
-    assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "[]");
+    let list_json = || -> serde_json::Value {
+        let list = Command::new(BIN)
+            .args(["vm", "list", "--json", "--state-dir"])
+            .arg(&state)
+            .output()
+            .expect("list");
+        serde_json::from_slice(&list.stdout).expect("list json")
+    };
+    // Stopping is not deleting: the record and the disk (with what the
+    // guest wrote) stay.
+    let vms = list_json();
+    assert_eq!(vms[0]["state"], "stopped", "{vms}");
+    let disk = state.join(&name).join("disk.raw");
+    assert!(disk.is_file(), "vm stop kept the disk");
     let losetup = Command::new("losetup")
         .arg(&loop_dev)
         .stderr(Stdio::null())
@@ -279,6 +287,33 @@ fn run_list_stop_a_real_vm() {
         .expect("losetup");
     let shown = String::from_utf8_lossy(&losetup.stdout);
     assert!(!shown.contains(&name), "the loop device is detached: {shown}");
+    // It starts again from that disk; a running VM cannot be removed.
+    let vm = |verb: &str| {
+        Command::new(BIN)
+            .args(["vm", verb, &name, "--state-dir"])
+            .arg(&state)
+            .output()
+            .expect("vm command")
+    };
+    let start = vm("start");
+    assert!(
+        start.status.success(),
+        "vm start: {}",
+        String::from_utf8_lossy(&start.stderr)
+    );
+    assert_eq!(list_json()[0]["state"], "running");
+    let rm = vm("rm");
+    assert!(!rm.status.success(), "vm rm of a running VM is refused");
+    assert!(String::from_utf8_lossy(&rm.stderr).contains("stop it first"));
+    assert!(vm("stop").status.success());
+    let rm = vm("rm");
+    assert!(
+        rm.status.success(),
+        "vm rm: {}",
+        String::from_utf8_lossy(&rm.stderr)
+    );
+    assert_eq!(list_json(), serde_json::json!([]));
+    assert!(!state.join(&name).exists(), "vm rm deleted the VM's directory");
 }
 
 fn sh_ok(c: &mut Command) {

@@ -104,7 +104,7 @@ mod tests {
     #[test]
     fn the_contracts_command_lines_parse() {
         let id = "ab".repeat(32);
-        let lines: [&[&str]; 8] = [
+        let lines: [&[&str]; 11] = [
             &["slice", "img", "--store", "s", "--chunk-size", "256KiB"],
             &["restore", &id, "--store", "s", "--out", "o"],
             &["inspect", &id, "--store", "s", "--json"],
@@ -134,6 +134,10 @@ mod tests {
                 "vm", "run", "v", "--image", &id, "--store", "s", "--net", "br0", "--accel", "tcg",
             ],
             &["vm", "list", "--json"],
+            // Added with the service work: stop keeps the disk, start and rm.
+            &["vm", "stop", "v"],
+            &["vm", "start", "v"],
+            &["vm", "rm", "v"],
             &[
                 "migrate",
                 "v",

@@ -10,10 +10,24 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The control connections open now.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Connections {
     inner: Mutex<Open>,
     changed: Condvar,
+    /// Turns true at shutdown: a pull in progress stops waiting for its
+    /// fetch (chunk files are renamed into place whole, so the store keeps
+    /// only complete chunks).
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections {
+            inner: Mutex::default(),
+            changed: Condvar::new(),
+            stop: tokio::sync::watch::Sender::new(false),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -51,9 +65,19 @@ impl Connections {
         })
     }
 
-    /// Refuses new connections, cuts the open ones and waits up to `wait`
-    /// for their threads to finish; returns how many were still running.
+    /// Resolves once the agent is stopping.
+    pub fn stopping(&self) -> impl std::future::Future<Output = ()> + use<> {
+        let mut rx = self.stop.subscribe();
+        async move {
+            let _ = rx.wait_for(|stopping| *stopping).await;
+        }
+    }
+
+    /// Refuses new connections, cuts the open ones, ends the pulls in
+    /// progress and waits up to `wait` for their threads to finish; returns
+    /// how many were still running.
     pub fn shut_down(&self, wait: Duration) -> usize {
+        let _ = self.stop.send(true);
         let mut open = self.lock();
         open.stopping = true;
         for c in open.conns.values() {
