@@ -90,10 +90,15 @@ pub fn build(root: &Path, bin_dir: &Path, out: &Path) -> anyhow::Result<PathBuf>
         "/etc/edgeshift/agent.toml\n/etc/edgeshift/coordinator.toml\n",
     )?;
     let deb = out.join(format!("edgeshift_{version}_{arch}.deb"));
+    // gzip: every dpkg reads it (zstd needs dpkg >= 1.21.18); level 1
+    // packs the two binaries in 2 s here where xz took 87 s, for a
+    // package 35 % larger (32 MB against 24 MB).
     let status = Command::new("dpkg-deb")
-        .args(["--root-owner-group", "-Zxz", "--build"])
+        .args(["--root-owner-group", "-Zgzip", "-z1", "--build"])
         .arg(&stage)
         .arg(&deb)
+        // Its "building package" line would mix with the path printed on stdout.
+        .stdout(std::io::stderr())
         .status()
         .context("running dpkg-deb")?;
     if !status.success() {
