@@ -104,7 +104,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // a guess (the file system's size, say) could let it fill a shared disk.
     let capacity = match (&args.coord.coordinator, args.capacity) {
         (Some(_), None) => anyhow::bail!(
-            "a coordinator is set but no capacity: set `capacity` (e.g. capacity = \"200GiB\") in {}, or EDGESHIFT_CAPACITY, or --capacity; the coordinator's GC keeps this store under watermarks of it",
+            "--coordinator needs --capacity (e.g. --capacity 200GiB, or `capacity = \"200GiB\"` in {}, or EDGESHIFT_CAPACITY): the coordinator's GC keeps this store under watermarks of it",
             crate::cli::config::DEFAULT_PATH
         ),
         (_, c) => c,
