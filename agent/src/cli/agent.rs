@@ -125,8 +125,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         LocalStore::open_or_create(&args.store)
             .with_context(|| format!("opening the store {}", args.store.display()))?,
     );
-    std::fs::create_dir_all(&args.state.state_dir)
-        .with_context(|| format!("creating the state directory {}", args.state.state_dir.display()))?;
     recover_vms(&args.state.state_dir, !args.no_autostart)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -157,3 +157,101 @@ fn boot(hv: &dyn Hypervisor, sd: &StateDir, mut rec: VmRecord) -> Result<VmRecor
     sd.save(&rec)?;
     Ok(rec)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::{Accel, AccelChoice, Launched, VmSpec};
+
+    /// A hypervisor these tests never reach.
+    struct Unreached;
+
+    impl Hypervisor for Unreached {
+        fn launch(&self, _: &LaunchConfig) -> Result<Launched, VmError> {
+            panic!("no VM may start in this test");
+        }
+        fn kill(&self, _: u32, _: &Path) -> Result<(), VmError> {
+            Ok(())
+        }
+    }
+
+    fn record(sd: &StateDir, name: &str, autostart: bool, stopped: bool) -> VmRecord {
+        let dir = sd.vm_dir(name).expect("name");
+        std::fs::create_dir_all(&dir).expect("vm dir");
+        // What a crashed QEMU leaves beside the record.
+        std::fs::write(dir.join("qemu.pid"), "999999999").expect("pid file");
+        std::fs::write(dir.join("qmp.sock"), "").expect("socket");
+        let rec = VmRecord {
+            spec: VmSpec {
+                name: name.into(),
+                memory_mib: 128,
+                cpus: 1,
+                accel: AccelChoice::Tcg,
+                kernel: None,
+                initrd: None,
+                append: None,
+                net: None,
+            },
+            // No such process: the VM died with the host.
+            pid: 999_999_999,
+            accel: Accel::Tcg,
+            qmp_socket: dir.join("qmp.sock"),
+            loop_device: "/dev/loop-none".into(),
+            image_path: dir.join("disk.raw"),
+            manifest_id: "00".repeat(32),
+            store: "/store".into(),
+            started_at: 0,
+            autostart,
+            stopped,
+        };
+        sd.save(&rec).expect("save");
+        rec
+    }
+
+    #[test]
+    fn recovery_tidies_dead_vms_and_leaves_stopped_ones_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sd = StateDir::new(dir.path());
+        record(&sd, "crashed", false, false);
+        record(&sd, "wanted", true, false);
+        record(&sd, "parked", true, true);
+        let mut found = recover(&Unreached, &sd, true).expect("recover");
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            found[0],
+            ("crashed".into(), Recovered::MarkedStopped { restart_error: None })
+        );
+        assert_eq!(found[1], ("parked".into(), Recovered::Stopped));
+        // Its disk is gone: the restart fails, saying why, and it is stopped.
+        let (
+            name,
+            Recovered::MarkedStopped {
+                restart_error: Some(e),
+            },
+        ) = &found[2]
+        else {
+            panic!("{found:?}");
+        };
+        assert_eq!(name, "wanted");
+        assert!(e.contains("disk.raw"), "{e}");
+        for vm in ["crashed", "wanted"] {
+            assert!(sd.load(vm).expect("record kept").stopped, "{vm} marked stopped");
+            let vm_dir = sd.vm_dir(vm).expect("dir");
+            assert!(
+                !vm_dir.join("qemu.pid").exists() && !vm_dir.join("qmp.sock").exists(),
+                "{vm}: stale files removed"
+            );
+        }
+        assert!(
+            sd.vm_dir("parked").expect("dir").join("qemu.pid").exists(),
+            "a stopped VM is not touched"
+        );
+        // A VM that does not run can be removed; its directory goes.
+        remove(&sd, "crashed").expect("rm");
+        assert!(!sd.vm_dir("crashed").expect("dir").exists());
+        assert!(matches!(
+            start(&Unreached, &sd, "crashed"),
+            Err(VmError::NoSuchVm(_))
+        ));
+    }
+}
