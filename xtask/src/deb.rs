@@ -48,6 +48,10 @@ const BINARIES: [&str; 2] = ["edgeshift", "edgeshift-coordinator"];
 pub fn build(root: &Path, bin_dir: &Path, out: &Path) -> anyhow::Result<PathBuf> {
     let version = env!("CARGO_PKG_VERSION");
     let arch = command_output("dpkg", &["--print-architecture"])?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let out = &out
+        .canonicalize()
+        .with_context(|| format!("resolving {}", out.display()))?;
     let stage = out.join("deb-root");
     if stage.exists() {
         std::fs::remove_dir_all(&stage).with_context(|| format!("clearing {}", stage.display()))?;

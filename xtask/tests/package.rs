@@ -310,7 +310,20 @@ fn agent_and_coordinator_start_from_the_default_configs_plus_a_key_and_a_url() {
         .expect("body");
     assert!(edge.contains("capacity") || edge.contains("usage"), "{edge}");
 
+    let agent_pid = agent.child.id();
     assert!(agent.terminate().success(), "agent: {}", agent.stderr());
+    // Nothing of the agent outlives it (its KVM probe QEMU, started at
+    // start-up and possibly still running at the stop).
+    std::thread::sleep(Duration::from_millis(500));
+    let probe = format!("edgeshift-kvm-probe-{agent_pid}/");
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&probe))
+        .collect();
+    assert!(left.is_empty(), "left running after the agent stopped: {left:?}");
     assert!(coord.terminate().success(), "coordinator");
     let logs = coord.stderr();
     let first = logs.lines().next().unwrap_or_default();
