@@ -1,13 +1,14 @@
 //! Chunk writes made durable together: [`ChunkBatch`].
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::fs::{self, File};
+use std::io::ErrorKind;
 use std::path::PathBuf;
 
 use edgeshift_common::Fingerprint;
 
-use super::fs::{io_err, start_writeback, sync_all_parallel};
+use super::fs::{io_err, sync_all_parallel};
 use super::layout::StorePaths;
+use super::staged::StagedChunk;
 use super::StoreError;
 
 /// Most files a batch keeps open before it should be committed (stays well
@@ -26,7 +27,8 @@ pub const BATCH_MAX_BYTES: u64 = 128 << 20;
 /// on drop.
 pub struct ChunkBatch<'s> {
     paths: &'s StorePaths,
-    staged: Vec<(File, PathBuf, Fingerprint)>,
+    /// Dropping them (with the batch) removes their temp files.
+    staged: Vec<StagedChunk>,
     staged_bytes: u64,
 }
 
@@ -39,31 +41,19 @@ impl<'s> ChunkBatch<'s> {
         }
     }
 
-    /// Writes `data` (which the caller hashed to `fp`) to a new temp file.
+    /// Writes `data` (which the caller hashed to `fp`) to a new temp file
+    /// and adds it to the batch.
     pub fn stage(&mut self, fp: &Fingerprint, data: &[u8]) -> Result<(), StoreError> {
-        if fp.is_zero_chunk() {
-            return Err(StoreError::ZeroChunk);
-        }
-        let tmp = self.paths.tmp_path("chunk");
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
-        if let Err(e) = f.write_all(data) {
-            let _ = fs::remove_file(&tmp);
-            return Err(StoreError::Io {
-                op: "write",
-                path: tmp,
-                source: e,
-            });
-        }
-        // Start writeback now, so the disk is busy while more chunks are
-        // staged and the commit's fdatasync finds little left to do.
-        start_writeback(&f);
-        self.staged.push((f, tmp, *fp));
-        self.staged_bytes += data.len() as u64;
+        let staged = StagedChunk::write(self.paths, fp, data)?;
+        self.adopt(staged);
         Ok(())
+    }
+
+    /// Adds a chunk staged elsewhere ([`super::LocalStore::stage_chunk`]) to
+    /// the batch. It must come from this batch's store.
+    pub fn adopt(&mut self, staged: StagedChunk) {
+        self.staged_bytes += staged.len;
+        self.staged.push(staged);
     }
 
     /// True when the batch should be committed before staging more.
@@ -85,19 +75,22 @@ impl<'s> ChunkBatch<'s> {
         if self.staged.is_empty() {
             return Ok(0);
         }
-        let files: Vec<&File> = self.staged.iter().map(|(f, _, _)| f).collect();
+        let files: Vec<&File> = self.staged.iter().map(|s| &s.file).collect();
         sync_all_parallel(&files, true, &self.paths.tmp_dir())?;
         let chunks_dir = self.paths.chunks_dir();
         let mut touched: Vec<PathBuf> = Vec::new();
         let mut made_fan = false;
         let mut stored = 0;
-        for (f, tmp, fp) in self.staged.drain(..) {
-            drop(f);
+        for mut staged in self.staged.drain(..) {
+            let (tmp, fp) = (staged.tmp.clone(), staged.fp);
             let dest = self.paths.chunk_path(&fp);
             if dest.exists() {
-                let _ = fs::remove_file(&tmp);
+                // Dropped still pending: its temp file is removed.
                 continue;
             }
+            // From here on the temp file is this loop's to rename or report.
+            staged.pending = false;
+            drop(staged);
             let dir = dest.parent().unwrap_or(&chunks_dir).to_path_buf();
             if let Err(e) = fs::rename(&tmp, &dest) {
                 if e.kind() != ErrorKind::NotFound || dir.exists() {
@@ -130,10 +123,3 @@ impl<'s> ChunkBatch<'s> {
     }
 }
 
-impl Drop for ChunkBatch<'_> {
-    fn drop(&mut self) {
-        for (_, tmp, _) in self.staged.drain(..) {
-            let _ = fs::remove_file(tmp);
-        }
-    }
-}

@@ -18,6 +18,7 @@ use edgeshift_common::{Fingerprint, Manifest, ManifestId};
 use super::fs::{io_err, sync_dir};
 use super::layout::{StorePaths, MARKER_TEXT, MARKER_TMP_PREFIX, STORE_LAYOUT_DIRS, STORE_MARKER};
 use super::recover::{clean_tmp, recover_unsynced};
+use super::staged::StagedChunk;
 use super::{ChunkStore, PutOutcome, StoreError, StoreStats};
 // Where callers have always found them.
 pub use super::batch::{ChunkBatch, BATCH_MAX_BYTES, BATCH_MAX_FILES};
@@ -230,6 +231,12 @@ impl LocalStore {
     /// together (see [`ChunkBatch`]).
     pub fn batch(&self) -> ChunkBatch<'_> {
         ChunkBatch::new(&self.paths)
+    }
+
+    /// Writes `data` (hashed by the caller to `fp`) to a temp file of this
+    /// store, from any thread, for a [`ChunkBatch`] to adopt and commit.
+    pub fn stage_chunk(&self, fp: &Fingerprint, data: &[u8]) -> Result<StagedChunk, StoreError> {
+        StagedChunk::write(&self.paths, fp, data)
     }
 
     /// Every chunk fingerprint in the store (directory walk).

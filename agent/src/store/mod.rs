@@ -13,7 +13,8 @@
 //!
 //! Files, from the bottom up: [`layout`] (where things are, temp names),
 //! `fs` (path-naming errors, directory and batch syncs), `recover` (what a
-//! crash leaves, cleared at open), [`batch`] (writes made durable together),
+//! crash leaves, cleared at open), [`staged`] (one chunk in a temp file),
+//! [`batch`] (writes made durable together),
 //! [`local`] (the store), [`publish`] (chunks visible now, durable later),
 //! [`uses`] (chunks used since the last heartbeat).
 
@@ -23,6 +24,7 @@ pub mod layout;
 pub mod local;
 pub mod publish;
 mod recover;
+pub mod staged;
 pub mod uses;
 
 use edgeshift_common::{Fingerprint, Manifest, ManifestError, ManifestId};
@@ -30,6 +32,7 @@ use edgeshift_common::{Fingerprint, Manifest, ManifestError, ManifestId};
 pub use batch::ChunkBatch;
 pub use local::LocalStore;
 pub use publish::Unsynced;
+pub use staged::StagedChunk;
 pub use uses::ChunkUses;
 
 #[derive(Debug, thiserror::Error)]

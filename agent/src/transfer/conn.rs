@@ -51,15 +51,35 @@ pub async fn read_frame_into<R: AsyncRead + Unpin>(
     r: &mut R,
     max_len: u32,
     progress: Option<&AtomicU64>,
-    mut body: Vec<u8>,
+    body: Vec<u8>,
 ) -> Result<Frame, TransferError> {
+    let (header, kind) = read_header(r, max_len).await?;
+    read_body_into(r, header, kind, progress, body).await
+}
+
+/// Reads a frame's header; its body length is checked against `max_len`.
+/// A clean end of stream is [`TransferError::Closed`].
+pub async fn read_header<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max_len: u32,
+) -> Result<(FrameHeader, FrameKind), TransferError> {
     let mut hdr = [0u8; HEADER_LEN];
     match r.read_exact(&mut hdr).await {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(TransferError::Closed),
         Err(e) => return Err(e.into()),
     }
-    let (header, kind) = FrameHeader::decode(&hdr, max_len)?;
+    Ok(FrameHeader::decode(&hdr, max_len)?)
+}
+
+/// Reads the body of the frame `header` announced into `body` (cleared first).
+pub async fn read_body_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    header: FrameHeader,
+    kind: FrameKind,
+    progress: Option<&AtomicU64>,
+    mut body: Vec<u8>,
+) -> Result<Frame, TransferError> {
     let len = header.body_len() as usize;
     // Read into spare capacity: no zero-fill pass over a buffer that the
     // socket is about to overwrite anyway.
@@ -76,6 +96,27 @@ pub async fn read_frame_into<R: AsyncRead + Unpin>(
         }
     }
     Ok(Frame { header, kind, body })
+}
+
+/// Fills `dst` from `r` in pieces, counting them in `progress` as they arrive.
+pub async fn read_exact_counted<R: AsyncRead + Unpin>(
+    r: &mut R,
+    dst: &mut [u8],
+    progress: Option<&AtomicU64>,
+) -> Result<(), TransferError> {
+    let mut done = 0;
+    while done < dst.len() {
+        let end = (done + READ_PIECE).min(dst.len());
+        let n = r.read(&mut dst[done..end]).await?;
+        if n == 0 {
+            return Err(TransferError::Closed);
+        }
+        if let Some(p) = progress {
+            p.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        done += n;
+    }
+    Ok(())
 }
 
 /// Turns an error frame into an error; any other frame kind is `Unexpected`.

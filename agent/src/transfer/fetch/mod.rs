@@ -21,13 +21,16 @@
 //! - `schedule`: the pure scheduler deciding which peer asks for what;
 //! - `peer_task`: one task per peer, requesting what the scheduler hands
 //!   it and booking what arrives;
-//! - `verify`: each chunk checked (decompressed, or rebuilt from a delta);
+//! - `receive`: its frames read, raw chunks into page-aligned buffers;
+//! - `verify`: each chunk checked (decompressed, or rebuilt from a delta),
+//!   then written to a temp file on the same blocking thread;
 //! - `writer`: a thread making verified chunks durable in batches;
 //! - `report`: live counters and the figures handed back.
 
 mod holdings;
 mod options;
 mod peer_task;
+mod receive;
 mod report;
 mod schedule;
 mod verify;
@@ -49,7 +52,8 @@ pub use self::want::ChunkWant;
 
 use self::peer_task::{run_peer, PeerCtx, Shared};
 use self::schedule::{ChunkIdx, PeerIdx, PeerSet, Sched};
-use self::writer::{spawn_writer, BufPool};
+use self::receive::BufPools;
+use self::writer::spawn_writer;
 use super::peer::PeerStore;
 use super::pool::ConnPool;
 use super::{ClusterKey, TransferError};
@@ -190,8 +194,8 @@ impl Fetcher {
                 .total_bytes
                 .store(chunks.iter().map(|c| c.len).sum(), Ordering::Relaxed);
         }
-        let pool = Arc::new(BufPool::default());
-        let (writer, writer_handle) = spawn_writer(self.store.clone(), pool.clone())?;
+        let pool = Arc::new(BufPools::default());
+        let (writer, writer_handle) = spawn_writer(self.store.clone())?;
         let mut tasks = JoinSet::new();
         for (i, addr) in self.peers.iter().enumerate() {
             let ctx = PeerCtx {

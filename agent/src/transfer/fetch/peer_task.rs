@@ -18,10 +18,11 @@ use tracing::{debug, info, warn};
 use super::options::FetchOptions;
 use super::report::FetchProgress;
 use super::schedule::{ChunkIdx, ChunkState, Encoding, PeerIdx, Sched};
-use super::verify::{rebuild, verify};
-use super::writer::{BufPool, WriteJob};
+use super::receive::{read_received, BufPools, Received};
+use super::verify::{rebuild, verify, ChunkBytes};
+use super::writer::WriteJob;
 use crate::store::{LocalStore, StoreError};
-use crate::transfer::conn::{read_frame_into, unexpected, Frame};
+use crate::transfer::conn::unexpected;
 use crate::transfer::pool::{checkin, checkout, ConnPool};
 use crate::transfer::{ClusterKey, TransferError};
 
@@ -56,8 +57,8 @@ pub(crate) struct PeerCtx {
     pub(crate) sched: Arc<Shared>,
     pub(crate) progress: Arc<FetchProgress>,
     pub(crate) writer: Sender<WriteJob>,
-    pub(crate) pool: Arc<BufPool>,
-    /// This fetch's store, where the bases of deltas are read.
+    pub(crate) pool: Arc<BufPools>,
+    /// This fetch's store: where chunks are staged and the bases of deltas read.
     pub(crate) store: Arc<LocalStore>,
     pub(crate) conns: Option<Arc<ConnPool>>,
 }
@@ -87,7 +88,7 @@ pub(crate) async fn run_peer(ctx: &PeerCtx) -> Option<String> {
     let label = ctx.addr.to_string();
     let (mut rd, mut wr) = sock.into_split();
     let received = Arc::new(AtomicU64::new(0));
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame, TransferError>>(8);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Received, TransferError>>(8);
     let rx_counter = received.clone();
     let reader_pool = ctx.pool.clone();
     // Told to stop (the fetch is over and nothing is outstanding on the
@@ -96,11 +97,10 @@ pub(crate) async fn run_peer(ctx: &PeerCtx) -> Option<String> {
     let (stop_reader, mut stopped) = tokio::sync::oneshot::channel::<()>();
     let reader = tokio::spawn(async move {
         loop {
-            let buf = reader_pool.take();
             let r = tokio::select! {
                 biased;
                 _ = &mut stopped => return Some(rd),
-                r = read_frame_into(&mut rd, MAX_FRAME_LEN, Some(&rx_counter), buf) => r,
+                r = read_received(&mut rd, MAX_FRAME_LEN, &rx_counter, &reader_pool) => r,
             };
             let stop = r.is_err();
             if tx.send(r).await.is_err() || stop {
@@ -279,20 +279,32 @@ fn on_stored(ctx: &PeerCtx, label: &str, done: Stored) -> Result<(), String> {
 }
 
 /// Handles one frame from a peer; an error string drops the peer.
-fn on_frame(ctx: &PeerCtx, label: &str, frame: Frame, stores: &mut JoinSet<Stored>) -> Result<(), String> {
+fn on_frame(ctx: &PeerCtx, label: &str, got: Received, stores: &mut JoinSet<Stored>) -> Result<(), String> {
+    let Received { frame, payload } = got;
     match frame.kind {
         FrameKind::Chunk => {
             let (head, _) = wire::decode_chunk(&frame.body).map_err(|e| e.to_string())?;
             let fp = head.fingerprint;
             let zstd = frame.header.flags() & wire::FLAG_ZSTD != 0;
-            let wire_len = (frame.body.len() - wire::CHUNK_HEAD_LEN) as u64;
+            let received = match payload {
+                Some(p) => {
+                    ctx.pool.put_vec(frame.body);
+                    ChunkBytes::Aligned(p)
+                }
+                None => ChunkBytes::Framed {
+                    body: frame.body,
+                    start: wire::CHUNK_HEAD_LEN,
+                },
+            };
+            let wire_len = received.bytes().len() as u64;
             let encoding = if zstd { Encoding::Zstd } else { Encoding::Raw };
             let Some((c, want_len)) = book_arrival(ctx, label, &fp, None, wire_len, encoding)? else {
+                recycle(&ctx.pool, received);
                 return Ok(());
             };
             let raw_len = head.raw_len.get();
             spawn_store(ctx, stores, c, fp, wire_len, encoding, move || {
-                verify(&fp, want_len, raw_len, zstd, frame.body, wire::CHUNK_HEAD_LEN)
+                verify(&fp, want_len, raw_len, zstd, received)
             });
             Ok(())
         }
@@ -365,9 +377,10 @@ fn book_arrival(
     Ok(Some((c, s.chunk(c).len)))
 }
 
-/// Verifies a received chunk off the async workers (`check` returns the
-/// buffer holding it and where it starts), hands it to the writer thread
-/// and reports the outcome in `stores`.
+/// Verifies a received chunk off the async workers (`check` returns its
+/// bytes) and writes it to a temp file there too, so chunks are checked and
+/// written on every core while the next ones arrive; then hands it to the
+/// writer thread to be made durable, and reports the outcome in `stores`.
 fn spawn_store(
     ctx: &PeerCtx,
     stores: &mut JoinSet<Stored>,
@@ -375,14 +388,21 @@ fn spawn_store(
     fp: Fingerprint,
     wire_len: u64,
     encoding: Encoding,
-    check: impl FnOnce() -> Result<(Vec<u8>, usize), TransferError> + Send + 'static,
+    check: impl FnOnce() -> Result<ChunkBytes, TransferError> + Send + 'static,
 ) {
     let writer = ctx.writer.clone();
+    let (store, pool) = (ctx.store.clone(), ctx.pool.clone());
+    let check_and_stage = move || {
+        let chunk = check()?;
+        let staged = store.stage_chunk(&fp, chunk.bytes());
+        recycle(&pool, chunk);
+        Ok::<_, TransferError>(staged?)
+    };
     stores.spawn(async move {
-        let result = match tokio::task::spawn_blocking(check).await {
-            Ok(Ok((buf, start))) => {
+        let result = match tokio::task::spawn_blocking(check_and_stage).await {
+            Ok(Ok(staged)) => {
                 let (done, wait) = tokio::sync::oneshot::channel();
-                if writer.send(WriteJob { fp, buf, start, done }).is_err() {
+                if writer.send(WriteJob { staged, done }).is_err() {
                     Err(TransferError::WriterStopped)
                 } else {
                     match wait.await {
@@ -405,6 +425,14 @@ fn spawn_store(
             result,
         }
     });
+}
+
+/// Gives a chunk's buffer back for the next frames.
+fn recycle(pool: &BufPools, chunk: ChunkBytes) {
+    match chunk {
+        ChunkBytes::Framed { body, .. } => pool.put_vec(body),
+        ChunkBytes::Aligned(p) => pool.put_aligned(p.buf),
+    }
 }
 
 /// A task aborted when its owner is dropped, unless taken out first.

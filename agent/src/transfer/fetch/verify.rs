@@ -5,8 +5,26 @@
 use edgeshift_common::wire;
 use edgeshift_common::Fingerprint;
 
+use super::receive::Payload;
 use crate::store::{LocalStore, StoreError};
 use crate::transfer::TransferError;
+
+/// A received chunk's bytes, wherever they landed.
+pub(crate) enum ChunkBytes {
+    /// `body[start..]`: behind a frame head, decompressed or rebuilt.
+    Framed { body: Vec<u8>, start: usize },
+    /// A raw payload in an aligned buffer (written with O_DIRECT).
+    Aligned(Payload),
+}
+
+impl ChunkBytes {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            ChunkBytes::Framed { body, start } => &body[*start..],
+            ChunkBytes::Aligned(p) => p.bytes(),
+        }
+    }
+}
 
 /// Rebuilds chunk `fp` from a delta body against `base`, read (and
 /// checked) from this store, then checks the result's fingerprint: a wrong
@@ -18,7 +36,7 @@ pub(crate) fn rebuild(
     want_len: u64,
     base: &Fingerprint,
     body: &[u8],
-) -> Result<(Vec<u8>, usize), TransferError> {
+) -> Result<ChunkBytes, TransferError> {
     let bad = |reason: String| TransferError::BadChunk { fp: *fp, reason };
     let (head, bitmap, payload) = wire::decode_delta(body).map_err(|e| bad(e.to_string()))?;
     check_announced(fp, head.raw_len.get(), want_len)?;
@@ -34,7 +52,7 @@ pub(crate) fn rebuild(
         })?;
     edgeshift_common::delta::apply(&mut buf, bitmap, payload).map_err(|e| bad(format!("delta: {e}")))?;
     check_fingerprint(fp, &buf)?;
-    Ok((buf, 0))
+    Ok(ChunkBytes::Framed { body: buf, start: 0 })
 }
 
 /// A payload announcing another length than the manifest's is a bad chunk.
@@ -63,27 +81,26 @@ fn check_fingerprint(fp: &Fingerprint, bytes: &[u8]) -> Result<(), TransferError
 }
 
 /// Checks a received chunk against the manifest's length and its
-/// fingerprint (decompressing first if needed). Returns the buffer holding
-/// the chunk and where the chunk starts in it (no copy for raw payloads).
+/// fingerprint (decompressing `received` first if `zstd`; it then holds the
+/// compressed bytes). Raw payloads are checked where they lie, no copy.
 pub(crate) fn verify(
     fp: &Fingerprint,
     want_len: u64,
     raw_len: u32,
     zstd: bool,
-    body: Vec<u8>,
-    head_len: usize,
-) -> Result<(Vec<u8>, usize), TransferError> {
+    received: ChunkBytes,
+) -> Result<ChunkBytes, TransferError> {
     let bad = |reason: String| TransferError::BadChunk { fp: *fp, reason };
     check_announced(fp, raw_len, want_len)?;
-    let (buf, start) = if zstd {
+    let chunk = if zstd {
         // Bounded by the manifest's length, so a zstd bomb cannot grow past it.
-        let raw = zstd::bulk::decompress(&body[head_len..], want_len as usize)
+        let raw = zstd::bulk::decompress(received.bytes(), want_len as usize)
             .map_err(|e| bad(format!("zstd: {e}")))?;
-        (raw, 0)
+        ChunkBytes::Framed { body: raw, start: 0 }
     } else {
-        (body, head_len)
+        received
     };
-    let bytes = &buf[start..];
+    let bytes = chunk.bytes();
     if bytes.len() as u64 != want_len {
         return Err(bad(format!(
             "{} bytes, the manifest says {want_len}",
@@ -91,12 +108,19 @@ pub(crate) fn verify(
         )));
     }
     check_fingerprint(fp, bytes)?;
-    Ok((buf, start))
+    Ok(chunk)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn framed(body: Vec<u8>) -> ChunkBytes {
+        ChunkBytes::Framed {
+            body,
+            start: wire::CHUNK_HEAD_LEN,
+        }
+    }
 
     #[test]
     fn verify_rejects_wrong_lengths_bytes_and_bad_zstd() {
@@ -104,11 +128,11 @@ mod tests {
         let fp = Fingerprint::of(&data);
         let mut body = vec![0u8; wire::CHUNK_HEAD_LEN];
         body.extend_from_slice(&data);
-        let (buf, start) = verify(&fp, 4096, 4096, false, body.clone(), wire::CHUNK_HEAD_LEN).expect("valid");
-        assert_eq!(&buf[start..], &data[..]);
+        let chunk = verify(&fp, 4096, 4096, false, framed(body.clone())).expect("valid");
+        assert_eq!(chunk.bytes(), &data[..]);
         // Announced length differs from the manifest.
         assert!(matches!(
-            verify(&fp, 4096, 4095, false, body.clone(), wire::CHUNK_HEAD_LEN),
+            verify(&fp, 4096, 4095, false, framed(body.clone())),
             Err(TransferError::BadChunk { .. })
         ));
         // Payload shorter than the manifest says.
@@ -117,29 +141,26 @@ mod tests {
                 &fp,
                 4096,
                 4096,
-                false,
-                body[..body.len() - 1].to_vec(),
-                wire::CHUNK_HEAD_LEN
-            ),
+                false, framed(body[..body.len() - 1].to_vec())),
             Err(TransferError::BadChunk { .. })
         ));
         // Right length, wrong bytes.
         let mut flipped = body.clone();
         flipped[wire::CHUNK_HEAD_LEN] ^= 1;
         assert!(matches!(
-            verify(&fp, 4096, 4096, false, flipped, wire::CHUNK_HEAD_LEN),
+            verify(&fp, 4096, 4096, false, framed(flipped)),
             Err(TransferError::Store(StoreError::ChunkRejected { .. }))
         ));
         // zstd: round trip, garbage, and a bomb larger than the manifest allows.
         let mut z = vec![0u8; wire::CHUNK_HEAD_LEN];
         z.extend(zstd::bulk::compress(&data, 1).expect("compress"));
-        let (buf, start) = verify(&fp, 4096, 4096, true, z, wire::CHUNK_HEAD_LEN).expect("zstd valid");
-        assert_eq!(&buf[start..], &data[..]);
+        let chunk = verify(&fp, 4096, 4096, true, framed(z)).expect("zstd valid");
+        assert_eq!(chunk.bytes(), &data[..]);
         let mut garbage = vec![0u8; wire::CHUNK_HEAD_LEN];
         garbage.extend_from_slice(b"not zstd at all");
-        assert!(verify(&fp, 4096, 4096, true, garbage, wire::CHUNK_HEAD_LEN).is_err());
+        assert!(verify(&fp, 4096, 4096, true, framed(garbage)).is_err());
         let mut bomb = vec![0u8; wire::CHUNK_HEAD_LEN];
         bomb.extend(zstd::bulk::compress(&vec![7u8; 1 << 20], 1).expect("compress"));
-        assert!(verify(&fp, 4096, 4096, true, bomb, wire::CHUNK_HEAD_LEN).is_err());
+        assert!(verify(&fp, 4096, 4096, true, framed(bomb)).is_err());
     }
 }

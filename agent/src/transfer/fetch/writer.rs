@@ -1,26 +1,23 @@
-//! The writer thread: verified chunks made durable in batches, and the
-//! receive buffers it hands back for reuse.
+//! The writer thread: verified chunks, already written to temp files by
+//! the tasks that checked them, made durable and visible in batches.
 
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use edgeshift_common::Fingerprint;
 use tracing::debug;
 
 use crate::store::local::ChunkBatch;
-use crate::store::{LocalStore, StoreError};
+use crate::store::{LocalStore, StagedChunk, StoreError};
 
 /// Where the writer reports one chunk's outcome.
 type Outcome = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
 
-/// A verified chunk for the writer thread, and where to report its outcome.
+/// A verified, staged chunk for the writer thread, and where to report
+/// its outcome.
 pub(crate) struct WriteJob {
-    pub(crate) fp: Fingerprint,
-    /// The chunk is `buf[start..]`.
-    pub(crate) buf: Vec<u8>,
-    pub(crate) start: usize,
+    pub(crate) staged: StagedChunk,
     pub(crate) done: Outcome,
 }
 
@@ -28,15 +25,12 @@ pub(crate) struct WriteJob {
 const COMMIT_DELAY: Duration = Duration::from_millis(100);
 
 /// Starts the writer thread for one fetch. It ends once every sender is
-/// gone and its last batch is committed; staged buffers go back to `pool`.
-pub(crate) fn spawn_writer(
-    store: Arc<LocalStore>,
-    pool: Arc<BufPool>,
-) -> std::io::Result<(Sender<WriteJob>, JoinHandle<()>)> {
+/// gone and its last batch is committed.
+pub(crate) fn spawn_writer(store: Arc<LocalStore>) -> std::io::Result<(Sender<WriteJob>, JoinHandle<()>)> {
     let (writer, rx) = std::sync::mpsc::channel();
     let handle = std::thread::Builder::new()
         .name("chunk-writer".into())
-        .spawn(move || writer_thread(store, rx, pool))?;
+        .spawn(move || writer_thread(store, rx))?;
     Ok((writer, handle))
 }
 
@@ -45,7 +39,9 @@ pub(crate) fn spawn_writer(
 /// fetched only once its batch is committed, so an interrupted fetch never
 /// believes it has a chunk that is not on disk. Staging the next batch
 /// overlaps with committing the previous one (a second, scoped thread).
-fn writer_thread(store: Arc<LocalStore>, rx: Receiver<WriteJob>, pool: Arc<BufPool>) {
+/// The chunks arrive already written to temp files (in parallel, by the
+/// tasks that verified them), so this thread only gathers them.
+fn writer_thread(store: Arc<LocalStore>, rx: Receiver<WriteJob>) {
     let store: &LocalStore = &store;
     std::thread::scope(|scope| {
         let (commit_tx, commit_rx) = std::sync::mpsc::sync_channel::<(ChunkBatch<'_>, Vec<Outcome>)>(1);
@@ -80,22 +76,13 @@ fn writer_thread(store: Arc<LocalStore>, rx: Receiver<WriteJob>, pool: Arc<BufPo
         });
         while let Ok(first) = rx.recv() {
             let mut batch = store.batch();
-            let mut stage_time = Duration::ZERO;
             let mut waiting = Vec::new();
             let started = Instant::now();
             let mut next = Some(first);
             loop {
                 if let Some(job) = next.take() {
-                    let t = Instant::now();
-                    let staged = batch.stage(&job.fp, &job.buf[job.start..]);
-                    stage_time += t.elapsed();
-                    pool.put(job.buf);
-                    match staged {
-                        Ok(()) => waiting.push(job.done),
-                        Err(e) => {
-                            let _ = job.done.send(Err(e));
-                        }
-                    }
+                    batch.adopt(job.staged);
+                    waiting.push(job.done);
                 }
                 if batch.is_full() || started.elapsed() >= COMMIT_DELAY {
                     break;
@@ -106,43 +93,10 @@ fn writer_thread(store: Arc<LocalStore>, rx: Receiver<WriteJob>, pool: Arc<BufPo
                     Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
                 }
             }
-            debug!(
-                chunks = batch.len(),
-                stage_ms = stage_time.as_secs_f64() * 1e3,
-                "chunk batch staged"
-            );
+            debug!(chunks = batch.len(), "chunk batch gathered");
             if commit_tx.send((batch, waiting)).is_err() {
                 return;
             }
         }
     });
-}
-
-/// Receive buffers handed back by the writer once their chunk is staged.
-#[derive(Default)]
-pub(crate) struct BufPool(Mutex<(Vec<Vec<u8>>, usize)>);
-
-impl BufPool {
-    /// Most bytes of spare buffers kept (a few fast windows' worth).
-    const MAX_BYTES: usize = 64 << 20;
-
-    /// A spare buffer, or a new empty one.
-    pub(crate) fn take(&self) -> Vec<u8> {
-        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match g.0.pop() {
-            Some(buf) => {
-                g.1 -= buf.capacity();
-                buf
-            }
-            None => Vec::new(),
-        }
-    }
-
-    fn put(&self, buf: Vec<u8>) {
-        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if g.1 + buf.capacity() <= Self::MAX_BYTES {
-            g.1 += buf.capacity();
-            g.0.push(buf);
-        }
-    }
 }
