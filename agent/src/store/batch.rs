@@ -41,10 +41,10 @@ impl<'s> ChunkBatch<'s> {
         }
     }
 
-    /// Writes `data` (which the caller hashed to `fp`) to a new temp file
-    /// and adds it to the batch.
+    /// Writes `data` (which the caller hashed to `fp`) to a new temp file,
+    /// through the page cache, and adds it to the batch.
     pub fn stage(&mut self, fp: &Fingerprint, data: &[u8]) -> Result<(), StoreError> {
-        let staged = StagedChunk::write(self.paths, fp, data)?;
+        let staged = StagedChunk::write(self.paths, fp, data, false)?;
         self.adopt(staged);
         Ok(())
     }

@@ -235,8 +235,10 @@ impl LocalStore {
 
     /// Writes `data` (hashed by the caller to `fp`) to a temp file of this
     /// store, from any thread, for a [`ChunkBatch`] to adopt and commit.
+    /// Page-aligned whole blocks (an [`crate::diskio::AlignedBuf`]) are
+    /// written with O_DIRECT where the file system takes it.
     pub fn stage_chunk(&self, fp: &Fingerprint, data: &[u8]) -> Result<StagedChunk, StoreError> {
-        StagedChunk::write(&self.paths, fp, data)
+        StagedChunk::write(&self.paths, fp, data, true)
     }
 
     /// Every chunk fingerprint in the store (directory walk).
