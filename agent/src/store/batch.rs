@@ -122,4 +122,3 @@ impl<'s> ChunkBatch<'s> {
         Ok(stored)
     }
 }
-

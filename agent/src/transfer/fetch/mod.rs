@@ -51,8 +51,8 @@ pub use self::report::{FetchProgress, FetchReport, PeerReport};
 pub use self::want::ChunkWant;
 
 use self::peer_task::{run_peer, PeerCtx, Shared};
-use self::schedule::{ChunkIdx, PeerIdx, PeerSet, Sched};
 use self::receive::BufPools;
+use self::schedule::{ChunkIdx, PeerIdx, PeerSet, Sched};
 use self::writer::spawn_writer;
 use super::peer::PeerStore;
 use super::pool::ConnPool;

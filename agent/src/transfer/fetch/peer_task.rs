@@ -16,9 +16,9 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::options::FetchOptions;
+use super::receive::{read_received, BufPools, Received};
 use super::report::FetchProgress;
 use super::schedule::{ChunkIdx, ChunkState, Encoding, PeerIdx, Sched};
-use super::receive::{read_received, BufPools, Received};
 use super::verify::{rebuild, verify, ChunkBytes};
 use super::writer::WriteJob;
 use crate::store::{LocalStore, StoreError};

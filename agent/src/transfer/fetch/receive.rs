@@ -42,9 +42,8 @@ pub(crate) async fn read_received<R: AsyncRead + Unpin>(
 ) -> Result<Received, TransferError> {
     let (header, kind) = read_header(r, max_len).await?;
     let len = header.body_len() as usize;
-    let raw_chunk = kind == FrameKind::Chunk
-        && header.flags() & wire::FLAG_ZSTD == 0
-        && len > wire::CHUNK_HEAD_LEN;
+    let raw_chunk =
+        kind == FrameKind::Chunk && header.flags() & wire::FLAG_ZSTD == 0 && len > wire::CHUNK_HEAD_LEN;
     if !raw_chunk {
         let frame = read_body_into(r, header, kind, Some(progress), pools.take_vec()).await?;
         return Ok(Received { frame, payload: None });
@@ -62,7 +61,10 @@ pub(crate) async fn read_received<R: AsyncRead + Unpin>(
             kind,
             body: head,
         },
-        payload: Some(Payload { buf, len: payload_len }),
+        payload: Some(Payload {
+            buf,
+            len: payload_len,
+        }),
     })
 }
 

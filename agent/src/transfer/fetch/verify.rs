@@ -137,11 +137,7 @@ mod tests {
         ));
         // Payload shorter than the manifest says.
         assert!(matches!(
-            verify(
-                &fp,
-                4096,
-                4096,
-                false, framed(body[..body.len() - 1].to_vec())),
+            verify(&fp, 4096, 4096, false, framed(body[..body.len() - 1].to_vec())),
             Err(TransferError::BadChunk { .. })
         ));
         // Right length, wrong bytes.
