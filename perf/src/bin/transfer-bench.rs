@@ -315,7 +315,16 @@ fn main() -> Result<()> {
         let mut equal = Vec::new();
         for k in 1..=3usize {
             eprintln!("equal paths: {k} peer(s) at 100 Mbit/s");
-            let v = fetch(&tb, &o, &id, &dst_disk, &key, &peers[..k])?;
+            // A store per fetch, all deleted at the end (see the unthrottled
+            // rounds below for why deleting between fetches skews them).
+            let v = fetch(
+                &tb,
+                &o,
+                &id,
+                &dst_disk.join(format!("equal{k}")),
+                &key,
+                &peers[..k],
+            )?;
             let g = mbit(&v);
             let target = 0.9 * k as f64 * 100.0;
             equal.push(json!({
@@ -331,7 +340,7 @@ fn main() -> Result<()> {
             tb.set_rate("dst", p, LinkSpec::mbit(r))?;
         }
         eprintln!("unequal paths: 100/50/20 Mbit/s");
-        let v = fetch(&tb, &o, &id, &dst_disk, &key, &peers)?;
+        let v = fetch(&tb, &o, &id, &dst_disk.join("unequal"), &key, &peers)?;
         let bytes = v["bytes_received"].as_f64().unwrap_or(0.0);
         let ideal = bytes * 8.0 / (rates.iter().sum::<u32>() as f64 * 1e6);
         let took = v["seconds"].as_f64().unwrap_or(f64::INFINITY);
@@ -373,7 +382,7 @@ fn main() -> Result<()> {
         // new one charged the fetch a quarter to a third of its CPU
         // (docs/store.md). That is the file system's cost of the bench's own
         // cleanup, not of fetching.
-        let dst_round = dst_disk.with_file_name(format!("dst-round{}", round + 1));
+        let dst_round = dst_disk.join(format!("round{}", round + 1));
         for (label, dst) in [("disk", &dst_round), ("tmpfs", &dst_tmpfs)] {
             // A fresh agent so its CPU time covers this fetch only.
             agents.remove(0).stop()?;
@@ -394,7 +403,7 @@ fn main() -> Result<()> {
         }
     }
     for round in 0..o.rounds {
-        let _ = std::fs::remove_dir_all(dst_disk.with_file_name(format!("dst-round{}", round + 1)));
+        let _ = std::fs::remove_dir_all(dst_disk.join(format!("round{}", round + 1)));
     }
     let median = |mut xs: Vec<f64>| -> f64 {
         xs.sort_by(|a, b| a.total_cmp(b));
