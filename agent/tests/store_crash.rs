@@ -101,7 +101,10 @@ fn assert_chunks_whole(store: &Path) -> HashSet<Fingerprint> {
 /// stores its manifest only once its chunks are durable; a fetch stores the
 /// manifest first, to resume) each manifest it holds has all its chunks.
 fn assert_store_sound(store: &Path, manifests_complete: bool) -> LocalStore {
-    let s = LocalStore::open(store).expect("the store opens after kill -9");
+    // A kill while the store was being created leaves its directory without
+    // the marker; the next run's open_or_create completes it (a foreign
+    // directory would still be refused).
+    let s = LocalStore::open_or_create(store).expect("the store opens after kill -9");
     let left = std::fs::read_dir(store.join("tmp")).expect("tmp").count();
     assert_eq!(left, 0, "temp files of the dead writer remain");
     let names = assert_chunks_whole(store);
