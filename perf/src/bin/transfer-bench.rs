@@ -540,6 +540,6 @@ fn markdown(r: &Value) -> String {
         r["loadavg_start"].as_str().unwrap_or(""),
         r["loadavg_end"].as_str().unwrap_or("")
     ));
-    s.push_str("\n`disk`: the destination store on the machine's disk (chunks made durable with fsync); `tmpfs`: on /dev/shm, the network path alone.\n");
+    s.push_str("\n`disk`: the destination store on the machine's disk (chunks made durable with fsync); `tmpfs`: on /dev/shm, the network path alone. On ext4 without a journal, files deleted in the five minutes before a run (a previous run's stores included) make every chunk file created cost more; leave five minutes between runs (docs/store.md).\n");
     s
 }
