@@ -26,6 +26,7 @@ mod finish;
 mod incoming;
 mod incoming_qemu;
 mod listener;
+mod mirror;
 mod prepare;
 mod pull;
 mod session;

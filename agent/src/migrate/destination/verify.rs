@@ -1,5 +1,6 @@
 //! `Verify`, in the switchover pause: is the image now exactly the
-//! source's final manifest? The chunks sent last are read back from disk.
+//! source's final manifest? The chunks sent last are read back from disk,
+//! and every chunk the disk mirror wrote is hashed from it.
 
 use edgeshift_common::{Fingerprint, Manifest};
 
@@ -17,6 +18,7 @@ impl Incoming {
         recheck: &[u32],
     ) -> Result<(bool, String), MigrateError> {
         self.writer.wait()?;
+        let (mirrored, mirror_bytes) = self.settle_mirror()?;
         self.file.sync_all().map_err(io("sync", &self.image_path))?;
         let mine = Manifest::new(self.chunk_size, self.image_size, self.current.clone());
         if mine.id() != *id {
@@ -44,7 +46,13 @@ impl Incoming {
         self.host.store.put_manifest(&mine)?;
         Ok((
             true,
-            format!("{} chunks match, {} re-read", self.current.len(), recheck.len()),
+            format!(
+                "{} chunks match, {} re-read, {} written by the mirror ({} bytes)",
+                self.current.len(),
+                recheck.len(),
+                mirrored,
+                mirror_bytes
+            ),
         ))
     }
 }
