@@ -38,6 +38,8 @@ pub enum MigrateError {
     Remote(String),
     #[error("chunks unavailable: {0}")]
     Unavailable(String),
+    #[error("disk mirror: {0}")]
+    Mirror(String),
     #[error("disk check failed: {0}")]
     Verify(String),
     #[error("QEMU migration {0}")]

@@ -16,6 +16,10 @@ pub enum Phase {
     Plan,
     Precopy,
     Incoming,
+    /// The last chunks beside QEMU's disk mirror: from the mirror's start
+    /// to its completion in the pause (it overlaps `Memory`); its bytes are
+    /// the engine's last round and the guest writes the mirror carried.
+    Mirror,
     Memory,
     Pause,
     /// Not a phase of its own: a disk round while QEMU moves memory (the
@@ -64,6 +68,17 @@ pub struct ThrottleReport {
     pub estimated_pause_seconds: f64,
 }
 
+/// What the disk mirror moved.
+#[derive(Debug, Clone, Serialize)]
+pub struct MirrorReport {
+    /// Chunks written before the mirror was ready, sent beside it, and
+    /// their bytes.
+    pub engine_chunks: u64,
+    pub engine_bytes: u64,
+    /// Guest writes the mirror carried (QEMU's job offset).
+    pub mirrored_bytes: u64,
+}
+
 /// How the source learnt which chunks changed since the manifest the VM
 /// booted from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -91,6 +106,11 @@ pub struct MigrationReport {
     /// it ended), not after it; the phases then overlap.
     pub memory_started_with_disk: bool,
     pub changed_since_boot_from: ChangedSinceBoot,
+    /// How the last chunks went: `mirror` (beside QEMU's disk mirror) or
+    /// `pause`.
+    pub disk_handoff: super::source::DiskHandoff,
+    /// The disk mirror's figures, when it ran (its phase is `mirror`).
+    pub mirror: Option<MirrorReport>,
     pub phases: Vec<PhaseReport>,
     pub rounds: Vec<RoundReport>,
     pub disk_bytes: u64,

@@ -16,6 +16,7 @@ use crate::vm::{MemoryTransport, VmSpec};
 
 pub(super) const CHUNK: u64 = 64 << 10;
 pub(super) const INCOMING_URI: &str = "tcp:10.0.0.2:4444";
+pub(super) const MIRROR_EXPORT_ADDR: &str = "10.0.0.2:4555";
 
 /// A boot manifest of `chunks` distinct chunks.
 pub(super) fn boot_manifest(chunks: u32) -> Manifest {
@@ -131,6 +132,11 @@ impl Destination for FakeDestination {
     fn abort(&mut self) -> Result<(), MigrateError> {
         drop(self.ask("abort")?);
         Ok(())
+    }
+
+    fn open_mirror(&mut self) -> Result<(String, String), MigrateError> {
+        drop(self.ask("open_mirror")?);
+        Ok((MIRROR_EXPORT_ADDR.into(), "export-name".into()))
     }
 }
 

@@ -235,7 +235,22 @@ impl Session<'_> {
             // pre-copy left past `converge_chunks`, as a round before memory
             // would have.
             let first_look = last_disk.is_none();
-            if last_disk.is_none_or(|l| l.elapsed() >= DISK_ROUND_DURING_MEMORY) {
+            if self.mirror.is_some() {
+                // The mirror carries every write: a look keeps the pause's
+                // own look small, and the mirror must still run.
+                if last_disk.is_none_or(|l| l.elapsed() >= DISK_ROUND_DURING_MEMORY) {
+                    last_disk = Some(Instant::now());
+                    self.check_mirror(qmp)?;
+                    let next = disk.look(&cur, &mut self.temp)?;
+                    self.temp.observe(&cur, &next);
+                    cur = next;
+                    if self.opts.fail_after == Some(Phase::MemoryRound) {
+                        return Err(MigrateError::State(
+                            "failure injected while QEMU moves memory beside the mirror".into(),
+                        ));
+                    }
+                }
+            } else if last_disk.is_none_or(|l| l.elapsed() >= DISK_ROUND_DURING_MEMORY) {
                 last_disk = Some(Instant::now());
                 let next = disk.look(&cur, &mut self.temp)?;
                 self.temp.observe(&cur, &next);

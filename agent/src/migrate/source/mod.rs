@@ -17,9 +17,14 @@
 //!    the source runs QMP `migrate` with `pause-before-switchover`. If the
 //!    chunks dirtied per round would overrun `--max-downtime` in the pause,
 //!    the source VM's disk writes are throttled step by step ([`throttle`]).
+//!    With `--disk-handoff mirror` (the default), before memory
+//!    ([`mirror`]): QEMU mirrors every new guest write to the destination's
+//!    NBD export, each completing at both ends, and the chunks written
+//!    before the mirror was ready go beside it; no round runs after that.
 //! 4. **pause** ([`switchover`]): the source VM is stopped and its disk
-//!    flushed; the last dirty chunks go over, the destination's disk is
-//!    checked equal to the source's manifest, then `migrate-continue`.
+//!    flushed; the mirror is completed (or, without it, the last dirty
+//!    chunks go over), the destination's disk is checked equal to the
+//!    source's manifest, then `migrate-continue`.
 //! 5. **after**: the destination keeps the VM and announces it; the source
 //!    stops its QEMU and frees the disk; the coordinator's reference counts
 //!    move with the VM.
@@ -37,6 +42,7 @@ mod control;
 mod disk;
 mod ledger;
 mod memory;
+mod mirror;
 mod options;
 mod precopy;
 mod prepare;
@@ -56,9 +62,9 @@ use std::time::{Duration, Instant};
 
 use edgeshift_common::{Fingerprint, Manifest};
 
-pub use options::MigrateOptions;
+pub use options::{DiskHandoff, MigrateOptions};
 
-use crate::migrate::report::{MigrationReport, Phase};
+use crate::migrate::report::{MigrationReport, MirrorReport, Phase};
 use crate::migrate::MigrateError;
 use crate::store::{ChunkStore, LocalStore};
 use crate::vm::{self, Qemu, Qmp, QmpClient, StateDir, VmSpec};
@@ -196,7 +202,10 @@ impl Session<'_> {
         } else {
             None
         };
-        let cur = self.precopy(qmp, disk, boot, ready.since_boot, memory_started.is_some())?;
+        let mut cur = self.precopy(qmp, disk, boot, ready.since_boot, memory_started.is_some())?;
+        if self.opts.disk_handoff == DiskHandoff::Mirror {
+            cur = self.start_mirror(qmp, disk, cur)?;
+        }
         let (cur, mem_bytes) = self.memory(qmp, disk, cur, &ready.uri, ready.asked, memory_started)?;
         let switched = self.switchover(qmp, disk, cur, mem_bytes)?;
         Ok(Outcome {
@@ -232,6 +241,12 @@ impl Session<'_> {
             coordination: self.coord,
             throttle: self.throttle.report,
             memory_started_with_disk: self.memory_with_disk,
+            disk_handoff: self.opts.disk_handoff,
+            mirror: self.mirror.map(|m| MirrorReport {
+                engine_chunks: m.engine_chunks,
+                engine_bytes: m.engine_bytes,
+                mirrored_bytes: m.mirrored_bytes,
+            }),
             changed_since_boot_from: self.changed_since_boot_from,
         }
     }

@@ -57,4 +57,20 @@ pub struct MigrateOptions {
     /// Chunks written again after they were sent go as the blocks that
     /// differ from what the destination holds (false: whole, to compare).
     pub deltas: bool,
+    /// How the chunks written after the pre-copy rounds reach the
+    /// destination: beside QEMU's disk mirror while the VM runs, or in the
+    /// pause (the way before the mirror, to compare).
+    pub disk_handoff: DiskHandoff,
+}
+
+/// See [`MigrateOptions::disk_handoff`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskHandoff {
+    /// An active mirror of new writes (QEMU `blockdev-mirror`,
+    /// write-blocking) to the destination's NBD export; the chunks written
+    /// before it go beside it; the pause only checks.
+    Mirror,
+    /// The last dirty chunks are sent in the pause.
+    Pause,
 }

@@ -10,6 +10,7 @@ use edgeshift_common::Manifest;
 use super::control::{Destination, PullOrder};
 use super::disk::LiveDisk;
 use super::ledger::Ledger;
+use super::mirror::MirrorRun;
 use super::options::MigrateOptions;
 use super::throttle::Throttle;
 use crate::migrate::coord::CoordReport;
@@ -34,6 +35,8 @@ pub(super) struct Session<'a> {
     pub(super) changed_since_boot_from: ChangedSinceBoot,
     /// QEMU's migration runs: a failure before the switchover cancels it.
     pub(super) migration_started: bool,
+    /// The disk mirror, once started (step 3a).
+    pub(super) mirror: Option<MirrorRun>,
 }
 
 impl<'a> Session<'a> {
@@ -56,6 +59,7 @@ impl<'a> Session<'a> {
             memory_with_disk: false,
             changed_since_boot_from: ChangedSinceBoot::Slice,
             migration_started: false,
+            mirror: None,
             progress,
             opts,
         }

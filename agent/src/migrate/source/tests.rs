@@ -15,7 +15,7 @@ use super::control::Destination;
 use super::fakes::{boot_manifest, FakeDestination, FakeDisk, CHUNK, INCOMING_URI};
 use super::memory::{hold_memory_back, MemoryHold};
 use super::session::Session;
-use super::{MigrateOptions, Outcome};
+use super::{DiskHandoff, MigrateOptions, Outcome};
 use crate::migrate::report::{ChangedSinceBoot, Phase, ThrottleReport};
 use crate::migrate::temperature::Ordering;
 use crate::migrate::MigrateError;
@@ -53,6 +53,7 @@ fn opts() -> MigrateOptions {
         memory_with_disk: false,
         use_boot_log: false,
         deltas: true,
+        disk_handoff: DiskHandoff::Pause,
     }
 }
 
