@@ -56,6 +56,8 @@ mod write_log;
 #[cfg(test)]
 mod fakes;
 #[cfg(test)]
+mod mirror_tests;
+#[cfg(test)]
 mod tests;
 
 use std::time::{Duration, Instant};
