@@ -35,16 +35,29 @@ pub(super) trait LiveDisk: Sync {
     fn slice_all(&self, chunk_size: ChunkSize) -> Result<Manifest, MigrateError>;
     /// Flushes what the paused VM wrote to the disk.
     fn flush(&self) -> Result<(), MigrateError>;
+    /// Starts collecting every chunk a look names from now on (the disk
+    /// mirror's start).
+    fn collect_written(&self);
+    /// The chunks looks named since [`LiveDisk::collect_written`].
+    fn written_collected(&self) -> Vec<u32>;
     /// Reports `live` to the coordinator as held here.
     fn report_to(&self, c: &CoordConfig, live: &Manifest, out: &mut CoordReport) -> Result<(), MigrateError>;
 }
 
 /// The VM's loop device and image file, and this edge's store.
+///
+/// The write log counts a write when it is queued, so a look may read a
+/// chunk before a write it counted has landed. Each look therefore reads
+/// again what the look before it named (by then landed), and once the
+/// mirror runs, the pause reads again every chunk named since.
 pub(super) struct SourceDisk<'a> {
     dev: PathBuf,
     image: PathBuf,
     store: &'a LocalStore,
     writes: Mutex<Option<WriteLog>>,
+    /// What the last look named, and what looks named since
+    /// `collect_written` (None: not collecting).
+    named: Mutex<(Vec<u32>, Option<std::collections::BTreeSet<u32>>)>,
 }
 
 impl<'a> SourceDisk<'a> {
@@ -54,6 +67,7 @@ impl<'a> SourceDisk<'a> {
             image,
             store,
             writes: Mutex::new(None),
+            named: Mutex::new((Vec::new(), None)),
         }
     }
 
@@ -91,7 +105,23 @@ impl LiveDisk for SourceDisk<'_> {
 
     fn look(&self, cur: &Manifest, temp: &mut Temperature) -> Result<Manifest, MigrateError> {
         let mut writes = self.writes();
-        reslice(&self.dev, &self.image, cur, writes.as_mut(), temp, self.store)
+        let mut named = self.named.lock().unwrap_or_else(|p| p.into_inner());
+        let (next, now) = reslice(&self.dev, &self.image, cur, writes.as_mut(), &named.0, temp, self.store)?;
+        let now = now.unwrap_or_default();
+        if let Some(all) = named.1.as_mut() {
+            all.extend(now.iter().copied());
+        }
+        named.0 = now;
+        Ok(next)
+    }
+
+    fn collect_written(&self) {
+        self.named.lock().unwrap_or_else(|p| p.into_inner()).1 = Some(Default::default());
+    }
+
+    fn written_collected(&self) -> Vec<u32> {
+        let named = self.named.lock().unwrap_or_else(|p| p.into_inner());
+        named.1.as_ref().map(|s| s.iter().copied().collect()).unwrap_or_default()
     }
 
     fn read_again(&self, cur: &Manifest, indices: &[u32]) -> Result<Manifest, MigrateError> {
@@ -103,11 +133,28 @@ impl LiveDisk for SourceDisk<'_> {
     }
 
     fn flush(&self) -> Result<(), MigrateError> {
-        sync_device(&self.dev)
+        sync_device(&self.dev)?;
+        drop_cached(&self.dev);
+        Ok(())
     }
 
     fn report_to(&self, c: &CoordConfig, live: &Manifest, out: &mut CoordReport) -> Result<(), MigrateError> {
         crate::migrate::coord::report_live_disk(c, self.store, live, out)
+    }
+}
+
+/// Drops the loop device's clean cached pages, so the pause's reads come
+/// from the disk: a read that raced a guest's O_DIRECT write may have
+/// cached what was there before. Best effort.
+fn drop_cached(dev: &Path) {
+    use std::os::fd::AsRawFd;
+    if let Ok(f) = std::fs::File::open(dev) {
+        // SAFETY: a plain advisory call on a descriptor `f` owns and keeps
+        // open for the call; no memory is passed.
+        let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        if r != 0 {
+            tracing::debug!(errno = r, "posix_fadvise(DONTNEED) on the loop device failed");
+        }
     }
 }
 

@@ -226,6 +226,12 @@ impl LiveDisk for FakeDisk {
         Ok(())
     }
 
+    fn collect_written(&self) {}
+
+    fn written_collected(&self) -> Vec<u32> {
+        Vec::new()
+    }
+
     fn report_to(
         &self,
         _c: &CoordConfig,

@@ -115,6 +115,9 @@ impl Session<'_> {
             std::thread::sleep(JOB_POLL);
         }
         let ready_s = t.elapsed().as_secs_f64();
+        // The pause reads again every chunk written from now on (the
+        // destination hashes what the mirror wrote).
+        disk.collect_written();
         // Every guest write from now on completes at both ends: what was
         // written before, read now, is all the engine still sends.
         let next = disk.look(&cur, &mut self.temp)?;

@@ -38,28 +38,35 @@ pub(super) fn full_slice(
 }
 
 /// The live disk now: only the chunks the write log saw written are read
-/// again when it can say so, else all of it.
+/// again when it can say so (with `also`), else all of it. Returns the
+/// disk and the chunks the log named (None: it named nothing, all was read).
 pub(super) fn reslice(
     dev: &Path,
     image: &Path,
     cur: &Manifest,
     writes: Option<&mut WriteLog>,
+    also: &[u32],
     temp: &mut Temperature,
     store: &LocalStore,
-) -> Result<Manifest, MigrateError> {
+) -> Result<(Manifest, Option<Vec<u32>>), MigrateError> {
     match writes.and_then(|w| w.take()) {
         Some(written) => {
             for &(i, n) in &written {
                 temp.add_writes(i as usize, n as f64);
             }
-            let idx: Vec<u32> = written.iter().map(|&(i, _)| i).collect();
+            let named: Vec<u32> = written.iter().map(|&(i, _)| i).collect();
+            let mut idx = named.clone();
+            idx.extend_from_slice(also);
+            idx.sort_unstable();
+            idx.dedup();
             tracing::debug!(
                 chunks = idx.len(),
+                named = named.len(),
                 "re-reading the chunks written since the last slices"
             );
-            reslice_some(dev, cur, &idx, store)
+            Ok((reslice_some(dev, cur, &idx, store)?, Some(named)))
         }
-        None => full_slice(image, cur.chunk_size, store),
+        None => Ok((full_slice(image, cur.chunk_size, store)?, None)),
     }
 }
 
