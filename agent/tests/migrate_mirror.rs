@@ -78,7 +78,10 @@ fn racing_writes_beside_the_mirror_survive_a_cut_and_a_handoff() {
     let status = child.wait().expect("migrate ends");
     let log = reader.join().expect("stderr reader");
     assert!(!status.success(), "a cut mirror fails the migration: {log}");
-    assert!(log.contains("disk mirror stopped"), "the rollback stopped the mirror: {log}");
+    assert!(
+        log.contains("disk mirror stopped"),
+        "the rollback stopped the mirror: {log}"
+    );
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(cloud.list("a").len(), 1, "the VM is still at the source");
     assert_eq!(cloud.list("a")[0]["state"], "running");
@@ -88,7 +91,10 @@ fn racing_writes_beside_the_mirror_survive_a_cut_and_a_handoff() {
         "the guest keeps counting at the source"
     );
     let check = cloud.check_disk();
-    assert!(check.starts_with("check ok"), "disk at the source after the cut: {check}");
+    assert!(
+        check.starts_with("check ok"),
+        "disk at the source after the cut: {check}"
+    );
     cloud.start_daemons("b");
 
     // 2. The handoff, the guest racing it.
@@ -115,7 +121,10 @@ fn racing_writes_beside_the_mirror_survive_a_cut_and_a_handoff() {
         stream.wait_above(before + 20, Duration::from_secs(30)),
         "the counter keeps rising after the switch"
     );
-    assert!(stream.is_open(), "the client's TCP connection survived the switch");
+    assert!(
+        stream.is_open(),
+        "the client's TCP connection survived the switch"
+    );
     let check = cloud.check_disk();
     assert!(check.starts_with("check ok"), "disk at b after the move: {check}");
     eprintln!("longest gap seen by the client: {:?}", stream.longest_gap());

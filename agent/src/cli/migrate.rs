@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use edgeshift_agent::migrate::report::Phase;
-use edgeshift_agent::migrate::temperature::Ordering;
 use edgeshift_agent::migrate::source::DiskHandoff;
+use edgeshift_agent::migrate::temperature::Ordering;
 use edgeshift_agent::migrate::{self, MigrateOptions};
 use edgeshift_agent::vm::MemoryTransport;
 

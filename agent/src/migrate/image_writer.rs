@@ -312,7 +312,11 @@ impl crate::migrate::nbd::BlockTarget for MirrorSink {
         if !self.target.mirror_open.load(Ordering::Acquire) {
             return Err(refused());
         }
-        self.target.file.sync_data()
+        // The pause's `Verify` syncs the image before the switchover (and
+        // the image means nothing to anyone before): a sync here, as the
+        // mirror completes in the pause, would only come first.
+        crate::store::local::start_writeback(&self.target.file);
+        Ok(())
     }
 }
 

@@ -393,7 +393,11 @@ mod tests {
         let (mut s, size) = go(addr, "secret").expect("the right name");
         assert_eq!(size, 8192);
         assert_eq!(request(&mut s, CMD_WRITE, 7, 100, 3, b"abc"), 0);
-        assert_eq!(request(&mut s, CMD_WRITE, 8, 8190, 3, b"xyz"), EINVAL, "past the end");
+        assert_eq!(
+            request(&mut s, CMD_WRITE, 8, 8190, 3, b"xyz"),
+            EINVAL,
+            "past the end"
+        );
         assert_eq!(request(&mut s, CMD_FLUSH, 9, 0, 0, &[]), 0);
         assert_eq!(request(&mut s, CMD_READ, 10, 99, 5, &[]), 0);
         let mut got = [0u8; 5];

@@ -111,7 +111,9 @@ impl Incoming {
         source: IpAddr,
     ) -> Result<(String, String), MigrateError> {
         if self.mirror.is_some() {
-            return Err(MigrateError::State("the disk mirror's export is open already".into()));
+            return Err(MigrateError::State(
+                "the disk mirror's export is open already".into(),
+            ));
         }
         let l = TcpListener::bind((local_ip, 0))
             .map_err(|e| MigrateError::Channel(format!("disk mirror export: {e}")))?;

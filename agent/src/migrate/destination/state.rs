@@ -113,9 +113,10 @@ impl ReceiveState {
             (S::IncomingStarted { pulls }, C::Pull) => Some(S::IncomingStarted { pulls: pulls + 1 }),
             // The mirror's export opens beside the pulls; it does not move
             // the state.
-            (s @ (S::Prepared { .. } | S::IncomingStarting { .. } | S::IncomingStarted { .. }), C::OpenMirror) => {
-                Some(s)
-            }
+            (
+                s @ (S::Prepared { .. } | S::IncomingStarting { .. } | S::IncomingStarted { .. }),
+                C::OpenMirror,
+            ) => Some(s),
             (S::Prepared { pulls }, C::StartIncoming) => Some(S::IncomingStarting { pulls }),
             (S::IncomingStarting { pulls } | S::IncomingStarted { pulls }, C::AwaitIncoming) => {
                 Some(S::IncomingStarted { pulls })

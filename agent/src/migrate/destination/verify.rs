@@ -19,7 +19,14 @@ impl Incoming {
     ) -> Result<(bool, String), MigrateError> {
         self.writer.wait()?;
         let (mirrored, mirror_bytes) = self.settle_mirror()?;
-        self.file.sync_all().map_err(io("sync", &self.image_path))?;
+        if self.mirror.is_none() {
+            self.file.sync_all().map_err(io("sync", &self.image_path))?;
+        } else {
+            // Beside a mirror the pause holds no disk work: the image (as
+            // every reader sees it already) is synced once the VM runs
+            // here (`Finish`), the guest's own first flush syncing it too.
+            crate::store::local::start_writeback(&self.file);
+        }
         let mine = Manifest::new(self.chunk_size, self.image_size, self.current.clone());
         if mine.id() != *id {
             return Ok((

@@ -106,7 +106,15 @@ impl LiveDisk for SourceDisk<'_> {
     fn look(&self, cur: &Manifest, temp: &mut Temperature) -> Result<Manifest, MigrateError> {
         let mut writes = self.writes();
         let mut named = self.named.lock().unwrap_or_else(|p| p.into_inner());
-        let (next, now) = reslice(&self.dev, &self.image, cur, writes.as_mut(), &named.0, temp, self.store)?;
+        let (next, now) = reslice(
+            &self.dev,
+            &self.image,
+            cur,
+            writes.as_mut(),
+            &named.0,
+            temp,
+            self.store,
+        )?;
         let now = now.unwrap_or_default();
         if let Some(all) = named.1.as_mut() {
             all.extend(now.iter().copied());
@@ -121,7 +129,11 @@ impl LiveDisk for SourceDisk<'_> {
 
     fn written_collected(&self) -> Vec<u32> {
         let named = self.named.lock().unwrap_or_else(|p| p.into_inner());
-        named.1.as_ref().map(|s| s.iter().copied().collect()).unwrap_or_default()
+        named
+            .1
+            .as_ref()
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     fn read_again(&self, cur: &Manifest, indices: &[u32]) -> Result<Manifest, MigrateError> {
@@ -133,28 +145,11 @@ impl LiveDisk for SourceDisk<'_> {
     }
 
     fn flush(&self) -> Result<(), MigrateError> {
-        sync_device(&self.dev)?;
-        drop_cached(&self.dev);
-        Ok(())
+        sync_device(&self.dev)
     }
 
     fn report_to(&self, c: &CoordConfig, live: &Manifest, out: &mut CoordReport) -> Result<(), MigrateError> {
         crate::migrate::coord::report_live_disk(c, self.store, live, out)
-    }
-}
-
-/// Drops the loop device's clean cached pages, so the pause's reads come
-/// from the disk: a read that raced a guest's O_DIRECT write may have
-/// cached what was there before. Best effort.
-fn drop_cached(dev: &Path) {
-    use std::os::fd::AsRawFd;
-    if let Ok(f) = std::fs::File::open(dev) {
-        // SAFETY: a plain advisory call on a descriptor `f` owns and keeps
-        // open for the call; no memory is passed.
-        let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        if r != 0 {
-            tracing::debug!(errno = r, "posix_fadvise(DONTNEED) on the loop device failed");
-        }
     }
 }
 

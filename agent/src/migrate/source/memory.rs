@@ -31,7 +31,7 @@ const DISK_ROUND_DURING_MEMORY: Duration = Duration::from_secs(1);
 /// Longest memory may take to reach the pause (and the pause to complete).
 pub(super) const MEMORY_TIMEOUT: Duration = Duration::from_secs(900);
 /// How often step 3 looks for the pause: it starts when this loop notices.
-const PAUSE_POLL: Duration = Duration::from_millis(10);
+const PAUSE_POLL: Duration = Duration::from_millis(3);
 
 /// Sets `want` on the source QEMU, or plain migration (with a log line)
 /// when this QEMU cannot take it. Returns what was set.

@@ -110,7 +110,9 @@ impl Session<'_> {
                 break;
             }
             if t.elapsed() > JOB_WAIT {
-                return Err(MigrateError::Mirror("the disk mirror did not become ready".into()));
+                return Err(MigrateError::Mirror(
+                    "the disk mirror did not become ready".into(),
+                ));
             }
             std::thread::sleep(JOB_POLL);
         }
@@ -162,17 +164,51 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// In the pause (the VM stopped, its writes drained): QEMU completes
-    /// the mirror, the destination's disk then holds every write.
-    pub(super) fn complete_mirror(&mut self, qmp: &mut dyn Qmp) -> Result<(), MigrateError> {
+    /// In the pause (the VM stopped, its writes drained): whether the
+    /// destination's disk holds every write. A ready write-blocking mirror
+    /// with nothing left to copy is in step already (every write completed
+    /// at both ends) and is left to end with the source QEMU; one with
+    /// bytes left is completed by QEMU first. The destination's check
+    /// follows either way.
+    pub(super) fn mirror_in_step(&mut self, qmp: &mut dyn Qmp) -> Result<(), MigrateError> {
         let Some(started) = self.mirror.as_ref().map(|m| m.started) else {
             return Ok(());
         };
-        running_job(qmp)?;
+        let j = running_job(qmp)?;
+        if j.ready && j.status == "ready" && j.offset == j.len {
+            let bytes = match self.mirror.as_mut() {
+                Some(m) => {
+                    m.mirrored_bytes = j.offset;
+                    m.engine_bytes + j.offset
+                }
+                None => 0,
+            };
+            self.phase_done(Phase::Mirror, started, bytes);
+            return Ok(());
+        }
+        tracing::info!(
+            left = j.len.saturating_sub(j.offset),
+            "disk mirror still copying: completing it"
+        );
+        self.complete_mirror(qmp, started)
+    }
+
+    /// QEMU completes the mirror (a ready job cancelled without `force`
+    /// ends once the target is in step).
+    fn complete_mirror(&mut self, qmp: &mut dyn Qmp, started: Instant) -> Result<(), MigrateError> {
+        let t = Instant::now();
         qmp.block_job_cancel(MIRROR_JOB, false)?;
+        let asked_s = t.elapsed().as_secs_f64();
         let j = wait_concluded(qmp, JOB_WAIT)?;
+        tracing::info!(
+            asked_s,
+            concluded_s = t.elapsed().as_secs_f64(),
+            "disk mirror completed in the pause"
+        );
         if let Some(e) = j.error {
-            return Err(MigrateError::Mirror(format!("the disk mirror failed at the end: {e}")));
+            return Err(MigrateError::Mirror(format!(
+                "the disk mirror failed at the end: {e}"
+            )));
         }
         qmp.job_dismiss(MIRROR_JOB)?;
         let bytes = match self.mirror.as_mut() {

@@ -12,6 +12,7 @@ use super::disk::LiveDisk;
 use super::memory::MEMORY_TIMEOUT;
 use super::session::Session;
 use crate::migrate::report::Phase;
+use crate::migrate::temperature::Temperature;
 use crate::migrate::MigrateError;
 use crate::vm::Qmp;
 
@@ -51,12 +52,33 @@ impl Session<'_> {
                 st.status
             )));
         }
-        // QEMU drained the guest's writes when it paused it; completing the
-        // mirror waits for whatever it still had in flight.
-        self.complete_mirror(qmp)?;
+        // QEMU drained the guest's writes when it paused it: the last look
+        // reads the disk while the mirror is seen to be in step (or
+        // completed, if it still had writes in flight).
+        let mirrored = self.mirror.is_some();
+        let mut temp = std::mem::replace(&mut self.temp, Temperature::new(0));
+        let (looked, in_step) = std::thread::scope(|sc| {
+            let reader = sc.spawn(|| -> Result<(Manifest, f64), MigrateError> {
+                disk.flush()?;
+                let mut fin = disk.look(&cur, &mut temp)?;
+                let t_look = t.elapsed().as_secs_f64();
+                if mirrored {
+                    // Every chunk written since the mirror started, read now
+                    // that the guest's writes have all landed.
+                    fin = disk.read_again(&fin, &disk.written_collected())?;
+                }
+                Ok((fin, t_look))
+            });
+            let in_step = self.mirror_in_step(qmp);
+            let looked = reader
+                .join()
+                .unwrap_or_else(|_| Err(MigrateError::State("the pause's look panicked".into())));
+            (looked, in_step)
+        });
+        self.temp = temp;
+        in_step?;
         let t_mirror = t.elapsed().as_secs_f64();
-        disk.flush()?;
-        let fin = disk.look(&cur, &mut self.temp)?;
+        let (fin, t_look) = looked?;
         let t_slice = t.elapsed().as_secs_f64();
         self.temp.observe(&cur, &fin);
         let mut last = self.ledger.stale(&fin);
@@ -81,7 +103,8 @@ impl Session<'_> {
             mirror = self.mirror.is_some(),
             detail = %verdict.detail,
             mirror_s = t_mirror,
-            slice_s = t_slice - t_mirror,
+            look_s = t_look,
+            slice_s = t_slice,
             round_s = t_round - t_slice,
             verify_s = t.elapsed().as_secs_f64() - t_round,
             tracker = disk.tracked(),

@@ -11,7 +11,13 @@ impl QmpClient {
     /// `blockdev-add` of an NBD client node `node` for `export` at
     /// `host:port`. Discards stay ignored (`discard` is off by default), as
     /// on the VM's own disk, so the two sides cannot drift on a discard.
-    pub fn blockdev_add_nbd(&mut self, node: &str, host: &str, port: u16, export: &str) -> Result<(), VmError> {
+    pub fn blockdev_add_nbd(
+        &mut self,
+        node: &str,
+        host: &str,
+        port: u16,
+        export: &str,
+    ) -> Result<(), VmError> {
         self.execute_raw(
             "blockdev-add",
             Some(json!({

@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::api::Qmp;
-use super::types::{BlockJobInfo, DiskThrottle, MemoryTransport, MigrationInfo, QmpEvent, StatusInfo, MULTIFD_CHANNELS};
+use super::types::{
+    BlockJobInfo, DiskThrottle, MemoryTransport, MigrationInfo, QmpEvent, StatusInfo, MULTIFD_CHANNELS,
+};
 use crate::vm::VmError;
 
 /// Longest a single reply may take before the client gives up.

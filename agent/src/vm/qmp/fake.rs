@@ -13,7 +13,9 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use super::api::Qmp;
-use super::types::{BlockJobInfo, DiskThrottle, MemoryTransport, MigrationInfo, MigrationRam, QmpEvent, StatusInfo};
+use super::types::{
+    BlockJobInfo, DiskThrottle, MemoryTransport, MigrationInfo, MigrationRam, QmpEvent, StatusInfo,
+};
 use crate::vm::VmError;
 
 /// The qdev path the fake's one disk has.
@@ -37,6 +39,8 @@ pub struct FakeQmp {
     /// A mirror fails with this error once `query-block-jobs` has answered
     /// this many more times.
     mirror_failure: Option<(u32, String)>,
+    /// Bytes a running mirror always has left to copy.
+    mirror_lag: u64,
 }
 
 impl Default for FakeQmp {
@@ -64,7 +68,13 @@ impl FakeQmp {
             nodes: Vec::new(),
             jobs: Vec::new(),
             mirror_failure: None,
+            mirror_lag: 0,
         }
+    }
+
+    /// Makes a running mirror report `bytes` still to copy.
+    pub fn lag_mirror(&mut self, bytes: u64) {
+        self.mirror_lag = bytes;
     }
 
     /// Makes the mirror job fail with `error` after `queries` more answers
@@ -328,7 +338,7 @@ impl Qmp for FakeQmp {
             if j.status == "ready" {
                 // Each look finds a few more guest writes carried.
                 j.offset += 4096;
-                j.len = j.offset;
+                j.len = j.offset + self.mirror_lag;
             }
         }
         Ok(self.jobs.clone())
@@ -353,7 +363,8 @@ impl Qmp for FakeQmp {
     fn job_dismiss(&mut self, job: &str) -> Result<(), VmError> {
         self.call(format!("job-dismiss {job}"))?;
         let before = self.jobs.len();
-        self.jobs.retain(|j| !(j.device == job && j.status == "concluded"));
+        self.jobs
+            .retain(|j| !(j.device == job && j.status == "concluded"));
         if self.jobs.len() == before {
             return Err(VmError::Qmp(format!("no concluded job {job}")));
         }

@@ -15,5 +15,6 @@ pub mod types;
 pub use api::Qmp;
 pub use client::QmpClient;
 pub use types::{
-    BlockJobInfo, DiskThrottle, MemoryTransport, MigrationInfo, MigrationRam, QmpEvent, StatusInfo, MULTIFD_CHANNELS,
+    BlockJobInfo, DiskThrottle, MemoryTransport, MigrationInfo, MigrationRam, QmpEvent, StatusInfo,
+    MULTIFD_CHANNELS,
 };
