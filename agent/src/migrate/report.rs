@@ -31,6 +31,9 @@ pub enum Phase {
 #[derive(Debug, Clone, Serialize)]
 pub struct PhaseReport {
     pub phase: Phase,
+    /// When it started, seconds after the migration's (phases may overlap:
+    /// `mirror` runs beside `memory`).
+    pub start_seconds: f64,
     pub seconds: f64,
     pub bytes: u64,
 }

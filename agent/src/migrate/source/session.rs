@@ -37,6 +37,8 @@ pub(super) struct Session<'a> {
     pub(super) migration_started: bool,
     /// The disk mirror, once started (step 3a).
     pub(super) mirror: Option<MirrorRun>,
+    /// When the session began: phases report their start from it.
+    began: Instant,
 }
 
 impl<'a> Session<'a> {
@@ -60,6 +62,7 @@ impl<'a> Session<'a> {
             changed_since_boot_from: ChangedSinceBoot::Slice,
             migration_started: false,
             mirror: None,
+            began: Instant::now(),
             progress,
             opts,
         }
@@ -179,6 +182,7 @@ impl<'a> Session<'a> {
     pub(super) fn phase_done(&mut self, phase: Phase, started: Instant, bytes: u64) {
         self.phases.push(PhaseReport {
             phase,
+            start_seconds: started.saturating_duration_since(self.began).as_secs_f64(),
             seconds: started.elapsed().as_secs_f64(),
             bytes,
         });
