@@ -77,6 +77,10 @@ pub enum Request {
     /// disk mirror (one connection, from the source's address only); its
     /// writes win over chunks pulled before or after them.
     OpenMirror,
+    /// Destination: answers once every chunk pulled so far is in the image
+    /// (its background writes done), so that the pause does not wait for
+    /// them.
+    AwaitImage,
 }
 
 /// Per-holder figures of one pull.

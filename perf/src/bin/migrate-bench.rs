@@ -129,8 +129,10 @@ struct Row {
 /// A client of the VM's counter stream from src (the VM segment reaches
 /// the VM at either end), once it reads lines.
 fn counter_client(b: &Bed) -> Option<CounterClient> {
-    let c = CounterClient::start(&b.tb, "src", &b.vm_ip).ok()?;
-    c.wait_lines(3, Duration::from_secs(30)).then_some(c)
+    (0..3).find_map(|_| {
+        let c = CounterClient::start(&b.tb, "src", &b.vm_ip).ok()?;
+        c.wait_lines(3, Duration::from_secs(20)).then_some(c)
+    })
 }
 
 /// The client's longest gap since `t0`, 2 s after the handoff.

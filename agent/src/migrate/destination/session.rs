@@ -96,6 +96,10 @@ impl Session {
                 let (addr, export) = self.incoming()?.open_mirror(local, peer)?;
                 Ok((Response::MirrorOpen { addr, export }, true))
             }
+            Request::AwaitImage => {
+                self.incoming()?.writer.wait()?;
+                Ok((Response::Done, true))
+            }
             Request::AwaitIncoming => {
                 let (uri, memory) = self.incoming()?.await_started()?;
                 Ok((Response::Incoming { uri, memory }, true))

@@ -7,8 +7,8 @@
 //! ```
 //! `Pull` rounds come in `Prepared`, `IncomingStarting` and `IncomingStarted`
 //! (the disk moves while QEMU starts, and the last round in the pause);
-//! `OpenMirror` (the disk mirror's export) is taken in the same states and
-//! leaves them as they are; `Verify` may also follow `IncomingStarting` directly (its QEMU is then
+//! `OpenMirror` (the disk mirror's export) and `AwaitImage` are taken in the
+//! same states and leave them as they are; `Verify` may also follow `IncomingStarting` directly (its QEMU is then
 //! waited for at `Finish`). `Abort` is taken in every state and ends in
 //! `Aborted`; `Finished` and `Aborted` take nothing else.
 
@@ -44,6 +44,7 @@ pub enum Command {
     Finish,
     Abort,
     OpenMirror,
+    AwaitImage,
 }
 
 impl Command {
@@ -57,6 +58,7 @@ impl Command {
             Request::Finish => Command::Finish,
             Request::Abort => Command::Abort,
             Request::OpenMirror => Command::OpenMirror,
+            Request::AwaitImage => Command::AwaitImage,
         }
     }
 }
@@ -115,7 +117,7 @@ impl ReceiveState {
             // the state.
             (
                 s @ (S::Prepared { .. } | S::IncomingStarting { .. } | S::IncomingStarted { .. }),
-                C::OpenMirror,
+                C::OpenMirror | C::AwaitImage,
             ) => Some(s),
             (S::Prepared { pulls }, C::StartIncoming) => Some(S::IncomingStarting { pulls }),
             (S::IncomingStarting { pulls } | S::IncomingStarted { pulls }, C::AwaitIncoming) => {
@@ -214,6 +216,8 @@ mod tests {
             (S::Verified, C::Pull),
             (S::Idle, C::OpenMirror),
             (S::Verified, C::OpenMirror),
+            (S::Idle, C::AwaitImage),
+            (S::Verified, C::AwaitImage),
             (S::Verified, C::Verify),
             (S::Finished, C::Prepare),
             (S::Finished, C::Pull),

@@ -134,6 +134,11 @@ impl Destination for FakeDestination {
         Ok(())
     }
 
+    fn await_image(&mut self) -> Result<(), MigrateError> {
+        drop(self.ask("await_image")?);
+        Ok(())
+    }
+
     fn open_mirror(&mut self) -> Result<(String, String), MigrateError> {
         drop(self.ask("open_mirror")?);
         Ok((MIRROR_EXPORT_ADDR.into(), "export-name".into()))

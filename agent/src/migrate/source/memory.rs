@@ -103,6 +103,14 @@ impl Session<'_> {
         Ok(true)
     }
 
+    /// Waits until the destination's image holds every chunk sent.
+    fn await_destination_image(&mut self) -> Result<(), MigrateError> {
+        let t = Instant::now();
+        self.dest()?.await_image()?;
+        tracing::info!(seconds = t.elapsed().as_secs_f64(), "destination image written");
+        Ok(())
+    }
+
     /// Ends the hold of [`Session::start_memory`]: the measured rate
     /// decides the switchover again, and memory has the path (up to
     /// `--memory-max-mbit`).
@@ -195,11 +203,31 @@ impl Session<'_> {
     ) -> Result<(Manifest, u64), MigrateError> {
         let ordering = self.opts.ordering;
         let converge_chunks = self.opts.converge_chunks;
+        let beside_mirror = self.mirror.is_some();
         let t = match started_with_disk {
             Some(started) => {
+                if beside_mirror {
+                    self.await_destination_image()?;
+                }
                 self.say(Phase::Memory, &format!("QEMU migrate to {uri}: converging"));
                 self.let_memory_converge(qmp)?;
                 started
+            }
+            None if beside_mirror => {
+                // Memory's first pass runs while the destination writes the
+                // last chunks into its image, held from converging (the
+                // pause must not wait for those writes).
+                let t = Instant::now();
+                let held = self.start_memory(qmp, uri, asked, true)?;
+                if !held {
+                    self.start_memory(qmp, uri, asked, false)?;
+                }
+                self.migration_started = true;
+                self.await_destination_image()?;
+                if held {
+                    self.let_memory_converge(qmp)?;
+                }
+                t
             }
             None => {
                 let t = Instant::now();

@@ -105,11 +105,23 @@ fn the_mirror_starts_after_the_rounds_and_the_pause_only_completes_and_checks() 
             "open_mirror",
             "pull",
             "await_incoming",
+            "await_image",
             "verify",
             "finish"
         ],
         "no disk round in the pause"
     );
+    // Memory is held from converging until the destination's image holds
+    // every chunk sent (the pause must not wait for those writes).
+    let held = c
+        .qmp
+        .position("migrate-set-parameters avail-switchover-bandwidth=6")
+        .expect("memory held");
+    let let_go = c
+        .qmp
+        .position("migrate-set-parameters avail-switchover-bandwidth=0")
+        .expect("then let converge");
+    assert!(held < migrate && migrate < let_go, "{:?}", c.qmp.calls());
     // The mirror's round: the 2 the rounds left and the 10 written since.
     assert_eq!(c.pulls(), [200, 20, 50, 12]);
     assert_eq!(

@@ -59,7 +59,9 @@ impl Session<'_> {
         let mut temp = std::mem::replace(&mut self.temp, Temperature::new(0));
         let (looked, in_step) = std::thread::scope(|sc| {
             let reader = sc.spawn(|| -> Result<(Manifest, f64), MigrateError> {
-                disk.flush()?;
+                if !mirrored {
+                    disk.flush()?;
+                }
                 let mut fin = disk.look(&cur, &mut temp)?;
                 let t_look = t.elapsed().as_secs_f64();
                 if mirrored {
