@@ -223,9 +223,23 @@ impl Session<'_> {
                     self.start_memory(qmp, uri, asked, false)?;
                 }
                 self.migration_started = true;
-                self.await_destination_image()?;
                 if held {
+                    // The watch slows memory to a trickle as its first pass
+                    // ends, should the writes take longer.
+                    let hold = MemoryHold::default();
+                    let waited = std::thread::scope(|sc| {
+                        let watch = sc.spawn(|| hold_memory_back(qmp, &hold));
+                        let waited = self.await_destination_image();
+                        hold.stop();
+                        let watched = watch
+                            .join()
+                            .unwrap_or_else(|_| Err(MigrateError::State("memory monitor panicked".into())));
+                        waited.and(watched)
+                    });
+                    waited?;
                     self.let_memory_converge(qmp)?;
+                } else {
+                    self.await_destination_image()?;
                 }
                 t
             }
