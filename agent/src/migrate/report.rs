@@ -71,6 +71,19 @@ pub struct ThrottleReport {
     pub estimated_pause_seconds: f64,
 }
 
+/// How the chunks written after the pre-copy rounds reach the destination
+/// (`migrate --disk-handoff`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskHandoff {
+    /// An active mirror of new writes (QEMU `blockdev-mirror`,
+    /// write-blocking) to the destination's NBD export; the chunks written
+    /// before it go beside it; the pause only checks.
+    Mirror,
+    /// The last dirty chunks are sent in the pause.
+    Pause,
+}
+
 /// What the disk mirror moved.
 #[derive(Debug, Clone, Serialize)]
 pub struct MirrorReport {
@@ -111,7 +124,7 @@ pub struct MigrationReport {
     pub changed_since_boot_from: ChangedSinceBoot,
     /// How the last chunks went: `mirror` (beside QEMU's disk mirror) or
     /// `pause`.
-    pub disk_handoff: super::source::DiskHandoff,
+    pub disk_handoff: DiskHandoff,
     /// The disk mirror's figures, when it ran (its phase is `mirror`).
     pub mirror: Option<MirrorReport>,
     pub phases: Vec<PhaseReport>,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use edgeshift_common::{ChunkSize, Fingerprint};
 
 use super::context::Host;
-use super::mirror::MirrorServer;
+use super::mirror_server::MirrorServer;
 use crate::migrate::coord::IncomingPlan;
 use crate::migrate::image_writer::ImageWriter;
 use crate::migrate::MigrateError;

@@ -27,6 +27,7 @@ mod incoming;
 mod incoming_qemu;
 mod listener;
 mod mirror;
+mod mirror_server;
 mod prepare;
 mod pull;
 mod session;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use edgeshift_common::Manifest;
 
 use super::disk::LiveDisk;
-use super::session::Session;
+use super::session::{MirrorRun, Session};
 use crate::migrate::report::Phase;
 use crate::migrate::MigrateError;
 use crate::vm::qemu::DISK_NODE_NAME;
@@ -29,21 +29,6 @@ const JOB_WAIT: Duration = Duration::from_secs(30);
 /// How often the job is polled while it is waited for: in the pause, the
 /// VM is down until it concludes.
 const JOB_POLL: Duration = Duration::from_millis(2);
-
-/// The mirror as it runs, for the rollback and the report.
-#[derive(Debug, Clone)]
-pub(super) struct MirrorRun {
-    pub(super) started: Instant,
-    /// The NBD node exists in the source QEMU.
-    pub(super) node: bool,
-    /// The block job exists (until dismissed).
-    pub(super) job: bool,
-    /// Disk bytes the engine sent beside the mirror.
-    pub(super) engine_bytes: u64,
-    pub(super) engine_chunks: u64,
-    /// Bytes the mirror carried (QEMU's job offset), as last seen.
-    pub(super) mirrored_bytes: u64,
-}
 
 fn our_job(jobs: Vec<BlockJobInfo>) -> Option<BlockJobInfo> {
     jobs.into_iter().find(|j| j.device == MIRROR_JOB)

@@ -64,7 +64,8 @@ use std::time::{Duration, Instant};
 
 use edgeshift_common::{Fingerprint, Manifest};
 
-pub use options::{DiskHandoff, MigrateOptions};
+pub use crate::migrate::report::DiskHandoff;
+pub use options::MigrateOptions;
 
 use crate::migrate::report::{MigrationReport, MirrorReport, Phase};
 use crate::migrate::MigrateError;

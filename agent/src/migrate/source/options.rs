@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::migrate::coord::CoordConfig;
-use crate::migrate::report::Phase;
+use crate::migrate::report::{DiskHandoff, Phase};
 use crate::migrate::temperature::Ordering;
 use crate::transfer::ClusterKey;
 use crate::vm::MemoryTransport;
@@ -61,16 +61,4 @@ pub struct MigrateOptions {
     /// destination: beside QEMU's disk mirror while the VM runs, or in the
     /// pause (the way before the mirror, to compare).
     pub disk_handoff: DiskHandoff,
-}
-
-/// See [`MigrateOptions::disk_handoff`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum DiskHandoff {
-    /// An active mirror of new writes (QEMU `blockdev-mirror`,
-    /// write-blocking) to the destination's NBD export; the chunks written
-    /// before it go beside it; the pause only checks.
-    Mirror,
-    /// The last dirty chunks are sent in the pause.
-    Pause,
 }

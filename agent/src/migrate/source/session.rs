@@ -10,7 +10,6 @@ use edgeshift_common::Manifest;
 use super::control::{Destination, PullOrder};
 use super::disk::LiveDisk;
 use super::ledger::Ledger;
-use super::mirror::MirrorRun;
 use super::options::MigrateOptions;
 use super::throttle::Throttle;
 use crate::migrate::coord::CoordReport;
@@ -19,6 +18,21 @@ use crate::migrate::report::{ChangedSinceBoot, Phase, PhaseReport};
 use crate::migrate::temperature::Temperature;
 use crate::migrate::MigrateError;
 use crate::vm::Qmp;
+
+/// The mirror as it runs, for the rollback and the report.
+#[derive(Debug, Clone)]
+pub(super) struct MirrorRun {
+    pub(super) started: Instant,
+    /// The NBD node exists in the source QEMU.
+    pub(super) node: bool,
+    /// The block job exists (until dismissed).
+    pub(super) job: bool,
+    /// Disk bytes the engine sent beside the mirror.
+    pub(super) engine_bytes: u64,
+    pub(super) engine_chunks: u64,
+    /// Bytes the mirror carried (QEMU's job offset), as last seen.
+    pub(super) mirrored_bytes: u64,
+}
 
 pub(super) struct Session<'a> {
     pub(super) opts: MigrateOptions,
