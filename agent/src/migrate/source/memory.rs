@@ -287,9 +287,10 @@ impl Session<'_> {
                     self.temp.observe(&cur, &next);
                     cur = next;
                     if self.opts.fail_after == Some(Phase::MemoryRound) {
-                        return Err(MigrateError::State(
-                            "failure injected while QEMU moves memory beside the mirror".into(),
-                        ));
+                        return Err(MigrateError::State(format!(
+                            "failure injected at a disk look while QEMU moves memory (migration {}) beside the mirror",
+                            m.status.as_deref().unwrap_or("unknown")
+                        )));
                     }
                 }
             } else if last_disk.is_none_or(|l| l.elapsed() >= DISK_ROUND_DURING_MEMORY) {
