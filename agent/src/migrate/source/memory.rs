@@ -11,6 +11,7 @@ use edgeshift_common::Manifest;
 use super::disk::LiveDisk;
 use super::options::MigrateOptions;
 use super::session::Session;
+use crate::migrate::report::DiskHandoff;
 use crate::migrate::report::Phase;
 use crate::migrate::MigrateError;
 use crate::vm::{MemoryTransport, Qmp};
@@ -101,14 +102,6 @@ impl Session<'_> {
         qmp.migrate(uri)?;
         tracing::info!(%uri, ?memory, hold, cap_bps = cap, "memory migration started");
         Ok(true)
-    }
-
-    /// Waits until the destination's image holds every chunk sent.
-    fn await_destination_image(&mut self) -> Result<(), MigrateError> {
-        let t = Instant::now();
-        self.dest()?.await_image()?;
-        tracing::info!(seconds = t.elapsed().as_secs_f64(), "destination image written");
-        Ok(())
     }
 
     /// Ends the hold of [`Session::start_memory`]: the measured rate
@@ -203,43 +196,35 @@ impl Session<'_> {
     ) -> Result<(Manifest, u64), MigrateError> {
         let ordering = self.opts.ordering;
         let converge_chunks = self.opts.converge_chunks;
-        let beside_mirror = self.mirror.is_some();
+        let beside_mirror = self.opts.disk_handoff == DiskHandoff::Mirror;
         let t = match started_with_disk {
+            Some(started) if beside_mirror => {
+                // Still held from converging: the mirror starts beside it.
+                let next = self.mirror_beside_memory(qmp, disk, cur, true)?;
+                cur = next;
+                self.say(Phase::Memory, &format!("QEMU migrate to {uri}: converging"));
+                self.let_memory_converge(qmp)?;
+                started
+            }
             Some(started) => {
-                if beside_mirror {
-                    self.await_destination_image()?;
-                }
                 self.say(Phase::Memory, &format!("QEMU migrate to {uri}: converging"));
                 self.let_memory_converge(qmp)?;
                 started
             }
             None if beside_mirror => {
-                // Memory's first pass runs while the destination writes the
-                // last chunks into its image, held from converging (the
-                // pause must not wait for those writes).
+                // Memory's first pass runs while the mirror starts, the
+                // chunks written before it go and the destination writes
+                // them into its image, held from converging (the pause
+                // must not wait for any of that).
                 let t = Instant::now();
                 let held = self.start_memory(qmp, uri, asked, true)?;
                 if !held {
                     self.start_memory(qmp, uri, asked, false)?;
                 }
                 self.migration_started = true;
+                cur = self.mirror_beside_memory(qmp, disk, cur, held)?;
                 if held {
-                    // The watch slows memory to a trickle as its first pass
-                    // ends, should the writes take longer.
-                    let hold = MemoryHold::default();
-                    let waited = std::thread::scope(|sc| {
-                        let watch = sc.spawn(|| hold_memory_back(qmp, &hold));
-                        let waited = self.await_destination_image();
-                        hold.stop();
-                        let watched = watch
-                            .join()
-                            .unwrap_or_else(|_| Err(MigrateError::State("memory monitor panicked".into())));
-                        waited.and(watched)
-                    });
-                    waited?;
                     self.let_memory_converge(qmp)?;
-                } else {
-                    self.await_destination_image()?;
                 }
                 t
             }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use edgeshift_common::Manifest;
 
 use super::disk::LiveDisk;
+use super::memory::{hold_memory_back, MemoryHold};
 use super::session::{MirrorRun, Session};
 use crate::migrate::report::Phase;
 use crate::migrate::MigrateError;
@@ -63,14 +64,56 @@ fn wait_concluded(qmp: &mut dyn Qmp, wait: Duration) -> Result<BlockJobInfo, Mig
 }
 
 impl Session<'_> {
-    /// Step 3a from the live disk `cur` as last read; returns it as read
-    /// once the mirror was ready.
-    pub(super) fn start_mirror(
+    /// Step 3a, beside memory's first pass (held from converging when
+    /// `held`: a watch then slows it to a trickle as the pass ends), from
+    /// the live disk `cur` as last read: the mirror starts, the chunks
+    /// written before it go, and the destination writes them into its
+    /// image. Returns the disk as read once the mirror was ready.
+    pub(super) fn mirror_beside_memory(
         &mut self,
         qmp: &mut dyn Qmp,
         disk: &dyn LiveDisk,
         cur: Manifest,
+        held: bool,
     ) -> Result<Manifest, MigrateError> {
+        let t = Instant::now();
+        self.start_mirror(qmp)?;
+        let ready_s = t.elapsed().as_secs_f64();
+        // The pause reads again every chunk written from now on (the
+        // destination hashes what the mirror wrote).
+        disk.collect_written();
+        let hold = MemoryHold::default();
+        let (sent, watched) = std::thread::scope(|sc| {
+            let watch = held.then(|| {
+                let hold = &hold;
+                sc.spawn(move || hold_memory_back(qmp, hold))
+            });
+            let sent = self.send_beside_mirror(disk, cur);
+            hold.stop();
+            let watched = watch.map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(MigrateError::State("memory monitor panicked".into())))
+            });
+            (sent, watched)
+        });
+        let (next, n, bytes) = sent?;
+        if let Some(w) = watched {
+            w?;
+        }
+        tracing::info!(
+            ready_s,
+            chunks = n,
+            bytes,
+            seconds = t.elapsed().as_secs_f64(),
+            "disk mirror running; the chunks written before it are in the destination's image"
+        );
+        self.injected(Phase::Mirror)?;
+        Ok(next)
+    }
+
+    /// Opens the destination's export and starts the mirror job; returns
+    /// once it is ready.
+    fn start_mirror(&mut self, qmp: &mut dyn Qmp) -> Result<(), MigrateError> {
         let t = Instant::now();
         self.say(Phase::Mirror, "opening the destination's export");
         let (addr, export) = self.dest()?.open_mirror()?;
@@ -92,7 +135,7 @@ impl Session<'_> {
         }
         loop {
             if running_job(qmp)?.ready {
-                break;
+                return Ok(());
             }
             if t.elapsed() > JOB_WAIT {
                 return Err(MigrateError::Mirror(
@@ -101,12 +144,17 @@ impl Session<'_> {
             }
             std::thread::sleep(JOB_POLL);
         }
-        let ready_s = t.elapsed().as_secs_f64();
-        // The pause reads again every chunk written from now on (the
-        // destination hashes what the mirror wrote).
-        disk.collect_written();
-        // Every guest write from now on completes at both ends: what was
-        // written before, read now, is all the engine still sends.
+    }
+
+    /// Every guest write now completes at both ends: what was written
+    /// before, read now, is all the engine still sends; then the wait for
+    /// the destination's image to hold it. Returns the disk as read, the
+    /// chunks sent and their bytes.
+    fn send_beside_mirror(
+        &mut self,
+        disk: &dyn LiveDisk,
+        cur: Manifest,
+    ) -> Result<(Manifest, u64, u64), MigrateError> {
         let next = disk.look(&cur, &mut self.temp)?;
         self.temp.observe(&cur, &next);
         let stale = self.ledger.stale(&next);
@@ -125,15 +173,10 @@ impl Session<'_> {
             m.engine_bytes = sent;
             m.engine_chunks = n;
         }
-        tracing::info!(
-            ready_s,
-            chunks = n,
-            bytes = sent,
-            seconds = t.elapsed().as_secs_f64(),
-            "disk mirror running; the chunks written before it are at the destination"
-        );
-        self.injected(Phase::Mirror)?;
-        Ok(next)
+        let t = Instant::now();
+        self.dest()?.await_image()?;
+        tracing::info!(seconds = t.elapsed().as_secs_f64(), "destination image written");
+        Ok((next, n, sent))
     }
 
     /// While memory moves: an error once the mirror has stopped (its NBD

@@ -58,7 +58,7 @@ fn assert_mirror_gone(c: &Case) {
 }
 
 #[test]
-fn the_mirror_starts_after_the_rounds_and_the_pause_only_completes_and_checks() {
+fn the_mirror_starts_beside_memory_after_the_rounds_and_the_pause_only_checks() {
     let mut c = mirror_case();
     let ran = c.run();
     ran.result.expect("migration");
@@ -78,8 +78,8 @@ fn the_mirror_starts_after_the_rounds_and_the_pause_only_completes_and_checks() 
         .position(&format!("migrate {INCOMING_URI}"))
         .expect("migrate");
     assert!(
-        mirror < migrate,
-        "the mirror runs before memory: {:?}",
+        migrate < mirror,
+        "the mirror starts beside memory's first pass: {:?}",
         c.qmp.calls()
     );
     // In the pause: the mirror is seen in step (nothing left to copy),
@@ -102,9 +102,9 @@ fn the_mirror_starts_after_the_rounds_and_the_pause_only_completes_and_checks() 
             "pull",
             "pull",
             "pull",
+            "await_incoming",
             "open_mirror",
             "pull",
-            "await_incoming",
             "await_image",
             "verify",
             "finish"
@@ -121,7 +121,7 @@ fn the_mirror_starts_after_the_rounds_and_the_pause_only_completes_and_checks() 
         .qmp
         .position("migrate-set-parameters avail-switchover-bandwidth=0")
         .expect("then let converge");
-    assert!(held < migrate && migrate < let_go, "{:?}", c.qmp.calls());
+    assert!(held < migrate && mirror < let_go, "{:?}", c.qmp.calls());
     // The mirror's round: the 2 the rounds left and the 10 written since.
     assert_eq!(c.pulls(), [200, 20, 50, 12]);
     assert_eq!(

@@ -17,10 +17,11 @@
 //!    the source runs QMP `migrate` with `pause-before-switchover`. If the
 //!    chunks dirtied per round would overrun `--max-downtime` in the pause,
 //!    the source VM's disk writes are throttled step by step ([`throttle`]).
-//!    With `--disk-handoff mirror` (the default), before memory
-//!    ([`mirror`]): QEMU mirrors every new guest write to the destination's
-//!    NBD export, each completing at both ends, and the chunks written
-//!    before the mirror was ready go beside it; no round runs after that.
+//!    With `--disk-handoff mirror` (the default), beside memory's first
+//!    pass (held from converging meanwhile; [`mirror`]): QEMU mirrors every
+//!    new guest write to the destination's NBD export, each completing at
+//!    both ends, and the chunks written before the mirror was ready go
+//!    beside it; no round runs after that.
 //! 4. **pause** ([`switchover`]): the source VM is stopped and its disk
 //!    flushed; the mirror is completed (or, without it, the last dirty
 //!    chunks go over), the destination's disk is checked equal to the
@@ -205,10 +206,7 @@ impl Session<'_> {
         } else {
             None
         };
-        let mut cur = self.precopy(qmp, disk, boot, ready.since_boot, memory_started.is_some())?;
-        if self.opts.disk_handoff == DiskHandoff::Mirror {
-            cur = self.start_mirror(qmp, disk, cur)?;
-        }
+        let cur = self.precopy(qmp, disk, boot, ready.since_boot, memory_started.is_some())?;
         let (cur, mem_bytes) = self.memory(qmp, disk, cur, &ready.uri, ready.asked, memory_started)?;
         let switched = self.switchover(qmp, disk, cur, mem_bytes)?;
         Ok(Outcome {
