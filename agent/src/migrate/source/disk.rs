@@ -38,7 +38,8 @@ pub(super) trait LiveDisk: Sync {
     /// Starts collecting every chunk a look names from now on (the disk
     /// mirror's start).
     fn collect_written(&self);
-    /// The chunks looks named since [`LiveDisk::collect_written`].
+    /// The chunks looks named since [`LiveDisk::collect_written`], but for
+    /// those the last look read.
     fn written_collected(&self) -> Vec<u32>;
     /// Reports `live` to the coordinator as held here.
     fn report_to(&self, c: &CoordConfig, live: &Manifest, out: &mut CoordReport) -> Result<(), MigrateError>;
@@ -55,9 +56,18 @@ pub(super) struct SourceDisk<'a> {
     image: PathBuf,
     store: &'a LocalStore,
     writes: Mutex<Option<WriteLog>>,
-    /// What the last look named, and what looks named since
-    /// `collect_written` (None: not collecting).
-    named: Mutex<(Vec<u32>, Option<std::collections::BTreeSet<u32>>)>,
+    named: Mutex<Named>,
+}
+
+/// What looks named (see [`SourceDisk`]).
+#[derive(Default)]
+struct Named {
+    /// By the last look.
+    last: Vec<u32>,
+    /// Read by the last look (what it and the one before it named).
+    last_read: std::collections::BTreeSet<u32>,
+    /// By every look since `collect_written` (None: not collecting).
+    collected: Option<std::collections::BTreeSet<u32>>,
 }
 
 impl<'a> SourceDisk<'a> {
@@ -67,7 +77,7 @@ impl<'a> SourceDisk<'a> {
             image,
             store,
             writes: Mutex::new(None),
-            named: Mutex::new((Vec::new(), None)),
+            named: Mutex::new(Named::default()),
         }
     }
 
@@ -111,28 +121,30 @@ impl LiveDisk for SourceDisk<'_> {
             &self.image,
             cur,
             writes.as_mut(),
-            &named.0,
+            &named.last,
             temp,
             self.store,
         )?;
         let now = now.unwrap_or_default();
-        if let Some(all) = named.1.as_mut() {
+        if let Some(all) = named.collected.as_mut() {
             all.extend(now.iter().copied());
         }
-        named.0 = now;
+        named.last_read = named.last.iter().chain(&now).copied().collect();
+        named.last = now;
         Ok(next)
     }
 
     fn collect_written(&self) {
-        self.named.lock().unwrap_or_else(|p| p.into_inner()).1 = Some(Default::default());
+        self.named.lock().unwrap_or_else(|p| p.into_inner()).collected = Some(Default::default());
     }
 
     fn written_collected(&self) -> Vec<u32> {
         let named = self.named.lock().unwrap_or_else(|p| p.into_inner());
+        // What the last look read needs no second read.
         named
-            .1
+            .collected
             .as_ref()
-            .map(|s| s.iter().copied().collect())
+            .map(|s| s.difference(&named.last_read).copied().collect())
             .unwrap_or_default()
     }
 
