@@ -48,6 +48,9 @@ impl QmpClient {
                 "target": target,
                 "sync": "none",
                 "copy-mode": "write-blocking",
+                // The guest's 4 KiB blocks then cover whole granules, so
+                // its writes complete at both ends, not in the background.
+                "granularity": 4096,
                 "auto-dismiss": false,
             })),
         )

@@ -39,8 +39,6 @@ pub struct FakeQmp {
     /// A mirror fails with this error once `query-block-jobs` has answered
     /// this many more times.
     mirror_failure: Option<(u32, String)>,
-    /// Bytes a running mirror always has left to copy.
-    mirror_lag: u64,
 }
 
 impl Default for FakeQmp {
@@ -68,13 +66,7 @@ impl FakeQmp {
             nodes: Vec::new(),
             jobs: Vec::new(),
             mirror_failure: None,
-            mirror_lag: 0,
         }
-    }
-
-    /// Makes a running mirror report `bytes` still to copy.
-    pub fn lag_mirror(&mut self, bytes: u64) {
-        self.mirror_lag = bytes;
     }
 
     /// Makes the mirror job fail with `error` after `queries` more answers
@@ -338,7 +330,7 @@ impl Qmp for FakeQmp {
             if j.status == "ready" {
                 // Each look finds a few more guest writes carried.
                 j.offset += 4096;
-                j.len = j.offset + self.mirror_lag;
+                j.len = j.offset;
             }
         }
         Ok(self.jobs.clone())
