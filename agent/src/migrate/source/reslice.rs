@@ -93,6 +93,7 @@ pub(super) fn reslice_some(
         .collect();
     let read: Vec<(usize, Fingerprint, Vec<u8>)> =
         crate::par::map_in_parts_waiting(&indices, REREAD_THREADS, REREAD_MIN_PER_THREAD, |&i| {
+            drop_cached(&f, cur.chunk_size.bytes(), i);
             let data = vm::image::read_chunk(&f, dev, cur.chunk_size, cur.image_size, i)?;
             Ok((i, vm::image::fingerprint_chunk(&data), data))
         })
@@ -119,6 +120,26 @@ pub(super) fn reslice_some(
         "chunks read again"
     );
     Ok(next)
+}
+
+/// Drops the device's cached pages of chunk `i` before it is read: a
+/// buffered read that raced one of QEMU's O_DIRECT writes may have cached
+/// what was there before (the pause's check beside the mirror caught such
+/// stale reads), and a read of a dropped page goes to the disk.
+fn drop_cached(f: &std::fs::File, chunk_bytes: u64, i: usize) {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(len)) = (
+        libc::off_t::try_from(i as u64 * chunk_bytes),
+        libc::off_t::try_from(chunk_bytes),
+    ) else {
+        return;
+    };
+    // SAFETY: an advisory call on a descriptor `f` keeps open for the
+    // call; no memory is passed.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), off, len, libc::POSIX_FADV_DONTNEED) };
+    if r != 0 {
+        tracing::debug!(errno = r, chunk = i, "posix_fadvise(DONTNEED) failed");
+    }
 }
 
 /// `a` and `b` alternately, then what is left of the longer.
