@@ -1,12 +1,16 @@
 //! `edgeshift`: the agent and operator command line.
 
-use clap::Parser;
-
 mod cli;
 
 fn main() -> std::process::ExitCode {
-    let args = cli::Cli::parse();
-    cli::init_logging(args.verbose);
+    let args = match cli::Cli::parse_with_config(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    edgeshift_common::service::init_logging(args.verbose, args.log_format);
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -238,6 +238,47 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
     cloud.start_daemons("b");
     assert_still_at_source(&cloud, &stream, "destination agent killed");
 
+    // 3b. The destination's agent stopped (SIGTERM, as `systemctl stop`)
+    //     while chunks arrive: it aborts the incoming VM itself before it
+    //     exits 0, its store reopens with every chunk intact, and the VM
+    //     stays at its source.
+    let mut mig = cloud.cmd("a");
+    mig.args([
+        "migrate",
+        "vm1",
+        "--to",
+        &cloud.edge("b").migrate_addr(),
+        "--source-addr",
+        &cloud.edge("a").chunk_addr(),
+    ])
+    .arg("--cluster-key-file")
+    .arg(&cloud.key)
+    .arg("--state-dir")
+    .arg(&cloud.edge("a").state)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let child = mig.spawn().expect("start migrate");
+    assert!(
+        wait_for(&incoming_dir, Duration::from_secs(60)),
+        "the destination prepared"
+    );
+    let status = cloud.term_agent("b");
+    assert!(status.success(), "SIGTERM: the agent exits 0 ({status})");
+    let out = child.wait_with_output().expect("migrate ends");
+    assert!(
+        !out.status.success(),
+        "stopping the destination agent fails the migration"
+    );
+    assert!(
+        !incoming_dir.exists(),
+        "the stopping agent tore the incoming VM down itself"
+    );
+    let store = edgeshift_agent::store::LocalStore::open(&cloud.edge("b").store).expect("b's store reopens");
+    let corrupt = store.verify_all_chunks().expect("rehash b's store");
+    assert!(corrupt.is_empty(), "corrupt chunks after the stop: {corrupt:?}");
+    cloud.start_daemons("b");
+    assert_still_at_source(&cloud, &stream, "destination agent stopped");
+
     // 4. The source's chunk server gone: chunks only it holds cannot move.
     cloud.kill_agent("a");
     let (ok, _, err) = cloud.migrate("vm1", "a", "b", &["c"], &[]);

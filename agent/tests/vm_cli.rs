@@ -1,5 +1,6 @@
-//! `edgeshift vm run|list|stop` with real QEMU (TCG here), a real loop
-//! device and a real store; and the ways they refuse bad input.
+//! `edgeshift vm run|list|stop|start|rm` with real QEMU (TCG here), a real
+//! loop device and a real store, and the agent bringing back an autostart
+//! VM after a crash; and the ways they refuse bad input.
 
 mod migrate_support;
 
@@ -185,7 +186,18 @@ fn run_list_stop_a_real_vm() {
     let name = format!("vmcli{}", std::process::id());
     let out = Command::new(BIN)
         .args([
-            "vm", "run", &name, "--image", &id, "--memory", "128MiB", "--accel", "auto", "--json", "--store",
+            "vm",
+            "run",
+            &name,
+            "--image",
+            &id,
+            "--memory",
+            "128MiB",
+            "--accel",
+            "auto",
+            "--json",
+            "--autostart",
+            "--store",
         ])
         .arg(&store)
         .arg("--state-dir")
@@ -266,12 +278,20 @@ fn run_list_stop_a_real_vm() {
         "vm stop: {}",
         String::from_utf8_lossy(&stop.stderr)
     );
-    let list = Command::new(BIN)
-        .args(["vm", "list", "--json", "--state-dir"])
-        .arg(&state)
-        .output()
-        .expect("list");
-    assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "[]");
+    let list_json = || -> serde_json::Value {
+        let list = Command::new(BIN)
+            .args(["vm", "list", "--json", "--state-dir"])
+            .arg(&state)
+            .output()
+            .expect("list");
+        serde_json::from_slice(&list.stdout).expect("list json")
+    };
+    // Stopping is not deleting: the record and the disk (with what the
+    // guest wrote) stay.
+    let vms = list_json();
+    assert_eq!(vms[0]["state"], "stopped", "{vms}");
+    let disk = state.join(&name).join("disk.raw");
+    assert!(disk.is_file(), "vm stop kept the disk");
     let losetup = Command::new("losetup")
         .arg(&loop_dev)
         .stderr(Stdio::null())
@@ -279,6 +299,74 @@ fn run_list_stop_a_real_vm() {
         .expect("losetup");
     let shown = String::from_utf8_lossy(&losetup.stdout);
     assert!(!shown.contains(&name), "the loop device is detached: {shown}");
+    // It starts again from that disk; a running VM cannot be removed.
+    let vm = |verb: &str| {
+        Command::new(BIN)
+            .args(["vm", verb, &name, "--state-dir"])
+            .arg(&state)
+            .output()
+            .expect("vm command")
+    };
+    let start = vm("start");
+    assert!(
+        start.status.success(),
+        "vm start: {}",
+        String::from_utf8_lossy(&start.stderr)
+    );
+    assert_eq!(list_json()[0]["state"], "running");
+
+    // A crash (QEMU killed, as a host reboot would): the agent's start
+    // tidies what it left and boots the autostart VM again before it says
+    // it listens; the agent's stop leaves the VM running.
+    let crashed = list_json()[0]["pid"].as_u64().expect("pid");
+    sh_ok(Command::new("kill").args(["-9", &crashed.to_string()]));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(list_json()[0]["state"], "dead");
+    let key = dir.path().join("key");
+    std::fs::write(&key, "cd".repeat(32)).expect("key");
+    let mut agent = Command::new(BIN)
+        .args(["agent", "--listen", "127.0.0.1:0", "--no-zstd", "--store"])
+        .arg(&store)
+        .arg("--cluster-key-file")
+        .arg(&key)
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("agent");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(agent.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("listening line");
+    assert!(line.starts_with("listening on"), "{line}");
+    let vms = list_json();
+    assert_eq!(vms[0]["state"], "running", "autostart brought it back: {vms}");
+    let restarted = vms[0]["pid"].as_u64().expect("pid");
+    assert_ne!(restarted, crashed);
+    sh_ok(Command::new("kill").args(["-TERM", &agent.id().to_string()]));
+    let status = agent.wait().expect("agent exits");
+    assert!(status.success(), "SIGTERM: exit 0 ({status})");
+    let vms = list_json();
+    assert_eq!(
+        (vms[0]["state"].as_str(), vms[0]["pid"].as_u64()),
+        (Some("running"), Some(restarted)),
+        "the agent's stop leaves its VMs running: {vms}"
+    );
+    let rm = vm("rm");
+    assert!(!rm.status.success(), "vm rm of a running VM is refused");
+    assert!(String::from_utf8_lossy(&rm.stderr).contains("stop it first"));
+    assert!(vm("stop").status.success());
+    let rm = vm("rm");
+    assert!(
+        rm.status.success(),
+        "vm rm: {}",
+        String::from_utf8_lossy(&rm.stderr)
+    );
+    assert_eq!(list_json(), serde_json::json!([]));
+    assert!(!state.join(&name).exists(), "vm rm deleted the VM's directory");
 }
 
 fn sh_ok(c: &mut Command) {

@@ -1,13 +1,12 @@
 //! `edgeshift-coordinator`: the cache coordinator daemon.
 
-use std::path::PathBuf;
-
 use anyhow::Context;
-use clap::Parser;
-use edgeshift_coordinator::api::DEFAULT_BODY_LIMIT;
+use edgeshift_common::service;
 use edgeshift_coordinator::{AppState, Coordinator, Options};
 
-const LONG_ABOUT: &str = "\
+mod cli;
+
+pub(crate) const LONG_ABOUT: &str = "\
 The edgeshift cache coordinator: knows which edge holds which chunk, keeps
 reference counts (pins per edge, popularity across the fleet), tells edges what
 to drop when they pass their high watermark (LRU, LFU or popularity order; never
@@ -40,63 +39,47 @@ HTTP + JSON API (all routes need `Authorization: Bearer TOKEN` when
                                                                     (requests, latency, heartbeats, plans,
                                                                     GC orders; edges, chunks, leases, hints)
 
+Settings come from /etc/edgeshift/coordinator.toml (or --config), then
+EDGESHIFT_COORDINATOR_* variables, then flags. Readiness goes to systemd
+(Type=notify) once the database is open and the listener bound; SIGTERM or
+SIGINT stops it cleanly (requests in flight are answered, the database
+closed) with exit 0.
+
 See docs/coordinator.md for the data model, the GC rules and the planner's bound.";
 
-/// The edgeshift cache coordinator.
-#[derive(Parser)]
-#[command(version, about, long_about = LONG_ABOUT)]
-struct Args {
-    /// Address to listen on, e.g. 127.0.0.1:7800 or 0.0.0.0:7800.
-    #[arg(long)]
-    listen: String,
-    /// Directory for the database (created if absent).
-    #[arg(long)]
-    data: PathBuf,
-    /// File holding the bearer token agents and operators must send. Without
-    /// it the API is open (only sensible on a loopback address).
-    #[arg(long)]
-    token_file: Option<PathBuf>,
-    /// Largest request body accepted, in bytes (413 beyond).
-    #[arg(long, default_value_t = DEFAULT_BODY_LIMIT)]
-    max_body: usize,
-    /// Rate assumed for a path no agent has measured, in bytes per second.
-    #[arg(long, default_value_t = 12.5e6)]
-    default_path_rate: f64,
-    /// How long a plan or prefetch order protects its source chunks, seconds.
-    #[arg(long, default_value_t = 900)]
-    lease_secs: u64,
-    /// More log output (-v debug, -vv trace). RUST_LOG overrides.
-    #[arg(short, long, action = clap::ArgAction::Count)]
-    verbose: u8,
+fn main() -> std::process::ExitCode {
+    let args = match cli::Args::parse_with_config(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    service::init_logging(args.verbose, args.log_format);
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let default = match args.verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+fn run(args: cli::Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.default_path_rate.is_finite() && args.default_path_rate > 0.0,
-        "--default-path-rate must be a positive number of bytes per second"
+        "`default_path_rate` must be a positive number of bytes per second"
     );
-
     let token = match &args.token_file {
         Some(p) => {
-            let t = std::fs::read_to_string(p).with_context(|| format!("read token file {}", p.display()))?;
+            let t = std::fs::read_to_string(p)
+                .with_context(|| format!("reading the token file (`token_file`) {}", p.display()))?;
             let t = t.trim().to_string();
             anyhow::ensure!(!t.is_empty(), "token file {} is empty", p.display());
             Some(t)
         }
         None => {
-            tracing::warn!("no --token-file: the API accepts every request");
+            tracing::warn!("no token_file: the API accepts every request");
             None
         }
     };
@@ -116,6 +99,7 @@ fn main() -> anyhow::Result<()> {
     let app = AppState::new(coord, token);
     let rt = tokio::runtime::Runtime::new().context("start the async runtime")?;
     rt.block_on(async move {
+        let stop = service::stop_signal().context("installing the SIGTERM handler")?;
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("listen on {}", args.listen))?;
@@ -123,10 +107,17 @@ fn main() -> anyhow::Result<()> {
         // Scripts and tests read this line to learn the port when ADDR ends in :0.
         println!("listening on http://{local}");
         tracing::info!(%local, "coordinator up");
-        edgeshift_coordinator::serve(listener, app, args.max_body, async {
-            let _ = tokio::signal::ctrl_c().await;
+        service::notify_ready(&format!("serving on {local}"));
+        edgeshift_coordinator::serve(listener, app, args.max_body, async move {
+            let signal = stop.await;
+            service::notify_stopping();
+            tracing::info!(signal, "stopping: answering the requests in flight");
         })
         .await
-        .context("serve")
+        .context("serve")?;
+        // Every change was committed as it was made; the database closes
+        // with the state dropped here.
+        tracing::info!("stopped");
+        Ok(())
     })
 }

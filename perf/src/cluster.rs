@@ -45,6 +45,50 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
 /// the tests do, building them once under `cargo run`).
 pub use edgeshift_testbed::Binaries;
 
+/// Which programs the cluster runs and with which configuration files.
+#[derive(Debug, Clone, Default)]
+pub struct Programs {
+    /// The binaries; `None`: [`Binaries::locate`] (this build's).
+    pub bins: Option<Binaries>,
+    /// `--config` for every agent (its flags still override the file).
+    pub agent_config: Option<PathBuf>,
+    /// `--config` for the coordinator.
+    pub coordinator_config: Option<PathBuf>,
+}
+
+impl Programs {
+    /// An installed package's: /usr/bin and /etc/edgeshift.
+    pub fn installed() -> Result<Self, ClusterError> {
+        let bins = Binaries {
+            edgeshift: PathBuf::from("/usr/bin/edgeshift"),
+            coordinator: PathBuf::from("/usr/bin/edgeshift-coordinator"),
+        };
+        let agent_config = PathBuf::from("/etc/edgeshift/agent.toml");
+        let coordinator_config = PathBuf::from("/etc/edgeshift/coordinator.toml");
+        for p in [
+            &bins.edgeshift,
+            &bins.coordinator,
+            &agent_config,
+            &coordinator_config,
+        ] {
+            if !p.is_file() {
+                return Err(ClusterError::Io {
+                    what: format!(
+                        "{} is not installed (cargo xtask deb, then dpkg -i target/debian/edgeshift_*.deb)",
+                        p.display()
+                    ),
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                });
+            }
+        }
+        Ok(Self {
+            bins: Some(bins),
+            agent_config: Some(agent_config),
+            coordinator_config: Some(coordinator_config),
+        })
+    }
+}
+
 /// A running agent.
 #[derive(Debug)]
 pub struct AgentProc {
@@ -93,7 +137,17 @@ impl Cluster {
     /// [`MIGRATE_PORT`], its VMs' state in [`Cluster::state`]: one daemon
     /// per edge.
     pub fn start_receiving(tb: &Testbed, topo: &Topology, work: &Path) -> Result<Self, ClusterError> {
-        Self::launch(tb, topo, work, &|_| 64 << 30, false, true)
+        Self::start_receiving_with(tb, topo, work, &Programs::default())
+    }
+
+    /// As [`Cluster::start_receiving`], running `programs`.
+    pub fn start_receiving_with(
+        tb: &Testbed,
+        topo: &Topology,
+        work: &Path,
+        programs: &Programs,
+    ) -> Result<Self, ClusterError> {
+        Self::launch(tb, topo, work, &|_| 64 << 30, false, true, programs)
     }
 
     /// As [`Cluster::start`], each agent's store limited to `capacity(host)`
@@ -108,7 +162,15 @@ impl Cluster {
         capacity: &dyn Fn(&str) -> u64,
         on_host_addrs: bool,
     ) -> Result<Self, ClusterError> {
-        Self::launch(tb, topo, work, capacity, on_host_addrs, false)
+        Self::launch(
+            tb,
+            topo,
+            work,
+            capacity,
+            on_host_addrs,
+            false,
+            &Programs::default(),
+        )
     }
 
     fn launch(
@@ -118,8 +180,12 @@ impl Cluster {
         capacity: &dyn Fn(&str) -> u64,
         on_host_addrs: bool,
         receive_migrations: bool,
+        programs: &Programs,
     ) -> Result<Self, ClusterError> {
-        let bins = Binaries::locate()?;
+        let bins = match &programs.bins {
+            Some(b) => b.clone(),
+            None => Binaries::locate()?,
+        };
         std::fs::create_dir_all(work).map_err(io(format!("creating {}", work.display())))?;
         let key_file = work.join("cluster.key");
         let key: [u8; 32] = rand_key()?;
@@ -136,8 +202,11 @@ impl Cluster {
         if let Some(host) = &topo.coordinator {
             let data = work.join(host).join("coordinator");
             std::fs::create_dir_all(&data).map_err(io("creating the coordinator's data dir"))?;
-            let mut child = tb
-                .command(host, &cluster.bins.coordinator)
+            let mut cmd = tb.command(host, &cluster.bins.coordinator);
+            if let Some(c) = &programs.coordinator_config {
+                cmd.arg("--config").arg(c);
+            }
+            let mut child = cmd
                 .args(["--listen", &format!("0.0.0.0:{COORDINATOR_PORT}"), "--data"])
                 .arg(&data)
                 .stdout(Stdio::piped())
@@ -162,6 +231,9 @@ impl Cluster {
                 format!("0.0.0.0:{AGENT_PORT}")
             };
             let mut cmd = tb.command(&host, &cluster.bins.edgeshift);
+            if let Some(c) = &programs.agent_config {
+                cmd.arg("--config").arg(c);
+            }
             cmd.args(["agent", "--listen", &listen, "--store"])
                 .arg(&store)
                 .arg("--cluster-key-file")

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{Cluster, AGENT_PORT, MIGRATE_PORT};
+use crate::cluster::{Cluster, Programs, AGENT_PORT, MIGRATE_PORT};
 use crate::images::repo_root;
 use crate::scenario::{io, must, ScenarioError};
 use crate::signals;
@@ -48,8 +48,14 @@ struct Stream {
     closed: bool,
 }
 
-/// Runs the demo; a failure is recorded (`ok: false`), teardown always happens.
-pub fn run(tag: &str, work: &Path, log: &dyn Fn(&str)) -> Result<DemoRecord, ScenarioError> {
+/// Runs the demo with `programs` (this build's, or an installed
+/// package's); a failure is recorded (`ok: false`), teardown always happens.
+pub fn run(
+    tag: &str,
+    work: &Path,
+    programs: &Programs,
+    log: &dyn Fn(&str),
+) -> Result<DemoRecord, ScenarioError> {
     let started = Instant::now();
     log("test VM: perf/images/build-test-vm.sh (kernel, initramfs, 1 GiB base disk; cached)");
     let out = must(
@@ -73,7 +79,7 @@ pub fn run(tag: &str, work: &Path, log: &dyn Fn(&str)) -> Result<DemoRecord, Sce
         .ok_or_else(|| ScenarioError::Output("demo".into(), "no guest address".into()))?;
     let _ = std::fs::remove_dir_all(work);
     // One daemon per edge: each agent serves chunks and receives migrations.
-    let cluster = Cluster::start_receiving(&tb, &topo, &work.join("cluster"))?;
+    let cluster = Cluster::start_receiving_with(&tb, &topo, &work.join("cluster"), programs)?;
     let bin = cluster.bins.edgeshift.clone();
     let store = |h: &str| cluster.store(h).map(Path::to_path_buf).unwrap_or_default();
     let state = |h: &str| cluster.state(h);
@@ -221,13 +227,15 @@ pub fn run(tag: &str, work: &Path, log: &dyn Fn(&str)) -> Result<DemoRecord, Sce
     rec.ok = result.is_ok();
     log("teardown: stopping VMs (detaching their loop devices), then the namespaces");
     for h in ["e1", "e2"] {
-        let _ = tb
-            .command(h, &bin)
-            .args(["vm", "stop", "demo", "--state-dir"])
-            .arg(state(h))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        for verb in ["stop", "rm"] {
+            let _ = tb
+                .command(h, &bin)
+                .args(["vm", verb, "demo", "--state-dir"])
+                .arg(state(h))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
     }
     for mut c in children {
         let _ = c.kill();

@@ -278,15 +278,18 @@ impl LiveBench {
         }
     }
 
+    /// Stops the VM and deletes its disk (`vm stop` keeps it).
     fn stop_vm(&self, host: &str, name: &str) {
-        let _ = self
-            .tb
-            .command(host, &self.bins.edgeshift)
-            .args(["vm", "stop", name, "--state-dir"])
-            .arg(self.state(host))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        for verb in ["stop", "rm"] {
+            let _ = self
+                .tb
+                .command(host, &self.bins.edgeshift)
+                .args(["vm", verb, name, "--state-dir"])
+                .arg(self.state(host))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 
     /// `edgeshift migrate` of a fresh VM to e2, whose store holds the base.

@@ -2,6 +2,7 @@
 //!
 //! - `build-ebpf` compiles the dirty tracker's BPF object with the same
 //!   recipe `agent/build.rs` runs ([`edgeshift_ebpf::build_object`]).
+//! - `deb` builds the Debian package (`deb.rs`).
 //! - `ci` is what CI runs (`.ci/run` and the README's test command): style,
 //!   lints, then every test, stopping at the first step that fails.
 
@@ -11,6 +12,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+
+mod deb;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "edgeshift build glue")]
@@ -25,6 +28,21 @@ enum Cmd {
     /// clang (-target bpf -O2 -g, BTF included) and print its path.
     BuildEbpf {
         /// Output directory (default: target/bpf in the workspace).
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
+    /// Build the Debian package (target/debian/edgeshift_VERSION_ARCH.deb):
+    /// both binaries, systemd units, commented default configurations in
+    /// /etc/edgeshift, /var/lib/edgeshift. Prints its path.
+    Deb {
+        /// Use the binaries already in --bin-dir instead of running `cargo
+        /// build --release` (CI reuses its test step's).
+        #[arg(long)]
+        no_build: bool,
+        /// Where the release binaries are (default: target/release).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Output directory (default: target/debian).
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
@@ -82,6 +100,11 @@ fn ci(no_tests: bool, test_args: &[String]) -> anyhow::Result<()> {
     if no_tests {
         return Ok(());
     }
+    // The tests never read this host's installed configuration
+    // (/etc/edgeshift/*.toml of an installed package would otherwise be
+    // every test daemon's defaults); an empty file is a valid one.
+    std::env::set_var("EDGESHIFT_CONFIG", "/dev/null");
+    std::env::set_var("EDGESHIFT_COORDINATOR_CONFIG", "/dev/null");
     let mut args = vec!["test", "--workspace", "--release"];
     if !test_args.is_empty() {
         args.push("--");
@@ -97,6 +120,31 @@ fn main() -> anyhow::Result<()> {
             let object = edgeshift_ebpf::build_object(&out_dir)?;
             let object = object.canonicalize().unwrap_or(object);
             println!("{}", object.display());
+            Ok(())
+        }
+        Cmd::Deb {
+            no_build,
+            bin_dir,
+            out_dir,
+        } => {
+            let root = workspace_root();
+            if !no_build {
+                cargo_step(
+                    "release build",
+                    &[
+                        "build",
+                        "--release",
+                        "-p",
+                        "edgeshift-agent",
+                        "-p",
+                        "edgeshift-coordinator",
+                    ],
+                )?;
+            }
+            let bin_dir = bin_dir.unwrap_or_else(|| root.join("target/release"));
+            let out_dir = out_dir.unwrap_or_else(|| root.join("target/debian"));
+            let deb = deb::build(&root, &bin_dir, &out_dir)?;
+            println!("{}", deb.display());
             Ok(())
         }
         Cmd::Ci { no_tests, test_args } => ci(no_tests, &test_args),

@@ -10,13 +10,16 @@ use edgeshift_agent::transfer::default_node_id;
 use edgeshift_agent::transfer::ClusterKey;
 use edgeshift_agent::vm::state::DEFAULT_STATE_DIR;
 
+/// Where an installed edge keeps the cluster key.
+pub const DEFAULT_KEY_FILE: &str = "/etc/edgeshift/cluster.key";
+
 /// This edge's id, one rule for every command.
 #[derive(Debug, Clone, clap::Args)]
 pub struct IdArgs {
     /// This edge's id: its name in handshakes with peers and its edge id at
     /// the coordinator (default: the host name). `--edge` and `--node-id`
     /// are deprecated aliases of it.
-    #[arg(long, aliases = ["edge", "node-id"], default_value_t = default_node_id())]
+    #[arg(long, aliases = ["edge", "node-id"], env = "EDGESHIFT_ID", default_value_t = default_node_id())]
     pub id: String,
 }
 
@@ -24,7 +27,7 @@ pub struct IdArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClusterArgs {
     /// File holding the cluster key: 64 hex digits (`head -c32 /dev/urandom | xxd -p -c64`).
-    #[arg(long)]
+    #[arg(long, env = "EDGESHIFT_CLUSTER_KEY_FILE", default_value = DEFAULT_KEY_FILE)]
     pub cluster_key_file: PathBuf,
     #[command(flatten)]
     pub id: IdArgs,
@@ -41,7 +44,7 @@ impl ClusterArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct OptionalClusterArgs {
     /// File holding the cluster key: 64 hex digits (needed with --peer).
-    #[arg(long)]
+    #[arg(long, env = "EDGESHIFT_CLUSTER_KEY_FILE")]
     pub cluster_key_file: Option<PathBuf>,
     #[command(flatten)]
     pub id: IdArgs,
@@ -52,10 +55,10 @@ pub struct OptionalClusterArgs {
 pub struct CoordinatorArgs {
     /// The cache coordinator (http://HOST:PORT); what it does for this
     /// command is in the command's description (`--help`).
-    #[arg(long)]
+    #[arg(long, env = "EDGESHIFT_COORDINATOR")]
     pub coordinator: Option<String>,
     /// File holding the coordinator's bearer token.
-    #[arg(long, requires = "coordinator")]
+    #[arg(long, env = "EDGESHIFT_TOKEN_FILE", requires = "coordinator")]
     pub token_file: Option<PathBuf>,
 }
 

@@ -38,8 +38,11 @@ pub struct Args {
     /// The local chunk store to fill (created if absent).
     #[arg(long)]
     store: PathBuf,
-    /// A peer agent's address (HOST:PORT); repeat for several.
-    #[arg(long = "peer", required_unless_present = "coordinator")]
+    /// A peer agent's address (HOST:PORT); repeat for several. Needed
+    /// unless a coordinator is set.
+    // Checked in `run`: clap's required_unless_present would not count a
+    // coordinator that comes from the configuration file.
+    #[arg(long = "peer")]
     peers: Vec<String>,
     #[command(flatten)]
     cluster: ClusterArgs,
@@ -64,6 +67,10 @@ fn resolve(peer: &str) -> anyhow::Result<SocketAddr> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.peers.is_empty() || args.coord.coordinator.is_some(),
+        "fetch needs --peer ADDR (repeatable) or a coordinator (--coordinator URL, or `coordinator` in the configuration file)"
+    );
     let key = args.cluster.key()?;
     let peers = args
         .peers

@@ -1,10 +1,14 @@
 //! Command-line front end. One file per subcommand, each with its `Args` and
 //! `run`; this file only dispatches. `anyhow` lives here and nowhere below.
 
-use clap::{Parser, Subcommand};
+use std::ffi::OsString;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use edgeshift_common::service::LogFormat;
 
 mod agent;
 mod args;
+pub mod config;
 mod dirty;
 mod fetch;
 mod inspect;
@@ -21,6 +25,20 @@ pub struct Cli {
     /// More log output (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Configuration file (TOML, keys as in /etc/edgeshift/agent.toml, which
+    /// is read when present and this is not given). Its values are every
+    /// command's defaults; EDGESHIFT_* variables and flags override them.
+    #[arg(long, global = true, env = "EDGESHIFT_CONFIG", value_name = "PATH")]
+    pub config: Option<std::path::PathBuf>,
+    /// Log lines as text (coloured only on a terminal) or JSON objects.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGESHIFT_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -44,20 +62,16 @@ pub enum Command {
     Migrate(migrate::Args),
 }
 
-pub fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Plain text into files and journals; colour only on a terminal.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+impl Cli {
+    /// Parses `argv` over the configuration file's values: a bad file is an
+    /// error naming it and the key, before any command starts. Help and
+    /// usage errors exit here, as with `Cli::parse`.
+    pub fn parse_with_config(argv: Vec<OsString>) -> anyhow::Result<Cli> {
+        let (_, file) = config::load(&argv)?;
+        let cmd = edgeshift_common::config::apply_defaults(Cli::command(), &file.defaults());
+        let matches = cmd.get_matches_from(argv);
+        Ok(Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()))
+    }
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -90,7 +104,7 @@ mod tests {
     #[test]
     fn the_contracts_command_lines_parse() {
         let id = "ab".repeat(32);
-        let lines: [&[&str]; 8] = [
+        let lines: [&[&str]; 11] = [
             &["slice", "img", "--store", "s", "--chunk-size", "256KiB"],
             &["restore", &id, "--store", "s", "--out", "o"],
             &["inspect", &id, "--store", "s", "--json"],
@@ -120,6 +134,10 @@ mod tests {
                 "vm", "run", "v", "--image", &id, "--store", "s", "--net", "br0", "--accel", "tcg",
             ],
             &["vm", "list", "--json"],
+            // Added with the service work: stop keeps the disk, start and rm.
+            &["vm", "stop", "v"],
+            &["vm", "start", "v"],
+            &["vm", "rm", "v"],
             &[
                 "migrate",
                 "v",

@@ -1,4 +1,4 @@
-//! `edgeshift vm run|list|stop`: VMs on this edge. (`vm host` was merged into
+//! `edgeshift vm run|list|stop|start|rm`: VMs on this edge. (`vm host` was merged into
 //! `edgeshift agent`; it is kept hidden only to say so.)
 
 use std::path::PathBuf;
@@ -36,11 +36,16 @@ enum Cmd {
     Run(Box<RunArgs>),
     /// List the VMs on this edge.
     List(ListArgs),
-    /// Stop a VM (QMP quit), detach its disk and forget it.
+    /// Stop a VM (QMP quit) and detach its disk; its disk image and record
+    /// stay (`vm start` boots it again, `vm rm` deletes it).
     ///
     /// With --coordinator, drops this edge's (--id) reference to the VM's
     /// image; its chunks stay cached until the policy evicts them.
     Stop(StopArgs),
+    /// Start a stopped VM again from its disk image as it was left.
+    Start(StartArgs),
+    /// Delete a VM that is not running: its disk image and record.
+    Rm(RmArgs),
     /// Retired: merged into `edgeshift agent --migrate-listen`.
     #[command(hide = true)]
     Host(RetiredArgs),
@@ -92,9 +97,30 @@ struct RunArgs {
     coord: CoordinatorArgs,
     #[command(flatten)]
     state: StateArgs,
+    /// Start the VM again when the agent starts and finds it not running
+    /// (after a reboot), unless it was stopped with `vm stop`.
+    #[arg(long)]
+    autostart: bool,
     /// Print the VM's record as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct StartArgs {
+    name: String,
+    #[command(flatten)]
+    state: StateArgs,
+    /// Print the VM's record as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct RmArgs {
+    name: String,
+    #[command(flatten)]
+    state: StateArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -121,6 +147,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Run(a) => run_vm(*a),
         Cmd::List(a) => list(a),
         Cmd::Stop(a) => stop(a),
+        Cmd::Start(a) => start(a),
+        Cmd::Rm(a) => rm(a),
         Cmd::Host(_) => anyhow::bail!(
             "`edgeshift vm host` was merged into `edgeshift agent`: run `edgeshift agent --listen ADDR --migrate-listen ADDR --store DIR --state-dir DIR --cluster-key-file K` (one daemon per edge; docs/migration.md)"
         ),
@@ -205,9 +233,12 @@ fn run_vm(a: RunArgs) -> anyhow::Result<()> {
             tracing::warn!(%left, "pin of a VM that did not start");
         }
     }
-    let rec = started?;
+    print_started(&started?, json)
+}
+
+fn print_started(rec: &VmRecord, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string(&rec)?);
+        println!("{}", serde_json::to_string(rec)?);
     } else {
         println!(
             "VM {} running: pid {}, {} , disk {} ({}), QMP {}",
@@ -235,7 +266,9 @@ fn start_vm(
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let cleanup = DirGuard(Some(dir.clone()));
     let image_path = dir.join("disk.raw");
-    vm::image::restore(store, manifest, &image_path).context("restoring the disk image")?;
+    // Through the I/O module, as `edgeshift restore` (io_uring writes).
+    edgeshift_agent::slicer::restore_image(store, &id, &image_path, None)
+        .context("restoring the disk image")?;
     let dev = vm::loopdev::LoopDevice::attach(&image_path)?;
     // Counts the VM's writes from its first one, so that a migration need
     // not slice the disk to find what changed since this manifest.
@@ -272,6 +305,8 @@ fn start_vm(
         manifest_id: id.to_hex(),
         store: a.store.canonicalize().unwrap_or(a.store),
         started_at: now_secs(),
+        autostart: a.autostart,
+        stopped: false,
     };
     sd.save(&rec)?;
     std::mem::forget(cleanup);
@@ -316,7 +351,9 @@ fn list(a: ListArgs) -> anyhow::Result<()> {
     let entries: Vec<ListEntry> = recs
         .iter()
         .map(|rec| {
-            let state = if !is_running(rec) {
+            let state = if rec.stopped {
+                "stopped".to_string()
+            } else if !is_running(rec) {
                 "dead".to_string()
             } else {
                 match vm::QmpClient::connect(&rec.qmp_socket, Duration::from_millis(500))
@@ -353,17 +390,30 @@ fn list(a: ListArgs) -> anyhow::Result<()> {
 
 fn stop(a: StopArgs) -> anyhow::Result<()> {
     let sd = StateDir::new(&a.state.state_dir);
-    let rec = sd.load(&a.name)?;
-    vm::teardown(&Qemu::default(), &rec)?;
-    sd.remove_record(&a.name)?;
-    let dir = sd.vm_dir(&a.name)?;
-    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    println!("VM {} stopped", a.name);
+    let rec = vm::lifecycle::stop(&Qemu::default(), &sd, &a.name)?;
+    println!(
+        "VM {} stopped; its disk {} stays (`edgeshift vm start {0}` boots it, `edgeshift vm rm {0}` deletes it)",
+        a.name,
+        rec.image_path.display()
+    );
     if let Some(c) = a.coord.config(&a.id) {
         // The VM is gone whatever the coordinator says; say what was left.
         for left in release_source(&c, &sd, &rec.store, &a.name, &rec.manifest_id) {
             eprintln!("warning: left at the coordinator: {left}");
         }
     }
+    Ok(())
+}
+
+fn start(a: StartArgs) -> anyhow::Result<()> {
+    let sd = StateDir::new(&a.state.state_dir);
+    let rec = vm::lifecycle::start(&Qemu::default(), &sd, &a.name)?;
+    print_started(&rec, a.json)
+}
+
+fn rm(a: RmArgs) -> anyhow::Result<()> {
+    let sd = StateDir::new(&a.state.state_dir);
+    let rec = vm::lifecycle::remove(&sd, &a.name)?;
+    println!("VM {} deleted with its disk {}", a.name, rec.image_path.display());
     Ok(())
 }

@@ -375,9 +375,17 @@ pub struct LinkHandle {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     uses: Arc<ChunkUses>,
+    first_step: Option<String>,
 }
 
 impl LinkHandle {
+    /// Why the first exchange with the coordinator (registration and full
+    /// inventory, done before [`start`] returns) failed; `None` if it went
+    /// through. The link keeps retrying either way.
+    pub fn first_step_error(&self) -> Option<&str> {
+        self.first_step.as_deref()
+    }
+
     /// Where the chunk server notes served chunks (see [`Link::uses`]).
     pub fn uses(&self) -> Arc<ChunkUses> {
         self.uses.clone()
@@ -413,7 +421,10 @@ pub fn start(
         interval: Duration::from_secs(5),
     };
     tracing::info!(coordinator = %url, advertise = %cfg.advertise, capacity, "coordinator link starting");
-    let link = Link::new(client, cfg, store, Some(key))?;
+    let mut link = Link::new(client, cfg, store, Some(key))?;
+    // The first exchange before the daemon says it is ready, so that its
+    // readiness says whether the coordinator was reached.
+    let first_step = link.step().err().map(|e| e.to_string());
     let uses = link.uses();
     let stop = Arc::new(AtomicBool::new(false));
     let thread = spawn(link, stop.clone()).map_err(|e| CoordError::Transfer(e.into()))?;
@@ -421,6 +432,7 @@ pub fn start(
         stop,
         thread: Some(thread),
         uses,
+        first_step,
     })
 }
 

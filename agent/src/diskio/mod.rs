@@ -12,6 +12,7 @@
 //! so the unsafe code stays in this module.
 
 mod buf;
+mod map;
 mod sync;
 #[cfg(test)]
 mod tests;
@@ -25,6 +26,7 @@ use std::os::fd::AsRawFd;
 use std::sync::OnceLock;
 
 pub use buf::{AlignedBuf, IoBuf, DIRECT_ALIGN};
+pub use map::MappedFile;
 
 /// The environment variable that forces the fallback engine (`sync`).
 pub const ENGINE_ENV: &str = "EDGESHIFT_DISK_IO";

@@ -239,3 +239,18 @@ fn the_override_and_a_refused_ring_choose_the_fallback() {
     assert_eq!(choose(Some("uring"), works), Engine::Uring);
     assert_eq!(Engine::current(), Engine::current(), "chosen once");
 }
+
+#[test]
+fn a_mapping_shows_the_file_and_an_empty_one_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bytes = pattern(3 * DIRECT_ALIGN + 100);
+    let f = temp_file(&dir, "mapped", &bytes);
+    let m = MappedFile::map(&f, bytes.len() as u64).expect("map");
+    drop(f);
+    assert_eq!(m.len(), bytes.len());
+    assert_eq!(m.bytes(), &bytes[..], "the mapping outlives the file handle");
+    // A prefix maps too; an empty length cannot be mapped.
+    let f = temp_file(&dir, "again", &bytes);
+    assert_eq!(MappedFile::map(&f, 10).expect("map").bytes(), &bytes[..10]);
+    assert!(MappedFile::map(&f, 0).is_err());
+}

@@ -150,7 +150,7 @@ pub fn release_source(
         .list()
         .map(|recs| {
             recs.iter()
-                .any(|r| r.spec.name != vm && r.manifest_id == manifest_hex)
+                .any(|r| r.spec.name != vm && !r.stopped && r.manifest_id == manifest_hex)
         })
         .unwrap_or(true);
     let result = (|| -> Result<(), CoordError> {

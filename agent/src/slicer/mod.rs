@@ -3,10 +3,15 @@
 //! manifest ([`restore`]), and its figures ([`inspect`]).
 
 pub mod format;
+mod hash;
 pub mod image;
 pub mod inspect;
+mod read;
 pub mod restore;
+mod segment;
 pub mod slice;
+#[cfg(test)]
+mod slice_tests;
 
 use std::path::{Path, PathBuf};
 

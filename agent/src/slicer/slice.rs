@@ -1,27 +1,30 @@
-//! Slicing: reads into aligned buffers ([`crate::diskio`], io_uring where it
-//! works), BLAKE3 on every core while the next reads are in flight, new
-//! chunks written to the store in durable batches. A buffer travels reader → hasher → store writer → reader by
-//! ownership; the bytes the kernel read are hashed and written where they lie.
+//! Slicing: the image hashed on every core, where it lies in the page cache
+//! (a mapping, [`super::hash`]) or read into aligned buffers with io_uring
+//! when it is not cached ([`super::read`]); the store's presence check beside
+//! the hashing; new chunks written to the store in durable batches by one
+//! writer, which places fingerprints in manifest order.
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::sync::atomic::AtomicUsize;
+use std::sync::mpsc::{self, Receiver};
 use std::sync::Mutex;
 use std::time::Instant;
 
 use edgeshift_common::manifest::chunk_count;
 use edgeshift_common::{ChunkSize, Fingerprint, Manifest, ManifestId};
 
+use super::hash::{hash_mapped_segments, hash_read_segments, CopyBufs};
 use super::image::{ImageSource, ReadMode};
-use super::{chunk_fingerprint, Progress, SlicerError};
-use crate::diskio::{AlignedBuf, Engine, Queue, DIRECT_ALIGN};
-use crate::store::{ChunkStore, LocalStore};
+use super::read::{read_segments, READS_IN_FLIGHT};
+use super::segment::Segment;
+use super::{Progress, SlicerError};
+use crate::diskio::{AlignedBuf, MappedFile};
+use crate::store::{ChunkBatch, ChunkStore, LocalStore, StoreError};
 
 /// Bytes one read (and one hashing task) covers: a whole number of chunks,
 /// large enough that per-read and per-task costs vanish.
 const SEGMENT_MIN: usize = 4 << 20;
-/// Reads kept in flight while the hashers work.
-const READS_IN_FLIGHT: usize = 4;
 
 pub struct SliceOptions<'a> {
     pub chunk_size: ChunkSize,
@@ -58,14 +61,6 @@ pub struct SliceReport {
     pub seconds: f64,
 }
 
-/// A run of whole chunks at `offset`, in `buf[..len]`.
-struct Segment {
-    offset: u64,
-    len: usize,
-    buf: AlignedBuf,
-    fps: Vec<Fingerprint>,
-}
-
 /// Slices the image at `path` into `store`; stores its manifest too.
 pub fn slice_image(
     path: &Path,
@@ -81,21 +76,49 @@ pub fn slice_image(
     let n_chunks = chunk_count(src.size, opts.chunk_size) as usize;
     tracing::debug!(path = %path.display(), size = src.size, direct = src.direct, chunk_size = cs, "slicing");
 
+    // Buffered: map the image and hash it where it lies (no copy through
+    // `read`); O_DIRECT, or a file that cannot be mapped: read it.
+    let mapped = if src.direct {
+        None
+    } else {
+        MappedFile::map(&src.file, src.size)
+            .inspect_err(|e| tracing::debug!(error = %e, "mapping the image failed; reading it"))
+            .ok()
+    };
+    let (store_tx, store_rx) = mpsc::sync_channel::<Segment>(pool);
     let (hash_tx, hash_rx) = mpsc::sync_channel::<Segment>(pool);
     let hash_rx = Mutex::new(hash_rx);
-    let (store_tx, store_rx) = mpsc::sync_channel::<Segment>(pool);
     let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>();
 
     let (read_result, writer_result) = std::thread::scope(|s| {
-        for _ in 0..hashers {
-            let rx = &hash_rx;
-            let tx = store_tx.clone();
-            s.spawn(move || hash_segments(rx, tx, cs));
-        }
-        drop(store_tx);
         let writer = s.spawn(|| store_segments(store, store_rx, free_tx, cs, n_chunks, opts.progress));
-        let bufs = (0..pool).map(|_| AlignedBuf::new(seg_bytes)).collect();
-        let read_result = read_segments(&src, seg_bytes, bufs, hash_tx, free_rx);
+        let read_result = match &mapped {
+            Some(map) => {
+                let next = AtomicUsize::new(0);
+                let bufs = CopyBufs::new(free_rx, pool, seg_bytes);
+                std::thread::scope(|h| {
+                    for _ in 0..hashers {
+                        let tx = store_tx.clone();
+                        let (next, bufs) = (&next, &bufs);
+                        h.spawn(move || {
+                            hash_mapped_segments(map.bytes(), next, seg_bytes, cs, store, bufs, tx)
+                        });
+                    }
+                    drop(store_tx);
+                });
+                Ok(())
+            }
+            None => {
+                for _ in 0..hashers {
+                    let rx = &hash_rx;
+                    let tx = store_tx.clone();
+                    s.spawn(move || hash_read_segments(rx, tx, cs, store));
+                }
+                drop(store_tx);
+                let bufs = (0..pool).map(|_| AlignedBuf::new(seg_bytes)).collect();
+                read_segments(&src, seg_bytes, bufs, hash_tx, free_rx)
+            }
+        };
         (read_result, writer.join())
     });
     let stored = writer_result.map_err(|_| SlicerError::WorkerPanicked)?;
@@ -130,22 +153,6 @@ pub fn slice_image(
     Ok(report)
 }
 
-fn hash_segments(rx: &Mutex<Receiver<Segment>>, tx: SyncSender<Segment>, cs: usize) {
-    loop {
-        let next = match rx.lock() {
-            Ok(guard) => guard.recv(),
-            Err(_) => return,
-        };
-        let Ok(mut seg) = next else { return };
-        seg.fps.clear();
-        seg.fps
-            .extend(seg.buf.as_slice()[..seg.len].chunks(cs).map(chunk_fingerprint));
-        if tx.send(seg).is_err() {
-            return;
-        }
-    }
-}
-
 struct Stored {
     fps: Vec<Fingerprint>,
     zero_chunks: u64,
@@ -155,9 +162,10 @@ struct Stored {
     present_chunks: u64,
 }
 
-/// Places fingerprints in manifest order and writes chunks the store lacks.
-/// The presence check is one `stat` per distinct chunk, done here so that it
-/// never holds up reading or hashing.
+/// Places fingerprints in manifest order and writes chunks the store lacks
+/// (the hashers checked their presence), in batches: a full batch is
+/// committed on a second thread while the next one is staged, so the disk
+/// flushes one batch while the next is copied into the page cache.
 fn store_segments(
     store: &LocalStore,
     rx: Receiver<Segment>,
@@ -166,6 +174,41 @@ fn store_segments(
     n_chunks: usize,
     progress: Option<Progress<'_>>,
 ) -> Result<Stored, SlicerError> {
+    std::thread::scope(|s| {
+        // Rendezvous: at most one batch committing and one staging, so the
+        // open temp files stay within two batches' worth.
+        let (commit_tx, commit_rx) = mpsc::sync_channel::<ChunkBatch<'_>>(0);
+        let committer = s.spawn(move || -> Result<(), StoreError> {
+            for mut batch in commit_rx {
+                batch.commit()?;
+            }
+            Ok(())
+        });
+        let staged = stage_segments(store, rx, free, cs, n_chunks, progress, &commit_tx);
+        drop(commit_tx);
+        let committed = committer.join().map_err(|_| SlicerError::WorkerPanicked)?;
+        // A stager stopped by a failed commit reports the commit's error.
+        committed?;
+        staged
+    })
+}
+
+fn stage_segments<'s>(
+    store: &'s LocalStore,
+    rx: Receiver<Segment>,
+    free: mpsc::Sender<AlignedBuf>,
+    cs: usize,
+    n_chunks: usize,
+    progress: Option<Progress<'_>>,
+    commit: &mpsc::SyncSender<ChunkBatch<'s>>,
+) -> Result<Stored, SlicerError> {
+    let committer_gone = || {
+        SlicerError::io(
+            "hand a batch to the committer of",
+            store.root(),
+            std::io::Error::other("committer stopped"),
+        )
+    };
     let mut out = Stored {
         fps: vec![Fingerprint::ZERO_CHUNK; n_chunks],
         zero_chunks: 0,
@@ -179,8 +222,7 @@ fn store_segments(
     let mut done = 0u64;
     for seg in rx {
         let first = (seg.offset / cs as u64) as usize;
-        let data = &seg.buf.as_slice()[..seg.len];
-        for (i, (fp, bytes)) in seg.fps.iter().zip(data.chunks(cs)).enumerate() {
+        for (i, (fp, new)) in seg.fps.iter().zip(&seg.new).enumerate() {
             out.fps[first + i] = *fp;
             if fp.is_zero_chunk() {
                 out.zero_chunks += 1;
@@ -189,15 +231,21 @@ fn store_segments(
             if !seen.insert(*fp) {
                 continue;
             }
-            if store.has_chunk(fp)? {
+            let bytes = match (&seg.buf, new) {
+                (Some(buf), true) => buf.as_slice().get(i * cs..((i + 1) * cs).min(seg.len)),
+                _ => None,
+            };
+            let Some(bytes) = bytes else {
                 out.present_chunks += 1;
                 continue;
-            }
+            };
             batch.stage(fp, bytes)?;
             out.new_chunks += 1;
             out.new_bytes += bytes.len() as u64;
             if batch.is_full() {
-                batch.commit()?;
+                commit
+                    .send(std::mem::replace(&mut batch, store.batch()))
+                    .map_err(|_| committer_gone())?;
             }
         }
         done += seg.len as u64;
@@ -205,131 +253,11 @@ fn store_segments(
             p(done);
         }
         // The reader may have finished already; then the buffer is just freed.
-        let _ = free.send(seg.buf);
+        if let Some(buf) = seg.buf {
+            let _ = free.send(buf);
+        }
     }
-    batch.commit()?;
+    commit.send(batch).map_err(|_| committer_gone())?;
     out.unique_chunks = seen.len() as u64;
     Ok(out)
-}
-
-/// One read in flight: segment bytes `[offset, offset + expected)`, `filled`
-/// of them read so far (its buffer is with the queue meanwhile).
-struct InFlight {
-    offset: u64,
-    expected: usize,
-    filled: usize,
-}
-
-/// Asks for the rest of `f`'s segment, into `buf` where it left off.
-fn submit_read<'f>(
-    queue: &mut Queue<'f, AlignedBuf>,
-    src: &'f ImageSource,
-    f: &InFlight,
-    buf: AlignedBuf,
-    slot: usize,
-) -> Result<(), SlicerError> {
-    let remaining = f.expected - f.filled;
-    // O_DIRECT reads whole blocks; the tail past the end of the image
-    // comes back short, which is what we want.
-    let len = if src.direct && f.filled.is_multiple_of(DIRECT_ALIGN) {
-        remaining.next_multiple_of(DIRECT_ALIGN)
-    } else {
-        remaining
-    };
-    let end = (f.filled + len).min(buf.len());
-    queue
-        .read(&src.file, buf, f.filled..end, f.offset + f.filled as u64, slot)
-        .map_err(|e| SlicerError::io("submit a read of", &src.path, e))
-}
-
-fn read_segments(
-    src: &ImageSource,
-    seg_bytes: usize,
-    mut free: Vec<AlignedBuf>,
-    to_hash: SyncSender<Segment>,
-    returned: Receiver<AlignedBuf>,
-) -> Result<(), SlicerError> {
-    let n_segs = src.size.div_ceil(seg_bytes as u64);
-    let mut queue = Engine::current()
-        .queue::<AlignedBuf>(READS_IN_FLIGHT * 2)
-        .map_err(|e| SlicerError::io("set up disk reads for", &src.path, e))?;
-    let mut slots: Vec<Option<InFlight>> = (0..READS_IN_FLIGHT).map(|_| None).collect();
-    let stopped = || {
-        SlicerError::io(
-            "hand over a chunk of",
-            &src.path,
-            std::io::Error::other("pipeline stopped"),
-        )
-    };
-    let mut next_seg = 0u64;
-    let mut done_segs = 0u64;
-    while done_segs < n_segs {
-        while queue.in_flight() < READS_IN_FLIGHT && next_seg < n_segs {
-            let buf = match free.pop() {
-                Some(b) => b,
-                None => match returned.try_recv() {
-                    Ok(b) => b,
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => return Err(stopped()),
-                },
-            };
-            let Some(slot) = slots.iter().position(Option::is_none) else {
-                free.push(buf);
-                break;
-            };
-            let offset = next_seg * seg_bytes as u64;
-            let expected = (src.size - offset).min(seg_bytes as u64) as usize;
-            let f = slots[slot].insert(InFlight {
-                offset,
-                expected,
-                filled: 0,
-            });
-            submit_read(&mut queue, src, f, buf, slot)?;
-            next_seg += 1;
-        }
-        if queue.in_flight() == 0 {
-            // Every buffer is with the hashers or the writer: wait for one.
-            free.push(returned.recv().map_err(|_| stopped())?);
-            continue;
-        }
-        let done = queue
-            .next_completion()
-            .map_err(|e| SlicerError::io("wait for reads of", &src.path, e))?;
-        let Some(f) = slots.get_mut(done.tag).and_then(Option::as_mut) else {
-            continue;
-        };
-        let n = match done.result {
-            Ok(n) => n,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {
-                submit_read(&mut queue, src, f, done.buf, done.tag)?;
-                continue;
-            }
-            Err(e) => return Err(SlicerError::io("read", &src.path, e)),
-        };
-        if n == 0 {
-            return Err(SlicerError::ImageShrank {
-                path: src.path.clone(),
-                expected: src.size,
-                got: f.offset + f.filled as u64,
-            });
-        }
-        f.filled = (f.filled + n).min(f.expected);
-        if f.filled < f.expected {
-            submit_read(&mut queue, src, f, done.buf, done.tag)?;
-            continue;
-        }
-        let Some(read) = slots[done.tag].take() else {
-            continue;
-        };
-        to_hash
-            .send(Segment {
-                offset: read.offset,
-                len: read.expected,
-                buf: done.buf,
-                fps: Vec::new(),
-            })
-            .map_err(|_| stopped())?;
-        done_segs += 1;
-    }
-    Ok(())
 }

@@ -1,13 +1,13 @@
 //! A VM disk as chunks: slicing a file or live block device into a manifest
-//! (optionally storing the chunks), re-reading single chunks, and restoring an
-//! image file from a store.
+//! (optionally storing the chunks) and re-reading single chunks. Restoring
+//! an image is the slicer's (`slicer::restore_image`, through `diskio`).
 //!
 //! Until the slicer module lands these are the migration engine's own
 //! sequential readers; they read through the page cache, which stays
 //! coherent with the guest's O_DIRECT writes (the kernel invalidates cached
 //! pages a direct write covers).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -79,26 +79,6 @@ pub fn slice(
     Ok(Manifest::new(chunk_size, size, chunks))
 }
 
-/// Writes `manifest`'s image to a new file at `out` from `store` (holes stay
-/// sparse). Fails on the first chunk the store lacks.
-pub fn restore(store: &dyn ChunkStore, manifest: &Manifest, out: &Path) -> Result<(), VmError> {
-    let f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(out)
-        .map_err(io("create", out))?;
-    f.set_len(manifest.image_size).map_err(io("size", out))?;
-    for (i, fp) in manifest.chunks.iter().enumerate() {
-        if fp.is_zero_chunk() {
-            continue;
-        }
-        let data = store.get_chunk(fp)?;
-        f.write_all_at(&data, manifest.chunk_offset(i))
-            .map_err(io("write", out))?;
-    }
-    f.sync_all().map_err(io("sync", out))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,12 +99,10 @@ mod tests {
         assert_eq!(m.chunks.len(), 6);
         assert!(m.chunks[1].is_zero_chunk());
         assert!(!m.chunks[5].is_zero_chunk());
+        // Restored (as `edgeshift vm run` does) byte for byte.
+        let id = store.put_manifest(&m).expect("manifest");
         let out = dir.path().join("out");
-        restore(&store, &m, &out).expect("restore");
+        crate::slicer::restore_image(&store, &id, &out, None).expect("restore");
         assert_eq!(std::fs::read(&out).expect("read back"), data);
-        // Restoring over an existing file is refused; a store missing a chunk fails.
-        assert!(restore(&store, &m, &out).is_err());
-        let empty = LocalStore::open_or_create(dir.path().join("empty")).expect("store");
-        assert!(restore(&empty, &m, &dir.path().join("out2")).is_err());
     }
 }

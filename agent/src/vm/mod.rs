@@ -9,6 +9,7 @@
 //! - [`state`]: the per-VM record under the state directory.
 
 pub mod image;
+pub mod lifecycle;
 pub mod loopdev;
 pub mod qemu;
 pub mod qmp;
@@ -53,6 +54,8 @@ pub enum VmError {
     Exists(String),
     #[error("no VM named {0} on this edge")]
     NoSuchVm(String),
+    #[error("VM {0} is running: stop it first (`edgeshift vm stop {0}`)")]
+    Running(String),
     #[error("invalid VM name {0:?}: use 1-32 letters, digits, '-' or '_'")]
     BadName(String),
     #[error("VM record {path} is unreadable: {reason}")]

@@ -3,6 +3,7 @@
 //! `-daemonize` lets a VM outlive the command that started it; everything
 //! after the launch goes through the QMP socket.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -123,7 +124,21 @@ impl Qemu {
         };
         let dir = tempfile_dir().map_err(|e| format!("probe directory: {e}"))?;
         let log = dir.join("probe-serial.log");
-        let mut child = Command::new(&self.binary)
+        let mut probe = Command::new(&self.binary);
+        // The probe QEMU must not outlive an agent stopped mid-probe (a KVM
+        // that makes no progress would keep it spinning for ever).
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls prctl(2), which is async-signal-safe and touches no memory
+        // of the parent.
+        unsafe {
+            probe.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = probe
             .args([
                 "-accel",
                 "kvm",

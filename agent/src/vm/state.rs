@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{check_name, Accel, VmError, VmSpec};
 
-/// Default state directory.
-pub const DEFAULT_STATE_DIR: &str = "/run/edgeshift/vms";
+/// Default state directory: on disk, so stopped VMs and their writes
+/// survive a reboot (`/run` is usually a tmpfs).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/edgeshift/vms";
 
 /// What this edge knows about one of its VMs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -24,6 +25,14 @@ pub struct VmRecord {
     pub store: PathBuf,
     /// Seconds since the epoch when it started here.
     pub started_at: u64,
+    /// Bring the VM back when the agent starts and finds it not running
+    /// (after a reboot, say), unless it was stopped on purpose.
+    #[serde(default)]
+    pub autostart: bool,
+    /// Stopped on purpose (`vm stop`): the disk and this record stay, no
+    /// QEMU runs, and `pid` and `loop_device` are stale.
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 /// The state directory.
@@ -141,9 +150,21 @@ impl StateDir {
     }
 }
 
-/// True if the VM's QEMU process is alive.
+/// True if the VM's QEMU process is alive: its pid runs and is the QEMU
+/// of this VM (its command line names the VM's QMP socket), not a process
+/// that took the pid over after a reboot.
 pub fn is_running(rec: &VmRecord) -> bool {
-    super::qemu::pid_alive(rec.pid)
+    if rec.stopped || !super::qemu::pid_alive(rec.pid) {
+        return false;
+    }
+    let socket = rec.qmp_socket.to_string_lossy();
+    match std::fs::read(format!("/proc/{}/cmdline", rec.pid)) {
+        Ok(cmdline) => cmdline
+            .split(|&b| b == 0)
+            .any(|arg| String::from_utf8_lossy(arg).contains(socket.as_ref())),
+        // Another user's process, or gone since: not this VM.
+        Err(_) => false,
+    }
 }
 
 #[cfg(test)]
@@ -177,9 +198,20 @@ mod tests {
             manifest_id: "00".repeat(32),
             store: "/store".into(),
             started_at: 0,
+            autostart: false,
+            stopped: false,
         };
+        // pid 1 runs, but it is not this VM's QEMU.
+        assert!(!is_running(&rec));
         sd.save(&rec).expect("save");
         assert_eq!(sd.load("vm1").expect("load").spec, rec.spec);
+        // Records written before `autostart` and `stopped` existed still load.
+        let old = std::fs::read_to_string(dir.path().join("vm1/vm.json"))
+            .expect("record")
+            .replace("\"autostart\": false,", "")
+            .replace("\"stopped\": false", "\"x\": 0");
+        std::fs::write(dir.path().join("vm1/vm.json"), old).expect("old record");
+        assert!(!sd.load("vm1").expect("old record loads").autostart);
         assert_eq!(sd.list().expect("list").len(), 1);
         std::fs::write(dir.path().join("vm1/vm.json"), b"{not json").expect("corrupt");
         assert!(matches!(sd.load("vm1"), Err(VmError::BadRecord { .. })));

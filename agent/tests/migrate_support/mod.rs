@@ -241,6 +241,26 @@ impl Cloud {
         }
     }
 
+    /// Stops `edge`'s agent with SIGTERM, as systemd does; returns its exit
+    /// status (it is killed after 40 s).
+    pub fn term_agent(&mut self, edge: &str) -> std::process::ExitStatus {
+        let mut c = self.edge_mut(edge).agent.take().expect("the agent runs");
+        let pid = libc::pid_t::try_from(c.id()).expect("pid");
+        // SAFETY: kill(2) on our own child, not yet reaped; no memory involved.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(40);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        kill_tree(&mut c);
+        panic!("the agent at {edge} did not stop within 40 s of SIGTERM");
+    }
+
     /// `edgeshift vm run` of the test VM on `edge`.
     pub fn run_vm(&self, edge: &str, name: &str, image: &str) {
         self.run_vm_with(edge, name, image, "");

@@ -53,6 +53,12 @@ enum Cmd {
         /// Also print the demo's record as JSON.
         #[arg(long)]
         json: bool,
+        /// Run the installed package's programs (/usr/bin/edgeshift,
+        /// /usr/bin/edgeshift-coordinator) with its configuration files
+        /// (/etc/edgeshift/*.toml; the demo's flags override them), not
+        /// this build's.
+        #[arg(long)]
+        installed: bool,
     },
     /// Build a topology (TOML; default: the built-in edge3) and keep it up until Ctrl-C.
     Up {
@@ -138,8 +144,13 @@ fn main() -> anyhow::Result<()> {
                 set.wall_seconds
             ));
         }
-        Cmd::Demo { json } => {
-            let rec = demo::run("demo", &work_dir("demo"), &log)?;
+        Cmd::Demo { json, installed } => {
+            let programs = if installed {
+                edgeshift_perf::cluster::Programs::installed()?
+            } else {
+                edgeshift_perf::cluster::Programs::default()
+            };
+            let rec = demo::run("demo", &work_dir("demo"), &programs, &log)?;
             println!("{}", demo::summary(&rec));
             if json {
                 println!("{}", serde_json::to_string(&rec)?);

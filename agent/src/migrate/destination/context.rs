@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use super::drain::Connections;
 use crate::migrate::coord::CoordConfig;
 use crate::migrate::MigrateError;
 use crate::store::LocalStore;
@@ -34,6 +35,8 @@ pub struct Host {
     pub(super) runtime: tokio::runtime::Handle,
     /// Names of VMs being received right now.
     receiving: Mutex<HashSet<String>>,
+    /// The control connections open now (cut at shutdown).
+    pub(super) connections: Arc<Connections>,
 }
 
 impl Host {
@@ -48,7 +51,15 @@ impl Host {
             state,
             runtime,
             receiving: Mutex::new(HashSet::new()),
+            connections: Arc::default(),
         }
+    }
+
+    /// The agent is stopping: refuses new migrations and ends the incoming
+    /// ones (torn down unless switched over, see [`super::drain`]), waiting
+    /// up to `wait`. Returns how many had not ended by then.
+    pub fn shut_down(&self, wait: std::time::Duration) -> usize {
+        self.connections.shut_down(wait)
     }
 
     /// Claims `name` for one incoming migration; false if it is already

@@ -86,6 +86,9 @@ impl Incoming {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            // The source's choice does not travel with the VM.
+            autostart: false,
+            stopped: false,
         };
         self.host.state.save(&rec)?;
         self.finished = true;

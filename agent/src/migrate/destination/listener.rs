@@ -37,6 +37,10 @@ pub async fn serve(host: Arc<Host>, listener: tokio::net::TcpListener) -> Result
                 continue;
             }
         };
+        let Some(registered) = host.connections.register(&s) else {
+            tracing::info!(%peer, "control connection refused: the agent is stopping");
+            continue;
+        };
         let host = Arc::clone(&host);
         let spawned = std::thread::Builder::new()
             .name("migrate-control".into())
@@ -44,6 +48,9 @@ pub async fn serve(host: Arc<Host>, listener: tokio::net::TcpListener) -> Result
                 if let Err(e) = handle(host, s) {
                     tracing::info!(%peer, error = %e, "control connection ended");
                 }
+                // Unregistered only once the session (and its incoming VM's
+                // teardown) is over.
+                drop(registered);
             });
         if let Err(e) = spawned {
             tracing::warn!(%peer, error = %e, "no thread for a control connection");

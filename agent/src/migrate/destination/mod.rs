@@ -22,6 +22,7 @@
 //! it is kept and recorded, so nothing of the VM is ever lost.
 
 mod context;
+mod drain;
 mod finish;
 mod incoming;
 mod incoming_qemu;

@@ -181,11 +181,13 @@ impl Incoming {
         .with_pool(Arc::clone(&self.conns));
         // This thread is the control connection's, outside the runtime:
         // it waits here while the fetch runs on the agent's workers.
-        let report = self
-            .host
-            .runtime
-            .block_on(fetcher.fetch_chunks(wants))
-            .map_err(|e| MigrateError::Unavailable(e.to_string()))?;
+        let stopping = self.host.connections.stopping();
+        let report = self.host.runtime.block_on(async {
+            tokio::select! {
+                r = fetcher.fetch_chunks(wants) => r.map_err(|e| MigrateError::Unavailable(e.to_string())),
+                () = stopping => Err(MigrateError::Unavailable("the destination agent is stopping".into())),
+            }
+        })?;
         if let Some(p) = plan {
             p.report_rates(&report);
         }
