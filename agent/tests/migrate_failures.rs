@@ -64,9 +64,17 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
     cloud.run_vm("a", "vm1", &base);
     let stream = cloud.counter_stream();
 
-    // 1. A failure injected after each phase, and at a disk round while
-    //    QEMU moves memory (the two overlap).
-    for phase in ["plan", "incoming", "precopy", "memory-round", "memory", "pause"] {
+    // 1. A failure injected after each phase (the disk mirror's included),
+    //    and at a disk look while QEMU moves memory (the two overlap).
+    for phase in [
+        "plan",
+        "incoming",
+        "precopy",
+        "mirror",
+        "memory-round",
+        "memory",
+        "pause",
+    ] {
         let (ok, _, err) = cloud.migrate("vm1", "a", "b", &["c"], &["--fail-after", phase]);
         assert!(!ok, "an injected failure after {phase} must fail the migration");
         assert!(
@@ -100,7 +108,11 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
         // the uncapped 400 Mbit/s link memory can converge before the
         // second look, with nothing pending at the first; QEMU's multifd
         // streams do not keep to the cap, its plain stream does).
+        // The throttle bounds a pause that sends the last chunks; beside
+        // the disk mirror (the default) nothing waits for the pause.
         &[
+            "--disk-handoff",
+            "pause",
             "--fail-after",
             "memory",
             "--max-downtime",

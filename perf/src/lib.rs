@@ -7,6 +7,7 @@
 
 pub mod boot_logs;
 pub mod cluster;
+pub mod counter_client;
 pub mod demo;
 pub mod heat;
 pub mod holdings;

@@ -560,27 +560,43 @@ fn lacked_bytes(store: &Path, id: &str, held: &HashSet<Fingerprint>) -> Result<u
 }
 
 /// A handoff's samples of bytes received, each named by the engine's phase
-/// it fell in: the `--json` report's phases in order, each lasting its
-/// `seconds` (they follow one another with memory after the disk, the
-/// default; the command's start stands for the engine's, a few ms apart),
-/// then "switchover" (QEMU's last state, then the VM runs at e2, and the
-/// source cleans up).
+/// it fell in: the `--json` report's phases, each from its `start_seconds`
+/// for its `seconds` (a report without starts: one after the other); where
+/// phases overlap (the disk mirror runs beside memory) the one that started
+/// last names the sample; past the last, "switchover" (QEMU's last state,
+/// then the VM runs at e2, and the source cleans up). The command's start
+/// stands for the engine's, a few ms apart.
 fn phased(received: Vec<(f64, u64)>, report: &serde_json::Value) -> Vec<Sample> {
-    let mut ends = Vec::new();
+    let mut spans = Vec::new();
     let mut t = 0.0;
     for p in report["phases"].as_array().into_iter().flatten() {
-        t += p["seconds"].as_f64().unwrap_or(0.0);
-        ends.push((t, p["phase"].as_str().unwrap_or("?").to_string()));
+        let start = p["start_seconds"].as_f64().unwrap_or(t);
+        let end = start + p["seconds"].as_f64().unwrap_or(0.0);
+        t = end;
+        spans.push((start, end, p["phase"].as_str().unwrap_or("?").to_string()));
     }
+    let last_end = spans.iter().map(|s| s.1).fold(0.0, f64::max);
     received
         .into_iter()
-        .map(|(t, bytes)| Sample {
-            t,
-            phase: ends
+        .map(|(t, bytes)| {
+            let within = spans
                 .iter()
-                .find(|(end, _)| t < *end)
-                .map_or_else(|| "switchover".to_string(), |(_, name)| name.clone()),
-            bytes: vec![(SRC.to_string(), bytes)],
+                .filter(|(start, end, _)| *start <= t && t < *end)
+                .max_by(|a, b| a.0.total_cmp(&b.0));
+            let phase = match within {
+                Some((_, _, name)) => name.clone(),
+                // Between phases (a few ms of bookkeeping): the next one.
+                None if t < last_end => spans
+                    .iter()
+                    .find(|(start, _, _)| t < *start)
+                    .map_or_else(|| "switchover".to_string(), |s| s.2.clone()),
+                None => "switchover".to_string(),
+            };
+            Sample {
+                t,
+                phase,
+                bytes: vec![(SRC.to_string(), bytes)],
+            }
         })
         .collect()
 }
@@ -613,6 +629,18 @@ mod tests {
         let names: Vec<&str> = got.iter().map(|s| s.phase.as_str()).collect();
         assert_eq!(names, ["plan", "precopy", "memory", "pause", "switchover"]);
         assert_eq!(got[2].bytes, vec![(SRC.to_string(), 20)]);
+        // With starts, overlapping phases: the mirror runs beside memory,
+        // which names what falls in both; the mirror alone before it.
+        let report = serde_json::json!({"phases": [
+            {"phase": "plan", "start_seconds": 0.0, "seconds": 0.05},
+            {"phase": "precopy", "start_seconds": 0.05, "seconds": 0.9},
+            {"phase": "memory", "start_seconds": 1.5, "seconds": 2.0},
+            {"phase": "mirror", "start_seconds": 0.95, "seconds": 2.6},
+            {"phase": "pause", "start_seconds": 3.5, "seconds": 0.1},
+        ]});
+        let got = phased(vec![(0.5, 1), (1.0, 2), (2.0, 3), (3.52, 4), (3.7, 5)], &report);
+        let names: Vec<&str> = got.iter().map(|s| s.phase.as_str()).collect();
+        assert_eq!(names, ["precopy", "mirror", "memory", "pause", "switchover"]);
         // A report without phases (a failed parse upstream) names nothing.
         let bare = phased(vec![(0.1, 1)], &serde_json::json!({}));
         assert_eq!(bare[0].phase, "switchover");

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use edgeshift_agent::migrate::report::Phase;
+use edgeshift_agent::migrate::source::DiskHandoff;
 use edgeshift_agent::migrate::temperature::Ordering;
 use edgeshift_agent::migrate::{self, MigrateOptions};
 use edgeshift_agent::vm::MemoryTransport;
@@ -101,6 +102,13 @@ pub struct Args {
     /// For comparison; the report's `delta_chunks` counts the deltas.
     #[arg(long)]
     whole_chunks: bool,
+    /// How the chunks the guest writes after the pre-copy rounds reach the
+    /// destination: mirror (QEMU mirrors every new write to the
+    /// destination's NBD export while the VM runs, the chunks written
+    /// before it go beside it, and the pause only checks) or pause (they
+    /// are sent in the pause: a longer downtime; to compare).
+    #[arg(long, value_enum, default_value = "mirror")]
+    disk_handoff: DiskHandoff,
     /// Testing: fail on purpose after this phase (the VM must stay at the source).
     #[arg(long, value_enum, hide = true)]
     fail_after: Option<Phase>,
@@ -155,6 +163,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         memory_with_disk: a.memory_start == MemoryStart::WithDisk,
         use_boot_log: !a.no_boot_log,
         deltas: !a.whole_chunks,
+        disk_handoff: a.disk_handoff,
         memory_max_bps: a.memory_max_mbit.map(|m| (m * 1e6 / 8.0) as u64),
     };
     let bar = if std::io::stderr().is_terminal() {

@@ -7,12 +7,14 @@
 //! - [`source`]: the source half, driving both QEMUs and the destination.
 //! - [`report`]: what a migration reports (its `--json` output).
 //! - [`temperature`]: the order chunks go in (coldest first, hottest last).
+//! - [`nbd`]: the small NBD server the source's disk mirror writes to.
 //! - [`coord`]: the coordinator's part: the plan (step 1) and the reference
 //!   counts that move with the VM (step 5).
 
 pub mod coord;
 pub mod destination;
 mod image_writer;
+pub mod nbd;
 pub mod proto;
 pub mod report;
 pub mod source;
@@ -36,6 +38,8 @@ pub enum MigrateError {
     Remote(String),
     #[error("chunks unavailable: {0}")]
     Unavailable(String),
+    #[error("disk mirror: {0}")]
+    Mirror(String),
     #[error("disk check failed: {0}")]
     Verify(String),
     #[error("QEMU migration {0}")]

@@ -73,6 +73,14 @@ pub enum Request {
     /// Destination: answers once the QEMU of `StartIncoming` listens, with
     /// the memory transport it really set up.
     AwaitIncoming,
+    /// Destination: open an NBD export of the image for the source QEMU's
+    /// disk mirror (one connection, from the source's address only); its
+    /// writes win over chunks pulled before or after them.
+    OpenMirror,
+    /// Destination: answers once every chunk pulled so far is in the image
+    /// (its background writes done), so that the pause does not wait for
+    /// them.
+    AwaitImage,
 }
 
 /// Per-holder figures of one pull.
@@ -124,6 +132,11 @@ pub enum Response {
         detail: String,
     },
     Done,
+    /// Answer to `OpenMirror`: the export's address and name.
+    MirrorOpen {
+        addr: String,
+        export: String,
+    },
     /// Answer to `Finish`: the VM is the destination's; what it did at the
     /// coordinator (step 5), if it has one.
     Finished {

@@ -16,6 +16,10 @@ pub enum Phase {
     Plan,
     Precopy,
     Incoming,
+    /// The last chunks beside QEMU's disk mirror: from the mirror's start
+    /// to its completion in the pause (it overlaps `Memory`); its bytes are
+    /// the engine's last round and the guest writes the mirror carried.
+    Mirror,
     Memory,
     Pause,
     /// Not a phase of its own: a disk round while QEMU moves memory (the
@@ -27,6 +31,9 @@ pub enum Phase {
 #[derive(Debug, Clone, Serialize)]
 pub struct PhaseReport {
     pub phase: Phase,
+    /// When it started, seconds after the migration's (phases may overlap:
+    /// `mirror` runs beside `memory`).
+    pub start_seconds: f64,
     pub seconds: f64,
     pub bytes: u64,
 }
@@ -64,6 +71,30 @@ pub struct ThrottleReport {
     pub estimated_pause_seconds: f64,
 }
 
+/// How the chunks written after the pre-copy rounds reach the destination
+/// (`migrate --disk-handoff`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskHandoff {
+    /// An active mirror of new writes (QEMU `blockdev-mirror`,
+    /// write-blocking) to the destination's NBD export; the chunks written
+    /// before it go beside it; the pause only checks.
+    Mirror,
+    /// The last dirty chunks are sent in the pause.
+    Pause,
+}
+
+/// What the disk mirror moved.
+#[derive(Debug, Clone, Serialize)]
+pub struct MirrorReport {
+    /// Chunks written before the mirror was ready, sent beside it, and
+    /// their bytes.
+    pub engine_chunks: u64,
+    pub engine_bytes: u64,
+    /// Guest writes the mirror carried (QEMU's job offset).
+    pub mirrored_bytes: u64,
+}
+
 /// How the source learnt which chunks changed since the manifest the VM
 /// booted from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -91,6 +122,11 @@ pub struct MigrationReport {
     /// it ended), not after it; the phases then overlap.
     pub memory_started_with_disk: bool,
     pub changed_since_boot_from: ChangedSinceBoot,
+    /// How the last chunks went: `mirror` (beside QEMU's disk mirror) or
+    /// `pause`.
+    pub disk_handoff: DiskHandoff,
+    /// The disk mirror's figures, when it ran (its phase is `mirror`).
+    pub mirror: Option<MirrorReport>,
     pub phases: Vec<PhaseReport>,
     pub rounds: Vec<RoundReport>,
     pub disk_bytes: u64,

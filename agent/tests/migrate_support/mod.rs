@@ -263,8 +263,14 @@ impl Cloud {
 
     /// `edgeshift vm run` of the test VM on `edge`.
     pub fn run_vm(&self, edge: &str, name: &str, image: &str) {
+        self.run_vm_with(edge, name, image, "");
+    }
+
+    /// [`Self::run_vm`] with more kernel arguments (the workload's knobs,
+    /// e.g. `es_hot_every=1 es_hot_blocks=16`).
+    pub fn run_vm_with(&self, edge: &str, name: &str, image: &str, more_append: &str) {
         let e = self.edge(edge);
-        let append = format!("console=ttyS0 quiet es_ip={VM_IP}/24");
+        let append = format!("console=ttyS0 quiet es_ip={VM_IP}/24 {more_append}");
         sh(self
             .cmd(edge)
             .args(["vm", "run", name, "--image", image, "--store"])

@@ -27,6 +27,7 @@ use clap::Parser;
 use edgeshift_agent::vm::{
     Accel, AccelChoice, LaunchConfig, MemoryTransport, NetSpec, Qemu, QmpClient, StateDir, VmSpec,
 };
+use edgeshift_perf::counter_client::CounterClient;
 use edgeshift_perf::holdings::{chunk_set, lacked_by_holders};
 use edgeshift_testbed::iperf::{iperf3, Direction};
 use edgeshift_testbed::{LinkSpec, Testbed};
@@ -57,9 +58,11 @@ struct Args {
     /// b-overlap: (b) with memory beside the disk, b-slice: (b) slicing the
     /// live disk instead of reading the boot log; c-whole: (c) with chunks
     /// written again sent whole, not as deltas; b-nothrot: (b) with the
-    /// disk-write throttle off, and c-overlap: (c) with memory beside the
-    /// disk, both only when named), comma-separated or repeated; default
-    /// all but b-nothrot and c-overlap.
+    /// disk-write throttle off, c-overlap: (c) with memory beside the
+    /// disk, and b-pause: (b) with the last chunks in the pause instead of
+    /// beside the disk mirror, these three only when named),
+    /// comma-separated or repeated; default all but b-nothrot, c-overlap
+    /// and b-pause. E.g. `--only qemu,b,c --mbit 10`.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Seconds of iperf3 per path (after one omitted for slow start) to
@@ -115,6 +118,31 @@ struct Row {
     bytes_by_source: serde_json::Value,
     /// edgeshift only: the full `migrate --json` report (phases, rounds, ...).
     report: serde_json::Value,
+    /// The longest silence of a client reading the VM's counter stream (a
+    /// line every ~100 ms) from the migration's start to 2 s after it, ms;
+    /// None when the client could not connect.
+    client_longest_gap_ms: Option<u64>,
+    /// The client's connection was still open after the handoff.
+    client_survived: bool,
+}
+
+/// A client of the VM's counter stream from src (the VM segment reaches
+/// the VM at either end), once it reads lines.
+fn counter_client(b: &Bed) -> Option<CounterClient> {
+    (0..3).find_map(|_| {
+        let c = CounterClient::start(&b.tb, "src", &b.vm_ip).ok()?;
+        c.wait_lines(3, Duration::from_secs(20)).then_some(c)
+    })
+}
+
+/// The client's longest gap since `t0`, 2 s after the handoff.
+fn client_gap(c: Option<&CounterClient>, t0: Instant) -> (Option<u64>, bool) {
+    let Some(c) = c else {
+        return (None, false);
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let (gap, open) = c.longest_gap_since(t0);
+    (Some(gap.as_millis() as u64), open)
 }
 
 struct Bed {
@@ -419,6 +447,11 @@ const SCENARIOS: &[Scenario] = &[
         named_only: true,
         ..scenario("b-nothrot", true, false)
     },
+    Scenario {
+        flags: &["--disk-handoff", "pause"],
+        named_only: true,
+        ..scenario("b-pause", true, false)
+    },
 ];
 
 fn edgeshift_run(sc: &Scenario, a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result<Row> {
@@ -466,6 +499,8 @@ fn edgeshift_run(sc: &Scenario, a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result
         chunk_set(&b.store("n1"))?,
         chunk_set(&b.store("n2"))?,
     ];
+    let client = counter_client(&b);
+    let t_mig = Instant::now();
     let wire0 = wire_into_dst(&b)?;
     let out = b
         .edgeshift("src")?
@@ -504,6 +539,7 @@ fn edgeshift_run(sc: &Scenario, a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result
         );
     }
     let wire = wire_into_dst(&b)? - wire0;
+    let (client_longest_gap_ms, client_survived) = client_gap(client.as_ref(), t_mig);
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).context("migrate --json output")?;
     let by_source = r["bytes_by_source"].clone();
     let missing = r["missing_at_plan_bytes"].as_u64().unwrap_or(0);
@@ -546,6 +582,8 @@ fn edgeshift_run(sc: &Scenario, a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result
         lacked_by_paths: lacked.into_iter().collect(),
         bytes_by_source: by_source,
         report: r.clone(),
+        client_longest_gap_ms,
+        client_survived,
     })
 }
 
@@ -645,6 +683,7 @@ fn qemu_run(a: &Args, bin: &Path, vm: &Vm, zstd: bool) -> anyhow::Result<Row> {
         "migrate-incoming",
         Some(json!({"uri": format!("tcp:{dst_ip}:{MIG_PORT}")})),
     )?;
+    let client = counter_client(&b);
     let wire0 = wire_into_dst(&b)?;
     let t0 = Instant::now();
     sq.execute_raw(
@@ -672,6 +711,8 @@ fn qemu_run(a: &Args, bin: &Path, vm: &Vm, zstd: bool) -> anyhow::Result<Row> {
     let total = t0.elapsed().as_secs_f64();
     sq.execute_raw("block-job-cancel", Some(json!({"device": "m0"})))?;
     let wire = wire_into_dst(&b)? - wire0;
+    let (client_longest_gap_ms, client_survived) = client_gap(client.as_ref(), t0);
+    drop(client);
     eprintln!("   mirror ready after {disk_secs:.1} s, migrated after {total:.1} s");
     let _ = dq.execute_raw("block-export-del", Some(json!({"id": "exp0"})));
     let _ = dq.quit();
@@ -701,6 +742,8 @@ fn qemu_run(a: &Args, bin: &Path, vm: &Vm, zstd: bool) -> anyhow::Result<Row> {
         lacked_by_paths: Default::default(),
         bytes_by_source: json!({}),
         report: json!({ "mirror_ready_seconds": disk_secs }),
+        client_longest_gap_ms,
+        client_survived,
     })
 }
 
@@ -714,8 +757,10 @@ fn markdown(rows: &[Row], a: &Args) -> String {
         .iter()
         .find(|r| r.scenario == "qemu")
         .map(|r| r.total_seconds);
-    s.push_str("| scenario | method | total s | memory phase s | downtime ms | wire MB | disk MB | memory MB | rounds | chunks re-sent | deltas (MB saved) | speed-up vs QEMU | path goodput Mbit/s (src, n1, n2) | disk limit s | physical limit s | total / limit | total / limit at nominal rate | disk throttle |\n");
-    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|\n");
+    s.push_str("| scenario | method | total s | memory phase s | downtime ms | client gap ms | mirror phase s (MB) | wire MB | disk MB | memory MB | rounds | chunks re-sent | deltas (MB saved) | speed-up vs QEMU | path goodput Mbit/s (src, n1, n2) | disk limit s | physical limit s | total / limit | total / limit at nominal rate | disk throttle |\n");
+    s.push_str(
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|\n",
+    );
     for r in rows {
         let speedup = qemu
             .map(|q| format!("{:.2}×", q / r.total_seconds))
@@ -725,6 +770,22 @@ fn markdown(rows: &[Row], a: &Args) -> String {
             .and_then(|p| p.iter().find(|x| x["phase"] == "memory"))
             .and_then(|x| x["seconds"].as_f64())
             .map(|x| format!("{x:.1}"))
+            .unwrap_or_else(|| "-".into());
+        let gap = match r.client_longest_gap_ms {
+            Some(g) if r.client_survived => g.to_string(),
+            Some(g) => format!("{g} (connection lost)"),
+            None => "-".into(),
+        };
+        let mirror_phase = r.report["phases"]
+            .as_array()
+            .and_then(|p| p.iter().find(|x| x["phase"] == "mirror"))
+            .map(|x| {
+                format!(
+                    "{:.1} ({:.1})",
+                    x["seconds"].as_f64().unwrap_or(0.0),
+                    x["bytes"].as_f64().unwrap_or(0.0) / 1e6
+                )
+            })
             .unwrap_or_else(|| "-".into());
         let disk_lim = r
             .disk_limit_seconds
@@ -764,12 +825,14 @@ fn markdown(rows: &[Row], a: &Args) -> String {
             "-".into()
         };
         s.push_str(&format!(
-            "| {} | {} | {:.1} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.1} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.scenario,
             r.method,
             r.total_seconds,
             memory_phase,
             r.downtime_ms,
+            gap,
+            mirror_phase,
             r.wire_bytes as f64 / 1e6,
             r.disk_bytes as f64 / 1e6,
             r.memory_bytes as f64 / 1e6,
@@ -785,7 +848,7 @@ fn markdown(rows: &[Row], a: &Args) -> String {
             throttle
         ));
     }
-    s.push_str("\n(a) cold destination, base at two neighbours; (b) warm destination; (c) warm destination + an earlier copy of the disk at two neighbours; b-index: (b) with plain index order instead of cold-first; b-plain: (b) with QEMU's plain memory stream instead of multifd + zstd; b-overlap: (b) with memory started beside the disk pre-copy (`--memory-start with-disk`) instead of after it (c-overlap, run only when named in `--only`: the same for (c)); c-whole: (c) sending chunks written again whole instead of as the 4 KiB blocks that differ from the destination's earlier copy (`--whole-chunks`); deltas: chunks sent that way (the bytes they saved); b-slice: (b) finding what changed since boot by slicing the live disk beside round 0 (`--no-boot-log`; those chunks then go in round 1) instead of reading the VM's boot log; qemu-zstd: QEMU's path with the same multifd + zstd memory settings (virsh's default is the plain row `qemu`). Physical limit = disk limit + memory limit. Disk limit: the bytes of the final disk the destination lacked before the migration, grouped by the set of paths (source, n1, n2) that held them; the maximum over every set S of paths of (bytes held only within S) ÷ (S's summed path rates). Memory limit: the fewest memory bytes any run of this bench moved for this VM with the same memory transport (one pass over its memory, as sent, compressed or not; a run whose memory passed again beside a long disk phase is charged for the extra) ÷ the source path's rate. A path's rate is its TCP goodput, measured with iperf3 in the run's own testbed before the VM starts (capped at the link rate): the payload a bulk TCP stream gets through the link, below the link rate by the Ethernet, IP and TCP headers of every 1500-byte frame (about 4.4 %). `total / limit at nominal rate` takes the link rate itself as payload bytes per second instead, a bound no TCP transfer can reach. Wire bytes: interface counters of every link into the destination. Disk throttle: how hard the source VM's disk writes were squeezed to keep the pause within `--max-downtime` (1 s); b-nothrot: (b) with that throttle off.\n");
+    s.push_str("\n(a) cold destination, base at two neighbours; (b) warm destination; (c) warm destination + an earlier copy of the disk at two neighbours; b-index: (b) with plain index order instead of cold-first; b-plain: (b) with QEMU's plain memory stream instead of multifd + zstd; b-overlap: (b) with memory started beside the disk pre-copy (`--memory-start with-disk`) instead of after it (c-overlap, run only when named in `--only`: the same for (c)); c-whole: (c) sending chunks written again whole instead of as the 4 KiB blocks that differ from the destination's earlier copy (`--whole-chunks`); deltas: chunks sent that way (the bytes they saved); b-slice: (b) finding what changed since boot by slicing the live disk beside round 0 (`--no-boot-log`; those chunks then go in round 1) instead of reading the VM's boot log; qemu-zstd: QEMU's path with the same multifd + zstd memory settings (virsh's default is the plain row `qemu`). Physical limit = disk limit + memory limit. Disk limit: the bytes of the final disk the destination lacked before the migration, grouped by the set of paths (source, n1, n2) that held them; the maximum over every set S of paths of (bytes held only within S) ÷ (S's summed path rates). Memory limit: the fewest memory bytes any run of this bench moved for this VM with the same memory transport (one pass over its memory, as sent, compressed or not; a run whose memory passed again beside a long disk phase is charged for the extra) ÷ the source path's rate. A path's rate is its TCP goodput, measured with iperf3 in the run's own testbed before the VM starts (capped at the link rate): the payload a bulk TCP stream gets through the link, below the link rate by the Ethernet, IP and TCP headers of every 1500-byte frame (about 4.4 %). `total / limit at nominal rate` takes the link rate itself as payload bytes per second instead, a bound no TCP transfer can reach. Wire bytes: interface counters of every link into the destination. Disk throttle: how hard the source VM's disk writes were squeezed to keep the pause within `--max-downtime` (1 s); b-nothrot: (b) with that throttle off. Client gap: the longest silence of a client reading the VM's counter stream (a line every ~100 ms) over its network from the migration's start to 2 s after it. Mirror phase: edgeshift's last chunks beside QEMU's disk mirror (`--disk-handoff mirror`, the default), from the mirror's start to its completion in the pause, overlapping the memory phase; its MB are the chunks written before the mirror and the guest writes it carried; b-pause: (b) with the last chunks sent in the pause instead (`--disk-handoff pause`, the way before the mirror).\n");
     s
 }
 
@@ -918,6 +981,8 @@ mod tests {
             lacked_by_paths: lacked.iter().copied().collect(),
             bytes_by_source: json!({}),
             report: json!({}),
+            client_longest_gap_ms: None,
+            client_survived: false,
         }
     }
 

@@ -424,7 +424,7 @@ pub fn write(set: &RunSet, dir: &Path) -> Result<PathBuf, ReportError> {
             if plots::timeline(run, &dir.join("live_timeline.svg"))? {
                 let _ = writeln!(
                     md,
-                    "### One live handoff, phase by phase\n\n`edgeshift migrate` at {} Mbit/s ({} guest writes, {:.1} s): bytes e2 received from e1, sampled every 100 ms, shaded by the engine's phases from its `--json` report. precopy: the disk rounds; memory: QEMU's stream, with disk rounds beside it when the guest wrote enough; pause: the VM stopped at e1 while the last dirty chunks go; switchover: QEMU's final state, then the VM runs at e2.\n\n![Live handoff timeline](live_timeline.svg)\n",
+                    "### One live handoff, phase by phase\n\n`edgeshift migrate` at {} Mbit/s ({} guest writes, {:.1} s): bytes e2 received from e1, sampled every 100 ms, shaded by the engine's phases from its `--json` report. precopy: the disk rounds; mirror: the chunks written before QEMU's disk mirror started, sent beside it (the mirror then carries every new guest write, through memory, to the pause); memory: QEMU's stream (without a mirror, with disk rounds beside it when the guest wrote enough); pause: the VM stopped at e1 while the disk is checked (without a mirror, while the last dirty chunks go); switchover: QEMU's final state, then the VM runs at e2.\n\n![Live handoff timeline](live_timeline.svg)\n",
                     run.rate_mbit, run.workload, run.seconds
                 );
             }

@@ -36,7 +36,34 @@ impl Incoming {
         }
         q.announce_self()?;
         self.adopt(&launched)?;
+        if self.mirror.is_some() {
+            self.sync_in_background();
+        }
         Ok(())
+    }
+
+    /// Syncs the image on a thread of its own (the pause's `Verify` did
+    /// not, beside a mirror); a failure is logged: the VM runs by then.
+    fn sync_in_background(&self) {
+        let (file, path) = match self.file.try_clone() {
+            Ok(f) => (f, self.image_path.clone()),
+            Err(e) => {
+                tracing::warn!(error = %e, "image not synced after the switchover");
+                return;
+            }
+        };
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            match file.sync_all() {
+                Ok(()) => tracing::info!(
+                    seconds = t.elapsed().as_secs_f64(),
+                    "image synced after the switchover"
+                ),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "image sync after the switchover failed")
+                }
+            }
+        });
     }
 
     /// Records the VM as this edge's own and keeps its loop device.

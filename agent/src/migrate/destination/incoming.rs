@@ -10,6 +10,7 @@ use std::sync::Arc;
 use edgeshift_common::{ChunkSize, Fingerprint};
 
 use super::context::Host;
+use super::mirror_server::MirrorServer;
 use crate::migrate::coord::IncomingPlan;
 use crate::migrate::image_writer::ImageWriter;
 use crate::migrate::MigrateError;
@@ -50,6 +51,8 @@ pub(super) struct Incoming {
     pub(super) plan: Option<IncomingPlan>,
     /// What step 5 did at the coordinator.
     pub(super) after: Option<String>,
+    /// The disk mirror's export, once opened (`OpenMirror`).
+    pub(super) mirror: Option<MirrorServer>,
     /// The holders' connections, kept from one pull to the next.
     pub(super) conns: Arc<ConnPool>,
 }

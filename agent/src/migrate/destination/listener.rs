@@ -73,7 +73,11 @@ fn handle(host: Arc<Host>, mut s: TcpStream) -> Result<(), MigrateError> {
         .local_addr()
         .map_err(|e| MigrateError::Channel(e.to_string()))?
         .ip();
-    let mut session = Session::new(host, local_ip);
+    let peer_ip = s
+        .peer_addr()
+        .map_err(|e| MigrateError::Channel(e.to_string()))?
+        .ip();
+    let mut session = Session::new(host, local_ip, peer_ip);
     loop {
         let req: Request = match proto::recv(&mut s) {
             Ok(r) => r,

@@ -27,6 +27,8 @@ mod finish;
 mod incoming;
 mod incoming_qemu;
 mod listener;
+mod mirror;
+mod mirror_server;
 mod prepare;
 mod pull;
 mod session;

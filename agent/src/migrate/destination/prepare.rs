@@ -106,6 +106,7 @@ pub(super) fn prepare(
         plan: None,
         after: None,
         conns: Arc::new(ConnPool::new()),
+        mirror: None,
     };
     if let Some(c) = &host.cfg.coordinator {
         // On error `inc` is dropped, which tears this half down again.

@@ -20,6 +20,8 @@ pub(super) struct Session {
     /// The address the source reached this edge at: the memory stream's
     /// listener binds there.
     local_ip: IpAddr,
+    /// The source's address: the only one the disk mirror's export takes.
+    peer_ip: IpAddr,
     state: ReceiveState,
     /// Present exactly while `state.holds_vm()`; dropping it tears the
     /// destination half down unless it finished.
@@ -27,10 +29,11 @@ pub(super) struct Session {
 }
 
 impl Session {
-    pub(super) fn new(host: Arc<Host>, local_ip: IpAddr) -> Self {
+    pub(super) fn new(host: Arc<Host>, local_ip: IpAddr, peer_ip: IpAddr) -> Self {
         Session {
             host,
             local_ip,
+            peer_ip,
             state: ReceiveState::Idle,
             incoming: None,
         }
@@ -88,6 +91,15 @@ impl Session {
                 let uri = self.incoming()?.start(ip, memory)?;
                 Ok((Response::Incoming { uri, memory }, true))
             }
+            Request::OpenMirror => {
+                let (local, peer) = (self.local_ip, self.peer_ip);
+                let (addr, export) = self.incoming()?.open_mirror(local, peer)?;
+                Ok((Response::MirrorOpen { addr, export }, true))
+            }
+            Request::AwaitImage => {
+                self.incoming()?.writer.wait()?;
+                Ok((Response::Done, true))
+            }
             Request::AwaitIncoming => {
                 let (uri, memory) = self.incoming()?.await_started()?;
                 Ok((Response::Incoming { uri, memory }, true))
@@ -133,7 +145,8 @@ mod tests {
             Arc::new(store),
             rt.handle().clone(),
         );
-        Session::new(Arc::new(host), IpAddr::from([127, 0, 0, 1]))
+        let lo = IpAddr::from([127, 0, 0, 1]);
+        Session::new(Arc::new(host), lo, lo)
     }
 
     fn spec(name: &str) -> crate::vm::VmSpec {

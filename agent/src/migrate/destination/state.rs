@@ -7,7 +7,8 @@
 //! ```
 //! `Pull` rounds come in `Prepared`, `IncomingStarting` and `IncomingStarted`
 //! (the disk moves while QEMU starts, and the last round in the pause);
-//! `Verify` may also follow `IncomingStarting` directly (its QEMU is then
+//! `OpenMirror` (the disk mirror's export) and `AwaitImage` are taken in the
+//! same states and leave them as they are; `Verify` may also follow `IncomingStarting` directly (its QEMU is then
 //! waited for at `Finish`). `Abort` is taken in every state and ends in
 //! `Aborted`; `Finished` and `Aborted` take nothing else.
 
@@ -42,6 +43,8 @@ pub enum Command {
     Verify,
     Finish,
     Abort,
+    OpenMirror,
+    AwaitImage,
 }
 
 impl Command {
@@ -54,6 +57,8 @@ impl Command {
             Request::Verify { .. } => Command::Verify,
             Request::Finish => Command::Finish,
             Request::Abort => Command::Abort,
+            Request::OpenMirror => Command::OpenMirror,
+            Request::AwaitImage => Command::AwaitImage,
         }
     }
 }
@@ -108,6 +113,12 @@ impl ReceiveState {
             (S::Prepared { pulls }, C::Pull) => Some(S::Prepared { pulls: pulls + 1 }),
             (S::IncomingStarting { pulls }, C::Pull) => Some(S::IncomingStarting { pulls: pulls + 1 }),
             (S::IncomingStarted { pulls }, C::Pull) => Some(S::IncomingStarted { pulls: pulls + 1 }),
+            // The mirror's export opens beside the pulls; it does not move
+            // the state.
+            (
+                s @ (S::Prepared { .. } | S::IncomingStarting { .. } | S::IncomingStarted { .. }),
+                C::OpenMirror | C::AwaitImage,
+            ) => Some(s),
             (S::Prepared { pulls }, C::StartIncoming) => Some(S::IncomingStarting { pulls }),
             (S::IncomingStarting { pulls } | S::IncomingStarted { pulls }, C::AwaitIncoming) => {
                 Some(S::IncomingStarted { pulls })
@@ -203,6 +214,10 @@ mod tests {
             (S::IncomingStarting { pulls: 0 }, C::StartIncoming),
             (S::IncomingStarted { pulls: 1 }, C::Finish),
             (S::Verified, C::Pull),
+            (S::Idle, C::OpenMirror),
+            (S::Verified, C::OpenMirror),
+            (S::Idle, C::AwaitImage),
+            (S::Verified, C::AwaitImage),
             (S::Verified, C::Verify),
             (S::Finished, C::Prepare),
             (S::Finished, C::Pull),

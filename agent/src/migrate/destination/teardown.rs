@@ -75,6 +75,9 @@ impl Drop for Incoming {
         }
         // No more writes into the image, and the loop device detached,
         // before the image goes.
+        if let Some(mut m) = self.mirror.take() {
+            m.stop();
+        }
         self.writer.shutdown();
         crate::dirty::boot_log::stop_or_warn(&self.dir);
         self.loop_dev = None;

@@ -1,5 +1,6 @@
 //! `Verify`, in the switchover pause: is the image now exactly the
-//! source's final manifest? The chunks sent last are read back from disk.
+//! source's final manifest? The chunks sent last are read back from disk,
+//! and every chunk the disk mirror wrote is hashed from it.
 
 use edgeshift_common::{Fingerprint, Manifest};
 
@@ -17,7 +18,15 @@ impl Incoming {
         recheck: &[u32],
     ) -> Result<(bool, String), MigrateError> {
         self.writer.wait()?;
-        self.file.sync_all().map_err(io("sync", &self.image_path))?;
+        let (mirrored, mirror_bytes) = self.settle_mirror()?;
+        if self.mirror.is_none() {
+            self.file.sync_all().map_err(io("sync", &self.image_path))?;
+        } else {
+            // Beside a mirror the pause holds no disk work: the image (as
+            // every reader sees it already) is synced once the VM runs
+            // here (`Finish`), the guest's own first flush syncing it too.
+            crate::store::local::start_writeback(&self.file);
+        }
         let mine = Manifest::new(self.chunk_size, self.image_size, self.current.clone());
         if mine.id() != *id {
             return Ok((
@@ -44,7 +53,13 @@ impl Incoming {
         self.host.store.put_manifest(&mine)?;
         Ok((
             true,
-            format!("{} chunks match, {} re-read", self.current.len(), recheck.len()),
+            format!(
+                "{} chunks match, {} re-read, {} written by the mirror ({} bytes)",
+                self.current.len(),
+                recheck.len(),
+                mirrored,
+                mirror_bytes
+            ),
         ))
     }
 }

@@ -58,6 +58,10 @@ pub trait Destination {
     fn finish(&mut self) -> Result<Option<String>, MigrateError>;
     /// Drop everything of this incoming VM.
     fn abort(&mut self) -> Result<(), MigrateError>;
+    /// Open the NBD export for the disk mirror; returns its address and name.
+    fn open_mirror(&mut self) -> Result<(String, String), MigrateError>;
+    /// Waits until every chunk pulled so far is in the destination's image.
+    fn await_image(&mut self) -> Result<(), MigrateError>;
 }
 
 /// How long the destination may take to answer one request (a pull of a
@@ -152,6 +156,20 @@ impl Destination for ControlClient {
             Response::Done => Ok(None),
             Response::Finished { coordinator } => Ok(coordinator),
             other => Err(unexpected("Finish", other)),
+        }
+    }
+
+    fn open_mirror(&mut self) -> Result<(String, String), MigrateError> {
+        match self.call(&Request::OpenMirror)? {
+            Response::MirrorOpen { addr, export } => Ok((addr, export)),
+            other => Err(unexpected("OpenMirror", other)),
+        }
+    }
+
+    fn await_image(&mut self) -> Result<(), MigrateError> {
+        match self.call(&Request::AwaitImage)? {
+            Response::Done => Ok(()),
+            other => Err(unexpected("AwaitImage", other)),
         }
     }
 

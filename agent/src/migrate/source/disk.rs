@@ -35,16 +35,39 @@ pub(super) trait LiveDisk: Sync {
     fn slice_all(&self, chunk_size: ChunkSize) -> Result<Manifest, MigrateError>;
     /// Flushes what the paused VM wrote to the disk.
     fn flush(&self) -> Result<(), MigrateError>;
+    /// Starts collecting every chunk a look names from now on (the disk
+    /// mirror's start).
+    fn collect_written(&self);
+    /// The chunks looks named since [`LiveDisk::collect_written`], but for
+    /// those the last look read.
+    fn written_collected(&self) -> Vec<u32>;
     /// Reports `live` to the coordinator as held here.
     fn report_to(&self, c: &CoordConfig, live: &Manifest, out: &mut CoordReport) -> Result<(), MigrateError>;
 }
 
 /// The VM's loop device and image file, and this edge's store.
+///
+/// The write log counts a write when it is queued, so a look may read a
+/// chunk before a write it counted has landed. Each look therefore reads
+/// again what the look before it named (by then landed), and once the
+/// mirror runs, the pause reads again every chunk named since.
 pub(super) struct SourceDisk<'a> {
     dev: PathBuf,
     image: PathBuf,
     store: &'a LocalStore,
     writes: Mutex<Option<WriteLog>>,
+    named: Mutex<Named>,
+}
+
+/// What looks named (see [`SourceDisk`]).
+#[derive(Default)]
+struct Named {
+    /// By the last look.
+    last: Vec<u32>,
+    /// Read by the last look (what it and the one before it named).
+    last_read: std::collections::BTreeSet<u32>,
+    /// By every look since `collect_written` (None: not collecting).
+    collected: Option<std::collections::BTreeSet<u32>>,
 }
 
 impl<'a> SourceDisk<'a> {
@@ -54,6 +77,7 @@ impl<'a> SourceDisk<'a> {
             image,
             store,
             writes: Mutex::new(None),
+            named: Mutex::new(Named::default()),
         }
     }
 
@@ -91,7 +115,37 @@ impl LiveDisk for SourceDisk<'_> {
 
     fn look(&self, cur: &Manifest, temp: &mut Temperature) -> Result<Manifest, MigrateError> {
         let mut writes = self.writes();
-        reslice(&self.dev, &self.image, cur, writes.as_mut(), temp, self.store)
+        let mut named = self.named.lock().unwrap_or_else(|p| p.into_inner());
+        let (next, now) = reslice(
+            &self.dev,
+            &self.image,
+            cur,
+            writes.as_mut(),
+            &named.last,
+            temp,
+            self.store,
+        )?;
+        let now = now.unwrap_or_default();
+        if let Some(all) = named.collected.as_mut() {
+            all.extend(now.iter().copied());
+        }
+        named.last_read = named.last.iter().chain(&now).copied().collect();
+        named.last = now;
+        Ok(next)
+    }
+
+    fn collect_written(&self) {
+        self.named.lock().unwrap_or_else(|p| p.into_inner()).collected = Some(Default::default());
+    }
+
+    fn written_collected(&self) -> Vec<u32> {
+        let named = self.named.lock().unwrap_or_else(|p| p.into_inner());
+        // What the last look read needs no second read.
+        named
+            .collected
+            .as_ref()
+            .map(|s| s.difference(&named.last_read).copied().collect())
+            .unwrap_or_default()
     }
 
     fn read_again(&self, cur: &Manifest, indices: &[u32]) -> Result<Manifest, MigrateError> {

@@ -16,6 +16,7 @@ use crate::vm::{MemoryTransport, VmSpec};
 
 pub(super) const CHUNK: u64 = 64 << 10;
 pub(super) const INCOMING_URI: &str = "tcp:10.0.0.2:4444";
+pub(super) const MIRROR_EXPORT_ADDR: &str = "10.0.0.2:4555";
 
 /// A boot manifest of `chunks` distinct chunks.
 pub(super) fn boot_manifest(chunks: u32) -> Manifest {
@@ -132,6 +133,16 @@ impl Destination for FakeDestination {
         drop(self.ask("abort")?);
         Ok(())
     }
+
+    fn await_image(&mut self) -> Result<(), MigrateError> {
+        drop(self.ask("await_image")?);
+        Ok(())
+    }
+
+    fn open_mirror(&mut self) -> Result<(String, String), MigrateError> {
+        drop(self.ask("open_mirror")?);
+        Ok((MIRROR_EXPORT_ADDR.into(), "export-name".into()))
+    }
 }
 
 struct DiskState {
@@ -218,6 +229,12 @@ impl LiveDisk for FakeDisk {
     fn flush(&self) -> Result<(), MigrateError> {
         self.state().flushes += 1;
         Ok(())
+    }
+
+    fn collect_written(&self) {}
+
+    fn written_collected(&self) -> Vec<u32> {
+        Vec::new()
     }
 
     fn report_to(

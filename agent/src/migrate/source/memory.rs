@@ -11,6 +11,7 @@ use edgeshift_common::Manifest;
 use super::disk::LiveDisk;
 use super::options::MigrateOptions;
 use super::session::Session;
+use crate::migrate::report::DiskHandoff;
 use crate::migrate::report::Phase;
 use crate::migrate::MigrateError;
 use crate::vm::{MemoryTransport, Qmp};
@@ -31,7 +32,7 @@ const DISK_ROUND_DURING_MEMORY: Duration = Duration::from_secs(1);
 /// Longest memory may take to reach the pause (and the pause to complete).
 pub(super) const MEMORY_TIMEOUT: Duration = Duration::from_secs(900);
 /// How often step 3 looks for the pause: it starts when this loop notices.
-const PAUSE_POLL: Duration = Duration::from_millis(10);
+const PAUSE_POLL: Duration = Duration::from_millis(3);
 
 /// Sets `want` on the source QEMU, or plain migration (with a log line)
 /// when this QEMU cannot take it. Returns what was set.
@@ -195,11 +196,37 @@ impl Session<'_> {
     ) -> Result<(Manifest, u64), MigrateError> {
         let ordering = self.opts.ordering;
         let converge_chunks = self.opts.converge_chunks;
+        let beside_mirror = self.opts.disk_handoff == DiskHandoff::Mirror;
         let t = match started_with_disk {
+            Some(started) if beside_mirror => {
+                // Still held from converging: the mirror starts beside it.
+                let next = self.mirror_beside_memory(qmp, disk, cur, true)?;
+                cur = next;
+                self.say(Phase::Memory, &format!("QEMU migrate to {uri}: converging"));
+                self.let_memory_converge(qmp)?;
+                started
+            }
             Some(started) => {
                 self.say(Phase::Memory, &format!("QEMU migrate to {uri}: converging"));
                 self.let_memory_converge(qmp)?;
                 started
+            }
+            None if beside_mirror => {
+                // Memory's first pass runs while the mirror starts, the
+                // chunks written before it go and the destination writes
+                // them into its image, held from converging (the pause
+                // must not wait for any of that).
+                let t = Instant::now();
+                let held = self.start_memory(qmp, uri, asked, true)?;
+                if !held {
+                    self.start_memory(qmp, uri, asked, false)?;
+                }
+                self.migration_started = true;
+                cur = self.mirror_beside_memory(qmp, disk, cur, held)?;
+                if held {
+                    self.let_memory_converge(qmp)?;
+                }
+                t
             }
             None => {
                 let t = Instant::now();
@@ -235,7 +262,23 @@ impl Session<'_> {
             // pre-copy left past `converge_chunks`, as a round before memory
             // would have.
             let first_look = last_disk.is_none();
-            if last_disk.is_none_or(|l| l.elapsed() >= DISK_ROUND_DURING_MEMORY) {
+            if self.mirror.is_some() {
+                // The mirror carries every write: a look keeps the pause's
+                // own look small, and the mirror must still run.
+                if last_disk.is_none_or(|l| l.elapsed() >= DISK_ROUND_DURING_MEMORY) {
+                    last_disk = Some(Instant::now());
+                    self.check_mirror(qmp)?;
+                    let next = disk.look(&cur, &mut self.temp)?;
+                    self.temp.observe(&cur, &next);
+                    cur = next;
+                    if self.opts.fail_after == Some(Phase::MemoryRound) {
+                        return Err(MigrateError::State(format!(
+                            "failure injected at a disk look while QEMU moves memory (migration {}) beside the mirror",
+                            m.status.as_deref().unwrap_or("unknown")
+                        )));
+                    }
+                }
+            } else if last_disk.is_none_or(|l| l.elapsed() >= DISK_ROUND_DURING_MEMORY) {
                 last_disk = Some(Instant::now());
                 let next = disk.look(&cur, &mut self.temp)?;
                 self.temp.observe(&cur, &next);

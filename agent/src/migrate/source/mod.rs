@@ -17,9 +17,15 @@
 //!    the source runs QMP `migrate` with `pause-before-switchover`. If the
 //!    chunks dirtied per round would overrun `--max-downtime` in the pause,
 //!    the source VM's disk writes are throttled step by step ([`throttle`]).
+//!    With `--disk-handoff mirror` (the default), beside memory's first
+//!    pass (held from converging meanwhile; [`mirror`]): QEMU mirrors every
+//!    new guest write to the destination's NBD export, each completing at
+//!    both ends, and the chunks written before the mirror was ready go
+//!    beside it; no round runs after that.
 //! 4. **pause** ([`switchover`]): the source VM is stopped and its disk
-//!    flushed; the last dirty chunks go over, the destination's disk is
-//!    checked equal to the source's manifest, then `migrate-continue`.
+//!    flushed; the mirror is completed (or, without it, the last dirty
+//!    chunks go over), the destination's disk is checked equal to the
+//!    source's manifest, then `migrate-continue`.
 //! 5. **after**: the destination keeps the VM and announces it; the source
 //!    stops its QEMU and frees the disk; the coordinator's reference counts
 //!    move with the VM.
@@ -37,6 +43,7 @@ mod control;
 mod disk;
 mod ledger;
 mod memory;
+mod mirror;
 mod options;
 mod precopy;
 mod prepare;
@@ -50,15 +57,18 @@ mod write_log;
 #[cfg(test)]
 mod fakes;
 #[cfg(test)]
+mod mirror_tests;
+#[cfg(test)]
 mod tests;
 
 use std::time::{Duration, Instant};
 
 use edgeshift_common::{Fingerprint, Manifest};
 
+pub use crate::migrate::report::DiskHandoff;
 pub use options::MigrateOptions;
 
-use crate::migrate::report::{MigrationReport, Phase};
+use crate::migrate::report::{MigrationReport, MirrorReport, Phase};
 use crate::migrate::MigrateError;
 use crate::store::{ChunkStore, LocalStore};
 use crate::vm::{self, Qemu, Qmp, QmpClient, StateDir, VmSpec};
@@ -232,6 +242,12 @@ impl Session<'_> {
             coordination: self.coord,
             throttle: self.throttle.report,
             memory_started_with_disk: self.memory_with_disk,
+            disk_handoff: self.opts.disk_handoff,
+            mirror: self.mirror.map(|m| MirrorReport {
+                engine_chunks: m.engine_chunks,
+                engine_bytes: m.engine_bytes,
+                mirrored_bytes: m.mirrored_bytes,
+            }),
             changed_since_boot_from: self.changed_since_boot_from,
         }
     }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::migrate::coord::CoordConfig;
-use crate::migrate::report::Phase;
+use crate::migrate::report::{DiskHandoff, Phase};
 use crate::migrate::temperature::Ordering;
 use crate::transfer::ClusterKey;
 use crate::vm::MemoryTransport;
@@ -57,4 +57,8 @@ pub struct MigrateOptions {
     /// Chunks written again after they were sent go as the blocks that
     /// differ from what the destination holds (false: whole, to compare).
     pub deltas: bool,
+    /// How the chunks written after the pre-copy rounds reach the
+    /// destination: beside QEMU's disk mirror while the VM runs, or in the
+    /// pause (the way before the mirror, to compare).
+    pub disk_handoff: DiskHandoff,
 }

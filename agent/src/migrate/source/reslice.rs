@@ -38,28 +38,35 @@ pub(super) fn full_slice(
 }
 
 /// The live disk now: only the chunks the write log saw written are read
-/// again when it can say so, else all of it.
+/// again when it can say so (with `also`), else all of it. Returns the
+/// disk and the chunks the log named (None: it named nothing, all was read).
 pub(super) fn reslice(
     dev: &Path,
     image: &Path,
     cur: &Manifest,
     writes: Option<&mut WriteLog>,
+    also: &[u32],
     temp: &mut Temperature,
     store: &LocalStore,
-) -> Result<Manifest, MigrateError> {
+) -> Result<(Manifest, Option<Vec<u32>>), MigrateError> {
     match writes.and_then(|w| w.take()) {
         Some(written) => {
             for &(i, n) in &written {
                 temp.add_writes(i as usize, n as f64);
             }
-            let idx: Vec<u32> = written.iter().map(|&(i, _)| i).collect();
+            let named: Vec<u32> = written.iter().map(|&(i, _)| i).collect();
+            let mut idx = named.clone();
+            idx.extend_from_slice(also);
+            idx.sort_unstable();
+            idx.dedup();
             tracing::debug!(
                 chunks = idx.len(),
+                named = named.len(),
                 "re-reading the chunks written since the last slices"
             );
-            reslice_some(dev, cur, &idx, store)
+            Ok((reslice_some(dev, cur, &idx, store)?, Some(named)))
         }
-        None => full_slice(image, cur.chunk_size, store),
+        None => Ok((full_slice(image, cur.chunk_size, store)?, None)),
     }
 }
 
@@ -86,6 +93,7 @@ pub(super) fn reslice_some(
         .collect();
     let read: Vec<(usize, Fingerprint, Vec<u8>)> =
         crate::par::map_in_parts_waiting(&indices, REREAD_THREADS, REREAD_MIN_PER_THREAD, |&i| {
+            drop_cached(&f, cur.chunk_size.bytes(), i);
             let data = vm::image::read_chunk(&f, dev, cur.chunk_size, cur.image_size, i)?;
             Ok((i, vm::image::fingerprint_chunk(&data), data))
         })
@@ -112,6 +120,26 @@ pub(super) fn reslice_some(
         "chunks read again"
     );
     Ok(next)
+}
+
+/// Drops the device's cached pages of chunk `i` before it is read: a
+/// buffered read that raced one of QEMU's O_DIRECT writes may have cached
+/// what was there before (the pause's check beside the mirror caught such
+/// stale reads), and a read of a dropped page goes to the disk.
+fn drop_cached(f: &std::fs::File, chunk_bytes: u64, i: usize) {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(len)) = (
+        libc::off_t::try_from(i as u64 * chunk_bytes),
+        libc::off_t::try_from(chunk_bytes),
+    ) else {
+        return;
+    };
+    // SAFETY: an advisory call on a descriptor `f` keeps open for the
+    // call; no memory is passed.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), off, len, libc::POSIX_FADV_DONTNEED) };
+    if r != 0 {
+        tracing::debug!(errno = r, chunk = i, "posix_fadvise(DONTNEED) failed");
+    }
 }
 
 /// `a` and `b` alternately, then what is left of the longer.

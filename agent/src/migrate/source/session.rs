@@ -19,6 +19,21 @@ use crate::migrate::temperature::Temperature;
 use crate::migrate::MigrateError;
 use crate::vm::Qmp;
 
+/// The mirror as it runs, for the rollback and the report.
+#[derive(Debug, Clone)]
+pub(super) struct MirrorRun {
+    pub(super) started: Instant,
+    /// The NBD node exists in the source QEMU.
+    pub(super) node: bool,
+    /// The block job exists (until dismissed).
+    pub(super) job: bool,
+    /// Disk bytes the engine sent beside the mirror.
+    pub(super) engine_bytes: u64,
+    pub(super) engine_chunks: u64,
+    /// Bytes the mirror carried (QEMU's job offset), as last seen.
+    pub(super) mirrored_bytes: u64,
+}
+
 pub(super) struct Session<'a> {
     pub(super) opts: MigrateOptions,
     progress: &'a dyn Fn(Phase, &str),
@@ -34,6 +49,10 @@ pub(super) struct Session<'a> {
     pub(super) changed_since_boot_from: ChangedSinceBoot,
     /// QEMU's migration runs: a failure before the switchover cancels it.
     pub(super) migration_started: bool,
+    /// The disk mirror, once started (step 3a).
+    pub(super) mirror: Option<MirrorRun>,
+    /// When the session began: phases report their start from it.
+    began: Instant,
 }
 
 impl<'a> Session<'a> {
@@ -56,6 +75,8 @@ impl<'a> Session<'a> {
             memory_with_disk: false,
             changed_since_boot_from: ChangedSinceBoot::Slice,
             migration_started: false,
+            mirror: None,
+            began: Instant::now(),
             progress,
             opts,
         }
@@ -175,6 +196,7 @@ impl<'a> Session<'a> {
     pub(super) fn phase_done(&mut self, phase: Phase, started: Instant, bytes: u64) {
         self.phases.push(PhaseReport {
             phase,
+            start_seconds: started.saturating_duration_since(self.began).as_secs_f64(),
             seconds: started.elapsed().as_secs_f64(),
             bytes,
         });

@@ -1,5 +1,6 @@
 //! Step 4, the pause: the source VM is stopped (QEMU paused it before the
-//! switchover) and its disk flushed; the last dirty chunks go over, the
+//! switchover) and its disk flushed; the disk mirror is completed (or,
+//! without one, the last dirty chunks go over), the
 //! destination's disk is checked equal to the source's manifest, then
 //! `migrate-continue` hands the VM over and the destination keeps it.
 
@@ -11,6 +12,7 @@ use super::disk::LiveDisk;
 use super::memory::MEMORY_TIMEOUT;
 use super::session::Session;
 use crate::migrate::report::Phase;
+use crate::migrate::temperature::Temperature;
 use crate::migrate::MigrateError;
 use crate::vm::Qmp;
 
@@ -50,16 +52,48 @@ impl Session<'_> {
                 st.status
             )));
         }
-        disk.flush()?;
-        let fin = disk.look(&cur, &mut self.temp)?;
+        // QEMU drained the guest's writes when it paused it: the last look
+        // reads the disk while the mirror is seen to be in step (or
+        // completed, if it still had writes in flight).
+        let mirrored = self.mirror.is_some();
+        let mut temp = std::mem::replace(&mut self.temp, Temperature::new(0));
+        let (looked, in_step) = std::thread::scope(|sc| {
+            let reader = sc.spawn(|| -> Result<(Manifest, f64), MigrateError> {
+                if !mirrored {
+                    disk.flush()?;
+                }
+                let mut fin = disk.look(&cur, &mut temp)?;
+                let t_look = t.elapsed().as_secs_f64();
+                if mirrored {
+                    // Every chunk written since the mirror started, read now
+                    // that the guest's writes have all landed.
+                    fin = disk.read_again(&fin, &disk.written_collected())?;
+                }
+                Ok((fin, t_look))
+            });
+            let in_step = self.mirror_in_step(qmp);
+            let looked = reader
+                .join()
+                .unwrap_or_else(|_| Err(MigrateError::State("the pause's look panicked".into())));
+            (looked, in_step)
+        });
+        self.temp = temp;
+        in_step?;
+        let t_mirror = t.elapsed().as_secs_f64();
+        let (fin, t_look) = looked?;
         let t_slice = t.elapsed().as_secs_f64();
         self.temp.observe(&cur, &fin);
-        let last = self.ledger.stale(&fin);
+        let mut last = self.ledger.stale(&fin);
         let last_n = last.len();
         let before = self.ledger.disk_bytes();
-        // Everything written since the last round exists only at the source.
-        let only_source = self.only_source();
-        self.round_from(&fin, last.clone(), only_source)?;
+        if self.mirror.is_some() {
+            // The mirror carried them; the destination hashes what it wrote.
+            last.clear();
+        } else {
+            // Everything written since the last round exists only at the source.
+            let only_source = self.only_source();
+            self.round_from(&fin, last.clone(), only_source)?;
+        }
         let t_round = t.elapsed().as_secs_f64();
         let fin_id = fin.id();
         let verdict = self.dest()?.verify(fin_id.0, last)?;
@@ -68,7 +102,10 @@ impl Session<'_> {
         }
         tracing::info!(
             final_chunks = last_n,
+            mirror = self.mirror.is_some(),
             detail = %verdict.detail,
+            mirror_s = t_mirror,
+            look_s = t_look,
             slice_s = t_slice,
             round_s = t_round - t_slice,
             verify_s = t.elapsed().as_secs_f64() - t_round,

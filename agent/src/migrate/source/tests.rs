@@ -15,7 +15,7 @@ use super::control::Destination;
 use super::fakes::{boot_manifest, FakeDestination, FakeDisk, CHUNK, INCOMING_URI};
 use super::memory::{hold_memory_back, MemoryHold};
 use super::session::Session;
-use super::{MigrateOptions, Outcome};
+use super::{DiskHandoff, MigrateOptions, Outcome};
 use crate::migrate::report::{ChangedSinceBoot, Phase, ThrottleReport};
 use crate::migrate::temperature::Ordering;
 use crate::migrate::MigrateError;
@@ -25,13 +25,13 @@ use crate::vm::qmp::fake::{FakeQmp, FAKE_QDEV};
 use crate::vm::qmp::MigrationRam;
 use crate::vm::{MemoryTransport, Qmp, VmSpec};
 
-const SOURCE: &str = "10.0.0.1:7000";
+pub(super) const SOURCE: &str = "10.0.0.1:7000";
 /// Seconds a chunk takes over the source's path: fast, the 1 s budget
 /// holds 1000 chunks; slow, 10.
-const FAST: f64 = 0.001;
+pub(super) const FAST: f64 = 0.001;
 const SLOW: f64 = 0.1;
 
-fn opts() -> MigrateOptions {
+pub(super) fn opts() -> MigrateOptions {
     MigrateOptions {
         name: "vm1".into(),
         state_dir: "/nonexistent".into(),
@@ -53,6 +53,7 @@ fn opts() -> MigrateOptions {
         memory_with_disk: false,
         use_boot_log: false,
         deltas: true,
+        disk_handoff: DiskHandoff::Pause,
     }
 }
 
@@ -86,22 +87,22 @@ fn qemu() -> FakeQmp {
 /// One migration of a 200-chunk disk the guest writes as scripted (the
 /// first batch: what changed since boot, seen by the slice beside round 0;
 /// then one batch per look at the disk).
-struct Case {
-    opts: MigrateOptions,
-    qmp: FakeQmp,
-    dest: FakeDestination,
-    disk: FakeDisk,
-    boot: Manifest,
+pub(super) struct Case {
+    pub(super) opts: MigrateOptions,
+    pub(super) qmp: FakeQmp,
+    pub(super) dest: FakeDestination,
+    pub(super) disk: FakeDisk,
+    pub(super) boot: Manifest,
 }
 
 /// What a run left.
-struct Ran {
-    result: Result<Outcome, MigrateError>,
-    throttle: ThrottleReport,
-    phases: Vec<Phase>,
-    changed_since_boot_from: ChangedSinceBoot,
+pub(super) struct Ran {
+    pub(super) result: Result<Outcome, MigrateError>,
+    pub(super) throttle: ThrottleReport,
+    pub(super) phases: Vec<Phase>,
+    pub(super) changed_since_boot_from: ChangedSinceBoot,
     /// Progress messages, in order.
-    said: Vec<String>,
+    pub(super) said: Vec<String>,
 }
 
 impl Ran {
@@ -116,7 +117,7 @@ impl Ran {
 }
 
 impl Case {
-    fn new(secs_per_chunk: f64, writes: &[std::ops::Range<u32>]) -> Self {
+    pub(super) fn new(secs_per_chunk: f64, writes: &[std::ops::Range<u32>]) -> Self {
         let boot = boot_manifest(200);
         Case {
             opts: opts(),
@@ -128,7 +129,7 @@ impl Case {
     }
 
     /// Drives the migration; on failure rolls back, as `migrate` does.
-    fn run(&mut self) -> Ran {
+    pub(super) fn run(&mut self) -> Ran {
         let said = Rc::new(RefCell::new(Vec::new()));
         let log = said.clone();
         let progress = move |_: Phase, msg: &str| log.borrow_mut().push(msg.to_string());
@@ -152,11 +153,11 @@ impl Case {
     }
 
     /// Chunks each pull asked for, in order.
-    fn pulls(&self) -> Vec<usize> {
+    pub(super) fn pulls(&self) -> Vec<usize> {
         self.dest.state().pulls.iter().map(Vec::len).collect()
     }
 
-    fn requests(&self) -> Vec<&'static str> {
+    pub(super) fn requests(&self) -> Vec<&'static str> {
         self.dest.state().requests.clone()
     }
 }
@@ -312,7 +313,7 @@ fn no_throttle_when_the_pending_chunks_fit_the_budget() {
 
 /// The source as a rollback must leave it: running, no throttle, the
 /// destination told to drop its half.
-fn assert_rolled_back(c: &Case, ran: &Ran) {
+pub(super) fn assert_rolled_back(c: &Case, ran: &Ran) {
     assert!(ran.result.is_err());
     assert!(c.qmp.is_running(), "{:?}", c.qmp.calls());
     assert_eq!(c.qmp.throttle(), (0, 0));

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use super::types::{DiskThrottle, MemoryTransport, MigrationInfo, QmpEvent, StatusInfo};
+use super::types::{BlockJobInfo, DiskThrottle, MemoryTransport, MigrationInfo, QmpEvent, StatusInfo};
 use crate::vm::VmError;
 
 /// One QMP session with one QEMU. `Send`: the migration engine watches
@@ -43,4 +43,14 @@ pub trait Qmp: Send {
     fn take_events(&mut self) -> Vec<QmpEvent>;
     /// Waits for an event named `name` (a queued one counts).
     fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<QmpEvent, VmError>;
+    /// An NBD client node `node` for `export` at `host:port`.
+    fn blockdev_add_nbd(&mut self, node: &str, host: &str, port: u16, export: &str) -> Result<(), VmError>;
+    fn blockdev_del(&mut self, node: &str) -> Result<(), VmError>;
+    /// An active mirror (job `job`) of `device`'s new writes to `target`.
+    fn mirror_new_writes(&mut self, job: &str, device: &str, target: &str) -> Result<(), VmError>;
+    fn query_block_jobs(&mut self) -> Result<Vec<BlockJobInfo>, VmError>;
+    /// Completes a ready mirror, or with `force` stops it at once.
+    fn block_job_cancel(&mut self, job: &str, force: bool) -> Result<(), VmError>;
+    /// Removes a concluded job.
+    fn job_dismiss(&mut self, job: &str) -> Result<(), VmError>;
 }

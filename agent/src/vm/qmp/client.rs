@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::api::Qmp;
-use super::types::{DiskThrottle, MemoryTransport, MigrationInfo, QmpEvent, StatusInfo, MULTIFD_CHANNELS};
+use super::types::{
+    BlockJobInfo, DiskThrottle, MemoryTransport, MigrationInfo, QmpEvent, StatusInfo, MULTIFD_CHANNELS,
+};
 use crate::vm::VmError;
 
 /// Longest a single reply may take before the client gives up.
@@ -480,6 +482,24 @@ impl Qmp for QmpClient {
     }
     fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<QmpEvent, VmError> {
         QmpClient::wait_event(self, name, timeout)
+    }
+    fn blockdev_add_nbd(&mut self, node: &str, host: &str, port: u16, export: &str) -> Result<(), VmError> {
+        QmpClient::blockdev_add_nbd(self, node, host, port, export)
+    }
+    fn blockdev_del(&mut self, node: &str) -> Result<(), VmError> {
+        QmpClient::blockdev_del(self, node)
+    }
+    fn mirror_new_writes(&mut self, job: &str, device: &str, target: &str) -> Result<(), VmError> {
+        QmpClient::mirror_new_writes(self, job, device, target)
+    }
+    fn query_block_jobs(&mut self) -> Result<Vec<BlockJobInfo>, VmError> {
+        QmpClient::query_block_jobs(self)
+    }
+    fn block_job_cancel(&mut self, job: &str, force: bool) -> Result<(), VmError> {
+        QmpClient::block_job_cancel(self, job, force)
+    }
+    fn job_dismiss(&mut self, job: &str) -> Result<(), VmError> {
+        QmpClient::job_dismiss(self, job)
     }
 }
 

@@ -4,14 +4,18 @@
 //! It records every command as one line (`name` or `name args`), keeps the
 //! little state the engine reads back (running or paused, the disk's write
 //! throttle, a migration begun or cancelled) and answers `query-migrate`
-//! from a script. QEMU's own rule that reaching `pre-switchover` pauses the
+//! from a script, and models block jobs: a mirror is ready at once, a
+//! script may make it fail after some queries (its NBD connection cut).
+//! QEMU's own rule that reaching `pre-switchover` pauses the
 //! VM is modelled; nothing else is.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use super::api::Qmp;
-use super::types::{DiskThrottle, MemoryTransport, MigrationInfo, MigrationRam, QmpEvent, StatusInfo};
+use super::types::{
+    BlockJobInfo, DiskThrottle, MemoryTransport, MigrationInfo, MigrationRam, QmpEvent, StatusInfo,
+};
 use crate::vm::VmError;
 
 /// The qdev path the fake's one disk has.
@@ -30,6 +34,11 @@ pub struct FakeQmp {
     failing: Vec<String>,
     events: VecDeque<QmpEvent>,
     throttle: DiskThrottle,
+    nodes: Vec<String>,
+    jobs: Vec<BlockJobInfo>,
+    /// A mirror fails with this error once `query-block-jobs` has answered
+    /// this many more times.
+    mirror_failure: Option<(u32, String)>,
 }
 
 impl Default for FakeQmp {
@@ -54,7 +63,26 @@ impl FakeQmp {
                 bps_wr: 0,
                 iops_wr: 0,
             },
+            nodes: Vec::new(),
+            jobs: Vec::new(),
+            mirror_failure: None,
         }
+    }
+
+    /// Makes the mirror job fail with `error` after `queries` more answers
+    /// of `query-block-jobs` (0: at the next).
+    pub fn fail_mirror_after(&mut self, queries: u32, error: &str) {
+        self.mirror_failure = Some((queries, error.to_string()));
+    }
+
+    /// Block nodes added and not deleted.
+    pub fn nodes(&self) -> &[String] {
+        &self.nodes
+    }
+
+    /// Block jobs not dismissed.
+    pub fn jobs(&self) -> &[BlockJobInfo] {
+        &self.jobs
     }
 
     /// The statuses `query-migrate` answers once `migrate` ran, in order
@@ -254,6 +282,85 @@ impl Qmp for FakeQmp {
 
     fn take_events(&mut self) -> Vec<QmpEvent> {
         self.events.drain(..).collect()
+    }
+
+    fn blockdev_add_nbd(&mut self, node: &str, host: &str, port: u16, export: &str) -> Result<(), VmError> {
+        self.call(format!("blockdev-add nbd {node} {host}:{port} {export}"))?;
+        self.nodes.push(node.to_string());
+        Ok(())
+    }
+
+    fn blockdev_del(&mut self, node: &str) -> Result<(), VmError> {
+        self.call(format!("blockdev-del {node}"))?;
+        if self.jobs.iter().any(|j| j.status != "concluded") {
+            return Err(VmError::Qmp(format!("node {node} is in use by a block job")));
+        }
+        self.nodes.retain(|n| n != node);
+        Ok(())
+    }
+
+    fn mirror_new_writes(&mut self, job: &str, device: &str, target: &str) -> Result<(), VmError> {
+        self.call(format!("blockdev-mirror {job} {device} -> {target}"))?;
+        if !self.nodes.iter().any(|n| n == target) {
+            return Err(VmError::Qmp(format!("no node {target}")));
+        }
+        self.jobs.push(BlockJobInfo {
+            device: job.to_string(),
+            status: "ready".into(),
+            ready: true,
+            ..Default::default()
+        });
+        Ok(())
+    }
+
+    fn query_block_jobs(&mut self) -> Result<Vec<BlockJobInfo>, VmError> {
+        self.call("query-block-jobs".into())?;
+        if let Some((left, err)) = self.mirror_failure.take() {
+            if left == 0 {
+                for j in &mut self.jobs {
+                    j.status = "concluded".into();
+                    j.ready = false;
+                    j.error = Some(err.clone());
+                }
+            } else {
+                self.mirror_failure = Some((left - 1, err));
+            }
+        }
+        for j in &mut self.jobs {
+            if j.status == "ready" {
+                // Each look finds a few more guest writes carried.
+                j.offset += 4096;
+                j.len = j.offset;
+            }
+        }
+        Ok(self.jobs.clone())
+    }
+
+    fn block_job_cancel(&mut self, job: &str, force: bool) -> Result<(), VmError> {
+        self.call(format!("block-job-cancel {job} force={force}"))?;
+        let j = self
+            .jobs
+            .iter_mut()
+            .find(|j| j.device == job)
+            .ok_or_else(|| VmError::Qmp(format!("no job {job}")))?;
+        if j.status != "concluded" {
+            j.status = "concluded".into();
+            if force {
+                j.error = Some("Operation canceled".into());
+            }
+        }
+        Ok(())
+    }
+
+    fn job_dismiss(&mut self, job: &str) -> Result<(), VmError> {
+        self.call(format!("job-dismiss {job}"))?;
+        let before = self.jobs.len();
+        self.jobs
+            .retain(|j| !(j.device == job && j.status == "concluded"));
+        if self.jobs.len() == before {
+            return Err(VmError::Qmp(format!("no concluded job {job}")));
+        }
+        Ok(())
     }
 
     fn wait_event(&mut self, name: &str, _timeout: Duration) -> Result<QmpEvent, VmError> {

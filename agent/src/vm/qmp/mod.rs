@@ -1,11 +1,13 @@
 //! QMP, QEMU's monitor protocol.
 //!
 //! - [`api`]: the [`Qmp`] trait, the operations the agent drives a VM with.
-//! - [`client`]: [`QmpClient`], the typed client over QEMU's socket.
+//! - [`client`]: [`QmpClient`], the typed client over QEMU's socket
+//!   (its block-job commands in `block.rs`).
 //! - [`fake`]: [`fake::FakeQmp`], a scripted stand-in for tests.
 //! - [`types`]: the values both return.
 
 pub mod api;
+mod block;
 pub mod client;
 pub mod fake;
 pub mod types;
@@ -13,5 +15,6 @@ pub mod types;
 pub use api::Qmp;
 pub use client::QmpClient;
 pub use types::{
-    DiskThrottle, MemoryTransport, MigrationInfo, MigrationRam, QmpEvent, StatusInfo, MULTIFD_CHANNELS,
+    BlockJobInfo, DiskThrottle, MemoryTransport, MigrationInfo, MigrationRam, QmpEvent, StatusInfo,
+    MULTIFD_CHANNELS,
 };

@@ -70,3 +70,23 @@ pub struct DiskThrottle {
     pub bps_wr: u64,
     pub iops_wr: u64,
 }
+
+/// One entry of `query-block-jobs`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct BlockJobInfo {
+    /// The job's id.
+    pub device: String,
+    /// `running`, `ready`, `concluded`, ...
+    pub status: String,
+    #[serde(default)]
+    pub ready: bool,
+    /// Bytes done, of `len` known so far (an active mirror counts the
+    /// guest writes it carried).
+    #[serde(default)]
+    pub offset: u64,
+    #[serde(default)]
+    pub len: u64,
+    /// Why the job failed, once it has.
+    #[serde(default)]
+    pub error: Option<String>,
+}
