@@ -63,6 +63,13 @@ fn duration_of(mut cmd: Command) -> Duration {
     t.elapsed().max(Duration::from_millis(5))
 }
 
+/// The kill window after a run that finished before its kill: the
+/// undisturbed run may have been timed while other work slowed it, and a
+/// window longer than the operation wastes tries past its end.
+fn shorter(window: Duration) -> Duration {
+    window.mul_f64(0.9).max(Duration::from_millis(5))
+}
+
 /// Starts `cmd`, kills it (SIGKILL) after `after` unless it finished;
 /// whether it was still running.
 fn kill_after(mut cmd: Command, after: Duration) -> bool {
@@ -135,7 +142,7 @@ fn kill_9_during_slice_never_leaves_a_torn_chunk() {
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("image.raw");
     write_image(&image, CHUNKS, CHUNK, 7);
-    let took = duration_of(slice_cmd(&image, &dir.path().join("timing")));
+    let mut took = duration_of(slice_cmd(&image, &dir.path().join("timing")));
     let mut delays = Delays::new("slice");
     let (mut interrupted, mut point) = (0, 0);
     while interrupted < POINTS && point < MAX_TRIES {
@@ -149,6 +156,8 @@ fn kill_9_during_slice_never_leaves_a_torn_chunk() {
         }
         if kill_after(slice_cmd(&image, &store), delays.next(took)) {
             interrupted += 1;
+        } else {
+            took = shorter(took);
         }
         if store.exists() {
             assert_store_sound(&store, true);
@@ -173,7 +182,7 @@ fn kill_9_during_fetch_never_leaves_a_torn_chunk() {
     let key = write_key(dir.path(), "key", 0x42);
     let agent = Agent::local(&src, &key, false, &dir.path().join("agent.log"));
     let fetch_to = |store: &Path| fetch_cmd(Command::new(BIN), &id, store, &key, &[agent.addr]);
-    let took = duration_of(fetch_to(&dir.path().join("timing")));
+    let mut took = duration_of(fetch_to(&dir.path().join("timing")));
     let mut delays = Delays::new("fetch");
     let (mut interrupted, mut point) = (0, 0);
     while interrupted < POINTS && point < MAX_TRIES {
@@ -181,6 +190,8 @@ fn kill_9_during_fetch_never_leaves_a_torn_chunk() {
         let store = dir.path().join(format!("d{point}"));
         if kill_after(fetch_to(&store), delays.next(took)) {
             interrupted += 1;
+        } else {
+            took = shorter(took);
         }
         if store.exists() {
             assert_store_sound(&store, false);
@@ -256,7 +267,7 @@ fn kill_9_during_gc_never_removes_a_pinned_chunk() {
         }
         batch.commit().expect("commit");
     };
-    let took = duration_of(gc());
+    let mut took = duration_of(gc());
     let mut delays = Delays::new("gc");
     let (mut interrupted, mut point) = (0, 0);
     while interrupted < POINTS && point < MAX_TRIES {
@@ -264,6 +275,8 @@ fn kill_9_during_gc_never_removes_a_pinned_chunk() {
         refill();
         if kill_after(gc(), delays.next(took)) {
             interrupted += 1;
+        } else {
+            took = shorter(took);
         }
         let s = LocalStore::open(&store).expect("the store opens after kill -9");
         let names = assert_chunks_whole(&store);
