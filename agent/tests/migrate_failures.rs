@@ -152,21 +152,8 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
 
     // 2. The destination's QEMU killed while memory moves.
     let qemu_pid = cloud.edge("b").state.join("vm1/qemu.pid");
-    let mut mig = cloud.cmd("a");
-    mig.args([
-        "migrate",
-        "vm1",
-        "--to",
-        &cloud.edge("b").migrate_addr(),
-        "--source-addr",
-        &cloud.edge("a").chunk_addr(),
-    ])
-    .arg("--cluster-key-file")
-    .arg(&cloud.key)
-    .arg("--state-dir")
-    .arg(&cloud.edge("a").state)
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    let mut mig = cloud.migrate_cmd("vm1", "a", "b");
+    mig.stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = mig.spawn().expect("start migrate");
     // Wait for QEMU's memory stream to start (the destination QEMU starts
     // earlier, in the background, while the disk moves).
@@ -209,21 +196,8 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
     // 3. The destination's agent killed mid-migration, then restarted: the
     //    restart removes the half it left.
     let incoming_dir = cloud.edge("b").state.join("vm1");
-    let mut mig = cloud.cmd("a");
-    mig.args([
-        "migrate",
-        "vm1",
-        "--to",
-        &cloud.edge("b").migrate_addr(),
-        "--source-addr",
-        &cloud.edge("a").chunk_addr(),
-    ])
-    .arg("--cluster-key-file")
-    .arg(&cloud.key)
-    .arg("--state-dir")
-    .arg(&cloud.edge("a").state)
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    let mut mig = cloud.migrate_cmd("vm1", "a", "b");
+    mig.stdout(Stdio::null()).stderr(Stdio::piped());
     let child = mig.spawn().expect("start migrate");
     assert!(
         wait_for(&incoming_dir, Duration::from_secs(60)),
@@ -242,21 +216,8 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
     //     while chunks arrive: it aborts the incoming VM itself before it
     //     exits 0, its store reopens with every chunk intact, and the VM
     //     stays at its source.
-    let mut mig = cloud.cmd("a");
-    mig.args([
-        "migrate",
-        "vm1",
-        "--to",
-        &cloud.edge("b").migrate_addr(),
-        "--source-addr",
-        &cloud.edge("a").chunk_addr(),
-    ])
-    .arg("--cluster-key-file")
-    .arg(&cloud.key)
-    .arg("--state-dir")
-    .arg(&cloud.edge("a").state)
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    let mut mig = cloud.migrate_cmd("vm1", "a", "b");
+    mig.stdout(Stdio::null()).stderr(Stdio::piped());
     let child = mig.spawn().expect("start migrate");
     assert!(
         wait_for(&incoming_dir, Duration::from_secs(60)),

@@ -40,21 +40,8 @@ fn racing_writes_beside_the_mirror_survive_a_cut_and_a_handoff() {
 
     // 1. The destination's agent (and with it the mirror's NBD export)
     //    killed while the mirror runs.
-    let mut mig = cloud.cmd("a");
-    mig.args([
-        "migrate",
-        "vm1",
-        "--to",
-        &cloud.edge("b").migrate_addr(),
-        "--source-addr",
-        &cloud.edge("a").chunk_addr(),
-    ])
-    .arg("--cluster-key-file")
-    .arg(&cloud.key)
-    .arg("--state-dir")
-    .arg(&cloud.edge("a").state)
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    let mut mig = cloud.migrate_cmd("vm1", "a", "b");
+    mig.stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = mig.spawn().expect("start migrate");
     let stderr = child.stderr.take().expect("stderr piped");
     let (seen_tx, seen_rx) = std::sync::mpsc::channel();

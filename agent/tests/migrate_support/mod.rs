@@ -295,16 +295,9 @@ impl Cloud {
         serde_json::from_str(&out).expect("vm list --json parses")
     }
 
-    /// Runs `edgeshift migrate` from `from` to `to` with extra args; returns
-    /// (success, stdout, stderr).
-    pub fn migrate(
-        &self,
-        name: &str,
-        from: &str,
-        to: &str,
-        peers: &[&str],
-        extra: &[&str],
-    ) -> (bool, String, String) {
+    /// `edgeshift migrate NAME` from `from` to `to`'s migration listener,
+    /// with the cluster key and `from`'s state directory; not yet run.
+    pub fn migrate_cmd(&self, name: &str, from: &str, to: &str) -> Command {
         let mut c = self.cmd(from);
         c.args([
             "migrate",
@@ -317,8 +310,22 @@ impl Cloud {
         .arg("--cluster-key-file")
         .arg(&self.key)
         .arg("--state-dir")
-        .arg(&self.edge(from).state)
-        .args(["--id", from, "--json"]);
+        .arg(&self.edge(from).state);
+        c
+    }
+
+    /// Runs `edgeshift migrate` from `from` to `to` with extra args; returns
+    /// (success, stdout, stderr).
+    pub fn migrate(
+        &self,
+        name: &str,
+        from: &str,
+        to: &str,
+        peers: &[&str],
+        extra: &[&str],
+    ) -> (bool, String, String) {
+        let mut c = self.migrate_cmd(name, from, to);
+        c.args(["--id", from, "--json"]);
         for p in peers {
             c.args(["--peer", &self.edge(p).chunk_addr()]);
         }
