@@ -1,6 +1,6 @@
 //! The HTTP + JSON surface (`/v1/...`) and Prometheus text at `/metrics`.
 //! Every route needs `Authorization: Bearer TOKEN` when a token is set; a
-//! request without it gets 401 before its body is read.
+//! request without it gets 401 without its body being parsed.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -147,6 +147,24 @@ fn token_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Most an unauthenticated request's body may hold for its 401 to be
+/// delivered cleanly, and how long the coordinator waits for it.
+const REFUSED_BODY_DRAIN: usize = 64 << 10;
+const REFUSED_BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads (and drops) a small body before a refusal: closing a connection
+/// with unread bytes in its receive queue makes the kernel send RST, which
+/// can reach the client before the 401 does. A larger or slower body is not
+/// waited for; the connection is closed with it unread.
+async fn drain_small_body(req: Request) {
+    let body = req.into_body();
+    let _ = tokio::time::timeout(
+        REFUSED_BODY_WAIT,
+        axum::body::to_bytes(body, REFUSED_BODY_DRAIN),
+    )
+    .await;
+}
+
 async fn auth(State(app): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
@@ -165,7 +183,10 @@ async fn auth(State(app): State<AppState>, req: Request, next: Next) -> Response
                 .map(str::trim);
             match given {
                 Some(t) if token_eq(t.as_bytes(), want.as_bytes()) => next.run(req).await,
-                _ => ApiError::Unauthorized.into_response(),
+                _ => {
+                    drain_small_body(req).await;
+                    ApiError::Unauthorized.into_response()
+                }
             }
         }
         None => next.run(req).await,
