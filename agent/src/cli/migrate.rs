@@ -126,8 +126,8 @@ enum MemoryStart {
     AfterDisk,
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
-    let key = a.cluster.key()?;
+pub fn run(mut a: Args) -> anyhow::Result<()> {
+    let trust = a.cluster.trust()?;
     anyhow::ensure!(
         a.sample_secs >= 0.0 && a.sample_secs < 600.0,
         "--sample-secs out of range"
@@ -149,7 +149,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         to: a.to.clone(),
         source_addr: a.source_addr,
         peers: a.peers,
-        key,
+        trust,
         id: a.cluster.id.id,
         ordering: a.order,
         max_rounds: a.max_rounds,
