@@ -28,6 +28,7 @@ use super::stream::PeerStream;
 use super::trust::{secure_server, Trust};
 use tracing::{debug, info, warn};
 
+use super::admission::{sanitize, Admission, RateLimitedLog, Ticket, ACCEPT_BACKOFF};
 use super::conn::{read_frame, AUTH_TIMEOUT};
 use super::TransferError;
 use crate::store::{ChunkUses, LocalStore};
@@ -93,16 +94,37 @@ impl ZstdPolicy {
 }
 
 /// Accepts connections until the listener fails; one task per peer.
+///
+/// An accept error (EMFILE under a flood) pauses the loop instead of ending
+/// it; a connection beyond the handshake bounds ([`super::admission`]) is
+/// closed at once, before it costs a handshake.
 pub async fn serve(listener: TcpListener, cfg: Arc<ServerConfig>) -> Result<(), TransferError> {
+    let admission = Arc::new(Admission::for_this_process());
     loop {
-        let (sock, addr) = listener.accept().await?;
+        let (sock, addr) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(suppressed) = ACCEPT_ERRORS.allow() {
+                    warn!(error = %e, suppressed, "accepting a peer failed; pausing");
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Some(ticket) = admission.admit(addr.ip()) else {
+            metrics::counter!("edgeshift_preauth_refused_total").increment(1);
+            continue;
+        };
         let _ = sock.set_nodelay(true);
         let cfg = cfg.clone();
         tokio::spawn(async move {
-            handle_connection(sock, addr, cfg).await;
+            handle_connection(sock, addr, cfg, ticket).await;
         });
     }
 }
+
+static ACCEPT_ERRORS: RateLimitedLog = RateLimitedLog::new();
+static PREAUTH_FAILURES: RateLimitedLog = RateLimitedLog::new();
 
 /// Per-connection compression bookkeeping: after repeated chunks that did not
 /// shrink enough, only every 16th is tried (incompressible images waste no CPU).
@@ -121,21 +143,29 @@ struct ConnScratch {
     frame: Vec<u8>,
 }
 
-async fn handle_connection(sock: TcpStream, addr: SocketAddr, cfg: Arc<ServerConfig>) {
+async fn handle_connection(sock: TcpStream, addr: SocketAddr, cfg: Arc<ServerConfig>, ticket: Ticket) {
     let (mut sock, peer) =
         match tokio::time::timeout(AUTH_TIMEOUT, secure_server(&cfg.trust, sock, addr)).await {
             Ok(Ok(authenticated)) => authenticated,
             Ok(Err(e)) => {
-                warn!(peer = %addr, error = %e, "peer failed authentication; dropped");
+                if let Some(suppressed) = PREAUTH_FAILURES.allow() {
+                    warn!(peer = %addr, error = %e, suppressed, "peer failed authentication; dropped");
+                }
                 metrics::counter!("edgeshift_auth_failures_total", "side" => "server").increment(1);
                 return;
             }
             Err(_) => {
-                warn!(peer = %addr, "peer did not authenticate in time; dropped");
+                if let Some(suppressed) = PREAUTH_FAILURES.allow() {
+                    warn!(peer = %addr, suppressed, "peer did not authenticate in time; dropped");
+                }
                 metrics::counter!("edgeshift_auth_failures_total", "side" => "server").increment(1);
                 return;
             }
         };
+    drop(ticket);
+    // The name is the certificate's (checked against identity::check_name),
+    // or in plaintext mode whatever the peer said: made safe either way.
+    let peer = sanitize(&peer);
     info!(peer = %addr, id = %peer, "peer authenticated");
     let mut scratch = ConnScratch::default();
     let mut idle_since = Instant::now();
