@@ -630,6 +630,24 @@ async fn malformed_and_oversized_frames_drop_the_connection() {
     assert_eq!(code, Some(error_code::MALFORMED));
     assert!(closed);
 
+    // A request kind announcing more than it can hold (here a chunk
+    // request of 3 MiB, beyond 4096 fingerprints): refused from its header
+    // at once (issue 21, finding 6: any kind could announce 64 MiB).
+    let (mut s, _) = secure_client(
+        &key,
+        TcpStream::connect(agent.addr).await.expect("connect"),
+        agent.addr,
+    )
+    .await
+    .expect("auth");
+    let hdr = FrameHeader::new(FrameKind::ChunkRequest, 0, 9, 3 << 20);
+    s.write_all(zerocopy::IntoBytes::as_bytes(&hdr))
+        .await
+        .expect("write");
+    let (code, closed) = error_then_close(&mut s).await;
+    assert_eq!(code, Some(error_code::TOO_LONG));
+    assert!(closed);
+
     // A frame type only servers send.
     let (mut s, _) = secure_client(
         &key,
@@ -672,7 +690,7 @@ async fn malformed_and_oversized_frames_drop_the_connection() {
     .await
     .expect("join");
     assert!(
-        metric(&m, "edgeshift_malformed_frames_total", "edge") >= 3.0,
+        metric(&m, "edgeshift_malformed_frames_total", "edge") >= 4.0,
         "metrics:\n{m}"
     );
     assert!(

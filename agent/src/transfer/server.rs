@@ -29,7 +29,7 @@ use super::trust::{secure_server, Trust};
 use tracing::{debug, info, warn};
 
 use super::admission::{sanitize, Admission, RateLimitedLog, Ticket, ACCEPT_BACKOFF};
-use super::conn::{read_frame, AUTH_TIMEOUT};
+use super::conn::{read_body_into, read_header, Frame, AUTH_TIMEOUT};
 use super::TransferError;
 use crate::store::{ChunkUses, LocalStore};
 
@@ -138,6 +138,8 @@ struct ZstdState {
 #[derive(Default)]
 struct ConnScratch {
     zstd: ZstdState,
+    /// The last request's body buffer, reused.
+    request: Vec<u8>,
     /// A chunk frame (prefix and bytes) for TLS, reused: no page faults of
     /// a fresh allocation per chunk.
     frame: Vec<u8>,
@@ -170,7 +172,7 @@ async fn handle_connection(sock: TcpStream, addr: SocketAddr, cfg: Arc<ServerCon
     let mut scratch = ConnScratch::default();
     let mut idle_since = Instant::now();
     loop {
-        let frame = match read_frame(&mut sock, MAX_FRAME_LEN, None).await {
+        let frame = match read_request(&mut sock, &mut scratch.request).await {
             Ok(f) => f,
             Err(TransferError::Closed) => {
                 debug!(peer = %addr, "peer closed the connection");
@@ -185,6 +187,10 @@ async fn handle_connection(sock: TcpStream, addr: SocketAddr, cfg: Arc<ServerCon
                     error_code::MALFORMED
                 };
                 let _ = sock.write_all(&wire::encode_error(0, code, &e.to_string())).await;
+                return;
+            }
+            Err(TransferError::Timeout(what)) => {
+                warn!(peer = %addr, id = %peer, "request not received in {REQUEST_DEADLINE:?} ({what}); connection dropped");
                 return;
             }
             Err(e) => {
@@ -255,8 +261,32 @@ async fn handle_connection(sock: TcpStream, addr: SocketAddr, cfg: Arc<ServerCon
             }
             return;
         }
+        scratch.request = frame.body;
         idle_since = Instant::now();
     }
+}
+
+/// Most time a request's body may take to arrive once its header has: a
+/// peer trickling a byte a second is dropped (issue 21, finding 6). An
+/// idle connection between requests has no deadline (pooled ones are idle).
+const REQUEST_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Reads one request: its announced length is checked against what that
+/// kind of request can hold before anything is allocated, and its body
+/// must arrive within [`REQUEST_DEADLINE`].
+async fn read_request(sock: &mut PeerStream, buf: &mut Vec<u8>) -> Result<Frame, TransferError> {
+    let (header, kind) = read_header(sock, MAX_FRAME_LEN).await?;
+    let max = wire::max_request_body(kind);
+    if header.body_len() > max {
+        return Err(TransferError::Wire(wire::WireError::TooLong {
+            len: header.body_len(),
+            max,
+        }));
+    }
+    let body = std::mem::take(buf);
+    tokio::time::timeout(REQUEST_DEADLINE, read_body_into(sock, header, kind, None, body))
+        .await
+        .map_err(|_| TransferError::Timeout("the body of a request"))?
 }
 
 /// `asks` with the chunks a publish in progress names but has not placed
