@@ -178,7 +178,9 @@ pub fn send<T: Serialize, S: Write>(s: &mut S, msg: &T) -> Result<(), MigrateErr
         length: U32::new(len),
     };
     s.write_all(h.as_bytes()).map_err(io("send"))?;
-    s.write_all(&body).map_err(io("send"))
+    s.write_all(&body).map_err(io("send"))?;
+    // TLS: no sealed record may stay behind in rustls.
+    s.flush().map_err(io("send"))
 }
 
 /// Reads one frame of at most `max` bytes.

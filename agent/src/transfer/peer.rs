@@ -75,6 +75,8 @@ impl PeerStore {
                 &[id.as_bytes()],
             ))
             .await?;
+        // TLS buffers sealed records until flushed.
+        self.sock.flush().await?;
         let f = self.next_frame().await?;
         match f.kind {
             FrameKind::Manifest => {
@@ -107,6 +109,7 @@ impl PeerStore {
         self.sock
             .write_all(&wire::encode_chunk_request(rid, false, 0, fps))
             .await?;
+        self.sock.flush().await?;
         // One answer per fingerprint; a chunk the server is still placing
         // may come after later ones (docs/wire.md), so each answer fills the
         // first unanswered position of its fingerprint.

@@ -187,6 +187,7 @@ async fn handle_connection(sock: TcpStream, addr: SocketAddr, cfg: Arc<ServerCon
                     error_code::MALFORMED
                 };
                 let _ = sock.write_all(&wire::encode_error(0, code, &e.to_string())).await;
+                let _ = sock.flush().await;
                 return;
             }
             Err(TransferError::Timeout(what)) => {
@@ -235,6 +236,11 @@ async fn handle_connection(sock: TcpStream, addr: SocketAddr, cfg: Arc<ServerCon
                                 &mut scratch,
                             )
                             .await;
+                            // Each chunk leaves whole before the next is read
+                            // (TLS buffers sealed records; see below).
+                            if r.is_ok() {
+                                r = sock.flush().await.map_err(TransferError::from);
+                            }
                             if r.is_err() {
                                 break;
                             }
@@ -258,7 +264,15 @@ async fn handle_connection(sock: TcpStream, addr: SocketAddr, cfg: Arc<ServerCon
                 let _ = sock
                     .write_all(&wire::encode_error(rid, error_code::MALFORMED, &e.to_string()))
                     .await;
+                let _ = sock.flush().await;
             }
+            return;
+        }
+        // TLS: rustls may hold sealed records the socket had no room for
+        // when the last write returned; they must leave before we wait for
+        // the next request (a plaintext socket has nothing to flush).
+        if let Err(e) = sock.flush().await {
+            debug!(peer = %addr, error = %e, "connection lost");
             return;
         }
         scratch.request = frame.body;

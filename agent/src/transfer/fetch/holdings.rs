@@ -112,6 +112,8 @@ async fn query_holdings(
     for (n, part) in fps.chunks(wire::MAX_HAS).enumerate() {
         let rid = n as u64 + 1;
         sock.write_all(&wire::encode_has_request(rid, part)).await?;
+        // TLS buffers sealed records until flushed.
+        sock.flush().await?;
         let frame = read_frame(&mut sock, MAX_FRAME_LEN, None).await?;
         if frame.kind != FrameKind::HasReply || frame.header.request_id() != rid {
             return Err(unexpected(&frame));

@@ -155,7 +155,12 @@ pub(crate) async fn run_peer(ctx: &PeerCtx) -> Option<String> {
             if !based.is_empty() {
                 frames.extend(wire::encode_delta_request(next_id(), zstd, rate, &based));
             }
-            if let Err(e) = wr.write_all(&frames).await {
+            // TLS buffers sealed records until flushed.
+            let sent = match wr.write_all(&frames).await {
+                Ok(()) => wr.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = sent {
                 return Some(format!("sending a request: {e}"));
             }
             last_progress = Instant::now();
