@@ -236,11 +236,6 @@ async fn handle_connection(sock: TcpStream, addr: SocketAddr, cfg: Arc<ServerCon
                                 &mut scratch,
                             )
                             .await;
-                            // Each chunk leaves whole before the next is read
-                            // (TLS buffers sealed records; see below).
-                            if r.is_ok() {
-                                r = sock.flush().await.map_err(TransferError::from);
-                            }
                             if r.is_err() {
                                 break;
                             }
