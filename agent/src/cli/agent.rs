@@ -179,6 +179,8 @@ async fn serve_until_stopped(
                         .coord
                         .config(&args.cluster.id)
                         .filter(|_| !args.uncoordinated_migrations),
+                    // TODO(tls-agent merge): from the agent's credentials unless --insecure-plaintext.
+                    qemu_tls: None,
                 },
                 store.clone(),
                 tokio::runtime::Handle::current(),

@@ -233,13 +233,14 @@ pub fn accept_auth(s: &mut TcpStream, key: &[u8; 32], own_id: &str) -> Result<St
     Ok(hello.id)
 }
 
-/// Client side of the handshake: proves we hold the key and checks the server does.
+/// Client side of the handshake: proves we hold the key and checks the
+/// server does; returns the connection and the server's edge name.
 pub fn connect_auth(
     addr: &str,
     key: &[u8; 32],
     own_id: &str,
     timeout: std::time::Duration,
-) -> Result<TcpStream, MigrateError> {
+) -> Result<(TcpStream, String), MigrateError> {
     use std::net::ToSocketAddrs;
     let sa = addr
         .to_socket_addrs()
@@ -266,7 +267,7 @@ pub fn connect_auth(
             "{addr} does not hold the cluster key"
         )));
     }
-    Ok(s)
+    Ok((s, ch.id))
 }
 
 /// Sends a request and reads its response; a [`Response::Error`] becomes
@@ -304,7 +305,8 @@ mod tests {
             out
         });
         let t = std::time::Duration::from_secs(5);
-        let mut s = connect_auth(&addr, &key, "src", t).expect("good key");
+        let (mut s, server_name) = connect_auth(&addr, &key, "src", t).expect("good key");
+        assert_eq!(server_name, "dst");
         assert!(matches!(call(&mut s, &Request::Finish), Ok(Response::Done)));
         assert!(connect_auth(&addr, &[8u8; 32], "evil", t).is_err());
         let results = server.join().expect("server thread");

@@ -10,6 +10,7 @@ use crate::migrate::coord::CoordConfig;
 use crate::migrate::MigrateError;
 use crate::store::LocalStore;
 use crate::transfer::ClusterKey;
+use crate::vm::tls::QemuTls;
 use crate::vm::{Qemu, StateDir};
 
 /// What a destination needs.
@@ -23,6 +24,9 @@ pub struct HostConfig {
     /// The coordinator that plans incoming VMs' sources and counts their
     /// references; without one the pulls use the holders the source names.
     pub coordinator: Option<CoordConfig>,
+    /// QEMU's own TLS for incoming memory, with this edge's cluster
+    /// credentials (None: `--insecure-plaintext`).
+    pub qemu_tls: Option<QemuTls>,
 }
 
 /// The destination side of this edge, shared by its control connections.

@@ -7,6 +7,7 @@ use crate::migrate::coord::CoordConfig;
 use crate::migrate::report::{DiskHandoff, Phase};
 use crate::migrate::temperature::Ordering;
 use crate::transfer::ClusterKey;
+use crate::vm::tls::QemuTls;
 use crate::vm::MemoryTransport;
 
 /// What to migrate and how.
@@ -61,4 +62,7 @@ pub struct MigrateOptions {
     /// destination: beside QEMU's disk mirror while the VM runs, or in the
     /// pause (the way before the mirror, to compare).
     pub disk_handoff: DiskHandoff,
+    /// QEMU's own TLS for memory and the disk mirror's NBD stream, with
+    /// this edge's cluster credentials (None: `--insecure-plaintext`).
+    pub qemu_tls: Option<QemuTls>,
 }

@@ -2,12 +2,14 @@
 //!
 //! - [`api`]: the [`Qmp`] trait, the operations the agent drives a VM with.
 //! - [`client`]: [`QmpClient`], the typed client over QEMU's socket
-//!   (its block-job commands in `block.rs`).
+//!   (its block-job commands in `block.rs`, its TLS objects in
+//!   `objects.rs`).
 //! - [`fake`]: [`fake::FakeQmp`], a scripted stand-in for tests.
 //! - [`types`]: the values both return.
 
 pub mod api;
 mod block;
+mod objects;
 pub mod client;
 pub mod fake;
 pub mod types;
@@ -15,6 +17,6 @@ pub mod types;
 pub use api::Qmp;
 pub use client::QmpClient;
 pub use types::{
-    BlockJobInfo, DiskThrottle, MemoryTransport, MigrationInfo, MigrationRam, QmpEvent, StatusInfo,
-    MULTIFD_CHANNELS,
+    BlockJobInfo, DiskThrottle, MemoryTransport, MigrationInfo, MigrationRam, MigrationTls, NbdTls, QmpEvent,
+    StatusInfo, MULTIFD_CHANNELS,
 };

@@ -1,0 +1,186 @@
+//! QEMU's own TLS for the streams QEMU opens itself (the memory migration,
+//! the disk mirror's NBD client): a per-VM directory that QEMU's
+//! `tls-creds-x509` object reads the edge's cluster credentials from, the
+//! QMP object ids, and the certificate name QEMU's `tls-authz` compares.
+//!
+//! The agent never hands QEMU anything but links to its own files: no key
+//! is copied, and the directory is the VM's (mode 0700).
+
+use std::os::unix::fs::{symlink, DirBuilderExt};
+use std::path::{Path, PathBuf};
+
+use super::VmError;
+
+/// The `tls-creds-x509` object of a VM's QEMU (one per QEMU: the source
+/// uses it for memory and the mirror's NBD client, the destination for
+/// the incoming memory stream).
+pub const TLS_CREDS_ID: &str = "edgeshift-tls";
+/// The destination's `authz-simple` object: the one certificate name
+/// whose memory stream it takes.
+pub const TLS_AUTHZ_ID: &str = "edgeshift-authz";
+/// The VM directory's subdirectory QEMU reads the credentials from.
+const CREDS_DIR: &str = "tls";
+
+/// Which side of a TLS session the credentials are for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsEndpoint {
+    /// Accepts (the destination's incoming migration).
+    Server,
+    /// Connects (the source's `migrate`, its NBD client).
+    Client,
+}
+
+impl TlsEndpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsEndpoint::Server => "server",
+            TlsEndpoint::Client => "client",
+        }
+    }
+}
+
+/// The files of this edge's cluster credentials, as QEMU reads them (the
+/// agent's `TlsFiles`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuTlsFiles {
+    /// The trusted CA certificates (several during a rollover).
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    /// The private key: linked, never copied.
+    pub key: PathBuf,
+    pub crl: Option<PathBuf>,
+}
+
+/// What a VM's QEMU needs for TLS: the edge's files and its own name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuTls {
+    pub files: QemuTlsFiles,
+}
+
+impl QemuTls {
+    /// Makes `vm_dir/tls` (0700) hold links under the names QEMU's
+    /// `tls-creds-x509` looks for: `ca-cert.pem`, `server-cert.pem`,
+    /// `server-key.pem`, `client-cert.pem`, `client-key.pem` (one edge
+    /// certificate serves both ends: it carries serverAuth and
+    /// clientAuth), and `ca-crl.pem` when the edge has a CRL. A directory
+    /// left from an earlier run is replaced. Returns its path.
+    pub fn creds_dir(&self, vm_dir: &Path) -> Result<PathBuf, VmError> {
+        let dir = vm_dir.join(CREDS_DIR);
+        let io = |op: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| VmError::Io { op, path, source }
+        };
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io("remove old TLS directory", &dir))?;
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io("create TLS directory", &dir))?;
+        let f = &self.files;
+        let mut links: Vec<(&Path, &str)> = vec![
+            (&f.ca, "ca-cert.pem"),
+            (&f.cert, "server-cert.pem"),
+            (&f.key, "server-key.pem"),
+            (&f.cert, "client-cert.pem"),
+            (&f.key, "client-key.pem"),
+        ];
+        if let Some(crl) = &f.crl {
+            links.push((crl, "ca-crl.pem"));
+        }
+        for (target, name) in links {
+            // Absolute: QEMU resolves the links from its own directory.
+            let target = std::fs::canonicalize(target).map_err(io("find TLS file", target))?;
+            let link = dir.join(name);
+            symlink(&target, &link).map_err(io("link TLS file", &link))?;
+        }
+        Ok(dir)
+    }
+}
+
+/// The certificate name QEMU's `tls-authz` compares for an edge's
+/// certificate (subject CN = the edge's name, OU = its role), as GnuTLS
+/// prints a subject (`gnutls_x509_crt_get_dn`, RFC 4514: the last RDN of
+/// the certificate first, special characters escaped).
+pub fn authz_identity(name: &str, role_ou: &str) -> String {
+    format!("OU={},CN={}", rfc4514_escape(role_ou), rfc4514_escape(name))
+}
+
+/// RFC 4514 value escaping: `,+"\<>;` always, `#` and a space at the start,
+/// a space at the end.
+fn rfc4514_escape(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    let last = v.chars().count().saturating_sub(1);
+    for (i, c) in v.chars().enumerate() {
+        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+            || (i == 0 && matches!(c, '#' | ' '))
+            || (i == last && c == ' ');
+        if special {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_creds_directory_links_every_name_qemu_reads() {
+        let d = tempfile::tempdir().expect("tempdir");
+        for f in ["ca.pem", "edge.pem", "edge.key", "crl.pem"] {
+            std::fs::write(d.path().join(f), f).expect("write");
+        }
+        let tls = QemuTls {
+            files: QemuTlsFiles {
+                ca: d.path().join("ca.pem"),
+                cert: d.path().join("edge.pem"),
+                key: d.path().join("edge.key"),
+                crl: Some(d.path().join("crl.pem")),
+            },
+        };
+        let vm = d.path().join("vm");
+        // Twice: a directory left from an earlier run is replaced.
+        tls.creds_dir(&vm).expect("first");
+        let dir = tls.creds_dir(&vm).expect("again");
+        let read = |n: &str| std::fs::read_to_string(dir.join(n)).expect(n);
+        assert_eq!(read("ca-cert.pem"), "ca.pem");
+        assert_eq!(read("server-cert.pem"), "edge.pem");
+        assert_eq!(read("client-cert.pem"), "edge.pem");
+        assert_eq!(read("server-key.pem"), "edge.key");
+        assert_eq!(read("client-key.pem"), "edge.key");
+        assert_eq!(read("ca-crl.pem"), "crl.pem");
+        assert!(std::fs::symlink_metadata(dir.join("server-key.pem"))
+            .expect("link")
+            .file_type()
+            .is_symlink());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&dir).expect("dir").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let tls = QemuTls {
+            files: QemuTlsFiles {
+                ca: d.path().join("nope.pem"),
+                cert: d.path().join("edge.pem"),
+                key: d.path().join("edge.key"),
+                crl: None,
+            },
+        };
+        let err = tls.creds_dir(d.path()).expect_err("no CA file");
+        assert!(err.to_string().contains("nope.pem"), "{err}");
+    }
+
+    #[test]
+    fn the_authz_identity_is_gnutls_order_and_escaped() {
+        assert_eq!(authz_identity("edge-a", "edge"), "OU=edge,CN=edge-a");
+        assert_eq!(authz_identity("a,b", "edge"), "OU=edge,CN=a\\,b");
+        assert_eq!(authz_identity("#x ", "edge"), "OU=edge,CN=\\#x\\ ");
+    }
+}
