@@ -158,11 +158,7 @@ const REFUSED_BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(2)
 /// waited for; the connection is closed with it unread.
 async fn drain_small_body(req: Request) {
     let body = req.into_body();
-    let _ = tokio::time::timeout(
-        REFUSED_BODY_WAIT,
-        axum::body::to_bytes(body, REFUSED_BODY_DRAIN),
-    )
-    .await;
+    let _ = tokio::time::timeout(REFUSED_BODY_WAIT, axum::body::to_bytes(body, REFUSED_BODY_DRAIN)).await;
 }
 
 async fn auth(State(app): State<AppState>, req: Request, next: Next) -> Response {
