@@ -9,6 +9,8 @@
 use std::os::unix::fs::{symlink, DirBuilderExt};
 use std::path::{Path, PathBuf};
 
+use edgeshift_common::identity::TlsFiles;
+
 use super::VmError;
 
 /// The `tls-creds-x509` object of a VM's QEMU (one per QEMU: the source
@@ -39,22 +41,11 @@ impl TlsEndpoint {
     }
 }
 
-/// The files of this edge's cluster credentials, as QEMU reads them (the
-/// agent's `TlsFiles`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QemuTlsFiles {
-    /// The trusted CA certificates (several during a rollover).
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    /// The private key: linked, never copied.
-    pub key: PathBuf,
-    pub crl: Option<PathBuf>,
-}
-
-/// What a VM's QEMU needs for TLS: the edge's files and its own name.
+/// What a VM's QEMU needs for TLS: the files of this edge's cluster
+/// credentials (`Credentials::files`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuTls {
-    pub files: QemuTlsFiles,
+    pub files: TlsFiles,
 }
 
 impl QemuTls {
@@ -99,12 +90,12 @@ impl QemuTls {
     }
 }
 
-/// The certificate name QEMU's `tls-authz` compares for an edge's
-/// certificate (subject CN = the edge's name, OU = its role), as GnuTLS
-/// prints a subject (`gnutls_x509_crt_get_dn`, RFC 4514: the last RDN of
-/// the certificate first, special characters escaped).
-pub fn authz_identity(name: &str, role_ou: &str) -> String {
-    format!("OU={},CN={}", rfc4514_escape(role_ou), rfc4514_escape(name))
+/// The certificate name QEMU's `tls-authz` compares for the edge `name`'s
+/// certificate, as GnuTLS prints its subject (`gnutls_x509_crt_get_dn`,
+/// RFC 4514: the last RDN first, special characters escaped). The subject
+/// is `identity::issue`'s: O=edgeshift, OU=edge, CN=name, in that order.
+pub fn authz_identity(name: &str) -> String {
+    format!("CN={},OU=edge,O=edgeshift", rfc4514_escape(name))
 }
 
 /// RFC 4514 value escaping: `,+"\<>;` always, `#` and a space at the start,
@@ -135,7 +126,7 @@ mod tests {
             std::fs::write(d.path().join(f), f).expect("write");
         }
         let tls = QemuTls {
-            files: QemuTlsFiles {
+            files: TlsFiles {
                 ca: d.path().join("ca.pem"),
                 cert: d.path().join("edge.pem"),
                 key: d.path().join("edge.key"),
@@ -166,7 +157,7 @@ mod tests {
     fn a_missing_file_is_named() {
         let d = tempfile::tempdir().expect("tempdir");
         let tls = QemuTls {
-            files: QemuTlsFiles {
+            files: TlsFiles {
                 ca: d.path().join("nope.pem"),
                 cert: d.path().join("edge.pem"),
                 key: d.path().join("edge.key"),
@@ -178,9 +169,23 @@ mod tests {
     }
 
     #[test]
-    fn the_authz_identity_is_gnutls_order_and_escaped() {
-        assert_eq!(authz_identity("edge-a", "edge"), "OU=edge,CN=edge-a");
-        assert_eq!(authz_identity("a,b", "edge"), "OU=edge,CN=a\\,b");
-        assert_eq!(authz_identity("#x ", "edge"), "OU=edge,CN=\\#x\\ ");
+    fn the_authz_identity_is_the_subject_as_rfc4514_prints_it() {
+        assert_eq!(authz_identity("a,b"), "CN=a\\,b,OU=edge,O=edgeshift");
+        assert_eq!(authz_identity("#x "), "CN=\\#x\\ ,OU=edge,O=edgeshift");
+        // What an issued certificate's subject is, printed in RFC 4514
+        // order (as GnuTLS does) by openssl.
+        use edgeshift_common::identity::{issue, new_ca, Role};
+        let ca = new_ca("test", 1).expect("ca");
+        let edge = issue(&ca, Role::Edge, "edge-a", &[], 1).expect("edge");
+        let d = tempfile::tempdir().expect("tempdir");
+        let pem = d.path().join("edge.pem");
+        std::fs::write(&pem, &edge.cert_pem).expect("write");
+        let out = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-subject", "-nameopt", "RFC2253", "-in"])
+            .arg(&pem)
+            .output()
+            .expect("openssl runs");
+        let printed = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(printed.trim(), format!("subject={}", authz_identity("edge-a")));
     }
 }

@@ -46,7 +46,7 @@ impl Incoming {
         let tls = match &self.host.cfg.qemu_tls {
             Some(t) => Some(IncomingTls {
                 dir: t.creds_dir(&self.dir)?,
-                source_dn: authz_identity(source, EDGE_OU),
+                source_dn: authz_identity(source),
             }),
             None => {
                 tracing::warn!(vm = %self.spec.name, "incoming memory in plaintext, from any host (--insecure-plaintext)");
@@ -111,9 +111,6 @@ struct IncomingTls {
     dir: PathBuf,
     source_dn: String,
 }
-
-/// The subject OU of an edge's certificate.
-const EDGE_OU: &str = "edge";
 
 /// Sets `tls` up on a QEMU about to listen: the credentials (server
 /// endpoint: the source must present a certificate under the cluster CA)
@@ -184,13 +181,13 @@ mod tests {
     #[test]
     fn the_incoming_qemu_takes_memory_only_over_tls_from_the_source() {
         let mut q = FakeQmp::running();
-        let dn = authz_identity("edge-src", EDGE_OU);
+        let dn = authz_identity("edge-src");
         secure_incoming(&mut q, Path::new("/run/vm/tls"), &dn).expect("secured");
         assert_eq!(
             q.calls(),
             [
                 format!("object-add tls-creds-x509 {TLS_CREDS_ID} endpoint=server dir=/run/vm/tls"),
-                format!("object-add authz-simple {TLS_AUTHZ_ID} identity=OU=edge,CN=edge-src"),
+                format!("object-add authz-simple {TLS_AUTHZ_ID} identity=CN=edge-src,OU=edge,O=edgeshift"),
                 format!("migrate-set-parameters tls-creds={TLS_CREDS_ID} tls-hostname=- tls-authz={TLS_AUTHZ_ID}"),
             ]
         );

@@ -11,7 +11,8 @@ use super::mirror::MIRROR_NODE;
 use super::tests::{assert_rolled_back, Case, FAST};
 use super::DiskHandoff;
 use crate::migrate::report::Phase;
-use crate::vm::tls::{QemuTls, QemuTlsFiles, TlsEndpoint, TLS_CREDS_ID};
+use crate::vm::tls::{QemuTls, TlsEndpoint, TLS_CREDS_ID};
+use edgeshift_common::identity::TlsFiles;
 use crate::vm::Qmp;
 
 /// A case with TLS on: the edge's files and the VM's directory in `dir`.
@@ -23,7 +24,7 @@ fn tls_case(dir: &std::path::Path, handoff: DiskHandoff) -> Case {
     c.opts.state_dir = dir.join("vms");
     c.opts.disk_handoff = handoff;
     c.opts.qemu_tls = Some(QemuTls {
-        files: QemuTlsFiles {
+        files: TlsFiles {
             ca: dir.join("ca.pem"),
             cert: dir.join("edge.pem"),
             key: dir.join("edge.key"),
