@@ -91,11 +91,13 @@ impl QemuTls {
 }
 
 /// The certificate name QEMU's `tls-authz` compares for the edge `name`'s
-/// certificate, as GnuTLS prints its subject (`gnutls_x509_crt_get_dn`,
-/// RFC 4514: the last RDN first, special characters escaped). The subject
-/// is `identity::issue`'s: O=edgeshift, OU=edge, CN=name, in that order.
+/// certificate, as QEMU 10's GnuTLS prints the subject: its RDNs in the
+/// certificate's order (not RFC 4514's reversed one: QEMU logged
+/// "authz check for O=edgeshift,OU=edge,CN=edge-src is denied" for the
+/// reversed string), values escaped as RFC 4514 says. The subject is
+/// `identity::issue`'s: O=edgeshift, OU=edge, CN=name.
 pub fn authz_identity(name: &str) -> String {
-    format!("CN={},OU=edge,O=edgeshift", rfc4514_escape(name))
+    format!("O=edgeshift,OU=edge,CN={}", rfc4514_escape(name))
 }
 
 /// RFC 4514 value escaping: `,+"\<>;` always, `#` and a space at the start,
@@ -169,11 +171,11 @@ mod tests {
     }
 
     #[test]
-    fn the_authz_identity_is_the_subject_as_rfc4514_prints_it() {
-        assert_eq!(authz_identity("a,b"), "CN=a\\,b,OU=edge,O=edgeshift");
-        assert_eq!(authz_identity("#x "), "CN=\\#x\\ ,OU=edge,O=edgeshift");
-        // What an issued certificate's subject is, printed in RFC 4514
-        // order (as GnuTLS does) by openssl.
+    fn the_authz_identity_is_the_subject_as_gnutls_prints_it() {
+        assert_eq!(authz_identity("a,b"), "O=edgeshift,OU=edge,CN=a\\,b");
+        assert_eq!(authz_identity("#x "), "O=edgeshift,OU=edge,CN=\\#x\\ ");
+        // What an issued certificate's subject is, printed in the
+        // certificate's order (as QEMU's GnuTLS does) by openssl.
         use edgeshift_common::identity::{issue, new_ca, Role};
         let ca = new_ca("test", 1).expect("ca");
         let edge = issue(&ca, Role::Edge, "edge-a", &[], 1).expect("edge");
@@ -181,7 +183,7 @@ mod tests {
         let pem = d.path().join("edge.pem");
         std::fs::write(&pem, &edge.cert_pem).expect("write");
         let out = std::process::Command::new("openssl")
-            .args(["x509", "-noout", "-subject", "-nameopt", "RFC2253", "-in"])
+            .args(["x509", "-noout", "-subject", "-nameopt", "sep_comma_plus,esc_2253", "-in"])
             .arg(&pem)
             .output()
             .expect("openssl runs");

@@ -187,7 +187,7 @@ mod tests {
             q.calls(),
             [
                 format!("object-add tls-creds-x509 {TLS_CREDS_ID} endpoint=server dir=/run/vm/tls"),
-                format!("object-add authz-simple {TLS_AUTHZ_ID} identity=CN=edge-src,OU=edge,O=edgeshift"),
+                format!("object-add authz-simple {TLS_AUTHZ_ID} identity=O=edgeshift,OU=edge,CN=edge-src"),
                 format!("migrate-set-parameters tls-creds={TLS_CREDS_ID} tls-hostname=- tls-authz={TLS_AUTHZ_ID}"),
             ]
         );

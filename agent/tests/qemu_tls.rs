@@ -1,0 +1,190 @@
+//! QEMU's memory stream under the cluster's TLS, with real QEMUs on
+//! loopback (no guest, no root): the destination takes the stream only
+//! over TLS and only from the source edge its `authz-simple` names; a
+//! plaintext `migrate`, another edge's certificate and a certificate of
+//! another CA are all refused and the destination never loads a VM.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use edgeshift_agent::vm::qmp::MigrationTls;
+use edgeshift_agent::vm::tls::{authz_identity, QemuTls, TlsEndpoint, TLS_AUTHZ_ID, TLS_CREDS_ID};
+use edgeshift_agent::vm::QmpClient;
+use edgeshift_common::identity::{issue, new_ca, IssuedPem, Role, TlsFiles};
+
+const SRC: &str = "edge-src";
+const DST: &str = "edge-dst";
+
+fn qemu_present() -> bool {
+    let ok = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok && std::env::var_os("CI").is_some() {
+        panic!("qemu-system-x86_64 is missing (CI=true: not skipped)");
+    }
+    ok
+}
+
+/// `name`'s certificate of `ca`, written under `dir/name/`.
+fn edge_files(dir: &Path, ca: &IssuedPem, name: &str) -> TlsFiles {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).expect("dir");
+    let edge = issue(ca, Role::Edge, name, &[], 1).expect("issue");
+    let files = TlsFiles {
+        ca: d.join("ca.pem"),
+        cert: d.join("cert.pem"),
+        key: d.join("key.pem"),
+        crl: None,
+    };
+    std::fs::write(&files.ca, &ca.cert_pem).expect("ca");
+    std::fs::write(&files.cert, &edge.cert_pem).expect("cert");
+    std::fs::write(&files.key, &edge.key_pem).expect("key");
+    files
+}
+
+/// A QEMU with a tiny paused machine and a QMP socket; killed on drop.
+struct Vm {
+    child: Child,
+    qmp: QmpClient,
+    dir: PathBuf,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn launch(dir: &Path, name: &str, incoming: bool) -> Vm {
+    let dir = dir.join(format!("vm-{name}"));
+    std::fs::create_dir_all(&dir).expect("vm dir");
+    let sock = dir.join("qmp.sock");
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-machine", "pc,accel=tcg", "-m", "32", "-nodefaults", "-display", "none", "-S"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr")).expect("stderr file"));
+    if incoming {
+        cmd.args(["-incoming", "defer"]);
+    }
+    let child = cmd.spawn().expect("qemu starts");
+    let qmp = QmpClient::connect(&sock, Duration::from_secs(10)).expect("QMP");
+    Vm { child, qmp, dir }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// The destination as the agent sets it up: TLS with `files`, only `SRC`'s
+/// certificate let in; listening on the returned URI.
+fn destination(dir: &Path, files: &TlsFiles) -> (Vm, String) {
+    let mut vm = launch(dir, "dst", true);
+    let creds = QemuTls { files: files.clone() }.creds_dir(&vm.dir).expect("creds dir");
+    vm.qmp
+        .add_tls_creds(TLS_CREDS_ID, &creds, TlsEndpoint::Server)
+        .expect("server creds");
+    vm.qmp.add_authz(TLS_AUTHZ_ID, &authz_identity(SRC)).expect("authz");
+    vm.qmp
+        .migrate_set_tls(&MigrationTls {
+            creds: TLS_CREDS_ID.into(),
+            hostname: None,
+            authz: Some(TLS_AUTHZ_ID.into()),
+        })
+        .expect("tls parameters");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    vm.qmp.migrate_incoming(&uri).expect("listen");
+    (vm, uri)
+}
+
+/// Migrates `src` to `uri` (over TLS with `files` when given, naming
+/// `DST`); returns the source's final migration status.
+fn migrate(dir: &Path, files: Option<&TlsFiles>, uri: &str) -> String {
+    let mut src = launch(dir, "src", false);
+    if let Some(f) = files {
+        let creds = QemuTls { files: f.clone() }.creds_dir(&src.dir).expect("creds dir");
+        src.qmp
+            .add_tls_creds(TLS_CREDS_ID, &creds, TlsEndpoint::Client)
+            .expect("client creds");
+        src.qmp
+            .migrate_set_tls(&MigrationTls {
+                creds: TLS_CREDS_ID.into(),
+                hostname: Some(DST.into()),
+                authz: None,
+            })
+            .expect("tls parameters");
+    }
+    src.qmp.migrate(uri).expect("migrate starts");
+    let t = Instant::now();
+    loop {
+        let m = src.qmp.query_migrate().expect("query");
+        let st = m.status.unwrap_or_default();
+        if matches!(st.as_str(), "completed" | "failed" | "cancelled") || t.elapsed() > Duration::from_secs(60) {
+            if let Some(e) = m.error_desc {
+                eprintln!("source: migration {st}: {e}");
+            }
+            return st;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What became of the destination: its run state, or that QEMU is gone
+/// (an incoming migration that fails ends the process).
+fn destination_state(dst: &mut Vm) -> String {
+    std::thread::sleep(Duration::from_millis(300));
+    match dst.qmp.query_status() {
+        Ok(s) => s.status,
+        Err(e) => format!("gone ({e})"),
+    }
+}
+
+#[test]
+fn the_memory_stream_is_taken_only_over_tls_from_the_named_source() {
+    if !qemu_present() {
+        return;
+    }
+    let d = tempfile::tempdir().expect("tempdir");
+    let ca = new_ca("test", 1).expect("ca");
+    let dst_files = edge_files(d.path(), &ca, DST);
+
+    // The source edge: the stream goes, and the destination holds the VM.
+    let (mut dst, uri) = destination(&d.path().join("ok"), &dst_files);
+    let src_files = edge_files(d.path(), &ca, SRC);
+    let status = migrate(&d.path().join("ok"), Some(&src_files), &uri);
+    let log = std::fs::read_to_string(dst.dir.join("stderr")).unwrap_or_default();
+    assert_eq!(status, "completed", "destination: {log}");
+    let st = destination_state(&mut dst);
+    let log = std::fs::read_to_string(dst.dir.join("stderr")).unwrap_or_default();
+    // The source's machine never ran (-S): loaded, the destination leaves
+    // `inmigrate` for the state it had.
+    assert_eq!(st, "prelaunch", "the destination loaded the VM: {log}");
+    drop(dst);
+
+    // Refused: plaintext, another edge of the cluster, and a certificate
+    // under the source's name from another CA.
+    let other_edge = edge_files(d.path(), &ca, "edge-other");
+    let other_ca = new_ca("rogue", 1).expect("rogue ca");
+    let forged = edge_files(&d.path().join("rogue"), &other_ca, SRC);
+    for (what, files) in [
+        ("plaintext", None),
+        ("another edge's certificate", Some(&other_edge)),
+        ("another CA's certificate", Some(&forged)),
+    ] {
+        let run = d.path().join(what.replace(' ', "-"));
+        let (mut dst, uri) = destination(&run, &dst_files);
+        let status = migrate(&run, files, &uri);
+        assert_ne!(status, "completed", "{what}: the stream was taken");
+        let st = destination_state(&mut dst);
+        assert!(
+            st == "inmigrate" || st.starts_with("gone"),
+            "{what}: the destination is {st}, it must not hold a VM"
+        );
+    }
+}
