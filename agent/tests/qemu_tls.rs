@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edgeshift_agent::vm::qmp::MigrationTls;
-use edgeshift_agent::vm::tls::{authz_identity, QemuTls, TlsEndpoint, TLS_AUTHZ_ID, TLS_CREDS_ID};
+use edgeshift_agent::vm::tls::{authz_identity, creds_dir, TlsEndpoint, TLS_AUTHZ_ID, TLS_CREDS_ID};
 use edgeshift_agent::vm::QmpClient;
 use edgeshift_common::identity::{issue, new_ca, IssuedPem, Role, TlsFiles};
 
@@ -86,7 +86,7 @@ fn free_port() -> u16 {
 /// certificate let in; listening on the returned URI.
 fn destination(dir: &Path, files: &TlsFiles) -> (Vm, String) {
     let mut vm = launch(dir, "dst", true);
-    let creds = QemuTls { files: files.clone() }.creds_dir(&vm.dir).expect("creds dir");
+    let creds = creds_dir(&vm.dir, files).expect("creds dir");
     vm.qmp
         .add_tls_creds(TLS_CREDS_ID, &creds, TlsEndpoint::Server)
         .expect("server creds");
@@ -108,7 +108,7 @@ fn destination(dir: &Path, files: &TlsFiles) -> (Vm, String) {
 fn migrate(dir: &Path, files: Option<&TlsFiles>, uri: &str) -> String {
     let mut src = launch(dir, "src", false);
     if let Some(f) = files {
-        let creds = QemuTls { files: f.clone() }.creds_dir(&src.dir).expect("creds dir");
+        let creds = creds_dir(&src.dir, f).expect("creds dir");
         src.qmp
             .add_tls_creds(TLS_CREDS_ID, &creds, TlsEndpoint::Client)
             .expect("client creds");

@@ -180,7 +180,7 @@ async fn serve_until_stopped(
                         .config(&args.cluster.id)
                         .filter(|_| !args.uncoordinated_migrations),
                     // TODO(tls-agent merge): from the agent's credentials unless --insecure-plaintext.
-                    qemu_tls: None,
+                    tls: None,
                 },
                 store.clone(),
                 tokio::runtime::Handle::current(),

@@ -166,7 +166,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         disk_handoff: a.disk_handoff,
         memory_max_bps: a.memory_max_mbit.map(|m| (m * 1e6 / 8.0) as u64),
         // TODO(tls-agent merge): from the agent's credentials unless --insecure-plaintext.
-        qemu_tls: None,
+        tls: None,
     };
     let bar = if std::io::stderr().is_terminal() {
         let pb = indicatif::ProgressBar::new_spinner();

@@ -41,53 +41,44 @@ impl TlsEndpoint {
     }
 }
 
-/// What a VM's QEMU needs for TLS: the files of this edge's cluster
-/// credentials (`Credentials::files`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QemuTls {
-    pub files: TlsFiles,
-}
-
-impl QemuTls {
-    /// Makes `vm_dir/tls` (0700) hold links under the names QEMU's
-    /// `tls-creds-x509` looks for: `ca-cert.pem`, `server-cert.pem`,
-    /// `server-key.pem`, `client-cert.pem`, `client-key.pem` (one edge
-    /// certificate serves both ends: it carries serverAuth and
-    /// clientAuth), and `ca-crl.pem` when the edge has a CRL. A directory
-    /// left from an earlier run is replaced. Returns its path.
-    pub fn creds_dir(&self, vm_dir: &Path) -> Result<PathBuf, VmError> {
-        let dir = vm_dir.join(CREDS_DIR);
-        let io = |op: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| VmError::Io { op, path, source }
-        };
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(io("remove old TLS directory", &dir))?;
-        }
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(io("create TLS directory", &dir))?;
-        let f = &self.files;
-        let mut links: Vec<(&Path, &str)> = vec![
-            (&f.ca, "ca-cert.pem"),
-            (&f.cert, "server-cert.pem"),
-            (&f.key, "server-key.pem"),
-            (&f.cert, "client-cert.pem"),
-            (&f.key, "client-key.pem"),
-        ];
-        if let Some(crl) = &f.crl {
-            links.push((crl, "ca-crl.pem"));
-        }
-        for (target, name) in links {
-            // Absolute: QEMU resolves the links from its own directory.
-            let target = std::fs::canonicalize(target).map_err(io("find TLS file", target))?;
-            let link = dir.join(name);
-            symlink(&target, &link).map_err(io("link TLS file", &link))?;
-        }
-        Ok(dir)
+/// Makes `vm_dir/tls` (0700) hold links to this edge's `files` under the
+/// names QEMU's `tls-creds-x509` looks for: `ca-cert.pem`,
+/// `server-cert.pem`, `server-key.pem`, `client-cert.pem`,
+/// `client-key.pem` (one edge certificate serves both ends: it carries
+/// serverAuth and clientAuth), and `ca-crl.pem` when the edge has a CRL. A
+/// directory left from an earlier run is replaced. Returns its path.
+pub fn creds_dir(vm_dir: &Path, files: &TlsFiles) -> Result<PathBuf, VmError> {
+    let dir = vm_dir.join(CREDS_DIR);
+    let io = |op: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| VmError::Io { op, path, source }
+    };
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(io("remove old TLS directory", &dir))?;
     }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(io("create TLS directory", &dir))?;
+    let f = files;
+    let mut links: Vec<(&Path, &str)> = vec![
+        (&f.ca, "ca-cert.pem"),
+        (&f.cert, "server-cert.pem"),
+        (&f.key, "server-key.pem"),
+        (&f.cert, "client-cert.pem"),
+        (&f.key, "client-key.pem"),
+    ];
+    if let Some(crl) = &f.crl {
+        links.push((crl, "ca-crl.pem"));
+    }
+    for (target, name) in links {
+        // Absolute: QEMU resolves the links from its own directory.
+        let target = std::fs::canonicalize(target).map_err(io("find TLS file", target))?;
+        let link = dir.join(name);
+        symlink(&target, &link).map_err(io("link TLS file", &link))?;
+    }
+    Ok(dir)
 }
 
 /// The certificate name QEMU's `tls-authz` compares for the edge `name`'s
@@ -127,18 +118,16 @@ mod tests {
         for f in ["ca.pem", "edge.pem", "edge.key", "crl.pem"] {
             std::fs::write(d.path().join(f), f).expect("write");
         }
-        let tls = QemuTls {
-            files: TlsFiles {
-                ca: d.path().join("ca.pem"),
-                cert: d.path().join("edge.pem"),
-                key: d.path().join("edge.key"),
-                crl: Some(d.path().join("crl.pem")),
-            },
+        let files = TlsFiles {
+            ca: d.path().join("ca.pem"),
+            cert: d.path().join("edge.pem"),
+            key: d.path().join("edge.key"),
+            crl: Some(d.path().join("crl.pem")),
         };
         let vm = d.path().join("vm");
         // Twice: a directory left from an earlier run is replaced.
-        tls.creds_dir(&vm).expect("first");
-        let dir = tls.creds_dir(&vm).expect("again");
+        creds_dir(&vm, &files).expect("first");
+        let dir = creds_dir(&vm, &files).expect("again");
         let read = |n: &str| std::fs::read_to_string(dir.join(n)).expect(n);
         assert_eq!(read("ca-cert.pem"), "ca.pem");
         assert_eq!(read("server-cert.pem"), "edge.pem");
@@ -158,15 +147,13 @@ mod tests {
     #[test]
     fn a_missing_file_is_named() {
         let d = tempfile::tempdir().expect("tempdir");
-        let tls = QemuTls {
-            files: TlsFiles {
-                ca: d.path().join("nope.pem"),
-                cert: d.path().join("edge.pem"),
-                key: d.path().join("edge.key"),
-                crl: None,
-            },
+        let files = TlsFiles {
+            ca: d.path().join("nope.pem"),
+            cert: d.path().join("edge.pem"),
+            key: d.path().join("edge.key"),
+            crl: None,
         };
-        let err = tls.creds_dir(d.path()).expect_err("no CA file");
+        let err = creds_dir(d.path(), &files).expect_err("no CA file");
         assert!(err.to_string().contains("nope.pem"), "{err}");
     }
 

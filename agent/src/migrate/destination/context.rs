@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use super::drain::Connections;
+use edgeshift_common::identity::Credentials;
+
 use crate::migrate::coord::CoordConfig;
 use crate::migrate::MigrateError;
 use crate::store::LocalStore;
 use crate::transfer::ClusterKey;
-use crate::vm::tls::QemuTls;
 use crate::vm::{Qemu, StateDir};
 
 /// What a destination needs.
@@ -24,9 +25,10 @@ pub struct HostConfig {
     /// The coordinator that plans incoming VMs' sources and counts their
     /// references; without one the pulls use the holders the source names.
     pub coordinator: Option<CoordConfig>,
-    /// QEMU's own TLS for incoming memory, with this edge's cluster
-    /// credentials (None: `--insecure-plaintext`).
-    pub qemu_tls: Option<QemuTls>,
+    /// This edge's cluster credentials: incoming memory (QEMU's own TLS,
+    /// from their files) and the disk mirror's export take only the
+    /// source's certificate (None: `--insecure-plaintext`, both plaintext).
+    pub tls: Option<Arc<Credentials>>,
 }
 
 /// The destination side of this edge, shared by its control connections.

@@ -10,7 +10,7 @@ use super::incoming::Incoming;
 use crate::migrate::MigrateError;
 use crate::vm::loopdev::LoopDevice;
 use crate::vm::qmp::MigrationTls;
-use crate::vm::tls::{authz_identity, TlsEndpoint, TLS_AUTHZ_ID, TLS_CREDS_ID};
+use crate::vm::tls::{authz_identity, creds_dir, TlsEndpoint, TLS_AUTHZ_ID, TLS_CREDS_ID};
 use crate::vm::{self, Hypervisor, LaunchConfig, Launched, MemoryTransport, Qemu, Qmp, QmpClient};
 
 impl Incoming {
@@ -43,9 +43,9 @@ impl Incoming {
             incoming: Some("defer".into()),
         };
         let qemu = self.host.cfg.qemu.clone();
-        let tls = match &self.host.cfg.qemu_tls {
-            Some(t) => Some(IncomingTls {
-                dir: t.creds_dir(&self.dir)?,
+        let tls = match &self.host.cfg.tls {
+            Some(c) => Some(IncomingTls {
+                dir: creds_dir(&self.dir, c.files())?,
                 source_dn: authz_identity(source),
             }),
             None => {

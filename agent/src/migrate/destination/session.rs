@@ -145,7 +145,7 @@ mod tests {
                 id: "dst".into(),
                 qemu: Qemu::default(),
                 coordinator: None,
-                qemu_tls: None,
+                tls: None,
             },
             Arc::new(store),
             rt.handle().clone(),

@@ -1,13 +1,15 @@
 //! What to migrate and how: the options of `edgeshift migrate`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use edgeshift_common::identity::Credentials;
 
 use crate::migrate::coord::CoordConfig;
 use crate::migrate::report::{DiskHandoff, Phase};
 use crate::migrate::temperature::Ordering;
 use crate::transfer::ClusterKey;
-use crate::vm::tls::QemuTls;
 use crate::vm::MemoryTransport;
 
 /// What to migrate and how.
@@ -62,7 +64,8 @@ pub struct MigrateOptions {
     /// destination: beside QEMU's disk mirror while the VM runs, or in the
     /// pause (the way before the mirror, to compare).
     pub disk_handoff: DiskHandoff,
-    /// QEMU's own TLS for memory and the disk mirror's NBD stream, with
-    /// this edge's cluster credentials (None: `--insecure-plaintext`).
-    pub qemu_tls: Option<QemuTls>,
+    /// This edge's cluster credentials: QEMU's own TLS for memory and the
+    /// disk mirror's NBD stream is made from their files (None:
+    /// `--insecure-plaintext`, both in plaintext).
+    pub tls: Option<Arc<Credentials>>,
 }

@@ -7,20 +7,20 @@
 use super::session::Session;
 use crate::migrate::MigrateError;
 use crate::vm::qmp::{MigrationTls, NbdTls};
-use crate::vm::tls::{TlsEndpoint, TLS_CREDS_ID};
+use crate::vm::tls::{creds_dir, TlsEndpoint, TLS_CREDS_ID};
 use crate::vm::{Qmp, StateDir};
 
 impl Session<'_> {
     /// Adds the credentials to the source QEMU and names them, with the
     /// destination's edge name, for the next migration and the mirror's
-    /// NBD node. Nothing without `qemu_tls` (`--insecure-plaintext`).
+    /// NBD node. Nothing without credentials (`--insecure-plaintext`).
     pub(super) fn secure_qemu(&mut self, qmp: &mut dyn Qmp) -> Result<(), MigrateError> {
-        let Some(tls) = self.opts.qemu_tls.clone() else {
+        let Some(creds) = self.opts.tls.clone() else {
             tracing::warn!("QEMU's memory stream and disk mirror go in plaintext (--insecure-plaintext)");
             return Ok(());
         };
         let vm_dir = StateDir::new(&self.opts.state_dir).vm_dir(&self.opts.name)?;
-        let dir = tls.creds_dir(&vm_dir)?;
+        let dir = creds_dir(&vm_dir, creds.files())?;
         // An earlier handoff that failed where no rollback reached may
         // have left the object behind; its files are the same.
         if qmp.object_del(TLS_CREDS_ID).is_ok() {

@@ -54,7 +54,7 @@ pub(super) fn opts() -> MigrateOptions {
         use_boot_log: false,
         deltas: true,
         disk_handoff: DiskHandoff::Pause,
-        qemu_tls: None,
+        tls: None,
     }
 }
 

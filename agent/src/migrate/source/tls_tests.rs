@@ -11,26 +11,35 @@ use super::mirror::MIRROR_NODE;
 use super::tests::{assert_rolled_back, Case, FAST};
 use super::DiskHandoff;
 use crate::migrate::report::Phase;
-use crate::vm::tls::{QemuTls, TlsEndpoint, TLS_CREDS_ID};
-use edgeshift_common::identity::TlsFiles;
+use std::sync::Arc;
+
+use edgeshift_common::identity::{issue, new_ca, Credentials, Role, TlsFiles};
+
+use crate::vm::tls::{TlsEndpoint, TLS_CREDS_ID};
 use crate::vm::Qmp;
+
+/// This edge's credentials of a throwaway cluster, written under `dir`.
+pub(super) fn credentials(dir: &std::path::Path, name: &str) -> Arc<Credentials> {
+    let ca = new_ca("test", 1).expect("ca");
+    let edge = issue(&ca, Role::Edge, name, &[], 1).expect("edge");
+    let files = TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("edge.pem"),
+        key: dir.join("edge.key"),
+        crl: None,
+    };
+    std::fs::write(&files.ca, &ca.cert_pem).expect("write");
+    std::fs::write(&files.cert, &edge.cert_pem).expect("write");
+    std::fs::write(&files.key, &edge.key_pem).expect("write");
+    Arc::new(Credentials::load(&files).expect("load"))
+}
 
 /// A case with TLS on: the edge's files and the VM's directory in `dir`.
 fn tls_case(dir: &std::path::Path, handoff: DiskHandoff) -> Case {
-    for f in ["ca.pem", "edge.pem", "edge.key"] {
-        std::fs::write(dir.join(f), f).expect("write");
-    }
     let mut c = Case::new(FAST, &[0..20, 100..150, 150..152, 160..170]);
     c.opts.state_dir = dir.join("vms");
     c.opts.disk_handoff = handoff;
-    c.opts.qemu_tls = Some(QemuTls {
-        files: TlsFiles {
-            ca: dir.join("ca.pem"),
-            cert: dir.join("edge.pem"),
-            key: dir.join("edge.key"),
-            crl: None,
-        },
-    });
+    c.opts.tls = Some(credentials(dir, "edge-a"));
     c
 }
 
