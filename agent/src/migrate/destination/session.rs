@@ -96,8 +96,8 @@ impl Session {
                 Ok((Response::Incoming { uri, memory }, true))
             }
             Request::OpenMirror => {
-                let (local, peer) = (self.local_ip, self.peer_ip);
-                let (addr, export) = self.incoming()?.open_mirror(local, peer)?;
+                let (local, peer, name) = (self.local_ip, self.peer_ip, self.peer_name.clone());
+                let (addr, export) = self.incoming()?.open_mirror(local, peer, &name)?;
                 Ok((Response::MirrorOpen { addr, export }, true))
             }
             Request::AwaitImage => {
