@@ -188,3 +188,94 @@ fn the_memory_stream_is_taken_only_over_tls_from_the_named_source() {
         );
     }
 }
+
+/// An image in memory for the export.
+struct Mem(std::sync::Mutex<Vec<u8>>);
+
+impl edgeshift_agent::migrate::nbd::BlockTarget for Mem {
+    fn size(&self) -> u64 {
+        self.0.lock().map(|m| m.len() as u64).unwrap_or(0)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut m = self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+        m[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let m = self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+        buf.copy_from_slice(&m[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `qemu-io` as the NBD client QEMU's mirror is (over TLS with `files`,
+/// naming `DST`, when given): writes 64 KiB of 0xab and reads them back.
+fn qemu_io(dir: &Path, files: Option<&TlsFiles>, port: u16) -> std::process::Output {
+    let mut opts = format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=secret");
+    let mut cmd = Command::new("qemu-io");
+    if let Some(f) = files {
+        let d = dir.join(format!("io-{}", rand::random::<u32>()));
+        let creds = creds_dir(&d, f).expect("creds dir");
+        cmd.arg("--object").arg(format!(
+            "tls-creds-x509,id=t,dir={},endpoint=client",
+            creds.display()
+        ));
+        opts.push_str(&format!(",tls-creds=t,tls-hostname={DST}"));
+    }
+    cmd.args(["--image-opts", &opts, "-c", "write -P 0xab 0 64k", "-c", "read -P 0xab 0 64k"])
+        .output()
+        .expect("qemu-io runs")
+}
+
+#[test]
+fn qemus_nbd_client_writes_to_the_export_only_over_tls_as_the_source() {
+    use edgeshift_agent::migrate::nbd::{serve, ExportTls, NbdError};
+    use edgeshift_common::identity::Credentials;
+    if !qemu_present() {
+        return;
+    }
+    let d = tempfile::tempdir().expect("tempdir");
+    let ca = new_ca("test", 1).expect("ca");
+    let dst = Credentials::load(&edge_files(d.path(), &ca, DST)).expect("dst");
+    let src_files = edge_files(d.path(), &ca, SRC);
+    let other_edge = edge_files(d.path(), &ca, "edge-other");
+    let rogue = new_ca("rogue", 1).expect("rogue ca");
+    let forged = edge_files(&d.path().join("rogue"), &rogue, SRC);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let target = std::sync::Arc::new(Mem(std::sync::Mutex::new(vec![0u8; 1 << 20])));
+    let t = std::sync::Arc::clone(&target);
+    let tls = ExportTls {
+        config: dst.server_config(),
+        client: Some(SRC.into()),
+    };
+    let server = std::thread::spawn(move || -> Vec<Result<edgeshift_agent::migrate::nbd::ServeStats, NbdError>> {
+        (0..4)
+            .map(|_| {
+                let (s, _) = l.accept().expect("accept");
+                serve(s, "secret", t.as_ref(), Some(&tls))
+            })
+            .collect()
+    });
+    for (what, files) in [
+        ("plaintext", None),
+        ("another edge's certificate", Some(&other_edge)),
+        ("another CA's certificate", Some(&forged)),
+    ] {
+        let out = qemu_io(d.path(), files, port);
+        let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(!said.contains("wrote 65536/65536"), "{what}: the export took a write: {said}");
+    }
+    assert!(target.0.lock().expect("lock").iter().all(|&b| b == 0), "nothing written");
+    let out = qemu_io(d.path(), Some(&src_files), port);
+    let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.contains("wrote 65536/65536"), "{said}");
+    assert!(said.contains("read 65536/65536"), "{said}");
+    let results = server.join().expect("server");
+    assert!(results[..3].iter().all(|r| r.is_err()), "{results:?}");
+    assert!(results[3].is_ok(), "{results:?}");
+    assert!(target.0.lock().expect("lock")[..65536].iter().all(|&b| b == 0xab));
+}
