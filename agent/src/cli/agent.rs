@@ -19,6 +19,7 @@ use edgeshift_agent::vm::{Qemu, StateDir};
 use edgeshift_common::service;
 
 use crate::cli::args::{ClusterArgs, CoordinatorArgs, StateArgs};
+use crate::cli::tls_args::TlsArgs;
 
 /// Run the edge's one daemon: serve chunks, receive migrations, report to the coordinator.
 ///
@@ -89,6 +90,8 @@ pub struct Args {
     no_autostart: bool,
     #[command(flatten)]
     state: StateArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 /// Where an installed edge keeps its chunk store.
@@ -166,6 +169,9 @@ async fn serve_until_stopped(
     // a chunk peer's by their first bytes without waiting on a timer.
     let incoming = match args.migrate_listen {
         Some(addr) => {
+            // Incoming VMs' memory and disk mirror come over QEMU's TLS and
+            // the export's with these (checked before anything listens).
+            let tls = args.tls.credentials()?;
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("listening for migrations on {addr}"))?;
@@ -179,8 +185,7 @@ async fn serve_until_stopped(
                         .coord
                         .config(&args.cluster.id)
                         .filter(|_| !args.uncoordinated_migrations),
-                    // TODO(tls-agent merge): from the agent's credentials unless --insecure-plaintext.
-                    tls: None,
+                    tls,
                 },
                 store.clone(),
                 tokio::runtime::Handle::current(),

@@ -11,6 +11,7 @@ use edgeshift_agent::migrate::{self, MigrateOptions};
 use edgeshift_agent::vm::MemoryTransport;
 
 use crate::cli::args::{ClusterArgs, CoordinatorArgs, StateArgs};
+use crate::cli::tls_args::TlsArgs;
 
 /// Hand a running VM over to another edge.
 ///
@@ -48,6 +49,8 @@ pub struct Args {
     coord: CoordinatorArgs,
     #[command(flatten)]
     cluster: ClusterArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// cold-first (by observed write rate, hottest in the pause) or index.
     #[arg(long, value_enum, default_value = "cold-first")]
     order: Ordering,
@@ -165,8 +168,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         deltas: !a.whole_chunks,
         disk_handoff: a.disk_handoff,
         memory_max_bps: a.memory_max_mbit.map(|m| (m * 1e6 / 8.0) as u64),
-        // TODO(tls-agent merge): from the agent's credentials unless --insecure-plaintext.
-        tls: None,
+        tls: a.tls.credentials()?,
     };
     let bar = if std::io::stderr().is_terminal() {
         let pb = indicatif::ProgressBar::new_spinner();

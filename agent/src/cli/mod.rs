@@ -15,6 +15,7 @@ mod inspect;
 mod migrate;
 mod restore;
 mod slice;
+mod tls_args;
 mod vm;
 
 /// edgeshift moves running VMs between edge servers: images as

@@ -106,6 +106,12 @@ pub struct Cloud {
     pub client_ns: String,
     pub edges: Vec<Edge>,
     pub key: PathBuf,
+    /// The throwaway cluster's CA certificate; each edge's certificate and
+    /// key are `NAME.pem`/`NAME.key` beside it.
+    pub tls_dir: PathBuf,
+    /// Agents and migrations run with `--insecure-plaintext` (no TLS):
+    /// only to show what the wire carries without it.
+    pub insecure: bool,
     pub vm: TestVm,
     pub base_id: String,
     /// Namespaces, links and segments; torn down before `dir` goes.
@@ -130,6 +136,8 @@ impl Cloud {
         std::fs::write(&key, hex::encode(rand_key())).expect("key");
         let (tb, hub) = build_net(&tag, names, mbit);
         let wan = tb.segment(WAN).expect("WAN segment");
+        let tls_dir = dir.path().join("tls");
+        make_cluster(&tls_dir, &names.iter().map(|n| (*n, wan.members[*n].to_string())).collect::<Vec<_>>());
         let edges = names
             .iter()
             .map(|name| {
@@ -153,6 +161,8 @@ impl Cloud {
             edges,
             tag,
             key,
+            tls_dir,
+            insecure: false,
             vm,
             base_id,
             tb,
@@ -224,6 +234,7 @@ impl Cloud {
             .arg("--state-dir")
             .arg(&state)
             .args(["--id", edge, "--no-zstd"])
+            .args(self.tls_args(edge))
             .args(agent_args)
             .stdout(Stdio::piped())
             .stderr(log)
@@ -310,8 +321,26 @@ impl Cloud {
         .arg("--cluster-key-file")
         .arg(&self.key)
         .arg("--state-dir")
-        .arg(&self.edge(from).state);
+        .arg(&self.edge(from).state)
+        .args(self.tls_args(from));
         c
+    }
+
+    /// `edge`'s TLS flags: its certificate of the test's cluster, or
+    /// `--insecure-plaintext` when the test asked for no TLS.
+    pub fn tls_args(&self, edge: &str) -> Vec<String> {
+        if self.insecure {
+            return vec!["--insecure-plaintext".into()];
+        }
+        let f = |n: &str| self.tls_dir.join(n).display().to_string();
+        vec![
+            "--tls-ca".into(),
+            f("ca.pem"),
+            "--tls-cert".into(),
+            f(&format!("{edge}.pem")),
+            "--tls-key".into(),
+            f(&format!("{edge}.key")),
+        ]
     }
 
     /// Runs `edgeshift migrate` from `from` to `to` with extra args; returns
@@ -457,6 +486,23 @@ impl CounterStream {
 impl Drop for CounterStream {
     fn drop(&mut self) {
         kill_tree(&mut self.child);
+    }
+}
+
+/// A throwaway cluster in `dir`: `ca.pem`, and per edge `NAME.pem` and
+/// `NAME.key` (DNS SAN = name, and its WAN address).
+fn make_cluster(dir: &std::path::Path, edges: &[(&str, String)]) {
+    use edgeshift_common::identity::{issue, new_ca, Role};
+    std::fs::create_dir_all(dir).expect("tls dir");
+    let ca = new_ca("test", 2).expect("cluster CA");
+    std::fs::write(dir.join("ca.pem"), &ca.cert_pem).expect("ca.pem");
+    for (name, ip) in edges {
+        let cert = issue(&ca, Role::Edge, name, &[ip.clone()], 2).expect("edge certificate");
+        std::fs::write(dir.join(format!("{name}.pem")), &cert.cert_pem).expect("cert");
+        let key = dir.join(format!("{name}.key"));
+        std::fs::write(&key, &cert.key_pem).expect("key");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("key mode");
     }
 }
 
