@@ -285,6 +285,7 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
         .arg(&cloud.key)
         .arg("--state-dir")
         .arg(&small)
+        .args(cloud.tls_args("b"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -302,7 +303,8 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
     .arg("--cluster-key-file")
     .arg(&cloud.key)
     .arg("--state-dir")
-    .arg(&cloud.edge("a").state);
+    .arg(&cloud.edge("a").state)
+    .args(cloud.tls_args("a"));
     let out = mig.output().expect("run migrate");
     kill_tree(&mut full);
     let err = String::from_utf8_lossy(&out.stderr);
