@@ -18,7 +18,8 @@ use edgeshift_agent::coordination::pins::LocalPins;
 use edgeshift_agent::store::{ChunkStore, ChunkUses, LocalStore};
 use edgeshift_agent::transfer::fetch::{FetchOptions, Fetcher};
 use edgeshift_agent::transfer::server::{serve, ServerConfig, ZstdPolicy};
-use edgeshift_agent::transfer::ClusterKey;
+use edgeshift_agent::transfer::Trust;
+use edgeshift_common::identity::ThrowawayCluster;
 use edgeshift_common::{ChunkSize, Fingerprint, Manifest, ManifestId};
 use edgeshift_testbed::coordinator::CoordinatorProc;
 
@@ -93,7 +94,7 @@ fn link(
     edge: &str,
     store: &Arc<LocalStore>,
     capacity: u64,
-    key: Option<ClusterKey>,
+    trust: Option<Trust>,
     addr: &str,
 ) -> Link {
     Link::new(
@@ -105,7 +106,7 @@ fn link(
             interval: Duration::from_millis(100),
         },
         store.clone(),
-        key,
+        trust,
     )
     .expect("link")
 }
@@ -116,17 +117,17 @@ struct Server {
     _rt: tokio::runtime::Runtime,
 }
 
-fn start_server(id: &str, store: Arc<LocalStore>, key: ClusterKey) -> Server {
-    start_server_noting(id, store, key, None)
+/// An edge's TLS identity in the test's throwaway cluster.
+fn tls(cluster: &ThrowawayCluster, name: &str) -> Trust {
+    Trust::Tls(cluster.edge(name).expect("edge credentials"))
+}
+
+fn start_server(store: Arc<LocalStore>, trust: Trust) -> Server {
+    start_server_noting(store, trust, None)
 }
 
 /// A chunk server that notes what it serves in `uses` (as `edgeshift agent` does).
-fn start_server_noting(
-    id: &str,
-    store: Arc<LocalStore>,
-    key: ClusterKey,
-    uses: Option<Arc<ChunkUses>>,
-) -> Server {
+fn start_server_noting(store: Arc<LocalStore>, trust: Trust, uses: Option<Arc<ChunkUses>>) -> Server {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -137,8 +138,7 @@ fn start_server_noting(
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let cfg = Arc::new(ServerConfig {
-        id: id.into(),
-        key,
+        trust,
         store,
         zstd: ZstdPolicy { compress_rate: 0.0 },
         uses,
@@ -206,7 +206,7 @@ fn gc_orders_are_rechecked_against_local_pins() {
 fn served_and_newly_pinned_chunks_rank_as_recent_under_lru() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = start_coord(&dir.path().join("coord"), "127.0.0.1:0");
-    let key = ClusterKey::from_bytes([9u8; 32]);
+    let cluster = ThrowawayCluster::new(&dir.path().join("tls")).expect("cluster");
     let store = Arc::new(LocalStore::open_or_create(dir.path().join("a")).expect("store"));
     let (served_id, served) = image(&store, 300..310);
     let (_idle_id, idle) = image(&store, 310..320);
@@ -217,14 +217,14 @@ fn served_and_newly_pinned_chunks_rank_as_recent_under_lru() {
     );
     // 30 chunks in a 40-chunk capacity: under the high watermark, no GC yet.
     let mut l = link(&c, "edge-a", &store, 40 * CHUNK as u64, None, "127.0.0.1:1");
-    let server = start_server_noting("edge-a", store.clone(), key.clone(), Some(l.uses()));
+    let server = start_server_noting(store.clone(), tls(&cluster, "edge-a"), Some(l.uses()));
     l.connect().expect("connect");
     assert!(l.step().expect("step").gc.removed.is_empty());
 
     // A peer fetches one image from this edge; another image starts being
     // used here (a VM pins it) and is released again.
     let peer_store = Arc::new(LocalStore::open_or_create(dir.path().join("b")).expect("store"));
-    let fetcher = Fetcher::new(peer_store.clone(), vec![server.addr], key);
+    let fetcher = Fetcher::new(peer_store.clone(), vec![server.addr], tls(&cluster, "edge-b"));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -306,10 +306,10 @@ fn pins_racing_gc_are_never_undercut() {
 fn hints_prefetch_through_the_fetcher_and_planned_fetch_completes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = start_coord(&dir.path().join("coord"), "127.0.0.1:0");
-    let key = ClusterKey::from_bytes([7u8; 32]);
+    let cluster = ThrowawayCluster::new(&dir.path().join("tls")).expect("cluster");
     let src_store = Arc::new(LocalStore::open_or_create(dir.path().join("src")).expect("store"));
     let (id, m) = image(&src_store, 100..160);
-    let server = start_server("src", src_store.clone(), key.clone());
+    let server = start_server(src_store.clone(), tls(&cluster, "src"));
     let mut src = link(&c, "src", &src_store, 1 << 30, None, &server.addr.to_string());
     src.connect().expect("src connect");
 
@@ -324,7 +324,7 @@ fn hints_prefetch_through_the_fetcher_and_planned_fetch_completes() {
         "dst",
         &dst_store,
         80 * CHUNK as u64,
-        Some(key.clone()),
+        Some(tls(&cluster, "dst")),
         "127.0.0.1:2",
     );
     dst.connect().expect("dst connect");
@@ -351,11 +351,12 @@ fn hints_prefetch_through_the_fetcher_and_planned_fetch_completes() {
     assert_eq!(cf.plan.missing_chunks, 20);
     assert_eq!(cf.peers, vec![server.addr]);
     assert_eq!(get(&c, "/v1/edges/src")["leased_chunks"], 20);
-    let opts = FetchOptions {
-        id: "dst".into(),
-        ..FetchOptions::default()
-    };
-    let fetcher = Fetcher::with_options(dst_store.clone(), cf.peers.clone(), key, opts);
+    let fetcher = Fetcher::with_options(
+        dst_store.clone(),
+        cf.peers.clone(),
+        tls(&cluster, "dst"),
+        FetchOptions::default(),
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -444,14 +445,13 @@ fn edgeshift() -> std::process::Command {
 }
 
 /// `edgeshift agent … --coordinator` on 127.0.0.1:0; returns once it listens.
-fn spawn_agent(id: &str, store: &Path, key: &Path, url: &str, token: &Path) -> Proc {
+fn spawn_agent(id: &str, store: &Path, cluster: &ThrowawayCluster, url: &str, token: &Path) -> Proc {
     use std::io::BufRead;
     let mut child = edgeshift()
         .args(["agent", "--listen", "127.0.0.1:0", "--id", id, "--no-zstd"])
         .arg("--store")
         .arg(store)
-        .arg("--cluster-key-file")
-        .arg(key)
+        .args(cluster.cli_args(id).expect("certificate"))
         .args(["--coordinator", url, "--capacity", "1GiB"])
         .arg("--token-file")
         .arg(token)
@@ -475,8 +475,7 @@ fn spawn_agent(id: &str, store: &Path, key: &Path, url: &str, token: &Path) -> P
 fn agent_and_fetch_cli_work_through_the_coordinator() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = start_coord(&dir.path().join("coord"), "127.0.0.1:0");
-    let key = dir.path().join("cluster.key");
-    std::fs::write(&key, hex::encode([9u8; 32])).expect("key");
+    let cluster = ThrowawayCluster::new(&dir.path().join("tls")).expect("cluster");
     let token = dir.path().join("token");
     std::fs::write(&token, format!("{TOKEN}\n")).expect("token");
     // A 3 MiB image of distinct 256 KiB chunks, with a hole.
@@ -506,8 +505,8 @@ fn agent_and_fetch_cli_work_through_the_coordinator() {
         .expect("id line")
         .trim()
         .to_string();
-    let _src_agent = spawn_agent("src", &src, &key, &c.url, &token);
-    let _dst_agent = spawn_agent("dst", &dst, &key, &c.url, &token);
+    let _src_agent = spawn_agent("src", &src, &cluster, &c.url, &token);
+    let _dst_agent = spawn_agent("dst", &dst, &cluster, &c.url, &token);
     // Wait for both links' first reports.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -546,8 +545,7 @@ fn agent_and_fetch_cli_work_through_the_coordinator() {
         ])
         .arg("--store")
         .arg(&dst)
-        .arg("--cluster-key-file")
-        .arg(&key)
+        .args(cluster.cli_args("dst").expect("certificate"))
         .arg("--token-file")
         .arg(&token)
         .output()
@@ -580,8 +578,7 @@ fn agent_and_fetch_cli_work_through_the_coordinator() {
         .args(["fetch", &id, "--node-id", "dst", "--coordinator", &c.url])
         .arg("--store")
         .arg(&dst)
-        .arg("--cluster-key-file")
-        .arg(&key)
+        .args(cluster.cli_args("dst").expect("certificate"))
         .output()
         .expect("fetch");
     assert!(!out.status.success());

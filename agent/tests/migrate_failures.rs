@@ -281,11 +281,9 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
             "--store",
         ])
         .arg(&b.store)
-        .arg("--cluster-key-file")
-        .arg(&cloud.key)
+        .args(cloud.cred_args("b"))
         .arg("--state-dir")
         .arg(&small)
-        .args(cloud.tls_args("b"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -300,11 +298,10 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
         "--source-addr",
         &cloud.edge("a").chunk_addr(),
     ])
-    .arg("--cluster-key-file")
-    .arg(&cloud.key)
+    .args(cloud.cred_args("a"))
     .arg("--state-dir")
     .arg(&cloud.edge("a").state)
-    .args(cloud.tls_args("a"));
+    ;
     let out = mig.output().expect("run migrate");
     kill_tree(&mut full);
     let err = String::from_utf8_lossy(&out.stderr);

@@ -11,7 +11,6 @@ use edgeshift_agent::migrate::{self, MigrateOptions};
 use edgeshift_agent::vm::MemoryTransport;
 
 use crate::cli::args::{ClusterArgs, CoordinatorArgs, StateArgs};
-use crate::cli::tls_args::TlsArgs;
 
 /// Hand a running VM over to another edge.
 ///
@@ -49,8 +48,6 @@ pub struct Args {
     coord: CoordinatorArgs,
     #[command(flatten)]
     cluster: ClusterArgs,
-    #[command(flatten)]
-    tls: TlsArgs,
     /// cold-first (by observed write rate, hottest in the pause) or index.
     #[arg(long, value_enum, default_value = "cold-first")]
     order: Ordering,
@@ -129,8 +126,8 @@ enum MemoryStart {
     AfterDisk,
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
-    let key = a.cluster.key()?;
+pub fn run(mut a: Args) -> anyhow::Result<()> {
+    let trust = a.cluster.trust()?;
     anyhow::ensure!(
         a.sample_secs >= 0.0 && a.sample_secs < 600.0,
         "--sample-secs out of range"
@@ -152,7 +149,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         to: a.to.clone(),
         source_addr: a.source_addr,
         peers: a.peers,
-        key,
+        trust,
         id: a.cluster.id.id,
         ordering: a.order,
         max_rounds: a.max_rounds,
@@ -168,7 +165,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         deltas: !a.whole_chunks,
         disk_handoff: a.disk_handoff,
         memory_max_bps: a.memory_max_mbit.map(|m| (m * 1e6 / 8.0) as u64),
-        tls: a.tls.credentials()?,
     };
     let bar = if std::io::stderr().is_terminal() {
         let pb = indicatif::ProgressBar::new_spinner();

@@ -1,10 +1,11 @@
 //! The chunk server inside `edgeshift agent`.
 //!
-//! One task per connection: authenticate, then answer manifest and chunk
-//! requests in order. An uncompressed chunk goes from its store file to the
-//! socket with `sendfile(2)`: the kernel moves page-cache pages to the socket
-//! and the bytes never enter user space (see docs/wire.md for why sendfile
-//! rather than io_uring). A chunk is compressed with zstd only when the client
+//! One task per connection: authenticate (mutual TLS, [`super::trust`]),
+//! then answer manifest and chunk requests in order. An uncompressed chunk
+//! goes over TLS as one large write from a reused buffer the chunk file is
+//! read into (page cache → buffer → rustls seals it in place); over the
+//! test-only plaintext transport it goes from the file to the socket with
+//! `sendfile(2)` (docs/wire.md has the figures behind both). A chunk is compressed with zstd only when the client
 //! allows it and doing so makes it arrive sooner on that client's path. A
 //! chunk asked for together with the version the client holds (a delta
 //! request) goes as the 4 KiB blocks that differ, when those are at most
@@ -22,17 +23,19 @@ use edgeshift_common::wire::{self, error_code, FrameKind, MAX_CHUNK_LEN, MAX_FRA
 use edgeshift_common::Fingerprint;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
+
+use super::stream::PeerStream;
+use super::trust::{secure_server, Trust};
 use tracing::{debug, info, warn};
 
-use super::conn::{read_frame, server_handshake, AUTH_TIMEOUT};
-use super::{ClusterKey, TransferError};
+use super::conn::{read_frame, AUTH_TIMEOUT};
+use super::TransferError;
 use crate::store::{ChunkUses, LocalStore};
 
-/// What a server needs: its id, the cluster key and the store it serves.
+/// What a server needs: how peers authenticate and the store it serves.
 #[derive(Debug)]
 pub struct ServerConfig {
-    pub id: String,
-    pub key: ClusterKey,
+    pub trust: Trust,
     pub store: Arc<LocalStore>,
     pub zstd: ZstdPolicy,
     /// Where served chunks are noted for the coordinator's LRU/LFU ranking
@@ -109,28 +112,32 @@ struct ZstdState {
     skipped: u32,
 }
 
-async fn handle_connection(mut sock: TcpStream, addr: SocketAddr, cfg: Arc<ServerConfig>) {
-    let label = addr.to_string();
-    let peer = match tokio::time::timeout(
-        AUTH_TIMEOUT,
-        server_handshake(&mut sock, &cfg.key, &cfg.id, &label),
-    )
-    .await
-    {
-        Ok(Ok(id)) => id,
-        Ok(Err(e)) => {
-            warn!(peer = %addr, error = %e, "peer failed authentication; dropped");
-            metrics::counter!("edgeshift_auth_failures_total", "side" => "server").increment(1);
-            return;
-        }
-        Err(_) => {
-            warn!(peer = %addr, "peer did not authenticate in time; dropped");
-            metrics::counter!("edgeshift_auth_failures_total", "side" => "server").increment(1);
-            return;
-        }
-    };
+/// What a connection keeps between chunks.
+#[derive(Default)]
+struct ConnScratch {
+    zstd: ZstdState,
+    /// A chunk frame (prefix and bytes) for TLS, reused: no page faults of
+    /// a fresh allocation per chunk.
+    frame: Vec<u8>,
+}
+
+async fn handle_connection(sock: TcpStream, addr: SocketAddr, cfg: Arc<ServerConfig>) {
+    let (mut sock, peer) =
+        match tokio::time::timeout(AUTH_TIMEOUT, secure_server(&cfg.trust, sock, addr)).await {
+            Ok(Ok(authenticated)) => authenticated,
+            Ok(Err(e)) => {
+                warn!(peer = %addr, error = %e, "peer failed authentication; dropped");
+                metrics::counter!("edgeshift_auth_failures_total", "side" => "server").increment(1);
+                return;
+            }
+            Err(_) => {
+                warn!(peer = %addr, "peer did not authenticate in time; dropped");
+                metrics::counter!("edgeshift_auth_failures_total", "side" => "server").increment(1);
+                return;
+            }
+        };
     info!(peer = %addr, id = %peer, "peer authenticated");
-    let mut zstate = ZstdState::default();
+    let mut scratch = ConnScratch::default();
     let mut idle_since = Instant::now();
     loop {
         let frame = match read_frame(&mut sock, MAX_FRAME_LEN, None).await {
@@ -189,7 +196,7 @@ async fn handle_connection(mut sock: TcpStream, addr: SocketAddr, cfg: Arc<Serve
                                 base.as_ref(),
                                 zstd_ok,
                                 path_rate,
-                                &mut zstate,
+                                &mut scratch,
                             )
                             .await;
                             if r.is_err() {
@@ -252,7 +259,7 @@ fn publishing_last(
 /// Answers a holdings query: which of `fps` this store holds (a chunk that
 /// cannot be checked counts as not held; the client then asks elsewhere).
 async fn send_holdings(
-    sock: &mut TcpStream,
+    sock: &mut PeerStream,
     cfg: &ServerConfig,
     rid: u64,
     fps: Vec<Fingerprint>,
@@ -280,7 +287,7 @@ async fn send_holdings(
 }
 
 async fn send_manifest(
-    sock: &mut TcpStream,
+    sock: &mut PeerStream,
     cfg: &ServerConfig,
     rid: u64,
     id: &Fingerprint,
@@ -314,7 +321,7 @@ async fn send_manifest(
 /// chunk, else the whole chunk (zstd-compressed when that arrives sooner).
 #[allow(clippy::too_many_arguments)]
 async fn send_chunk(
-    sock: &mut TcpStream,
+    sock: &mut PeerStream,
     cfg: &ServerConfig,
     peer: &str,
     rid: u64,
@@ -322,8 +329,9 @@ async fn send_chunk(
     base: Option<&Fingerprint>,
     zstd_ok: bool,
     path_rate: u64,
-    zstate: &mut ZstdState,
+    scratch: &mut ConnScratch,
 ) -> Result<(), TransferError> {
+    let zstate = &mut scratch.zstd;
     let path = cfg.store.chunk_path(fp);
     let file = match open_chunk_file(cfg, &path, fp).await {
         Ok(f) => f,
@@ -419,9 +427,28 @@ async fn send_chunk(
         }
     } else {
         let prefix = wire::encode_chunk_prefix(rid, fp, len32, len32, false);
-        sock.write_all(&prefix).await?;
-        // sendfile reads from offset 0 whatever the file's position.
-        sendfile_all(sock, &file, len).await?;
+        match sock {
+            PeerStream::Plain(tcp) => {
+                tcp.write_all(&prefix).await?;
+                // sendfile reads from offset 0 whatever the file's position.
+                sendfile_all(tcp, &file, len).await?;
+            }
+            PeerStream::Tls(_) => {
+                // Prefix and bytes in one buffer and one write: rustls seals
+                // it into full-size records (docs/wire.md, TLS costs). The
+                // read is a page-cache copy of at most one chunk, done
+                // inline like the open above.
+                let frame = &mut scratch.frame;
+                frame.clear();
+                frame.extend_from_slice(&prefix);
+                frame.resize(prefix.len() + len as usize, 0);
+                match read {
+                    Some(bytes) => frame[prefix.len()..].copy_from_slice(&bytes),
+                    None => file.read_exact_at(&mut frame[prefix.len()..], 0)?,
+                }
+                sock.write_all(frame).await?;
+            }
+        }
         len
     };
     served(cfg, peer, fp, wire_bytes);

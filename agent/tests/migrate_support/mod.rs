@@ -105,12 +105,13 @@ pub struct Cloud {
     pub hub: String,
     pub client_ns: String,
     pub edges: Vec<Edge>,
+    /// The cluster key, used only when `insecure` is set.
     pub key: PathBuf,
-    /// The throwaway cluster's CA certificate; each edge's certificate and
-    /// key are `NAME.pem`/`NAME.key` beside it.
-    pub tls_dir: PathBuf,
-    /// Agents and migrations run with `--insecure-plaintext` (no TLS):
-    /// only to show what the wire carries without it.
+    /// The test's throwaway cluster CA; every edge gets a certificate of it
+    /// named after the edge (SANs: its name and WAN address).
+    pub cluster: edgeshift_common::identity::ThrowawayCluster,
+    /// Run agents and migrations with `--insecure-plaintext` (TLS is on
+    /// unless a test sets this, e.g. to show what an eavesdropper sees).
     pub insecure: bool,
     pub vm: TestVm,
     pub base_id: String,
@@ -134,10 +135,10 @@ impl Cloud {
             .expect("temp dir");
         let key = dir.path().join("cluster.key");
         std::fs::write(&key, hex::encode(rand_key())).expect("key");
+        let cluster =
+            edgeshift_common::identity::ThrowawayCluster::new(&dir.path().join("tls")).expect("cluster CA");
         let (tb, hub) = build_net(&tag, names, mbit);
         let wan = tb.segment(WAN).expect("WAN segment");
-        let tls_dir = dir.path().join("tls");
-        make_cluster(&tls_dir, &names.iter().map(|n| (*n, wan.members[*n].to_string())).collect::<Vec<_>>());
         let edges = names
             .iter()
             .map(|name| {
@@ -161,7 +162,7 @@ impl Cloud {
             edges,
             tag,
             key,
-            tls_dir,
+            cluster,
             insecure: false,
             vm,
             base_id,
@@ -229,12 +230,10 @@ impl Cloud {
                 "--store",
             ])
             .arg(&store)
-            .arg("--cluster-key-file")
-            .arg(&self.key)
+            .args(self.cred_args(edge))
             .arg("--state-dir")
             .arg(&state)
             .args(["--id", edge, "--no-zstd"])
-            .args(self.tls_args(edge))
             .args(agent_args)
             .stdout(Stdio::piped())
             .stderr(log)
@@ -323,28 +322,36 @@ impl Cloud {
             "--id",
             from,
         ])
-        .arg("--cluster-key-file")
-        .arg(&self.key)
+        .args(self.cred_args(from))
         .arg("--state-dir")
-        .arg(&self.edge(from).state)
-        .args(self.tls_args(from));
+        .arg(&self.edge(from).state);
         c
     }
 
-    /// `edge`'s TLS flags: its certificate of the test's cluster, or
-    /// `--insecure-plaintext` when the test asked for no TLS.
-    pub fn tls_args(&self, edge: &str) -> Vec<String> {
+    /// The flags that give `edge`'s agent or commands their credentials:
+    /// its certificate of the test's cluster, or the cluster key when
+    /// `insecure` is set.
+    pub fn cred_args(&self, edge: &str) -> Vec<String> {
         if self.insecure {
-            return vec!["--insecure-plaintext".into()];
+            return vec![
+                "--insecure-plaintext".into(),
+                "--cluster-key-file".into(),
+                self.key.display().to_string(),
+            ];
         }
-        let f = |n: &str| self.tls_dir.join(n).display().to_string();
+        let sans = vec![self.edge(edge).wan_ip.clone()];
+        let f = self
+            .cluster
+            .files(edgeshift_common::identity::Role::Edge, edge, &sans)
+            .expect("edge certificate");
+        let path = |p: &std::path::Path| p.display().to_string();
         vec![
             "--tls-ca".into(),
-            f("ca.pem"),
+            path(&f.ca),
             "--tls-cert".into(),
-            f(&format!("{edge}.pem")),
+            path(&f.cert),
             "--tls-key".into(),
-            f(&format!("{edge}.key")),
+            path(&f.key),
         ]
     }
 
@@ -491,23 +498,6 @@ impl CounterStream {
 impl Drop for CounterStream {
     fn drop(&mut self) {
         kill_tree(&mut self.child);
-    }
-}
-
-/// A throwaway cluster in `dir`: `ca.pem`, and per edge `NAME.pem` and
-/// `NAME.key` (DNS SAN = name, and its WAN address).
-fn make_cluster(dir: &std::path::Path, edges: &[(&str, String)]) {
-    use edgeshift_common::identity::{issue, new_ca, Role};
-    std::fs::create_dir_all(dir).expect("tls dir");
-    let ca = new_ca("test", 2).expect("cluster CA");
-    std::fs::write(dir.join("ca.pem"), &ca.cert_pem).expect("ca.pem");
-    for (name, ip) in edges {
-        let cert = issue(&ca, Role::Edge, name, &[ip.clone()], 2).expect("edge certificate");
-        std::fs::write(dir.join(format!("{name}.pem")), &cert.cert_pem).expect("cert");
-        let key = dir.join(format!("{name}.key"));
-        std::fs::write(&key, &cert.key_pem).expect("key");
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("key mode");
     }
 }
 

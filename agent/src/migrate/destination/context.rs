@@ -6,29 +6,25 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use super::drain::Connections;
-use edgeshift_common::identity::Credentials;
 
 use crate::migrate::coord::CoordConfig;
 use crate::migrate::MigrateError;
 use crate::store::LocalStore;
-use crate::transfer::ClusterKey;
+use crate::transfer::Trust;
 use crate::vm::{Qemu, StateDir};
 
 /// What a destination needs.
 #[derive(Debug, Clone)]
 pub struct HostConfig {
     pub state_dir: PathBuf,
-    pub key: ClusterKey,
-    /// This edge's name in handshakes.
+    /// How sources and peers authenticate (the cluster credentials).
+    pub trust: Trust,
+    /// This edge's name (its certificate's, under TLS).
     pub id: String,
     pub qemu: Qemu,
     /// The coordinator that plans incoming VMs' sources and counts their
     /// references; without one the pulls use the holders the source names.
     pub coordinator: Option<CoordConfig>,
-    /// This edge's cluster credentials: incoming memory (QEMU's own TLS,
-    /// from their files) and the disk mirror's export take only the
-    /// source's certificate (None: `--insecure-plaintext`, both plaintext).
-    pub tls: Option<Arc<Credentials>>,
 }
 
 /// The destination side of this edge, shared by its control connections.

@@ -43,7 +43,7 @@ impl Incoming {
             incoming: Some("defer".into()),
         };
         let qemu = self.host.cfg.qemu.clone();
-        let tls = match &self.host.cfg.tls {
+        let tls = match self.host.cfg.trust.credentials() {
             Some(c) => Some(IncomingTls {
                 dir: creds_dir(&self.dir, c.files())?,
                 source_dn: authz_identity(source),

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use super::context::Host;
 use super::session::Session;
+use crate::migrate::channel;
 use crate::migrate::proto::{self, Request, Response};
 use crate::migrate::MigrateError;
 
@@ -60,20 +61,23 @@ pub async fn serve(host: Arc<Host>, listener: tokio::net::TcpListener) -> Result
 
 /// Authenticates the source, then answers its requests in order until it
 /// hangs up; the session's incoming VM goes with it.
-fn handle(host: Arc<Host>, mut s: TcpStream) -> Result<(), MigrateError> {
+fn handle(host: Arc<Host>, s: TcpStream) -> Result<(), MigrateError> {
     let _ = s.set_nodelay(true);
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| MigrateError::Channel(e.to_string()))?;
-    let peer = proto::accept_auth(&mut s, host.cfg.key.as_bytes(), &host.cfg.id)?;
+    let (mut s, peer) = channel::accept(s, &host.cfg.trust)?;
     // A migration can sit between requests while QEMU moves memory.
-    s.set_read_timeout(None)
+    s.tcp()
+        .set_read_timeout(None)
         .map_err(|e| MigrateError::Channel(e.to_string()))?;
     tracing::debug!(peer = %peer, "peer authenticated");
     let local_ip = s
+        .tcp()
         .local_addr()
         .map_err(|e| MigrateError::Channel(e.to_string()))?
         .ip();
     let peer_ip = s
+        .tcp()
         .peer_addr()
         .map_err(|e| MigrateError::Channel(e.to_string()))?
         .ip();

@@ -39,7 +39,7 @@ impl Incoming {
         let addr: SocketAddr = l.local_addr().map_err(|e| MigrateError::Channel(e.to_string()))?;
         let export = hex::encode(rand::random::<[u8; 16]>());
         let sink = self.writer.mirror_sink();
-        let tls = self.host.cfg.tls.as_ref().map(|c| ExportTls {
+        let tls = self.host.cfg.trust.credentials().map(|c| ExportTls {
             config: c.server_config(),
             client: Some(source_name.to_string()),
         });

@@ -1,15 +1,13 @@
 //! What to migrate and how: the options of `edgeshift migrate`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use edgeshift_common::identity::Credentials;
 
 use crate::migrate::coord::CoordConfig;
 use crate::migrate::report::{DiskHandoff, Phase};
 use crate::migrate::temperature::Ordering;
-use crate::transfer::ClusterKey;
+use crate::transfer::Trust;
 use crate::vm::MemoryTransport;
 
 /// What to migrate and how.
@@ -23,7 +21,8 @@ pub struct MigrateOptions {
     pub source_addr: String,
     /// Other holders (edges with some of the image's chunks).
     pub peers: Vec<String>,
-    pub key: ClusterKey,
+    /// How this edge and the destination authenticate each other.
+    pub trust: Trust,
     pub id: String,
     pub ordering: Ordering,
     /// Most pre-copy rounds after the first.
@@ -64,8 +63,4 @@ pub struct MigrateOptions {
     /// destination: beside QEMU's disk mirror while the VM runs, or in the
     /// pause (the way before the mirror, to compare).
     pub disk_handoff: DiskHandoff,
-    /// This edge's cluster credentials: QEMU's own TLS for memory and the
-    /// disk mirror's NBD stream is made from their files (None:
-    /// `--insecure-plaintext`, both in plaintext).
-    pub tls: Option<Arc<Credentials>>,
 }

@@ -15,7 +15,7 @@ impl Session<'_> {
     /// destination's edge name, for the next migration and the mirror's
     /// NBD node. Nothing without credentials (`--insecure-plaintext`).
     pub(super) fn secure_qemu(&mut self, qmp: &mut dyn Qmp) -> Result<(), MigrateError> {
-        let Some(creds) = self.opts.tls.clone() else {
+        let Some(creds) = self.opts.trust.credentials().cloned() else {
             tracing::warn!("QEMU's memory stream and disk mirror go in plaintext (--insecure-plaintext)");
             return Ok(());
         };

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use edgeshift_common::identity::{issue, new_ca, Credentials, Role, TlsFiles};
 
+use crate::transfer::Trust;
 use crate::vm::tls::{TlsEndpoint, TLS_CREDS_ID};
 use crate::vm::Qmp;
 
@@ -39,7 +40,7 @@ fn tls_case(dir: &std::path::Path, handoff: DiskHandoff) -> Case {
     let mut c = Case::new(FAST, &[0..20, 100..150, 150..152, 160..170]);
     c.opts.state_dir = dir.join("vms");
     c.opts.disk_handoff = handoff;
-    c.opts.tls = Some(credentials(dir, "edge-a"));
+    c.opts.trust = Trust::Tls(credentials(dir, "edge-a"));
     c
 }
 
