@@ -127,8 +127,12 @@ fn captured_handoff(insecure: bool) -> (bool, bool) {
     assert!(ok, "handoff (insecure: {insecure}): {out}\n{err}");
     assert_eq!(cloud.list("b").len(), 1, "the VM runs at b");
     assert!(bytes.len() > 1 << 20, "the capture holds the handoff: {} bytes", bytes.len());
+    let report: serde_json::Value =
+        serde_json::from_str(out.lines().last().unwrap_or("")).expect("migrate --json report");
     eprintln!(
-        "insecure={insecure}: capture {} bytes; memory marker {}, disk marker {}",
+        "insecure={insecure}: handoff {:.2} s, downtime {} ms; capture {} bytes; memory marker {}, disk marker {}",
+        report["total_seconds"].as_f64().unwrap_or(0.0),
+        report["downtime_ms"],
         bytes.len(),
         contains(&bytes, mem_marker.as_bytes()),
         contains(&bytes, disk_marker.as_bytes())
