@@ -24,17 +24,25 @@ impl Capture {
     fn start(ns: &str, dev: &str, file: &Path) -> Capture {
         let log = file.with_extension("log");
         let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, "tcpdump", "-i", dev, "-s", "0", "-U", "-n", "-w"])
+            .args([
+                "netns", "exec", ns, "tcpdump", "-i", dev, "-s", "0", "-U", "-n", "-w",
+            ])
             .arg(file)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("tcpdump log"))
             .spawn()
             .expect("start tcpdump");
         let t = Instant::now();
-        while !std::fs::read_to_string(&log).unwrap_or_default().contains("listening on") {
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("listening on")
+        {
             assert!(t.elapsed() < Duration::from_secs(10), "tcpdump did not start");
             if let Ok(Some(st)) = child.try_wait() {
-                panic!("tcpdump exited: {st}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+                panic!(
+                    "tcpdump exited: {st}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -66,7 +74,9 @@ fn hold_in_guest_memory(cloud: &Cloud, marker: &str) -> Child {
         .spawn()
         .expect("socat");
     let mut stdin = c.stdin.take().expect("stdin");
-    stdin.write_all(marker.repeat(32).as_bytes()).expect("send the marker");
+    stdin
+        .write_all(marker.repeat(32).as_bytes())
+        .expect("send the marker");
     stdin.flush().expect("flush");
     // Kept open (leaked into the child's lifetime) so the connection stays.
     std::mem::forget(stdin);
@@ -94,7 +104,13 @@ fn write_into_guest_disk(cloud: &Cloud, marker: &str) {
     sh(Command::new("dd")
         .arg(format!("if={}", block.display()))
         .arg(format!("of={dev}"))
-        .args(["bs=4096", "count=1", &format!("seek={seek}"), "oflag=direct", "conv=notrunc"]));
+        .args([
+            "bs=4096",
+            "count=1",
+            &format!("seek={seek}"),
+            "oflag=direct",
+            "conv=notrunc",
+        ]));
 }
 
 /// One handoff a -> b with the markers in place, captured on the WAN;
@@ -126,7 +142,11 @@ fn captured_handoff(insecure: bool) -> (bool, bool) {
     kill_tree(&mut holder);
     assert!(ok, "handoff (insecure: {insecure}): {out}\n{err}");
     assert_eq!(cloud.list("b").len(), 1, "the VM runs at b");
-    assert!(bytes.len() > 1 << 20, "the capture holds the handoff: {} bytes", bytes.len());
+    assert!(
+        bytes.len() > 1 << 20,
+        "the capture holds the handoff: {} bytes",
+        bytes.len()
+    );
     let report: serde_json::Value =
         serde_json::from_str(out.lines().last().unwrap_or("")).expect("migrate --json report");
     eprintln!(
@@ -150,7 +170,10 @@ fn a_handoff_over_tls_shows_the_path_nothing_of_the_guest() {
     }
     let has_tcpdump = Command::new("tcpdump").arg("--version").output().is_ok();
     if !has_tcpdump {
-        assert!(std::env::var_os("CI").is_none(), "tcpdump is missing (.ci/setup installs it)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "tcpdump is missing (.ci/setup installs it)"
+        );
         return;
     }
     // Without TLS the markers cross in the clear: the search works.

@@ -300,8 +300,7 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
     ])
     .args(cloud.cred_args("a"))
     .arg("--state-dir")
-    .arg(&cloud.edge("a").state)
-    ;
+    .arg(&cloud.edge("a").state);
     let out = mig.output().expect("run migrate");
     kill_tree(&mut full);
     let err = String::from_utf8_lossy(&out.stderr);

@@ -64,11 +64,20 @@ fn launch(dir: &Path, name: &str, incoming: bool) -> Vm {
     std::fs::create_dir_all(&dir).expect("vm dir");
     let sock = dir.join("qmp.sock");
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-machine", "pc,accel=tcg", "-m", "32", "-nodefaults", "-display", "none", "-S"])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", sock.display()))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("stderr")).expect("stderr file"));
+    cmd.args([
+        "-machine",
+        "pc,accel=tcg",
+        "-m",
+        "32",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-S",
+    ])
+    .arg("-qmp")
+    .arg(format!("unix:{},server=on,wait=off", sock.display()))
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(dir.join("stderr")).expect("stderr file"));
     if incoming {
         cmd.args(["-incoming", "defer"]);
     }
@@ -90,7 +99,9 @@ fn destination(dir: &Path, files: &TlsFiles) -> (Vm, String) {
     vm.qmp
         .add_tls_creds(TLS_CREDS_ID, &creds, TlsEndpoint::Server)
         .expect("server creds");
-    vm.qmp.add_authz(TLS_AUTHZ_ID, &authz_identity(SRC)).expect("authz");
+    vm.qmp
+        .add_authz(TLS_AUTHZ_ID, &authz_identity(SRC))
+        .expect("authz");
     vm.qmp
         .migrate_set_tls(&MigrationTls {
             creds: TLS_CREDS_ID.into(),
@@ -125,7 +136,9 @@ fn migrate(dir: &Path, files: Option<&TlsFiles>, uri: &str) -> String {
     loop {
         let m = src.qmp.query_migrate().expect("query");
         let st = m.status.unwrap_or_default();
-        if matches!(st.as_str(), "completed" | "failed" | "cancelled") || t.elapsed() > Duration::from_secs(60) {
+        if matches!(st.as_str(), "completed" | "failed" | "cancelled")
+            || t.elapsed() > Duration::from_secs(60)
+        {
             if let Some(e) = m.error_desc {
                 eprintln!("source: migration {st}: {e}");
             }
@@ -214,7 +227,8 @@ impl edgeshift_agent::migrate::nbd::BlockTarget for Mem {
 /// `qemu-io` as the NBD client QEMU's mirror is (over TLS with `files`,
 /// naming `DST`, when given): writes 64 KiB of 0xab and reads them back.
 fn qemu_io(dir: &Path, files: Option<&TlsFiles>, port: u16) -> std::process::Output {
-    let mut opts = format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=secret");
+    let mut opts =
+        format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=secret");
     let mut cmd = Command::new("qemu-io");
     if let Some(f) = files {
         let d = dir.join(format!("io-{}", rand::random::<u32>()));
@@ -225,9 +239,16 @@ fn qemu_io(dir: &Path, files: Option<&TlsFiles>, port: u16) -> std::process::Out
         ));
         opts.push_str(&format!(",tls-creds=t,tls-hostname={DST}"));
     }
-    cmd.args(["--image-opts", &opts, "-c", "write -P 0xab 0 64k", "-c", "read -P 0xab 0 64k"])
-        .output()
-        .expect("qemu-io runs")
+    cmd.args([
+        "--image-opts",
+        &opts,
+        "-c",
+        "write -P 0xab 0 64k",
+        "-c",
+        "read -P 0xab 0 64k",
+    ])
+    .output()
+    .expect("qemu-io runs")
 }
 
 #[test]
@@ -252,14 +273,16 @@ fn qemus_nbd_client_writes_to_the_export_only_over_tls_as_the_source() {
         config: dst.server_config(),
         client: Some(SRC.into()),
     };
-    let server = std::thread::spawn(move || -> Vec<Result<edgeshift_agent::migrate::nbd::ServeStats, NbdError>> {
-        (0..4)
-            .map(|_| {
-                let (s, _) = l.accept().expect("accept");
-                serve(s, "secret", t.as_ref(), Some(&tls))
-            })
-            .collect()
-    });
+    let server = std::thread::spawn(
+        move || -> Vec<Result<edgeshift_agent::migrate::nbd::ServeStats, NbdError>> {
+            (0..4)
+                .map(|_| {
+                    let (s, _) = l.accept().expect("accept");
+                    serve(s, "secret", t.as_ref(), Some(&tls))
+                })
+                .collect()
+        },
+    );
     for (what, files) in [
         ("plaintext", None),
         ("another edge's certificate", Some(&other_edge)),
@@ -267,12 +290,21 @@ fn qemus_nbd_client_writes_to_the_export_only_over_tls_as_the_source() {
     ] {
         let out = qemu_io(d.path(), files, port);
         let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-        assert!(!said.contains("wrote 65536/65536"), "{what}: the export took a write: {said}");
+        assert!(
+            !said.contains("wrote 65536/65536"),
+            "{what}: the export took a write: {said}"
+        );
     }
-    assert!(target.0.lock().expect("lock").iter().all(|&b| b == 0), "nothing written");
+    assert!(
+        target.0.lock().expect("lock").iter().all(|&b| b == 0),
+        "nothing written"
+    );
     let out = qemu_io(d.path(), Some(&src_files), port);
     let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && said.contains("wrote 65536/65536"), "{said}");
+    assert!(
+        out.status.success() && said.contains("wrote 65536/65536"),
+        "{said}"
+    );
     assert!(said.contains("read 65536/65536"), "{said}");
     let results = server.join().expect("server");
     assert!(results[..3].iter().all(|r| r.is_err()), "{results:?}");

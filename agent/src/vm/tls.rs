@@ -170,7 +170,14 @@ mod tests {
         let pem = d.path().join("edge.pem");
         std::fs::write(&pem, &edge.cert_pem).expect("write");
         let out = std::process::Command::new("openssl")
-            .args(["x509", "-noout", "-subject", "-nameopt", "sep_comma_plus,esc_2253", "-in"])
+            .args([
+                "x509",
+                "-noout",
+                "-subject",
+                "-nameopt",
+                "sep_comma_plus,esc_2253",
+                "-in",
+            ])
             .arg(&pem)
             .output()
             .expect("openssl runs");

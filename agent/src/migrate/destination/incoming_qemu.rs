@@ -188,7 +188,9 @@ mod tests {
             [
                 format!("object-add tls-creds-x509 {TLS_CREDS_ID} endpoint=server dir=/run/vm/tls"),
                 format!("object-add authz-simple {TLS_AUTHZ_ID} identity=O=edgeshift,OU=edge,CN=edge-src"),
-                format!("migrate-set-parameters tls-creds={TLS_CREDS_ID} tls-hostname=- tls-authz={TLS_AUTHZ_ID}"),
+                format!(
+                    "migrate-set-parameters tls-creds={TLS_CREDS_ID} tls-hostname=- tls-authz={TLS_AUTHZ_ID}"
+                ),
             ]
         );
     }

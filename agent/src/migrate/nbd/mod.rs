@@ -23,8 +23,8 @@ mod tls;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
-pub use tls::ExportTls;
 use tls::Conn;
+pub use tls::ExportTls;
 
 /// What the server reads and writes.
 pub trait BlockTarget {
@@ -227,9 +227,7 @@ fn haggle<S: Read + Write>(
                 }
                 OPT_STARTTLS => opt_reply(c, opt, REP_ERR_INVALID, b"STARTTLS carries no data")?,
                 // It has no error reply: the spec says to end the session.
-                OPT_EXPORT_NAME => {
-                    return Err(NbdError::Refused("NBD_OPT_EXPORT_NAME before TLS".into()))
-                }
+                OPT_EXPORT_NAME => return Err(NbdError::Refused("NBD_OPT_EXPORT_NAME before TLS".into())),
                 OPT_ABORT => {
                     opt_reply(c, opt, REP_ACK, &[])?;
                     c.flush()?;

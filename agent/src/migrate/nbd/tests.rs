@@ -238,7 +238,12 @@ mod over_tls {
         assert_eq!(&got, b"tls!");
         s.conn.send_close_notify();
         drop(s);
-        let stats = server.join().expect("server").pop().expect("one").expect("served");
+        let stats = server
+            .join()
+            .expect("server")
+            .pop()
+            .expect("one")
+            .expect("served");
         assert_eq!(stats.writes, 1);
         assert_eq!(&target.0.lock().expect("lock")[10..14], b"tls!");
     }
@@ -267,7 +272,11 @@ mod over_tls {
         );
         let results = server.join().expect("server");
         assert!(matches!(results[0], Err(NbdError::NoExport)), "{:?}", results[0]);
-        assert!(matches!(results[1], Err(NbdError::Refused(_))), "{:?}", results[1]);
+        assert!(
+            matches!(results[1], Err(NbdError::Refused(_))),
+            "{:?}",
+            results[1]
+        );
     }
 
     #[test]

@@ -101,7 +101,8 @@ impl ExportTls {
         }
         plain.flush()?;
         let mut sock = plain.r.into_inner();
-        let mut conn = ServerConnection::new(self.config.clone()).map_err(|e| NbdError::Tls(e.to_string()))?;
+        let mut conn =
+            ServerConnection::new(self.config.clone()).map_err(|e| NbdError::Tls(e.to_string()))?;
         sock.set_read_timeout(Some(HANDSHAKE_WAIT))?;
         while conn.is_handshaking() {
             conn.complete_io(&mut sock)

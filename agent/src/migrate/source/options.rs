@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-
 use crate::migrate::coord::CoordConfig;
 use crate::migrate::report::{DiskHandoff, Phase};
 use crate::migrate::temperature::Ordering;

@@ -87,7 +87,9 @@ fn a_rollback_removes_the_tls_object_and_a_leftover_one_is_replaced() {
     let ran = c.run();
     assert_rolled_back(&c, &ran);
     assert!(c.qmp.objects().is_empty(), "{:?}", c.qmp.calls());
-    assert!(c.qmp.called("migrate-set-parameters tls-creds= tls-hostname=- tls-authz=-"));
+    assert!(c
+        .qmp
+        .called("migrate-set-parameters tls-creds= tls-hostname=- tls-authz=-"));
     // A QEMU whose earlier handoff left the object (no rollback reached
     // it): it is replaced, not refused as a duplicate.
     let mut c = tls_case(d.path(), DiskHandoff::Mirror);

@@ -9,9 +9,9 @@
 
 pub mod api;
 mod block;
-mod objects;
 pub mod client;
 pub mod fake;
+mod objects;
 pub mod types;
 
 pub use api::Qmp;
