@@ -630,6 +630,24 @@ async fn malformed_and_oversized_frames_drop_the_connection() {
     assert_eq!(code, Some(error_code::MALFORMED));
     assert!(closed);
 
+    // A request kind announcing more than it can hold (here a chunk
+    // request of 3 MiB, beyond 4096 fingerprints): refused from its header
+    // at once (issue 21, finding 6: any kind could announce 64 MiB).
+    let (mut s, _) = secure_client(
+        &key,
+        TcpStream::connect(agent.addr).await.expect("connect"),
+        agent.addr,
+    )
+    .await
+    .expect("auth");
+    let hdr = FrameHeader::new(FrameKind::ChunkRequest, 0, 9, 3 << 20);
+    s.write_all(zerocopy::IntoBytes::as_bytes(&hdr))
+        .await
+        .expect("write");
+    let (code, closed) = error_then_close(&mut s).await;
+    assert_eq!(code, Some(error_code::TOO_LONG));
+    assert!(closed);
+
     // A frame type only servers send.
     let (mut s, _) = secure_client(
         &key,
@@ -672,7 +690,7 @@ async fn malformed_and_oversized_frames_drop_the_connection() {
     .await
     .expect("join");
     assert!(
-        metric(&m, "edgeshift_malformed_frames_total", "edge") >= 3.0,
+        metric(&m, "edgeshift_malformed_frames_total", "edge") >= 4.0,
         "metrics:\n{m}"
     );
     assert!(
@@ -1032,4 +1050,57 @@ async fn fetches_sharing_a_pool_authenticate_once_and_replace_a_closed_connectio
     }
     assert_eq!(authenticated(&log2), 1);
     assert_eq!(pool.idle_count(), 1);
+}
+
+/// Issue 21, finding 1: ~1,000 half-open connections from one address at a
+/// 1024-descriptor limit used to make `accept` fail with EMFILE, and the
+/// agent exited. Now handshakes in progress are bounded (per address and
+/// in total) and accept errors back off: the agent keeps running and a
+/// legitimate peer is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_half_open_connections_neither_stops_the_agent_nor_keeps_peers_out() {
+    let src = source(20, 13);
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.args(["--nofile=1024:1024", BIN]);
+    let mut agent = Agent::start(
+        cmd,
+        &src.store,
+        &src.key,
+        "127.0.0.1:0",
+        None,
+        &src.dir.path().join("agent.log"),
+    );
+    let mut flood = Vec::new();
+    for _ in 0..1000 {
+        let s = tokio::net::TcpSocket::new_v4().expect("socket");
+        s.bind("127.0.0.2:0".parse().expect("addr"))
+            .expect("bind 127.0.0.2");
+        match tokio::time::timeout(Duration::from_secs(2), s.connect(agent.addr)).await {
+            Ok(Ok(c)) => flood.push(c),
+            _ => break,
+        }
+    }
+    assert!(flood.len() >= 900, "the flood opened {} connections", flood.len());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        agent.child.try_wait().expect("wait").is_none(),
+        "the agent exited under the flood: {}",
+        agent.log()
+    );
+    let (id, dst, key, addr) = (
+        src.id.clone(),
+        src.dir.path().join("dst"),
+        src.key.clone(),
+        agent.addr,
+    );
+    let out = tokio::task::spawn_blocking(move || fetch(&id, &dst, &key, &[addr]))
+        .await
+        .expect("join");
+    assert!(
+        out.status.success(),
+        "a legitimate peer was kept out: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(agent.child.try_wait().expect("wait").is_none());
+    drop(flood);
 }

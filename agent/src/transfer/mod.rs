@@ -18,6 +18,7 @@
 //!
 //! The protocol and its choices are described in `docs/wire.md`.
 
+pub mod admission;
 pub mod conn;
 pub mod dial;
 pub mod fetch;

@@ -28,7 +28,8 @@ use super::stream::PeerStream;
 use super::trust::{secure_server, Trust};
 use tracing::{debug, info, warn};
 
-use super::conn::{read_frame, AUTH_TIMEOUT};
+use super::admission::{sanitize, Admission, RateLimitedLog, Ticket, ACCEPT_BACKOFF};
+use super::conn::{read_body_into, read_header, Frame, AUTH_TIMEOUT};
 use super::TransferError;
 use crate::store::{ChunkUses, LocalStore};
 
@@ -93,16 +94,37 @@ impl ZstdPolicy {
 }
 
 /// Accepts connections until the listener fails; one task per peer.
+///
+/// An accept error (EMFILE under a flood) pauses the loop instead of ending
+/// it; a connection beyond the handshake bounds ([`super::admission`]) is
+/// closed at once, before it costs a handshake.
 pub async fn serve(listener: TcpListener, cfg: Arc<ServerConfig>) -> Result<(), TransferError> {
+    let admission = Arc::new(Admission::for_this_process());
     loop {
-        let (sock, addr) = listener.accept().await?;
+        let (sock, addr) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(suppressed) = ACCEPT_ERRORS.allow() {
+                    warn!(error = %e, suppressed, "accepting a peer failed; pausing");
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Some(ticket) = admission.admit(addr.ip()) else {
+            metrics::counter!("edgeshift_preauth_refused_total").increment(1);
+            continue;
+        };
         let _ = sock.set_nodelay(true);
         let cfg = cfg.clone();
         tokio::spawn(async move {
-            handle_connection(sock, addr, cfg).await;
+            handle_connection(sock, addr, cfg, ticket).await;
         });
     }
 }
+
+static ACCEPT_ERRORS: RateLimitedLog = RateLimitedLog::new();
+static PREAUTH_FAILURES: RateLimitedLog = RateLimitedLog::new();
 
 /// Per-connection compression bookkeeping: after repeated chunks that did not
 /// shrink enough, only every 16th is tried (incompressible images waste no CPU).
@@ -116,31 +138,41 @@ struct ZstdState {
 #[derive(Default)]
 struct ConnScratch {
     zstd: ZstdState,
+    /// The last request's body buffer, reused.
+    request: Vec<u8>,
     /// A chunk frame (prefix and bytes) for TLS, reused: no page faults of
     /// a fresh allocation per chunk.
     frame: Vec<u8>,
 }
 
-async fn handle_connection(sock: TcpStream, addr: SocketAddr, cfg: Arc<ServerConfig>) {
+async fn handle_connection(sock: TcpStream, addr: SocketAddr, cfg: Arc<ServerConfig>, ticket: Ticket) {
     let (mut sock, peer) =
         match tokio::time::timeout(AUTH_TIMEOUT, secure_server(&cfg.trust, sock, addr)).await {
             Ok(Ok(authenticated)) => authenticated,
             Ok(Err(e)) => {
-                warn!(peer = %addr, error = %e, "peer failed authentication; dropped");
+                if let Some(suppressed) = PREAUTH_FAILURES.allow() {
+                    warn!(peer = %addr, error = %e, suppressed, "peer failed authentication; dropped");
+                }
                 metrics::counter!("edgeshift_auth_failures_total", "side" => "server").increment(1);
                 return;
             }
             Err(_) => {
-                warn!(peer = %addr, "peer did not authenticate in time; dropped");
+                if let Some(suppressed) = PREAUTH_FAILURES.allow() {
+                    warn!(peer = %addr, suppressed, "peer did not authenticate in time; dropped");
+                }
                 metrics::counter!("edgeshift_auth_failures_total", "side" => "server").increment(1);
                 return;
             }
         };
+    drop(ticket);
+    // The name is the certificate's (checked against identity::check_name),
+    // or in plaintext mode whatever the peer said: made safe either way.
+    let peer = sanitize(&peer);
     info!(peer = %addr, id = %peer, "peer authenticated");
     let mut scratch = ConnScratch::default();
     let mut idle_since = Instant::now();
     loop {
-        let frame = match read_frame(&mut sock, MAX_FRAME_LEN, None).await {
+        let frame = match read_request(&mut sock, &mut scratch.request).await {
             Ok(f) => f,
             Err(TransferError::Closed) => {
                 debug!(peer = %addr, "peer closed the connection");
@@ -155,6 +187,10 @@ async fn handle_connection(sock: TcpStream, addr: SocketAddr, cfg: Arc<ServerCon
                     error_code::MALFORMED
                 };
                 let _ = sock.write_all(&wire::encode_error(0, code, &e.to_string())).await;
+                return;
+            }
+            Err(TransferError::Timeout(what)) => {
+                warn!(peer = %addr, id = %peer, "request not received in {REQUEST_DEADLINE:?} ({what}); connection dropped");
                 return;
             }
             Err(e) => {
@@ -225,8 +261,32 @@ async fn handle_connection(sock: TcpStream, addr: SocketAddr, cfg: Arc<ServerCon
             }
             return;
         }
+        scratch.request = frame.body;
         idle_since = Instant::now();
     }
+}
+
+/// Most time a request's body may take to arrive once its header has: a
+/// peer trickling a byte a second is dropped (issue 21, finding 6). An
+/// idle connection between requests has no deadline (pooled ones are idle).
+const REQUEST_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Reads one request: its announced length is checked against what that
+/// kind of request can hold before anything is allocated, and its body
+/// must arrive within [`REQUEST_DEADLINE`].
+async fn read_request(sock: &mut PeerStream, buf: &mut Vec<u8>) -> Result<Frame, TransferError> {
+    let (header, kind) = read_header(sock, MAX_FRAME_LEN).await?;
+    let max = wire::max_request_body(kind);
+    if header.body_len() > max {
+        return Err(TransferError::Wire(wire::WireError::TooLong {
+            len: header.body_len(),
+            max,
+        }));
+    }
+    let body = std::mem::take(buf);
+    tokio::time::timeout(REQUEST_DEADLINE, read_body_into(sock, header, kind, None, body))
+        .await
+        .map_err(|_| TransferError::Timeout("the body of a request"))?
 }
 
 /// `asks` with the chunks a publish in progress names but has not placed
