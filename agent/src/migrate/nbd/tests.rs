@@ -179,16 +179,12 @@ mod over_tls {
         Arc::new(Credentials::load(&files).expect("load"))
     }
 
+    /// The server thread: each connection's result.
+    type Served = std::thread::JoinHandle<Vec<Result<ServeStats, NbdError>>>;
+
     /// An export of 8 KiB served over TLS to `SRC` only, for `n`
     /// connections one after the other; their results.
-    fn export(
-        dst: &Credentials,
-        n: usize,
-    ) -> (
-        std::net::SocketAddr,
-        Arc<Mem>,
-        std::thread::JoinHandle<Vec<Result<ServeStats, NbdError>>>,
-    ) {
+    fn export(dst: &Credentials, n: usize) -> (std::net::SocketAddr, Arc<Mem>, Served) {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr");
         let target = Arc::new(Mem(Mutex::new(vec![0u8; 8192])));
