@@ -14,6 +14,7 @@ pub mod loopdev;
 pub mod qemu;
 pub mod qmp;
 pub mod state;
+pub mod tls;
 
 use std::path::PathBuf;
 

@@ -306,7 +306,8 @@ impl Cloud {
     }
 
     /// `edgeshift migrate NAME` from `from` to `to`'s migration listener,
-    /// with the cluster key and `from`'s state directory; not yet run.
+    /// as the edge `from` (its id, cluster key, certificate and state
+    /// directory); not yet run.
     pub fn migrate_cmd(&self, name: &str, from: &str, to: &str) -> Command {
         let mut c = self.cmd(from);
         c.args([
@@ -316,6 +317,10 @@ impl Cloud {
             &self.edge(to).migrate_addr(),
             "--source-addr",
             &self.edge(from).chunk_addr(),
+            // The name its certificate carries: the destination lets in
+            // only that edge's memory stream and mirror.
+            "--id",
+            from,
         ])
         .args(self.cred_args(from))
         .arg("--state-dir")
@@ -361,7 +366,7 @@ impl Cloud {
         extra: &[&str],
     ) -> (bool, String, String) {
         let mut c = self.migrate_cmd(name, from, to);
-        c.args(["--id", from, "--json"]);
+        c.arg("--json");
         for p in peers {
             c.args(["--peer", &self.edge(p).chunk_addr()]);
         }

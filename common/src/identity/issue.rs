@@ -137,7 +137,13 @@ pub fn issue_with_validity(
     dn.push(DnType::OrganizationalUnitName, role.as_str());
     dn.push(DnType::CommonName, name);
     params.distinguished_name = dn;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // keyEncipherment too: QEMU's tls-creds-x509 (GnuTLS) refuses a leaf
+    // whose critical key usage lacks it ("usage does not permit key
+    // encipherment"), and the edges' certificates are QEMU's as well.
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     params.extended_key_usages = match role {
         Role::Edge => vec![
             ExtendedKeyUsagePurpose::ServerAuth,

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use super::drain::Connections;
+
 use crate::migrate::coord::CoordConfig;
 use crate::migrate::MigrateError;
 use crate::store::LocalStore;

@@ -96,7 +96,7 @@ fn handle(host: Arc<Host>, s: TcpStream, ticket: Ticket) -> Result<(), MigrateEr
         .peer_addr()
         .map_err(|e| MigrateError::Channel(e.to_string()))?
         .ip();
-    let mut session = Session::new(host, local_ip, peer_ip);
+    let mut session = Session::new(host, local_ip, peer_ip, peer.clone());
     loop {
         let req: Request = match proto::recv(&mut s) {
             Ok(r) => r,

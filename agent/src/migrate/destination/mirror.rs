@@ -5,23 +5,27 @@
 //!
 //! The listener binds only the address the source reached this edge at,
 //! takes one connection, only from the source's address, and serves the
-//! export only under a name drawn at random for this migration. The stream
-//! itself is plaintext until the cluster's TLS covers it (issue 21).
+//! export only under a name drawn at random for this migration; with the
+//! cluster's credentials, only over TLS to the source edge's certificate
+//! (`migrate/nbd/tls.rs`).
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
 
 use super::incoming::Incoming;
 use super::mirror_server::MirrorServer;
+use crate::migrate::nbd::ExportTls;
 use crate::migrate::MigrateError;
 use crate::vm;
 
 impl Incoming {
-    /// Opens the export on `local_ip` for the source at `source`; returns
-    /// its address and name.
+    /// Opens the export on `local_ip` for the source at `source`, the edge
+    /// `source_name` (over TLS, its certificate only, unless this edge runs
+    /// `--insecure-plaintext`); returns its address and name.
     pub(super) fn open_mirror(
         &mut self,
         local_ip: IpAddr,
         source: IpAddr,
+        source_name: &str,
     ) -> Result<(String, String), MigrateError> {
         if self.mirror.is_some() {
             return Err(MigrateError::State(
@@ -35,8 +39,13 @@ impl Incoming {
         let addr: SocketAddr = l.local_addr().map_err(|e| MigrateError::Channel(e.to_string()))?;
         let export = hex::encode(rand::random::<[u8; 16]>());
         let sink = self.writer.mirror_sink();
-        self.mirror = Some(MirrorServer::spawn(l, source, export.clone(), sink));
-        tracing::info!(vm = %self.spec.name, %addr, %source, "disk mirror export open");
+        let tls = self.host.cfg.trust.credentials().map(|c| ExportTls {
+            config: c.server_config(),
+            client: Some(source_name.to_string()),
+        });
+        let over_tls = tls.is_some();
+        self.mirror = Some(MirrorServer::spawn(l, source, export.clone(), sink, tls));
+        tracing::info!(vm = %self.spec.name, %addr, %source, source_name, over_tls, "disk mirror export open");
         Ok((addr.to_string(), export))
     }
 

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::migrate::image_writer::MirrorSink;
-use crate::migrate::nbd::{self, ServeStats};
+use crate::migrate::nbd::{self, ExportTls, ServeStats};
 
 /// Longest the source may take to connect once the export is open.
 const CONNECT_WAIT: Duration = Duration::from_secs(60);
@@ -26,12 +26,21 @@ pub(super) struct MirrorServer {
 
 impl MirrorServer {
     /// Serves `export` on `l` to the first connection from `source`, on a
-    /// thread of its own.
-    pub(super) fn spawn(l: TcpListener, source: IpAddr, export: String, sink: MirrorSink) -> Self {
+    /// thread of its own; with `tls`, only over TLS to the certificate it
+    /// names.
+    pub(super) fn spawn(
+        l: TcpListener,
+        source: IpAddr,
+        export: String,
+        sink: MirrorSink,
+        tls: Option<ExportTls>,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let conn = Arc::new(Mutex::new(None));
         let (stop2, conn2) = (Arc::clone(&stop), Arc::clone(&conn));
-        let thread = std::thread::spawn(move || accept_and_serve(l, source, &export, &sink, &stop2, &conn2));
+        let thread = std::thread::spawn(move || {
+            accept_and_serve(l, source, &export, &sink, tls.as_ref(), &stop2, &conn2)
+        });
         MirrorServer {
             stop,
             conn,
@@ -75,6 +84,7 @@ fn accept_and_serve(
     source: IpAddr,
     export: &str,
     sink: &MirrorSink,
+    tls: Option<&ExportTls>,
     stop: &AtomicBool,
     conn: &Mutex<Option<TcpStream>>,
 ) -> Result<ServeStats, String> {
@@ -105,5 +115,10 @@ fn accept_and_serve(
     if stop.load(Ordering::Acquire) {
         return Err("stopped".into());
     }
-    nbd::serve(s, export, sink).map_err(|e| e.to_string())
+    nbd::serve(s, export, sink, tls).map_err(|e| {
+        if matches!(e, nbd::NbdError::Refused(_) | nbd::NbdError::Tls(_)) {
+            tracing::warn!(error = %e, "disk mirror export: client refused");
+        }
+        e.to_string()
+    })
 }

@@ -22,6 +22,9 @@ pub(super) struct Session {
     local_ip: IpAddr,
     /// The source's address: the only one the disk mirror's export takes.
     peer_ip: IpAddr,
+    /// The source's edge name, as its authentication proved it: the only
+    /// certificate the memory stream and the mirror's export take.
+    peer_name: String,
     state: ReceiveState,
     /// Present exactly while `state.holds_vm()`; dropping it tears the
     /// destination half down unless it finished.
@@ -29,11 +32,12 @@ pub(super) struct Session {
 }
 
 impl Session {
-    pub(super) fn new(host: Arc<Host>, local_ip: IpAddr, peer_ip: IpAddr) -> Self {
+    pub(super) fn new(host: Arc<Host>, local_ip: IpAddr, peer_ip: IpAddr, peer_name: String) -> Self {
         Session {
             host,
             local_ip,
             peer_ip,
+            peer_name,
             state: ReceiveState::Idle,
             incoming: None,
         }
@@ -87,13 +91,13 @@ impl Session {
                 Ok((Response::Pulled(stats), true))
             }
             Request::StartIncoming { memory } => {
-                let ip = self.local_ip;
-                let uri = self.incoming()?.start(ip, memory)?;
+                let (ip, source) = (self.local_ip, self.peer_name.clone());
+                let uri = self.incoming()?.start(ip, memory, &source)?;
                 Ok((Response::Incoming { uri, memory }, true))
             }
             Request::OpenMirror => {
-                let (local, peer) = (self.local_ip, self.peer_ip);
-                let (addr, export) = self.incoming()?.open_mirror(local, peer)?;
+                let (local, peer, name) = (self.local_ip, self.peer_ip, self.peer_name.clone());
+                let (addr, export) = self.incoming()?.open_mirror(local, peer, &name)?;
                 Ok((Response::MirrorOpen { addr, export }, true))
             }
             Request::AwaitImage => {
@@ -149,7 +153,7 @@ mod tests {
             rt.handle().clone(),
         );
         let lo = IpAddr::from([127, 0, 0, 1]);
-        Session::new(Arc::new(host), lo, lo)
+        Session::new(Arc::new(host), lo, lo, "src".into())
     }
 
     fn spec(name: &str) -> crate::vm::VmSpec {

@@ -62,6 +62,9 @@ pub trait Destination {
     fn open_mirror(&mut self) -> Result<(String, String), MigrateError>;
     /// Waits until every chunk pulled so far is in the destination's image.
     fn await_image(&mut self) -> Result<(), MigrateError>;
+    /// The destination's edge name, as its authentication proved it: the
+    /// name its QEMU's and its NBD server's certificates must carry.
+    fn peer_name(&self) -> &str;
 }
 
 /// How long the destination may take to answer one request (a pull of a
@@ -76,6 +79,9 @@ const ABORT_WAIT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct ControlClient {
     stream: ControlStream,
+    /// The destination's edge name, from its certificate (or its proof of
+    /// the cluster key under `--insecure-plaintext`).
+    peer: String,
 }
 
 impl ControlClient {
@@ -87,7 +93,7 @@ impl ControlClient {
             .set_read_timeout(Some(ANSWER_WAIT))
             .map_err(|e| MigrateError::Channel(e.to_string()))?;
         tracing::debug!(%peer, "control channel to the destination authenticated");
-        Ok(ControlClient { stream })
+        Ok(ControlClient { stream, peer })
     }
 
     fn call(&mut self, req: &Request) -> Result<Response, MigrateError> {
@@ -100,6 +106,10 @@ fn unexpected(request: &str, answer: Response) -> MigrateError {
 }
 
 impl Destination for ControlClient {
+    fn peer_name(&self) -> &str {
+        &self.peer
+    }
+
     fn prepare(&mut self, spec: VmSpec, manifest: Vec<u8>) -> Result<Prepared, MigrateError> {
         match self.call(&Request::Prepare { spec, manifest })? {
             Response::Prepared {

@@ -16,6 +16,8 @@ use crate::vm::{MemoryTransport, VmSpec};
 
 pub(super) const CHUNK: u64 = 64 << 10;
 pub(super) const INCOMING_URI: &str = "tcp:10.0.0.2:4444";
+/// The fake destination's edge name.
+pub(super) const FAKE_DEST_NAME: &str = "edge-dst";
 pub(super) const MIRROR_EXPORT_ADDR: &str = "10.0.0.2:4555";
 
 /// A boot manifest of `chunks` distinct chunks.
@@ -137,6 +139,10 @@ impl Destination for FakeDestination {
     fn await_image(&mut self) -> Result<(), MigrateError> {
         drop(self.ask("await_image")?);
         Ok(())
+    }
+
+    fn peer_name(&self) -> &str {
+        FAKE_DEST_NAME
     }
 
     fn open_mirror(&mut self) -> Result<(String, String), MigrateError> {

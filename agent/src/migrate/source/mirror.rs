@@ -120,7 +120,13 @@ impl Session<'_> {
         let at: SocketAddr = addr
             .parse()
             .map_err(|e| MigrateError::Protocol(format!("mirror export address {addr:?}: {e}")))?;
-        qmp.blockdev_add_nbd(MIRROR_NODE, &at.ip().to_string(), at.port(), &export)?;
+        qmp.blockdev_add_nbd(
+            MIRROR_NODE,
+            &at.ip().to_string(),
+            at.port(),
+            &export,
+            self.nbd_tls.as_ref(),
+        )?;
         self.mirror = Some(MirrorRun {
             started: t,
             node: true,

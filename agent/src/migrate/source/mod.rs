@@ -47,6 +47,7 @@ mod mirror;
 mod options;
 mod precopy;
 mod prepare;
+mod qemu_tls;
 mod reslice;
 mod rollback;
 mod session;
@@ -60,6 +61,8 @@ mod fakes;
 mod mirror_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
 
 use std::time::{Duration, Instant};
 

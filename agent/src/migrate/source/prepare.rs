@@ -176,6 +176,7 @@ impl Session<'_> {
         let t = Instant::now();
         self.say(Phase::Incoming, "starting the destination QEMU");
         let asked = source_memory_transport(qmp, self.opts.memory)?;
+        self.secure_qemu(qmp)?;
         let uri = self.dest()?.start_incoming(asked)?;
         self.phase_done(Phase::Incoming, t, 0);
         self.injected(Phase::Incoming)?;

@@ -1,6 +1,6 @@
 //! Putting the source back as it was after a failure before the
 //! switchover: QEMU's migration cancelled, the disk mirror stopped and its
-//! NBD node removed, the disk-write throttle lifted,
+//! NBD node removed, QEMU's TLS object removed, the disk-write throttle lifted,
 //! the VM running, the destination told to drop its half.
 
 use std::time::{Duration, Instant};
@@ -38,6 +38,7 @@ impl Session<'_> {
             }
         }
         self.drop_mirror(qmp);
+        self.drop_qemu_tls(qmp);
         self.throttle.lift(qmp);
         match qmp.query_status() {
             Ok(s) if !s.running => {

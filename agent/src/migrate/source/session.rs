@@ -17,6 +17,7 @@ use crate::migrate::proto::PullStats;
 use crate::migrate::report::{ChangedSinceBoot, Phase, PhaseReport};
 use crate::migrate::temperature::Temperature;
 use crate::migrate::MigrateError;
+use crate::vm::qmp::NbdTls;
 use crate::vm::Qmp;
 
 /// The mirror as it runs, for the rollback and the report.
@@ -51,6 +52,10 @@ pub(super) struct Session<'a> {
     pub(super) migration_started: bool,
     /// The disk mirror, once started (step 3a).
     pub(super) mirror: Option<MirrorRun>,
+    /// The source QEMU holds our TLS object (a rollback removes it).
+    pub(super) qemu_tls_added: bool,
+    /// The mirror's NBD node goes over TLS with these (None: plaintext).
+    pub(super) nbd_tls: Option<NbdTls>,
     /// When the session began: phases report their start from it.
     began: Instant,
 }
@@ -76,6 +81,8 @@ impl<'a> Session<'a> {
             changed_since_boot_from: ChangedSinceBoot::Slice,
             migration_started: false,
             mirror: None,
+            qemu_tls_added: false,
+            nbd_tls: None,
             began: Instant::now(),
             progress,
             opts,

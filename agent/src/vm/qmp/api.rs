@@ -3,9 +3,13 @@
 //! [`super::fake::FakeQmp`] scripts it for tests of the migration engine's
 //! phases without root or QEMU.
 
+use std::path::Path;
 use std::time::Duration;
 
-use super::types::{BlockJobInfo, DiskThrottle, MemoryTransport, MigrationInfo, QmpEvent, StatusInfo};
+use super::types::{
+    BlockJobInfo, DiskThrottle, MemoryTransport, MigrationInfo, MigrationTls, NbdTls, QmpEvent, StatusInfo,
+};
+use crate::vm::tls::TlsEndpoint;
 use crate::vm::VmError;
 
 /// One QMP session with one QEMU. `Send`: the migration engine watches
@@ -37,14 +41,32 @@ pub trait Qmp: Send {
     /// Limits guest writes of the disk at `qdev` (0 lifts a limit).
     fn set_disk_write_throttle(&mut self, qdev: &str, bps_wr: u64, iops_wr: u64) -> Result<(), VmError>;
     fn migrate_cancel(&mut self) -> Result<(), VmError>;
+    /// `object-add` of a `tls-creds-x509` object `id` reading the
+    /// directory `dir`, for `endpoint`, peers' certificates verified.
+    fn add_tls_creds(&mut self, id: &str, dir: &Path, endpoint: TlsEndpoint) -> Result<(), VmError>;
+    /// `object-add` of an `authz-simple` object `id` that allows only
+    /// `identity` (a certificate's distinguished name).
+    fn add_authz(&mut self, id: &str, identity: &str) -> Result<(), VmError>;
+    fn object_del(&mut self, id: &str) -> Result<(), VmError>;
+    /// The next migration's TLS (`migrate-set-parameters` `tls-creds`,
+    /// `tls-hostname`, `tls-authz`).
+    fn migrate_set_tls(&mut self, tls: &MigrationTls) -> Result<(), VmError>;
     /// Gratuitous ARP/RARP for the VM's NICs.
     fn announce_self(&mut self) -> Result<(), VmError>;
     /// Events received so far and not yet taken.
     fn take_events(&mut self) -> Vec<QmpEvent>;
     /// Waits for an event named `name` (a queued one counts).
     fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<QmpEvent, VmError>;
-    /// An NBD client node `node` for `export` at `host:port`.
-    fn blockdev_add_nbd(&mut self, node: &str, host: &str, port: u16, export: &str) -> Result<(), VmError>;
+    /// An NBD client node `node` for `export` at `host:port`, over TLS
+    /// when `tls` is given.
+    fn blockdev_add_nbd(
+        &mut self,
+        node: &str,
+        host: &str,
+        port: u16,
+        export: &str,
+        tls: Option<&NbdTls>,
+    ) -> Result<(), VmError>;
     fn blockdev_del(&mut self, node: &str) -> Result<(), VmError>;
     /// An active mirror (job `job`) of `device`'s new writes to `target`.
     fn mirror_new_writes(&mut self, job: &str, device: &str, target: &str) -> Result<(), VmError>;

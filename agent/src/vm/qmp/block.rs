@@ -4,30 +4,35 @@
 use serde_json::json;
 
 use super::client::QmpClient;
-use super::types::BlockJobInfo;
+use super::types::{BlockJobInfo, NbdTls};
 use crate::vm::VmError;
 
 impl QmpClient {
     /// `blockdev-add` of an NBD client node `node` for `export` at
-    /// `host:port`. Discards stay ignored (`discard` is off by default), as
-    /// on the VM's own disk, so the two sides cannot drift on a discard.
+    /// `host:port`, over TLS with `tls` (QEMU's client then starts with
+    /// `NBD_OPT_STARTTLS` and checks the server's certificate names
+    /// `tls.hostname`). Discards stay ignored (`discard` is off by
+    /// default), as on the VM's own disk, so the two sides cannot drift on
+    /// a discard.
     pub fn blockdev_add_nbd(
         &mut self,
         node: &str,
         host: &str,
         port: u16,
         export: &str,
+        tls: Option<&NbdTls>,
     ) -> Result<(), VmError> {
-        self.execute_raw(
-            "blockdev-add",
-            Some(json!({
-                "driver": "nbd",
-                "node-name": node,
-                "server": {"type": "inet", "host": host, "port": port.to_string()},
-                "export": export,
-            })),
-        )
-        .map(|_| ())
+        let mut args = json!({
+            "driver": "nbd",
+            "node-name": node,
+            "server": {"type": "inet", "host": host, "port": port.to_string()},
+            "export": export,
+        });
+        if let Some(t) = tls {
+            args["tls-creds"] = json!(t.creds);
+            args["tls-hostname"] = json!(t.hostname);
+        }
+        self.execute_raw("blockdev-add", Some(args)).map(|_| ())
     }
 
     pub fn blockdev_del(&mut self, node: &str) -> Result<(), VmError> {

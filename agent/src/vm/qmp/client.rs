@@ -18,8 +18,10 @@ use serde_json::Value;
 
 use super::api::Qmp;
 use super::types::{
-    BlockJobInfo, DiskThrottle, MemoryTransport, MigrationInfo, QmpEvent, StatusInfo, MULTIFD_CHANNELS,
+    BlockJobInfo, DiskThrottle, MemoryTransport, MigrationInfo, MigrationTls, NbdTls, QmpEvent, StatusInfo,
+    MULTIFD_CHANNELS,
 };
+use crate::vm::tls::TlsEndpoint;
 use crate::vm::VmError;
 
 /// Longest a single reply may take before the client gives up.
@@ -483,8 +485,27 @@ impl Qmp for QmpClient {
     fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<QmpEvent, VmError> {
         QmpClient::wait_event(self, name, timeout)
     }
-    fn blockdev_add_nbd(&mut self, node: &str, host: &str, port: u16, export: &str) -> Result<(), VmError> {
-        QmpClient::blockdev_add_nbd(self, node, host, port, export)
+    fn blockdev_add_nbd(
+        &mut self,
+        node: &str,
+        host: &str,
+        port: u16,
+        export: &str,
+        tls: Option<&NbdTls>,
+    ) -> Result<(), VmError> {
+        QmpClient::blockdev_add_nbd(self, node, host, port, export, tls)
+    }
+    fn add_tls_creds(&mut self, id: &str, dir: &Path, endpoint: TlsEndpoint) -> Result<(), VmError> {
+        QmpClient::add_tls_creds(self, id, dir, endpoint)
+    }
+    fn add_authz(&mut self, id: &str, identity: &str) -> Result<(), VmError> {
+        QmpClient::add_authz(self, id, identity)
+    }
+    fn object_del(&mut self, id: &str) -> Result<(), VmError> {
+        QmpClient::object_del(self, id)
+    }
+    fn migrate_set_tls(&mut self, tls: &MigrationTls) -> Result<(), VmError> {
+        QmpClient::migrate_set_tls(self, tls)
     }
     fn blockdev_del(&mut self, node: &str) -> Result<(), VmError> {
         QmpClient::blockdev_del(self, node)

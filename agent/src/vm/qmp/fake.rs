@@ -10,12 +10,15 @@
 //! VM is modelled; nothing else is.
 
 use std::collections::VecDeque;
+use std::path::Path;
 use std::time::Duration;
 
 use super::api::Qmp;
 use super::types::{
-    BlockJobInfo, DiskThrottle, MemoryTransport, MigrationInfo, MigrationRam, QmpEvent, StatusInfo,
+    BlockJobInfo, DiskThrottle, MemoryTransport, MigrationInfo, MigrationRam, MigrationTls, NbdTls, QmpEvent,
+    StatusInfo,
 };
+use crate::vm::tls::TlsEndpoint;
 use crate::vm::VmError;
 
 /// The qdev path the fake's one disk has.
@@ -35,6 +38,8 @@ pub struct FakeQmp {
     events: VecDeque<QmpEvent>,
     throttle: DiskThrottle,
     nodes: Vec<String>,
+    /// QOM objects added and not deleted.
+    objects: Vec<String>,
     jobs: Vec<BlockJobInfo>,
     /// A mirror fails with this error once `query-block-jobs` has answered
     /// this many more times.
@@ -64,6 +69,7 @@ impl FakeQmp {
                 iops_wr: 0,
             },
             nodes: Vec::new(),
+            objects: Vec::new(),
             jobs: Vec::new(),
             mirror_failure: None,
         }
@@ -78,6 +84,11 @@ impl FakeQmp {
     /// Block nodes added and not deleted.
     pub fn nodes(&self) -> &[String] {
         &self.nodes
+    }
+
+    /// QOM objects (TLS credentials, authz) added and not deleted.
+    pub fn objects(&self) -> &[String] {
+        &self.objects
     }
 
     /// Block jobs not dismissed.
@@ -148,6 +159,19 @@ impl FakeQmp {
     /// The disk's write limits now (bytes/s, requests/s; 0: none).
     pub fn throttle(&self) -> (u64, u64) {
         (self.throttle.bps_wr, self.throttle.iops_wr)
+    }
+
+    /// QEMU refuses a second object under an id in use.
+    fn add_object(&mut self, id: &str) -> Result<(), VmError> {
+        if self.objects.iter().any(|o| o == id) {
+            return Err(VmError::QmpCommand {
+                command: "object-add".into(),
+                class: "GenericError".into(),
+                desc: format!("attempt to add duplicate property '{id}'"),
+            });
+        }
+        self.objects.push(id.to_string());
+        Ok(())
     }
 
     fn call(&mut self, line: String) -> Result<(), VmError> {
@@ -280,12 +304,55 @@ impl Qmp for FakeQmp {
         self.call("announce-self".into())
     }
 
+    fn add_tls_creds(&mut self, id: &str, dir: &Path, endpoint: TlsEndpoint) -> Result<(), VmError> {
+        self.call(format!(
+            "object-add tls-creds-x509 {id} endpoint={} dir={}",
+            endpoint.as_str(),
+            dir.display()
+        ))?;
+        self.add_object(id)
+    }
+
+    fn add_authz(&mut self, id: &str, identity: &str) -> Result<(), VmError> {
+        self.call(format!("object-add authz-simple {id} identity={identity}"))?;
+        self.add_object(id)
+    }
+
+    fn object_del(&mut self, id: &str) -> Result<(), VmError> {
+        self.call(format!("object-del {id}"))?;
+        let before = self.objects.len();
+        self.objects.retain(|o| o != id);
+        if self.objects.len() == before {
+            return Err(VmError::Qmp(format!("no object {id}")));
+        }
+        Ok(())
+    }
+
+    fn migrate_set_tls(&mut self, tls: &MigrationTls) -> Result<(), VmError> {
+        self.call(format!(
+            "migrate-set-parameters tls-creds={} tls-hostname={} tls-authz={}",
+            tls.creds,
+            tls.hostname.as_deref().unwrap_or("-"),
+            tls.authz.as_deref().unwrap_or("-")
+        ))
+    }
+
     fn take_events(&mut self) -> Vec<QmpEvent> {
         self.events.drain(..).collect()
     }
 
-    fn blockdev_add_nbd(&mut self, node: &str, host: &str, port: u16, export: &str) -> Result<(), VmError> {
-        self.call(format!("blockdev-add nbd {node} {host}:{port} {export}"))?;
+    fn blockdev_add_nbd(
+        &mut self,
+        node: &str,
+        host: &str,
+        port: u16,
+        export: &str,
+        tls: Option<&NbdTls>,
+    ) -> Result<(), VmError> {
+        let tls = tls.map_or_else(String::new, |t| {
+            format!(" tls-creds={} tls-hostname={}", t.creds, t.hostname)
+        });
+        self.call(format!("blockdev-add nbd {node} {host}:{port} {export}{tls}"))?;
         self.nodes.push(node.to_string());
         Ok(())
     }

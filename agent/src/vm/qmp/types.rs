@@ -90,3 +90,22 @@ pub struct BlockJobInfo {
     #[serde(default)]
     pub error: Option<String>,
 }
+
+/// A migration's TLS, as `migrate-set-parameters` takes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrationTls {
+    /// The `tls-creds-x509` object (empty: plaintext).
+    pub creds: String,
+    /// Source: the name the destination's certificate must carry.
+    pub hostname: Option<String>,
+    /// Destination: the `authz` object that names the one source allowed.
+    pub authz: Option<String>,
+}
+
+/// TLS of an NBD client node: its credentials and the name the server's
+/// certificate must carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdTls {
+    pub creds: String,
+    pub hostname: String,
+}

@@ -8,11 +8,23 @@
 //!
 //! Requests are served one after the other in the order they came; QEMU's
 //! client keeps several in flight and matches replies by cookie. Options
-//! this server lacks (structured replies, meta contexts, TLS) are answered
+//! this server lacks (structured replies, meta contexts) are answered
 //! "unsupported", and QEMU's client falls back to what is offered.
+//!
+//! With [`ExportTls`] the server runs the protocol's FORCEDTLS mode
+//! (`tls.rs`): every option but `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` is
+//! answered `NBD_REP_ERR_TLS_REQD` until TLS is up, `NBD_OPT_EXPORT_NAME`
+//! (which cannot be refused with a reply) ends the connection, and after
+//! the `NBD_REP_ACK` to STARTTLS everything goes over rustls, the client's
+//! certificate checked against the cluster's CA and the source's name.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+mod tls;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
+
+use tls::Conn;
+pub use tls::ExportTls;
 
 /// What the server reads and writes.
 pub trait BlockTarget {
@@ -31,6 +43,10 @@ pub enum NbdError {
     Protocol(String),
     #[error("NBD client went away before choosing an export")]
     NoExport,
+    #[error("NBD client refused: {0}")]
+    Refused(String),
+    #[error("NBD TLS: {0}")]
+    Tls(String),
 }
 
 /// What one connection did.
@@ -53,13 +69,16 @@ const CLIENT_NO_ZEROES: u32 = 2;
 
 const OPT_EXPORT_NAME: u32 = 1;
 const OPT_ABORT: u32 = 2;
+const OPT_STARTTLS: u32 = 5;
 const OPT_INFO: u32 = 6;
 const OPT_GO: u32 = 7;
 
 const REP_ACK: u32 = 1;
 const REP_INFO: u32 = 3;
 const REP_ERR_UNSUP: u32 = 0x8000_0001;
+const REP_ERR_POLICY: u32 = 0x8000_0002;
 const REP_ERR_INVALID: u32 = 0x8000_0003;
+const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
 const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 
 const INFO_EXPORT: u16 = 0;
@@ -108,16 +127,53 @@ fn errno_of(e: &std::io::Error) -> u32 {
     }
 }
 
+/// Where option haggling stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsMode {
+    /// No TLS here (`--insecure-plaintext`): STARTTLS is refused.
+    Off,
+    /// TLS is required and not up yet.
+    Required,
+    /// The session runs over TLS.
+    Active,
+}
+
+/// How option haggling ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Haggled {
+    Transmission,
+    Aborted,
+    StartTls,
+}
+
 /// Serves one client on `stream` until it disconnects: the export is
-/// `target`, under the name `export` (any other name is refused).
-pub fn serve(stream: TcpStream, export: &str, target: &dyn BlockTarget) -> Result<ServeStats, NbdError> {
+/// `target`, under the name `export` (any other name is refused); with
+/// `tls`, only over TLS and only to the client certificate it names.
+pub fn serve(
+    stream: TcpStream,
+    export: &str,
+    target: &dyn BlockTarget,
+    tls: Option<&ExportTls>,
+) -> Result<ServeStats, NbdError> {
     stream.set_nodelay(true)?;
-    let mut r = BufReader::with_capacity(1 << 20, stream.try_clone()?);
-    let mut w = BufWriter::with_capacity(64 << 10, stream);
-    if !handshake(&mut r, &mut w, export, target.size())? {
-        return Err(NbdError::NoExport);
+    let mut plain = Conn::new(stream);
+    let no_zeroes = greet(&mut plain)?;
+    let size = target.size();
+    let Some(tls) = tls else {
+        return match haggle(&mut plain, export, size, no_zeroes, TlsMode::Off)? {
+            Haggled::Transmission => transmission(&mut plain, target),
+            _ => Err(NbdError::NoExport),
+        };
+    };
+    match haggle(&mut plain, export, size, no_zeroes, TlsMode::Required)? {
+        Haggled::StartTls => {}
+        _ => return Err(NbdError::NoExport),
     }
-    transmission(&mut r, &mut w, target)
+    let mut secure = tls.upgrade(plain)?;
+    match haggle(&mut secure, export, size, no_zeroes, TlsMode::Active)? {
+        Haggled::Transmission => transmission(&mut secure, target),
+        _ => Err(NbdError::NoExport),
+    }
 }
 
 fn opt_reply(w: &mut impl Write, opt: u32, kind: u32, data: &[u8]) -> std::io::Result<()> {
@@ -128,19 +184,31 @@ fn opt_reply(w: &mut impl Write, opt: u32, kind: u32, data: &[u8]) -> std::io::R
     w.write_all(data)
 }
 
-/// The handshake up to transmission; false when the client aborted.
-fn handshake(r: &mut impl Read, w: &mut impl Write, export: &str, size: u64) -> Result<bool, NbdError> {
-    let tflags = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA;
-    w.write_all(&NBDMAGIC.to_be_bytes())?;
-    w.write_all(&IHAVEOPT.to_be_bytes())?;
-    w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
-    w.flush()?;
+/// The server's greeting and the client's flags; whether the client
+/// asked for no zeroes.
+fn greet<S: Read + Write>(c: &mut Conn<S>) -> Result<bool, NbdError> {
+    c.write_all(&NBDMAGIC.to_be_bytes())?;
+    c.write_all(&IHAVEOPT.to_be_bytes())?;
+    c.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
+    c.flush()?;
     let mut b4 = [0u8; 4];
-    r.read_exact(&mut b4)?;
-    let no_zeroes = be32(&b4) & CLIENT_NO_ZEROES != 0;
+    c.read_exact(&mut b4)?;
+    Ok(be32(&b4) & CLIENT_NO_ZEROES != 0)
+}
+
+/// Option haggling in `mode`, up to transmission, an abort, or (TLS
+/// required) the `NBD_REP_ACK` of STARTTLS.
+fn haggle<S: Read + Write>(
+    c: &mut Conn<S>,
+    export: &str,
+    size: u64,
+    no_zeroes: bool,
+    mode: TlsMode,
+) -> Result<Haggled, NbdError> {
+    let tflags = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA;
     loop {
         let mut h = [0u8; 16];
-        r.read_exact(&mut h)?;
+        c.read_exact(&mut h)?;
         if be64(&h) != IHAVEOPT {
             return Err(NbdError::Protocol("bad option magic".into()));
         }
@@ -149,20 +217,49 @@ fn handshake(r: &mut impl Read, w: &mut impl Write, export: &str, size: u64) -> 
             return Err(NbdError::Protocol(format!("option {opt} of {len} bytes")));
         }
         let mut data = vec![0u8; len as usize];
-        r.read_exact(&mut data)?;
+        c.read_exact(&mut data)?;
+        if mode == TlsMode::Required {
+            match opt {
+                OPT_STARTTLS if data.is_empty() => {
+                    opt_reply(c, opt, REP_ACK, &[])?;
+                    c.flush()?;
+                    return Ok(Haggled::StartTls);
+                }
+                OPT_STARTTLS => opt_reply(c, opt, REP_ERR_INVALID, b"STARTTLS carries no data")?,
+                // It has no error reply: the spec says to end the session.
+                OPT_EXPORT_NAME => return Err(NbdError::Refused("NBD_OPT_EXPORT_NAME before TLS".into())),
+                OPT_ABORT => {
+                    opt_reply(c, opt, REP_ACK, &[])?;
+                    c.flush()?;
+                    return Ok(Haggled::Aborted);
+                }
+                _ => opt_reply(c, opt, REP_ERR_TLS_REQD, b"this export is served over TLS only")?,
+            }
+            c.flush()?;
+            continue;
+        }
         match opt {
+            OPT_STARTTLS => {
+                let (kind, why): (u32, &[u8]) = if mode == TlsMode::Active {
+                    (REP_ERR_INVALID, b"TLS is up already")
+                } else {
+                    (REP_ERR_POLICY, b"this export is served without TLS")
+                };
+                opt_reply(c, opt, kind, why)?;
+                c.flush()?;
+            }
             OPT_EXPORT_NAME => {
                 if data != export.as_bytes() {
                     // This option has no error reply: the connection closes.
                     return Err(NbdError::Protocol("unknown export name".into()));
                 }
-                w.write_all(&size.to_be_bytes())?;
-                w.write_all(&tflags.to_be_bytes())?;
+                c.write_all(&size.to_be_bytes())?;
+                c.write_all(&tflags.to_be_bytes())?;
                 if !no_zeroes {
-                    w.write_all(&[0u8; 124])?;
+                    c.write_all(&[0u8; 124])?;
                 }
-                w.flush()?;
-                return Ok(true);
+                c.flush()?;
+                return Ok(Haggled::Transmission);
             }
             OPT_GO | OPT_INFO => {
                 let name = (data.len() >= 6)
@@ -170,20 +267,20 @@ fn handshake(r: &mut impl Read, w: &mut impl Write, export: &str, size: u64) -> 
                     .filter(|&n| 4 + n + 2 <= data.len())
                     .map(|n| (&data[4..4 + n], be16(&data[4 + n..]) as usize, 6 + n));
                 let Some((name, asked, at)) = name else {
-                    opt_reply(w, opt, REP_ERR_INVALID, b"malformed")?;
-                    w.flush()?;
+                    opt_reply(c, opt, REP_ERR_INVALID, b"malformed")?;
+                    c.flush()?;
                     continue;
                 };
                 if name != export.as_bytes() {
-                    opt_reply(w, opt, REP_ERR_UNKNOWN, b"no such export")?;
-                    w.flush()?;
+                    opt_reply(c, opt, REP_ERR_UNKNOWN, b"no such export")?;
+                    c.flush()?;
                     continue;
                 }
                 let mut info = Vec::with_capacity(12);
                 info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
                 info.extend_from_slice(&size.to_be_bytes());
                 info.extend_from_slice(&tflags.to_be_bytes());
-                opt_reply(w, opt, REP_INFO, &info)?;
+                opt_reply(c, opt, REP_INFO, &info)?;
                 let wants_sizes = (0..asked)
                     .filter_map(|k| data.get(at + 2 * k..at + 2 * k + 2))
                     .any(|t| be16(t) == INFO_BLOCK_SIZE);
@@ -193,22 +290,22 @@ fn handshake(r: &mut impl Read, w: &mut impl Write, export: &str, size: u64) -> 
                     bs.extend_from_slice(&1u32.to_be_bytes());
                     bs.extend_from_slice(&4096u32.to_be_bytes());
                     bs.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
-                    opt_reply(w, opt, REP_INFO, &bs)?;
+                    opt_reply(c, opt, REP_INFO, &bs)?;
                 }
-                opt_reply(w, opt, REP_ACK, &[])?;
-                w.flush()?;
+                opt_reply(c, opt, REP_ACK, &[])?;
+                c.flush()?;
                 if opt == OPT_GO {
-                    return Ok(true);
+                    return Ok(Haggled::Transmission);
                 }
             }
             OPT_ABORT => {
-                opt_reply(w, opt, REP_ACK, &[])?;
-                w.flush()?;
-                return Ok(false);
+                opt_reply(c, opt, REP_ACK, &[])?;
+                c.flush()?;
+                return Ok(Haggled::Aborted);
             }
             _ => {
-                opt_reply(w, opt, REP_ERR_UNSUP, &[])?;
-                w.flush()?;
+                opt_reply(c, opt, REP_ERR_UNSUP, &[])?;
+                c.flush()?;
             }
         }
     }
@@ -220,17 +317,13 @@ fn reply(w: &mut impl Write, err: u32, cookie: u64) -> std::io::Result<()> {
     w.write_all(&cookie.to_be_bytes())
 }
 
-fn transmission(
-    r: &mut impl Read,
-    w: &mut impl Write,
-    target: &dyn BlockTarget,
-) -> Result<ServeStats, NbdError> {
+fn transmission<S: Read + Write>(c: &mut Conn<S>, target: &dyn BlockTarget) -> Result<ServeStats, NbdError> {
     let size = target.size();
     let mut stats = ServeStats::default();
     let mut buf = Vec::new();
     loop {
         let mut h = [0u8; 28];
-        match r.read_exact(&mut h) {
+        match c.read_exact(&mut h) {
             Ok(()) => {}
             // A client that closes without NBD_CMD_DISC (QEMU killed).
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(stats),
@@ -248,7 +341,7 @@ fn transmission(
                     return Err(NbdError::Protocol(format!("write of {len} bytes")));
                 }
                 buf.resize(len as usize, 0);
-                r.read_exact(&mut buf)?;
+                c.read_exact(&mut buf)?;
                 let mut err = if in_range { 0 } else { EINVAL };
                 if err == 0 {
                     err = match target.write(offset, &buf) {
@@ -266,7 +359,7 @@ fn transmission(
                     stats.writes += 1;
                     stats.bytes_written += u64::from(len);
                 }
-                reply(w, err, cookie)?;
+                reply(c, err, cookie)?;
             }
             CMD_READ => {
                 if len > MAX_PAYLOAD {
@@ -278,142 +371,26 @@ fn transmission(
                 } else {
                     target.read(offset, &mut buf).err().map_or(0, |e| errno_of(&e))
                 };
-                reply(w, err, cookie)?;
+                reply(c, err, cookie)?;
                 if err == 0 {
-                    w.write_all(&buf)?;
+                    c.write_all(&buf)?;
                 }
             }
             CMD_FLUSH => {
                 let err = target.flush().err().map_or(0, |e| errno_of(&e));
                 stats.flushes += 1;
-                reply(w, err, cookie)?;
+                reply(c, err, cookie)?;
             }
             CMD_DISC => {
-                w.flush()?;
+                c.flush()?;
                 return Ok(stats);
             }
-            _ => reply(w, ENOTSUP, cookie)?,
+            _ => reply(c, ENOTSUP, cookie)?,
         }
         // Replies go out as soon as nothing more is waiting to be read.
-        w.flush()?;
+        c.flush()?;
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::net::TcpListener;
-    use std::sync::Mutex;
-
-    struct Mem(Mutex<Vec<u8>>);
-
-    impl BlockTarget for Mem {
-        fn size(&self) -> u64 {
-            self.0.lock().expect("lock").len() as u64
-        }
-        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-            let mut m = self.0.lock().expect("lock");
-            m[offset as usize..offset as usize + data.len()].copy_from_slice(data);
-            Ok(())
-        }
-        fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-            let m = self.0.lock().expect("lock");
-            buf.copy_from_slice(&m[offset as usize..offset as usize + buf.len()]);
-            Ok(())
-        }
-        fn flush(&self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// A client as QEMU's speaks it: GO with the export's name; returns
-    /// the connection, or the option's error reply type.
-    fn go(addr: std::net::SocketAddr, name: &str) -> Result<(TcpStream, u64), u32> {
-        let mut s = TcpStream::connect(addr).expect("connect");
-        let mut g = [0u8; 18];
-        s.read_exact(&mut g).expect("greeting");
-        assert_eq!(be64(&g), NBDMAGIC);
-        s.write_all(&CLIENT_NO_ZEROES.to_be_bytes()).expect("flags");
-        let mut data = (name.len() as u32).to_be_bytes().to_vec();
-        data.extend_from_slice(name.as_bytes());
-        data.extend_from_slice(&1u16.to_be_bytes());
-        data.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-        let mut o = IHAVEOPT.to_be_bytes().to_vec();
-        o.extend_from_slice(&OPT_GO.to_be_bytes());
-        o.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        o.extend_from_slice(&data);
-        s.write_all(&o).expect("option");
-        let mut size = 0;
-        loop {
-            let mut h = [0u8; 20];
-            s.read_exact(&mut h).expect("option reply");
-            let mut body = vec![0u8; be32(&h[16..]) as usize];
-            s.read_exact(&mut body).expect("body");
-            match be32(&h[12..]) {
-                REP_ACK => return Ok((s, size)),
-                REP_INFO if be16(&body) == INFO_EXPORT => size = be64(&body[2..]),
-                REP_INFO => {}
-                err => return Err(err),
-            }
-        }
-    }
-
-    fn request(s: &mut TcpStream, cmd: u16, cookie: u64, offset: u64, len: u32, data: &[u8]) -> u32 {
-        let mut h = REQUEST_MAGIC.to_be_bytes().to_vec();
-        h.extend_from_slice(&0u16.to_be_bytes());
-        h.extend_from_slice(&cmd.to_be_bytes());
-        h.extend_from_slice(&cookie.to_be_bytes());
-        h.extend_from_slice(&offset.to_be_bytes());
-        h.extend_from_slice(&len.to_be_bytes());
-        h.extend_from_slice(data);
-        s.write_all(&h).expect("request");
-        let mut rep = [0u8; 16];
-        s.read_exact(&mut rep).expect("reply");
-        assert_eq!(be32(&rep), SIMPLE_REPLY_MAGIC);
-        assert_eq!(be64(&rep[8..]), cookie);
-        be32(&rep[4..])
-    }
-
-    #[test]
-    fn writes_reads_and_flushes_reach_the_target_and_other_names_are_refused() {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let target = std::sync::Arc::new(Mem(Mutex::new(vec![0u8; 8192])));
-        let t = std::sync::Arc::clone(&target);
-        let server = std::thread::spawn(move || {
-            let (s, _) = l.accept().expect("accept");
-            let wrong = serve(s, "secret", t.as_ref());
-            let (s, _) = l.accept().expect("accept");
-            (wrong, serve(s, "secret", t.as_ref()))
-        });
-        match go(addr, "guess") {
-            Err(e) => assert_eq!(e, REP_ERR_UNKNOWN),
-            Ok(_) => panic!("a wrong export name was taken"),
-        }
-        let (mut s, size) = go(addr, "secret").expect("the right name");
-        assert_eq!(size, 8192);
-        assert_eq!(request(&mut s, CMD_WRITE, 7, 100, 3, b"abc"), 0);
-        assert_eq!(
-            request(&mut s, CMD_WRITE, 8, 8190, 3, b"xyz"),
-            EINVAL,
-            "past the end"
-        );
-        assert_eq!(request(&mut s, CMD_FLUSH, 9, 0, 0, &[]), 0);
-        assert_eq!(request(&mut s, CMD_READ, 10, 99, 5, &[]), 0);
-        let mut got = [0u8; 5];
-        s.read_exact(&mut got).expect("read data");
-        assert_eq!(&got, b"\0abc\0");
-        s.write_all(&{
-            let mut h = REQUEST_MAGIC.to_be_bytes().to_vec();
-            h.extend_from_slice(&[0, 0, 0, CMD_DISC as u8]);
-            h.extend_from_slice(&[0u8; 20]);
-            h
-        })
-        .expect("disc");
-        let (wrong, ok) = server.join().expect("server");
-        assert!(wrong.is_err(), "the connection with a wrong name serves nothing");
-        let stats = ok.expect("served");
-        assert_eq!((stats.writes, stats.bytes_written, stats.flushes), (1, 3, 1));
-        assert_eq!(&target.0.lock().expect("lock")[100..103], b"abc");
-    }
-}
+mod tests;
