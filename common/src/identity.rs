@@ -111,6 +111,23 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
+    /// The `--tls-ca`, `--tls-cert`, `--tls-key` (and `--tls-crl`) flags
+    /// naming these files, as the agent and the coordinator take them.
+    pub fn cli_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--tls-ca".to_string(),
+            self.ca.display().to_string(),
+            "--tls-cert".to_string(),
+            self.cert.display().to_string(),
+            "--tls-key".to_string(),
+            self.key.display().to_string(),
+        ];
+        if let Some(crl) = &self.crl {
+            args.extend(["--tls-crl".to_string(), crl.display().to_string()]);
+        }
+        args
+    }
+
     /// The packaged defaults under `/etc/edgeshift/tls`.
     pub fn default_paths() -> Self {
         let dir = Path::new("/etc/edgeshift/tls");

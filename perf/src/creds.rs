@@ -60,15 +60,6 @@ impl Creds {
                 key.display().to_string(),
             ]);
         }
-        let f = self.cluster.files(Role::Edge, name, &[])?;
-        let path = |p: &Path| p.display().to_string();
-        Ok(vec![
-            "--tls-ca".into(),
-            path(&f.ca),
-            "--tls-cert".into(),
-            path(&f.cert),
-            "--tls-key".into(),
-            path(&f.key),
-        ])
+        Ok(self.cluster.files(Role::Edge, name, &[])?.cli_args())
     }
 }

@@ -340,19 +340,10 @@ impl Cloud {
             ];
         }
         let sans = vec![self.edge(edge).wan_ip.clone()];
-        let f = self
-            .cluster
+        self.cluster
             .files(edgeshift_common::identity::Role::Edge, edge, &sans)
-            .expect("edge certificate");
-        let path = |p: &std::path::Path| p.display().to_string();
-        vec![
-            "--tls-ca".into(),
-            path(&f.ca),
-            "--tls-cert".into(),
-            path(&f.cert),
-            "--tls-key".into(),
-            path(&f.key),
-        ]
+            .expect("edge certificate")
+            .cli_args()
     }
 
     /// Runs `edgeshift migrate` from `from` to `to` with extra args; returns

@@ -63,16 +63,7 @@ impl ThrowawayCluster {
 
     /// `edgeshift` flags naming an edge's files (issued on first use).
     pub fn cli_args(&self, name: &str) -> Result<Vec<String>, IdentityError> {
-        let f = self.edge_files(name)?;
-        let path = |p: &Path| p.display().to_string();
-        Ok(vec![
-            "--tls-ca".into(),
-            path(&f.ca),
-            "--tls-cert".into(),
-            path(&f.cert),
-            "--tls-key".into(),
-            path(&f.key),
-        ])
+        Ok(self.edge_files(name)?.cli_args())
     }
 
     /// An edge's loaded credentials.
