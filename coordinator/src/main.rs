@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use edgeshift_common::service;
-use edgeshift_coordinator::{AppState, Coordinator, Options};
+use edgeshift_coordinator::{AppState, Auth, Coordinator, Options};
 
 mod cli;
 
@@ -70,6 +70,14 @@ fn run(args: cli::Args) -> anyhow::Result<()> {
         args.default_path_rate.is_finite() && args.default_path_rate > 0.0,
         "`default_path_rate` must be a positive number of bytes per second"
     );
+    anyhow::ensure!(
+        args.header_timeout.is_finite() && args.header_timeout > 0.0,
+        "`header_timeout` must be a positive number of seconds"
+    );
+    let limits = edgeshift_coordinator::serve::Limits {
+        max_connections: args.max_connections,
+        header_timeout: std::time::Duration::from_secs_f64(args.header_timeout),
+    };
     let token = match &args.token_file {
         Some(p) => {
             let t = std::fs::read_to_string(p)
@@ -96,7 +104,11 @@ fn run(args: cli::Args) -> anyhow::Result<()> {
         policy = %coord.settings.policy,
         "state restored"
     );
-    let app = AppState::new(coord, token);
+    let auth = match token {
+        Some(t) => Auth::SharedToken(t.into()),
+        None => Auth::Open,
+    };
+    let app = AppState::new(coord, auth);
     let rt = tokio::runtime::Runtime::new().context("start the async runtime")?;
     rt.block_on(async move {
         let stop = service::stop_signal().context("installing the SIGTERM handler")?;
@@ -108,7 +120,7 @@ fn run(args: cli::Args) -> anyhow::Result<()> {
         println!("listening on http://{local}");
         tracing::info!(%local, "coordinator up");
         service::notify_ready(&format!("serving on {local}"));
-        edgeshift_coordinator::serve(listener, app, args.max_body, async move {
+        edgeshift_coordinator::serve(listener, app, args.max_body, limits, async move {
             let signal = stop.await;
             service::notify_stopping();
             tracing::info!(signal, "stopping: answering the requests in flight");

@@ -139,7 +139,7 @@ fn auth_is_required_and_refusal_changes_nothing() {
         Some(r#"{"addr":"x:1","capacity":1}"#),
     );
     assert_eq!(s, 401, "{v}");
-    assert!(v["error"].as_str().expect("error").contains("bearer token"));
+    assert!(v["error"].as_str().expect("error").contains("credential"), "{v}");
     h.token = Some("wrong-token-0123456789".into());
     assert_eq!(h.req("GET", "/v1/policy", None).0, 401);
     assert_eq!(h.req("GET", "/metrics", None).0, 401);
@@ -644,5 +644,89 @@ fn plans_cap_their_sources_but_keep_every_chunk_reachable() {
     assert_eq!(used(&p).len(), 6, "{p}");
     for ch in p["chunks"].as_array().expect("chunks") {
         assert!(ch["holders"].as_array().expect("holders").len() <= 4);
+    }
+}
+
+/// Metric series a `/metrics` text holds for the request counter.
+fn request_series(h: &Http) -> usize {
+    let (s, v) = h.req("GET", "/metrics", None);
+    assert_eq!(s, 200);
+    let text = v.as_str().expect("metrics text").to_string();
+    text.lines()
+        .filter(|l| l.starts_with("coordinator_http_requests_total{"))
+        .count()
+}
+
+/// Sends `request` raw on a new connection and reads the answer's status line.
+fn raw_status(addr: std::net::SocketAddr, request: &str) -> String {
+    use std::io::{BufRead, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(request.as_bytes()).expect("send");
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(s).read_line(&mut line);
+    line
+}
+
+#[test]
+fn junk_requests_without_a_token_add_no_metric_series() {
+    // Issue 21, finding 2: each new method name used to add a series.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(&dir.path().join("data"), &[]);
+    let h = Http::new(&c);
+    raw_status(
+        c.addr,
+        "GET /v1/policy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let before = request_series(&h);
+    for i in 0..300 {
+        let line = raw_status(
+            c.addr,
+            &format!("JUNK{i} /v1/no/such/route/{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        );
+        assert!(line.starts_with("HTTP/1.1 4"), "junk request {i} got {line:?}");
+    }
+    let after = request_series(&h);
+    assert!(
+        after <= before + 4,
+        "300 junk requests took the request counter from {before} to {after} series"
+    );
+}
+
+#[test]
+fn half_sent_headers_are_closed_and_do_not_block_real_requests() {
+    // Issue 21, finding 3: connections holding half-sent headers were never closed.
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = start(&dir.path().join("data"), &["--header-timeout", "1"]);
+    let h = Http::new(&c);
+    let mut half: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(c.addr).expect("connect");
+            s.write_all(b"GET /v1/policy HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .expect("send part");
+            s
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let (s, v) = h.req("GET", "/v1/policy", None);
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "a real request waited {:?} behind 300 half-sent ones",
+        started.elapsed()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    for (i, s) in half.iter_mut().enumerate() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .expect("timeout");
+        let mut buf = [0u8; 512];
+        match s.read(&mut buf) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("half-sent connection {i} still open after the 1 s header timeout: {e}"),
+        }
     }
 }

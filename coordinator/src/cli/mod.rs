@@ -36,6 +36,13 @@ pub struct Args {
     /// it the API is open (only sensible on a loopback address).
     #[arg(long, env = "EDGESHIFT_COORDINATOR_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Seconds a client gets to send each request's headers (and to finish
+    /// its TLS handshake) before the connection is closed.
+    #[arg(long, env = "EDGESHIFT_COORDINATOR_HEADER_TIMEOUT", default_value_t = 10.0)]
+    pub header_timeout: f64,
+    /// Connections served at once; further ones wait in the listen backlog.
+    #[arg(long, env = "EDGESHIFT_COORDINATOR_MAX_CONNECTIONS", default_value_t = edgeshift_coordinator::serve::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
     /// Largest request body accepted, in bytes (413 beyond).
     #[arg(long, env = "EDGESHIFT_COORDINATOR_MAX_BODY", default_value_t = DEFAULT_BODY_LIMIT)]
     pub max_body: usize,
@@ -71,6 +78,8 @@ pub struct CoordinatorFile {
     pub data: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
     pub max_body: Option<usize>,
+    pub header_timeout: Option<f64>,
+    pub max_connections: Option<usize>,
     pub default_path_rate: Option<f64>,
     pub lease_secs: Option<u64>,
     pub log_format: Option<LogFormat>,
@@ -80,11 +89,13 @@ impl CoordinatorFile {
     /// The file's values as (clap argument id, value) pairs.
     pub fn defaults(&self) -> Vec<(&'static str, String)> {
         let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
-        let pairs: [(&'static str, Option<String>); 7] = [
+        let pairs: [(&'static str, Option<String>); 9] = [
             ("listen", self.listen.clone()),
             ("data", path(&self.data)),
             ("token_file", path(&self.token_file)),
             ("max_body", self.max_body.map(|v| v.to_string())),
+            ("header_timeout", self.header_timeout.map(|v| v.to_string())),
+            ("max_connections", self.max_connections.map(|v| v.to_string())),
             ("default_path_rate", self.default_path_rate.map(|v| v.to_string())),
             ("lease_secs", self.lease_secs.map(|v| v.to_string())),
             ("log_format", self.log_format.map(|f| f.as_str().to_string())),
@@ -139,7 +150,7 @@ mod tests {
             .map(|l| format!("{l}\n"))
             .collect();
         let all: CoordinatorFile = config::parse(&all, &path).expect("every documented key parses");
-        assert_eq!(all.defaults().len(), 7, "a key is not documented");
+        assert_eq!(all.defaults().len(), 9, "a key is not documented");
         let m = config::apply_defaults(Args::command(), &all.defaults())
             .try_get_matches_from(["c", "--lease-secs", "5"])
             .expect("parses");
