@@ -7,6 +7,8 @@ pub mod config;
 pub mod control;
 pub mod delta;
 pub mod fingerprint;
+#[cfg(feature = "tls")]
+pub mod identity;
 pub mod manifest;
 #[cfg(feature = "service")]
 pub mod service;
