@@ -16,6 +16,7 @@ pub mod planner;
 pub mod policy;
 pub mod serve;
 pub mod service;
+pub mod tls;
 
 pub use api::{router, AppState, Auth};
 pub use service::{Coordinator, Options};
@@ -26,7 +27,9 @@ pub async fn serve(
     app: AppState,
     body_limit: usize,
     limits: serve::Limits,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    serve::serve(listener, router(app, body_limit), limits, shutdown).await
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+    serve::serve(listener, router(app, body_limit), limits, tls, shutdown).await
 }

@@ -78,19 +78,7 @@ fn run(args: cli::Args) -> anyhow::Result<()> {
         max_connections: args.max_connections,
         header_timeout: std::time::Duration::from_secs_f64(args.header_timeout),
     };
-    let token = match &args.token_file {
-        Some(p) => {
-            let t = std::fs::read_to_string(p)
-                .with_context(|| format!("reading the token file (`token_file`) {}", p.display()))?;
-            let t = t.trim().to_string();
-            anyhow::ensure!(!t.is_empty(), "token file {} is empty", p.display());
-            Some(t)
-        }
-        None => {
-            tracing::warn!("no token_file: the API accepts every request");
-            None
-        }
-    };
+    let (auth, tls) = auth_from(&args)?;
     let options = Options {
         default_path_rate: args.default_path_rate,
         lease_ms: args.lease_secs.saturating_mul(1000),
@@ -104,10 +92,6 @@ fn run(args: cli::Args) -> anyhow::Result<()> {
         policy = %coord.settings.policy,
         "state restored"
     );
-    let auth = match token {
-        Some(t) => Auth::SharedToken(t.into()),
-        None => Auth::Open,
-    };
     let app = AppState::new(coord, auth);
     let rt = tokio::runtime::Runtime::new().context("start the async runtime")?;
     rt.block_on(async move {
@@ -117,10 +101,11 @@ fn run(args: cli::Args) -> anyhow::Result<()> {
             .with_context(|| format!("listen on {}", args.listen))?;
         let local = listener.local_addr().context("local address")?;
         // Scripts and tests read this line to learn the port when ADDR ends in :0.
-        println!("listening on http://{local}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        println!("listening on {scheme}://{local}");
         tracing::info!(%local, "coordinator up");
         service::notify_ready(&format!("serving on {local}"));
-        edgeshift_coordinator::serve(listener, app, args.max_body, limits, async move {
+        edgeshift_coordinator::serve(listener, app, args.max_body, limits, tls, async move {
             let signal = stop.await;
             service::notify_stopping();
             tracing::info!(signal, "stopping: answering the requests in flight");
@@ -132,4 +117,57 @@ fn run(args: cli::Args) -> anyhow::Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// How requests are authenticated, and the TLS configuration: credentials
+/// are required unless `--insecure-no-auth` says otherwise, out loud.
+fn auth_from(args: &cli::Args) -> anyhow::Result<(Auth, Option<std::sync::Arc<rustls::ServerConfig>>)> {
+    if let Some(p) = &args.token_file {
+        anyhow::bail!(
+            "`token_file` ({}) was replaced: edges now authenticate with their cluster certificates \
+             (--tls-ca, --tls-cert, --tls-key), and the operator's bearer token goes in \
+             --operator-token-file (`operator_token_file`), which acts only as the operator",
+            p.display()
+        );
+    }
+    if args.insecure_no_auth {
+        tracing::warn!(
+            "--insecure-no-auth: plain HTTP and no authentication; anyone who reaches {} may act as \
+             any edge and change the fleet's policy (tests on a closed network only)",
+            args.listen
+        );
+        if args.operator_token_file.is_some() {
+            tracing::warn!("--operator-token-file is ignored with --insecure-no-auth");
+        }
+        return Ok((Auth::Open, None));
+    }
+    let files = edgeshift_common::identity::TlsFiles {
+        ca: args.tls_ca.clone(),
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+        crl: args.tls_crl.clone(),
+    };
+    let config = edgeshift_coordinator::tls::server_config(&files).context(
+        "the coordinator's TLS credentials (it does not start without them; \
+         `--insecure-no-auth` runs it open, for tests only)",
+    )?;
+    let operator_token = match &args.operator_token_file {
+        Some(p) => {
+            let t = std::fs::read_to_string(p).with_context(|| {
+                format!(
+                    "reading the operator token file (`operator_token_file`) {}",
+                    p.display()
+                )
+            })?;
+            let t = t.trim().to_string();
+            anyhow::ensure!(
+                t.len() >= 16,
+                "operator token file {} holds fewer than 16 characters",
+                p.display()
+            );
+            Some(t.into())
+        }
+        None => None,
+    };
+    Ok((Auth::Certificates { operator_token }, Some(config)))
 }

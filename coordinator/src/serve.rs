@@ -40,12 +40,13 @@ impl Default for Limits {
     }
 }
 
-/// Serves `app` on `listener` until
+/// Serves `app` on `listener` (over TLS when `tls` is given) until
 /// `shutdown` resolves, then lets requests in flight finish.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -74,6 +75,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let builder = {
@@ -82,8 +84,27 @@ pub async fn serve(
                     .header_read_timeout(limits.header_timeout);
                 b
             };
-            let service = with_peer(app, Peer(None));
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let Some(acceptor) = tls else {
+                let conn = builder.serve_connection(TokioIo::new(stream), with_peer(app, Peer(None)));
+                if let Err(e) = watcher.watch(conn).await {
+                    tracing::debug!(%remote, "connection: {e}");
+                }
+                return;
+            };
+            let stream = match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    // Debug only: a flood of refused handshakes must not fill the log.
+                    tracing::debug!(%remote, "TLS handshake refused: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%remote, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let peer = Peer::from_tls(stream.get_ref().1);
+            let conn = builder.serve_connection(TokioIo::new(stream), with_peer(app, peer));
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%remote, "connection: {e}");
             }
