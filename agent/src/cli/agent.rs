@@ -115,9 +115,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.cluster.cluster_key_file.display()
         )
     })?;
-    if let Some(t) = &args.coord.token_file {
-        std::fs::metadata(t)
-            .with_context(|| format!("the coordinator token (`token_file`, {})", t.display()))?;
+    args.coord.refuse_token_file()?;
+    if let Some(files) = &args.coord.tls() {
+        // Checked before anything starts, so a missing file is named now.
+        edgeshift_common::identity::Credentials::load(files).context("the coordinator link's credentials")?;
     }
     let id = args.cluster.id.id.clone();
     // One store for the chunk server, the coordinator link and incoming VMs.
@@ -189,13 +190,13 @@ async fn serve_until_stopped(
     };
     let link = match (&args.coord.coordinator, capacity) {
         (Some(url), Some(capacity)) => {
-            let token = args.coord.token_file.clone();
+            let tls = args.coord.tls();
             let (url, id, store, key) = (url.clone(), id.clone(), store.clone(), key.clone());
             // Its first exchange blocks on HTTP.
             let link = tokio::task::block_in_place(|| {
                 edgeshift_agent::coordination::link::start(
                     &url,
-                    token.as_deref(),
+                    tls.as_ref(),
                     capacity,
                     &id,
                     local,

@@ -9,6 +9,7 @@ use edgeshift_agent::migrate::coord::CoordConfig;
 use edgeshift_agent::transfer::default_node_id;
 use edgeshift_agent::transfer::ClusterKey;
 use edgeshift_agent::vm::state::DEFAULT_STATE_DIR;
+use edgeshift_common::identity::TlsFiles;
 
 /// Where an installed edge keeps the cluster key.
 pub const DEFAULT_KEY_FILE: &str = "/etc/edgeshift/cluster.key";
@@ -53,12 +54,13 @@ pub struct OptionalClusterArgs {
 /// The cache coordinator. Its edge id for this edge is `--id`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CoordinatorArgs {
-    /// The cache coordinator (http://HOST:PORT); what it does for this
-    /// command is in the command's description (`--help`).
+    /// The cache coordinator (https://HOST:PORT; the edge presents its
+    /// cluster certificate); what it does for this command is in the
+    /// command's description (`--help`).
     #[arg(long, env = "EDGESHIFT_COORDINATOR")]
     pub coordinator: Option<String>,
-    /// File holding the coordinator's bearer token.
-    #[arg(long, env = "EDGESHIFT_TOKEN_FILE", requires = "coordinator")]
+    /// Replaced by the edge's certificate; refused with a message saying so.
+    #[arg(long, env = "EDGESHIFT_TOKEN_FILE", requires = "coordinator", hide = true)]
     pub token_file: Option<PathBuf>,
 }
 
@@ -67,8 +69,40 @@ impl CoordinatorArgs {
     pub fn config(&self, id: &IdArgs) -> Option<CoordConfig> {
         self.coordinator.as_ref().map(|url| CoordConfig {
             url: url.clone(),
-            token_file: self.token_file.clone(),
+            tls: self.tls(),
             edge: id.id.clone(),
+        })
+    }
+
+    /// The `--token-file` of old: an error naming what replaced it.
+    pub fn refuse_token_file(&self) -> anyhow::Result<()> {
+        match &self.token_file {
+            Some(t) => anyhow::bail!(
+                "`token_file` ({}) was replaced: the agent authenticates to the coordinator with this edge's \
+                 cluster certificate (--tls-ca, --tls-cert, --tls-key; `edgeshift cluster add-edge NAME`)",
+                t.display()
+            ),
+            None => Ok(()),
+        }
+    }
+
+    /// This edge's cluster files for an `https://` coordinator (`None` for
+    /// `http://`, a coordinator run with `--insecure-no-auth`): the shared
+    /// TLS settings' variables (`EDGESHIFT_TLS_CA`, `_CERT`, `_KEY`, `_CRL`)
+    /// or their defaults under /etc/edgeshift/tls.
+    // TODO(lead, merge with tls-agent): take these from the agent's `--tls-*` flags.
+    pub fn tls(&self) -> Option<TlsFiles> {
+        let url = self.coordinator.as_deref()?;
+        if !url.starts_with("https://") {
+            return None;
+        }
+        let var = |name: &str| std::env::var_os(name).map(PathBuf::from);
+        let d = TlsFiles::default_paths();
+        Some(TlsFiles {
+            ca: var("EDGESHIFT_TLS_CA").unwrap_or(d.ca),
+            cert: var("EDGESHIFT_TLS_CERT").unwrap_or(d.cert),
+            key: var("EDGESHIFT_TLS_KEY").unwrap_or(d.key),
+            crl: var("EDGESHIFT_TLS_CRL"),
         })
     }
 }

@@ -142,6 +142,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "--memory-max-mbit must be between 0.1 and 100000"
         );
     }
+    a.coord.refuse_token_file()?;
     let coordinator = a.coord.config(&a.cluster.id);
     let opts = MigrateOptions {
         name: a.name.clone(),

@@ -217,6 +217,7 @@ fn run_vm(a: RunArgs) -> anyhow::Result<()> {
         "the store lacks {missing} chunks of image {}; give --peer to fetch them",
         a.image
     );
+    a.coord.refuse_token_file()?;
     let coord = a.coord.config(&a.cluster.id);
     if let Some(c) = &coord {
         let client = c.client()?;
