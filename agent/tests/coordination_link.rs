@@ -20,8 +20,8 @@ use edgeshift_agent::coordination::pins::LocalPins;
 use edgeshift_agent::store::{ChunkStore, ChunkUses, LocalStore};
 use edgeshift_agent::transfer::fetch::{FetchOptions, Fetcher};
 use edgeshift_agent::transfer::server::{serve, ServerConfig, ZstdPolicy};
-use edgeshift_agent::transfer::ClusterKey;
-use edgeshift_common::identity::{self, IssuedPem, Role, TlsFiles};
+use edgeshift_agent::transfer::Trust;
+use edgeshift_common::identity::{Role, ThrowawayCluster, TlsFiles};
 use edgeshift_common::{ChunkSize, Fingerprint, Manifest, ManifestId};
 use edgeshift_testbed::coordinator::{CoordinatorProc, CoordinatorSpec, CoordinatorTls};
 
@@ -44,7 +44,10 @@ fn get(c: &Coord, path: &str) -> serde_json::Value {
         .http_status_as_error(false)
         .build()
         .into();
-    let mut r = agent.get(format!("{}{}", c.url, path)).call().expect("get");
+    let mut r = agent
+        .get(format!("{}{}", c.url, path))
+        .call()
+        .expect("get");
     assert_eq!(r.status().as_u16(), 200, "GET {path}");
     r.body_mut().read_json().expect("json")
 }
@@ -90,7 +93,7 @@ fn link(
     edge: &str,
     store: &Arc<LocalStore>,
     capacity: u64,
-    key: Option<ClusterKey>,
+    trust: Option<Trust>,
     addr: &str,
 ) -> Link {
     Link::new(
@@ -102,7 +105,7 @@ fn link(
             interval: Duration::from_millis(100),
         },
         store.clone(),
-        key,
+        trust,
     )
     .expect("link")
 }
@@ -113,17 +116,17 @@ struct Server {
     _rt: tokio::runtime::Runtime,
 }
 
-fn start_server(id: &str, store: Arc<LocalStore>, key: ClusterKey) -> Server {
-    start_server_noting(id, store, key, None)
+/// An edge's TLS identity in the test's throwaway cluster.
+fn tls(cluster: &ThrowawayCluster, name: &str) -> Trust {
+    Trust::Tls(cluster.edge(name).expect("edge credentials"))
+}
+
+fn start_server(store: Arc<LocalStore>, trust: Trust) -> Server {
+    start_server_noting(store, trust, None)
 }
 
 /// A chunk server that notes what it serves in `uses` (as `edgeshift agent` does).
-fn start_server_noting(
-    id: &str,
-    store: Arc<LocalStore>,
-    key: ClusterKey,
-    uses: Option<Arc<ChunkUses>>,
-) -> Server {
+fn start_server_noting(store: Arc<LocalStore>, trust: Trust, uses: Option<Arc<ChunkUses>>) -> Server {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -134,8 +137,7 @@ fn start_server_noting(
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let cfg = Arc::new(ServerConfig {
-        id: id.into(),
-        key,
+        trust,
         store,
         zstd: ZstdPolicy { compress_rate: 0.0 },
         uses,
@@ -203,7 +205,7 @@ fn gc_orders_are_rechecked_against_local_pins() {
 fn served_and_newly_pinned_chunks_rank_as_recent_under_lru() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = start_coord(&dir.path().join("coord"), "127.0.0.1:0");
-    let key = ClusterKey::from_bytes([9u8; 32]);
+    let cluster = ThrowawayCluster::new(&dir.path().join("tls")).expect("cluster");
     let store = Arc::new(LocalStore::open_or_create(dir.path().join("a")).expect("store"));
     let (served_id, served) = image(&store, 300..310);
     let (_idle_id, idle) = image(&store, 310..320);
@@ -214,14 +216,14 @@ fn served_and_newly_pinned_chunks_rank_as_recent_under_lru() {
     );
     // 30 chunks in a 40-chunk capacity: under the high watermark, no GC yet.
     let mut l = link(&c, "edge-a", &store, 40 * CHUNK as u64, None, "127.0.0.1:1");
-    let server = start_server_noting("edge-a", store.clone(), key.clone(), Some(l.uses()));
+    let server = start_server_noting(store.clone(), tls(&cluster, "edge-a"), Some(l.uses()));
     l.connect().expect("connect");
     assert!(l.step().expect("step").gc.removed.is_empty());
 
     // A peer fetches one image from this edge; another image starts being
     // used here (a VM pins it) and is released again.
     let peer_store = Arc::new(LocalStore::open_or_create(dir.path().join("b")).expect("store"));
-    let fetcher = Fetcher::new(peer_store.clone(), vec![server.addr], key);
+    let fetcher = Fetcher::new(peer_store.clone(), vec![server.addr], tls(&cluster, "edge-b"));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -303,10 +305,10 @@ fn pins_racing_gc_are_never_undercut() {
 fn hints_prefetch_through_the_fetcher_and_planned_fetch_completes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = start_coord(&dir.path().join("coord"), "127.0.0.1:0");
-    let key = ClusterKey::from_bytes([7u8; 32]);
+    let cluster = ThrowawayCluster::new(&dir.path().join("tls")).expect("cluster");
     let src_store = Arc::new(LocalStore::open_or_create(dir.path().join("src")).expect("store"));
     let (id, m) = image(&src_store, 100..160);
-    let server = start_server("src", src_store.clone(), key.clone());
+    let server = start_server(src_store.clone(), tls(&cluster, "src"));
     let mut src = link(&c, "src", &src_store, 1 << 30, None, &server.addr.to_string());
     src.connect().expect("src connect");
 
@@ -321,7 +323,7 @@ fn hints_prefetch_through_the_fetcher_and_planned_fetch_completes() {
         "dst",
         &dst_store,
         80 * CHUNK as u64,
-        Some(key.clone()),
+        Some(tls(&cluster, "dst")),
         "127.0.0.1:2",
     );
     dst.connect().expect("dst connect");
@@ -348,11 +350,12 @@ fn hints_prefetch_through_the_fetcher_and_planned_fetch_completes() {
     assert_eq!(cf.plan.missing_chunks, 20);
     assert_eq!(cf.peers, vec![server.addr]);
     assert_eq!(get(&c, "/v1/edges/src")["leased_chunks"], 20);
-    let opts = FetchOptions {
-        id: "dst".into(),
-        ..FetchOptions::default()
-    };
-    let fetcher = Fetcher::with_options(dst_store.clone(), cf.peers.clone(), key, opts);
+    let fetcher = Fetcher::with_options(
+        dst_store.clone(),
+        cf.peers.clone(),
+        tls(&cluster, "dst"),
+        FetchOptions::default(),
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -415,10 +418,10 @@ fn bad_coordinator_urls_and_credentials_are_refused() {
     assert!(Client::new("ftp://x", None).is_err());
     assert!(Client::new("http://", None).is_err());
     let dir = tempfile::tempdir().expect("tempdir");
-    let cluster = TestCluster::new(dir.path());
+    let cluster = ThrowawayCluster::new(&dir.path().join("tls")).expect("cluster");
     let e = Client::new("https://127.0.0.1:1", None).expect_err("https without a certificate");
     assert!(e.to_string().contains("cluster certificate"), "{e}");
-    let files = cluster.edge("e1");
+    let files = cluster.edge_files("e1").expect("files");
     let e = Client::new("http://127.0.0.1:1", Some(&files)).expect_err("http with credentials");
     assert!(e.to_string().contains("https://"), "{e}");
     let missing = TlsFiles {
@@ -430,47 +433,6 @@ fn bad_coordinator_urls_and_credentials_are_refused() {
     let c = start_coord(&dir.path().join("coord"), "127.0.0.1:0");
     let unknown = client(&c).orders("ghost").expect_err("unknown edge");
     assert!(unknown.is_unknown_edge(), "{unknown}");
-}
-
-/// A throwaway cluster: its CA and certificates written as NAME.pem/NAME.key.
-struct TestCluster {
-    dir: std::path::PathBuf,
-    ca: IssuedPem,
-}
-
-impl TestCluster {
-    fn new(dir: &Path) -> Self {
-        let ca = identity::new_ca("link-test", 30).expect("CA");
-        std::fs::write(dir.join("ca.pem"), &ca.cert_pem).expect("write CA");
-        TestCluster {
-            dir: dir.to_path_buf(),
-            ca,
-        }
-    }
-
-    fn issue(&self, role: Role, name: &str, sans: &[String]) -> TlsFiles {
-        let p = identity::issue(&self.ca, role, name, sans, 30).expect("issue");
-        let files = TlsFiles {
-            ca: self.dir.join("ca.pem"),
-            cert: self.dir.join(format!("{name}.pem")),
-            key: self.dir.join(format!("{name}.key")),
-            crl: None,
-        };
-        std::fs::write(&files.cert, &p.cert_pem).expect("write cert");
-        std::fs::write(&files.key, &p.key_pem).expect("write key");
-        files
-    }
-
-    fn edge(&self, name: &str) -> TlsFiles {
-        self.issue(Role::Edge, name, &[])
-    }
-}
-
-/// The shared TLS settings' variables for a command presenting `files`.
-fn tls_env(cmd: &mut std::process::Command, files: &TlsFiles) {
-    cmd.env("EDGESHIFT_TLS_CA", &files.ca)
-        .env("EDGESHIFT_TLS_CERT", &files.cert)
-        .env("EDGESHIFT_TLS_KEY", &files.key);
 }
 
 /// A child process killed on drop.
@@ -488,16 +450,13 @@ fn edgeshift() -> std::process::Command {
 }
 
 /// `edgeshift agent … --coordinator` on 127.0.0.1:0; returns once it listens.
-fn spawn_agent(id: &str, store: &Path, key: &Path, url: &str, tls: &TlsFiles) -> Proc {
+fn spawn_agent(id: &str, store: &Path, cluster: &ThrowawayCluster, url: &str) -> Proc {
     use std::io::BufRead;
-    let mut cmd = edgeshift();
-    tls_env(&mut cmd, tls);
-    let mut child = cmd
+    let mut child = edgeshift()
         .args(["agent", "--listen", "127.0.0.1:0", "--id", id, "--no-zstd"])
         .arg("--store")
         .arg(store)
-        .arg("--cluster-key-file")
-        .arg(key)
+        .args(cluster.cli_args(id).expect("certificate"))
         .args(["--coordinator", url, "--capacity", "1GiB"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -515,32 +474,27 @@ fn spawn_agent(id: &str, store: &Path, key: &Path, url: &str, tls: &TlsFiles) ->
 /// The CLI end to end over HTTPS: two `edgeshift agent --coordinator`
 /// daemons report to the coordinator with their edge certificates;
 /// `edgeshift fetch --coordinator` pulls an image sliced at one into the
-/// other from the plan, and it restores byte for byte; with another edge's
-/// certificate the fetch is refused.
+/// other from the plan, and it restores byte for byte; another edge's
+/// certificate may not pin for it.
 #[test]
 fn agent_and_fetch_cli_work_through_the_coordinator() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cluster = TestCluster::new(dir.path());
-    let coord_files = cluster.issue(Role::Coordinator, "coord", &["127.0.0.1".into()]);
+    let cluster = ThrowawayCluster::new(&dir.path().join("tls")).expect("cluster");
+    let coord_files = cluster
+        .files(Role::Coordinator, "coord", &["127.0.0.1".into()])
+        .expect("coordinator files");
     let tls = CoordinatorTls {
-        ca: coord_files.ca.clone(),
-        cert: coord_files.cert.clone(),
-        key: coord_files.key.clone(),
+        ca: coord_files.ca,
+        cert: coord_files.cert,
+        key: coord_files.key,
         crl: None,
     };
-    let c = CoordinatorProc::local(CoordinatorSpec::new(
-        "127.0.0.1:0",
-        &dir.path().join("coord"),
-        tls,
-        None,
-    ))
-    .expect("start edgeshift-coordinator");
+    let c = CoordinatorProc::local(CoordinatorSpec::new("127.0.0.1:0", &dir.path().join("coord"), tls, None))
+        .expect("start edgeshift-coordinator");
     assert!(c.url.starts_with("https://"), "{}", c.url);
-    let operator = Client::new(&c.url, Some(&cluster.issue(Role::Operator, "alice", &[]))).expect("client");
+    let operator_files = cluster.files(Role::Operator, "alice", &[]).expect("operator files");
+    let operator = Client::new(&c.url, Some(&operator_files)).expect("client");
     let get = |_: &Coord, path: &str| operator.get_json(path).expect("GET");
-    let (src_tls, dst_tls) = (cluster.edge("src"), cluster.edge("dst"));
-    let key = dir.path().join("cluster.key");
-    std::fs::write(&key, hex::encode([9u8; 32])).expect("key");
     // A 3 MiB image of distinct 256 KiB chunks, with a hole.
     let mut img = vec![0u8; 3 << 20];
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -568,8 +522,8 @@ fn agent_and_fetch_cli_work_through_the_coordinator() {
         .expect("id line")
         .trim()
         .to_string();
-    let _src_agent = spawn_agent("src", &src, &key, &c.url, &src_tls);
-    let _dst_agent = spawn_agent("dst", &dst, &key, &c.url, &dst_tls);
+    let _src_agent = spawn_agent("src", &src, &cluster, &c.url);
+    let _dst_agent = spawn_agent("dst", &dst, &cluster, &c.url);
     // Wait for both links' first reports.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -587,12 +541,7 @@ fn agent_and_fetch_cli_work_through_the_coordinator() {
     assert_eq!(get(&c, "/v1/edges/src")["chunks"], 10, "the hole is not a chunk");
     assert_eq!(get(&c, &format!("/v1/manifests/{id}"))["unique_chunks"], 10);
 
-    let fetch_as = |files: &TlsFiles| {
-        let mut cmd = edgeshift();
-        tls_env(&mut cmd, files);
-        cmd
-    };
-    let out = fetch_as(&dst_tls)
+    let out = edgeshift()
         .args([
             "fetch",
             &id,
@@ -604,8 +553,7 @@ fn agent_and_fetch_cli_work_through_the_coordinator() {
         ])
         .arg("--store")
         .arg(&dst)
-        .arg("--cluster-key-file")
-        .arg(&key)
+        .args(cluster.cli_args("dst").expect("certificate"))
         .output()
         .expect("fetch");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -631,21 +579,15 @@ fn agent_and_fetch_cli_work_through_the_coordinator() {
     );
     assert_eq!(get(&c, "/v1/edges/dst")["pinned_manifests"][&id], 1);
     assert_eq!(get(&c, "/v1/edges/src")["leased_chunks"], 0);
-    // With another edge's certificate the CLI gets a clear refusal.
-    let out = fetch_as(&src_tls)
-        .args(["fetch", &id, "--node-id", "dst", "--coordinator", &c.url])
-        .arg("--store")
-        .arg(&dst)
-        .arg("--cluster-key-file")
-        .arg(&key)
-        .output()
-        .expect("fetch");
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("403"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // With its own certificate, src may not pin (or report) for dst.
+    let src_files = cluster.edge_files("src").expect("files");
+    let as_src = Client::new(&c.url, Some(&src_files)).expect("client");
+    let manifest: ManifestId = id.parse().expect("manifest id");
+    let e = as_src.pin("dst", &manifest).expect_err("src pinning for dst");
+    assert!(e.to_string().contains("403"), "{e}");
+    let e = as_src.inventory("dst", &[], 0, &[]).expect_err("src reporting for dst");
+    assert!(e.to_string().contains("403"), "{e}");
+    assert_eq!(get(&c, "/v1/edges/dst")["pinned_manifests"][&id], 1);
 }
 
 #[test]

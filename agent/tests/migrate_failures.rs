@@ -281,8 +281,7 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
             "--store",
         ])
         .arg(&b.store)
-        .arg("--cluster-key-file")
-        .arg(&cloud.key)
+        .args(cloud.cred_args("b"))
         .arg("--state-dir")
         .arg(&small)
         .stdout(Stdio::null())
@@ -299,8 +298,7 @@ fn failures_before_the_switchover_leave_the_vm_at_the_source() {
         "--source-addr",
         &cloud.edge("a").chunk_addr(),
     ])
-    .arg("--cluster-key-file")
-    .arg(&cloud.key)
+    .args(cloud.cred_args("a"))
     .arg("--state-dir")
     .arg(&cloud.edge("a").state);
     let out = mig.output().expect("run migrate");

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgeshift_agent::store::{ChunkStore, LocalStore};
-use edgeshift_agent::transfer::conn::{client_handshake, read_frame, server_handshake};
+use edgeshift_agent::transfer::conn::read_frame;
 use edgeshift_agent::transfer::fetch::{ChunkWant, FetchOptions, Fetcher};
-use edgeshift_agent::transfer::{ClusterKey, TransferError};
+use edgeshift_agent::transfer::trust::{secure_client, secure_server};
+use edgeshift_agent::transfer::{TransferError, Trust};
 use edgeshift_common::wire::{self, error_code, FrameHeader, FrameKind};
 use edgeshift_common::{Fingerprint, ManifestId};
 use tokio::io::AsyncWriteExt;
@@ -186,6 +187,7 @@ fn bad_key_files_are_explained() {
     let out = std::process::Command::new(BIN)
         .args(["agent", "--listen", "127.0.0.1:0", "--store"])
         .arg(dir.path().join("s"))
+        .arg("--insecure-plaintext")
         .arg("--cluster-key-file")
         .arg(&short)
         .output()
@@ -196,12 +198,39 @@ fn bad_key_files_are_explained() {
     let out = std::process::Command::new(BIN)
         .args(["fetch", &"ab".repeat(32), "--peer", "127.0.0.1:1", "--store"])
         .arg(dir.path().join("d"))
+        .arg("--insecure-plaintext")
         .arg("--cluster-key-file")
         .arg(&missing)
         .output()
         .expect("run fetch");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cluster key file"));
+}
+
+/// Without --insecure-plaintext and without its certificate the agent does
+/// not start: the error names the file and the command that makes it.
+#[test]
+fn missing_credentials_stop_the_agent_and_name_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = write_key(dir.path(), "cluster", 1);
+    let out = std::process::Command::new(BIN)
+        .args(["agent", "--listen", "127.0.0.1:0", "--store"])
+        .arg(dir.path().join("s"))
+        .arg("--tls-ca")
+        .arg(cluster.join("ca.pem"))
+        .arg("--tls-cert")
+        .arg(dir.path().join("absent.pem"))
+        .arg("--tls-key")
+        .arg(cluster.join("edge.key"))
+        .output()
+        .expect("run agent");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("absent.pem") && err.contains("edgeshift cluster"),
+        "{err}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
 }
 
 /// How a test peer misbehaves.
@@ -218,13 +247,13 @@ enum Lie {
 }
 
 /// A peer that speaks the protocol (real TCP, real handshake) but lies.
-fn spawn_liar(store: &Path, key: ClusterKey, lie: Lie) -> SocketAddr {
+fn spawn_liar(store: &Path, key: Trust, lie: Lie) -> SocketAddr {
     spawn_liar_telling(store, key, lie).0
 }
 
 /// [`spawn_liar`], with a flag that turns true once the liar has been asked
 /// for chunks or deltas.
-fn spawn_liar_telling(store: &Path, key: ClusterKey, lie: Lie) -> (SocketAddr, Arc<AtomicBool>) {
+fn spawn_liar_telling(store: &Path, key: Trust, lie: Lie) -> (SocketAddr, Arc<AtomicBool>) {
     let asked = Arc::new(AtomicBool::new(false));
     let flag = asked.clone();
     let store = Arc::new(LocalStore::open(store).expect("liar store"));
@@ -280,13 +309,14 @@ where
 }
 
 async fn liar_session(
-    mut sock: TcpStream,
+    sock: TcpStream,
     store: &LocalStore,
-    key: &ClusterKey,
+    key: &Trust,
     lie: Lie,
     asked: &AtomicBool,
 ) -> Result<(), TransferError> {
-    server_handshake(&mut sock, key, "liar", "test").await?;
+    let peer = sock.peer_addr()?;
+    let (mut sock, _) = secure_server(key, sock, peer).await?;
     let mut lied = false;
     loop {
         let f = read_frame(&mut sock, wire::MAX_FRAME_LEN, None).await?;
@@ -374,7 +404,7 @@ async fn chunks_written_again_travel_as_deltas_and_bad_deltas_are_refused() {
     let (bases, later) = two_versions(&src, 24);
     drop(src);
     let key_path = write_key(dir.path(), "key", 0x42);
-    let key = ClusterKey::from_file(&key_path).expect("key");
+    let key = trust_of(&key_path);
     let agent = Agent::local(&src_path, &key_path, false, &dir.path().join("agent.log"));
     let wants = |with_base: &dyn Fn(usize) -> Option<Fingerprint>| -> Vec<ChunkWant> {
         later
@@ -389,10 +419,7 @@ async fn chunks_written_again_travel_as_deltas_and_bad_deltas_are_refused() {
             })
             .collect()
     };
-    let opts = || FetchOptions {
-        id: "delta-test".into(),
-        ..FetchOptions::default()
-    };
+    let opts = FetchOptions::default;
     // The destination holds the earlier versions.
     let dst_with_bases = |name: &str| {
         let store = Arc::new(LocalStore::open_or_create(dir.path().join(name)).expect("dst store"));
@@ -476,7 +503,7 @@ async fn chunks_written_again_travel_as_deltas_and_bad_deltas_are_refused() {
 #[test]
 fn a_peer_sending_wrong_bytes_is_dropped_and_its_chunks_reassigned() {
     let src = source(200, 4);
-    let key = ClusterKey::from_file(&src.key).expect("key");
+    let key = trust_of(&src.key);
     let liar = spawn_liar(&src.store, key.clone(), Lie::FirstChunkBytes);
     let honest = Agent::local(&src.store, &src.key, false, &src.dir.path().join("agent.log"));
     let dst = src.dir.path().join("dst");
@@ -518,7 +545,7 @@ fn a_peer_sending_wrong_bytes_is_dropped_and_its_chunks_reassigned() {
 #[test]
 fn a_manifest_that_does_not_hash_to_its_id_is_refused() {
     let src = source(30, 5);
-    let key = ClusterKey::from_file(&src.key).expect("key");
+    let key = trust_of(&src.key);
     let liar = spawn_liar(&src.store, key, Lie::Manifest);
     let dst = src.dir.path().join("dst");
     let out = fetch(&src.id, &dst, &src.key, &[liar]);
@@ -533,7 +560,7 @@ fn a_manifest_that_does_not_hash_to_its_id_is_refused() {
 
 /// Reads frames until an error frame or the end of the stream; returns the
 /// error code seen (if any) and whether the server closed the connection.
-async fn error_then_close(sock: &mut TcpStream) -> (Option<u32>, bool) {
+async fn error_then_close<S: tokio::io::AsyncRead + Unpin>(sock: &mut S) -> (Option<u32>, bool) {
     let mut code = None;
     loop {
         match tokio::time::timeout(
@@ -554,7 +581,7 @@ async fn error_then_close(sock: &mut TcpStream) -> (Option<u32>, bool) {
 async fn malformed_and_oversized_frames_drop_the_connection() {
     let src = source(20, 6);
     let agent = Agent::local(&src.store, &src.key, true, &src.dir.path().join("agent.log"));
-    let key = ClusterKey::from_file(&src.key).expect("key");
+    let key = trust_of(&src.key);
 
     // Garbage before authentication.
     let mut s = TcpStream::connect(agent.addr).await.expect("connect");
@@ -562,7 +589,8 @@ async fn malformed_and_oversized_frames_drop_the_connection() {
     let (_, closed) = error_then_close(&mut s).await;
     assert!(closed, "garbage closes the connection");
 
-    // An oversized hello: refused from its header, before any allocation.
+    // An oversized hello (the insecure handshake's first frame) is not a
+    // TLS ClientHello: refused at once.
     let mut s = TcpStream::connect(agent.addr).await.expect("connect");
     let hdr = FrameHeader::new(FrameKind::Hello, 0, 0, 512 << 20);
     s.write_all(zerocopy::IntoBytes::as_bytes(&hdr))
@@ -572,10 +600,13 @@ async fn malformed_and_oversized_frames_drop_the_connection() {
     assert!(closed);
 
     // Authenticated, then a frame longer than the limit.
-    let mut s = TcpStream::connect(agent.addr).await.expect("connect");
-    client_handshake(&mut s, &key, "tester", "agent")
-        .await
-        .expect("auth");
+    let (mut s, _) = secure_client(
+        &key,
+        TcpStream::connect(agent.addr).await.expect("connect"),
+        agent.addr,
+    )
+    .await
+    .expect("auth");
     let hdr = FrameHeader::new(FrameKind::ChunkRequest, 0, 1, wire::MAX_FRAME_LEN + 1);
     s.write_all(zerocopy::IntoBytes::as_bytes(&hdr))
         .await
@@ -585,10 +616,13 @@ async fn malformed_and_oversized_frames_drop_the_connection() {
     assert!(closed);
 
     // Authenticated, then a chunk request that is not a whole number of fingerprints.
-    let mut s = TcpStream::connect(agent.addr).await.expect("connect");
-    client_handshake(&mut s, &key, "tester", "agent")
-        .await
-        .expect("auth");
+    let (mut s, _) = secure_client(
+        &key,
+        TcpStream::connect(agent.addr).await.expect("connect"),
+        agent.addr,
+    )
+    .await
+    .expect("auth");
     s.write_all(&wire::encode(FrameKind::ChunkRequest, 0, 2, &[&[0u8; 8 + 33]]))
         .await
         .expect("write");
@@ -596,11 +630,32 @@ async fn malformed_and_oversized_frames_drop_the_connection() {
     assert_eq!(code, Some(error_code::MALFORMED));
     assert!(closed);
 
-    // A frame type only servers send.
-    let mut s = TcpStream::connect(agent.addr).await.expect("connect");
-    client_handshake(&mut s, &key, "tester", "agent")
+    // A request kind announcing more than it can hold (here a chunk
+    // request of 3 MiB, beyond 4096 fingerprints): refused from its header
+    // at once (issue 21, finding 6: any kind could announce 64 MiB).
+    let (mut s, _) = secure_client(
+        &key,
+        TcpStream::connect(agent.addr).await.expect("connect"),
+        agent.addr,
+    )
+    .await
+    .expect("auth");
+    let hdr = FrameHeader::new(FrameKind::ChunkRequest, 0, 9, 3 << 20);
+    s.write_all(zerocopy::IntoBytes::as_bytes(&hdr))
         .await
-        .expect("auth");
+        .expect("write");
+    let (code, closed) = error_then_close(&mut s).await;
+    assert_eq!(code, Some(error_code::TOO_LONG));
+    assert!(closed);
+
+    // A frame type only servers send.
+    let (mut s, _) = secure_client(
+        &key,
+        TcpStream::connect(agent.addr).await.expect("connect"),
+        agent.addr,
+    )
+    .await
+    .expect("auth");
     s.write_all(&wire::encode(FrameKind::AuthOk, 0, 3, &[]))
         .await
         .expect("write");
@@ -609,10 +664,13 @@ async fn malformed_and_oversized_frames_drop_the_connection() {
     assert!(closed);
 
     // A request for a chunk it does not hold: a Missing frame, connection kept.
-    let mut s = TcpStream::connect(agent.addr).await.expect("connect");
-    client_handshake(&mut s, &key, "tester", "agent")
-        .await
-        .expect("auth");
+    let (mut s, _) = secure_client(
+        &key,
+        TcpStream::connect(agent.addr).await.expect("connect"),
+        agent.addr,
+    )
+    .await
+    .expect("auth");
     let absent = Fingerprint::of(b"not in any store");
     s.write_all(&wire::encode_chunk_request(4, false, 0, &[absent]))
         .await
@@ -632,7 +690,7 @@ async fn malformed_and_oversized_frames_drop_the_connection() {
     .await
     .expect("join");
     assert!(
-        metric(&m, "edgeshift_malformed_frames_total", "tester") >= 3.0,
+        metric(&m, "edgeshift_malformed_frames_total", "edge") >= 4.0,
         "metrics:\n{m}"
     );
     assert!(
@@ -646,13 +704,10 @@ async fn library_fetcher_respects_per_chunk_sources_and_priority() {
     let src = source(120, 7);
     let a = Agent::local(&src.store, &src.key, false, &src.dir.path().join("a.log"));
     let b = Agent::local(&src.store, &src.key, false, &src.dir.path().join("b.log"));
-    let key = ClusterKey::from_file(&src.key).expect("key");
+    let key = trust_of(&src.key);
     let dst = src.dir.path().join("dst");
     let store = Arc::new(LocalStore::open_or_create(&dst).expect("dst store"));
-    let opts = FetchOptions {
-        id: "lib-test".into(),
-        ..FetchOptions::default()
-    };
+    let opts = FetchOptions::default();
     let fetcher = Fetcher::with_options(store.clone(), vec![a.addr, b.addr], key, opts);
     let id: ManifestId = src.id.parse().expect("id");
     let manifest = fetcher.fetch_manifest(&id).await.expect("manifest");
@@ -702,7 +757,7 @@ async fn library_fetcher_respects_per_chunk_sources_and_priority() {
 #[test]
 fn a_stalled_peer_costs_only_its_in_flight_chunks() {
     let src = source(120, 8);
-    let key = ClusterKey::from_file(&src.key).expect("key");
+    let key = trust_of(&src.key);
     let staller = spawn_liar(&src.store, key, Lie::Stall);
     let honest = Agent::local(&src.store, &src.key, false, &src.dir.path().join("agent.log"));
     // With an honest peer: the staller's requested chunks are taken over
@@ -768,7 +823,7 @@ async fn peer_store_reads_verified_manifests_and_chunks() {
     use edgeshift_agent::transfer::peer::PeerStore;
     let src = source(30, 10);
     let agent = Agent::local(&src.store, &src.key, false, &src.dir.path().join("agent.log"));
-    let key = ClusterKey::from_file(&src.key).expect("key");
+    let key = trust_of(&src.key);
     let local = LocalStore::open(&src.store).expect("src");
     let id: ManifestId = src.id.parse().expect("id");
     let mut peer = PeerStore::connect(agent.addr, &key, FetchOptions::default())
@@ -804,8 +859,8 @@ async fn peer_store_reads_verified_manifests_and_chunks() {
             edgeshift_agent::store::StoreError::ChunkRejected { .. }
         ))
     ));
-    // And the wrong key never connects.
-    let wrong = ClusterKey::from_bytes([0x99; 32]);
+    // And a certificate of another cluster never connects.
+    let wrong = trust_of(&write_key(src.dir.path(), "other-cluster", 0x99));
     assert!(matches!(
         PeerStore::connect(agent.addr, &wrong, FetchOptions::default()).await,
         Err(TransferError::AuthFailed { .. })
@@ -838,7 +893,7 @@ fn place_after(store: &Path, data: Vec<u8>, ms: u64) -> std::thread::JoinHandle<
 async fn a_chunk_being_published_is_waited_for_and_one_that_never_comes_is_missing() {
     let src = source(8, 11);
     let agent = Agent::local(&src.store, &src.key, false, &src.dir.path().join("a.log"));
-    let key = ClusterKey::from_file(&src.key).expect("key");
+    let key = trust_of(&src.key);
     let coming = vec![9u8; CHUNK];
     let never = vec![10u8; CHUNK];
     let (fc, fnv) = (Fingerprint::of(&coming), Fingerprint::of(&never));
@@ -879,7 +934,7 @@ async fn chunks_in_place_are_not_held_behind_one_still_being_placed() {
     use edgeshift_agent::transfer::peer::PeerStore;
     let src = source(8, 12);
     let agent = Agent::local(&src.store, &src.key, false, &src.dir.path().join("a.log"));
-    let key = ClusterKey::from_file(&src.key).expect("key");
+    let key = trust_of(&src.key);
     let store = LocalStore::open(&src.store).expect("src");
     let present = vec![5u8; CHUNK];
     let fp_present = Fingerprint::of(&present);
@@ -892,10 +947,13 @@ async fn chunks_in_place_are_not_held_behind_one_still_being_placed() {
 
     // Asked first, placed 400 ms later: the chunk in place comes before it.
     let (fp_coming, placer) = place_later(vec![6u8; CHUNK], 400);
-    let mut s = TcpStream::connect(agent.addr).await.expect("connect");
-    client_handshake(&mut s, &key, "tester", "agent")
-        .await
-        .expect("auth");
+    let (mut s, _) = secure_client(
+        &key,
+        TcpStream::connect(agent.addr).await.expect("connect"),
+        agent.addr,
+    )
+    .await
+    .expect("auth");
     s.write_all(&wire::encode_chunk_request(1, false, 0, &[fp_coming, fp_present]))
         .await
         .expect("request");
@@ -945,14 +1003,11 @@ async fn fetches_sharing_a_pool_authenticate_once_and_replace_a_closed_connectio
     let log1 = src.dir.path().join("a1.log");
     let mut a = agent_with_info_log(&src.store, &src.key, "127.0.0.1:0", &log1);
     let addr = a.addr;
-    let key = ClusterKey::from_file(&src.key).expect("key");
+    let key = trust_of(&src.key);
     let pool = Arc::new(ConnPool::new());
     let fetcher = |dst: &str| {
         let store = Arc::new(LocalStore::open_or_create(src.dir.path().join(dst)).expect("dst store"));
-        let opts = FetchOptions {
-            id: "pool-test".into(),
-            ..FetchOptions::default()
-        };
+        let opts = FetchOptions::default();
         (
             store.clone(),
             Fetcher::with_options(store, vec![addr], key.clone(), opts).with_pool(pool.clone()),
@@ -995,4 +1050,57 @@ async fn fetches_sharing_a_pool_authenticate_once_and_replace_a_closed_connectio
     }
     assert_eq!(authenticated(&log2), 1);
     assert_eq!(pool.idle_count(), 1);
+}
+
+/// Issue 21, finding 1: ~1,000 half-open connections from one address at a
+/// 1024-descriptor limit used to make `accept` fail with EMFILE, and the
+/// agent exited. Now handshakes in progress are bounded (per address and
+/// in total) and accept errors back off: the agent keeps running and a
+/// legitimate peer is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_half_open_connections_neither_stops_the_agent_nor_keeps_peers_out() {
+    let src = source(20, 13);
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.args(["--nofile=1024:1024", BIN]);
+    let mut agent = Agent::start(
+        cmd,
+        &src.store,
+        &src.key,
+        "127.0.0.1:0",
+        None,
+        &src.dir.path().join("agent.log"),
+    );
+    let mut flood = Vec::new();
+    for _ in 0..1000 {
+        let s = tokio::net::TcpSocket::new_v4().expect("socket");
+        s.bind("127.0.0.2:0".parse().expect("addr"))
+            .expect("bind 127.0.0.2");
+        match tokio::time::timeout(Duration::from_secs(2), s.connect(agent.addr)).await {
+            Ok(Ok(c)) => flood.push(c),
+            _ => break,
+        }
+    }
+    assert!(flood.len() >= 900, "the flood opened {} connections", flood.len());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        agent.child.try_wait().expect("wait").is_none(),
+        "the agent exited under the flood: {}",
+        agent.log()
+    );
+    let (id, dst, key, addr) = (
+        src.id.clone(),
+        src.dir.path().join("dst"),
+        src.key.clone(),
+        agent.addr,
+    );
+    let out = tokio::task::spawn_blocking(move || fetch(&id, &dst, &key, &[addr]))
+        .await
+        .expect("join");
+    assert!(
+        out.status.success(),
+        "a legitimate peer was kept out: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(agent.child.try_wait().expect("wait").is_none());
+    drop(flood);
 }

@@ -121,7 +121,7 @@ fn bad_input_is_refused_with_a_reason() {
                 "127.0.0.1:0",
                 "--store",
                 &store,
-                "--cluster-key-file",
+                "--tls-cert",
                 "/nonexistent",
             ],
             "/nonexistent",
@@ -133,7 +133,7 @@ fn bad_input_is_refused_with_a_reason() {
                 "127.0.0.1:0",
                 "--store",
                 &store,
-                "--cluster-key-file",
+                "--tls-cert",
                 "/nonexistent",
                 "--coordinator",
                 "http://127.0.0.1:1",
@@ -148,7 +148,7 @@ fn bad_input_is_refused_with_a_reason() {
                 "127.0.0.1:1",
                 "--source-addr",
                 "127.0.0.1:2",
-                "--cluster-key-file",
+                "--tls-cert",
                 "/nonexistent",
                 "--state-dir",
                 &st,
@@ -322,13 +322,12 @@ fn run_list_stop_a_real_vm() {
     sh_ok(Command::new("kill").args(["-9", &crashed.to_string()]));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(list_json()[0]["state"], "dead");
-    let key = dir.path().join("key");
-    std::fs::write(&key, "cd".repeat(32)).expect("key");
+    let cluster =
+        edgeshift_common::identity::ThrowawayCluster::new(&dir.path().join("tls")).expect("cluster");
     let mut agent = Command::new(BIN)
         .args(["agent", "--listen", "127.0.0.1:0", "--no-zstd", "--store"])
         .arg(&store)
-        .arg("--cluster-key-file")
-        .arg(&key)
+        .args(cluster.cli_args("edge").expect("certificate"))
         .arg("--state-dir")
         .arg(&state)
         .stdout(Stdio::piped())

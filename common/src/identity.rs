@@ -10,6 +10,7 @@
 //! [rustls](https://docs.rs/rustls) with the ring provider does cryptography.
 
 mod issue;
+mod throwaway;
 mod verify;
 
 use std::fmt;
@@ -23,6 +24,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 pub use issue::{issue, issue_with_validity, new_ca, revoke, IssuedPem};
+pub use throwaway::ThrowawayCluster;
 pub use verify::EdgeServerVerifier;
 
 /// Errors from loading, checking or issuing cluster credentials.
@@ -191,9 +193,11 @@ fn crls_in(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, Id
 impl Credentials {
     /// Reads and checks the files; every error names the file it is about.
     pub fn load(files: &TlsFiles) -> Result<Self, IdentityError> {
-        let cas = certs_in(&files.ca)?;
+        // This edge's own files first: on a host not yet set up, the error
+        // then names the file the operator gave.
         let chain = certs_in(&files.cert)?;
         let key_bytes = read_file(&files.key)?;
+        let cas = certs_in(&files.ca)?;
         let key = PrivateKeyDer::from_pem_slice(&key_bytes)
             .map_err(|e| file_error(&files.key, format!("not a PEM private key: {e}")))?;
         let crls = match &files.crl {
@@ -220,7 +224,7 @@ impl Credentials {
             .allow_unknown_revocation_status()
             .build()
             .map_err(|e| IdentityError::Tls(e.to_string()))?;
-        let server = ServerConfig::builder_with_provider(provider.clone())
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(tls)?
             .with_client_cert_verifier(client_verifier)
@@ -231,6 +235,9 @@ impl Credentials {
                     format!("does not go with {}: {e}", files.cert.display()),
                 )
             })?;
+        // No session resumption: connections are long-lived, and a ticket
+        // arriving on an idle pooled connection would read as unasked bytes.
+        server.send_tls13_tickets = 0;
 
         let server_verifier =
             rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())

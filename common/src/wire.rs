@@ -61,6 +61,22 @@ pub enum WireError {
     ChunkTooLong(u32),
 }
 
+/// The largest body a client's request of `kind` can legally have (a
+/// server refuses a longer announcement before reading it); 0 for kinds
+/// that are not requests.
+pub fn max_request_body(kind: FrameKind) -> u32 {
+    let fp = 32usize;
+    let head = std::mem::size_of::<ChunkRequestHead>();
+    let len = match kind {
+        FrameKind::ManifestRequest => fp,
+        FrameKind::ChunkRequest => head + MAX_BATCH * fp,
+        FrameKind::DeltaRequest => head + MAX_BATCH * std::mem::size_of::<BasedAsk>(),
+        FrameKind::HasRequest => MAX_HAS * fp,
+        _ => 0,
+    };
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
 /// Frame types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]

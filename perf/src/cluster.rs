@@ -34,6 +34,8 @@ pub enum ClusterError {
     Testbed(#[from] TestbedError),
     #[error(transparent)]
     Topology(#[from] TopologyError),
+    #[error("cluster credentials: {0}")]
+    Identity(#[from] edgeshift_common::identity::IdentityError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
@@ -102,7 +104,8 @@ pub struct AgentProc {
 pub struct Cluster {
     pub bins: Binaries,
     pub work: PathBuf,
-    pub key_file: PathBuf,
+    /// The cluster's credentials (TLS unless EDGESHIFT_BENCH_PLAINTEXT=1).
+    pub creds: crate::creds::Creds,
     pub agents: Vec<AgentProc>,
     pub coordinator: Option<(String, Child)>,
     pub coordinator_url: Option<String>,
@@ -187,13 +190,11 @@ impl Cluster {
             None => Binaries::locate()?,
         };
         std::fs::create_dir_all(work).map_err(io(format!("creating {}", work.display())))?;
-        let key_file = work.join("cluster.key");
-        let key: [u8; 32] = rand_key()?;
-        std::fs::write(&key_file, hex_encode(&key)).map_err(io("writing the cluster key"))?;
+        let creds = crate::creds::Creds::from_env(work)?;
         let mut cluster = Self {
             bins,
             work: work.to_path_buf(),
-            key_file,
+            creds,
             agents: Vec::new(),
             coordinator: None,
             coordinator_url: None,
@@ -241,8 +242,7 @@ impl Cluster {
             }
             cmd.args(["agent", "--listen", &listen, "--store"])
                 .arg(&store)
-                .arg("--cluster-key-file")
-                .arg(&cluster.key_file)
+                .args(cluster.creds.args(&host)?)
                 .args(["--id", &host]);
             if receive_migrations {
                 // Incoming VMs pull from the holders the source names, as
@@ -322,17 +322,4 @@ impl Drop for Cluster {
 
 fn log_file(work: &Path, name: &str) -> Result<std::fs::File, ClusterError> {
     std::fs::File::create(work.join(name)).map_err(io(format!("creating log {name}")))
-}
-
-fn rand_key() -> Result<[u8; 32], ClusterError> {
-    use std::io::Read;
-    let mut key = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut key))
-        .map_err(io("reading /dev/urandom"))?;
-    Ok(key)
-}
-
-fn hex_encode(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -188,8 +188,12 @@ pub fn run(
                 .args(["migrate", "demo", "--to", &format!("{e2_addr}:{MIGRATE_PORT}")])
                 .args(["--source-addr", &format!("{e1_for_e2}:{AGENT_PORT}")])
                 .args(["--peer", &format!("{e3_for_e2}:{AGENT_PORT}")])
-                .arg("--cluster-key-file")
-                .arg(&cluster.key_file)
+                .args(
+                    cluster
+                        .creds
+                        .args("e1")
+                        .map_err(crate::cluster::ClusterError::from)?,
+                )
                 .arg("--state-dir")
                 .arg(state("e1"))
                 .args(["--id", "e1", "--json"]),

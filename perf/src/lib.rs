@@ -8,6 +8,7 @@
 pub mod boot_logs;
 pub mod cluster;
 pub mod counter_client;
+pub mod creds;
 pub mod demo;
 pub mod heat;
 pub mod holdings;

@@ -75,7 +75,7 @@ pub struct LiveBench {
     tb: Testbed,
     bins: Binaries,
     work: PathBuf,
-    key_file: PathBuf,
+    creds: crate::creds::Creds,
     vm_dir: PathBuf,
     base_id: String,
     vm_ip: Ipv4Addr,
@@ -114,17 +114,12 @@ impl LiveBench {
             .ok_or_else(|| ScenarioError::Output("live".into(), "no guest address".into()))?;
         let _ = std::fs::remove_dir_all(work);
         std::fs::create_dir_all(work).map_err(io("creating the live work dir"))?;
-        let key_file = work.join("cluster.key");
-        let key = must(
-            Command::new("sh").args(["-c", "head -c32 /dev/urandom | od -An -tx1 | tr -d ' \\n'"]),
-            "cluster key",
-        )?;
-        std::fs::write(&key_file, key.trim()).map_err(io("writing the cluster key"))?;
+        let creds = crate::creds::Creds::from_env(work).map_err(ClusterError::from)?;
         let mut me = LiveBench {
             tb,
             bins,
             work: work.to_path_buf(),
-            key_file,
+            creds,
             vm_dir,
             base_id: String::new(),
             vm_ip,
@@ -148,8 +143,7 @@ impl LiveBench {
             .command(SRC, &me.bins.edgeshift)
             .args(["agent", "--listen", &format!("0.0.0.0:{AGENT_PORT}"), "--store"])
             .arg(me.work.join(SRC).join("store"))
-            .arg("--cluster-key-file")
-            .arg(&me.key_file)
+            .args(me.creds.args(SRC).map_err(ClusterError::from)?)
             .args(["--id", SRC])
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(me.work.join("e1-agent.log")).map_err(io("log"))?)
@@ -323,8 +317,7 @@ impl LiveBench {
                 "--store",
             ])
             .arg(&store)
-            .arg("--cluster-key-file")
-            .arg(&self.key_file)
+            .args(self.creds.args(DST).map_err(ClusterError::from)?)
             .arg("--state-dir")
             .arg(self.state(DST))
             .args(["--id", DST])
@@ -346,8 +339,7 @@ impl LiveBench {
             migrate
                 .args(["migrate", &name, "--to", &format!("{dst_addr}:{MIGRATE_PORT}")])
                 .args(["--source-addr", &format!("{src_addr}:{AGENT_PORT}")])
-                .arg("--cluster-key-file")
-                .arg(&self.key_file)
+                .args(self.creds.args(SRC).map_err(ClusterError::from)?)
                 .arg("--state-dir")
                 .arg(self.state(SRC))
                 .args(["--id", SRC, "--json"])

@@ -323,8 +323,12 @@ fn run_one(tag: &str, work: &Path, policy: &str, images: &DebianImages) -> Resul
                 .arg(&img.id)
                 .arg("--store")
                 .arg(dst_store)
-                .arg("--cluster-key-file")
-                .arg(&cluster.key_file)
+                .args(
+                    cluster
+                        .creds
+                        .args(to)
+                        .map_err(crate::cluster::ClusterError::from)?,
+                )
                 .args(["--coordinator", &url, "--json", "--id", to])
                 .stdin(Stdio::null())
                 .output()

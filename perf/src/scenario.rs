@@ -474,8 +474,7 @@ impl Bench {
                 .arg(Cluster::agent_addr(&self.tb, s, DST)?.to_string());
         }
         fetch
-            .arg("--cluster-key-file")
-            .arg(&self.cluster.key_file)
+            .args(self.cluster.creds.args(DST).map_err(ClusterError::from)?)
             .args(["--json", "--id", DST]);
         let mut restore = Command::new(&self.cluster.bins.edgeshift);
         restore

@@ -276,13 +276,18 @@ fn agent_and_coordinator_start_from_the_default_configs_plus_a_key_and_a_url() {
         c
     };
 
-    // A missing key stops the agent before it listens or says it is ready.
-    let mut c = agent_cmd(&work.join("no-such.key"));
-    let out = c.env_remove("NOTIFY_SOCKET").output().expect("agent");
+    // Missing cluster credentials stop the agent before it listens or says
+    // it is ready, naming the file and the command that makes it.
+    let mut c = agent_cmd(&key);
+    let out = c
+        .env_remove("NOTIFY_SOCKET")
+        .env("EDGESHIFT_TLS_CERT", work.join("no-such.pem"))
+        .output()
+        .expect("agent");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started without its key");
+    assert!(!out.status.success(), "started without its certificate");
     assert!(
-        stderr.contains("cluster_key_file") && stderr.contains("no-such.key"),
+        stderr.contains("no-such.pem") && stderr.contains("edgeshift cluster"),
         "{stderr}"
     );
     assert!(
@@ -290,7 +295,11 @@ fn agent_and_coordinator_start_from_the_default_configs_plus_a_key_and_a_url() {
         "listened before the key check"
     );
 
-    let mut agent = Daemon::start(agent_cmd(&key), &work.join("agent.notify"));
+    // The coordinator here is plain HTTP: the agent runs in the test-only
+    // plaintext mode (the TLS agent is tested in agent/tests).
+    let mut with_key = agent_cmd(&key);
+    with_key.env("EDGESHIFT_INSECURE_PLAINTEXT", "true");
+    let mut agent = Daemon::start(with_key, &work.join("agent.notify"));
     let (ready, lines) = agent.wait_ready(Duration::from_secs(60));
     assert!(ready.contains(&format!("coordinator {url} reached")), "{ready}");
     assert!(

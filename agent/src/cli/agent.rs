@@ -13,7 +13,7 @@ use anyhow::Context;
 use edgeshift_agent::migrate::destination::{self, HostConfig};
 use edgeshift_agent::store::LocalStore;
 use edgeshift_agent::transfer::server::{serve, ServerConfig, ZstdPolicy};
-use edgeshift_agent::transfer::ClusterKey;
+use edgeshift_agent::transfer::Trust;
 use edgeshift_agent::vm::lifecycle::{self, Recovered};
 use edgeshift_agent::vm::{Qemu, StateDir};
 use edgeshift_common::service;
@@ -22,10 +22,12 @@ use crate::cli::args::{ClusterArgs, CoordinatorArgs, StateArgs};
 
 /// Run the edge's one daemon: serve chunks, receive migrations, report to the coordinator.
 ///
-/// It serves chunks and manifests to peers that hold the cluster key. Peers authenticate both ways (keyed BLAKE3 challenge-response) before any
-/// manifest or chunk flows; a peer that fails is dropped and logged, and
-/// counted in `edgeshift_auth_failures_total`. Uncompressed chunks are sent
-/// from the store's files with sendfile(2); a chunk is zstd-compressed only
+/// It serves chunks and manifests to the cluster's edges over mutual TLS:
+/// each side proves its certificate (--tls-ca/--tls-cert/--tls-key, made
+/// with `edgeshift cluster`) before any manifest or chunk flows, and a
+/// peer is the edge its certificate names. A peer that fails is dropped
+/// and counted in `edgeshift_auth_failures_total`. Without loadable
+/// credentials the agent does not start. A chunk is zstd-compressed only
 /// when the fetcher allows it and it makes that path finish sooner.
 ///
 /// With --migrate-listen it also receives VMs (`edgeshift migrate --to`
@@ -53,8 +55,9 @@ use crate::cli::args::{ClusterArgs, CoordinatorArgs, StateArgs};
 /// sources), exit 0; running VMs keep running.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Address to listen on for peers (port 0: any free port).
-    #[arg(long, env = "EDGESHIFT_LISTEN", default_value = "0.0.0.0:7070")]
+    /// Address to listen on for peers, e.g. 10.0.0.1:7070 (port 0: any free
+    /// port). No default: the agent listens only where it is told.
+    #[arg(long, env = "EDGESHIFT_LISTEN")]
     listen: SocketAddr,
     /// Address to listen on for migrations into this edge (the control
     /// channel `edgeshift migrate --to` connects to), e.g. 0.0.0.0:7080.
@@ -66,8 +69,10 @@ pub struct Args {
     store: PathBuf,
     #[command(flatten)]
     cluster: ClusterArgs,
-    /// Serve Prometheus metrics at http://ADDR/metrics.
-    #[arg(long, env = "EDGESHIFT_METRICS_LISTEN")]
+    /// Serve Prometheus metrics at http://ADDR/metrics. A bare port means
+    /// loopback (127.0.0.1:PORT): the listener has no authentication, so
+    /// give another address only on a management network.
+    #[arg(long, env = "EDGESHIFT_METRICS_LISTEN", value_parser = parse_metrics_listen)]
     metrics_listen: Option<SocketAddr>,
     /// Never compress chunks, even when a fetcher allows it.
     #[arg(long, env = "EDGESHIFT_NO_ZSTD")]
@@ -91,13 +96,23 @@ pub struct Args {
     state: StateArgs,
 }
 
+/// `PORT` (loopback) or `ADDR:PORT`.
+fn parse_metrics_listen(s: &str) -> Result<SocketAddr, String> {
+    match s.parse::<u16>() {
+        Ok(port) => Ok(SocketAddr::from(([127, 0, 0, 1], port))),
+        Err(_) => s
+            .parse()
+            .map_err(|_| format!("{s:?} is neither a port nor ADDR:PORT")),
+    }
+}
+
 /// Where an installed edge keeps its chunk store.
 pub const DEFAULT_STORE: &str = "/var/lib/edgeshift/store";
 
 /// How long a stop waits for incoming migrations to be torn down.
 const DRAIN_WAIT: Duration = Duration::from_secs(20);
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run(mut args: Args) -> anyhow::Result<()> {
     // Every check before anything starts: the key, the coordinator's
     // settings, the store, the VMs a crash left.
     // The coordinator's GC keeps the store under watermarks of this figure;
@@ -109,17 +124,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ),
         (_, c) => c,
     };
-    let key = args.cluster.key().with_context(|| {
-        format!(
-            "the cluster key (`cluster_key_file`, {})",
-            args.cluster.cluster_key_file.display()
-        )
-    })?;
+    let trust = args.cluster.trust()?;
     args.coord.refuse_token_file()?;
-    if let Some(files) = &args.coord.tls() {
-        // Checked before anything starts, so a missing file is named now.
-        edgeshift_common::identity::Credentials::load(files).context("the coordinator link's credentials")?;
-    }
     let id = args.cluster.id.id.clone();
     // One store for the chunk server, the coordinator link and incoming VMs.
     let store = Arc::new(
@@ -131,7 +137,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let result = rt.block_on(serve_until_stopped(args, key, id, store, capacity));
+    let result = rt.block_on(serve_until_stopped(args, trust, id, store, capacity));
     // Peer connections still open are cut here; chunk files are only ever
     // renamed into place whole, so the store stays consistent.
     rt.shutdown_timeout(Duration::from_secs(5));
@@ -140,7 +146,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 async fn serve_until_stopped(
     args: Args,
-    key: ClusterKey,
+    trust: Trust,
     id: String,
     store: Arc<LocalStore>,
     capacity: Option<u64>,
@@ -173,12 +179,12 @@ async fn serve_until_stopped(
             let host = destination::open(
                 HostConfig {
                     state_dir: args.state.state_dir.clone(),
-                    key: key.clone(),
+                    trust: trust.clone(),
                     id: id.clone(),
                     qemu: Qemu::default(),
                     coordinator: args
                         .coord
-                        .config(&args.cluster.id)
+                        .config(&args.cluster.id, args.cluster.coordinator_tls())
                         .filter(|_| !args.uncoordinated_migrations),
                 },
                 store.clone(),
@@ -190,8 +196,8 @@ async fn serve_until_stopped(
     };
     let link = match (&args.coord.coordinator, capacity) {
         (Some(url), Some(capacity)) => {
-            let tls = args.coord.tls();
-            let (url, id, store, key) = (url.clone(), id.clone(), store.clone(), key.clone());
+            let tls = args.coord.tls_for(args.cluster.coordinator_tls());
+            let (url, id, store, trust) = (url.clone(), id.clone(), store.clone(), trust.clone());
             // Its first exchange blocks on HTTP.
             let link = tokio::task::block_in_place(|| {
                 edgeshift_agent::coordination::link::start(
@@ -201,7 +207,7 @@ async fn serve_until_stopped(
                     &id,
                     local,
                     store,
-                    key,
+                    trust,
                 )
             })?;
             Some(link)
@@ -229,8 +235,7 @@ async fn serve_until_stopped(
     }
     service::notify_ready(&format!("serving on {local}; {coordinator}"));
     let cfg = Arc::new(ServerConfig {
-        id,
-        key,
+        trust,
         store,
         zstd,
         uses: link.as_ref().map(|l| l.uses()),

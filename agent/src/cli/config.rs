@@ -27,6 +27,10 @@ pub struct AgentFile {
     pub store: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub cluster_key_file: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_crl: Option<PathBuf>,
     pub id: Option<String>,
     pub coordinator: Option<String>,
     pub token_file: Option<PathBuf>,
@@ -42,13 +46,17 @@ impl AgentFile {
     /// The file's values as (clap argument id, value) pairs.
     pub fn defaults(&self) -> Vec<(&'static str, String)> {
         let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
-        let pairs: [(&'static str, Option<String>); 14] = [
+        let pairs: [(&'static str, Option<String>); 18] = [
             ("listen", self.listen.map(|a| a.to_string())),
             ("migrate_listen", self.migrate_listen.map(|a| a.to_string())),
             ("metrics_listen", self.metrics_listen.map(|a| a.to_string())),
             ("store", path(&self.store)),
             ("state_dir", path(&self.state_dir)),
             ("cluster_key_file", path(&self.cluster_key_file)),
+            ("tls_ca", path(&self.tls_ca)),
+            ("tls_cert", path(&self.tls_cert)),
+            ("tls_key", path(&self.tls_key)),
+            ("tls_crl", path(&self.tls_crl)),
             ("id", self.id.clone()),
             ("coordinator", self.coordinator.clone()),
             ("token_file", path(&self.token_file)),
@@ -110,6 +118,6 @@ mod tests {
             .collect();
         let all: AgentFile = config::parse(&all, &path).expect("every documented key parses");
         let keys: Vec<_> = all.defaults().into_iter().map(|(k, _)| k).collect();
-        assert_eq!(keys.len(), 14, "a key is not documented: {keys:?}");
+        assert_eq!(keys.len(), 18, "a key is not documented: {keys:?}");
     }
 }

@@ -71,7 +71,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         !args.peers.is_empty() || args.coord.coordinator.is_some(),
         "fetch needs --peer ADDR (repeatable) or a coordinator (--coordinator URL, or `coordinator` in the configuration file)"
     );
-    let key = args.cluster.key()?;
+    let mut args = args;
+    let trust = args.cluster.trust()?;
     let peers = args
         .peers
         .iter()
@@ -85,22 +86,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let opts = FetchOptions {
         stall_timeout: Duration::from_secs_f64(args.stall_timeout),
         zstd: !args.no_zstd,
-        id: args.cluster.id.id.clone(),
         ..FetchOptions::default()
     };
     args.coord.refuse_token_file()?;
     let coordinated = match &args.coord.coordinator {
         Some(url) => Some(edgeshift_agent::coordination::fetch::CoordinatedFetch::begin_url(
             url,
-            args.coord.tls().as_ref(),
+            args.coord.tls_for(args.cluster.coordinator_tls()).as_ref(),
             &store,
-            &opts.id,
+            &args.cluster.id.id,
             &args.manifest,
         )?),
         None => None,
     };
     let peers = coordinated.as_ref().map(|c| c.peers.clone()).unwrap_or(peers);
-    let fetcher = Fetcher::with_options(Arc::new(store), peers, key, opts);
+    let fetcher = Fetcher::with_options(Arc::new(store), peers, trust, opts);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -126,8 +126,8 @@ enum MemoryStart {
     AfterDisk,
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
-    let key = a.cluster.key()?;
+pub fn run(mut a: Args) -> anyhow::Result<()> {
+    let trust = a.cluster.trust()?;
     anyhow::ensure!(
         a.sample_secs >= 0.0 && a.sample_secs < 600.0,
         "--sample-secs out of range"
@@ -143,14 +143,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
     }
     a.coord.refuse_token_file()?;
-    let coordinator = a.coord.config(&a.cluster.id);
+    let coordinator = a.coord.config(&a.cluster.id, a.cluster.coordinator_tls());
     let opts = MigrateOptions {
         name: a.name.clone(),
         state_dir: a.state.state_dir.clone(),
         to: a.to.clone(),
         source_addr: a.source_addr,
         peers: a.peers,
-        key,
+        trust,
         id: a.cluster.id.id,
         ordering: a.order,
         max_rounds: a.max_rounds,

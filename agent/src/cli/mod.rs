@@ -8,6 +8,7 @@ use edgeshift_common::service::LogFormat;
 
 mod agent;
 mod args;
+mod cluster;
 pub mod config;
 mod dirty;
 mod fetch;
@@ -60,6 +61,7 @@ pub enum Command {
     /// Run, list and stop VMs on this edge.
     Vm(vm::Args),
     Migrate(migrate::Args),
+    Cluster(cluster::Args),
 }
 
 impl Cli {
@@ -84,6 +86,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dirty(a) => dirty::run(a),
         Command::Vm(a) => vm::run(a),
         Command::Migrate(a) => migrate::run(a),
+        Command::Cluster(a) => cluster::run(a),
     }
 }
 

@@ -10,14 +10,13 @@ use edgeshift_agent::coordination::fetch::pin_image;
 use edgeshift_agent::migrate::coord::release_source;
 use edgeshift_agent::store::{ChunkStore, LocalStore};
 use edgeshift_agent::transfer::fetch::Fetcher;
-use edgeshift_agent::transfer::ClusterKey;
 use edgeshift_agent::vm::state::is_running;
 use edgeshift_agent::vm::{
     self, AccelChoice, Hypervisor, LaunchConfig, NetSpec, Qemu, StateDir, VmRecord, VmSpec,
 };
 use edgeshift_common::{parse_size, Fingerprint};
 
-use crate::cli::args::{CoordinatorArgs, IdArgs, OptionalClusterArgs, StateArgs};
+use crate::cli::args::{ClusterArgs, CoordinatorArgs, IdArgs, StateArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -73,7 +72,7 @@ struct RunArgs {
     #[arg(long = "peer")]
     peers: Vec<std::net::SocketAddr>,
     #[command(flatten)]
-    cluster: OptionalClusterArgs,
+    cluster: ClusterArgs,
     /// Guest memory (e.g. 256MiB).
     #[arg(long, default_value = "256MiB")]
     memory: String,
@@ -163,7 +162,7 @@ fn parse_id(s: &str) -> anyhow::Result<Fingerprint> {
     Ok(Fingerprint(arr))
 }
 
-fn run_vm(a: RunArgs) -> anyhow::Result<()> {
+fn run_vm(mut a: RunArgs) -> anyhow::Result<()> {
     vm::check_name(&a.name)?;
     let memory = parse_size(&a.memory).with_context(|| format!("--memory {}", a.memory))?;
     anyhow::ensure!(
@@ -184,16 +183,11 @@ fn run_vm(a: RunArgs) -> anyhow::Result<()> {
             .with_context(|| format!("opening store {}", a.store.display()))?,
     );
     if !a.peers.is_empty() {
-        let key_file = a
+        let trust = a
             .cluster
-            .cluster_key_file
-            .as_ref()
-            .context("--peer needs --cluster-key-file")?;
-        let fetcher = Fetcher::new(
-            Arc::clone(&store),
-            a.peers.clone(),
-            ClusterKey::from_file(key_file)?,
-        );
+            .trust()
+            .context("--peer needs this edge's cluster credentials")?;
+        let fetcher = Fetcher::new(Arc::clone(&store), a.peers.clone(), trust);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -218,7 +212,7 @@ fn run_vm(a: RunArgs) -> anyhow::Result<()> {
         a.image
     );
     a.coord.refuse_token_file()?;
-    let coord = a.coord.config(&a.cluster.id);
+    let coord = a.coord.config(&a.cluster.id, a.cluster.coordinator_tls());
     if let Some(c) = &coord {
         let client = c.client()?;
         client
@@ -397,7 +391,7 @@ fn stop(a: StopArgs) -> anyhow::Result<()> {
         a.name,
         rec.image_path.display()
     );
-    if let Some(c) = a.coord.config(&a.id) {
+    if let Some(c) = a.coord.config(&a.id, Some(CoordinatorArgs::default_tls())) {
         // The VM is gone whatever the coordinator says; say what was left.
         for left in release_source(&c, &sd, &rec.store, &a.name, &rec.manifest_id) {
             eprintln!("warning: left at the coordinator: {left}");

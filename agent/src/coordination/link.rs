@@ -21,7 +21,7 @@ use super::pins::{GcOutcome, LocalPins};
 use super::CoordError;
 use crate::store::{ChunkStore, ChunkUses, LocalStore};
 use crate::transfer::fetch::{ChunkWant, FetchOptions, Fetcher};
-use crate::transfer::ClusterKey;
+use crate::transfer::Trust;
 
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
@@ -50,7 +50,7 @@ pub struct Link {
     cfg: LinkConfig,
     store: Arc<LocalStore>,
     pins: LocalPins,
-    key: Option<ClusterKey>,
+    trust: Option<Trust>,
     /// Chunks the coordinator has been told about; None = must (re)connect.
     reported: Option<HashSet<Fingerprint>>,
     published: HashSet<ManifestId>,
@@ -106,7 +106,7 @@ impl Link {
         client: Client,
         cfg: LinkConfig,
         store: Arc<LocalStore>,
-        key: Option<ClusterKey>,
+        trust: Option<Trust>,
     ) -> Result<Self, CoordError> {
         let pins = LocalPins::for_store(&store)?;
         Ok(Link {
@@ -114,7 +114,7 @@ impl Link {
             cfg,
             store,
             pins,
-            key,
+            trust,
             reported: None,
             published: HashSet::new(),
             busy: Arc::new(Mutex::new(HashSet::new())),
@@ -237,7 +237,7 @@ impl Link {
     }
 
     fn prefetch(&mut self, orders: &Orders) -> Result<u64, CoordError> {
-        let Some(key) = self.key.clone() else {
+        let Some(trust) = self.trust.clone() else {
             tracing::debug!("prefetch order ignored: no cluster key to talk to peers");
             return Ok(0);
         };
@@ -276,11 +276,7 @@ impl Link {
             b.extend(wants.iter().map(|w| w.fp));
         }
         let fps: Vec<Fingerprint> = wants.iter().map(|w| w.fp).collect();
-        let opts = FetchOptions {
-            id: self.cfg.edge.clone(),
-            ..FetchOptions::default()
-        };
-        let fetcher = Fetcher::with_options(self.store.clone(), peers, key, opts);
+        let fetcher = Fetcher::with_options(self.store.clone(), peers, trust, FetchOptions::default());
         if self.rt.is_none() {
             self.rt = Some(
                 tokio::runtime::Builder::new_current_thread()
@@ -411,7 +407,7 @@ pub fn start(
     edge: &str,
     listen: SocketAddr,
     store: Arc<LocalStore>,
-    key: ClusterKey,
+    trust: Trust,
 ) -> Result<LinkHandle, CoordError> {
     let client = Client::new(url, tls)?;
     let cfg = LinkConfig {
@@ -421,7 +417,7 @@ pub fn start(
         interval: Duration::from_secs(5),
     };
     tracing::info!(coordinator = %url, advertise = %cfg.advertise, capacity, "coordinator link starting");
-    let mut link = Link::new(client, cfg, store, Some(key))?;
+    let mut link = Link::new(client, cfg, store, Some(trust))?;
     // The first exchange before the daemon says it is ready, so that its
     // readiness says whether the coordinator was reached.
     let first_step = link.step().err().map(|e| e.to_string());

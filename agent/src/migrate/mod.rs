@@ -11,6 +11,7 @@
 //! - [`coord`]: the coordinator's part: the plan (step 1) and the reference
 //!   counts that move with the VM (step 5).
 
+pub mod channel;
 pub mod coord;
 pub mod destination;
 mod image_writer;

@@ -1,6 +1,8 @@
-//! The migration control channel: framed postcard messages over TCP after a
-//! mutual keyed-BLAKE3 challenge–response (the cluster key; the proofs are
-//! the data plane's, [`edgeshift_common::wire::auth_proof`]).
+//! The migration control channel's messages: framed postcard over mutual
+//! TLS ([`super::channel`]), or, under `--insecure-plaintext` (tests only),
+//! over plaintext after a mutual keyed-BLAKE3 challenge–response (the
+//! cluster key; the proofs are the data plane's,
+//! [`edgeshift_common::wire::auth_proof`]).
 //!
 //! A frame is a fixed [`ControlHeader`] (magic, body length) and a postcard
 //! body. One request, one response, in order.
@@ -168,7 +170,7 @@ fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> MigrateError {
 }
 
 /// Writes one frame.
-pub fn send<T: Serialize>(s: &mut TcpStream, msg: &T) -> Result<(), MigrateError> {
+pub fn send<T: Serialize, S: Write>(s: &mut S, msg: &T) -> Result<(), MigrateError> {
     let body = postcard::to_allocvec(msg).map_err(|e| MigrateError::Protocol(e.to_string()))?;
     let len = u32::try_from(body.len()).map_err(|_| MigrateError::Protocol("message too large".into()))?;
     let h = ControlHeader {
@@ -180,7 +182,7 @@ pub fn send<T: Serialize>(s: &mut TcpStream, msg: &T) -> Result<(), MigrateError
 }
 
 /// Reads one frame of at most `max` bytes.
-pub fn recv_max<T: DeserializeOwned>(s: &mut TcpStream, max: u32) -> Result<T, MigrateError> {
+pub fn recv_max<T: DeserializeOwned, S: Read>(s: &mut S, max: u32) -> Result<T, MigrateError> {
     let mut hb = [0u8; std::mem::size_of::<ControlHeader>()];
     s.read_exact(&mut hb).map_err(io("receive"))?;
     let h =
@@ -199,7 +201,7 @@ pub fn recv_max<T: DeserializeOwned>(s: &mut TcpStream, max: u32) -> Result<T, M
     postcard::from_bytes(&body).map_err(|e| MigrateError::Protocol(format!("undecodable message: {e}")))
 }
 
-pub fn recv<T: DeserializeOwned>(s: &mut TcpStream) -> Result<T, MigrateError> {
+pub fn recv<T: DeserializeOwned, S: Read>(s: &mut S) -> Result<T, MigrateError> {
     recv_max(s, MAX_BODY)
 }
 
@@ -271,7 +273,7 @@ pub fn connect_auth(
 
 /// Sends a request and reads its response; a [`Response::Error`] becomes
 /// [`MigrateError::Remote`].
-pub fn call(s: &mut TcpStream, req: &Request) -> Result<Response, MigrateError> {
+pub fn call<S: Read + Write>(s: &mut S, req: &Request) -> Result<Response, MigrateError> {
     send(s, req)?;
     match recv(s)? {
         Response::Error(e) => Err(MigrateError::Remote(e)),
@@ -318,9 +320,9 @@ mod tests {
         let addr = l.local_addr().expect("addr");
         let t = std::thread::spawn(move || {
             let (mut s, _) = l.accept().expect("accept");
-            let r1 = recv_max::<Request>(&mut s, 16);
+            let r1 = recv_max::<Request, _>(&mut s, 16);
             let (mut s2, _) = l.accept().expect("accept");
-            let r2 = recv::<Request>(&mut s2);
+            let r2 = recv::<Request, _>(&mut s2);
             (r1.is_err(), r2.is_err())
         });
         let mut c = TcpStream::connect(addr).expect("connect");

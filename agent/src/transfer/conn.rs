@@ -1,7 +1,8 @@
 //! Frames on a TCP stream, and the authentication exchange.
 //!
-//! Authentication (both directions, before any manifest or chunk flows):
-//! the client sends `Hello{client_nonce, client_id}`; the server answers
+//! Under `--insecure-plaintext` only (tests; TLS is the product's
+//! authentication, `super::trust`), authentication (both directions, before
+//! any manifest or chunk flows): the client sends `Hello{client_nonce, client_id}`; the server answers
 //! `Challenge{server_nonce, server_proof, server_id}` where `server_proof`
 //! is the keyed BLAKE3 of the client's nonce (role "server"); the client
 //! checks it (a server without the key is left at once) and sends
@@ -197,13 +198,7 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let f = read_frame(s, MAX_AUTH_FRAME_LEN, None).await?;
     if f.kind != FrameKind::Hello {
-        let _ = s
-            .write_all(&wire::encode_error(
-                0,
-                error_code::UNEXPECTED,
-                "expected a hello frame",
-            ))
-            .await;
+        // Nothing is answered to an unauthenticated peer (docs/wire.md).
         return Err(fail(format!("first frame was {:?}, not a hello", f.kind)));
     }
     let (hello, client_id) = wire::decode_hello(&f.body)?;

@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use super::conn::{client_handshake, AUTH_TIMEOUT};
-use super::{default_node_id, ClusterKey, TransferError};
+use super::conn::AUTH_TIMEOUT;
+use super::stream::PeerStream;
+use super::trust::{secure_client, Trust};
+use super::TransferError;
 
 /// How to reach a peer and how long to wait on it.
 #[derive(Debug, Clone)]
 pub struct DialOptions {
-    /// Our node id, sent in the hello.
-    pub id: String,
     pub connect_timeout: Duration,
     /// A request with nothing received for this long is given up.
     pub stall_timeout: Duration,
@@ -24,29 +24,27 @@ pub struct DialOptions {
 impl Default for DialOptions {
     fn default() -> Self {
         DialOptions {
-            id: default_node_id(),
             connect_timeout: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(10),
         }
     }
 }
 
-/// Connects and authenticates; returns the stream and the peer's id.
+/// Connects and authenticates; returns the stream and the peer's name.
 pub(crate) async fn connect(
     addr: SocketAddr,
-    key: &ClusterKey,
+    trust: &Trust,
     opts: &DialOptions,
-) -> Result<(TcpStream, String), TransferError> {
-    let mut sock = tokio::time::timeout(opts.connect_timeout, TcpStream::connect(addr))
+) -> Result<(PeerStream, String), TransferError> {
+    let sock = tokio::time::timeout(opts.connect_timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| TransferError::Timeout("connecting"))??;
     let _ = sock.set_nodelay(true);
-    let label = addr.to_string();
-    let id = tokio::time::timeout(AUTH_TIMEOUT, client_handshake(&mut sock, key, &opts.id, &label))
+    let id = tokio::time::timeout(AUTH_TIMEOUT, secure_client(trust, sock, addr))
         .await
         .map_err(|_| TransferError::Timeout("authenticating"))?;
     match id {
-        Ok(id) => Ok((sock, id)),
+        Ok(authenticated) => Ok(authenticated),
         Err(e) => {
             metrics::counter!("edgeshift_auth_failures_total", "side" => "client").increment(1);
             Err(e)

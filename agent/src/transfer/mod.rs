@@ -12,15 +12,24 @@
 //!   migration's rounds).
 //! - [`dial`]: connecting and authenticating to a peer, under all three
 //!   client modules above.
+//! - [`trust`]: mutual TLS with the cluster's certificates (or, for tests
+//!   only, the cluster key's handshake on plaintext) and [`stream`], the
+//!   connection type either gives.
 //!
 //! The protocol and its choices are described in `docs/wire.md`.
 
+pub mod admission;
 pub mod conn;
 pub mod dial;
 pub mod fetch;
 pub mod peer;
 pub mod pool;
 pub mod server;
+pub mod stream;
+pub mod trust;
+
+pub use stream::PeerStream;
+pub use trust::Trust;
 
 use std::path::{Path, PathBuf};
 

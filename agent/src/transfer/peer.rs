@@ -8,32 +8,33 @@ use std::net::SocketAddr;
 use edgeshift_common::wire::{self, FrameKind, MAX_CHUNK_LEN, MAX_FRAME_LEN};
 use edgeshift_common::{Fingerprint, Manifest, ManifestId};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use super::conn::{read_frame, unexpected, Frame};
 use super::dial::{connect, DialOptions};
-use super::{ClusterKey, TransferError};
+use super::stream::PeerStream;
+use super::trust::Trust;
+use super::TransferError;
 use crate::store::StoreError;
 
 /// One authenticated connection to a peer agent.
 pub struct PeerStore {
     addr: SocketAddr,
     peer_id: String,
-    sock: TcpStream,
+    sock: PeerStream,
     next_request: u64,
     opts: DialOptions,
 }
 
 impl PeerStore {
-    /// Connects and authenticates (both ways) with the cluster key. `opts`
-    /// may be [`DialOptions`] or a fetch's options.
+    /// Connects and authenticates (both ways) per `trust`. `opts` may be
+    /// [`DialOptions`] or a fetch's options.
     pub async fn connect(
         addr: SocketAddr,
-        key: &ClusterKey,
+        trust: &Trust,
         opts: impl Into<DialOptions>,
     ) -> Result<Self, TransferError> {
         let opts = opts.into();
-        let (sock, peer_id) = connect(addr, key, &opts).await?;
+        let (sock, peer_id) = connect(addr, trust, &opts).await?;
         Ok(PeerStore {
             addr,
             peer_id,
@@ -43,7 +44,7 @@ impl PeerStore {
         })
     }
 
-    /// The id the peer announced.
+    /// The peer's name: from its certificate (or, insecure, its hello).
     pub fn peer_id(&self) -> &str {
         &self.peer_id
     }

@@ -9,19 +9,20 @@
 //! connection the probe opened.
 
 use std::collections::HashMap;
-use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
-use tokio::net::TcpStream;
-
 use super::dial::{connect, DialOptions};
-use super::{ClusterKey, TransferError};
+use super::stream::PeerStream;
+use super::trust::Trust;
+use super::TransferError;
 
-/// Idle, authenticated connections by peer address, with the peer's id.
+/// Idle, authenticated connections by peer address, with the peer's name.
+/// They stay registered with the runtime that opened them: the pool serves
+/// one runtime (the agent's, or one `edgeshift migrate`'s).
 #[derive(Debug, Default)]
 pub struct ConnPool {
-    idle: Mutex<HashMap<SocketAddr, Vec<(std::net::TcpStream, String)>>>,
+    idle: Mutex<HashMap<SocketAddr, Vec<(PeerStream, String)>>>,
 }
 
 impl ConnPool {
@@ -31,22 +32,18 @@ impl ConnPool {
 
     /// An idle connection to `addr` the peer has not closed meanwhile (a
     /// closed one, or one with bytes nobody asked for, is dropped).
-    fn take(&self, addr: &SocketAddr) -> Option<(std::net::TcpStream, String)> {
+    fn take(&self, addr: &SocketAddr) -> Option<(PeerStream, String)> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(addr)?;
         while let Some((sock, id)) = list.pop() {
-            let mut probe = [0u8; 1];
-            // The socket is non-blocking (tokio's `into_std` leaves it so):
-            // nothing to read is the only state of a healthy idle connection.
-            match sock.peek(&mut probe) {
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Some((sock, id)),
-                _ => continue,
+            if sock.is_idle_and_open() {
+                return Some((sock, id));
             }
         }
         None
     }
 
-    fn put(&self, addr: SocketAddr, sock: std::net::TcpStream, id: String) {
+    fn put(&self, addr: SocketAddr, sock: PeerStream, id: String) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.entry(addr).or_default().push((sock, id));
     }
@@ -63,25 +60,18 @@ impl ConnPool {
 pub(crate) async fn checkout(
     pool: Option<&ConnPool>,
     addr: SocketAddr,
-    key: &ClusterKey,
+    trust: &Trust,
     opts: &DialOptions,
-) -> Result<(TcpStream, String), TransferError> {
-    if let Some((sock, id)) = pool.and_then(|p| p.take(&addr)) {
-        match TcpStream::from_std(sock) {
-            Ok(s) => return Ok((s, id)),
-            Err(e) => {
-                tracing::debug!(peer = %addr, error = %e, "pooled connection unusable; connecting anew")
-            }
-        }
+) -> Result<(PeerStream, String), TransferError> {
+    if let Some(found) = pool.and_then(|p| p.take(&addr)) {
+        return Ok(found);
     }
-    connect(addr, key, opts).await
+    connect(addr, trust, opts).await
 }
 
 /// Gives a connection with nothing outstanding on it back to `pool`.
-pub(crate) fn checkin(pool: Option<&ConnPool>, addr: SocketAddr, sock: TcpStream, id: String) {
+pub(crate) fn checkin(pool: Option<&ConnPool>, addr: SocketAddr, sock: PeerStream, id: String) {
     if let Some(p) = pool {
-        if let Ok(s) = sock.into_std() {
-            p.put(addr, s, id);
-        }
+        p.put(addr, sock, id);
     }
 }

@@ -1,10 +1,11 @@
 //! The chunk server inside `edgeshift agent`.
 //!
-//! One task per connection: authenticate, then answer manifest and chunk
-//! requests in order. An uncompressed chunk goes from its store file to the
-//! socket with `sendfile(2)`: the kernel moves page-cache pages to the socket
-//! and the bytes never enter user space (see docs/wire.md for why sendfile
-//! rather than io_uring). A chunk is compressed with zstd only when the client
+//! One task per connection: authenticate (mutual TLS, [`super::trust`]),
+//! then answer manifest and chunk requests in order. An uncompressed chunk
+//! goes over TLS as one large write from a reused buffer the chunk file is
+//! read into (page cache → buffer → rustls seals it in place); over the
+//! test-only plaintext transport it goes from the file to the socket with
+//! `sendfile(2)` (docs/wire.md has the figures behind both). A chunk is compressed with zstd only when the client
 //! allows it and doing so makes it arrive sooner on that client's path. A
 //! chunk asked for together with the version the client holds (a delta
 //! request) goes as the 4 KiB blocks that differ, when those are at most
@@ -22,17 +23,20 @@ use edgeshift_common::wire::{self, error_code, FrameKind, MAX_CHUNK_LEN, MAX_FRA
 use edgeshift_common::Fingerprint;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
+
+use super::stream::PeerStream;
+use super::trust::{secure_server, Trust};
 use tracing::{debug, info, warn};
 
-use super::conn::{read_frame, server_handshake, AUTH_TIMEOUT};
-use super::{ClusterKey, TransferError};
+use super::admission::{sanitize, Admission, RateLimitedLog, Ticket, ACCEPT_BACKOFF};
+use super::conn::{read_body_into, read_header, Frame, AUTH_TIMEOUT};
+use super::TransferError;
 use crate::store::{ChunkUses, LocalStore};
 
-/// What a server needs: its id, the cluster key and the store it serves.
+/// What a server needs: how peers authenticate and the store it serves.
 #[derive(Debug)]
 pub struct ServerConfig {
-    pub id: String,
-    pub key: ClusterKey,
+    pub trust: Trust,
     pub store: Arc<LocalStore>,
     pub zstd: ZstdPolicy,
     /// Where served chunks are noted for the coordinator's LRU/LFU ranking
@@ -90,16 +94,37 @@ impl ZstdPolicy {
 }
 
 /// Accepts connections until the listener fails; one task per peer.
+///
+/// An accept error (EMFILE under a flood) pauses the loop instead of ending
+/// it; a connection beyond the handshake bounds ([`super::admission`]) is
+/// closed at once, before it costs a handshake.
 pub async fn serve(listener: TcpListener, cfg: Arc<ServerConfig>) -> Result<(), TransferError> {
+    let admission = Arc::new(Admission::for_this_process());
     loop {
-        let (sock, addr) = listener.accept().await?;
+        let (sock, addr) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(suppressed) = ACCEPT_ERRORS.allow() {
+                    warn!(error = %e, suppressed, "accepting a peer failed; pausing");
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Some(ticket) = admission.admit(addr.ip()) else {
+            metrics::counter!("edgeshift_preauth_refused_total").increment(1);
+            continue;
+        };
         let _ = sock.set_nodelay(true);
         let cfg = cfg.clone();
         tokio::spawn(async move {
-            handle_connection(sock, addr, cfg).await;
+            handle_connection(sock, addr, cfg, ticket).await;
         });
     }
 }
+
+static ACCEPT_ERRORS: RateLimitedLog = RateLimitedLog::new();
+static PREAUTH_FAILURES: RateLimitedLog = RateLimitedLog::new();
 
 /// Per-connection compression bookkeeping: after repeated chunks that did not
 /// shrink enough, only every 16th is tried (incompressible images waste no CPU).
@@ -109,31 +134,45 @@ struct ZstdState {
     skipped: u32,
 }
 
-async fn handle_connection(mut sock: TcpStream, addr: SocketAddr, cfg: Arc<ServerConfig>) {
-    let label = addr.to_string();
-    let peer = match tokio::time::timeout(
-        AUTH_TIMEOUT,
-        server_handshake(&mut sock, &cfg.key, &cfg.id, &label),
-    )
-    .await
-    {
-        Ok(Ok(id)) => id,
-        Ok(Err(e)) => {
-            warn!(peer = %addr, error = %e, "peer failed authentication; dropped");
-            metrics::counter!("edgeshift_auth_failures_total", "side" => "server").increment(1);
-            return;
-        }
-        Err(_) => {
-            warn!(peer = %addr, "peer did not authenticate in time; dropped");
-            metrics::counter!("edgeshift_auth_failures_total", "side" => "server").increment(1);
-            return;
-        }
-    };
+/// What a connection keeps between chunks.
+#[derive(Default)]
+struct ConnScratch {
+    zstd: ZstdState,
+    /// The last request's body buffer, reused.
+    request: Vec<u8>,
+    /// A chunk frame (prefix and bytes) for TLS, reused: no page faults of
+    /// a fresh allocation per chunk.
+    frame: Vec<u8>,
+}
+
+async fn handle_connection(sock: TcpStream, addr: SocketAddr, cfg: Arc<ServerConfig>, ticket: Ticket) {
+    let (mut sock, peer) =
+        match tokio::time::timeout(AUTH_TIMEOUT, secure_server(&cfg.trust, sock, addr)).await {
+            Ok(Ok(authenticated)) => authenticated,
+            Ok(Err(e)) => {
+                if let Some(suppressed) = PREAUTH_FAILURES.allow() {
+                    warn!(peer = %addr, error = %e, suppressed, "peer failed authentication; dropped");
+                }
+                metrics::counter!("edgeshift_auth_failures_total", "side" => "server").increment(1);
+                return;
+            }
+            Err(_) => {
+                if let Some(suppressed) = PREAUTH_FAILURES.allow() {
+                    warn!(peer = %addr, suppressed, "peer did not authenticate in time; dropped");
+                }
+                metrics::counter!("edgeshift_auth_failures_total", "side" => "server").increment(1);
+                return;
+            }
+        };
+    drop(ticket);
+    // The name is the certificate's (checked against identity::check_name),
+    // or in plaintext mode whatever the peer said: made safe either way.
+    let peer = sanitize(&peer);
     info!(peer = %addr, id = %peer, "peer authenticated");
-    let mut zstate = ZstdState::default();
+    let mut scratch = ConnScratch::default();
     let mut idle_since = Instant::now();
     loop {
-        let frame = match read_frame(&mut sock, MAX_FRAME_LEN, None).await {
+        let frame = match read_request(&mut sock, &mut scratch.request).await {
             Ok(f) => f,
             Err(TransferError::Closed) => {
                 debug!(peer = %addr, "peer closed the connection");
@@ -148,6 +187,10 @@ async fn handle_connection(mut sock: TcpStream, addr: SocketAddr, cfg: Arc<Serve
                     error_code::MALFORMED
                 };
                 let _ = sock.write_all(&wire::encode_error(0, code, &e.to_string())).await;
+                return;
+            }
+            Err(TransferError::Timeout(what)) => {
+                warn!(peer = %addr, id = %peer, "request not received in {REQUEST_DEADLINE:?} ({what}); connection dropped");
                 return;
             }
             Err(e) => {
@@ -189,7 +232,7 @@ async fn handle_connection(mut sock: TcpStream, addr: SocketAddr, cfg: Arc<Serve
                                 base.as_ref(),
                                 zstd_ok,
                                 path_rate,
-                                &mut zstate,
+                                &mut scratch,
                             )
                             .await;
                             if r.is_err() {
@@ -218,8 +261,32 @@ async fn handle_connection(mut sock: TcpStream, addr: SocketAddr, cfg: Arc<Serve
             }
             return;
         }
+        scratch.request = frame.body;
         idle_since = Instant::now();
     }
+}
+
+/// Most time a request's body may take to arrive once its header has: a
+/// peer trickling a byte a second is dropped (issue 21, finding 6). An
+/// idle connection between requests has no deadline (pooled ones are idle).
+const REQUEST_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Reads one request: its announced length is checked against what that
+/// kind of request can hold before anything is allocated, and its body
+/// must arrive within [`REQUEST_DEADLINE`].
+async fn read_request(sock: &mut PeerStream, buf: &mut Vec<u8>) -> Result<Frame, TransferError> {
+    let (header, kind) = read_header(sock, MAX_FRAME_LEN).await?;
+    let max = wire::max_request_body(kind);
+    if header.body_len() > max {
+        return Err(TransferError::Wire(wire::WireError::TooLong {
+            len: header.body_len(),
+            max,
+        }));
+    }
+    let body = std::mem::take(buf);
+    tokio::time::timeout(REQUEST_DEADLINE, read_body_into(sock, header, kind, None, body))
+        .await
+        .map_err(|_| TransferError::Timeout("the body of a request"))?
 }
 
 /// `asks` with the chunks a publish in progress names but has not placed
@@ -252,7 +319,7 @@ fn publishing_last(
 /// Answers a holdings query: which of `fps` this store holds (a chunk that
 /// cannot be checked counts as not held; the client then asks elsewhere).
 async fn send_holdings(
-    sock: &mut TcpStream,
+    sock: &mut PeerStream,
     cfg: &ServerConfig,
     rid: u64,
     fps: Vec<Fingerprint>,
@@ -280,7 +347,7 @@ async fn send_holdings(
 }
 
 async fn send_manifest(
-    sock: &mut TcpStream,
+    sock: &mut PeerStream,
     cfg: &ServerConfig,
     rid: u64,
     id: &Fingerprint,
@@ -314,7 +381,7 @@ async fn send_manifest(
 /// chunk, else the whole chunk (zstd-compressed when that arrives sooner).
 #[allow(clippy::too_many_arguments)]
 async fn send_chunk(
-    sock: &mut TcpStream,
+    sock: &mut PeerStream,
     cfg: &ServerConfig,
     peer: &str,
     rid: u64,
@@ -322,8 +389,9 @@ async fn send_chunk(
     base: Option<&Fingerprint>,
     zstd_ok: bool,
     path_rate: u64,
-    zstate: &mut ZstdState,
+    scratch: &mut ConnScratch,
 ) -> Result<(), TransferError> {
+    let zstate = &mut scratch.zstd;
     let path = cfg.store.chunk_path(fp);
     let file = match open_chunk_file(cfg, &path, fp).await {
         Ok(f) => f,
@@ -419,9 +487,28 @@ async fn send_chunk(
         }
     } else {
         let prefix = wire::encode_chunk_prefix(rid, fp, len32, len32, false);
-        sock.write_all(&prefix).await?;
-        // sendfile reads from offset 0 whatever the file's position.
-        sendfile_all(sock, &file, len).await?;
+        match sock {
+            PeerStream::Plain(tcp) => {
+                tcp.write_all(&prefix).await?;
+                // sendfile reads from offset 0 whatever the file's position.
+                sendfile_all(tcp, &file, len).await?;
+            }
+            PeerStream::Tls(_) => {
+                // Prefix and bytes in one buffer and one write: rustls seals
+                // it into full-size records (docs/wire.md, TLS costs). The
+                // read is a page-cache copy of at most one chunk, done
+                // inline like the open above.
+                let frame = &mut scratch.frame;
+                frame.clear();
+                frame.extend_from_slice(&prefix);
+                frame.resize(prefix.len() + len as usize, 0);
+                match read {
+                    Some(bytes) => frame[prefix.len()..].copy_from_slice(&bytes),
+                    None => file.read_exact_at(&mut frame[prefix.len()..], 0)?,
+                }
+                sock.write_all(frame).await?;
+            }
+        }
         len
     };
     served(cfg, peer, fp, wire_bytes);

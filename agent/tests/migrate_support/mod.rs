@@ -105,7 +105,14 @@ pub struct Cloud {
     pub hub: String,
     pub client_ns: String,
     pub edges: Vec<Edge>,
+    /// The cluster key, used only when `insecure` is set.
     pub key: PathBuf,
+    /// The test's throwaway cluster CA; every edge gets a certificate of it
+    /// named after the edge (SANs: its name and WAN address).
+    pub cluster: edgeshift_common::identity::ThrowawayCluster,
+    /// Run agents and migrations with `--insecure-plaintext` (TLS is on
+    /// unless a test sets this, e.g. to show what an eavesdropper sees).
+    pub insecure: bool,
     pub vm: TestVm,
     pub base_id: String,
     /// Namespaces, links and segments; torn down before `dir` goes.
@@ -128,6 +135,8 @@ impl Cloud {
             .expect("temp dir");
         let key = dir.path().join("cluster.key");
         std::fs::write(&key, hex::encode(rand_key())).expect("key");
+        let cluster =
+            edgeshift_common::identity::ThrowawayCluster::new(&dir.path().join("tls")).expect("cluster CA");
         let (tb, hub) = build_net(&tag, names, mbit);
         let wan = tb.segment(WAN).expect("WAN segment");
         let edges = names
@@ -153,6 +162,8 @@ impl Cloud {
             edges,
             tag,
             key,
+            cluster,
+            insecure: false,
             vm,
             base_id,
             tb,
@@ -219,8 +230,7 @@ impl Cloud {
                 "--store",
             ])
             .arg(&store)
-            .arg("--cluster-key-file")
-            .arg(&self.key)
+            .args(self.cred_args(edge))
             .arg("--state-dir")
             .arg(&state)
             .args(["--id", edge, "--no-zstd"])
@@ -307,11 +317,37 @@ impl Cloud {
             "--source-addr",
             &self.edge(from).chunk_addr(),
         ])
-        .arg("--cluster-key-file")
-        .arg(&self.key)
+        .args(self.cred_args(from))
         .arg("--state-dir")
         .arg(&self.edge(from).state);
         c
+    }
+
+    /// The flags that give `edge`'s agent or commands their credentials:
+    /// its certificate of the test's cluster, or the cluster key when
+    /// `insecure` is set.
+    pub fn cred_args(&self, edge: &str) -> Vec<String> {
+        if self.insecure {
+            return vec![
+                "--insecure-plaintext".into(),
+                "--cluster-key-file".into(),
+                self.key.display().to_string(),
+            ];
+        }
+        let sans = vec![self.edge(edge).wan_ip.clone()];
+        let f = self
+            .cluster
+            .files(edgeshift_common::identity::Role::Edge, edge, &sans)
+            .expect("edge certificate");
+        let path = |p: &std::path::Path| p.display().to_string();
+        vec![
+            "--tls-ca".into(),
+            path(&f.ca),
+            "--tls-cert".into(),
+            path(&f.cert),
+            "--tls-key".into(),
+            path(&f.key),
+        ]
     }
 
     /// Runs `edgeshift migrate` from `from` to `to` with extra args; returns

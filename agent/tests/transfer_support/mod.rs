@@ -86,11 +86,65 @@ pub fn assert_restores(id: &str, store: &Path, image: &Path) {
     let _ = std::fs::remove_file(out_path);
 }
 
-/// Writes a key file with 32 bytes of `byte`.
-pub fn write_key(dir: &Path, name: &str, byte: u8) -> PathBuf {
+/// Makes a throwaway cluster (its own CA) in directory `dir/name` with one
+/// edge certificate, `edge`, that every test agent and fetch of the cluster
+/// presents; returns the directory. Tests run with TLS on: a credentials
+/// path that is a directory means TLS ([`cred_args`]). `_byte` is kept from
+/// the cluster-key days: two calls always make two distinct clusters.
+pub fn write_key(dir: &Path, name: &str, _byte: u8) -> PathBuf {
+    let p = dir.join(name);
+    let cluster = edgeshift_common::identity::ThrowawayCluster::new(&p).expect("throwaway cluster");
+    cluster.edge_files("edge").expect("edge certificate");
+    p
+}
+
+/// Writes a cluster key file with 32 bytes of `byte`: for the tests of the
+/// test-only `--insecure-plaintext` handshake and frames after it.
+pub fn write_plain_key(dir: &Path, name: &str, byte: u8) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, format!("{}\n", hex::encode([byte; 32]))).expect("write key");
     p
+}
+
+/// The flags naming credentials `cred`: a throwaway cluster's directory
+/// ([`write_key`]) or an insecure key file ([`write_plain_key`]).
+pub fn cred_args(cred: &Path) -> Vec<std::ffi::OsString> {
+    if cred.is_dir() {
+        vec![
+            "--tls-ca".into(),
+            cred.join("ca.pem").into(),
+            "--tls-cert".into(),
+            cred.join("edge.pem").into(),
+            "--tls-key".into(),
+            cred.join("edge.key").into(),
+        ]
+    } else {
+        vec![
+            "--insecure-plaintext".into(),
+            "--cluster-key-file".into(),
+            cred.into(),
+        ]
+    }
+}
+
+/// The library's view of credentials `cred` (see [`cred_args`]).
+pub fn trust_of(cred: &Path) -> edgeshift_agent::transfer::Trust {
+    use edgeshift_agent::transfer::{ClusterKey, Trust};
+    if cred.is_dir() {
+        let files = edgeshift_common::identity::TlsFiles {
+            ca: cred.join("ca.pem"),
+            cert: cred.join("edge.pem"),
+            key: cred.join("edge.key"),
+            crl: None,
+        };
+        let creds = edgeshift_common::identity::Credentials::load(&files).expect("credentials");
+        Trust::Tls(std::sync::Arc::new(creds))
+    } else {
+        Trust::InsecurePlaintext {
+            key: ClusterKey::from_file(cred).expect("key"),
+            id: "tester".into(),
+        }
+    }
 }
 
 /// A free TCP port on 127.0.0.1 (bound then released).
@@ -122,8 +176,7 @@ impl Agent {
     ) -> Agent {
         cmd.args(["agent", "--listen", listen, "--store"])
             .arg(store)
-            .arg("--cluster-key-file")
-            .arg(key);
+            .args(cred_args(key));
         if let Some(m) = metrics {
             cmd.arg("--metrics-listen").arg(m.to_string());
         }
@@ -209,8 +262,7 @@ pub fn metric(text: &str, name: &str, label_contains: &str) -> f64 {
 pub fn fetch_cmd(mut cmd: Command, id: &str, store: &Path, key: &Path, peers: &[SocketAddr]) -> Command {
     cmd.args(["fetch", id, "--json", "--stall-timeout", "3", "--store"])
         .arg(store)
-        .arg("--cluster-key-file")
-        .arg(key);
+        .args(cred_args(key));
     for p in peers {
         cmd.arg("--peer").arg(p.to_string());
     }

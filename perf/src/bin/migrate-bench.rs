@@ -148,7 +148,7 @@ fn client_gap(c: Option<&CounterClient>, t0: Instant) -> (Option<u64>, bool) {
 struct Bed {
     tb: Testbed,
     dir: tempfile::TempDir,
-    key: PathBuf,
+    creds: edgeshift_perf::creds::Creds,
     bin: PathBuf,
     daemons: Vec<Child>,
     vm_ip: String,
@@ -187,8 +187,7 @@ impl Bed {
             .arg("--no-zstd")
             .arg("--store")
             .arg(self.store(host))
-            .arg("--cluster-key-file")
-            .arg(&self.key)
+            .args(self.creds.args(host)?)
             .arg("--state-dir")
             .arg(self.state(host))
             .args(["--id", host]);
@@ -295,23 +294,15 @@ fn bed(tag: &str, a: &Args, bin: &Path) -> anyhow::Result<Bed> {
     let seg = tb.l2_segment("vmnet", &["src", "dst"], LinkSpec::default())?;
     let vm_ip = seg.guest_addr(10).context("guest address")?.to_string();
     let dir = tempfile::Builder::new().prefix("migrate-bench").tempdir()?;
-    let key = dir.path().join("key");
-    std::fs::write(&key, hex_key()?)?;
+    let creds = edgeshift_perf::creds::Creds::from_env(dir.path())?;
     Ok(Bed {
         tb,
+        creds,
         dir,
-        key,
         bin: bin.to_path_buf(),
         daemons: Vec::new(),
         vm_ip,
     })
-}
-
-fn hex_key() -> anyhow::Result<String> {
-    use std::io::Read;
-    let mut k = [0u8; 32];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut k)?;
-    Ok(k.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn copy_store(from: &Path, to: &Path) -> anyhow::Result<()> {
@@ -513,8 +504,7 @@ fn edgeshift_run(sc: &Scenario, a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result
         .args(["--source-addr", &format!("{}:{CHUNK_PORT}", b.addr("src")?)])
         .args(["--peer", &format!("{}:{CHUNK_PORT}", b.addr("n1")?)])
         .args(["--peer", &format!("{}:{CHUNK_PORT}", b.addr("n2")?)])
-        .arg("--cluster-key-file")
-        .arg(&b.key)
+        .args(b.creds.args("src")?)
         .arg("--state-dir")
         .arg(b.state("src"))
         .args(["--order", order, "--memory", memory, "--json", "--id", "src"])

@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use edgeshift_perf::creds::Creds;
 use edgeshift_testbed::iperf::{iperf3, Direction};
 use edgeshift_testbed::{LinkSpec, Testbed};
 use serde_json::{json, Value};
@@ -114,7 +115,7 @@ impl AgentProc {
         addr: Ipv4Addr,
         o: &Opts,
         store: &Path,
-        key: &Path,
+        creds: &Creds,
         log: &Path,
     ) -> Result<Self> {
         let mut cmd = tb.command(host, &o.bin);
@@ -127,8 +128,7 @@ impl AgentProc {
             "--store",
         ])
         .arg(store)
-        .arg("--cluster-key-file")
-        .arg(key)
+        .args(creds.args(host)?)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log)?);
         let mut child = cmd.spawn().context("spawn agent")?;
@@ -166,7 +166,7 @@ impl Drop for AgentProc {
 }
 
 /// One fetch into a fresh store; returns the fetch's JSON report plus its CPU seconds.
-fn fetch(tb: &Testbed, o: &Opts, id: &str, dst: &Path, key: &Path, peers: &[Ipv4Addr]) -> Result<Value> {
+fn fetch(tb: &Testbed, o: &Opts, id: &str, dst: &Path, creds: &Creds, peers: &[Ipv4Addr]) -> Result<Value> {
     // Deleting a previous store makes the file system discard and journal
     // in the background; finish that before the clock starts.
     let _ = std::fs::remove_dir_all(dst);
@@ -175,8 +175,7 @@ fn fetch(tb: &Testbed, o: &Opts, id: &str, dst: &Path, key: &Path, peers: &[Ipv4
     let mut cmd = tb.command("dst", &o.bin);
     cmd.args(["fetch", id, "--json", "--store"])
         .arg(dst)
-        .arg("--cluster-key-file")
-        .arg(key);
+        .args(creds.args("dst")?);
     for p in peers {
         cmd.arg("--peer").arg(format!("{p}:{AGENT_PORT}"));
     }
@@ -263,8 +262,10 @@ fn main() -> Result<()> {
     write_image(&image, o.size)?;
     let src = work.join("src");
     let id = slice(&o, &image, &src)?;
-    let key = work.join("key");
-    std::fs::write(&key, "6a".repeat(32))?;
+    // TLS, as edges run; the unthrottled pair also runs in the test-only
+    // plaintext mode, for what encryption costs (docs/wire.md).
+    let key = Creds::new(&work.join("creds-tls"), false)?;
+    let plain = Creds::new(&work.join("creds-plaintext"), true)?;
     let dst_disk = work.join("dst");
     let dst_tmpfs = PathBuf::from(format!(
         "/dev/shm/edgeshift-transfer-bench-{}",
@@ -383,13 +384,19 @@ fn main() -> Result<()> {
         // (docs/store.md). That is the file system's cost of the bench's own
         // cleanup, not of fetching.
         let dst_round = dst_disk.join(format!("round{}", round + 1));
-        for (label, dst) in [("disk", &dst_round), ("tmpfs", &dst_tmpfs)] {
+        let dst_round_plain = dst_disk.join(format!("round{}-plaintext", round + 1));
+        for (label, dst, creds) in [
+            ("disk", &dst_round, &key),
+            ("disk-plaintext", &dst_round_plain, &plain),
+            ("tmpfs", &dst_tmpfs, &key),
+            ("tmpfs-plaintext", &dst_tmpfs, &plain),
+        ] {
             // A fresh agent so its CPU time covers this fetch only.
             agents.remove(0).stop()?;
             let log = work.join("agent-p1-unthrottled.log");
-            agents.insert(0, AgentProc::start(&tb, "p1", peers[0], &o, &src, &key, &log)?);
+            agents.insert(0, AgentProc::start(&tb, "p1", peers[0], &o, &src, creds, &log)?);
             eprintln!("unthrottled pair, round {}: chunk fetch into {label}", round + 1);
-            let mut v = fetch(&tb, &o, &id, dst, &key, &peers[..1])?;
+            let mut v = fetch(&tb, &o, &id, dst, creds, &peers[..1])?;
             let server_cpu = agents.remove(0).stop()?;
             agents.insert(0, AgentProc::start(&tb, "p1", peers[0], &o, &src, &key, &log)?);
             let b = v["bytes_received"].as_f64().unwrap_or(0.0);
@@ -397,13 +404,14 @@ fn main() -> Result<()> {
             v["server_cpu_s_per_gib"] = json!(server_cpu / gib(b));
             v["client_cpu_s_per_gib"] = json!(v["cpu_seconds"].as_f64().unwrap_or(0.0) / gib(b));
             fetch_runs.push((label, v));
-            if label == "tmpfs" {
+            if label.starts_with("tmpfs") {
                 let _ = std::fs::remove_dir_all(dst);
             }
         }
     }
     for round in 0..o.rounds {
         let _ = std::fs::remove_dir_all(dst_disk.join(format!("round{}", round + 1)));
+        let _ = std::fs::remove_dir_all(dst_disk.join(format!("round{}-plaintext", round + 1)));
     }
     let median = |mut xs: Vec<f64>| -> f64 {
         xs.sort_by(|a, b| a.total_cmp(b));
@@ -413,7 +421,7 @@ fn main() -> Result<()> {
         |runs: &[Value], k: &str| median(runs.iter().map(|r| r[k].as_f64().unwrap_or(f64::NAN)).collect());
     let iperf_mbit = field(&iperf_runs, "mbit_per_s");
     let mut unthrottled = Vec::new();
-    for label in ["disk", "tmpfs"] {
+    for label in ["disk", "tmpfs", "disk-plaintext", "tmpfs-plaintext"] {
         let runs: Vec<Value> = fetch_runs
             .iter()
             .filter(|(l, _)| *l == label)
@@ -438,10 +446,18 @@ fn main() -> Result<()> {
             .unwrap_or(f64::NAN)
     };
     let cpu_ratio = cpu(0) / cpu(1);
+    let goodput = |i: usize| unthrottled[i]["goodput_mbit_per_s"].as_f64().unwrap_or(f64::NAN);
+    // Issue 21: TLS within 10 % of the plaintext goodput.
+    let tls_disk = goodput(0) / goodput(2);
+    let tls_tmpfs = goodput(1) / goodput(3);
     results["unthrottled_pair"] = json!({
         "fetch_cpu_disk_to_tmpfs": cpu_ratio,
         "target_fetch_cpu_disk_to_tmpfs": 1.5,
         "meets_cpu_target": cpu_ratio <= 1.5,
+        "tls_to_plaintext_goodput_disk": tls_disk,
+        "tls_to_plaintext_goodput_tmpfs": tls_tmpfs,
+        "target_tls_to_plaintext": 0.9,
+        "meets_tls_target": tls_disk >= 0.9 && tls_tmpfs >= 0.9,
         "rounds": o.rounds,
         "iperf3_mbit_per_s": iperf_mbit,
         "iperf3_server_cpu_s_per_gib": field(&iperf_runs, "server_cpu_s_per_gib"),

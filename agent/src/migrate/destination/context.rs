@@ -9,15 +9,16 @@ use super::drain::Connections;
 use crate::migrate::coord::CoordConfig;
 use crate::migrate::MigrateError;
 use crate::store::LocalStore;
-use crate::transfer::ClusterKey;
+use crate::transfer::Trust;
 use crate::vm::{Qemu, StateDir};
 
 /// What a destination needs.
 #[derive(Debug, Clone)]
 pub struct HostConfig {
     pub state_dir: PathBuf,
-    pub key: ClusterKey,
-    /// This edge's name in handshakes.
+    /// How sources and peers authenticate (the cluster credentials).
+    pub trust: Trust,
+    /// This edge's name (its certificate's, under TLS).
     pub id: String,
     pub qemu: Qemu,
     /// The coordinator that plans incoming VMs' sources and counts their

@@ -15,19 +15,33 @@ use std::time::Duration;
 
 use super::context::Host;
 use super::session::Session;
+use crate::migrate::channel;
 use crate::migrate::proto::{self, Request, Response};
 use crate::migrate::MigrateError;
+use crate::transfer::admission::{sanitize, Admission, RateLimitedLog, Ticket, ACCEPT_BACKOFF};
+
+static ACCEPT_ERRORS: RateLimitedLog = RateLimitedLog::new();
 
 /// Accepts control connections until the listener fails.
 pub async fn serve(host: Arc<Host>, listener: tokio::net::TcpListener) -> Result<(), MigrateError> {
     tracing::info!(addr = ?listener.local_addr().ok(), id = %host.cfg.id, "receiving migrations");
+    // Unauthenticated connections are bounded as the chunk server's are: a
+    // flood must not cost a thread (and a descriptor) per connection.
+    let admission = Arc::new(Admission::for_this_process());
     loop {
         let (conn, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
+                if let Some(suppressed) = ACCEPT_ERRORS.allow() {
+                    tracing::warn!(error = %e, suppressed, "accept failed; pausing");
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
+        };
+        let Some(ticket) = admission.admit(peer.ip()) else {
+            metrics::counter!("edgeshift_preauth_refused_total").increment(1);
+            continue;
         };
         let std_conn = conn.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s));
         let s = match std_conn {
@@ -45,7 +59,7 @@ pub async fn serve(host: Arc<Host>, listener: tokio::net::TcpListener) -> Result
         let spawned = std::thread::Builder::new()
             .name("migrate-control".into())
             .spawn(move || {
-                if let Err(e) = handle(host, s) {
+                if let Err(e) = handle(host, s, ticket) {
                     tracing::info!(%peer, error = %e, "control connection ended");
                 }
                 // Unregistered only once the session (and its incoming VM's
@@ -60,20 +74,25 @@ pub async fn serve(host: Arc<Host>, listener: tokio::net::TcpListener) -> Result
 
 /// Authenticates the source, then answers its requests in order until it
 /// hangs up; the session's incoming VM goes with it.
-fn handle(host: Arc<Host>, mut s: TcpStream) -> Result<(), MigrateError> {
+fn handle(host: Arc<Host>, s: TcpStream, ticket: Ticket) -> Result<(), MigrateError> {
     let _ = s.set_nodelay(true);
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| MigrateError::Channel(e.to_string()))?;
-    let peer = proto::accept_auth(&mut s, host.cfg.key.as_bytes(), &host.cfg.id)?;
+    let (mut s, peer) = channel::accept(s, &host.cfg.trust)?;
+    drop(ticket);
+    let peer = sanitize(&peer);
     // A migration can sit between requests while QEMU moves memory.
-    s.set_read_timeout(None)
+    s.tcp()
+        .set_read_timeout(None)
         .map_err(|e| MigrateError::Channel(e.to_string()))?;
     tracing::debug!(peer = %peer, "peer authenticated");
     let local_ip = s
+        .tcp()
         .local_addr()
         .map_err(|e| MigrateError::Channel(e.to_string()))?
         .ip();
     let peer_ip = s
+        .tcp()
         .peer_addr()
         .map_err(|e| MigrateError::Channel(e.to_string()))?
         .ip();

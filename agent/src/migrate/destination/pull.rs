@@ -172,11 +172,8 @@ impl Incoming {
         let fetcher = Fetcher::with_options(
             Arc::clone(&self.host.store),
             peers,
-            self.host.cfg.key.clone(),
-            FetchOptions {
-                id: self.host.cfg.id.clone(),
-                ..FetchOptions::default()
-            },
+            self.host.cfg.trust.clone(),
+            FetchOptions::default(),
         )
         .with_pool(Arc::clone(&self.conns));
         // This thread is the control connection's, outside the runtime:

@@ -129,7 +129,7 @@ impl Session {
 mod tests {
     use super::*;
     use crate::migrate::destination::context::HostConfig;
-    use crate::transfer::ClusterKey;
+    use crate::transfer::{ClusterKey, Trust};
     use crate::vm::{MemoryTransport, Qemu};
 
     fn session(dir: &std::path::Path, rt: &tokio::runtime::Runtime) -> Session {
@@ -137,7 +137,10 @@ mod tests {
         let host = Host::new(
             HostConfig {
                 state_dir: dir.join("vms"),
-                key: ClusterKey::from_bytes([3; 32]),
+                trust: Trust::InsecurePlaintext {
+                    key: ClusterKey::from_bytes([3; 32]),
+                    id: "dst".into(),
+                },
                 id: "dst".into(),
                 qemu: Qemu::default(),
                 coordinator: None,

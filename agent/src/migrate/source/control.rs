@@ -3,13 +3,13 @@
 //! so the phases never match [`Response`] variants. [`Destination`] is the
 //! seam the phases are written against; [`ControlClient`] is the real one.
 
-use std::net::TcpStream;
 use std::time::Duration;
 
+use crate::migrate::channel::{self, ControlStream};
 use crate::migrate::coord::PlanSummary;
 use crate::migrate::proto::{self, Fp, PullStats, Request, Response};
 use crate::migrate::MigrateError;
-use crate::transfer::ClusterKey;
+use crate::transfer::Trust;
 use crate::vm::{MemoryTransport, VmSpec};
 
 /// The answer to `Prepare`: what the destination's store lacks.
@@ -75,16 +75,18 @@ const ABORT_WAIT: Duration = Duration::from_secs(30);
 /// The authenticated control connection to a destination's listener.
 #[derive(Debug)]
 pub struct ControlClient {
-    stream: TcpStream,
+    stream: ControlStream,
 }
 
 impl ControlClient {
-    /// Connects to `addr` and authenticates both ways with `key`.
-    pub fn connect(addr: &str, key: &ClusterKey, own_id: &str) -> Result<Self, MigrateError> {
-        let stream = proto::connect_auth(addr, key.as_bytes(), own_id, CONNECT_WAIT)?;
+    /// Connects to `addr` and authenticates both ways per `trust`.
+    pub fn connect(addr: &str, trust: &Trust) -> Result<Self, MigrateError> {
+        let (stream, peer) = channel::connect(addr, trust, CONNECT_WAIT)?;
         stream
+            .tcp()
             .set_read_timeout(Some(ANSWER_WAIT))
             .map_err(|e| MigrateError::Channel(e.to_string()))?;
+        tracing::debug!(%peer, "control channel to the destination authenticated");
         Ok(ControlClient { stream })
     }
 
@@ -174,7 +176,7 @@ impl Destination for ControlClient {
     }
 
     fn abort(&mut self) -> Result<(), MigrateError> {
-        let _ = self.stream.set_read_timeout(Some(ABORT_WAIT));
+        let _ = self.stream.tcp().set_read_timeout(Some(ABORT_WAIT));
         self.call(&Request::Abort).map(|_| ())
     }
 }

@@ -129,13 +129,9 @@ pub fn migrate(
         setup_s = t0.elapsed().as_secs_f64(),
         "VM record, QMP session and boot manifest loaded"
     );
-    let (to, key, id) = (
-        session.opts.to.clone(),
-        session.opts.key.clone(),
-        session.opts.id.clone(),
-    );
+    let (to, trust) = (session.opts.to.clone(), session.opts.trust.clone());
     let connect = move || -> Result<Box<dyn Destination>, MigrateError> {
-        Ok(Box::new(ControlClient::connect(&to, &key, &id)?))
+        Ok(Box::new(ControlClient::connect(&to, &trust)?))
     };
     match session.drive(&mut qmp, &disk, &rec.spec, &boot, connect) {
         Ok(outcome) => {

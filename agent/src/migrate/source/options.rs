@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::migrate::coord::CoordConfig;
 use crate::migrate::report::{DiskHandoff, Phase};
 use crate::migrate::temperature::Ordering;
-use crate::transfer::ClusterKey;
+use crate::transfer::Trust;
 use crate::vm::MemoryTransport;
 
 /// What to migrate and how.
@@ -20,7 +20,8 @@ pub struct MigrateOptions {
     pub source_addr: String,
     /// Other holders (edges with some of the image's chunks).
     pub peers: Vec<String>,
-    pub key: ClusterKey,
+    /// How this edge and the destination authenticate each other.
+    pub trust: Trust,
     pub id: String,
     pub ordering: Ordering,
     /// Most pre-copy rounds after the first.

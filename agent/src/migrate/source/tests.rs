@@ -19,7 +19,7 @@ use super::{DiskHandoff, MigrateOptions, Outcome};
 use crate::migrate::report::{ChangedSinceBoot, Phase, ThrottleReport};
 use crate::migrate::temperature::Ordering;
 use crate::migrate::MigrateError;
-use crate::transfer::ClusterKey;
+use crate::transfer::{ClusterKey, Trust};
 use crate::vm::qemu::AccelChoice;
 use crate::vm::qmp::fake::{FakeQmp, FAKE_QDEV};
 use crate::vm::qmp::MigrationRam;
@@ -38,7 +38,10 @@ pub(super) fn opts() -> MigrateOptions {
         to: "10.0.0.2:7001".into(),
         source_addr: SOURCE.into(),
         peers: Vec::new(),
-        key: ClusterKey::from_bytes([1; 32]),
+        trust: Trust::InsecurePlaintext {
+            key: ClusterKey::from_bytes([1; 32]),
+            id: "edge-a".into(),
+        },
         id: "edge-a".into(),
         ordering: Ordering::ColdFirst,
         max_rounds: 5,

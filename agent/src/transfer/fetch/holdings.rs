@@ -19,7 +19,7 @@ use super::want::ChunkWant;
 use crate::transfer::conn::{read_frame, unexpected};
 use crate::transfer::dial::DialOptions;
 use crate::transfer::pool::{checkin, checkout, ConnPool};
-use crate::transfer::{ClusterKey, TransferError};
+use crate::transfer::{TransferError, Trust};
 
 /// Asks every peer at once which of `wants` it holds and narrows each
 /// want's sources to the peers that said yes (a peer that could not be
@@ -29,7 +29,7 @@ use crate::transfer::{ClusterKey, TransferError};
 /// peer lacks and lets the scheduler put exclusive chunks first.
 pub(crate) async fn narrow_to_holders(
     peers: &[SocketAddr],
-    key: &ClusterKey,
+    trust: &Trust,
     opts: &FetchOptions,
     pool: Option<&Arc<ConnPool>>,
     wants: &mut [ChunkWant],
@@ -42,12 +42,12 @@ pub(crate) async fn narrow_to_holders(
             .filter(|w| !w.fp.is_zero_chunk() && w.may_come_from(&addr))
             .map(|w| w.fp)
             .collect();
-        let key = key.clone();
+        let trust = trust.clone();
         let dial = opts.dial();
         let pool = pool.cloned();
         tasks.spawn(async move {
             let limit = dial.connect_timeout + Duration::from_secs(10);
-            let r = tokio::time::timeout(limit, query_holdings(addr, &key, &dial, &fps, pool.as_deref())).await;
+            let r = tokio::time::timeout(limit, query_holdings(addr, &trust, &dial, &fps, pool.as_deref())).await;
             let held = match r {
                 Ok(Ok(held)) => Some(held),
                 Ok(Err(e)) => {
@@ -102,12 +102,12 @@ pub(crate) async fn narrow_to_holders(
 /// [`wire::MAX_HAS`]), returns one answer per fingerprint.
 async fn query_holdings(
     addr: SocketAddr,
-    key: &ClusterKey,
+    trust: &Trust,
     dial: &DialOptions,
     fps: &[Fingerprint],
     pool: Option<&ConnPool>,
 ) -> Result<Vec<bool>, TransferError> {
-    let (mut sock, id) = checkout(pool, addr, key, dial).await?;
+    let (mut sock, id) = checkout(pool, addr, trust, dial).await?;
     let mut held = Vec::with_capacity(fps.len());
     for (n, part) in fps.chunks(wire::MAX_HAS).enumerate() {
         let rid = n as u64 + 1;

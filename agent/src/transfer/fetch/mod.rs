@@ -56,14 +56,14 @@ use self::schedule::{ChunkIdx, PeerIdx, PeerSet, Sched};
 use self::writer::spawn_writer;
 use super::peer::PeerStore;
 use super::pool::ConnPool;
-use super::{ClusterKey, TransferError};
+use super::{TransferError, Trust};
 use crate::store::{ChunkStore, LocalStore, StoreError};
 
 /// Fetches manifests and chunks from a set of peers into a local store.
 pub struct Fetcher {
     store: Arc<LocalStore>,
     peers: Vec<SocketAddr>,
-    key: ClusterKey,
+    trust: Trust,
     opts: FetchOptions,
     progress: Arc<FetchProgress>,
     /// Connections kept between fetches (see [`ConnPool`]).
@@ -71,20 +71,20 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    pub fn new(store: Arc<LocalStore>, peers: Vec<SocketAddr>, key: ClusterKey) -> Self {
-        Self::with_options(store, peers, key, FetchOptions::default())
+    pub fn new(store: Arc<LocalStore>, peers: Vec<SocketAddr>, trust: Trust) -> Self {
+        Self::with_options(store, peers, trust, FetchOptions::default())
     }
 
     pub fn with_options(
         store: Arc<LocalStore>,
         peers: Vec<SocketAddr>,
-        key: ClusterKey,
+        trust: Trust,
         opts: FetchOptions,
     ) -> Self {
         Fetcher {
             store,
             peers,
-            key,
+            trust,
             opts,
             progress: Arc::new(FetchProgress::default()),
             pool: None,
@@ -136,7 +136,7 @@ impl Fetcher {
     }
 
     async fn manifest_from(&self, addr: SocketAddr, id: &ManifestId) -> Result<Manifest, TransferError> {
-        let mut peer = PeerStore::connect(addr, &self.key, self.opts.dial()).await?;
+        let mut peer = PeerStore::connect(addr, &self.trust, self.opts.dial()).await?;
         peer.get_manifest(id).await
     }
 
@@ -180,8 +180,14 @@ impl Fetcher {
         }
         let started = Instant::now();
         if n_peers > 1 && self.opts.probe_min_chunks > 0 && wants.len() >= self.opts.probe_min_chunks {
-            holdings::narrow_to_holders(&self.peers, &self.key, &self.opts, self.pool.as_ref(), &mut wants)
-                .await;
+            holdings::narrow_to_holders(
+                &self.peers,
+                &self.trust,
+                &self.opts,
+                self.pool.as_ref(),
+                &mut wants,
+            )
+            .await;
         }
         let sched = Arc::new(Shared::new(Sched::new(&self.peers, wants, &self.opts)));
         {
@@ -201,7 +207,7 @@ impl Fetcher {
             let ctx = PeerCtx {
                 index: PeerIdx::new(i),
                 addr: *addr,
-                key: self.key.clone(),
+                trust: self.trust.clone(),
                 opts: self.opts.clone(),
                 sched: sched.clone(),
                 progress: self.progress.clone(),

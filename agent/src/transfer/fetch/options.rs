@@ -7,8 +7,6 @@ use crate::transfer::dial::DialOptions;
 /// Knobs of a fetch; the defaults suit WAN paths from 10 Mbit/s to 10 Gbit/s.
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
-    /// Our node id, sent in the hello.
-    pub id: String,
     /// Most chunks in one request frame.
     pub batch: usize,
     /// A peer with chunks in flight and no byte received for this long is dropped.
@@ -36,7 +34,6 @@ impl Default for FetchOptions {
     fn default() -> Self {
         let dial = DialOptions::default();
         FetchOptions {
-            id: dial.id,
             batch: 32,
             stall_timeout: dial.stall_timeout,
             connect_timeout: dial.connect_timeout,
@@ -54,7 +51,6 @@ impl FetchOptions {
     /// What a connection to a peer needs of these options.
     pub fn dial(&self) -> DialOptions {
         DialOptions {
-            id: self.id.clone(),
             connect_timeout: self.connect_timeout,
             stall_timeout: self.stall_timeout,
         }

@@ -24,7 +24,7 @@ use super::writer::WriteJob;
 use crate::store::{LocalStore, StoreError};
 use crate::transfer::conn::unexpected;
 use crate::transfer::pool::{checkin, checkout, ConnPool};
-use crate::transfer::{ClusterKey, TransferError};
+use crate::transfer::{TransferError, Trust};
 
 /// The scheduler shared by a fetch's peer tasks, and the bell they ring
 /// when a peer fails or the fetch finishes (idle peers wait on it).
@@ -52,7 +52,7 @@ impl Shared {
 pub(crate) struct PeerCtx {
     pub(crate) index: PeerIdx,
     pub(crate) addr: SocketAddr,
-    pub(crate) key: ClusterKey,
+    pub(crate) trust: Trust,
     pub(crate) opts: FetchOptions,
     pub(crate) sched: Arc<Shared>,
     pub(crate) progress: Arc<FetchProgress>,
@@ -77,7 +77,7 @@ pub(crate) async fn run_peer(ctx: &PeerCtx) -> Option<String> {
     if ctx.sched.lock().finished() {
         return None;
     }
-    let (sock, peer_id) = match checkout(ctx.conns.as_deref(), ctx.addr, &ctx.key, &ctx.opts.dial()).await {
+    let (sock, peer_id) = match checkout(ctx.conns.as_deref(), ctx.addr, &ctx.trust, &ctx.opts.dial()).await {
         Ok(x) => x,
         Err(e) => {
             warn!(peer = %ctx.addr, error = %e, "peer unavailable for this fetch");
@@ -86,7 +86,7 @@ pub(crate) async fn run_peer(ctx: &PeerCtx) -> Option<String> {
     };
     ctx.sched.lock().peer_mut(ctx.index).id = Some(peer_id.clone());
     let label = ctx.addr.to_string();
-    let (mut rd, mut wr) = sock.into_split();
+    let (mut rd, mut wr) = tokio::io::split(sock);
     let received = Arc::new(AtomicU64::new(0));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Received, TransferError>>(8);
     let rx_counter = received.clone();
@@ -167,8 +167,8 @@ pub(crate) async fn run_peer(ctx: &PeerCtx) -> Option<String> {
                 if let Some(handle) = reader.0.take() {
                     let _ = stop_reader.send(());
                     if let Ok(Some(rd)) = handle.await {
-                        if let Ok(sock) = rd.reunite(wr) {
-                            checkin(ctx.conns.as_deref(), ctx.addr, sock, peer_id);
+                        if rd.is_pair_of(&wr) {
+                            checkin(ctx.conns.as_deref(), ctx.addr, rd.unsplit(wr), peer_id);
                         }
                     }
                 }
