@@ -44,10 +44,7 @@ fn get(c: &Coord, path: &str) -> serde_json::Value {
         .http_status_as_error(false)
         .build()
         .into();
-    let mut r = agent
-        .get(format!("{}{}", c.url, path))
-        .call()
-        .expect("get");
+    let mut r = agent.get(format!("{}{}", c.url, path)).call().expect("get");
     assert_eq!(r.status().as_u16(), 200, "GET {path}");
     r.body_mut().read_json().expect("json")
 }
@@ -489,10 +486,17 @@ fn agent_and_fetch_cli_work_through_the_coordinator() {
         key: coord_files.key,
         crl: None,
     };
-    let c = CoordinatorProc::local(CoordinatorSpec::new("127.0.0.1:0", &dir.path().join("coord"), tls, None))
-        .expect("start edgeshift-coordinator");
+    let c = CoordinatorProc::local(CoordinatorSpec::new(
+        "127.0.0.1:0",
+        &dir.path().join("coord"),
+        tls,
+        None,
+    ))
+    .expect("start edgeshift-coordinator");
     assert!(c.url.starts_with("https://"), "{}", c.url);
-    let operator_files = cluster.files(Role::Operator, "alice", &[]).expect("operator files");
+    let operator_files = cluster
+        .files(Role::Operator, "alice", &[])
+        .expect("operator files");
     let operator = Client::new(&c.url, Some(&operator_files)).expect("client");
     let get = |_: &Coord, path: &str| operator.get_json(path).expect("GET");
     // A 3 MiB image of distinct 256 KiB chunks, with a hole.
@@ -585,7 +589,9 @@ fn agent_and_fetch_cli_work_through_the_coordinator() {
     let manifest: ManifestId = id.parse().expect("manifest id");
     let e = as_src.pin("dst", &manifest).expect_err("src pinning for dst");
     assert!(e.to_string().contains("403"), "{e}");
-    let e = as_src.inventory("dst", &[], 0, &[]).expect_err("src reporting for dst");
+    let e = as_src
+        .inventory("dst", &[], 0, &[])
+        .expect_err("src reporting for dst");
     assert!(e.to_string().contains("403"), "{e}");
     assert_eq!(get(&c, "/v1/edges/dst")["pinned_manifests"][&id], 1);
 }

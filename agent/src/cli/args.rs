@@ -146,7 +146,11 @@ impl CoordinatorArgs {
     /// `tls` if the coordinator is `https://` (a coordinator run with
     /// `--insecure-no-auth` is `http://` and gets no certificate).
     pub fn tls_for(&self, tls: Option<TlsFiles>) -> Option<TlsFiles> {
-        tls.filter(|_| self.coordinator.as_deref().is_some_and(|u| u.starts_with("https://")))
+        tls.filter(|_| {
+            self.coordinator
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://"))
+        })
     }
 
     /// The packaged files (or `EDGESHIFT_TLS_*`), for commands without the
