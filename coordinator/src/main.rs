@@ -16,8 +16,13 @@ arrive, and plans which edges send which chunks to a migration's destination.
 It persists the image catalogue, settings, path measurements and hints in
 DIR/coordinator.redb; inventories are rebuilt from the agents' reports.
 
-HTTP + JSON API (all routes need `Authorization: Bearer TOKEN` when
---token-file is given; errors are {\"error\": \"...\"} with a 4xx/5xx status):
+HTTPS + JSON API with client certificates of the cluster (--tls-ca,
+--tls-cert, --tls-key, --tls-crl): an edge's certificate acts only as that
+edge; the policy, hints and DELETE /v1/edges/{id} need an operator
+certificate or `Authorization: Bearer TOKEN` from --operator-token-file. It
+refuses to start without credentials; --insecure-no-auth runs it open (plain
+HTTP, tests only, logged at every start). Errors are {\"error\": \"...\"}
+with a 4xx/5xx status (401 no credential, 403 not this caller's to do):
   POST   /v1/edges/{id}/register      {addr, capacity}              register or update an edge
   PUT    /v1/edges/{id}/inventory     {chunks:[fp], usage, pins:[id]} full inventory on (re)connect
   POST   /v1/edges/{id}/delta         {added, removed, accessed, usage} heartbeat
@@ -26,6 +31,7 @@ HTTP + JSON API (all routes need `Authorization: Bearer TOKEN` when
   DELETE /v1/edges/{id}/pins/{manifest}                             drop one pin
   GET    /v1/edges/{id}/orders                                      GC drops and prefetch work for the edge
   GET    /v1/edges/{id}                                             usage, pins, leases, hints
+  DELETE /v1/edges/{id}                                             forget an edge (operator)
   POST   /v1/manifests                {manifest_hex}                publish to the catalogue
   GET    /v1/manifests/{id}                                         catalogue entry
   GET    /v1/chunks/{fp}                                            holders, images using it, pins per edge
