@@ -15,7 +15,25 @@ pub enum PeerStream {
     /// No encryption: `sendfile(2)` may write chunk files to it directly.
     Plain(TcpStream),
     /// Mutual TLS; boxed, as its buffers make it large.
-    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::TlsStream<TlsIo>>),
+}
+
+/// What TLS runs over: the socket behind a large read buffer. rustls asks
+/// for at most 4 KiB of ciphertext per read; served from this buffer, the
+/// socket is read [`TLS_READ_BUFFER`] at a time instead (docs/wire.md, TLS
+/// costs). Writes pass straight through.
+pub type TlsIo = tokio::io::BufReader<TcpStream>;
+
+/// Bytes of ciphertext read from the socket at once.
+pub const TLS_READ_BUFFER: usize = 256 << 10;
+
+/// Plaintext rustls may seal ahead of the socket: a whole chunk, so one
+/// write of a chunk becomes its records in a few large socket writes.
+pub const TLS_WRITE_BUFFER: usize = 1 << 20;
+
+/// Wraps a connected socket for TLS.
+pub fn tls_io(sock: TcpStream) -> TlsIo {
+    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, sock)
 }
 
 impl PeerStream {
@@ -23,7 +41,7 @@ impl PeerStream {
     pub fn tcp(&self) -> &TcpStream {
         match self {
             PeerStream::Plain(s) => s,
-            PeerStream::Tls(s) => s.get_ref().0,
+            PeerStream::Tls(s) => s.get_ref().0.get_ref(),
         }
     }
 

@@ -9,7 +9,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use super::conn::{client_handshake, server_handshake};
-use super::stream::PeerStream;
+use super::stream::{tls_io, PeerStream, TLS_WRITE_BUFFER};
 use super::{ClusterKey, TransferError};
 
 /// How this agent authenticates peers (and itself to them).
@@ -79,10 +79,11 @@ pub async fn secure_client(
             let connector = tokio_rustls::TlsConnector::from(creds.edge_client_config());
             // Edges are dialled by address; the verifier checks the
             // certificate for the edge name it carries.
-            let tls = connector
-                .connect(ServerName::IpAddress(peer.ip().into()), sock)
+            let mut tls = connector
+                .connect(ServerName::IpAddress(peer.ip().into()), tls_io(sock))
                 .await
                 .map_err(|e| tls_failed(peer, e))?;
+            tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
             let name = edge_name(peer, tls.get_ref().1.peer_certificates())?;
             Ok((PeerStream::Tls(Box::new(tls.into())), name))
         }
@@ -104,7 +105,8 @@ pub async fn secure_server(
     match trust {
         Trust::Tls(creds) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(creds.server_config());
-            let tls = acceptor.accept(sock).await.map_err(|e| tls_failed(peer, e))?;
+            let mut tls = acceptor.accept(tls_io(sock)).await.map_err(|e| tls_failed(peer, e))?;
+            tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
             let name = edge_name(peer, tls.get_ref().1.peer_certificates())?;
             Ok((PeerStream::Tls(Box::new(tls.into())), name))
         }

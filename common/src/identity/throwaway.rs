@@ -11,6 +11,9 @@ use super::{issue, new_ca, Credentials, IdentityError, IssuedPem, Role, TlsFiles
 pub struct ThrowawayCluster {
     dir: PathBuf,
     ca: IssuedPem,
+    /// Names issued by this CA (files left in `dir` by an earlier one are
+    /// issued again, not reused).
+    issued: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl ThrowawayCluster {
@@ -23,6 +26,7 @@ impl ThrowawayCluster {
         Ok(ThrowawayCluster {
             dir: dir.to_path_buf(),
             ca,
+            issued: Default::default(),
         })
     }
 
@@ -34,7 +38,7 @@ impl ThrowawayCluster {
         &self.ca
     }
 
-    /// Issues (or reuses, when its files exist) `name`'s certificate in
+    /// Issues (or reuses, when this CA issued it already) `name`'s certificate in
     /// `role`, valid for `sans` too; returns its files.
     pub fn files(&self, role: Role, name: &str, sans: &[String]) -> Result<TlsFiles, IdentityError> {
         let files = TlsFiles {
@@ -43,7 +47,8 @@ impl ThrowawayCluster {
             key: self.dir.join(format!("{name}.key")),
             crl: None,
         };
-        if !files.cert.exists() {
+        let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+        if issued.insert(name.to_string()) {
             let issued = issue(&self.ca, role, name, sans, 1)?;
             write(&files.key, &issued.key_pem)?;
             write(&files.cert, &issued.cert_pem)?;

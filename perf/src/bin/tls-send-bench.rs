@@ -160,6 +160,9 @@ fn send_uring(listener: &TcpListener, creds: &Credentials, chunks: &[PathBuf]) -
     while conn.is_handshaking() {
         conn.complete_io(&mut sock)?;
     }
+    // A whole chunk is sealed in one go, its records then written out
+    // together (the default 64 KiB limit would need the write split).
+    conn.set_buffer_limit(None);
     let mut ring = IoUring::new(8)?;
     let mut buf = vec![0u8; CHUNK];
     let iov = libc::iovec {
@@ -215,6 +218,12 @@ fn main() -> Result<()> {
             other => bail!("unknown argument {other:?}"),
         }
     }
+    let result = run(&dir, gib, rounds);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run(dir: &Path, gib: u64, rounds: usize) -> Result<()> {
     let n = (gib << 30) as usize / CHUNK;
     let chunks = make_chunks(&dir.join("chunks"), n)?;
     let cluster = ThrowawayCluster::new(&dir.join("tls"))?;
@@ -248,7 +257,6 @@ fn main() -> Result<()> {
             );
         }
     }
-    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
