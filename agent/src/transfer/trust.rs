@@ -105,7 +105,10 @@ pub async fn secure_server(
     match trust {
         Trust::Tls(creds) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(creds.server_config());
-            let mut tls = acceptor.accept(tls_io(sock)).await.map_err(|e| tls_failed(peer, e))?;
+            let mut tls = acceptor
+                .accept(tls_io(sock))
+                .await
+                .map_err(|e| tls_failed(peer, e))?;
             tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
             let name = edge_name(peer, tls.get_ref().1.peer_certificates())?;
             Ok((PeerStream::Tls(Box::new(tls.into())), name))
