@@ -2,7 +2,9 @@
 //! `edgeshift-coordinator` program on 127.0.0.1:0) and real chunk servers:
 //! inventory, GC re-checked against local pins, prefetch through the
 //! transfer fetcher, the planned fetch, a coordinator restart (after a
-//! crash), and pins racing GC.
+//! crash), and pins racing GC. The coordinator runs open (plain HTTP)
+//! except in the end-to-end CLI test, where the agents present their
+//! cluster certificates over HTTPS.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -19,22 +21,21 @@ use edgeshift_agent::store::{ChunkStore, ChunkUses, LocalStore};
 use edgeshift_agent::transfer::fetch::{FetchOptions, Fetcher};
 use edgeshift_agent::transfer::server::{serve, ServerConfig, ZstdPolicy};
 use edgeshift_agent::transfer::Trust;
-use edgeshift_common::identity::ThrowawayCluster;
+use edgeshift_common::identity::{Role, ThrowawayCluster, TlsFiles};
 use edgeshift_common::{ChunkSize, Fingerprint, Manifest, ManifestId};
-use edgeshift_testbed::coordinator::CoordinatorProc;
+use edgeshift_testbed::coordinator::{CoordinatorProc, CoordinatorSpec, CoordinatorTls};
 
-const TOKEN: &str = "link-test-token";
 const CHUNK: usize = 4096;
 
 type Coord = CoordinatorProc;
 
 /// `edgeshift-coordinator` on `addr` with its database in `data`; killed on drop.
 fn start_coord(data: &Path, addr: &str) -> Coord {
-    CoordinatorProc::local(addr, data, TOKEN).expect("start edgeshift-coordinator")
+    CoordinatorProc::local(CoordinatorSpec::insecure(addr, data)).expect("start edgeshift-coordinator")
 }
 
 fn client(c: &Coord) -> Client {
-    Client::new(&c.url, Some(TOKEN.into())).expect("client")
+    Client::new(&c.url, None).expect("client")
 }
 
 /// Raw GET for checks, as JSON.
@@ -43,11 +44,7 @@ fn get(c: &Coord, path: &str) -> serde_json::Value {
         .http_status_as_error(false)
         .build()
         .into();
-    let mut r = agent
-        .get(format!("{}{}", c.url, path))
-        .header("Authorization", format!("Bearer {TOKEN}"))
-        .call()
-        .expect("get");
+    let mut r = agent.get(format!("{}{}", c.url, path)).call().expect("get");
     assert_eq!(r.status().as_u16(), 200, "GET {path}");
     r.body_mut().read_json().expect("json")
 }
@@ -59,7 +56,6 @@ fn put_policy(c: &Coord, body: serde_json::Value) {
         .into();
     let r = agent
         .put(format!("{}/v1/policy", c.url))
-        .header("Authorization", format!("Bearer {TOKEN}"))
         .send_json(body)
         .expect("put");
     assert_eq!(r.status().as_u16(), 200);
@@ -415,19 +411,25 @@ fn link_reports_again_after_a_coordinator_restart() {
 }
 
 #[test]
-fn bad_coordinator_urls_and_tokens_are_refused() {
+fn bad_coordinator_urls_and_credentials_are_refused() {
     assert!(Client::new("ftp://x", None).is_err());
     assert!(Client::new("http://", None).is_err());
     let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = ThrowawayCluster::new(&dir.path().join("tls")).expect("cluster");
+    let e = Client::new("https://127.0.0.1:1", None).expect_err("https without a certificate");
+    assert!(e.to_string().contains("cluster certificate"), "{e}");
+    let files = cluster.edge_files("e1").expect("files");
+    let e = Client::new("http://127.0.0.1:1", Some(&files)).expect_err("http with credentials");
+    assert!(e.to_string().contains("https://"), "{e}");
+    let missing = TlsFiles {
+        key: dir.path().join("missing.key"),
+        ..files
+    };
+    let e = Client::new("https://127.0.0.1:1", Some(&missing)).expect_err("missing key");
+    assert!(e.to_string().contains("missing.key"), "{e}");
     let c = start_coord(&dir.path().join("coord"), "127.0.0.1:0");
-    let wrong = Client::new(&c.url, Some("nope".into())).expect("client");
-    let e = wrong.register("e", "x:1", 1).expect_err("wrong token must fail");
-    assert!(e.to_string().contains("401"), "{e}");
     let unknown = client(&c).orders("ghost").expect_err("unknown edge");
     assert!(unknown.is_unknown_edge(), "{unknown}");
-    let empty = dir.path().join("empty-token");
-    std::fs::write(&empty, "  \n").expect("write");
-    assert!(edgeshift_agent::coordination::read_token(&empty).is_err());
 }
 
 /// A child process killed on drop.
@@ -445,7 +447,7 @@ fn edgeshift() -> std::process::Command {
 }
 
 /// `edgeshift agent … --coordinator` on 127.0.0.1:0; returns once it listens.
-fn spawn_agent(id: &str, store: &Path, cluster: &ThrowawayCluster, url: &str, token: &Path) -> Proc {
+fn spawn_agent(id: &str, store: &Path, cluster: &ThrowawayCluster, url: &str) -> Proc {
     use std::io::BufRead;
     let mut child = edgeshift()
         .args(["agent", "--listen", "127.0.0.1:0", "--id", id, "--no-zstd"])
@@ -453,8 +455,6 @@ fn spawn_agent(id: &str, store: &Path, cluster: &ThrowawayCluster, url: &str, to
         .arg(store)
         .args(cluster.cli_args(id).expect("certificate"))
         .args(["--coordinator", url, "--capacity", "1GiB"])
-        .arg("--token-file")
-        .arg(token)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -468,16 +468,37 @@ fn spawn_agent(id: &str, store: &Path, cluster: &ThrowawayCluster, url: &str, to
     Proc(child)
 }
 
-/// The CLI end to end: two `edgeshift agent --coordinator` daemons report
-/// to the coordinator; `edgeshift fetch --coordinator` pulls an image sliced
-/// at one into the other from the plan, and it restores byte for byte.
+/// The CLI end to end over HTTPS: two `edgeshift agent --coordinator`
+/// daemons report to the coordinator with their edge certificates;
+/// `edgeshift fetch --coordinator` pulls an image sliced at one into the
+/// other from the plan, and it restores byte for byte; another edge's
+/// certificate may not pin for it.
 #[test]
 fn agent_and_fetch_cli_work_through_the_coordinator() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = start_coord(&dir.path().join("coord"), "127.0.0.1:0");
     let cluster = ThrowawayCluster::new(&dir.path().join("tls")).expect("cluster");
-    let token = dir.path().join("token");
-    std::fs::write(&token, format!("{TOKEN}\n")).expect("token");
+    let coord_files = cluster
+        .files(Role::Coordinator, "coord", &["127.0.0.1".into()])
+        .expect("coordinator files");
+    let tls = CoordinatorTls {
+        ca: coord_files.ca,
+        cert: coord_files.cert,
+        key: coord_files.key,
+        crl: None,
+    };
+    let c = CoordinatorProc::local(CoordinatorSpec::new(
+        "127.0.0.1:0",
+        &dir.path().join("coord"),
+        tls,
+        None,
+    ))
+    .expect("start edgeshift-coordinator");
+    assert!(c.url.starts_with("https://"), "{}", c.url);
+    let operator_files = cluster
+        .files(Role::Operator, "alice", &[])
+        .expect("operator files");
+    let operator = Client::new(&c.url, Some(&operator_files)).expect("client");
+    let get = |_: &Coord, path: &str| operator.get_json(path).expect("GET");
     // A 3 MiB image of distinct 256 KiB chunks, with a hole.
     let mut img = vec![0u8; 3 << 20];
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -505,24 +526,15 @@ fn agent_and_fetch_cli_work_through_the_coordinator() {
         .expect("id line")
         .trim()
         .to_string();
-    let _src_agent = spawn_agent("src", &src, &cluster, &c.url, &token);
-    let _dst_agent = spawn_agent("dst", &dst, &cluster, &c.url, &token);
+    let _src_agent = spawn_agent("src", &src, &cluster, &c.url);
+    let _dst_agent = spawn_agent("dst", &dst, &cluster, &c.url);
     // Wait for both links' first reports.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let known = |e: &str| {
-            let agent: ureq::Agent = ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .build()
-                .into();
-            agent
-                .get(format!("{}/v1/edges/{e}", c.url))
-                .header("Authorization", format!("Bearer {TOKEN}"))
-                .call()
-                .ok()
-                .filter(|r| r.status().as_u16() == 200)
-                .and_then(|mut r| r.body_mut().read_json::<serde_json::Value>().ok())
-                .is_some_and(|v| v["reported"] == true)
+            operator
+                .get_json(&format!("/v1/edges/{e}"))
+                .is_ok_and(|v| v["reported"] == true)
         };
         if known("src") && known("dst") {
             break;
@@ -546,8 +558,6 @@ fn agent_and_fetch_cli_work_through_the_coordinator() {
         .arg("--store")
         .arg(&dst)
         .args(cluster.cli_args("dst").expect("certificate"))
-        .arg("--token-file")
-        .arg(&token)
         .output()
         .expect("fetch");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -573,20 +583,17 @@ fn agent_and_fetch_cli_work_through_the_coordinator() {
     );
     assert_eq!(get(&c, "/v1/edges/dst")["pinned_manifests"][&id], 1);
     assert_eq!(get(&c, "/v1/edges/src")["leased_chunks"], 0);
-    // Without a token the CLI gets a clear refusal.
-    let out = edgeshift()
-        .args(["fetch", &id, "--node-id", "dst", "--coordinator", &c.url])
-        .arg("--store")
-        .arg(&dst)
-        .args(cluster.cli_args("dst").expect("certificate"))
-        .output()
-        .expect("fetch");
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("401"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // With its own certificate, src may not pin (or report) for dst.
+    let src_files = cluster.edge_files("src").expect("files");
+    let as_src = Client::new(&c.url, Some(&src_files)).expect("client");
+    let manifest: ManifestId = id.parse().expect("manifest id");
+    let e = as_src.pin("dst", &manifest).expect_err("src pinning for dst");
+    assert!(e.to_string().contains("403"), "{e}");
+    let e = as_src
+        .inventory("dst", &[], 0, &[])
+        .expect_err("src reporting for dst");
+    assert!(e.to_string().contains("403"), "{e}");
+    assert_eq!(get(&c, "/v1/edges/dst")["pinned_manifests"][&id], 1);
 }
 
 #[test]

@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod delta;
 pub mod fingerprint;
+pub mod hostile;
 #[cfg(feature = "tls")]
 pub mod identity;
 pub mod manifest;

@@ -1,6 +1,7 @@
 //! The HTTP + JSON surface (`/v1/...`) and Prometheus text at `/metrics`.
-//! Every route needs `Authorization: Bearer TOKEN` when a token is set; a
-//! request without it gets 401 without its body being parsed.
+//! Every request is authenticated first ([`Auth`]); a request without a
+//! credential gets 401 without its body being parsed, and handlers check
+//! what the [`Caller`] may do (403 otherwise).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -19,6 +20,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::access::{Caller, Peer};
 use crate::ledger::LedgerError;
 use crate::policy::Policy;
 use crate::service::{Coordinator, ServiceError};
@@ -29,8 +31,10 @@ pub const DEFAULT_BODY_LIMIT: usize = 32 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("missing or wrong bearer token (send `Authorization: Bearer TOKEN`)")]
+    #[error("missing or wrong credential (a cluster client certificate, or `Authorization: Bearer TOKEN` for the operator)")]
     Unauthorized,
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("request body too large: {0}")]
@@ -47,6 +51,7 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -57,6 +62,7 @@ impl ApiError {
                     | LedgerError::UnknownManifest(_)
                     | LedgerError::NotPinned(..) => StatusCode::NOT_FOUND,
                     LedgerError::TooManyEdges(_) => StatusCode::CONFLICT,
+                    LedgerError::TooManyChunks { .. } => StatusCode::UNPROCESSABLE_ENTITY,
                     LedgerError::BadManifest(_) | LedgerError::BadEdgeId(_) | LedgerError::BadRate(..) => {
                         StatusCode::BAD_REQUEST
                     }
@@ -103,18 +109,44 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
+/// How requests are authenticated.
+#[derive(Clone)]
+pub enum Auth {
+    /// `--insecure-no-auth`: every request may do everything.
+    Open,
+    /// One shared bearer token that may do everything (the old
+    /// `--token-file`; replaced by certificates).
+    SharedToken(Arc<str>),
+    /// The connection's client certificate names the caller; without one,
+    /// the operator's bearer token (if configured) makes it the operator.
+    Certificates { operator_token: Option<Arc<str>> },
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::Open => f.write_str("Open"),
+            Auth::SharedToken(_) => f.write_str("SharedToken(<redacted>)"),
+            Auth::Certificates { operator_token } => f
+                .debug_struct("Certificates")
+                .field("operator_token", &operator_token.as_ref().map(|_| "<redacted>"))
+                .finish(),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct AppState {
     coord: Arc<Mutex<Coordinator>>,
-    token: Option<Arc<str>>,
+    auth: Auth,
     metrics: PrometheusHandle,
 }
 
 impl AppState {
-    pub fn new(coord: Coordinator, token: Option<String>) -> Self {
+    pub fn new(coord: Coordinator, auth: Auth) -> Self {
         AppState {
             coord: Arc::new(Mutex::new(coord)),
-            token: token.map(Arc::from),
+            auth,
             metrics: metrics_handle(),
         }
     }
@@ -161,31 +193,65 @@ async fn drain_small_body(req: Request) {
     let _ = tokio::time::timeout(REFUSED_BODY_WAIT, axum::body::to_bytes(body, REFUSED_BODY_DRAIN)).await;
 }
 
-async fn auth(State(app): State<AppState>, req: Request, next: Next) -> Response {
+/// The bearer token a request carries, if any.
+fn bearer(req: &Request) -> Option<&str> {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Who sent `req`, or `None` when it carries no valid credential.
+fn authenticate(auth: &Auth, req: &Request) -> Option<Caller> {
+    let token_matches = |want: &str| bearer(req).is_some_and(|t| token_eq(t.as_bytes(), want.as_bytes()));
+    match auth {
+        Auth::Open => Some(Caller::Anyone),
+        Auth::SharedToken(want) => token_matches(want).then_some(Caller::Anyone),
+        Auth::Certificates { operator_token } => {
+            let from_cert = req.extensions().get::<Peer>().and_then(|p| p.0.clone());
+            from_cert.or_else(|| {
+                operator_token
+                    .as_deref()
+                    .filter(|want| token_matches(want))
+                    .map(|_| Caller::Operator)
+            })
+        }
+    }
+}
+
+/// A fixed label for the method: a client choosing new method names must
+/// not create new metric series (issue 21, finding 2).
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        _ => "other",
+    }
+}
+
+async fn auth(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
+    // Route templates come from the router (a fixed set); anything else is "unmatched".
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     let started = std::time::Instant::now();
-    let response = match &app.token {
-        Some(want) => {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::trim);
-            match given {
-                Some(t) if token_eq(t.as_bytes(), want.as_bytes()) => next.run(req).await,
-                _ => {
-                    drain_small_body(req).await;
-                    ApiError::Unauthorized.into_response()
-                }
-            }
+    let response = match authenticate(&app.auth, &req) {
+        Some(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
         }
-        None => next.run(req).await,
+        None => {
+            drain_small_body(req).await;
+            ApiError::Unauthorized.into_response()
+        }
     };
     metrics::histogram!("coordinator_http_request_seconds", "route" => route.clone())
         .record(started.elapsed().as_secs_f64());
@@ -209,7 +275,7 @@ pub fn router(app: AppState, body_limit: usize) -> Router {
         .route("/v1/edges/{id}/pins", post(pin))
         .route("/v1/edges/{id}/pins/{manifest}", delete(unpin))
         .route("/v1/edges/{id}/orders", get(orders))
-        .route("/v1/edges/{id}", get(edge_info))
+        .route("/v1/edges/{id}", get(edge_info).delete(deregister))
         .route("/v1/manifests", post(publish))
         .route("/v1/manifests/{id}", get(manifest_info))
         .route("/v1/chunks/{fp}", get(chunk_info))
@@ -243,9 +309,11 @@ pub struct RegisterReq {
 
 async fn register(
     State(app): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     JsonBody(r): JsonBody<RegisterReq>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.act_as_edge(&id)?;
     let mut c = app.lock()?;
     c.ledger
         .register(&id, &r.addr, r.capacity)
@@ -266,9 +334,11 @@ pub struct InventoryReq {
 
 async fn inventory(
     State(app): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     JsonBody(r): JsonBody<InventoryReq>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.act_as_edge(&id)?;
     app.lock()?.report_inventory(&id, &r.chunks, r.usage, &r.pins)?;
     metrics::counter!("coordinator_inventory_reports_total").increment(1);
     Ok(Json(
@@ -281,9 +351,11 @@ pub type DeltaReq = edgeshift_common::control::Delta;
 
 async fn delta(
     State(app): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     JsonBody(r): JsonBody<DeltaReq>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.act_as_edge(&id)?;
     let mut c = app.lock()?;
     c.ledger
         .apply_delta(&id, &r.added, &r.removed, &r.accessed, r.usage)
@@ -310,9 +382,11 @@ pub struct PathsReq {
 
 async fn paths(
     State(app): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     JsonBody(r): JsonBody<PathsReq>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.act_as_edge(&id)?;
     let rates: Vec<(String, f64)> = r.paths.into_iter().map(|p| (p.peer, p.bytes_per_sec)).collect();
     app.lock()?.set_paths(&id, &rates)?;
     Ok(Json(json!({ "edge": id, "paths": rates.len() })))
@@ -326,17 +400,21 @@ pub struct PinReq {
 
 async fn pin(
     State(app): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     JsonBody(r): JsonBody<PinReq>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.edge_or_operator(&id)?;
     let pins = app.lock()?.pin(&id, &r.manifest)?;
     Ok(Json(json!({ "edge": id, "manifest": r.manifest, "pins": pins })))
 }
 
 async fn unpin(
     State(app): State<AppState>,
+    caller: Caller,
     Path((id, manifest)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.edge_or_operator(&id)?;
     let m = parse_fp("manifest id", &manifest)?;
     let pins = app.lock()?.ledger.unpin(&id, &m).map_err(ServiceError::from)?;
     Ok(Json(json!({ "edge": id, "manifest": m, "pins": pins })))
@@ -344,8 +422,10 @@ async fn unpin(
 
 async fn orders(
     State(app): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<crate::service::Orders>, ApiError> {
+    caller.act_as_edge(&id)?;
     Ok(Json(app.lock()?.orders(&id)?))
 }
 
@@ -354,6 +434,17 @@ async fn edge_info(
     Path(id): Path<String>,
 ) -> Result<Json<crate::service::EdgeInfo>, ApiError> {
     Ok(Json(app.lock()?.edge_info(&id)?))
+}
+
+async fn deregister(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.operator()?;
+    app.lock()?.deregister(&id)?;
+    tracing::info!(edge = %id, "edge deregistered");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -425,9 +516,12 @@ pub struct PlanQuery {
 
 async fn plan(
     State(app): State<AppState>,
+    caller: Caller,
     q: Result<Query<PlanQuery>, QueryRejection>,
 ) -> Result<Json<crate::service::Plan>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    // A plan leases chunks on other edges for `dest`: only for oneself.
+    caller.edge_or_operator(&q.dest)?;
     let p = app.lock()?.plan(
         &q.manifest,
         &q.dest,
@@ -449,15 +543,19 @@ pub struct HintReq {
 
 async fn hint(
     State(app): State<AppState>,
+    caller: Caller,
     JsonBody(r): JsonBody<HintReq>,
 ) -> Result<Json<crate::service::HintOutcome>, ApiError> {
+    caller.operator()?;
     Ok(Json(app.lock()?.hint(&r.manifest, &r.edge)?))
 }
 
 async fn unhint(
     State(app): State<AppState>,
+    caller: Caller,
     Path((edge, manifest)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
+    caller.operator()?;
     let m = parse_fp("manifest id", &manifest)?;
     app.lock()?.delete_hint(&m, &edge)?;
     Ok(StatusCode::NO_CONTENT)
@@ -485,8 +583,10 @@ async fn get_policy(State(app): State<AppState>) -> Result<Json<crate::service::
 
 async fn set_policy(
     State(app): State<AppState>,
+    caller: Caller,
     JsonBody(r): JsonBody<PolicyReq>,
 ) -> Result<Json<crate::service::Settings>, ApiError> {
+    caller.operator()?;
     let s = app
         .lock()?
         .set_settings(r.policy, r.high_watermark, r.low_watermark)?;

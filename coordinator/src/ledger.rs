@@ -35,6 +35,26 @@ pub enum LedgerError {
     BadEdgeId(String),
     #[error("path rate {0} for peer {1:?} is not a positive finite number of bytes per second")]
     BadRate(f64, String),
+    #[error(
+        "edge {edge:?} would hold {chunks} chunks, more than its capacity of {capacity} bytes allows ({max})"
+    )]
+    TooManyChunks {
+        edge: String,
+        chunks: u64,
+        capacity: u64,
+        max: u64,
+    },
+}
+
+/// Chunks beyond `capacity / ChunkSize::MIN` an edge may report: room for
+/// the short last chunk of each image.
+const CHUNK_SLACK: u64 = 4096;
+
+/// Most distinct chunks an edge of `capacity` bytes can hold. Reports past
+/// it are refused before anything is interned, so a caller cannot grow the
+/// coordinator's tables beyond what its declared store could keep.
+pub fn max_chunks(capacity: u64) -> u64 {
+    (capacity / edgeshift_common::ChunkSize::MIN).saturating_add(CHUNK_SLACK)
 }
 
 /// Hashes a fingerprint by its first 8 bytes: BLAKE3 output is already
@@ -265,6 +285,46 @@ impl Ledger {
         Ok(ix)
     }
 
+    /// Forgets an edge: its chunks, pins, leases there and measured paths.
+    /// The last edge takes its index, so indexes stay dense.
+    pub fn deregister(&mut self, id: &str) -> Result<(), LedgerError> {
+        let ix = self.edge_ix(id)?;
+        let gone = self.edges.swap_remove(ix as usize);
+        self.edge_ix.remove(id);
+        for cid in &gone.chunks {
+            let h = &mut self.holders[cid as usize];
+            *h = h.saturating_sub(1);
+        }
+        let moved_from = self.edges.len() as EdgeIx;
+        if let Some(moved) = self.edges.get(ix as usize) {
+            self.edge_ix.insert(moved.id.clone(), ix);
+        }
+        for lease in self.leases.values_mut() {
+            lease.entries.retain(|&(e, _)| e != ix);
+            for (e, _) in lease.entries.iter_mut() {
+                if *e == moved_from {
+                    *e = ix;
+                }
+            }
+        }
+        self.paths.retain(|(source, dest), _| source != id && dest != id);
+        Ok(())
+    }
+
+    fn check_room(&self, ix: EdgeIx, chunks: u64) -> Result<(), LedgerError> {
+        let e = &self.edges[ix as usize];
+        let max = max_chunks(e.capacity);
+        if chunks > max {
+            return Err(LedgerError::TooManyChunks {
+                edge: e.id.clone(),
+                chunks,
+                capacity: e.capacity,
+                max,
+            });
+        }
+        Ok(())
+    }
+
     /// Adds a manifest to the catalogue; returns its id.
     pub fn publish(&mut self, manifest: &Manifest) -> ManifestId {
         let id = manifest.id();
@@ -327,6 +387,7 @@ impl Ledger {
         usage: u64,
     ) -> Result<(), LedgerError> {
         let ix = self.edge_ix(edge)?;
+        self.check_room(ix, chunks.len() as u64)?;
         let mut ids: Vec<ChunkId> = chunks
             .iter()
             .filter(|fp| !fp.is_zero_chunk())
@@ -365,6 +426,7 @@ impl Ledger {
         usage: u64,
     ) -> Result<(), LedgerError> {
         let ix = self.edge_ix(edge)?;
+        self.check_room(ix, self.edges[ix as usize].chunks.len() + added.len() as u64)?;
         if !added.is_empty() || !accessed.is_empty() {
             self.tick += 1;
         }
@@ -643,6 +705,49 @@ mod tests {
         assert_eq!(l.expire_leases(200), vec![lease2]);
         assert!(!l.edge("a").expect("edge").is_protected(c));
         assert!(!l.release(lease2));
+    }
+
+    #[test]
+    fn reports_past_capacity_are_refused_before_interning() {
+        let mut l = Ledger::new(4096);
+        l.register("a", "x:1", 0).expect("register");
+        let too_many: Vec<_> = (0..=max_chunks(0) as u32).map(fp).collect();
+        assert!(matches!(
+            l.put_inventory("a", &too_many, 0),
+            Err(LedgerError::TooManyChunks { .. })
+        ));
+        assert!(matches!(
+            l.apply_delta("a", &too_many, &[], &[], 0),
+            Err(LedgerError::TooManyChunks { .. })
+        ));
+        assert_eq!(l.interner.len(), 0, "a refused report must not grow the tables");
+        l.put_inventory("a", &too_many[1..], 0).expect("at the bound");
+    }
+
+    #[test]
+    fn deregistering_keeps_the_other_edges_straight() {
+        let mut l = Ledger::new(4096);
+        for e in ["a", "b", "c"] {
+            l.register(e, "x:1", 1 << 20).expect("register");
+        }
+        l.put_inventory("a", &[fp(1)], 4096).expect("inv");
+        l.put_inventory("c", &[fp(1), fp(2)], 8192).expect("inv");
+        let c1 = l.interner.get(&fp(1)).expect("id");
+        let c2 = l.interner.get(&fp(2)).expect("id");
+        let (a, c) = (l.edge_ix("a").expect("a"), l.edge_ix("c").expect("c"));
+        let lease = l.lease(vec![(a, c1), (c, c2)], 100);
+        l.set_path("c", "a", 5.0).expect("path");
+        l.deregister("a").expect("deregister");
+        assert!(matches!(l.edge("a"), Err(LedgerError::UnknownEdge(_))));
+        assert_eq!(l.holders(c1), 1);
+        assert_eq!(l.path_rate("c", "a"), None);
+        // "c" moved into "a"'s slot: its lease entry follows it.
+        let c = l.edge_ix("c").expect("c");
+        assert_eq!(l.lease_entries(lease), Some(&[(c, c2)][..]));
+        assert!(l.edge("c").expect("c").is_protected(c2));
+        assert!(l.release(lease));
+        assert!(!l.edge("c").expect("c").is_protected(c2));
+        l.register("a", "x:1", 1 << 20).expect("a name can come back");
     }
 
     #[test]

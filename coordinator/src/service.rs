@@ -389,6 +389,26 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Forgets an edge (operator): its inventory, pins, paths and hints.
+    pub fn deregister(&mut self, edge: &str) -> Result<(), ServiceError> {
+        self.ledger.edge_ix(edge)?;
+        let hinted: Vec<ManifestId> = self
+            .hints
+            .keys()
+            .filter(|(e, _)| e == edge)
+            .map(|(_, m)| *m)
+            .collect();
+        for m in &hinted {
+            self.store.delete_hint(edge, m)?;
+            self.hints.remove(&(edge.to_string(), *m));
+        }
+        for (_, per_edge) in self.pending_leases.values_mut() {
+            per_edge.remove(edge);
+        }
+        self.ledger.deregister(edge)?;
+        Ok(())
+    }
+
     /// A full inventory report (on (re)connect): replaces the edge's chunks
     /// and pins, and re-applies leases from before a restart on this edge.
     pub fn report_inventory(

@@ -1,5 +1,6 @@
-//! A coordinator for tests: `edgeshift-coordinator` as a process with a
-//! token, ready once it prints where it listens, killed on drop.
+//! A coordinator for tests: `edgeshift-coordinator` as a process serving
+//! HTTPS with a cluster's files (or open, `--insecure-no-auth`), ready once
+//! it prints where it listens, killed on drop.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,17 @@ pub enum CoordinatorError {
     BadReadyLine(String),
 }
 
+/// The cluster files a coordinator serves HTTPS with (made by `edgeshift
+/// cluster` or the identity module; this crate does not make them).
+#[derive(Debug, Clone)]
+pub struct CoordinatorTls {
+    pub ca: PathBuf,
+    /// A certificate of role `coordinator` valid for the address clients dial.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub crl: Option<PathBuf>,
+}
+
 /// How to start a coordinator.
 #[derive(Debug, Clone)]
 pub struct CoordinatorSpec {
@@ -33,8 +45,10 @@ pub struct CoordinatorSpec {
     pub listen: String,
     /// Its database directory.
     pub data: PathBuf,
-    /// Bearer token it requires (written to `<data>.token`); `None`: none.
-    pub token: Option<String>,
+    /// HTTPS with these files; `None`: `--insecure-no-auth` (plain HTTP, open).
+    pub tls: Option<CoordinatorTls>,
+    /// Operator bearer token (written to `<data>.token`), with `tls` only.
+    pub operator_token: Option<String>,
     /// Where its stderr goes; `None`: discarded.
     pub log: Option<PathBuf>,
     /// Further arguments.
@@ -42,18 +56,32 @@ pub struct CoordinatorSpec {
 }
 
 impl CoordinatorSpec {
-    /// A coordinator on `listen` with its database in `data` and `token`.
-    pub fn new(listen: &str, data: &Path, token: &str) -> Self {
+    /// A coordinator on `listen` with its database in `data`, serving HTTPS
+    /// with `tls` and accepting `operator_token` from operators.
+    pub fn new(listen: &str, data: &Path, tls: CoordinatorTls, operator_token: Option<&str>) -> Self {
         Self {
             listen: listen.to_string(),
             data: data.to_path_buf(),
-            token: Some(token.to_string()),
+            tls: Some(tls),
+            operator_token: operator_token.map(str::to_string),
             log: None,
             extra: Vec::new(),
         }
     }
 
-    /// The file holding the token.
+    /// A coordinator with `--insecure-no-auth`: plain HTTP, every request allowed.
+    pub fn insecure(listen: &str, data: &Path) -> Self {
+        Self {
+            listen: listen.to_string(),
+            data: data.to_path_buf(),
+            tls: None,
+            operator_token: None,
+            log: None,
+            extra: Vec::new(),
+        }
+    }
+
+    /// The file holding the operator token.
     pub fn token_file(&self) -> PathBuf {
         self.data.with_extension("token")
     }
@@ -63,7 +91,7 @@ impl CoordinatorSpec {
 #[derive(Debug)]
 pub struct CoordinatorProc {
     child: Child,
-    /// `http://addr` it printed.
+    /// `https://addr` (or `http://addr` when insecure) it printed.
     pub url: String,
     /// The address it listens on.
     pub addr: SocketAddr,
@@ -78,10 +106,24 @@ impl CoordinatorProc {
     pub fn start(mut program: Command, spec: CoordinatorSpec) -> Result<Self, CoordinatorError> {
         let io = |what: String| move |source| CoordinatorError::Io { what, source };
         program.args(["--listen", &spec.listen, "--data"]).arg(&spec.data);
-        if let Some(token) = &spec.token {
-            let file = spec.token_file();
-            std::fs::write(&file, format!("{token}\n")).map_err(io(format!("writing {}", file.display())))?;
-            program.arg("--token-file").arg(&file);
+        match &spec.tls {
+            Some(tls) => {
+                program.arg("--tls-ca").arg(&tls.ca);
+                program.arg("--tls-cert").arg(&tls.cert);
+                program.arg("--tls-key").arg(&tls.key);
+                if let Some(crl) = &tls.crl {
+                    program.arg("--tls-crl").arg(crl);
+                }
+                if let Some(token) = &spec.operator_token {
+                    let file = spec.token_file();
+                    std::fs::write(&file, format!("{token}\n"))
+                        .map_err(io(format!("writing {}", file.display())))?;
+                    program.arg("--operator-token-file").arg(&file);
+                }
+            }
+            None => {
+                program.arg("--insecure-no-auth");
+            }
         }
         let stderr = match &spec.log {
             Some(log) => Stdio::from(
@@ -112,7 +154,11 @@ impl CoordinatorProc {
             .strip_prefix("listening on ")
             .unwrap_or_default()
             .to_string();
-        let Some(addr) = url.strip_prefix("http://").and_then(|a| a.parse().ok()) else {
+        let addr = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"))
+            .and_then(|a| a.parse().ok());
+        let Some(addr) = addr else {
             daemon::kill(&mut child);
             return Err(CoordinatorError::BadReadyLine(line));
         };
@@ -129,16 +175,15 @@ impl CoordinatorProc {
         Self::start(Command::new(bin), spec)
     }
 
-    /// Starts this build's coordinator ([`bins::coordinator`]) on this host,
-    /// listening on `listen`, with its database in `data` and `token`.
-    pub fn local(listen: &str, data: &Path, token: &str) -> Result<Self, CoordinatorError> {
+    /// Starts this build's coordinator ([`bins::coordinator`]) on this host.
+    pub fn local(spec: CoordinatorSpec) -> Result<Self, CoordinatorError> {
         let bin = bins::coordinator()?;
-        Self::start_local(&bin, CoordinatorSpec::new(listen, data, token))
+        Self::start_local(&bin, spec)
     }
 
-    /// The bearer token, if any.
-    pub fn token(&self) -> Option<&str> {
-        self.spec.token.as_deref()
+    /// The operator's bearer token, if any.
+    pub fn operator_token(&self) -> Option<&str> {
+        self.spec.operator_token.as_deref()
     }
 
     /// Kills the process as a crash would (SIGKILL); [`Drop`] does this

@@ -4,7 +4,9 @@
 //!   recipe `agent/build.rs` runs ([`edgeshift_ebpf::build_object`]).
 //! - `deb` builds the Debian package (`deb.rs`).
 //! - `ci` is what CI runs (`.ci/run` and the README's test command): style,
-//!   lints, then every test, stopping at the first step that fails.
+//!   lints, then every test, then (under CI=true) the fuzz targets for a
+//!   bounded time, stopping at the first step that fails.
+//! - `fuzz` runs the fuzz targets of `fuzz/` for a bounded time (`fuzz.rs`).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -14,6 +16,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
 mod deb;
+mod fuzz;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "edgeshift build glue")]
@@ -59,7 +62,25 @@ enum Cmd {
         #[arg(last = true)]
         test_args: Vec<String>,
     },
+    /// Build the fuzz targets (`cargo +nightly fuzz`, fuzz/) and run each
+    /// for a bounded time; a crash fails and names the saved input.
+    /// `cargo xtask ci` runs it with CI=true (docs/fuzzing.md).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u32,
+        /// Only these targets (default: frame, manifest, delta, control).
+        #[arg(long, value_delimiter = ',')]
+        targets: Vec<String>,
+        /// Also build the agent crate and its `migrate_control` target.
+        #[arg(long)]
+        with_agent: bool,
+    },
 }
+
+/// Seconds per fuzz target when CI runs them: four targets and the nightly
+/// build stay within about three minutes (docs/fuzzing.md).
+const CI_FUZZ_SECONDS: u32 = 20;
 
 fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -110,7 +131,12 @@ fn ci(no_tests: bool, test_args: &[String]) -> anyhow::Result<()> {
         args.push("--");
         args.extend(test_args.iter().map(String::as_str));
     }
-    cargo_step("tests", &args)
+    cargo_step("tests", &args)?;
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        let targets: Vec<String> = fuzz::TARGETS.iter().map(|t| t.to_string()).collect();
+        fuzz::run(&workspace_root(), CI_FUZZ_SECONDS, &targets, false)?;
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -148,5 +174,19 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Ci { no_tests, test_args } => ci(no_tests, &test_args),
+        Cmd::Fuzz {
+            seconds,
+            targets,
+            with_agent,
+        } => {
+            let mut targets = targets;
+            if targets.is_empty() {
+                targets = fuzz::TARGETS.iter().map(|t| t.to_string()).collect();
+                if with_agent {
+                    targets.push("migrate_control".into());
+                }
+            }
+            fuzz::run(&workspace_root(), seconds, &targets, with_agent)
+        }
     }
 }

@@ -125,10 +125,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         (_, c) => c,
     };
     let trust = args.cluster.trust()?;
-    if let Some(t) = &args.coord.token_file {
-        std::fs::metadata(t)
-            .with_context(|| format!("the coordinator token (`token_file`, {})", t.display()))?;
-    }
+    args.coord.refuse_token_file()?;
     let id = args.cluster.id.id.clone();
     // One store for the chunk server, the coordinator link and incoming VMs.
     let store = Arc::new(
@@ -187,7 +184,7 @@ async fn serve_until_stopped(
                     qemu: Qemu::default(),
                     coordinator: args
                         .coord
-                        .config(&args.cluster.id)
+                        .config(&args.cluster.id, args.cluster.coordinator_tls())
                         .filter(|_| !args.uncoordinated_migrations),
                 },
                 store.clone(),
@@ -199,13 +196,13 @@ async fn serve_until_stopped(
     };
     let link = match (&args.coord.coordinator, capacity) {
         (Some(url), Some(capacity)) => {
-            let token = args.coord.token_file.clone();
+            let tls = args.coord.tls_for(args.cluster.coordinator_tls());
             let (url, id, store, trust) = (url.clone(), id.clone(), store.clone(), trust.clone());
             // Its first exchange blocks on HTTP.
             let link = tokio::task::block_in_place(|| {
                 edgeshift_agent::coordination::link::start(
                     &url,
-                    token.as_deref(),
+                    tls.as_ref(),
                     capacity,
                     &id,
                     local,

@@ -63,6 +63,12 @@ pub struct ClusterArgs {
 }
 
 impl ClusterArgs {
+    /// This edge's files for the coordinator link (`None` under
+    /// `--insecure-plaintext`).
+    pub fn coordinator_tls(&self) -> Option<TlsFiles> {
+        (!self.insecure_plaintext).then(|| self.tls_files())
+    }
+
     pub fn tls_files(&self) -> TlsFiles {
         TlsFiles {
             ca: self.tls_ca.clone(),
@@ -105,23 +111,59 @@ impl ClusterArgs {
 /// The cache coordinator. Its edge id for this edge is `--id`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CoordinatorArgs {
-    /// The cache coordinator (http://HOST:PORT); what it does for this
-    /// command is in the command's description (`--help`).
+    /// The cache coordinator (https://HOST:PORT; the edge presents its
+    /// cluster certificate); what it does for this command is in the
+    /// command's description (`--help`).
     #[arg(long, env = "EDGESHIFT_COORDINATOR")]
     pub coordinator: Option<String>,
-    /// File holding the coordinator's bearer token.
-    #[arg(long, env = "EDGESHIFT_TOKEN_FILE", requires = "coordinator")]
+    /// Replaced by the edge's certificate; refused with a message saying so.
+    #[arg(long, env = "EDGESHIFT_TOKEN_FILE", requires = "coordinator", hide = true)]
     pub token_file: Option<PathBuf>,
 }
 
 impl CoordinatorArgs {
-    /// How to reach the coordinator as edge `id`, if one was given.
-    pub fn config(&self, id: &IdArgs) -> Option<CoordConfig> {
+    /// How to reach the coordinator as edge `id` presenting `tls`, if one was given.
+    pub fn config(&self, id: &IdArgs, tls: Option<TlsFiles>) -> Option<CoordConfig> {
         self.coordinator.as_ref().map(|url| CoordConfig {
             url: url.clone(),
-            token_file: self.token_file.clone(),
+            tls: self.tls_for(tls),
             edge: id.id.clone(),
         })
+    }
+
+    /// The `--token-file` of old: an error naming what replaced it.
+    pub fn refuse_token_file(&self) -> anyhow::Result<()> {
+        match &self.token_file {
+            Some(t) => anyhow::bail!(
+                "`token_file` ({}) was replaced: the agent authenticates to the coordinator with this edge's \
+                 cluster certificate (--tls-ca, --tls-cert, --tls-key; `edgeshift cluster add-edge NAME`)",
+                t.display()
+            ),
+            None => Ok(()),
+        }
+    }
+
+    /// `tls` if the coordinator is `https://` (a coordinator run with
+    /// `--insecure-no-auth` is `http://` and gets no certificate).
+    pub fn tls_for(&self, tls: Option<TlsFiles>) -> Option<TlsFiles> {
+        tls.filter(|_| {
+            self.coordinator
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://"))
+        })
+    }
+
+    /// The packaged files (or `EDGESHIFT_TLS_*`), for commands without the
+    /// cluster flags (`vm stop`).
+    pub fn default_tls() -> TlsFiles {
+        let var = |name: &str| std::env::var_os(name).map(PathBuf::from);
+        let d = TlsFiles::default_paths();
+        TlsFiles {
+            ca: var("EDGESHIFT_TLS_CA").unwrap_or(d.ca),
+            cert: var("EDGESHIFT_TLS_CERT").unwrap_or(d.cert),
+            key: var("EDGESHIFT_TLS_KEY").unwrap_or(d.key),
+            crl: var("EDGESHIFT_TLS_CRL"),
+        }
     }
 }
 
@@ -150,10 +192,10 @@ mod tests {
     fn the_edge_id_defaults_to_the_host_name_and_takes_the_old_spellings() {
         let p = Probe::try_parse_from(["x"]).expect("parses");
         assert_eq!(p.cluster.id.id, default_node_id());
-        assert!(p.coord.config(&p.cluster.id).is_none());
+        assert!(p.coord.config(&p.cluster.id, None).is_none());
         for flag in ["--id", "--edge", "--node-id"] {
             let p = Probe::try_parse_from(["x", flag, "e7", "--coordinator", "http://c:1"]).expect("parses");
-            let c = p.coord.config(&p.cluster.id).expect("coordinator");
+            let c = p.coord.config(&p.cluster.id, None).expect("coordinator");
             assert_eq!((c.edge.as_str(), c.url.as_str()), ("e7", "http://c:1"), "{flag}");
         }
         assert!(Probe::try_parse_from(["x", "--token-file", "t"]).is_err());

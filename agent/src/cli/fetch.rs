@@ -88,10 +88,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         zstd: !args.no_zstd,
         ..FetchOptions::default()
     };
+    args.coord.refuse_token_file()?;
     let coordinated = match &args.coord.coordinator {
         Some(url) => Some(edgeshift_agent::coordination::fetch::CoordinatedFetch::begin_url(
             url,
-            args.coord.token_file.as_deref(),
+            args.coord.tls_for(args.cluster.coordinator_tls()).as_ref(),
             &store,
             &args.cluster.id.id,
             &args.manifest,

@@ -142,7 +142,8 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
             "--memory-max-mbit must be between 0.1 and 100000"
         );
     }
-    let coordinator = a.coord.config(&a.cluster.id);
+    a.coord.refuse_token_file()?;
+    let coordinator = a.coord.config(&a.cluster.id, a.cluster.coordinator_tls());
     let opts = MigrateOptions {
         name: a.name.clone(),
         state_dir: a.state.state_dir.clone(),

@@ -211,7 +211,8 @@ fn run_vm(mut a: RunArgs) -> anyhow::Result<()> {
         "the store lacks {missing} chunks of image {}; give --peer to fetch them",
         a.image
     );
-    let coord = a.coord.config(&a.cluster.id);
+    a.coord.refuse_token_file()?;
+    let coord = a.coord.config(&a.cluster.id, a.cluster.coordinator_tls());
     if let Some(c) = &coord {
         let client = c.client()?;
         client
@@ -390,7 +391,7 @@ fn stop(a: StopArgs) -> anyhow::Result<()> {
         a.name,
         rec.image_path.display()
     );
-    if let Some(c) = a.coord.config(&a.id) {
+    if let Some(c) = a.coord.config(&a.id, Some(CoordinatorArgs::default_tls())) {
         // The VM is gone whatever the coordinator says; say what was left.
         for left in release_source(&c, &sd, &rec.store, &a.name, &rec.manifest_id) {
             eprintln!("warning: left at the coordinator: {left}");

@@ -1,9 +1,13 @@
-//! Blocking HTTP + JSON client for the coordinator's `/v1` API (ureq: no
-//! async runtime needed, small dependency footprint). The answer types carry
-//! the fields the agent uses; the coordinator may send more.
+//! Blocking HTTPS + JSON client for the coordinator's `/v1` API (ureq with
+//! rustls and ring: no async runtime needed). It presents this edge's
+//! certificate, which is how the coordinator knows which edge is calling,
+//! and checks the coordinator's against the cluster CA. Plain `http://` is
+//! only for a coordinator run with `--insecure-no-auth`. The answer types
+//! carry the fields the agent uses; the coordinator may send more.
 
 use std::time::Duration;
 
+use edgeshift_common::identity::{self, TlsFiles};
 use edgeshift_common::{Fingerprint, Manifest, ManifestId};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -22,22 +26,85 @@ const MAX_ANSWER: u64 = 256 << 20;
 pub struct Client {
     agent: ureq::Agent,
     base: String,
-    token: Option<String>,
+}
+
+/// Reads a PEM file for ureq; errors name the file.
+fn pem_items(path: &std::path::Path) -> Result<Vec<ureq::tls::PemItem<'static>>, CoordError> {
+    let bad = |reason: String| CoordError::Tls {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    ureq::tls::parse_pem(&bytes)
+        .map(|item| item.map_err(|e| bad(format!("not PEM: {e}"))))
+        .collect()
+}
+
+/// ureq's TLS settings from the cluster files: the CA(s) as the only roots,
+/// this edge's certificate as the client certificate, ring as the provider.
+fn tls_config(files: &TlsFiles) -> Result<ureq::tls::TlsConfig, CoordError> {
+    use ureq::tls::{ClientCert, PemItem, RootCerts, TlsConfig, TlsProvider};
+    let certs = |path: &std::path::Path| -> Result<Vec<ureq::tls::Certificate<'static>>, CoordError> {
+        let certs: Vec<_> = pem_items(path)?
+            .into_iter()
+            .filter_map(|i| match i {
+                PemItem::Certificate(c) => Some(c),
+                _ => None,
+            })
+            .collect();
+        if certs.is_empty() {
+            return Err(CoordError::Tls {
+                path: path.to_path_buf(),
+                reason: "holds no PEM certificate".into(),
+            });
+        }
+        Ok(certs)
+    };
+    let roots = certs(&files.ca)?;
+    let chain = certs(&files.cert)?;
+    let key = pem_items(&files.key)?
+        .into_iter()
+        .find_map(|i| match i {
+            PemItem::PrivateKey(k) => Some(k),
+            _ => None,
+        })
+        .ok_or_else(|| CoordError::Tls {
+            path: files.key.clone(),
+            reason: "holds no PEM private key".into(),
+        })?;
+    Ok(TlsConfig::builder()
+        .provider(TlsProvider::Rustls)
+        .unversioned_rustls_crypto_provider(identity::provider())
+        .root_certs(RootCerts::new_with_certs(&roots))
+        .client_cert(Some(ClientCert::new_with_certs(&chain, key)))
+        .build())
 }
 
 impl Client {
-    /// `url` is the coordinator's base, e.g. `http://10.0.0.1:7800`.
-    pub fn new(url: &str, token: Option<String>) -> Result<Self, CoordError> {
+    /// `url` is the coordinator's base, `https://HOST:PORT` with this edge's
+    /// cluster files in `tls`, or `http://HOST:PORT` without them (a
+    /// coordinator run with `--insecure-no-auth`).
+    pub fn new(url: &str, tls: Option<&TlsFiles>) -> Result<Self, CoordError> {
         let base = url.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") || base.len() <= "http://".len() {
+        let scheme = if base.starts_with("https://") {
+            "https://"
+        } else {
+            "http://"
+        };
+        if !base.starts_with(scheme) || base.len() <= scheme.len() {
             return Err(CoordError::BadUrl(url.to_string()));
         }
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .into();
-        Ok(Client { agent, base, token })
+            .timeout_global(Some(Duration::from_secs(60)));
+        match (scheme, tls) {
+            ("https://", Some(files)) => config = config.tls_config(tls_config(files)?),
+            ("https://", None) => return Err(CoordError::NoCredentials(base)),
+            (_, Some(_)) => return Err(CoordError::PlainWithCredentials(base)),
+            (_, None) => {}
+        }
+        let agent: ureq::Agent = config.build().into();
+        Ok(Client { agent, base })
     }
 
     pub fn base(&self) -> &str {
@@ -52,20 +119,11 @@ impl Client {
     ) -> Result<T, CoordError> {
         let url = format!("{}{}", self.base, path);
         let what = format!("{method} {path}");
-        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
-        let with_auth = |r: ureq::RequestBuilder<ureq::typestate::WithoutBody>| match &auth {
-            Some(a) => r.header("Authorization", a),
-            None => r,
-        };
-        let with_auth_body = |r: ureq::RequestBuilder<ureq::typestate::WithBody>| match &auth {
-            Some(a) => r.header("Authorization", a),
-            None => r,
-        };
         let sent = match (method, body) {
-            ("GET", _) => with_auth(self.agent.get(&url)).call(),
-            ("DELETE", _) => with_auth(self.agent.delete(&url)).call(),
-            ("POST", b) => with_auth_body(self.agent.post(&url)).send_json(b.unwrap_or(json!({}))),
-            ("PUT", b) => with_auth_body(self.agent.put(&url)).send_json(b.unwrap_or(json!({}))),
+            ("GET", _) => self.agent.get(&url).call(),
+            ("DELETE", _) => self.agent.delete(&url).call(),
+            ("POST", b) => self.agent.post(&url).send_json(b.unwrap_or(json!({}))),
+            ("PUT", b) => self.agent.put(&url).send_json(b.unwrap_or(json!({}))),
             _ => {
                 return Err(CoordError::BadAnswer {
                     what,
@@ -103,6 +161,11 @@ impl Client {
             what,
             reason: e.to_string(),
         })
+    }
+
+    /// Any `GET` of the API as JSON (for tools and tests).
+    pub fn get_json(&self, path: &str) -> Result<serde_json::Value, CoordError> {
+        self.call("GET", path, None)
     }
 
     pub fn register(&self, edge: &str, addr: &str, capacity: u64) -> Result<(), CoordError> {

@@ -47,16 +47,15 @@ pub struct CoordinatedFetch {
 }
 
 impl CoordinatedFetch {
-    /// [`Self::begin`] with a client for `url` and the token in `token_file`.
+    /// [`Self::begin`] with a client for `url` presenting the edge's `tls` files.
     pub fn begin_url(
         url: &str,
-        token_file: Option<&std::path::Path>,
+        tls: Option<&edgeshift_common::identity::TlsFiles>,
         store: &LocalStore,
         edge: &str,
         manifest: &ManifestId,
     ) -> Result<Self, CoordError> {
-        let token = token_file.map(super::read_token).transpose()?;
-        Self::begin(Client::new(url, token)?, store, edge, manifest)
+        Self::begin(Client::new(url, tls)?, store, edge, manifest)
     }
 
     /// Pins `manifest` on this edge (locally, then at the coordinator) and

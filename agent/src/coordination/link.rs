@@ -397,19 +397,19 @@ impl Drop for LinkHandle {
     }
 }
 
-/// What `edgeshift agent --coordinator URL --token-file FILE --capacity SIZE`
-/// starts: a link for edge `edge` whose chunk server listens on `listen`.
+/// What `edgeshift agent --coordinator URL --capacity SIZE` starts: a link
+/// for edge `edge` (presenting its `tls` files) whose chunk server listens on
+/// `listen`.
 pub fn start(
     url: &str,
-    token_file: Option<&std::path::Path>,
+    tls: Option<&edgeshift_common::identity::TlsFiles>,
     capacity: u64,
     edge: &str,
     listen: SocketAddr,
     store: Arc<LocalStore>,
     trust: Trust,
 ) -> Result<LinkHandle, CoordError> {
-    let token = token_file.map(super::read_token).transpose()?;
-    let client = Client::new(url, token)?;
+    let client = Client::new(url, tls)?;
     let cfg = LinkConfig {
         edge: edge.to_string(),
         advertise: advertise_addr(listen, url),

@@ -23,10 +23,16 @@ use crate::transfer::TransferError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordError {
-    #[error("coordinator URL {0:?} must start with http:// (TLS belongs to a proxy in front)")]
+    #[error(
+        "coordinator URL {0:?} must be https://HOST:PORT (or http:// for one run with --insecure-no-auth)"
+    )]
     BadUrl(String),
-    #[error("token file {path}: {reason}")]
-    TokenFile { path: PathBuf, reason: String },
+    #[error("coordinator {0}: https needs this edge's cluster certificate (--tls-ca, --tls-cert, --tls-key; `edgeshift cluster add-edge NAME` makes them)")]
+    NoCredentials(String),
+    #[error("coordinator {0}: plain http would send this edge's reports unauthenticated; use https:// (http:// only with --insecure-plaintext, for a coordinator run with --insecure-no-auth)")]
+    PlainWithCredentials(String),
+    #[error("{path}: {reason} (make the cluster's files with `edgeshift cluster add-edge NAME`)")]
+    Tls { path: PathBuf, reason: String },
     #[error("cannot reach the coordinator at {url}: {reason}")]
     Unreachable { url: String, reason: String },
     #[error("coordinator refused {what} ({status}): {message}")]
@@ -55,20 +61,4 @@ impl CoordError {
     pub fn is_unknown_edge(&self) -> bool {
         matches!(self, CoordError::Refused { status: 404, message, .. } if message.contains("unknown edge"))
     }
-}
-
-/// Reads a bearer token file (surrounding white space ignored).
-pub fn read_token(path: &std::path::Path) -> Result<String, CoordError> {
-    let t = std::fs::read_to_string(path).map_err(|e| CoordError::TokenFile {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let t = t.trim();
-    if t.is_empty() {
-        return Err(CoordError::TokenFile {
-            path: path.to_path_buf(),
-            reason: "empty".into(),
-        });
-    }
-    Ok(t.to_string())
 }

@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use edgeshift_common::control::PlanSource;
@@ -29,7 +29,7 @@ use super::MigrateError;
 use crate::coordination::client::Client;
 use crate::coordination::fetch::{pin_image, unpin_image, CoordinatedFetch};
 use crate::coordination::pins::LocalPins;
-use crate::coordination::{read_token, CoordError};
+use crate::coordination::CoordError;
 use crate::store::{ChunkStore, LocalStore};
 use crate::transfer::fetch::FetchReport;
 use crate::vm::StateDir;
@@ -37,17 +37,17 @@ use crate::vm::StateDir;
 /// How an agent reaches the coordinator, and its name there.
 #[derive(Debug, Clone)]
 pub struct CoordConfig {
-    /// Base URL, `http://HOST:PORT`.
+    /// Base URL, `https://HOST:PORT`.
     pub url: String,
-    pub token_file: Option<PathBuf>,
+    /// This edge's cluster files (`None`: plain http to an open coordinator).
+    pub tls: Option<edgeshift_common::identity::TlsFiles>,
     /// This edge's id at the coordinator: the `--id` of its `edgeshift agent`.
     pub edge: String,
 }
 
 impl CoordConfig {
     pub fn client(&self) -> Result<Client, CoordError> {
-        let token = self.token_file.as_deref().map(read_token).transpose()?;
-        Client::new(&self.url, token)
+        Client::new(&self.url, self.tls.as_ref())
     }
 }
 

@@ -32,10 +32,55 @@ pub struct Args {
         default_value = "/var/lib/edgeshift-coordinator"
     )]
     pub data: PathBuf,
-    /// File holding the bearer token agents and operators must send. Without
-    /// it the API is open (only sensible on a loopback address).
-    #[arg(long, env = "EDGESHIFT_COORDINATOR_TOKEN_FILE")]
+    /// Cluster CA certificate(s) that client certificates must chain to
+    /// (two during a CA rollover).
+    #[arg(
+        long,
+        env = "EDGESHIFT_TLS_CA",
+        value_name = "FILE",
+        default_value = "/etc/edgeshift/tls/ca.pem"
+    )]
+    pub tls_ca: PathBuf,
+    /// The coordinator's certificate (role coordinator, SANs for the names
+    /// agents dial): `edgeshift cluster issue --role coordinator NAME --san HOST`.
+    #[arg(
+        long,
+        env = "EDGESHIFT_TLS_CERT",
+        value_name = "FILE",
+        default_value = "/etc/edgeshift/tls/cert.pem"
+    )]
+    pub tls_cert: PathBuf,
+    /// The coordinator's private key.
+    #[arg(
+        long,
+        env = "EDGESHIFT_TLS_KEY",
+        value_name = "FILE",
+        default_value = "/etc/edgeshift/tls/key.pem"
+    )]
+    pub tls_key: PathBuf,
+    /// Revoked certificates (PEM CRL from `edgeshift cluster revoke`).
+    #[arg(long, env = "EDGESHIFT_TLS_CRL", value_name = "FILE")]
+    pub tls_crl: Option<PathBuf>,
+    /// File holding the operator's bearer token (policy, hints,
+    /// deregistration) for operators without an operator certificate.
+    #[arg(long, env = "EDGESHIFT_COORDINATOR_OPERATOR_TOKEN_FILE", value_name = "FILE")]
+    pub operator_token_file: Option<PathBuf>,
+    /// Plain HTTP and no authentication at all: anyone who reaches the port
+    /// may act as any edge and change the policy. For tests on a closed
+    /// network only; logged at every start.
+    #[arg(long, env = "EDGESHIFT_COORDINATOR_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+    /// Replaced: edges use their certificates, the operator
+    /// --operator-token-file. Refused with a message saying so.
+    #[arg(long, env = "EDGESHIFT_COORDINATOR_TOKEN_FILE", hide = true)]
     pub token_file: Option<PathBuf>,
+    /// Seconds a client gets to send each request's headers (and to finish
+    /// its TLS handshake) before the connection is closed.
+    #[arg(long, env = "EDGESHIFT_COORDINATOR_HEADER_TIMEOUT", default_value_t = 10.0)]
+    pub header_timeout: f64,
+    /// Connections served at once; further ones wait in the listen backlog.
+    #[arg(long, env = "EDGESHIFT_COORDINATOR_MAX_CONNECTIONS", default_value_t = edgeshift_coordinator::serve::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
     /// Largest request body accepted, in bytes (413 beyond).
     #[arg(long, env = "EDGESHIFT_COORDINATOR_MAX_BODY", default_value_t = DEFAULT_BODY_LIMIT)]
     pub max_body: usize,
@@ -70,7 +115,15 @@ pub struct CoordinatorFile {
     pub listen: Option<String>,
     pub data: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_crl: Option<PathBuf>,
+    pub operator_token_file: Option<PathBuf>,
+    pub insecure_no_auth: Option<bool>,
     pub max_body: Option<usize>,
+    pub header_timeout: Option<f64>,
+    pub max_connections: Option<usize>,
     pub default_path_rate: Option<f64>,
     pub lease_secs: Option<u64>,
     pub log_format: Option<LogFormat>,
@@ -80,11 +133,19 @@ impl CoordinatorFile {
     /// The file's values as (clap argument id, value) pairs.
     pub fn defaults(&self) -> Vec<(&'static str, String)> {
         let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
-        let pairs: [(&'static str, Option<String>); 7] = [
+        let pairs: [(&'static str, Option<String>); 15] = [
             ("listen", self.listen.clone()),
             ("data", path(&self.data)),
             ("token_file", path(&self.token_file)),
+            ("tls_ca", path(&self.tls_ca)),
+            ("tls_cert", path(&self.tls_cert)),
+            ("tls_key", path(&self.tls_key)),
+            ("tls_crl", path(&self.tls_crl)),
+            ("operator_token_file", path(&self.operator_token_file)),
+            ("insecure_no_auth", self.insecure_no_auth.map(|v| v.to_string())),
             ("max_body", self.max_body.map(|v| v.to_string())),
+            ("header_timeout", self.header_timeout.map(|v| v.to_string())),
+            ("max_connections", self.max_connections.map(|v| v.to_string())),
             ("default_path_rate", self.default_path_rate.map(|v| v.to_string())),
             ("lease_secs", self.lease_secs.map(|v| v.to_string())),
             ("log_format", self.log_format.map(|f| f.as_str().to_string())),
@@ -139,7 +200,8 @@ mod tests {
             .map(|l| format!("{l}\n"))
             .collect();
         let all: CoordinatorFile = config::parse(&all, &path).expect("every documented key parses");
-        assert_eq!(all.defaults().len(), 7, "a key is not documented");
+        // All but `token_file`, which is only read to refuse it by name.
+        assert_eq!(all.defaults().len(), 14, "a key is not documented");
         let m = config::apply_defaults(Args::command(), &all.defaults())
             .try_get_matches_from(["c", "--lease-secs", "5"])
             .expect("parses");
