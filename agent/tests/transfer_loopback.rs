@@ -1104,3 +1104,87 @@ async fn a_flood_of_half_open_connections_neither_stops_the_agent_nor_keeps_peer
     assert!(agent.child.try_wait().expect("wait").is_none());
     drop(flood);
 }
+
+/// In front of `upstream`: requests pass at full speed, answers pass at full
+/// speed for their first `fast` bytes (the TLS handshake) and then one byte
+/// every 100 ms, so something always arrives and no stall timer fires.
+fn trickling(upstream: SocketAddr, fast: usize) -> SocketAddr {
+    use tokio::io::AsyncReadExt;
+    serve_each_connection(move |client| async move {
+        let Ok(server) = TcpStream::connect(upstream).await else {
+            return;
+        };
+        let (mut client_r, mut client_w) = client.into_split();
+        let (mut server_r, mut server_w) = server.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut client_r, &mut server_w).await;
+        });
+        let mut buf = vec![0u8; 64 << 10];
+        let mut passed = 0usize;
+        while let Ok(n) = server_r.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            for piece in buf[..n].chunks(1) {
+                if client_w.write_all(piece).await.is_err() {
+                    return;
+                }
+                passed += 1;
+                if passed > fast {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+}
+
+#[test]
+fn a_trickling_peer_is_dropped_by_the_rate_floor() {
+    let src = source(40, 11);
+    let honest = Agent::local(&src.store, &src.key, false, &src.dir.path().join("agent.log"));
+    let trickler = trickling(honest.addr, 16 << 10);
+    let dst = src.dir.path().join("dst");
+    let started = std::time::Instant::now();
+    let mut child = fetch_cmd(
+        std::process::Command::new(BIN),
+        &src.id,
+        &dst,
+        &src.key,
+        &[trickler],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("spawn fetch");
+    // fetch_cmd passes --stall-timeout 3: the floor judges 3 s windows.
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(40) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("a peer trickling 10 bytes/s held the fetch for 40 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = child.wait_with_output().expect("output");
+    assert!(!status.success(), "the trickler alone cannot supply the image");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("too slow"), "the error names the trickle: {err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // Beside an honest peer the fetch completes without the trickler's help.
+    let dst2 = src.dir.path().join("dst2");
+    let r = report(&fetch(&src.id, &dst2, &src.key, &[trickler, honest.addr]));
+    assert_eq!(
+        r["chunks_fetched"].as_u64(),
+        Some(chunk_files(&src.store) as u64),
+        "{r}"
+    );
+    assert_restores(&src.id, &dst2, &src.image);
+}

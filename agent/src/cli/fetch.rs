@@ -52,6 +52,12 @@ pub struct Args {
     /// Drop a peer that sends nothing for this many seconds while chunks are outstanding.
     #[arg(long, default_value_t = 10.0)]
     stall_timeout: f64,
+    /// Drop a peer that, while chunks are outstanding, delivers less than
+    /// this per second over a whole --stall-timeout (a peer trickling a
+    /// byte at a time would otherwise hold its chunks forever). A size:
+    /// `16KiB` means 16 KiB/s.
+    #[arg(long, default_value = "16KiB", value_parser = edgeshift_common::parse_size)]
+    min_peer_rate: u64,
     /// Never ask peers for zstd-compressed chunks.
     #[arg(long)]
     no_zstd: bool,
@@ -85,6 +91,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let opts = FetchOptions {
         stall_timeout: Duration::from_secs_f64(args.stall_timeout),
+        min_peer_rate: args.min_peer_rate,
         zstd: !args.no_zstd,
         ..FetchOptions::default()
     };

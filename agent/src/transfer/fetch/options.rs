@@ -11,6 +11,9 @@ pub struct FetchOptions {
     pub batch: usize,
     /// A peer with chunks in flight and no byte received for this long is dropped.
     pub stall_timeout: Duration,
+    /// A busy peer delivering less than this (bytes/s) over a whole
+    /// `stall_timeout` is dropped too; its chunks go to the others.
+    pub min_peer_rate: u64,
     pub connect_timeout: Duration,
     /// Let servers compress chunks when that makes them arrive sooner.
     pub zstd: bool,
@@ -36,6 +39,7 @@ impl Default for FetchOptions {
         FetchOptions {
             batch: 32,
             stall_timeout: dial.stall_timeout,
+            min_peer_rate: 16 << 10,
             connect_timeout: dial.connect_timeout,
             zstd: true,
             min_window: 1 << 20,

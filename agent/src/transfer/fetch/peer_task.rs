@@ -117,6 +117,7 @@ pub(crate) async fn run_peer(ctx: &PeerCtx) -> Option<String> {
     let mut last_seen = 0u64;
     let mut last_progress = Instant::now();
     let mut rate_mark = (Instant::now(), 0u64);
+    let mut floor = RateFloor::new(Instant::now(), &ctx.opts);
 
     loop {
         // Request more while the window allows.
@@ -185,6 +186,7 @@ pub(crate) async fn run_peer(ctx: &PeerCtx) -> Option<String> {
             let notified = ctx.sched.wake.notified();
             let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
             last_progress = Instant::now();
+            floor.restart(last_progress, received.load(Ordering::Relaxed));
             continue;
         }
         tokio::select! {
@@ -216,6 +218,12 @@ pub(crate) async fn run_peer(ctx: &PeerCtx) -> Option<String> {
                     warn!(peer = %ctx.addr, "peer stalled; dropped for this fetch");
                     return Some(format!("stalled: nothing received for {:?}", ctx.opts.stall_timeout));
                 }
+                if idle {
+                    floor.restart(now, now_seen);
+                } else if let Some(reason) = floor.check(now, now_seen) {
+                    warn!(peer = %ctx.addr, "{reason}; dropped for this fetch");
+                    return Some(reason);
+                }
                 // Goodput sample every tick while busy.
                 let dt = (now - rate_mark.0).as_secs_f64();
                 if dt >= 0.09 {
@@ -230,6 +238,51 @@ pub(crate) async fn run_peer(ctx: &PeerCtx) -> Option<String> {
         if ctx.sched.lock().fatal().is_some() {
             return Some("fetch aborted".into());
         }
+    }
+}
+
+/// The overall deadline on a busy peer: over every `stall_timeout` it must
+/// deliver at least `min_peer_rate` bytes a second. "Nothing received"
+/// alone lets a peer that trickles a byte at a time hold its chunks forever.
+struct RateFloor {
+    since: Instant,
+    bytes_at_start: u64,
+    window: Duration,
+    min_bytes: u64,
+}
+
+impl RateFloor {
+    fn new(now: Instant, opts: &FetchOptions) -> Self {
+        let window = opts.stall_timeout.max(Duration::from_secs(1));
+        RateFloor {
+            since: now,
+            bytes_at_start: 0,
+            window,
+            min_bytes: (opts.min_peer_rate as f64 * window.as_secs_f64()) as u64,
+        }
+    }
+
+    /// Starts a new window (the peer had nothing to do).
+    fn restart(&mut self, now: Instant, seen: u64) {
+        self.since = now;
+        self.bytes_at_start = seen;
+    }
+
+    /// `Some(reason)` when a whole window went by below the floor.
+    fn check(&mut self, now: Instant, seen: u64) -> Option<String> {
+        if now - self.since < self.window {
+            return None;
+        }
+        let got = seen.saturating_sub(self.bytes_at_start);
+        if got < self.min_bytes {
+            return Some(format!(
+                "too slow: {got} bytes in {:?} (the floor is {} bytes/s)",
+                self.window,
+                self.min_bytes as f64 / self.window.as_secs_f64()
+            ));
+        }
+        self.restart(now, seen);
+        None
     }
 }
 
