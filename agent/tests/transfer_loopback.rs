@@ -1106,8 +1106,10 @@ async fn a_flood_of_half_open_connections_neither_stops_the_agent_nor_keeps_peer
 }
 
 /// In front of `upstream`: requests pass at full speed, answers pass at full
-/// speed for their first `fast` bytes (the TLS handshake) and then one byte
-/// every 100 ms, so something always arrives and no stall timer fires.
+/// speed for their first `fast` bytes (the TLS handshake) and then 8 KiB a
+/// second: a whole TLS record (16 KiB) completes every 2 s, so something
+/// always arrives within the 3 s stall timeout and only a rate floor can
+/// tell this peer from a slow path.
 fn trickling(upstream: SocketAddr, fast: usize) -> SocketAddr {
     use tokio::io::AsyncReadExt;
     serve_each_connection(move |client| async move {
@@ -1125,13 +1127,13 @@ fn trickling(upstream: SocketAddr, fast: usize) -> SocketAddr {
             if n == 0 {
                 break;
             }
-            for piece in buf[..n].chunks(1) {
+            for piece in buf[..n].chunks(8 << 10) {
                 if client_w.write_all(piece).await.is_err() {
                     return;
                 }
-                passed += 1;
+                passed += piece.len();
                 if passed > fast {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }
@@ -1164,7 +1166,7 @@ fn a_trickling_peer_is_dropped_by_the_rate_floor() {
         if started.elapsed() > Duration::from_secs(40) {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("a peer trickling 10 bytes/s held the fetch for 40 s");
+            panic!("a peer trickling 8 KiB/s held the fetch for 40 s");
         }
         std::thread::sleep(Duration::from_millis(100));
     };
