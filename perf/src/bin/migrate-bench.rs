@@ -69,6 +69,12 @@ struct Args {
     /// measure each path's TCP goodput, the rate of the physical limit.
     #[arg(long, default_value_t = 3)]
     goodput_secs: u32,
+    /// QEMU's row without `auto-converge`: QEMU's defaults. On a slow link
+    /// a guest that writes all the time then may never reach the
+    /// switchover (docs/migration.md), so by default the baseline throttles
+    /// vCPUs as an operator would.
+    #[arg(long)]
+    qemu_no_auto_converge: bool,
 }
 
 /// The agents' `--listen` (chunks) and `--migrate-listen` ports.
@@ -687,7 +693,7 @@ fn qemu_run(a: &Args, bin: &Path, vm: &Vm, zstd: bool) -> anyhow::Result<Row> {
     )?;
     wait_job_ready(&mut sq, Duration::from_secs(1800))?;
     let disk_secs = t0.elapsed().as_secs_f64();
-    sq.migrate_set_capabilities(&[("events", true)])?;
+    sq.migrate_set_capabilities(&[("events", true), ("auto-converge", !a.qemu_no_auto_converge)])?;
     sq.set_memory_transport(memory)?;
     sq.migrate(&format!("tcp:{dst_ip}:{MIG_PORT}"))?;
     let done = loop {
@@ -711,8 +717,13 @@ fn qemu_run(a: &Args, bin: &Path, vm: &Vm, zstd: bool) -> anyhow::Result<Row> {
     Ok(Row {
         scenario: scenario.into(),
         method: format!(
-            "QEMU blockdev-mirror to NBD + migrate{}",
-            if zstd { " (multifd zstd memory)" } else { "" }
+            "QEMU blockdev-mirror to NBD + migrate{}{}",
+            if zstd { " (multifd zstd memory)" } else { "" },
+            if a.qemu_no_auto_converge {
+                ""
+            } else {
+                ", auto-converge"
+            }
         ),
         total_seconds: total,
         downtime_ms: done.downtime.unwrap_or(0),
