@@ -3,10 +3,10 @@
 //! open); handlers then check it: an edge acts only as itself, the policy,
 //! hints, other edges' plans and deregistration are the operator's.
 
-use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
-
-use crate::api::ApiError;
+/// A caller refused by the access rules (the HTTP layer maps it to 403).
+#[derive(Debug, thiserror::Error)]
+#[error("forbidden: {0}")]
+pub struct Forbidden(pub String);
 
 /// Who is on the other end of a connection, as the transport proved it
 /// (`None`: plain HTTP, or TLS without a client certificate).
@@ -27,21 +27,21 @@ pub enum Caller {
 impl Caller {
     /// For routes that change or read one edge's own state (register,
     /// inventory, delta, paths, orders): only that edge.
-    pub fn act_as_edge(&self, id: &str) -> Result<(), ApiError> {
+    pub fn act_as_edge(&self, id: &str) -> Result<(), Forbidden> {
         match self {
             Caller::Anyone => Ok(()),
             Caller::Edge(name) if name == id => Ok(()),
-            Caller::Edge(name) => Err(ApiError::Forbidden(format!(
+            Caller::Edge(name) => Err(Forbidden(format!(
                 "edge {name:?} may act only as itself, not as {id:?}"
             ))),
-            Caller::Operator => Err(ApiError::Forbidden(format!(
+            Caller::Operator => Err(Forbidden(format!(
                 "only edge {id:?} itself (with its certificate) may do this"
             ))),
         }
     }
 
     /// For routes the operator may also use on an edge's behalf (pins, plans).
-    pub fn edge_or_operator(&self, id: &str) -> Result<(), ApiError> {
+    pub fn edge_or_operator(&self, id: &str) -> Result<(), Forbidden> {
         match self {
             Caller::Operator => Ok(()),
             other => other.act_as_edge(id),
@@ -49,26 +49,13 @@ impl Caller {
     }
 
     /// For the fleet-wide routes: policy, hints, deregistration.
-    pub fn operator(&self) -> Result<(), ApiError> {
+    pub fn operator(&self) -> Result<(), Forbidden> {
         match self {
             Caller::Anyone | Caller::Operator => Ok(()),
-            Caller::Edge(name) => Err(ApiError::Forbidden(format!(
+            Caller::Edge(name) => Err(Forbidden(format!(
                 "edge {name:?} may not do this: it needs the operator credential"
             ))),
         }
-    }
-}
-
-/// Handlers take the caller the auth middleware put on the request; a
-/// request that reached a handler without one is refused.
-impl<S: Send + Sync> FromRequestParts<S> for Caller {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        parts
-            .extensions
-            .get::<Caller>()
-            .cloned()
-            .ok_or(ApiError::Unauthorized)
     }
 }
 

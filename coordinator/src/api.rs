@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Path, Query, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Query, Request, State,
+};
+use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -20,7 +23,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::access::{Caller, Peer};
+use crate::access::{Caller, Forbidden, Peer};
 use crate::ledger::LedgerError;
 use crate::policy::Policy;
 use crate::service::{Coordinator, ServiceError};
@@ -45,6 +48,25 @@ pub enum ApiError {
     Service(#[from] ServiceError),
     #[error("the coordinator's state lock is poisoned (a handler panicked); restart it")]
     Poisoned,
+}
+
+impl From<Forbidden> for ApiError {
+    fn from(e: Forbidden) -> Self {
+        ApiError::Forbidden(e.0)
+    }
+}
+
+/// Handlers take the caller the auth middleware put on the request; a
+/// request that reached a handler without one is refused.
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or(ApiError::Unauthorized)
+    }
 }
 
 impl ApiError {
