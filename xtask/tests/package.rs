@@ -230,12 +230,13 @@ fn listening_addr(lines: &[String]) -> String {
         .iter()
         .find_map(|l| l.strip_prefix("listening on "))
         .unwrap_or_else(|| panic!("no listening line in {lines:?}"))
+        .trim_start_matches("https://")
         .trim_start_matches("http://")
         .to_string()
 }
 
 #[test]
-fn agent_and_coordinator_start_from_the_default_configs_plus_a_key_and_a_url() {
+fn agent_and_coordinator_start_from_the_default_configs_plus_certificates_and_a_url() {
     let Some(i) = installed() else { return };
     if caps::skip_unless_root("an agent's store and VM directory") {
         return;
@@ -243,6 +244,41 @@ fn agent_and_coordinator_start_from_the_default_configs_plus_a_key_and_a_url() {
     let work = i.work.join("daemons");
     std::fs::create_dir_all(&work).expect("work");
     let etc = i.root.join("etc/edgeshift");
+    let edgeshift = i.root.join("usr/bin/edgeshift");
+
+    // The cluster's files, made by the packaged binary as an operator would.
+    let tls = work.join("tls");
+    let cluster = |args: &[&str]| {
+        let out = Command::new(&edgeshift)
+            .arg("cluster")
+            .args(args)
+            .output()
+            .expect("edgeshift cluster");
+        assert!(
+            out.status.success(),
+            "cluster {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let dir = tls.to_str().expect("utf-8 path");
+    cluster(&["init", "--dir", dir]);
+    cluster(&[
+        "issue",
+        "--dir",
+        dir,
+        "--role",
+        "coordinator",
+        "coordinator",
+        "--san",
+        "127.0.0.1",
+    ]);
+    cluster(&["add-edge", "--dir", dir, "edge-pkg", "--san", "127.0.0.1"]);
+    cluster(&["issue", "--dir", dir, "--role", "operator", "op"]);
+    let tls_env = |c: &mut Command, name: &str| {
+        c.env("EDGESHIFT_TLS_CA", tls.join("ca.pem"))
+            .env("EDGESHIFT_TLS_CERT", tls.join(format!("{name}.pem")))
+            .env("EDGESHIFT_TLS_KEY", tls.join(format!("{name}.key")));
+    };
 
     let mut coord_cmd = Command::new(i.root.join("usr/bin/edgeshift-coordinator"));
     coord_cmd
@@ -251,20 +287,18 @@ fn agent_and_coordinator_start_from_the_default_configs_plus_a_key_and_a_url() {
         .env("EDGESHIFT_COORDINATOR_LISTEN", "127.0.0.1:0")
         .env("EDGESHIFT_COORDINATOR_DATA", work.join("coordinator"))
         .env("EDGESHIFT_COORDINATOR_LOG_FORMAT", "json");
+    tls_env(&mut coord_cmd, "coordinator");
     let mut coord = Daemon::start(coord_cmd, &work.join("coordinator.notify"));
     let (ready, lines) = coord.wait_ready(Duration::from_secs(30));
     let coord_addr = listening_addr(&lines);
     assert!(ready.contains("STATUS=serving on"), "{ready}");
-    let url = format!("http://{coord_addr}");
+    let url = format!("https://{coord_addr}");
 
-    let key = work.join("cluster.key");
-    std::fs::write(&key, "ab".repeat(32)).expect("key");
-    let agent_cmd = |key: &Path| {
-        let mut c = Command::new(i.root.join("usr/bin/edgeshift"));
+    let agent_cmd = || {
+        let mut c = Command::new(&edgeshift);
         c.arg("agent")
             .arg("--config")
             .arg(etc.join("agent.toml"))
-            .env("EDGESHIFT_CLUSTER_KEY_FILE", key)
             .env("EDGESHIFT_COORDINATOR", &url)
             .env("EDGESHIFT_CAPACITY", "1GiB")
             .env("EDGESHIFT_ID", "edge-pkg")
@@ -273,12 +307,13 @@ fn agent_and_coordinator_start_from_the_default_configs_plus_a_key_and_a_url() {
             .env("EDGESHIFT_STORE", work.join("store"))
             .env("EDGESHIFT_STATE_DIR", work.join("vms"))
             .env("EDGESHIFT_NO_ZSTD", "true");
+        tls_env(&mut c, "edge-pkg");
         c
     };
 
     // Missing cluster credentials stop the agent before it listens or says
     // it is ready, naming the file and the command that makes it.
-    let mut c = agent_cmd(&key);
+    let mut c = agent_cmd();
     let out = c
         .env_remove("NOTIFY_SOCKET")
         .env("EDGESHIFT_TLS_CERT", work.join("no-such.pem"))
@@ -292,14 +327,10 @@ fn agent_and_coordinator_start_from_the_default_configs_plus_a_key_and_a_url() {
     );
     assert!(
         !String::from_utf8_lossy(&out.stdout).contains("listening"),
-        "listened before the key check"
+        "listened before the credentials check"
     );
 
-    // The coordinator here is plain HTTP: the agent runs in the test-only
-    // plaintext mode (the TLS agent is tested in agent/tests).
-    let mut with_key = agent_cmd(&key);
-    with_key.env("EDGESHIFT_INSECURE_PLAINTEXT", "true");
-    let mut agent = Daemon::start(with_key, &work.join("agent.notify"));
+    let mut agent = Daemon::start(agent_cmd(), &work.join("agent.notify"));
     let (ready, lines) = agent.wait_ready(Duration::from_secs(60));
     assert!(ready.contains(&format!("coordinator {url} reached")), "{ready}");
     assert!(
@@ -307,16 +338,22 @@ fn agent_and_coordinator_start_from_the_default_configs_plus_a_key_and_a_url() {
         "{lines:?}"
     );
     let agent_addr = listening_addr(&lines);
-    // The agent answers: a peer connection gets the server's handshake
-    // bytes, and the coordinator knows the edge (registered before ready).
     let s = std::net::TcpStream::connect(&agent_addr).expect("agent answers");
     drop(s);
-    let edge = ureq::get(&format!("{url}/v1/edges/edge-pkg"))
-        .call()
-        .expect("the coordinator answers")
-        .into_body()
-        .read_to_string()
-        .expect("body");
+    // The coordinator knows the edge (registered over mutual TLS before the
+    // agent said ready); asked by the operator's certificate.
+    let out = Command::new("curl")
+        .args(["-sS", "--fail", "--cacert"])
+        .arg(tls.join("ca.pem"))
+        .arg("--cert")
+        .arg(tls.join("op.pem"))
+        .arg("--key")
+        .arg(tls.join("op.key"))
+        .arg(format!("{url}/v1/edges/edge-pkg"))
+        .output()
+        .expect("curl");
+    let edge = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(edge.contains("capacity") || edge.contains("usage"), "{edge}");
 
     let agent_pid = agent.child.id();
