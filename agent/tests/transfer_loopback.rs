@@ -560,6 +560,13 @@ fn a_manifest_that_does_not_hash_to_its_id_is_refused() {
 
 /// Reads frames until an error frame or the end of the stream; returns the
 /// error code seen (if any) and whether the server closed the connection.
+/// A fresh connection to `addr`, authenticated as `key`.
+async fn connect_authed(key: &Trust, addr: SocketAddr) -> (edgeshift_agent::transfer::PeerStream, String) {
+    secure_client(key, TcpStream::connect(addr).await.expect("connect"), addr)
+        .await
+        .expect("auth")
+}
+
 async fn error_then_close<S: tokio::io::AsyncRead + Unpin>(sock: &mut S) -> (Option<u32>, bool) {
     let mut code = None;
     loop {
@@ -600,13 +607,7 @@ async fn malformed_and_oversized_frames_drop_the_connection() {
     assert!(closed);
 
     // Authenticated, then a frame longer than the limit.
-    let (mut s, _) = secure_client(
-        &key,
-        TcpStream::connect(agent.addr).await.expect("connect"),
-        agent.addr,
-    )
-    .await
-    .expect("auth");
+    let (mut s, _) = connect_authed(&key, agent.addr).await;
     let hdr = FrameHeader::new(FrameKind::ChunkRequest, 0, 1, wire::MAX_FRAME_LEN + 1);
     s.write_all(zerocopy::IntoBytes::as_bytes(&hdr))
         .await
@@ -616,13 +617,7 @@ async fn malformed_and_oversized_frames_drop_the_connection() {
     assert!(closed);
 
     // Authenticated, then a chunk request that is not a whole number of fingerprints.
-    let (mut s, _) = secure_client(
-        &key,
-        TcpStream::connect(agent.addr).await.expect("connect"),
-        agent.addr,
-    )
-    .await
-    .expect("auth");
+    let (mut s, _) = connect_authed(&key, agent.addr).await;
     s.write_all(&wire::encode(FrameKind::ChunkRequest, 0, 2, &[&[0u8; 8 + 33]]))
         .await
         .expect("write");
@@ -633,13 +628,7 @@ async fn malformed_and_oversized_frames_drop_the_connection() {
     // A request kind announcing more than it can hold (here a chunk
     // request of 3 MiB, beyond 4096 fingerprints): refused from its header
     // at once (issue 21, finding 6: any kind could announce 64 MiB).
-    let (mut s, _) = secure_client(
-        &key,
-        TcpStream::connect(agent.addr).await.expect("connect"),
-        agent.addr,
-    )
-    .await
-    .expect("auth");
+    let (mut s, _) = connect_authed(&key, agent.addr).await;
     let hdr = FrameHeader::new(FrameKind::ChunkRequest, 0, 9, 3 << 20);
     s.write_all(zerocopy::IntoBytes::as_bytes(&hdr))
         .await
@@ -649,13 +638,7 @@ async fn malformed_and_oversized_frames_drop_the_connection() {
     assert!(closed);
 
     // A frame type only servers send.
-    let (mut s, _) = secure_client(
-        &key,
-        TcpStream::connect(agent.addr).await.expect("connect"),
-        agent.addr,
-    )
-    .await
-    .expect("auth");
+    let (mut s, _) = connect_authed(&key, agent.addr).await;
     s.write_all(&wire::encode(FrameKind::AuthOk, 0, 3, &[]))
         .await
         .expect("write");
@@ -664,13 +647,7 @@ async fn malformed_and_oversized_frames_drop_the_connection() {
     assert!(closed);
 
     // A request for a chunk it does not hold: a Missing frame, connection kept.
-    let (mut s, _) = secure_client(
-        &key,
-        TcpStream::connect(agent.addr).await.expect("connect"),
-        agent.addr,
-    )
-    .await
-    .expect("auth");
+    let (mut s, _) = connect_authed(&key, agent.addr).await;
     let absent = Fingerprint::of(b"not in any store");
     s.write_all(&wire::encode_chunk_request(4, false, 0, &[absent]))
         .await
@@ -947,13 +924,7 @@ async fn chunks_in_place_are_not_held_behind_one_still_being_placed() {
 
     // Asked first, placed 400 ms later: the chunk in place comes before it.
     let (fp_coming, placer) = place_later(vec![6u8; CHUNK], 400);
-    let (mut s, _) = secure_client(
-        &key,
-        TcpStream::connect(agent.addr).await.expect("connect"),
-        agent.addr,
-    )
-    .await
-    .expect("auth");
+    let (mut s, _) = connect_authed(&key, agent.addr).await;
     s.write_all(&wire::encode_chunk_request(1, false, 0, &[fp_coming, fp_present]))
         .await
         .expect("request");
