@@ -11,6 +11,7 @@ use roaring::RoaringBitmap;
 use serde::{Deserialize, Serialize};
 
 use crate::gc::{self, GcError, Watermarks};
+use crate::handoff::Handoffs;
 use crate::ledger::{ChunkId, EdgeIx, Ledger, LedgerError};
 use crate::persist::{LeaseRecord, PersistError, Store};
 use crate::planner::{self, ChunkJob, PlanError, Source};
@@ -184,6 +185,8 @@ pub struct Coordinator {
     /// reported yet: id → (deadline, per edge the chunks to protect).
     pending_leases: BTreeMap<u64, (u64, BTreeMap<String, Vec<Fingerprint>>)>,
     store: Store,
+    /// Where VMs run and the handoffs ordered (in memory only).
+    pub handoffs: Handoffs,
 }
 
 const SETTINGS_KEY: &str = "settings";
@@ -231,6 +234,7 @@ impl Coordinator {
             hints,
             pending_leases,
             store,
+            handoffs: Handoffs::default(),
         })
     }
 
@@ -406,6 +410,7 @@ impl Coordinator {
             per_edge.remove(edge);
         }
         self.ledger.deregister(edge)?;
+        self.handoffs.forget_edge(edge, now_ms());
         Ok(())
     }
 
@@ -642,6 +647,7 @@ impl Coordinator {
             policy: policy.to_string(),
             drop: g.drop.iter().map(|&c| self.ledger.interner.fp(c)).collect(),
             drop_bytes: g.bytes,
+            handoffs: self.handoffs.orders_for(edge, now_ms()),
             ..Default::default()
         };
         if !g.drop.is_empty() {
