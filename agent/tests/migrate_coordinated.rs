@@ -501,3 +501,94 @@ fn coordinator_gone_after_the_plan_does_not_undo_the_handoff() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// Polls `GET /v1/vms/NAME/handoff` until the handoff is over.
+fn wait_handoff_over(coord: &Coordinator, vm: &str, timeout: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    let mut phases = Vec::new();
+    loop {
+        let (status, v) = coord.get(&format!("/v1/vms/{vm}/handoff"));
+        assert_eq!(status, 200, "GET handoff: {v}");
+        if let Some(p) = v["phase"].as_str() {
+            if phases.last().map(String::as_str) != Some(p) {
+                phases.push(p.to_string());
+            }
+        }
+        if matches!(v["state"].as_str(), Some("done" | "failed")) {
+            eprintln!("phases seen through GET: {phases:?}");
+            return v;
+        }
+        assert!(Instant::now() < deadline, "handoff not over in {timeout:?}: {v}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Issue 24: the handoff an edge platform asks for over HTTP. The agents
+/// report their VMs, `POST /v1/vms/vm1/handoff {"to": "b"}` orders a to
+/// move it, a second request is refused while it moves, and `GET` follows
+/// it to the final report (the `migrate --json` fields), the guest's client
+/// connected throughout.
+#[test]
+fn handoff_ordered_over_http_keeps_the_client_connected() {
+    if require_capabilities().is_some() || curl_missing() {
+        return;
+    }
+    let (cloud, coord) = coordinated_cloud();
+    let base = cloud.base_id.clone();
+    run_vm_coordinated(&cloud, &coord, "a", "vm1", &base);
+    let stream = cloud.counter_stream();
+    assert!(
+        stream.wait_above(stream.last().unwrap_or(0) + 5, Duration::from_secs(30)),
+        "the guest counts"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while coord.get("/v1/vms").1["vms"]["vm1"] != "a" {
+        assert!(Instant::now() < deadline, "a never reported vm1: {}", coord.get("/v1/vms").1);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let post = |vm: &str, to: &str| {
+        coord.request(
+            "POST",
+            &format!("/v1/vms/{vm}/handoff"),
+            Some(&serde_json::json!({ "to": to })),
+        )
+    };
+    let (status, v) = post("vm9", "b");
+    assert_eq!(status, 404, "unknown VM: {v}");
+    let (status, v) = post("vm1", "zz");
+    assert_eq!(status, 404, "unknown edge: {v}");
+
+    let (status, v) = post("vm1", "b");
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["from"], "a");
+    let (status, v) = post("vm1", "c");
+    assert_eq!(status, 409, "a second handoff while it moves: {v}");
+
+    let h = wait_handoff_over(&coord, "vm1", Duration::from_secs(180));
+    assert_eq!(h["state"], "done", "{h}");
+    let r = &h["report"];
+    assert_eq!(r["vm"], "vm1", "{h}");
+    assert_eq!(r["to"], cloud.edge("b").migrate_addr().as_str(), "{r}");
+    assert!(r["downtime_ms"].as_u64().is_some(), "{r}");
+    assert!(!r["rounds"].as_array().expect("rounds").is_empty(), "{r}");
+    assert!(h["bytes"].as_u64().unwrap_or(0) > 0, "{h}");
+    assert_eq!(r["coordination"]["plan_from"], "coordinator", "{r}");
+    eprintln!(
+        "ordered handoff a→b: downtime {} ms, total {} s, {} bytes",
+        r["downtime_ms"], r["total_seconds"], h["bytes"]
+    );
+    assert!(cloud.list("a").is_empty());
+    assert_eq!(cloud.list("b").len(), 1);
+    let (_, vms) = coord.get("/v1/vms");
+    assert_eq!(vms["vms"]["vm1"], "b", "{vms}");
+
+    let mid = stream.last().expect("counter");
+    assert!(
+        stream.wait_above(mid + 5, Duration::from_secs(30)),
+        "the VM counts at b"
+    );
+    assert!(stream.is_open(), "the client's connection survived the handoff");
+    eprintln!("longest gap seen by the client: {:?}", stream.longest_gap());
+    let check = cloud.check_disk();
+    assert!(check.starts_with("check ok"), "disk at b: {check}");
+}

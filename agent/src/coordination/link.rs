@@ -5,7 +5,9 @@
 //! delta (chunks added and removed since the last report, usage), and a poll
 //! of the orders: GC drops are checked against the local pins under the pin
 //! lock before deleting; prefetch orders run through the transfer fetcher,
-//! one at a time, and their lease is released after. A 404 "unknown edge"
+//! one at a time, and their lease is released after. With a
+//! [`HandoffRunner`] it also reports the VMs running here and starts the
+//! handoffs ordered for them (each in threads of its own). A 404 "unknown edge"
 //! (the coordinator restarted) or a lost connection leads to a reconnect.
 
 use std::collections::HashSet;
@@ -17,6 +19,7 @@ use std::time::Duration;
 use edgeshift_common::{Fingerprint, ManifestId};
 
 use super::client::{Client, Delta, Orders};
+use super::handoff::{HandoffConfig, HandoffRunner};
 use super::pins::{GcOutcome, LocalPins};
 use super::CoordError;
 use crate::store::{ChunkStore, ChunkUses, LocalStore};
@@ -63,6 +66,8 @@ pub struct Link {
     /// to use that image here.
     seen_pins: HashSet<ManifestId>,
     rt: Option<tokio::runtime::Runtime>,
+    /// Reports this edge's VMs and runs the handoffs ordered for them.
+    handoffs: Option<HandoffRunner>,
 }
 
 /// The address peers should use: `listen`, or when it is a wildcard, this
@@ -72,6 +77,7 @@ pub fn advertise_addr(listen: SocketAddr, coordinator_url: &str) -> String {
         return listen.to_string();
     }
     let hostport = coordinator_url
+        .trim_start_matches("https://")
         .trim_start_matches("http://")
         .split('/')
         .next()
@@ -121,7 +127,34 @@ impl Link {
             uses: Arc::new(ChunkUses::new()),
             seen_pins: HashSet::new(),
             rt: None,
+            handoffs: None,
         })
+    }
+
+    /// Reports this edge's VMs and carries out the handoffs ordered for them.
+    pub fn with_handoffs(mut self, cfg: HandoffConfig) -> Self {
+        self.handoffs = Some(HandoffRunner::new(cfg));
+        self
+    }
+
+    /// Reports the running VMs, then starts the handoffs ordered for them.
+    fn handoffs(&mut self, orders: &Orders) -> Result<(), CoordError> {
+        let Some(runner) = &mut self.handoffs else {
+            return Ok(());
+        };
+        for o in &orders.handoffs {
+            if let Err(e) = runner.start(o, &self.client, &self.cfg.advertise) {
+                tracing::warn!(vm = %o.vm, id = o.id, error = %e, "starting the ordered handoff");
+            }
+        }
+        Ok(())
+    }
+
+    fn report_vms(&mut self) -> Result<(), CoordError> {
+        if let Some(runner) = &self.handoffs {
+            self.client.report_vms(&self.cfg.edge, &runner.report()?)?;
+        }
+        Ok(())
     }
 
     /// Where the chunk server notes the chunks it serves.
@@ -315,7 +348,10 @@ impl Link {
             let (added, removed) = self.heartbeat()?;
             rep.added = added;
             rep.removed = removed;
+            self.report_vms()?;
             let orders = self.client.orders(&self.cfg.edge)?;
+            // Before GC and prefetch, which may take a while.
+            self.handoffs(&orders)?;
             let (gc, fetched) = self.execute(&orders)?;
             rep.gc = gc;
             rep.prefetched_chunks = fetched;
@@ -408,6 +444,7 @@ pub fn start(
     listen: SocketAddr,
     store: Arc<LocalStore>,
     trust: Trust,
+    handoffs: Option<HandoffConfig>,
 ) -> Result<LinkHandle, CoordError> {
     let client = Client::new(url, tls)?;
     let cfg = LinkConfig {
@@ -418,6 +455,9 @@ pub fn start(
     };
     tracing::info!(coordinator = %url, advertise = %cfg.advertise, capacity, "coordinator link starting");
     let mut link = Link::new(client, cfg, store, Some(trust))?;
+    if let Some(h) = handoffs {
+        link = link.with_handoffs(h);
+    }
     // The first exchange before the daemon says it is ready, so that its
     // readiness says whether the coordinator was reached.
     let first_step = link.step().err().map(|e| e.to_string());
