@@ -87,13 +87,14 @@ fn checked_chain(path: &Path, format: &str) -> Result<Vec<ImageInfo>, SlicerErro
             Some(0 | 3 | 63) => {}
             _ => {
                 let said = String::from_utf8_lossy(&out.stderr);
-                let first: Vec<&str> = said.lines().take(3).collect();
+                let lines: Vec<&str> = said.lines().filter(|l| !l.trim().is_empty()).collect();
+                let first = lines.first().copied().unwrap_or("no message");
                 return Err(bad(
                     Path::new(&img.filename),
                     &img.format,
                     format!(
-                        "`qemu-img check` finds it corrupt or truncated ({}){}",
-                        first.join("; "),
+                        "`qemu-img check` finds it corrupt or truncated ({} problem line(s), the first: {first}){}",
+                        lines.len(),
                         if img.filename != path.to_string_lossy() {
                             format!(" (a backing file of {})", path.display())
                         } else {
