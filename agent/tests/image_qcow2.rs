@@ -19,7 +19,12 @@ fn s(p: &Path) -> &str {
 }
 
 fn tools_missing() -> bool {
-    caps::missing(true, &["qemu-img", "qemu-io", "qemu-storage-daemon"], &["/dev/fuse"]).is_some()
+    caps::missing(
+        true,
+        &["qemu-img", "qemu-io", "qemu-storage-daemon"],
+        &["/dev/fuse"],
+    )
+    .is_some()
 }
 
 fn qemu(prog: &str, args: &[&str]) {
@@ -32,7 +37,15 @@ fn qemu(prog: &str, args: &[&str]) {
 }
 
 fn slice_json(img: &Path, store: &Path) -> serde_json::Value {
-    let out = ok(&["slice", s(img), "--store", s(store), "--chunk-size", "64KiB", "--json"]);
+    let out = ok(&[
+        "slice",
+        s(img),
+        "--store",
+        s(store),
+        "--chunk-size",
+        "64KiB",
+        "--json",
+    ]);
     let line = out.lines().next().expect("a JSON line");
     serde_json::from_str(line).expect("slice --json")
 }
@@ -57,13 +70,32 @@ fn a_qcow2_chain_slices_to_its_raw_conversions_manifest() {
     // A base holding the test image's bytes, an overlay writing over part
     // of it and past its data, as a cloud image and a VM's disk would.
     let raw_base = image("small-base.img");
-    qemu("qemu-img", &["convert", "-q", "-O", "qcow2", s(&raw_base), s(&p("base.qcow2"))]);
     qemu(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", s(&p("base.qcow2")), "-F", "qcow2", s(&p("top.qcow2"))],
+        &["convert", "-q", "-O", "qcow2", s(&raw_base), s(&p("base.qcow2"))],
     );
-    qemu("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5a 192k 200k", s(&p("top.qcow2"))]);
-    qemu("qemu-img", &["convert", "-q", "-O", "raw", s(&p("top.qcow2")), s(&p("top.raw"))]);
+    qemu(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            s(&p("base.qcow2")),
+            "-F",
+            "qcow2",
+            s(&p("top.qcow2")),
+        ],
+    );
+    qemu(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x5a 192k 200k", s(&p("top.qcow2"))],
+    );
+    qemu(
+        "qemu-img",
+        &["convert", "-q", "-O", "raw", s(&p("top.qcow2")), s(&p("top.raw"))],
+    );
 
     let store = p("store");
     let t = Instant::now();
@@ -77,7 +109,10 @@ fn a_qcow2_chain_slices_to_its_raw_conversions_manifest() {
         "{} bytes: raw slice {raw_secs:.3} s, qcow2 view slice {qcow2_secs:.3} s (process wall time)",
         via_raw["image_size"]
     );
-    assert_eq!(via_qcow2["manifest_id"], via_raw["manifest_id"], "{via_qcow2} vs {via_raw}");
+    assert_eq!(
+        via_qcow2["manifest_id"], via_raw["manifest_id"],
+        "{via_qcow2} vs {via_raw}"
+    );
     assert_eq!(via_qcow2["format"], "qcow2");
     assert_eq!(via_qcow2["backing_chain"], 2, "the backing file was followed");
     assert_eq!(via_raw["format"], "raw");
@@ -97,7 +132,10 @@ fn a_qcow2_chain_slices_to_its_raw_conversions_manifest() {
     // Other formats QEMU reads: the same bytes, the same manifest.
     for fmt in ["vmdk", "vdi", "vhdx"] {
         let img = p(&format!("top.{fmt}"));
-        qemu("qemu-img", &["convert", "-q", "-O", fmt, s(&p("top.qcow2")), s(&img)]);
+        qemu(
+            "qemu-img",
+            &["convert", "-q", "-O", fmt, s(&p("top.qcow2")), s(&img)],
+        );
         let r = slice_json(&img, &store2);
         assert_eq!(r["format"], fmt, "{r}");
         assert_eq!(r["manifest_id"], via_raw["manifest_id"], "{fmt}: {r}");
@@ -118,7 +156,17 @@ fn corrupt_truncated_and_orphaned_qcow2_get_clear_errors() {
     let before = snapshot(&store);
 
     // Truncated: its data clusters cut off (QEMU would read them as zeros).
-    qemu("qemu-img", &["convert", "-q", "-O", "qcow2", s(&image("small-base.img")), s(&p("t.qcow2"))]);
+    qemu(
+        "qemu-img",
+        &[
+            "convert",
+            "-q",
+            "-O",
+            "qcow2",
+            s(&image("small-base.img")),
+            s(&p("t.qcow2")),
+        ],
+    );
     let len = fs::metadata(p("t.qcow2")).expect("stat").len();
     fs::OpenOptions::new()
         .write(true)
@@ -126,7 +174,10 @@ fn corrupt_truncated_and_orphaned_qcow2_get_clear_errors() {
         .and_then(|f| f.set_len(len / 2))
         .expect("truncate");
     let err = fails(&["slice", s(&p("t.qcow2")), "--store", s(&store)]);
-    assert!(err.contains("qcow2") && err.contains("corrupt or truncated"), "{err}");
+    assert!(
+        err.contains("qcow2") && err.contains("corrupt or truncated"),
+        "{err}"
+    );
 
     // A header that is not a qcow2 header.
     let mut junk = b"QFI\xfbjunkjunkjunkjunk".to_vec();
@@ -136,10 +187,23 @@ fn corrupt_truncated_and_orphaned_qcow2_get_clear_errors() {
     assert!(err.contains("j.qcow2 (qcow2) cannot be sliced"), "{err}");
 
     // An overlay whose backing file is gone.
-    qemu("qemu-img", &["create", "-q", "-f", "qcow2", s(&p("b.qcow2")), "8M"]);
     qemu(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", s(&p("b.qcow2")), "-F", "qcow2", s(&p("o.qcow2"))],
+        &["create", "-q", "-f", "qcow2", s(&p("b.qcow2")), "8M"],
+    );
+    qemu(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            s(&p("b.qcow2")),
+            "-F",
+            "qcow2",
+            s(&p("o.qcow2")),
+        ],
     );
     fs::remove_file(p("b.qcow2")).expect("rm backing");
     let err = fails(&["slice", s(&p("o.qcow2")), "--store", s(&store)]);

@@ -543,7 +543,11 @@ fn handoff_ordered_over_http_keeps_the_client_connected() {
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     while coord.get("/v1/vms").1["vms"]["vm1"] != "a" {
-        assert!(Instant::now() < deadline, "a never reported vm1: {}", coord.get("/v1/vms").1);
+        assert!(
+            Instant::now() < deadline,
+            "a never reported vm1: {}",
+            coord.get("/v1/vms").1
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
     let post = |vm: &str, to: &str| {

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::gc::{self, GcError, Watermarks};
 use crate::handoff::Handoffs;
 use crate::ledger::{ChunkId, EdgeIx, Ledger, LedgerError};
+use crate::mobility::{Mobility, Prediction};
 use crate::persist::{LeaseRecord, PersistError, Store};
 use crate::planner::{self, ChunkJob, PlanError, Source};
 use crate::policy::Policy;
@@ -187,6 +188,23 @@ pub struct Coordinator {
     store: Store,
     /// Where VMs run and the handoffs ordered (in memory only).
     pub handoffs: Handoffs,
+    /// Next-edge predictions learned from moves (in memory only).
+    pub mobility: Mobility,
+    /// The hint each VM's last move made: VM → (edge, manifest, whether
+    /// this coordinator made the hint rather than found an operator's).
+    auto_hints: BTreeMap<String, (String, ManifestId, bool)>,
+    /// Hints made from predictions, per (edge, manifest): VMs relying on them.
+    auto_hint_refs: BTreeMap<(String, ManifestId), u32>,
+    pub predictions: PredictionStats,
+}
+
+/// How the predictions fared: a move to where the VM's last prediction
+/// pointed is right, any other move of a VM with a prediction wrong.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct PredictionStats {
+    pub moves: u64,
+    pub predicted: u64,
+    pub right: u64,
 }
 
 const SETTINGS_KEY: &str = "settings";
@@ -235,6 +253,10 @@ impl Coordinator {
             pending_leases,
             store,
             handoffs: Handoffs::default(),
+            mobility: Mobility::default(),
+            auto_hints: BTreeMap::new(),
+            auto_hint_refs: BTreeMap::new(),
+            predictions: PredictionStats::default(),
         })
     }
 
@@ -335,6 +357,72 @@ impl Coordinator {
             self.delete_hint(manifest, edge)?;
         }
         Ok(pins)
+    }
+
+    /// `vm` (running `manifest`, if known) moved `from → to`: the model
+    /// learns it, the VM's previous predicted hint is withdrawn, and a hint
+    /// for its predicted next edge is given (prefetch then fills that
+    /// edge's room under its high watermark, as for any hint).
+    pub fn learn_move(
+        &mut self,
+        vm: &str,
+        manifest: Option<&ManifestId>,
+        from: &str,
+        to: &str,
+    ) -> Result<Option<Prediction>, ServiceError> {
+        self.predictions.moves += 1;
+        if let Some(p) = self.mobility.predict(vm) {
+            self.predictions.predicted += 1;
+            let outcome = if p.edge == to { "right" } else { "wrong" };
+            if p.edge == to {
+                self.predictions.right += 1;
+            }
+            metrics::counter!("coordinator_predictions_total", "outcome" => outcome).increment(1);
+        }
+        self.mobility.record(vm, from, to);
+        if let Some((edge, m, owned)) = self.auto_hints.remove(vm) {
+            if owned {
+                self.drop_auto_hint(&edge, &m)?;
+            }
+        }
+        let Some(next) = self.mobility.predict(vm) else {
+            return Ok(None);
+        };
+        let Some(m) = manifest.filter(|m| self.ledger.catalogue.contains_key(*m)) else {
+            return Ok(Some(next));
+        };
+        if self.ledger.edge_ix(&next.edge).is_err() {
+            return Ok(Some(next));
+        }
+        let key = (next.edge.clone(), *m);
+        let refs = self.auto_hint_refs.get(&key).copied().unwrap_or(0);
+        let owned = refs > 0 || !self.hints.contains_key(&key);
+        if owned {
+            if refs == 0 {
+                self.hint(m, &next.edge)?;
+            }
+            self.auto_hint_refs.insert(key, refs + 1);
+        }
+        self.auto_hints
+            .insert(vm.to_string(), (next.edge.clone(), *m, owned));
+        Ok(Some(next))
+    }
+
+    fn drop_auto_hint(&mut self, edge: &str, m: &ManifestId) -> Result<(), ServiceError> {
+        let key = (edge.to_string(), *m);
+        match self.auto_hint_refs.get_mut(&key) {
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                self.auto_hint_refs.remove(&key);
+                match self.delete_hint(m, edge) {
+                    // Fulfilled (pinned there) or withdrawn by the operator.
+                    Ok(()) | Err(ServiceError::UnknownHint(..)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            None => {}
+        }
+        Ok(())
     }
 
     pub fn hints(&self) -> impl Iterator<Item = (&str, &ManifestId)> {

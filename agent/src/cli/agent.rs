@@ -203,7 +203,8 @@ async fn serve_until_stopped(
             let (url, id, store, trust) = (url.clone(), id.clone(), store.clone(), trust.clone());
             let migrate_addr = match &incoming {
                 Some((_, l)) => Some(edgeshift_agent::coordination::link::advertise_addr(
-                    l.local_addr().context("reading the migration listener's address")?,
+                    l.local_addr()
+                        .context("reading the migration listener's address")?,
                     &url,
                 )),
                 None => None,
@@ -212,7 +213,9 @@ async fn serve_until_stopped(
                 state_dir: args.state.state_dir.clone(),
                 trust: trust.clone(),
                 id: id.clone(),
-                coordinator: args.coord.config(&args.cluster.id, args.cluster.coordinator_tls()),
+                coordinator: args
+                    .coord
+                    .config(&args.cluster.id, args.cluster.coordinator_tls()),
                 migrate_addr,
             };
             // Its first exchange blocks on HTTP.

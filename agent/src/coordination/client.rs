@@ -269,7 +269,11 @@ impl Client {
     }
 
     /// The VMs running on `edge` and its migration listener.
-    pub fn report_vms(&self, edge: &str, report: &edgeshift_common::control::VmsReport) -> Result<(), CoordError> {
+    pub fn report_vms(
+        &self,
+        edge: &str,
+        report: &edgeshift_common::control::VmsReport,
+    ) -> Result<(), CoordError> {
         let body = serde_json::to_value(report).map_err(|e| CoordError::BadAnswer {
             what: "encode VM report".into(),
             reason: e.to_string(),

@@ -11,9 +11,9 @@ mod read;
 pub mod restore;
 mod segment;
 pub mod slice;
-pub mod view;
 #[cfg(test)]
 mod slice_tests;
+pub mod view;
 
 use std::path::{Path, PathBuf};
 
@@ -50,7 +50,9 @@ pub enum SlicerError {
     },
     #[error("{tool}: {reason}")]
     Tool { tool: String, reason: String },
-    #[error("reading the raw view of {path} ({format}) failed; check it with `qemu-img check {path}`: {source}")]
+    #[error(
+        "reading the raw view of {path} ({format}) failed; check it with `qemu-img check {path}`: {source}"
+    )]
     ViewRead {
         path: PathBuf,
         format: String,

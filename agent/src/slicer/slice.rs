@@ -92,11 +92,7 @@ pub fn slice_image(
     Ok(report)
 }
 
-fn slice_raw(
-    path: &Path,
-    store: &LocalStore,
-    opts: &SliceOptions<'_>,
-) -> Result<SliceReport, SlicerError> {
+fn slice_raw(path: &Path, store: &LocalStore, opts: &SliceOptions<'_>) -> Result<SliceReport, SlicerError> {
     let started = Instant::now();
     let src = ImageSource::open(path, opts.read_mode)?;
     let cs = opts.chunk_size.as_usize();

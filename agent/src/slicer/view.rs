@@ -53,12 +53,10 @@ fn bad(path: &Path, format: &str, reason: impl Into<String>) -> SlicerError {
 
 fn run(cmd: &mut Command, path: &Path) -> Result<std::process::Output, SlicerError> {
     let program = cmd.get_program().to_string_lossy().to_string();
-    cmd.stdin(Stdio::null())
-        .output()
-        .map_err(|e| SlicerError::Tool {
-            tool: program,
-            reason: format!("{e} (needed to read {}; install qemu-utils)", path.display()),
-        })
+    cmd.stdin(Stdio::null()).output().map_err(|e| SlicerError::Tool {
+        tool: program,
+        reason: format!("{e} (needed to read {}; install qemu-utils)", path.display()),
+    })
 }
 
 /// The image and its backing files, checked.
@@ -70,7 +68,11 @@ fn checked_chain(path: &Path, format: &str) -> Result<Vec<ImageInfo>, SlicerErro
         path,
     )?;
     if !out.status.success() {
-        return Err(bad(path, format, String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        return Err(bad(
+            path,
+            format,
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
     }
     let chain: Vec<ImageInfo> = serde_json::from_slice(&out.stdout)
         .map_err(|e| bad(path, format, format!("qemu-img info's answer: {e}")))?;
@@ -164,7 +166,10 @@ impl RawView {
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(SlicerError::Tool {
                     tool: "qemu-storage-daemon".into(),
-                    reason: format!("{e} (needed to read {} images; install qemu-system-common)", format),
+                    reason: format!(
+                        "{e} (needed to read {} images; install qemu-system-common)",
+                        format
+                    ),
                 });
             }
         };
@@ -201,7 +206,9 @@ impl RawView {
             if Instant::now() > deadline {
                 return Err(SlicerError::Tool {
                     tool: "qemu-storage-daemon".into(),
-                    reason: format!("its FUSE export did not appear within {MOUNT_WAIT:?} (is /dev/fuse there?)"),
+                    reason: format!(
+                        "its FUSE export did not appear within {MOUNT_WAIT:?} (is /dev/fuse there?)"
+                    ),
                 });
             }
             std::thread::sleep(Duration::from_millis(20));
