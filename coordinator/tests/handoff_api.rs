@@ -199,3 +199,69 @@ async fn unknown_vms_and_edges_get_clear_404s() {
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
     assert!(error(&v).contains("unknown edge"), "{v}");
 }
+
+#[tokio::test]
+async fn moves_teach_the_model_whose_prediction_becomes_a_prefetch_hint() {
+    use edgeshift_common::{ChunkSize, Fingerprint, Manifest};
+    let f = Fleet::new();
+    for e in ["e1", "e2", "e3"] {
+        f.edge(e, &[], "10.0.0.9:7080").await;
+    }
+    let chunks = vec![Fingerprint::of(b"one"), Fingerprint::of(b"two")];
+    let m = Manifest::new(ChunkSize::new(4096).expect("size"), 8192, chunks.clone());
+    let (s, v) = f
+        .call(
+            As::Edge("e1"),
+            "POST",
+            "/v1/manifests",
+            json!({ "manifest_hex": hex::encode(m.to_bytes()) }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    let inv = json!({ "chunks": chunks, "usage": 8192, "pins": [] });
+    let (s, v) = f.call(As::Edge("e1"), "PUT", "/v1/edges/e1/inventory", inv).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+
+    let mv = |vm: &str, from: &str, to: &str| json!({ "vm": vm, "from": from, "to": to, "manifest": id });
+    let (s, _) = f
+        .call(As::Edge("e1"), "POST", "/v1/moves", mv("v1", "e1", "e2"))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "moves are the operator's");
+    // Two VMs drive e1 → e2 → e3; a third reaches e2 from e1.
+    for vm in ["v1", "v2"] {
+        for (from, to) in [("e1", "e2"), ("e2", "e3")] {
+            let (s, v) = f.call(As::Operator, "POST", "/v1/moves", mv(vm, from, to)).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+        }
+    }
+    let (_, v) = f
+        .call(As::Operator, "POST", "/v1/moves", mv("v3", "e1", "e2"))
+        .await;
+    assert_eq!(v["next"], "e3", "{v}");
+    let (_, e3) = f.call(As::Operator, "GET", "/v1/edges/e3", Value::Null).await;
+    assert_eq!(e3["hints"], json!([id]), "the prediction is a hint: {e3}");
+    let (_, o) = f
+        .call(As::Edge("e3"), "GET", "/v1/edges/e3/orders", Value::Null)
+        .await;
+    assert_eq!(
+        o["prefetch"][0]["chunks"].as_array().map(Vec::len),
+        Some(2),
+        "{o}"
+    );
+    assert_eq!(o["prefetch"][0]["chunks"][0]["source"], "e1", "{o}");
+
+    // v3 goes where predicted: right; its hint there is withdrawn.
+    let (_, _) = f
+        .call(As::Operator, "POST", "/v1/moves", mv("v3", "e2", "e3"))
+        .await;
+    let (_, stats) = f.call(As::Operator, "GET", "/v1/mobility", Value::Null).await;
+    assert_eq!(
+        (stats["moves"].as_u64(), stats["right"].as_u64()),
+        (Some(6), Some(1)),
+        "{stats}"
+    );
+    assert_eq!(stats["accuracy"], 1.0, "{stats}");
+    let (_, e3) = f.call(As::Operator, "GET", "/v1/edges/e3", Value::Null).await;
+    assert_eq!(e3["hints"], json!([]), "{e3}");
+}

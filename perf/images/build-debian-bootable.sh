@@ -11,7 +11,7 @@
 # default 198.19.2.100/24, the migration tests' VM address) on eth0, and
 # prints "edgeshift-guest: ready" on the serial console.
 #
-# Needs root (loop devices, chroot), debootstrap, qemu-img, and the Debian
+# Needs root (debootstrap, chroot), debootstrap, qemu-img, and the Debian
 # mirror (EDGESHIFT_DEBIAN_MIRROR, default http://deb.debian.org/debian, the
 # one perf/images/build-debian-images.sh uses). Prints the output directory on
 # its last line of stdout; progress goes to stderr.
@@ -28,8 +28,8 @@ include=linux-image-amd64,grub-pc,systemd-sysv,udev,iproute2,ifupdown,procps,bus
 log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-[ "$(id -u)" = 0 ] || die "needs root (loop devices, chroot)"
-for tool in debootstrap mkfs.ext4 losetup qemu-img fstrim; do
+[ "$(id -u)" = 0 ] || die "needs root (debootstrap, chroot)"
+for tool in debootstrap mkfs.ext4 qemu-img; do
   command -v "$tool" >/dev/null || die "$tool missing: run .ci/setup"
 done
 
@@ -43,16 +43,7 @@ if [ -f "$out/disk.qcow2" ] && [ "$(cat "$out/stamp" 2>/dev/null)" = "$stamp" ];
 fi
 
 work=$(mktemp -d "$out/.work.XXXXXX")
-mnt=""
-loopdev=""
-made_node=""
 cleanup() {
-  if [ -n "$mnt" ]; then
-    for sub in dev/pts dev proc sys; do umount -l "$mnt/$sub" 2>/dev/null || true; done
-    umount -l "$mnt" 2>/dev/null || true
-  fi
-  [ -n "$loopdev" ] && losetup -d "$loopdev" 2>/dev/null || true
-  [ -z "$made_node" ] || rm -f "$made_node"
   rm -rf --one-file-system "$work"
 }
 trap cleanup EXIT
@@ -122,52 +113,35 @@ menuentry "Debian $kver" {
 EOF
 rm -rf "$tree/var/cache/apt/archives/"*.deb "$tree/var/lib/apt/lists/"*
 
-log "a ${size_mib} MiB disk: MBR, one bootable ext4 partition from sector 2048"
+# GRUB's core image, made in the tree (its modules inside, the menu found by
+# prefix), and the modules beside the menu for anything it loads later.
+# grub-install is not used: it would probe the build host's loop devices.
+grub_mods="biosdisk part_msdos ext2 normal linux search search_fs_uuid serial terminal configfile echo test gzio"
+# shellcheck disable=SC2086 # the module list is space-separated on purpose
+LC_ALL=C chroot "$tree" grub-mkimage -O i386-pc -o /core.img -p "(hd0,msdos1)/boot/grub" $grub_mods \
+  > "$work/grub.log" 2>&1 || { cat "$work/grub.log" >&2; die "grub-mkimage failed"; }
+mv "$tree/core.img" "$work/core.img"
+mkdir -p "$tree/boot/grub/i386-pc"
+cp "$tree"/usr/lib/grub/i386-pc/*.mod "$tree"/usr/lib/grub/i386-pc/*.lst "$tree/boot/grub/i386-pc/"
+[ "$(stat -c %s "$work/core.img")" -lt $((2047 * 512)) ] || die "GRUB's core image does not fit before the partition"
+
+log "a ${size_mib} MiB disk: MBR with GRUB, one bootable ext4 partition from sector 2048"
 raw=$work/disk.raw
 truncate -s "${size_mib}M" "$raw"
 sectors=$((size_mib * 2048 - 2048))
-# MBR partition entry: bootable, CHS fields unused (0xfe/0xff), type 0x83,
-# LBA start and sector count little-endian; then the 0x55aa signature.
+# MBR: GRUB's boot sector code (440 bytes), then one partition entry:
+# bootable, CHS fields unused (0xfe/0xff), type 0x83, LBA start and sector
+# count little-endian; then the 0x55aa signature. GRUB's core image goes in
+# the gap before the partition (sector 1, where boot.img looks by default).
+dd if="$tree/usr/lib/grub/i386-pc/boot.img" of="$raw" bs=440 count=1 conv=notrunc status=none
 le32() { printf '\\x%02x\\x%02x\\x%02x\\x%02x' $(($1 & 255)) $((($1 >> 8) & 255)) $((($1 >> 16) & 255)) $((($1 >> 24) & 255)); }
 entry="\\x80\\xfe\\xff\\xff\\x83\\xfe\\xff\\xff$(le32 2048)$(le32 "$sectors")"
 printf "$entry" | dd of="$raw" bs=1 seek=446 conv=notrunc status=none
 printf '\x55\xaa' | dd of="$raw" bs=1 seek=510 conv=notrunc status=none
-loopdev=$(losetup --find --show --partscan "$raw")
-part=${loopdev}p1
-n=0
-while [ ! -b "$part" ] && [ $n -lt 50 ]; do
-  # Without udev (containers) the kernel's partition has no device node yet.
-  sysdev=/sys/block/${loopdev#/dev/}/${loopdev#/dev/}p1/dev
-  if [ -f "$sysdev" ]; then
-    IFS=: read -r major minor < "$sysdev"
-    mknod "$part" b "$major" "$minor"
-    made_node=$part
-    break
-  fi
-  sleep 0.1
-  n=$((n + 1))
-done
-[ -b "$part" ] || die "no partition device $part"
-mkfs.ext4 -q -F -U "$uuid" -L edgeshift-debian -E lazy_itable_init=0,lazy_journal_init=0 -d "$tree" "$part"
-
-log "GRUB into the MBR"
-mnt=$work/mnt
-mkdir -p "$mnt"
-mount -o discard "$part" "$mnt"
-mount -t proc proc "$mnt/proc"
-mount -t sysfs sys "$mnt/sys"
-mount --bind /dev "$mnt/dev"
-mount --bind /dev/pts "$mnt/dev/pts"
-LC_ALL=C chroot "$mnt" grub-install --target=i386-pc --modules="part_msdos ext2" "$loopdev" \
-  > "$work/grub.log" 2>&1 || { cat "$work/grub.log" >&2; die "grub-install failed"; }
-for sub in dev/pts dev proc sys; do umount "$mnt/$sub"; done
-fstrim "$mnt" > /dev/null
-umount "$mnt"
-mnt=""
-losetup -d "$loopdev"
-loopdev=""
-[ -z "$made_node" ] || rm -f "$made_node"
-made_node=""
+dd if="$work/core.img" of="$raw" bs=512 seek=1 conv=notrunc status=none
+# The file system straight into the partition's bytes (no loop device).
+mkfs.ext4 -q -F -U "$uuid" -L edgeshift-debian -E offset=$((2048 * 512)),lazy_itable_init=0,lazy_journal_init=0 \
+  -d "$tree" "$raw" "$((sectors / 2))k"
 
 log "qcow2"
 qemu-img convert -q -O qcow2 "$raw" "$out/disk.qcow2.tmp"
