@@ -600,7 +600,8 @@ fn handoff_ordered_over_http_keeps_the_client_connected() {
 /// The Debian VM of perf/images/build-debian-bootable.sh (built once, cached
 /// under target/images/debian-boot/): its qcow2.
 fn debian_qcow2() -> std::path::PathBuf {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../perf/images/build-debian-bootable.sh");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../perf/images/build-debian-bootable.sh");
     let out = Command::new(&script)
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -636,7 +637,8 @@ fn debian_from_qcow2_boots_from_its_own_disk_and_is_handed_off_by_post() {
             .arg(&store_a)
             .arg("--json"),
     );
-    let report: serde_json::Value = serde_json::from_str(out.lines().next().unwrap_or("")).expect("slice --json");
+    let report: serde_json::Value =
+        serde_json::from_str(out.lines().next().unwrap_or("")).expect("slice --json");
     assert_eq!(report["format"], "qcow2", "{report}");
     let image = report["manifest_id"].as_str().expect("manifest id").to_string();
     let agent_args = coord.agent_args();
@@ -656,7 +658,10 @@ fn debian_from_qcow2_boots_from_its_own_disk_and_is_handed_off_by_post() {
     let booted = Instant::now();
     let first = cloud.ask_vm(7001, Duration::from_secs(420));
     assert!(first.is_some(), "the Debian guest never answered on 7001");
-    eprintln!("Debian booted from its disk (TCG) and answered in {:?}", booted.elapsed());
+    eprintln!(
+        "Debian booted from its disk (TCG) and answered in {:?}",
+        booted.elapsed()
+    );
     let stream = cloud.counter_stream();
     assert!(
         stream.wait_above(stream.last().unwrap_or(0) + 5, Duration::from_secs(60)),

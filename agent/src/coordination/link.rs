@@ -137,17 +137,16 @@ impl Link {
         self
     }
 
-    /// Reports the running VMs, then starts the handoffs ordered for them.
-    fn handoffs(&mut self, orders: &Orders) -> Result<(), CoordError> {
+    /// Starts the handoffs ordered for this edge's VMs.
+    fn start_handoffs(&mut self, orders: &Orders) {
         let Some(runner) = &mut self.handoffs else {
-            return Ok(());
+            return;
         };
         for o in &orders.handoffs {
             if let Err(e) = runner.start(o, &self.client, &self.cfg.advertise) {
                 tracing::warn!(vm = %o.vm, id = o.id, error = %e, "starting the ordered handoff");
             }
         }
-        Ok(())
     }
 
     fn report_vms(&mut self) -> Result<(), CoordError> {
@@ -348,10 +347,17 @@ impl Link {
             let (added, removed) = self.heartbeat()?;
             rep.added = added;
             rep.removed = removed;
-            self.report_vms()?;
+            match self.report_vms() {
+                Err(e) if e.is_unknown_edge() || matches!(e, CoordError::Unreachable { .. }) => {
+                    return Err(e)
+                }
+                // A coordinator without the handoff API still gets heartbeats and gives orders.
+                Err(e) => tracing::warn!(error = %e, "reporting this edge's VMs"),
+                Ok(()) => {}
+            }
             let orders = self.client.orders(&self.cfg.edge)?;
             // Before GC and prefetch, which may take a while.
-            self.handoffs(&orders)?;
+            self.start_handoffs(&orders);
             let (gc, fetched) = self.execute(&orders)?;
             rep.gc = gc;
             rep.prefetched_chunks = fetched;
