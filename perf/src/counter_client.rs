@@ -71,6 +71,24 @@ impl CounterClient {
                 .unwrap_or_default();
         (gap, !s.1)
     }
+
+    /// Every silence longer than `min` ending after `since`: its start
+    /// (seconds after `since`, negative if before) and its length in ms,
+    /// to place the gaps on a migration's timeline.
+    pub fn gaps_since(&self, since: Instant, min: Duration) -> Vec<(f64, u64)> {
+        let s = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        s.0.windows(2)
+            .filter(|w| w[1] >= since && w[1].duration_since(w[0]) > min)
+            .map(|w| {
+                let start = if w[0] >= since {
+                    w[0].duration_since(since).as_secs_f64()
+                } else {
+                    -since.duration_since(w[0]).as_secs_f64()
+                };
+                (start, w[1].duration_since(w[0]).as_millis() as u64)
+            })
+            .collect()
+    }
 }
 
 impl Drop for CounterClient {
