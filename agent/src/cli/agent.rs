@@ -224,11 +224,9 @@ async fn serve_until_stopped(
                     &url,
                     tls.as_ref(),
                     capacity,
-                    &id,
                     local,
                     store,
-                    trust,
-                    Some(handoffs),
+                    handoffs,
                 )
             })?;
             Some(link)

@@ -54,7 +54,7 @@ const FINAL_TRIES: u32 = 10;
 
 enum Update {
     Phase(Phase),
-    Over(Result<MigrationReport, String>),
+    Over(Box<Result<MigrationReport, String>>),
 }
 
 impl HandoffRunner {
@@ -103,7 +103,7 @@ impl HandoffRunner {
                     let _ = tx.send(Update::Phase(phase));
                 };
                 let result = migrate::migrate(opts, &progress).map_err(|e| e.to_string());
-                let _ = tx.send(Update::Over(result));
+                let _ = tx.send(Update::Over(Box::new(result)));
             })?;
         Ok(())
     }
@@ -174,7 +174,7 @@ fn report_progress(client: &Client, edge: &str, id: u64, rx: mpsc::Receiver<Upda
                     tracing::debug!(id, error = %e, "handoff progress not posted");
                 }
             }
-            Update::Over(r) => break r,
+            Update::Over(r) => break *r,
         }
     };
     match outcome {

@@ -440,30 +440,27 @@ impl Drop for LinkHandle {
 }
 
 /// What `edgeshift agent --coordinator URL --capacity SIZE` starts: a link
-/// for edge `edge` (presenting its `tls` files) whose chunk server listens on
-/// `listen`.
+/// for the edge `edge` describes (its id, its cluster trust, its VMs and
+/// migration listener, whose ordered handoffs it runs), presenting its
+/// `tls` files, whose chunk server listens on `listen`.
 pub fn start(
     url: &str,
     tls: Option<&edgeshift_common::identity::TlsFiles>,
     capacity: u64,
-    edge: &str,
     listen: SocketAddr,
     store: Arc<LocalStore>,
-    trust: Trust,
-    handoffs: Option<HandoffConfig>,
+    edge: HandoffConfig,
 ) -> Result<LinkHandle, CoordError> {
     let client = Client::new(url, tls)?;
     let cfg = LinkConfig {
-        edge: edge.to_string(),
+        edge: edge.id.clone(),
         advertise: advertise_addr(listen, url),
         capacity,
         interval: Duration::from_secs(5),
     };
     tracing::info!(coordinator = %url, advertise = %cfg.advertise, capacity, "coordinator link starting");
-    let mut link = Link::new(client, cfg, store, Some(trust))?;
-    if let Some(h) = handoffs {
-        link = link.with_handoffs(h);
-    }
+    let link = Link::new(client, cfg, store, Some(edge.trust.clone()))?;
+    let mut link = link.with_handoffs(edge);
     // The first exchange before the daemon says it is ready, so that its
     // readiness says whether the coordinator was reached.
     let first_step = link.step().err().map(|e| e.to_string());
