@@ -528,7 +528,7 @@ fn edgeshift_run(sc: &Scenario, a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result
     std::fs::write(a.out.join(format!("{name}-migrate.log")), &out.stderr)?;
     // The destination's side of the handoff (its pulls), beside the source's.
     let _ = std::fs::copy(
-        b.dir.path().join("dst-vm.log"),
+        b.dir.path().join("dst-agent.log"),
         a.out.join(format!("{name}-dst.log")),
     );
     // The source's chunk server (what it was asked for, when).
