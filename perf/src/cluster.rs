@@ -109,6 +109,22 @@ pub struct Cluster {
     pub agents: Vec<AgentProc>,
     pub coordinator: Option<(String, Child)>,
     pub coordinator_url: Option<String>,
+    /// The URL agents reach the coordinator at (`https://` when it serves
+    /// the cluster's certificate).
+    pub coordinator_api: Option<String>,
+}
+
+/// How [`Cluster::launch`] starts the daemons.
+struct Launch<'a> {
+    capacity: &'a dyn Fn(&str) -> u64,
+    /// Agents listen on their host's routed address (see [`Cluster::start_with`]).
+    on_host_addrs: bool,
+    /// Agents also receive migrations on [`MIGRATE_PORT`].
+    receive_migrations: bool,
+    /// The coordinator serves HTTPS with the cluster's certificate and
+    /// plans incoming migrations (no `--uncoordinated-migrations`).
+    coordinated: bool,
+    programs: &'a Programs,
 }
 
 /// Waits for a daemon's "listening on ..." line on stdout.
@@ -150,7 +166,36 @@ impl Cluster {
         work: &Path,
         programs: &Programs,
     ) -> Result<Self, ClusterError> {
-        Self::launch(tb, topo, work, &|_| 64 << 30, false, true, programs)
+        let how = Launch {
+            capacity: &|_| 64 << 30,
+            on_host_addrs: false,
+            receive_migrations: true,
+            coordinated: false,
+            programs,
+        };
+        Self::launch(tb, topo, work, &how)
+    }
+
+    /// As [`Cluster::start_receiving_with`], as a production fleet runs: the
+    /// coordinator serves HTTPS with the cluster's certificate (valid for
+    /// its routed address, which agents dial), agents listen on their
+    /// routed addresses ([`Testbed::route_host_addrs`] must have been
+    /// called) and incoming migrations follow the coordinator's plan, so a
+    /// handoff can be ordered through `POST /v1/vms/{name}/handoff`.
+    pub fn start_coordinated(
+        tb: &Testbed,
+        topo: &Topology,
+        work: &Path,
+        programs: &Programs,
+    ) -> Result<Self, ClusterError> {
+        let how = Launch {
+            capacity: &|_| 64 << 30,
+            on_host_addrs: true,
+            receive_migrations: true,
+            coordinated: true,
+            programs,
+        };
+        Self::launch(tb, topo, work, &how)
     }
 
     /// As [`Cluster::start`], each agent's store limited to `capacity(host)`
@@ -165,26 +210,24 @@ impl Cluster {
         capacity: &dyn Fn(&str) -> u64,
         on_host_addrs: bool,
     ) -> Result<Self, ClusterError> {
-        Self::launch(
-            tb,
-            topo,
-            work,
+        let how = Launch {
             capacity,
             on_host_addrs,
-            false,
-            &Programs::default(),
-        )
+            receive_migrations: false,
+            coordinated: false,
+            programs: &Programs::default(),
+        };
+        Self::launch(tb, topo, work, &how)
     }
 
-    fn launch(
-        tb: &Testbed,
-        topo: &Topology,
-        work: &Path,
-        capacity: &dyn Fn(&str) -> u64,
-        on_host_addrs: bool,
-        receive_migrations: bool,
-        programs: &Programs,
-    ) -> Result<Self, ClusterError> {
+    fn launch(tb: &Testbed, topo: &Topology, work: &Path, how: &Launch) -> Result<Self, ClusterError> {
+        let Launch {
+            capacity,
+            on_host_addrs,
+            receive_migrations,
+            coordinated,
+            programs,
+        } = *how;
         let bins = match &programs.bins {
             Some(b) => b.clone(),
             None => Binaries::locate()?,
@@ -198,6 +241,7 @@ impl Cluster {
             agents: Vec::new(),
             coordinator: None,
             coordinator_url: None,
+            coordinator_api: None,
         };
         let timeout = Duration::from_secs(20);
         if let Some(host) = &topo.coordinator {
@@ -207,12 +251,25 @@ impl Cluster {
             if let Some(c) = &programs.coordinator_config {
                 cmd.arg("--config").arg(c);
             }
-            // Open, on the testbed's closed namespaces: the benches measure
-            // caching and handoffs; the coordinator's HTTPS is tested in
-            // coordinator/tests/https_auth.rs.
-            // TODO(tls): a throwaway cluster here once the agents take --tls-*.
+            if coordinated && cluster.creds.is_tls() {
+                let addr = tb.host_addr(host)?;
+                let files = cluster
+                    .creds
+                    .coordinator_files(&[addr.to_string(), "127.0.0.1".into()])?;
+                cmd.arg("--tls-ca")
+                    .arg(&files.ca)
+                    .arg("--tls-cert")
+                    .arg(&files.cert)
+                    .arg("--tls-key")
+                    .arg(&files.key);
+                cluster.coordinator_api = Some(format!("https://{addr}:{COORDINATOR_PORT}"));
+            } else {
+                // Open, on the testbed's closed namespaces: the benches
+                // measure caching and handoffs; the coordinator's HTTPS is
+                // tested in coordinator/tests/https_auth.rs and by the demo.
+                cmd.arg("--insecure-no-auth");
+            }
             let mut child = cmd
-                .arg("--insecure-no-auth")
                 .args(["--listen", &format!("0.0.0.0:{COORDINATOR_PORT}"), "--data"])
                 .arg(&data)
                 .stdout(Stdio::piped())
@@ -245,20 +302,25 @@ impl Cluster {
                 .args(cluster.creds.args(&host)?)
                 .args(["--id", &host]);
             if receive_migrations {
-                // Incoming VMs pull from the holders the source names, as
-                // the demo's destination always did: the coordinator's plan
-                // names agents by the one address each advertises, which
-                // only the link towards the coordinator reaches here.
-                cmd.args([
-                    "--migrate-listen",
-                    &format!("0.0.0.0:{MIGRATE_PORT}"),
-                    "--state-dir",
-                ])
-                .arg(work.join(&host).join("vms"))
-                .arg("--uncoordinated-migrations");
+                let migrate_listen = if on_host_addrs {
+                    format!("{}:{MIGRATE_PORT}", tb.host_addr(&host)?)
+                } else {
+                    format!("0.0.0.0:{MIGRATE_PORT}")
+                };
+                cmd.args(["--migrate-listen", &migrate_listen, "--state-dir"])
+                    .arg(work.join(&host).join("vms"));
+                if !coordinated {
+                    // Incoming VMs pull from the holders the source names:
+                    // the coordinator's plan names agents by the one
+                    // address each advertises, which without routed host
+                    // addresses only the link towards the coordinator reaches.
+                    cmd.arg("--uncoordinated-migrations");
+                }
             }
             if let Some(chost) = &topo.coordinator {
-                let url = if *chost == host {
+                let url = if let Some(api) = &cluster.coordinator_api {
+                    api.clone()
+                } else if *chost == host {
                     format!("http://127.0.0.1:{COORDINATOR_PORT}")
                 } else {
                     format!("http://{}:{COORDINATOR_PORT}", tb.addr_of(chost, &host)?)

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use edgeshift_common::identity::{IdentityError, Role, ThrowawayCluster};
+use edgeshift_common::identity::{IdentityError, Role, ThrowawayCluster, TlsFiles};
 
 /// How a benchmark's edges authenticate.
 #[derive(Debug)]
@@ -61,5 +61,16 @@ impl Creds {
             ]);
         }
         Ok(self.cluster.files(Role::Edge, name, &[])?.cli_args())
+    }
+
+    /// The coordinator's certificate, valid for every address in `sans`
+    /// (the ones its clients dial).
+    pub fn coordinator_files(&self, sans: &[String]) -> Result<TlsFiles, IdentityError> {
+        self.cluster.files(Role::Coordinator, "coordinator", sans)
+    }
+
+    /// An operator's certificate (the role that may order handoffs).
+    pub fn operator_files(&self) -> Result<TlsFiles, IdentityError> {
+        self.cluster.files(Role::Operator, "operator", &[])
     }
 }

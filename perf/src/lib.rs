@@ -14,6 +14,7 @@ pub mod heat;
 pub mod holdings;
 pub mod images;
 pub mod live;
+pub mod operator_api;
 pub mod policy;
 pub mod qemu_mirror;
 pub mod record;
