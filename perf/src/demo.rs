@@ -372,20 +372,25 @@ fn follow_handoff(
                 format!("HTTP {status}: {v}"),
             ));
         }
-        let now_state = v["state"].as_str().unwrap_or("?").to_string();
-        if now_state != state {
-            log(&format!("handoff {}: {now_state}", v["id"]));
-            state = now_state;
-        }
         if let Some(p) = v["phase"].as_str() {
             if phases.last().map(String::as_str) != Some(p) {
-                log(&format!(
-                    "handoff phase: {p} ({:.1} MB moved, {} rounds)",
-                    v["bytes"].as_f64().unwrap_or(0.0) / 1e6,
-                    v["rounds"]
-                ));
+                log(&format!("handoff phase: {p}"));
                 phases.push(p.to_string());
             }
+        }
+        let now_state = v["state"].as_str().unwrap_or("?").to_string();
+        if now_state != state {
+            // The source posts bytes and rounds with its final state.
+            let moved = match now_state.as_str() {
+                "done" | "failed" => format!(
+                    " ({:.1} MB moved, {} disk rounds)",
+                    v["bytes"].as_f64().unwrap_or(0.0) / 1e6,
+                    v["rounds"]
+                ),
+                _ => String::new(),
+            };
+            log(&format!("handoff {}: {now_state}{moved}", v["id"]));
+            state = now_state;
         }
         if matches!(state.as_str(), "done" | "failed") {
             return Ok(v);

@@ -47,8 +47,9 @@ enum Cmd {
         #[arg(long)]
         with_migrate_bench: bool,
     },
-    /// Three edges and a coordinator in namespaces, a VM booted at e1 and
-    /// handed off to e2 while a client stays connected; prints a short report.
+    /// Three edges and an HTTPS coordinator in namespaces, a VM booted at e1
+    /// and handed off to e2 by `POST /v1/vms/vm1/handoff` while a client
+    /// stays connected; prints a short report.
     Demo {
         /// Also print the demo's record as JSON.
         #[arg(long)]
