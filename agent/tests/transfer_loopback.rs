@@ -1161,3 +1161,101 @@ fn a_trickling_peer_is_dropped_by_the_rate_floor() {
     );
     assert_restores(&src.id, &dst2, &src.image);
 }
+
+/// `dir/v1.raw` (a test image) and `dir/v2.raw`, v1 with one 4 KiB block
+/// of every other data chunk written again; returns both paths and the
+/// number of chunks that changed.
+fn an_image_and_its_later_version(
+    dir: &Path,
+    chunks: usize,
+) -> (std::path::PathBuf, std::path::PathBuf, usize) {
+    let v1 = dir.join("v1.raw");
+    write_image(&v1, chunks, CHUNK, 11);
+    let mut bytes = std::fs::read(&v1).expect("read v1");
+    let mut changed = 0;
+    for i in (0..chunks).step_by(2) {
+        let at = i * CHUNK + (i % (CHUNK / 4096)) * 4096;
+        let block = &mut bytes[at..at + 4096];
+        if block.iter().all(|&b| b == 0) || i % 23 == 7 {
+            continue; // zero and repeated chunks stay as they are
+        }
+        block.fill(0x5a ^ i as u8);
+        changed += 1;
+    }
+    let v2 = dir.join("v2.raw");
+    std::fs::write(&v2, bytes).expect("write v2");
+    (v1, v2, changed)
+}
+
+#[test]
+fn a_fetch_asks_for_the_blocks_that_differ_from_the_earlier_version_held_here() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (v1, v2, changed) = an_image_and_its_later_version(dir.path(), 40);
+    let key = write_key(dir.path(), "key", 0x42);
+    // `both` holds the two versions, `later` only the later one.
+    let both = dir.path().join("both");
+    slice(&v1, &both, "64KiB");
+    let id = slice(&v2, &both, "64KiB");
+    let later = dir.path().join("later");
+    slice(&v2, &later, "64KiB");
+    let agent = Agent::local(&both, &key, false, &dir.path().join("agent.log"));
+    let only_later = Agent::local(&later, &key, false, &dir.path().join("later.log"));
+    let warm = |name: &str| {
+        let d = dir.path().join(name);
+        slice(&v1, &d, "64KiB");
+        d
+    };
+
+    // A peer holding both versions sends each changed chunk as its block.
+    let dst = warm("dst");
+    let r = report(&fetch(&id, &dst, &key, &[agent.addr]));
+    let peer = &peers_json(&r)[0];
+    assert_eq!(peer["delta_chunks"].as_u64(), Some(changed as u64), "{r}");
+    let bitmap = CHUNK.div_ceil(4096).div_ceil(8);
+    assert!(
+        r["bytes_received"].as_u64().expect("bytes") <= (changed * (4096 + bitmap)) as u64,
+        "only the changed blocks travel: {r}"
+    );
+    assert_restores(&id, &dst, &v2);
+
+    // A peer lacking the earlier version answers whole chunks (all but
+    // chunk 4: its earlier version is also chunk 7 of the later image,
+    // which `write_image` made a copy of chunk 4, so that peer holds it).
+    let dst = warm("dst-whole");
+    let r = report(&fetch(&id, &dst, &key, &[only_later.addr]));
+    let peer = &peers_json(&r)[0];
+    assert_eq!(peer["delta_chunks"].as_u64(), Some(1), "{r}");
+    assert!(
+        r["bytes_received"].as_u64().expect("bytes") > ((changed - 1) * CHUNK) as u64,
+        "whole chunks: {r}"
+    );
+    assert_eq!(r["chunks_fetched"].as_u64(), Some(changed as u64), "{r}");
+    assert!(peer["dropped"].is_null(), "it did nothing wrong: {r}");
+    assert_restores(&id, &dst, &v2);
+
+    // A peer whose deltas rebuild wrong bytes is dropped and its chunks
+    // come from the honest one (reached once the liar was asked).
+    let (liar, liar_asked) = spawn_liar_telling(&both, trust_of(&key), Lie::DeltaBytes);
+    let honest = behind_gate(agent.addr, liar_asked);
+    let dst = warm("dst-liar");
+    // The manifest is here already: the liar serves none, and the honest
+    // peer answers only once the liar was asked for chunks.
+    let m = LocalStore::open(&both)
+        .expect("both")
+        .get_manifest(&id.parse().expect("id"))
+        .expect("manifest");
+    LocalStore::open(&dst)
+        .expect("dst")
+        .put_manifest(&m)
+        .expect("put");
+    let r = report(&fetch(&id, &dst, &key, &[liar, honest]));
+    let lr = peers_json(&r)
+        .into_iter()
+        .find(|p| p["addr"] == liar.to_string())
+        .expect("liar in the report");
+    assert!(
+        lr["dropped"].as_str().unwrap_or("").contains("wrong bytes"),
+        "liar dropped for its lie: {lr}"
+    );
+    assert_restores(&id, &dst, &v2);
+}

@@ -16,6 +16,8 @@
 //! chunks go back to the others, as do those of a peer that dies or stalls.
 //!
 //! The parts, in the order a fetch uses them:
+//! - `basis`: each missing chunk's earlier version held here (the chunk at
+//!   its place in the nearest manifest), asked for as a delta against it;
 //! - `holdings`: with several peers and many chunks, every peer is first
 //!   asked what it holds, and each chunk's sources narrowed to its holders;
 //! - `schedule`: the pure scheduler deciding which peer asks for what;
@@ -27,6 +29,7 @@
 //! - `writer`: a thread making verified chunks durable in batches;
 //! - `report`: live counters and the figures handed back.
 
+pub mod basis;
 mod holdings;
 mod options;
 mod peer_task;
@@ -141,8 +144,11 @@ impl Fetcher {
     }
 
     /// The chunks of `manifest` this store lacks, in manifest order, each once;
-    /// all-zero chunks are never fetched.
+    /// all-zero chunks are never fetched. Each has as base the chunk at its
+    /// place in the nearest earlier version of the image held here
+    /// ([`basis`]), so a peer holding both sends only the blocks that differ.
     pub fn missing_chunks(&self, manifest: &Manifest) -> Result<Vec<ChunkWant>, TransferError> {
+        let basis = basis::basis_for(&self.store, manifest)?;
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
         for (i, fp) in manifest.chunks.iter().enumerate() {
@@ -155,7 +161,7 @@ impl Fetcher {
                     fp: *fp,
                     len: manifest.chunk_len(i),
                     sources: None,
-                    base: None,
+                    base: basis.base_of(fp),
                 });
             }
         }
@@ -179,8 +185,9 @@ impl Fetcher {
             return Err(TransferError::TooManyChunks(wants.len()));
         }
         let started = Instant::now();
+        let mut bases_lacking = std::collections::HashMap::new();
         if n_peers > 1 && self.opts.probe_min_chunks > 0 && wants.len() >= self.opts.probe_min_chunks {
-            holdings::narrow_to_holders(
+            bases_lacking = holdings::narrow_to_holders(
                 &self.peers,
                 &self.trust,
                 &self.opts,
@@ -189,7 +196,11 @@ impl Fetcher {
             )
             .await;
         }
-        let sched = Arc::new(Shared::new(Sched::new(&self.peers, wants, &self.opts)));
+        let mut sched = Sched::new(&self.peers, wants, &self.opts);
+        if !bases_lacking.is_empty() {
+            sched.note_bases_lacking(&bases_lacking);
+        }
+        let sched = Arc::new(Shared::new(sched));
         {
             let s = sched.lock();
             let chunks = s.chunks();

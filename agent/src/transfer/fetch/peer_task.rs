@@ -133,10 +133,10 @@ pub(crate) async fn run_peer(ctx: &PeerCtx) -> Option<String> {
             let mut plain = Vec::new();
             let mut based = Vec::new();
             for &c in &batch {
-                let w = s.chunk(c);
-                match w.base {
-                    Some(base) => based.push(wire::BasedAsk { want: w.fp, base }),
-                    None => plain.push(w.fp),
+                let fp = s.chunk(c).fp;
+                match s.base_at(ctx.index, c) {
+                    Some(base) => based.push(wire::BasedAsk { want: fp, base }),
+                    None => plain.push(fp),
                 }
             }
             let peer = s.peer(ctx.index);

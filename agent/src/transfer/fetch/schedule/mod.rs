@@ -52,6 +52,8 @@ pub(crate) struct Chunk {
     allowed: PeerSet,
     pub(crate) optional: bool,
     pub(crate) base: Option<Fingerprint>,
+    /// The peers known to lack `base`: asked for the chunk whole.
+    base_lacking: PeerSet,
     pub(crate) state: ChunkState,
     /// The peers it is in flight at.
     holders: PeerSet,
@@ -119,6 +121,7 @@ impl Sched {
                 allowed,
                 optional: w.optional,
                 base: w.base.filter(|b| !b.is_zero_chunk() && *b != w.fp),
+                base_lacking: PeerSet::default(),
                 state: ChunkState::Queued,
                 holders: PeerSet::default(),
                 lacking: PeerSet::default(),
@@ -165,6 +168,34 @@ impl Sched {
         }
         s.settle_fillers();
         s
+    }
+
+    /// Notes which peers lack which chunks' bases (`lacking`, by chunk),
+    /// from the holdings probe: those peers are asked for such a chunk
+    /// whole, and each peer's queue puts the chunks it can send as deltas
+    /// before the ones it would send whole (within the same number of
+    /// sources), so the holders of a base take its chunks first.
+    pub(crate) fn note_bases_lacking(&mut self, lacking: &HashMap<Fingerprint, PeerSet>) {
+        for c in &mut self.chunks {
+            if let Some(set) = c.base.and_then(|_| lacking.get(&c.fp)) {
+                c.base_lacking = *set;
+            }
+        }
+        for (i, peer) in self.peers.iter_mut().enumerate() {
+            let p = PeerIdx::new(i);
+            let chunks = &self.chunks;
+            peer.queue.make_contiguous().sort_by_key(|&c| {
+                let w = &chunks[c];
+                (w.allowed.len(), w.base.is_some() && w.base_lacking.contains(p))
+            });
+        }
+    }
+
+    /// The base chunk `c` should be asked against at peer `p`: None when it
+    /// has none or `p` is known to lack it.
+    pub(crate) fn base_at(&self, p: PeerIdx, c: ChunkIdx) -> Option<Fingerprint> {
+        let w = &self.chunks[c];
+        w.base.filter(|_| !w.base_lacking.contains(p))
     }
 
     pub(crate) fn finished(&self) -> bool {
@@ -297,7 +328,7 @@ impl Sched {
     fn assign(&mut self, p: PeerIdx, c: ChunkIdx) {
         self.chunks[c].state = ChunkState::InFlight;
         self.chunks[c].holders.insert(p);
-        let charged = self.expected_wire(c);
+        let charged = self.expected_wire(p, c);
         self.peers[p].inflight.push_back(Asked { chunk: c, charged });
         self.peers[p].inflight_bytes += charged;
     }
@@ -307,9 +338,9 @@ impl Sched {
     /// fetch took so far (half before the first). Charging its whole length
     /// against the window would leave the path idle between small answers
     /// (`docs/wire.md`, deltas).
-    fn expected_wire(&self, c: ChunkIdx) -> u64 {
+    fn expected_wire(&self, p: PeerIdx, c: ChunkIdx) -> u64 {
         let w = &self.chunks[c];
-        if w.base.is_none() {
+        if self.base_at(p, c).is_none() {
             return w.len;
         }
         let share = if self.delta_whole > 0 {
