@@ -419,7 +419,12 @@ async fn chunks_written_again_travel_as_deltas_and_bad_deltas_are_refused() {
             })
             .collect()
     };
-    let opts = FetchOptions::default;
+    // Raw deltas, so the bytes on the wire are exactly the changed blocks
+    // (compressed deltas: the test after this one).
+    let opts = || FetchOptions {
+        zstd: false,
+        ..FetchOptions::default()
+    };
     // The destination holds the earlier versions.
     let dst_with_bases = |name: &str| {
         let store = Arc::new(LocalStore::open_or_create(dir.path().join(name)).expect("dst store"));
@@ -498,6 +503,55 @@ async fn chunks_written_again_travel_as_deltas_and_bad_deltas_are_refused() {
         assert!(!dst4.has_chunk(fp).expect("has"), "no chunk from the liar");
     }
     drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_goes_compressed_on_a_slow_path_and_as_it_is_when_compression_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src_path = dir.path().join("src");
+    let src = LocalStore::open_or_create(&src_path).expect("src store");
+    let (bases, later) = two_versions(&src, 1);
+    drop(src);
+    let key_path = write_key(dir.path(), "key", 0x42);
+    let agent = Agent::local(&src_path, &key_path, false, &dir.path().join("agent.log"));
+    let (mut sock, _) = connect_authed(&trust_of(&key_path), agent.addr).await;
+    let ask = [wire::BasedAsk {
+        want: later[0].0,
+        base: bases[0],
+    }];
+    let base = LocalStore::open(&src_path)
+        .expect("src")
+        .get_chunk(&bases[0])
+        .expect("base");
+    // 1 MB/s, compression allowed; then the same with compression refused.
+    for (rid, zstd_ok) in [(1, true), (2, false)] {
+        sock.write_all(&wire::encode_delta_request(rid, zstd_ok, 1_000_000, &ask))
+            .await
+            .expect("ask");
+        sock.flush().await.expect("flush");
+        let f = read_frame(&mut sock, wire::MAX_FRAME_LEN, None)
+            .await
+            .expect("answer");
+        assert_eq!(f.kind, FrameKind::Delta);
+        let (head, tail) = wire::decode_delta_head(&f.body).expect("head");
+        let compressed = f.header.flags() & wire::FLAG_ZSTD != 0;
+        assert_eq!(compressed, zstd_ok, "compressed only where allowed");
+        let body = if compressed {
+            assert!(
+                tail.len() < 1024,
+                "a block of one byte value compresses: {}",
+                tail.len()
+            );
+            zstd::bulk::decompress(tail, wire::delta_body_bound(head.raw_len.get())).expect("zstd")
+        } else {
+            tail.to_vec()
+        };
+        let (bitmap, payload) = wire::split_delta(head.raw_len.get(), &body).expect("split");
+        assert_eq!(payload.len(), 4096, "one block changed");
+        let mut rebuilt = base.clone();
+        edgeshift_common::delta::apply(&mut rebuilt, bitmap, payload).expect("apply");
+        assert_eq!(rebuilt, later[0].1);
+    }
 }
 
 #[test]

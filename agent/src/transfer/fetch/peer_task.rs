@@ -375,8 +375,9 @@ fn on_frame(ctx: &PeerCtx, label: &str, got: Received, stores: &mut JoinSet<Stor
                 return Ok(());
             };
             let store = ctx.store.clone();
+            let zstd = frame.header.flags() & wire::FLAG_ZSTD != 0;
             spawn_store(ctx, stores, c, fp, wire_len, Encoding::Delta, move || {
-                rebuild(&store, &fp, want_len, &head.base, &frame.body)
+                rebuild(&store, &fp, want_len, &head.base, &frame.body, zstd)
             });
             Ok(())
         }
