@@ -115,7 +115,7 @@ mod tests {
         assert_eq!(p.level_for(1_250_000_000), None, "10 Gbit/s");
         assert_eq!(ZstdPolicy::never().level_for(125_000), None);
         assert_eq!(ZstdPolicy::level1_only(400e6).level_for(2_500_000), Some(1));
-        let spent = Duration::from_millis(1);
+        let spent = Duration::from_millis(2);
         assert!(ZstdPolicy::finishes_sooner(262_144, 131_072, spent, 2_500_000));
         assert!(!ZstdPolicy::finishes_sooner(262_144, 259_500, spent, 2_500_000));
         let measured = ZstdPolicy::calibrate();
