@@ -6,6 +6,7 @@ mod transfer_support;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -1312,4 +1313,72 @@ fn a_fetch_asks_for_the_blocks_that_differ_from_the_earlier_version_held_here() 
         "liar dropped for its lie: {lr}"
     );
     assert_restores(&id, &dst, &v2);
+}
+
+#[test]
+fn fetch_out_writes_the_image_restore_would_and_a_killed_fetch_leaves_no_image() {
+    let src = source(200, 12);
+    let agent = Agent::local(&src.store, &src.key, false, &src.dir.path().join("agent.log"));
+    let out_dir = src.dir.path().join("out");
+    std::fs::create_dir_all(&out_dir).expect("mkdir");
+    let image = out_dir.join("vm.raw");
+    let store = src.dir.path().join("dst");
+
+    // Through a peer that goes slow after 2 MB, killed (SIGKILL) mid-way.
+    let slow = trickling(agent.addr, 2 << 20);
+    let mut cmd = fetch_cmd(Command::new(BIN), &src.id, &store, &src.key, &[slow]);
+    let mut child = cmd
+        .arg("--out")
+        .arg(&image)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start fetch");
+    let stored_some = || chunk_files(&store) >= 8;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !stored_some() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(stored_some(), "the fetch got going");
+    assert!(
+        child.try_wait().expect("poll").is_none(),
+        "still fetching when killed"
+    );
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    assert!(!image.exists(), "a killed fetch leaves no image at its path");
+    for e in std::fs::read_dir(&out_dir).expect("ls").flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with('.'),
+            "only a hidden temp file may be left: {name}"
+        );
+    }
+
+    // Again, from the agent itself: the image is whole, byte for byte what
+    // `restore` writes.
+    let out = fetch_cmd(Command::new(BIN), &src.id, &store, &src.key, &[agent.addr])
+        .arg("--out")
+        .arg(&image)
+        .output()
+        .expect("run fetch");
+    report(&out);
+    let restored = out_dir.join("restored.raw");
+    let r = Command::new(BIN)
+        .args(["restore", &src.id, "--store"])
+        .arg(&store)
+        .arg("--out")
+        .arg(&restored)
+        .output()
+        .expect("run restore");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let written = std::fs::read(&image).expect("read image");
+    assert!(
+        written == std::fs::read(&restored).expect("read restored"),
+        "fetch --out equals restore"
+    );
+    assert!(
+        written == std::fs::read(&src.image).expect("read source"),
+        "and the source image"
+    );
 }

@@ -45,7 +45,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use edgeshift_common::{Manifest, ManifestId};
+use edgeshift_common::{Fingerprint, Manifest, ManifestId};
 use tokio::task::JoinSet;
 use tracing::warn;
 
@@ -71,6 +71,8 @@ pub struct Fetcher {
     progress: Arc<FetchProgress>,
     /// Connections kept between fetches (see [`ConnPool`]).
     pool: Option<Arc<ConnPool>>,
+    /// Told each chunk stored (an image written as its chunks arrive).
+    placement: Option<std::sync::mpsc::Sender<Option<Fingerprint>>>,
 }
 
 impl Fetcher {
@@ -91,6 +93,7 @@ impl Fetcher {
             opts,
             progress: Arc::new(FetchProgress::default()),
             pool: None,
+            placement: None,
         }
     }
 
@@ -99,6 +102,13 @@ impl Fetcher {
     /// authenticates once per peer.
     pub fn with_pool(mut self, pool: Arc<ConnPool>) -> Self {
         self.pool = Some(pool);
+        self
+    }
+
+    /// Names each chunk on `sink` once it is verified and durable here
+    /// (`slicer::place`: the image is written as its chunks arrive).
+    pub fn with_placement(mut self, sink: std::sync::mpsc::Sender<Option<Fingerprint>>) -> Self {
+        self.placement = Some(sink);
         self
     }
 
@@ -226,6 +236,7 @@ impl Fetcher {
                 pool: pool.clone(),
                 store: self.store.clone(),
                 conns: self.pool.clone(),
+                placement: self.placement.clone(),
             };
             tasks.spawn(async move {
                 let reason = run_peer(&ctx).await;

@@ -61,6 +61,8 @@ pub(crate) struct PeerCtx {
     /// This fetch's store: where chunks are staged and the bases of deltas read.
     pub(crate) store: Arc<LocalStore>,
     pub(crate) conns: Option<Arc<ConnPool>>,
+    /// Told each chunk stored (`Fetcher::with_placement`).
+    pub(crate) placement: Option<Sender<Option<Fingerprint>>>,
 }
 
 /// Outcome of verifying and storing one received chunk.
@@ -302,6 +304,10 @@ fn on_stored(ctx: &PeerCtx, label: &str, done: Stored) -> Result<(), String> {
             metrics::counter!("edgeshift_received_bytes_total", "peer" => label.to_string())
                 .increment(done.wire_len);
             if !was_done {
+                if let Some(sink) = &ctx.placement {
+                    // The image's writer gone means the fetch's caller gave up on it.
+                    let _ = sink.send(Some(ctx.sched.lock().chunk(done.c).fp));
+                }
                 metrics::counter!("edgeshift_received_chunks_total", "peer" => label.to_string())
                     .increment(1);
                 ctx.progress.bytes.fetch_add(len, Ordering::Relaxed);
