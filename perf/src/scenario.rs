@@ -261,6 +261,9 @@ impl Bench {
             let id = slice(&bin, &path, &store(SRC)?)?;
             vm.insert(w, Sliced { path, id });
         }
+        // The source runs the VM from its boot image (nginx), whose chunks
+        // a running VM pins there: an edge holds the image its VM booted from.
+        slice(&bin, &deb.path("nginx"), &store(SRC)?)?;
         let mut base_id = String::new();
         let mut nginx_id = String::new();
         for h in ["e3", "origin"] {
@@ -446,8 +449,35 @@ impl Bench {
         Ok((value, seconds, wire, timeline))
     }
 
+    /// A neighbour (e3) comes to hold an earlier copy of the low-write VM
+    /// disk (`images::make_earlier_copy`), as an edge the VM ran on before
+    /// would. For good: the runs after this one see it there.
+    pub fn give_neighbour_an_earlier_copy(&mut self) -> Result<(), ScenarioError> {
+        let vm_dir = images::repo_root().join("target/images/perf");
+        let earlier = vm_dir.join("vm-low-earlier.raw");
+        images::make_earlier_copy(&self.nginx.path, &earlier, Workload::Low)?;
+        let store = self
+            .cluster
+            .store("e3")
+            .map(Path::to_path_buf)
+            .ok_or_else(|| ScenarioError::Output("cluster".into(), "no agent on e3".into()))?;
+        slice(&self.cluster.bins.edgeshift, &earlier, &store)?;
+        Ok(())
+    }
+
+    /// Whether this build's `edgeshift fetch` writes the image itself
+    /// (`--out`); an older build is timed as fetch, then restore.
+    fn fetch_writes_image(&self) -> bool {
+        Command::new(&self.cluster.bins.edgeshift)
+            .args(["fetch", "--help"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--out"))
+    }
+
     /// edgeshift: fetch from `sources` at once into a store seeded per
-    /// `cache`, then restore the image; verified against the source image.
+    /// `cache`, writing the image as it arrives (`fetch --out`; with an
+    /// older build, a restore after the fetch); verified against the
+    /// source image.
     pub fn run_edgeshift(
         &mut self,
         scenario: &str,
@@ -476,6 +506,10 @@ impl Bench {
         fetch
             .args(self.cluster.creds.args(DST).map_err(ClusterError::from)?)
             .args(["--json", "--id", DST]);
+        let in_place = self.fetch_writes_image();
+        if in_place {
+            fetch.arg("--out").arg(&out);
+        }
         let mut restore = Command::new(&self.cluster.bins.edgeshift);
         restore
             .arg("restore")
@@ -495,7 +529,9 @@ impl Bench {
             let report = run_tool(&mut fetch)?;
             let fetch_s = t0.elapsed().as_secs_f64();
             *fetch_done.lock().unwrap_or_else(|p| p.into_inner()) = Some(fetch_s);
-            run_tool(&mut restore)?;
+            if !in_place {
+                run_tool(&mut restore)?;
+            }
             Ok((report, fetch_s, t0.elapsed().as_secs_f64() - fetch_s))
         })?;
         let report: serde_json::Value = serde_json::from_str(report.trim())

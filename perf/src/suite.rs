@@ -10,10 +10,11 @@ use crate::record::{Run, RunSet};
 use crate::scenario::{Bench, Cache, ScenarioError, SRC};
 
 /// Scenario groups, in the order a full report runs them.
-pub const ALL: [&str; 7] = [
+pub const ALL: [&str; 8] = [
     "cache",
     "sources",
     "bandwidth",
+    "neighbour",
     "writes",
     "policies",
     "live",
@@ -23,10 +24,21 @@ pub const ALL: [&str; 7] = [
 /// Groups the full report runs (`writes`, the disk-only write volumes, is
 /// left to `edgeshift-perf scenario writes`: the live groups measure a VM
 /// really writing, and the report's 20-minute budget has no room for both).
-pub const REPORT: [&str; 6] = ["cache", "sources", "bandwidth", "policies", "live", "live-writes"];
+pub const REPORT: [&str; 7] = [
+    "cache",
+    "sources",
+    "bandwidth",
+    "neighbour",
+    "policies",
+    "live",
+    "live-writes",
+];
 
 /// Groups that need the disk scenarios' testbed ([`Bench`]).
-const DISK_GROUPS: [&str; 4] = ["cache", "sources", "bandwidth", "writes"];
+const DISK_GROUPS: [&str; 5] = ["cache", "sources", "bandwidth", "neighbour", "writes"];
+
+/// The tool name of the neighbour group's rows.
+pub const NEIGHBOUR_TOOL: &str = "edgeshift, neighbour holds an earlier copy";
 
 /// Edge-to-edge rates of the bandwidth sweep.
 pub const RATES: [u32; 3] = [10, 50, 100];
@@ -162,6 +174,16 @@ pub fn run(
                     // A whole copy must move every allocated block of the image.
                     let whole_needed = bench.vm_allocated(Workload::Low)?;
                     let r = bench.run_rsync("bandwidth", true, Workload::Low, whole_needed)?;
+                    push(&mut set, r, log);
+                }
+            }
+            "neighbour" => {
+                // After the bandwidth rows: e3 holds the earlier copy for good.
+                bench.give_neighbour_an_earlier_copy()?;
+                for rate in RATES.iter().rev() {
+                    bench.set_rate(*rate)?;
+                    let mut r = bench.run_edgeshift("neighbour", Cache::Warm, &[SRC, "e3"], Workload::Low)?;
+                    r.tool = NEIGHBOUR_TOOL.into();
                     push(&mut set, r, log);
                 }
             }
