@@ -37,6 +37,9 @@ pub const REPORT: [&str; 7] = [
 /// Groups that need the disk scenarios' testbed ([`Bench`]).
 const DISK_GROUPS: [&str; 5] = ["cache", "sources", "bandwidth", "neighbour", "writes"];
 
+/// The tool name of the bandwidth rows fetching from the source alone.
+pub const ONE_PATH_TOOL: &str = "edgeshift, one path";
+
 /// The tool name of the neighbour group's rows.
 pub const NEIGHBOUR_TOOL: &str = "edgeshift, neighbour holds an earlier copy";
 
@@ -167,6 +170,10 @@ pub fn run(
                     let es = bench.run_edgeshift("bandwidth", Cache::Warm, &[SRC, "e3"], Workload::Low)?;
                     let needed = es.needed_bytes;
                     push(&mut set, es, log);
+                    // From the source alone, as rsync: the same paths.
+                    let mut one = bench.run_edgeshift("bandwidth", Cache::Warm, &[SRC], Workload::Low)?;
+                    one.tool = ONE_PATH_TOOL.into();
+                    push(&mut set, one, log);
                     let r = bench.run_rsync("bandwidth", false, Workload::Low, needed)?;
                     push(&mut set, r, log);
                     let r = bench.run_casync("bandwidth", Workload::Low, needed)?;
