@@ -1281,8 +1281,8 @@ fn a_fetch_asks_for_the_blocks_that_differ_from_the_earlier_version_held_here() 
     let peer = &peers_json(&r)[0];
     assert_eq!(peer["delta_chunks"].as_u64(), Some(1), "{r}");
     assert!(
-        r["bytes_received"].as_u64().expect("bytes") > ((changed - 1) * CHUNK) as u64,
-        "whole chunks: {r}"
+        r["bytes_received"].as_u64().expect("bytes") > ((changed - 1) * CHUNK / 2) as u64,
+        "whole chunks (zstd takes off their rewritten block): {r}"
     );
     assert_eq!(r["chunks_fetched"].as_u64(), Some(changed as u64), "{r}");
     assert!(peer["dropped"].is_null(), "it did nothing wrong: {r}");
