@@ -207,3 +207,118 @@ fn delay_line_loses_and_reorders_nothing_of_its_own() {
         "{o:?}"
     );
 }
+
+/// Min/avg/max/mdev of 50 pings (ms), after one that resolves ARP.
+fn ping_stats(tb: &Testbed, from: &str, to: &str) -> String {
+    let addr = tb.addr_of(to, from).expect("addr").to_string();
+    tb.run_in(from, "ping", &["-c", "1", "-W", "2", &addr]).expect("first ping");
+    let out = tb
+        .run_in(from, "ping", &["-q", "-c", "50", "-i", "0.02", &addr])
+        .expect("ping");
+    out.lines()
+        .find_map(|l| l.split(" = ").nth(1).filter(|_| l.starts_with("rtt")))
+        .unwrap_or("?")
+        .replace(" ms", "")
+}
+
+/// Per-interval received Mbit/s of a `-R` iperf3 run, and its end.
+fn tcp_run(tb: &Testbed, args: &[&str]) -> (Vec<f64>, f64) {
+    let v = iperf3_json(tb, "a", "b", args);
+    let intervals = v["intervals"]
+        .as_array()
+        .expect("intervals")
+        .iter()
+        .filter_map(|i| i["sum"]["bits_per_second"].as_f64())
+        .map(|b| b / 1e6)
+        .collect();
+    (intervals, v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6)
+}
+
+/// The validation table of docs/wan.md (a minute; run in release:
+/// `cargo test --release -p edgeshift-testbed --test wan -- --ignored --nocapture`).
+#[test]
+#[ignore = "prints docs/wan.md's table; not an assertion"]
+fn validation_table() {
+    if !capable() {
+        return;
+    }
+    println!("| what | configured | measured |\n|---|---|---|");
+    for (i, (rtt, rate)) in [(0.0, None), (20.0, None), (60.0, None), (20.0, Some(100)), (60.0, Some(100))]
+        .into_iter()
+        .enumerate()
+    {
+        let tag = format!("tbwanv{i}");
+        cleanup_stale(&tag).expect("cleanup");
+        let mut tb = Testbed::new(&tag).expect("testbed");
+        tb.add_host("a").expect("host");
+        tb.add_host("b").expect("host");
+        let spec = LinkSpec {
+            rate_mbit: rate,
+            ..LinkSpec::default().delay_ms(rtt / 2.0)
+        };
+        tb.link("a", "b", spec).expect("link");
+        let rate = rate.map_or("unlimited".to_string(), |r| format!("{r} Mbit/s"));
+        println!("| ping RTT min/avg/max/mdev ms (50 pings) | {rtt} ms, {rate} | {} |", ping_stats(&tb, "a", "b"));
+    }
+    for (name, delay_ms, rate, window) in [
+        ("100 Mbit/s 40 ms, default autotuning", 20.0, Some(100), None),
+        ("100 Mbit/s 40 ms, -w 4M", 20.0, Some(100), Some("4M")),
+        ("unlimited, 20 ms RTT, default autotuning", 10.0, None, None),
+        ("unlimited, no delay line", 0.0, None, None),
+    ] {
+        let tag = "tbwanvt";
+        cleanup_stale(tag).expect("cleanup");
+        let mut tb = Testbed::new(tag).expect("testbed");
+        tb.add_host("a").expect("host");
+        tb.add_host("b").expect("host");
+        let spec = LinkSpec {
+            rate_mbit: rate,
+            ..LinkSpec::default().delay_ms(delay_ms)
+        };
+        tb.link("a", "b", spec).expect("link");
+        let cpu_before = tb.delay_stats("a", "b").map(|s| s.cpu_seconds).unwrap_or(0.0);
+        let mut args = vec!["-R", "-t", "6", "-i", "0.1"];
+        if let Some(w) = window {
+            args.extend(["-w", w]);
+        }
+        let (intervals, end) = tcp_run(&tb, &args);
+        let line = tb.delay_stats("a", "b").ok();
+        let steady = intervals[20..].iter().sum::<f64>() / (intervals.len() - 20) as f64;
+        let first: Vec<String> = intervals[..6].iter().map(|m| format!("{m:.0}")).collect();
+        let cpu = line.map_or("-".to_string(), |s| {
+            let gbit = end * 6.0 / 1000.0;
+            format!("{:.2} CPU s per Gbit", (s.cpu_seconds - cpu_before) / gbit)
+        });
+        let drops = line.map_or("-".to_string(), |s| {
+            let c = s.inbound;
+            format!("{} full / {} rx / {} tx drops", c.dropped_full, c.dropped_rx, c.send_errors)
+        });
+        println!(
+            "| iperf3 TCP b->a 6 s | {name} | steady {steady:.1} Mbit/s (from 2 s), whole run {end:.1}; first 100 ms intervals {}; line: {cpu}, {drops} |",
+            first.join(", ")
+        );
+    }
+    let tag = "tbwanvu";
+    cleanup_stale(tag).expect("cleanup");
+    let mut tb = Testbed::new(tag).expect("testbed");
+    tb.add_host("a").expect("host");
+    tb.add_host("b").expect("host");
+    let spec = LinkSpec {
+        jitter_us: 2000,
+        ..LinkSpec::default().delay_ms(10.0)
+    };
+    tb.link("a", "b", spec).expect("link");
+    let v = iperf3_json(&tb, "a", "b", &["-u", "-b", "400M", "-l", "1000", "-n", "100000000", "-w", "8M"]);
+    let overflowed = udp_rcvbuf_errors(&tb, "b");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let s = tb.delay_stats("a", "b").expect("stats").outbound;
+    let sum = &v["end"]["sum"];
+    println!(
+        "| iperf3 UDP a->b, 100 000 datagrams at 400 Mbit/s | 10 ms ± 2 ms one way, no reorder | {} lost ({overflowed} by b's socket), {} out of order; line received {} sent {}, drops {} |",
+        sum["lost_packets"],
+        v["end"]["streams"][0]["udp"]["out_of_order"],
+        s.received,
+        s.sent,
+        s.dropped_full + s.dropped_rx + s.send_errors
+    );
+}
