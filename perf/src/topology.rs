@@ -119,7 +119,10 @@ impl Topology {
         if self.default_rate_mbit == Some(0) {
             return bad("default_rate_mbit must be at least 1".into());
         }
-        if !self.default_delay_ms.is_none_or(|v| (0.0..=10_000.0).contains(&v)) {
+        if !self
+            .default_delay_ms
+            .is_none_or(|v| (0.0..=10_000.0).contains(&v))
+        {
             return bad("default_delay_ms must be within 0..=10000".into());
         }
         let mut pairs = BTreeSet::new();
@@ -137,13 +140,19 @@ impl Topology {
             }
             let ms_ok = |v: Option<f64>| v.is_none_or(|v| (0.0..=10_000.0).contains(&v));
             if !ms_ok(l.delay_ms) || !ms_ok(l.jitter_ms) {
-                return bad(format!("link {}-{}: delay_ms and jitter_ms must be within 0..=10000", l.a, l.b));
+                return bad(format!(
+                    "link {}-{}: delay_ms and jitter_ms must be within 0..=10000",
+                    l.a, l.b
+                ));
             }
             if l.jitter_ms.unwrap_or(0.0) > l.delay_ms.or(self.default_delay_ms).unwrap_or(0.0) {
                 return bad(format!("link {}-{}: jitter_ms larger than the delay", l.a, l.b));
             }
             if !l.loss.is_none_or(|p| (0.0..=1.0).contains(&p)) {
-                return bad(format!("link {}-{}: loss must be a fraction within 0..=1", l.a, l.b));
+                return bad(format!(
+                    "link {}-{}: loss must be a fraction within 0..=1",
+                    l.a, l.b
+                ));
             }
             let key = if l.a < l.b { (&l.a, &l.b) } else { (&l.b, &l.a) };
             if !pairs.insert(key) {

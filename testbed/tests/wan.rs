@@ -211,7 +211,8 @@ fn delay_line_loses_and_reorders_nothing_of_its_own() {
 /// Min/avg/max/mdev of 50 pings (ms), after one that resolves ARP.
 fn ping_stats(tb: &Testbed, from: &str, to: &str) -> String {
     let addr = tb.addr_of(to, from).expect("addr").to_string();
-    tb.run_in(from, "ping", &["-c", "1", "-W", "2", &addr]).expect("first ping");
+    tb.run_in(from, "ping", &["-c", "1", "-W", "2", &addr])
+        .expect("first ping");
     let out = tb
         .run_in(from, "ping", &["-q", "-c", "50", "-i", "0.02", &addr])
         .expect("ping");
@@ -231,7 +232,13 @@ fn tcp_run(tb: &Testbed, args: &[&str]) -> (Vec<f64>, f64) {
         .filter_map(|i| i["sum"]["bits_per_second"].as_f64())
         .map(|b| b / 1e6)
         .collect();
-    (intervals, v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6)
+    (
+        intervals,
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1e6,
+    )
 }
 
 /// The validation table of docs/wan.md (a minute; run in release:
@@ -243,9 +250,15 @@ fn validation_table() {
         return;
     }
     println!("| what | configured | measured |\n|---|---|---|");
-    for (i, (rtt, rate)) in [(0.0, None), (20.0, None), (60.0, None), (20.0, Some(100)), (60.0, Some(100))]
-        .into_iter()
-        .enumerate()
+    for (i, (rtt, rate)) in [
+        (0.0, None),
+        (20.0, None),
+        (60.0, None),
+        (20.0, Some(100)),
+        (60.0, Some(100)),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let tag = format!("tbwanv{i}");
         cleanup_stale(&tag).expect("cleanup");
@@ -258,7 +271,10 @@ fn validation_table() {
         };
         tb.link("a", "b", spec).expect("link");
         let rate = rate.map_or("unlimited".to_string(), |r| format!("{r} Mbit/s"));
-        println!("| ping RTT min/avg/max/mdev ms (50 pings) | {rtt} ms, {rate} | {} |", ping_stats(&tb, "a", "b"));
+        println!(
+            "| ping RTT min/avg/max/mdev ms (50 pings) | {rtt} ms, {rate} | {} |",
+            ping_stats(&tb, "a", "b")
+        );
     }
     for (name, delay_ms, rate, window) in [
         ("100 Mbit/s 40 ms, default autotuning", 20.0, Some(100), None),
@@ -291,7 +307,10 @@ fn validation_table() {
         });
         let drops = line.map_or("-".to_string(), |s| {
             let c = s.inbound;
-            format!("{} full / {} rx / {} tx drops", c.dropped_full, c.dropped_rx, c.send_errors)
+            format!(
+                "{} full / {} rx / {} tx drops",
+                c.dropped_full, c.dropped_rx, c.send_errors
+            )
         });
         println!(
             "| iperf3 TCP b->a 6 s | {name} | steady {steady:.1} Mbit/s (from 2 s), whole run {end:.1}; first 100 ms intervals {}; line: {cpu}, {drops} |",
@@ -308,7 +327,12 @@ fn validation_table() {
         ..LinkSpec::default().delay_ms(10.0)
     };
     tb.link("a", "b", spec).expect("link");
-    let v = iperf3_json(&tb, "a", "b", &["-u", "-b", "400M", "-l", "1000", "-n", "100000000", "-w", "8M"]);
+    let v = iperf3_json(
+        &tb,
+        "a",
+        "b",
+        &["-u", "-b", "400M", "-l", "1000", "-n", "100000000", "-w", "8M"],
+    );
     let overflowed = udp_rcvbuf_errors(&tb, "b");
     std::thread::sleep(std::time::Duration::from_millis(300));
     let s = tb.delay_stats("a", "b").expect("stats").outbound;
