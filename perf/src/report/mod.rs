@@ -3,6 +3,7 @@
 //! the record, so a report can be regenerated from its JSON alone.
 
 pub mod plots;
+pub mod wan;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -155,11 +156,11 @@ pub fn live_table(set: &RunSet) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| scenario | tool | rate (Mbit/s) | guest writes | guest writes (KB/s) | destination | seconds | command (s) | downtime (ms) | rounds | chunks re-sent | disk MB lacked | memory MB | MB on the wire | limit (s) | time ÷ limit | guest disk check |"
+        "| scenario | tool | rate (Mbit/s) | RTT (ms) | guest writes | guest writes (KB/s) | destination | seconds | command (s) | downtime (ms) | rounds | chunks re-sent | disk MB lacked | memory MB | MB on the wire | limit (s) | time ÷ limit | guest disk check |"
     );
     let _ = writeln!(
         s,
-        "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        "|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     );
     for r in set
         .runs
@@ -170,10 +171,11 @@ pub fn live_table(set: &RunSet) -> String {
         let num = |k: &str| d[k].as_u64().map_or("–".to_string(), |v| v.to_string());
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} |",
             r.scenario,
             r.tool,
             r.rate_mbit,
+            r.rtt_ms,
             r.workload,
             d["guest_write_bytes_per_s"]
                 .as_f64()
@@ -430,6 +432,7 @@ pub fn write(set: &RunSet, dir: &Path) -> Result<PathBuf, ReportError> {
             }
         }
     }
+    md.push_str(&wan::section(set, dir)?);
     let live: Vec<&Run> = set.runs.iter().filter(|r| r.scenario == "live-bench").collect();
     if !live.is_empty() {
         let _ = writeln!(
