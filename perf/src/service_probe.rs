@@ -8,7 +8,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -43,6 +43,7 @@ pub struct ServiceSummary {
 /// A running probe; [`ServiceProbe::finish`] stops it.
 pub struct ServiceProbe {
     stop: Arc<AtomicBool>,
+    answered: Arc<AtomicUsize>,
     thread: Option<JoinHandle<std::io::Result<Vec<Request>>>>,
 }
 
@@ -76,7 +77,8 @@ impl ServiceProbe {
     /// Starts asking `addr` from namespace `netns`; times count from `zero`.
     pub fn start(netns: &str, addr: SocketAddr, zero: Instant) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let s = Arc::clone(&stop);
+        let answered = Arc::new(AtomicUsize::new(0));
+        let (s, a) = (Arc::clone(&stop), Arc::clone(&answered));
         let netns = netns.to_string();
         let thread = std::thread::spawn(move || {
             enter_netns(&netns)?;
@@ -84,6 +86,9 @@ impl ServiceProbe {
             while !s.load(Ordering::Relaxed) {
                 let t = Instant::now();
                 let ms = get(addr).ok().map(|()| t.elapsed().as_secs_f64() * 1e3);
+                if ms.is_some() {
+                    a.fetch_add(1, Ordering::Relaxed);
+                }
                 out.push(Request {
                     t: t.saturating_duration_since(zero).as_secs_f64(),
                     ms,
@@ -96,8 +101,21 @@ impl ServiceProbe {
         });
         Self {
             stop,
+            answered,
             thread: Some(thread),
         }
+    }
+
+    /// Waits until `n` requests have been answered (false after `limit`).
+    pub fn wait_answers(&self, n: usize, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.answered.load(Ordering::Relaxed) < n {
+            if Instant::now() > deadline || self.thread.as_ref().is_none_or(JoinHandle::is_finished) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
     }
 
     /// Stops after the request in flight; every request made.
