@@ -342,7 +342,7 @@ pub fn write(set: &RunSet, dir: &Path) -> Result<PathBuf, ReportError> {
     );
     let _ = writeln!(
         md,
-        "The edge cloud is emulated with network namespaces: every pair of hosts is joined by a veth pair whose two egresses are limited by tbf. **Only bandwidth is emulated, not latency**: this kernel has no netem, so round trips are sub-millisecond and latency-bound protocols look better here than on a real WAN. Bytes on the wire are the destination's interface counters (both directions, headers included). The physical limit is the bytes the destination lacked divided by the summed rates of the paths the run used; a ratio of 1.00× would be a perfect transfer.\n"
+        "The edge cloud is emulated with network namespaces: every pair of hosts is joined by a veth pair whose two egresses are limited by tbf. Latency is emulated only where a run says so (its RTT, in ms, between edges: the testbed's user-space delay line, docs/wan.md, as this kernel has no netem); at RTT 0 round trips are sub-millisecond and latency-bound protocols look better than on a real WAN. Bytes on the wire are the destination's interface counters (both directions, headers included). The physical limit is the bytes the destination lacked divided by the summed rates of the paths the run used; a ratio of 1.00× would be a perfect transfer.\n"
     );
     if set.runs.iter().any(|r| r.tool == "edgeshift") {
         let _ = writeln!(
