@@ -59,17 +59,52 @@ impl CounterClient {
         false
     }
 
-    /// The longest time between two lines (the second after `since`), and
-    /// whether the stream is still open.
+    /// The longest silence since `since` (between two lines, or from the
+    /// last line until now, so a stream that stopped answering counts),
+    /// and whether the stream is still open.
     pub fn longest_gap_since(&self, since: Instant) -> (Duration, bool) {
+        let gap = self
+            .silences(since)
+            .into_iter()
+            .map(|(_, len)| len)
+            .max()
+            .unwrap_or_default();
         let s = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let gap =
+        (gap, !s.1)
+    }
+
+    /// Every silence ending after `since`: (its start, its length); the
+    /// last one runs until now.
+    fn silences(&self, since: Instant) -> Vec<(Instant, Duration)> {
+        let s = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let mut out: Vec<(Instant, Duration)> =
             s.0.windows(2)
                 .filter(|w| w[1] >= since)
-                .map(|w| w[1].duration_since(w[0]))
-                .max()
-                .unwrap_or_default();
-        (gap, !s.1)
+                .map(|w| (w[0], w[1].duration_since(w[0])))
+                .collect();
+        let last = s.0.last().copied().unwrap_or(since).max(since);
+        out.push((last, now.duration_since(last)));
+        out
+    }
+
+    /// Every silence longer than `min` ending after `since` (the last one
+    /// running until now): its start (seconds after `since`, negative if
+    /// before) and its length in ms, to place the gaps on a migration's
+    /// timeline.
+    pub fn gaps_since(&self, since: Instant, min: Duration) -> Vec<(f64, u64)> {
+        self.silences(since)
+            .into_iter()
+            .filter(|(_, len)| *len > min)
+            .map(|(start, len)| {
+                let at = if start >= since {
+                    start.duration_since(since).as_secs_f64()
+                } else {
+                    -since.duration_since(start).as_secs_f64()
+                };
+                (at, len.as_millis() as u64)
+            })
+            .collect()
     }
 }
 

@@ -128,6 +128,9 @@ struct Row {
     /// line every ~100 ms) from the migration's start to 2 s after it, ms;
     /// None when the client could not connect.
     client_longest_gap_ms: Option<u64>,
+    /// The client's silences over 300 ms: (start, seconds after the
+    /// migration's start; length ms), to set beside the migration's log.
+    client_gaps: Vec<(f64, u64)>,
     /// The client's connection was still open after the handoff.
     client_survived: bool,
 }
@@ -142,13 +145,14 @@ fn counter_client(b: &Bed) -> Option<CounterClient> {
 }
 
 /// The client's longest gap since `t0`, 2 s after the handoff.
-fn client_gap(c: Option<&CounterClient>, t0: Instant) -> (Option<u64>, bool) {
+fn client_gap(c: Option<&CounterClient>, t0: Instant) -> (Option<u64>, bool, Vec<(f64, u64)>) {
     let Some(c) = c else {
-        return (None, false);
+        return (None, false, Vec::new());
     };
     std::thread::sleep(Duration::from_secs(2));
     let (gap, open) = c.longest_gap_since(t0);
-    (Some(gap.as_millis() as u64), open)
+    let gaps = c.gaps_since(t0, Duration::from_millis(300));
+    (Some(gap.as_millis() as u64), open, gaps)
 }
 
 struct Bed {
@@ -498,6 +502,10 @@ fn edgeshift_run(sc: &Scenario, a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result
     ];
     let client = counter_client(&b);
     let t_mig = Instant::now();
+    let t_mig_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
     let wire0 = wire_into_dst(&b)?;
     let out = b
         .edgeshift("src")?
@@ -535,7 +543,8 @@ fn edgeshift_run(sc: &Scenario, a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result
         );
     }
     let wire = wire_into_dst(&b)? - wire0;
-    let (client_longest_gap_ms, client_survived) = client_gap(client.as_ref(), t_mig);
+    let (client_longest_gap_ms, client_survived, client_gaps) = client_gap(client.as_ref(), t_mig);
+    eprintln!("   migration started at unix {t_mig_unix:.3}; client gaps over 300 ms (start s, ms): {client_gaps:?}");
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).context("migrate --json output")?;
     let by_source = r["bytes_by_source"].clone();
     let missing = r["missing_at_plan_bytes"].as_u64().unwrap_or(0);
@@ -579,6 +588,7 @@ fn edgeshift_run(sc: &Scenario, a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result
         bytes_by_source: by_source,
         report: r.clone(),
         client_longest_gap_ms,
+        client_gaps,
         client_survived,
     })
 }
@@ -707,7 +717,8 @@ fn qemu_run(a: &Args, bin: &Path, vm: &Vm, zstd: bool) -> anyhow::Result<Row> {
     let total = t0.elapsed().as_secs_f64();
     sq.execute_raw("block-job-cancel", Some(json!({"device": "m0"})))?;
     let wire = wire_into_dst(&b)? - wire0;
-    let (client_longest_gap_ms, client_survived) = client_gap(client.as_ref(), t0);
+    let (client_longest_gap_ms, client_survived, client_gaps) = client_gap(client.as_ref(), t0);
+    eprintln!("   client gaps over 300 ms (start s after the mirror's start, ms): {client_gaps:?}");
     drop(client);
     eprintln!("   mirror ready after {disk_secs:.1} s, migrated after {total:.1} s");
     let _ = dq.execute_raw("block-export-del", Some(json!({"id": "exp0"})));
@@ -744,6 +755,7 @@ fn qemu_run(a: &Args, bin: &Path, vm: &Vm, zstd: bool) -> anyhow::Result<Row> {
         bytes_by_source: json!({}),
         report: json!({ "mirror_ready_seconds": disk_secs }),
         client_longest_gap_ms,
+        client_gaps,
         client_survived,
     })
 }
@@ -983,6 +995,7 @@ mod tests {
             bytes_by_source: json!({}),
             report: json!({}),
             client_longest_gap_ms: None,
+            client_gaps: Vec::new(),
             client_survived: false,
         }
     }
