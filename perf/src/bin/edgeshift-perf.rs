@@ -40,6 +40,11 @@ enum Cmd {
         /// Edge-to-edge rates of the bandwidth and live groups (Mbit/s).
         #[arg(long, value_delimiter = ',', default_value = "10,50,100")]
         rates: Vec<u32>,
+        /// Namespace tag (es-<tag>-<host>) and work directory name: two
+        /// runs on one machine need different tags, or the second one's
+        /// stale-namespace cleanup kills the first's processes.
+        #[arg(long, default_value = "scen")]
+        tag: String,
     },
     /// The full evaluation (cache, sources, bandwidth, policies, live, live-writes), then report.md with plots in perf/reports/full.
     Report {
@@ -113,11 +118,12 @@ fn main() -> anyhow::Result<()> {
             json,
             rtt_ms,
             rates,
+            tag,
         } => {
             let name = names.join("-");
             let out = out.unwrap_or_else(|| default_out(&name));
             let sweep = suite::Sweep { rtt_ms, rates };
-            let set = suite::run(&name, &names, &sweep, "scen", &work_dir("scen"), &log)?;
+            let set = suite::run(&name, &names, &sweep, &tag, &work_dir(&tag), &log)?;
             let runs = report::save(&set, &out)?;
             let md = report::write(&set, &out)?;
             if json {
