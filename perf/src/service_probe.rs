@@ -138,30 +138,73 @@ impl Drop for ServiceProbe {
 /// Runs `body` while a probe in `netns` asks `addr`, from one second
 /// before to one second after it; the requests' times count from `body`'s
 /// start (so the ones before it are negative).
-pub fn around<T>(
-    netns: &str,
-    addr: SocketAddr,
-    body: impl FnOnce() -> T,
-) -> (T, std::io::Result<Vec<Request>>) {
+pub fn around<T>(netns: &str, addr: SocketAddr, body: impl FnOnce() -> T) -> (T, std::io::Result<Probed>) {
+    let neighbours = || {
+        std::process::Command::new("ip")
+            .args(["-n", netns, "neigh", "show"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let neighbours_before = neighbours();
+    let warm_zero = Instant::now();
+    let warmup = ServiceProbe::start(netns, addr, warm_zero);
+    let reachable = warmup.wait_answers(3, Duration::from_secs(20));
+    let warmup = warmup.finish().unwrap_or_default();
+    if !reachable {
+        tracing::warn!(%addr, "the VM's HTTP server did not answer before the handoff");
+    }
+    let neighbours_after = neighbours();
     let zero = Instant::now();
     let probe = ServiceProbe::start(netns, addr, zero);
     std::thread::sleep(Duration::from_secs(1));
     let offset = zero.elapsed().as_secs_f64();
     let value = body();
     std::thread::sleep(Duration::from_secs(1));
-    let requests = probe
-        .finish()
-        .map(|rs| rs.into_iter().map(|r| Request { t: r.t - offset, ..r }).collect());
-    (value, requests)
+    let warm_offset = zero.duration_since(warm_zero).as_secs_f64() + offset;
+    let probed = probe.finish().map(|rs| Probed {
+        requests: rs.into_iter().map(|r| Request { t: r.t - offset, ..r }).collect(),
+        warmup: warmup
+            .into_iter()
+            .map(|r| Request {
+                t: r.t - warm_offset,
+                ..r
+            })
+            .collect(),
+        neighbours: vec![neighbours_before, neighbours_after],
+    });
+    (value, probed)
+}
+
+/// What [`around`] saw: the measured requests, the unrecorded warm-up's
+/// (times on the same clock), and the client's neighbour table before and
+/// after the warm-up (to tell a stale entry from a silent VM).
+#[derive(Debug, Clone, Default)]
+pub struct Probed {
+    pub requests: Vec<Request>,
+    pub warmup: Vec<Request>,
+    pub neighbours: Vec<String>,
 }
 
 /// What a run's `detail.service` holds: the summary and every request as
 /// `[t, ms or null]`, or the probe's error.
-pub fn detail(requests: &std::io::Result<Vec<Request>>) -> serde_json::Value {
-    match requests {
-        Ok(rs) => serde_json::json!({
-            "summary": summarize(rs),
-            "requests": rs.iter().map(|r| serde_json::json!([(r.t * 1e3).round() / 1e3, r.ms.map(|m| (m * 100.0).round() / 100.0)])).collect::<Vec<_>>(),
+pub fn detail(probed: &std::io::Result<Probed>) -> serde_json::Value {
+    let pairs = |rs: &[Request]| {
+        rs.iter()
+            .map(|r| {
+                serde_json::json!([
+                    (r.t * 1e3).round() / 1e3,
+                    r.ms.map(|m| (m * 100.0).round() / 100.0)
+                ])
+            })
+            .collect::<Vec<_>>()
+    };
+    match probed {
+        Ok(p) => serde_json::json!({
+            "summary": summarize(&p.requests),
+            "requests": pairs(&p.requests),
+            "warmup": pairs(&p.warmup),
+            "neighbours": p.neighbours,
         }),
         Err(e) => serde_json::json!({ "error": e.to_string() }),
     }

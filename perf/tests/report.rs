@@ -344,7 +344,11 @@ fn rtt_axis_and_users_come_from_the_record() {
                 ms: (k != 30).then_some(2.0 + f64::from(k % 7) + i as f64),
             })
             .collect();
-        r.detail["service"] = edgeshift_perf::service_probe::detail(&Ok(requests));
+        r.detail["service"] =
+            edgeshift_perf::service_probe::detail(&Ok(edgeshift_perf::service_probe::Probed {
+                requests,
+                ..Default::default()
+            }));
     }
     for mut r in live {
         r.rtt_ms = 60.0;
