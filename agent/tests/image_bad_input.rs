@@ -1,6 +1,6 @@
 //! Bad input gives a clear error, a non-zero exit, no output file, and loses
 //! nothing from the store: truncated and corrupted manifests, a flipped byte
-//! in a stored chunk, a qcow2 file, a missing store or image, chunk sizes that
+//! in a stored chunk, a file with a vmdk header QEMU cannot read, a missing store or image, chunk sizes that
 //! are not a power of two, unwritable output paths.
 
 mod image_util;
@@ -124,35 +124,20 @@ fn inspect_chunks(store: &Path, id: &str) -> Vec<String> {
 }
 
 #[test]
-fn qcow2_and_other_non_raw_files_are_refused() {
+fn non_raw_headers_qemu_cannot_read_are_refused() {
     let (dir, store, _, _) = populated();
     let before = snapshot(&store);
-    let q = dir.path().join("disk.qcow2");
-    let made = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&q)
-        .arg("64M")
-        .status();
-    match made {
-        Ok(st) if st.success() => {}
-        _ => {
-            caps::unavailable("qemu-img is not available");
-            return;
-        }
+    if caps::missing(false, &["qemu-img"], &[]).is_some() {
+        return;
     }
-    let err = fails(&["slice", s(&q), "--store", s(&store)]);
-    assert!(err.contains("qcow2"), "{err}");
-    assert!(
-        err.contains("qemu-img convert") && err.contains("qemu-nbd --connect"),
-        "{err}"
-    );
-    // A VMDK header too.
+    // A VMDK magic and nothing a VMDK needs: QEMU cannot read it, so it is
+    // not sliced as raw either (agent/tests/image_qcow2.rs slices real ones).
     let v = dir.path().join("disk.vmdk");
     let mut vmdk = b"KDMV\x01\0\0\0".to_vec();
     vmdk.resize(1 << 20, 0);
     fs::write(&v, vmdk).expect("write vmdk");
     let err = fails(&["slice", s(&v), "--store", s(&store)]);
-    assert!(err.contains("vmdk"), "{err}");
+    assert!(err.contains("(vmdk) cannot be sliced"), "{err}");
     assert_eq!(snapshot(&store), before, "a refused slice changed the store");
 }
 

@@ -78,6 +78,70 @@ pub struct Orders {
     /// Pull these in the background, at low priority.
     pub prefetch: Vec<PrefetchOrder>,
     pub lease: Option<u64>,
+    /// Hand these VMs over (`POST /v1/vms/{name}/handoff`); the source
+    /// acknowledges each with a progress report and ignores an id it has
+    /// already started.
+    #[serde(default)]
+    pub handoffs: Vec<HandoffOrder>,
+}
+
+/// One handoff the coordinator orders a VM's source edge to carry out.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HandoffOrder {
+    pub id: u64,
+    pub vm: String,
+    /// The destination edge's id, and its migration listener
+    /// (`edgeshift agent --migrate-listen`) as it reported it.
+    pub to: String,
+    pub to_migrate_addr: String,
+}
+
+/// `PUT /v1/edges/{id}/vms`: the VMs running on an edge, and where it
+/// receives migrations (none: it receives no VMs).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VmsReport {
+    pub vms: Vec<String>,
+    #[serde(default)]
+    pub migrate_addr: Option<String>,
+}
+
+/// Where an ordered handoff stands.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum HandoffState {
+    /// Ordered; the source has not taken it yet.
+    Ordered,
+    Running,
+    Done,
+    /// Failed before the switchover: the VM keeps running at the source.
+    Failed,
+}
+
+impl HandoffState {
+    pub fn is_over(self) -> bool {
+        matches!(self, HandoffState::Done | HandoffState::Failed)
+    }
+}
+
+/// `POST /v1/edges/{id}/handoffs/{handoff}`: the source's progress.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HandoffProgress {
+    pub state: HandoffState,
+    /// The migration's current phase (`migrate --json`'s phase names).
+    #[serde(default)]
+    pub phase: Option<String>,
+    /// Disk and memory bytes sent so far, and disk rounds.
+    #[serde(default)]
+    pub bytes: u64,
+    #[serde(default)]
+    pub rounds: u32,
+    /// The `migrate --json` report, once done.
+    #[serde(default)]
+    pub report: Option<serde_json::Value>,
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// `POST /v1/edges/{id}/delta`: a heartbeat's content.

@@ -46,6 +46,8 @@ pub enum ApiError {
     NotFound(String),
     #[error(transparent)]
     Service(#[from] ServiceError),
+    #[error(transparent)]
+    Handoff(#[from] crate::handoff::HandoffError),
     #[error("the coordinator's state lock is poisoned (a handler panicked); restart it")]
     Poisoned,
 }
@@ -78,6 +80,7 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Poisoned => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Handoff(e) => e.status(),
             ApiError::Service(e) => match e {
                 ServiceError::Ledger(l) => match l {
                     LedgerError::UnknownEdge(_)
@@ -173,7 +176,7 @@ impl AppState {
         }
     }
 
-    fn lock(&self) -> Result<MutexGuard<'_, Coordinator>, ApiError> {
+    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Coordinator>, ApiError> {
         self.coord.lock().map_err(|_| ApiError::Poisoned)
     }
 }
@@ -307,6 +310,7 @@ pub fn router(app: AppState, body_limit: usize) -> Router {
         .route("/v1/leases/{id}", delete(release))
         .route("/v1/policy", get(get_policy).put(set_policy))
         .route("/metrics", get(render_metrics))
+        .merge(crate::handoff_api::routes())
         .fallback(|| async {
             ApiError::NotFound("no such endpoint (see `edgeshift-coordinator --help`)".into())
         })

@@ -3,14 +3,18 @@
 //!
 //! Modules, each testable alone: [`ledger`] (inventory, pins, leases,
 //! popularity), [`policy`] (LRU / LFU / popularity eviction order), [`gc`]
-//! (watermark GC), [`planner`] (source assignment), [`persist`] (redb), then
+//! (watermark GC), [`handoff`] (where VMs run, ordered handoffs), [`mobility`]
+//! (next-edge predictions from moves), [`planner`] (source assignment), [`persist`] (redb), then
 //! [`service`] ties them together, [`api`] puts them on HTTP with
 //! [`access`] deciding who may do what, and [`serve`] accepts connections.
 
 pub mod access;
 pub mod api;
 pub mod gc;
+pub mod handoff;
+pub mod handoff_api;
 pub mod ledger;
+pub mod mobility;
 pub mod persist;
 pub mod planner;
 pub mod policy;

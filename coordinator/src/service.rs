@@ -11,12 +11,17 @@ use roaring::RoaringBitmap;
 use serde::{Deserialize, Serialize};
 
 use crate::gc::{self, GcError, Watermarks};
+use crate::handoff::Handoffs;
 use crate::ledger::{ChunkId, EdgeIx, Ledger, LedgerError};
+use crate::mobility::Mobility;
 use crate::persist::{LeaseRecord, PersistError, Store};
 use crate::planner::{self, ChunkJob, PlanError, Source};
 use crate::policy::Policy;
 
+mod predicted;
+
 pub use edgeshift_common::control::{Orders, Plan, PlanChunk, PlanSource, PrefetchChunk, PrefetchOrder};
+pub use predicted::PredictionStats;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -184,6 +189,16 @@ pub struct Coordinator {
     /// reported yet: id → (deadline, per edge the chunks to protect).
     pending_leases: BTreeMap<u64, (u64, BTreeMap<String, Vec<Fingerprint>>)>,
     store: Store,
+    /// Where VMs run and the handoffs ordered (in memory only).
+    pub handoffs: Handoffs,
+    /// Next-edge predictions learned from moves (in memory only).
+    pub mobility: Mobility,
+    /// The hint each VM's last move made: VM → (edge, manifest, whether
+    /// this coordinator made the hint rather than found an operator's).
+    auto_hints: BTreeMap<String, (String, ManifestId, bool)>,
+    /// Hints made from predictions, per (edge, manifest): VMs relying on them.
+    auto_hint_refs: BTreeMap<(String, ManifestId), u32>,
+    pub predictions: PredictionStats,
 }
 
 const SETTINGS_KEY: &str = "settings";
@@ -231,6 +246,11 @@ impl Coordinator {
             hints,
             pending_leases,
             store,
+            handoffs: Handoffs::default(),
+            mobility: Mobility::default(),
+            auto_hints: BTreeMap::new(),
+            auto_hint_refs: BTreeMap::new(),
+            predictions: PredictionStats::default(),
         })
     }
 
@@ -406,6 +426,7 @@ impl Coordinator {
             per_edge.remove(edge);
         }
         self.ledger.deregister(edge)?;
+        self.handoffs.forget_edge(edge, now_ms());
         Ok(())
     }
 
@@ -642,6 +663,7 @@ impl Coordinator {
             policy: policy.to_string(),
             drop: g.drop.iter().map(|&c| self.ledger.interner.fp(c)).collect(),
             drop_bytes: g.bytes,
+            handoffs: self.handoffs.orders_for(edge, now_ms()),
             ..Default::default()
         };
         if !g.drop.is_empty() {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use edgeshift_agent::coordination::handoff::HandoffConfig;
 use edgeshift_agent::migrate::destination::{self, HostConfig};
 use edgeshift_agent::store::LocalStore;
 use edgeshift_agent::transfer::server::{serve, ServerConfig, ZstdPolicy};
@@ -34,8 +35,10 @@ use crate::cli::args::{ClusterArgs, CoordinatorArgs, StateArgs};
 /// names that address): their chunks go into this store, their records
 /// into --state-dir.
 ///
-/// With --coordinator (and --capacity) it reports inventory and deltas
-/// under --id, carries out the coordinator's GC (never a locally pinned
+/// With --coordinator (and --capacity) it reports inventory, deltas and
+/// its running VMs under --id, carries out the handoffs the coordinator
+/// orders (`POST /v1/vms/NAME/handoff`: `edgeshift migrate` with its
+/// defaults, to the ordered edge's --migrate-listen), carries out the coordinator's GC (never a locally pinned
 /// chunk) and prefetch orders; an incoming VM's missing chunks then come
 /// from the edges the coordinator's plan names (ranked by measured path
 /// rate; the source and the origin included), its image is pinned while it
@@ -198,16 +201,32 @@ async fn serve_until_stopped(
         (Some(url), Some(capacity)) => {
             let tls = args.coord.tls_for(args.cluster.coordinator_tls());
             let (url, id, store, trust) = (url.clone(), id.clone(), store.clone(), trust.clone());
+            let migrate_addr = match &incoming {
+                Some((_, l)) => Some(edgeshift_agent::coordination::link::advertise_addr(
+                    l.local_addr()
+                        .context("reading the migration listener's address")?,
+                    &url,
+                )),
+                None => None,
+            };
+            let handoffs = HandoffConfig {
+                state_dir: args.state.state_dir.clone(),
+                trust: trust.clone(),
+                id: id.clone(),
+                coordinator: args
+                    .coord
+                    .config(&args.cluster.id, args.cluster.coordinator_tls()),
+                migrate_addr,
+            };
             // Its first exchange blocks on HTTP.
             let link = tokio::task::block_in_place(|| {
                 edgeshift_agent::coordination::link::start(
                     &url,
                     tls.as_ref(),
                     capacity,
-                    &id,
                     local,
                     store,
-                    trust,
+                    handoffs,
                 )
             })?;
             Some(link)

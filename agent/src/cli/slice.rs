@@ -17,12 +17,15 @@ use edgeshift_common::ChunkSize;
 #[derive(Debug, clap::Args)]
 #[command(
     after_help = "Examples:\n  edgeshift slice disk.raw --store /var/lib/edgeshift/store\n  \
-edgeshift slice /dev/loop3 --store store --chunk-size 1MiB --json\n\n\
-qcow2, vmdk, vdi, vhdx, vhd and qed files are refused: convert them first\n\
-(qemu-img convert -O raw IN OUT.raw) or slice their raw view (qemu-nbd --connect /dev/nbd0 IN)."
+edgeshift slice /dev/loop3 --store store --chunk-size 1MiB --json\n  \
+edgeshift slice debian.qcow2 --store store\n\n\
+qcow2, vmdk, vdi, vhdx, vhd and qed files (and their backing chains) are sliced\n\
+through the raw view qemu-storage-daemon exports over FUSE, after `qemu-img check`:\n\
+no raw copy is written, and the manifest is the one of `qemu-img convert -O raw`'s output."
 )]
 pub struct Args {
-    /// Raw image file or block device (/dev/loopN, /dev/nbdN, an LV).
+    /// Image file (raw, or a format QEMU reads: qcow2, vmdk, ...) or block
+    /// device (/dev/loopN, /dev/nbdN, an LV).
     pub image: PathBuf,
     /// Chunk store directory; created if it does not exist.
     #[arg(long)]

@@ -16,7 +16,7 @@ use serde_json::json;
 use super::CoordError;
 
 pub use edgeshift_common::control::{
-    Delta, Orders, Plan, PlanChunk, PlanSource, PrefetchChunk, PrefetchOrder,
+    Delta, HandoffOrder, HandoffProgress, Orders, Plan, PlanChunk, PlanSource, PrefetchChunk, PrefetchOrder,
 };
 
 /// Largest answer read (a plan for a 10 GiB image is a few MB).
@@ -266,5 +266,29 @@ impl Client {
             Some(json!({ "manifest": manifest, "edge": edge })),
         )
         .map(drop)
+    }
+
+    /// The VMs running on `edge` and its migration listener.
+    pub fn report_vms(
+        &self,
+        edge: &str,
+        report: &edgeshift_common::control::VmsReport,
+    ) -> Result<(), CoordError> {
+        let body = serde_json::to_value(report).map_err(|e| CoordError::BadAnswer {
+            what: "encode VM report".into(),
+            reason: e.to_string(),
+        })?;
+        self.call::<serde_json::Value>("PUT", &format!("/v1/edges/{edge}/vms"), Some(body))
+            .map(drop)
+    }
+
+    /// An ordered handoff's progress, from its source `edge`.
+    pub fn handoff_progress(&self, edge: &str, id: u64, p: &HandoffProgress) -> Result<(), CoordError> {
+        let body = serde_json::to_value(p).map_err(|e| CoordError::BadAnswer {
+            what: "encode handoff progress".into(),
+            reason: e.to_string(),
+        })?;
+        self.call::<serde_json::Value>("POST", &format!("/v1/edges/{edge}/handoffs/{id}"), Some(body))
+            .map(drop)
     }
 }

@@ -5,7 +5,9 @@
 //! delta (chunks added and removed since the last report, usage), and a poll
 //! of the orders: GC drops are checked against the local pins under the pin
 //! lock before deleting; prefetch orders run through the transfer fetcher,
-//! one at a time, and their lease is released after. A 404 "unknown edge"
+//! one at a time, and their lease is released after. With a
+//! [`HandoffRunner`] it also reports the VMs running here and starts the
+//! handoffs ordered for them (each in threads of its own). A 404 "unknown edge"
 //! (the coordinator restarted) or a lost connection leads to a reconnect.
 
 use std::collections::HashSet;
@@ -17,6 +19,7 @@ use std::time::Duration;
 use edgeshift_common::{Fingerprint, ManifestId};
 
 use super::client::{Client, Delta, Orders};
+use super::handoff::{HandoffConfig, HandoffRunner};
 use super::pins::{GcOutcome, LocalPins};
 use super::CoordError;
 use crate::store::{ChunkStore, ChunkUses, LocalStore};
@@ -63,6 +66,8 @@ pub struct Link {
     /// to use that image here.
     seen_pins: HashSet<ManifestId>,
     rt: Option<tokio::runtime::Runtime>,
+    /// Reports this edge's VMs and runs the handoffs ordered for them.
+    handoffs: Option<HandoffRunner>,
 }
 
 /// The address peers should use: `listen`, or when it is a wildcard, this
@@ -72,6 +77,7 @@ pub fn advertise_addr(listen: SocketAddr, coordinator_url: &str) -> String {
         return listen.to_string();
     }
     let hostport = coordinator_url
+        .trim_start_matches("https://")
         .trim_start_matches("http://")
         .split('/')
         .next()
@@ -121,7 +127,33 @@ impl Link {
             uses: Arc::new(ChunkUses::new()),
             seen_pins: HashSet::new(),
             rt: None,
+            handoffs: None,
         })
+    }
+
+    /// Reports this edge's VMs and carries out the handoffs ordered for them.
+    pub fn with_handoffs(mut self, cfg: HandoffConfig) -> Self {
+        self.handoffs = Some(HandoffRunner::new(cfg));
+        self
+    }
+
+    /// Starts the handoffs ordered for this edge's VMs.
+    fn start_handoffs(&mut self, orders: &Orders) {
+        let Some(runner) = &mut self.handoffs else {
+            return;
+        };
+        for o in &orders.handoffs {
+            if let Err(e) = runner.start(o, &self.client, &self.cfg.advertise) {
+                tracing::warn!(vm = %o.vm, id = o.id, error = %e, "starting the ordered handoff");
+            }
+        }
+    }
+
+    fn report_vms(&mut self) -> Result<(), CoordError> {
+        if let Some(runner) = &self.handoffs {
+            self.client.report_vms(&self.cfg.edge, &runner.report()?)?;
+        }
+        Ok(())
     }
 
     /// Where the chunk server notes the chunks it serves.
@@ -315,7 +347,17 @@ impl Link {
             let (added, removed) = self.heartbeat()?;
             rep.added = added;
             rep.removed = removed;
+            match self.report_vms() {
+                Err(e) if e.is_unknown_edge() || matches!(e, CoordError::Unreachable { .. }) => {
+                    return Err(e)
+                }
+                // A coordinator without the handoff API still gets heartbeats and gives orders.
+                Err(e) => tracing::warn!(error = %e, "reporting this edge's VMs"),
+                Ok(()) => {}
+            }
             let orders = self.client.orders(&self.cfg.edge)?;
+            // Before GC and prefetch, which may take a while.
+            self.start_handoffs(&orders);
             let (gc, fetched) = self.execute(&orders)?;
             rep.gc = gc;
             rep.prefetched_chunks = fetched;
@@ -398,26 +440,27 @@ impl Drop for LinkHandle {
 }
 
 /// What `edgeshift agent --coordinator URL --capacity SIZE` starts: a link
-/// for edge `edge` (presenting its `tls` files) whose chunk server listens on
-/// `listen`.
+/// for the edge `edge` describes (its id, its cluster trust, its VMs and
+/// migration listener, whose ordered handoffs it runs), presenting its
+/// `tls` files, whose chunk server listens on `listen`.
 pub fn start(
     url: &str,
     tls: Option<&edgeshift_common::identity::TlsFiles>,
     capacity: u64,
-    edge: &str,
     listen: SocketAddr,
     store: Arc<LocalStore>,
-    trust: Trust,
+    edge: HandoffConfig,
 ) -> Result<LinkHandle, CoordError> {
     let client = Client::new(url, tls)?;
     let cfg = LinkConfig {
-        edge: edge.to_string(),
+        edge: edge.id.clone(),
         advertise: advertise_addr(listen, url),
         capacity,
         interval: Duration::from_secs(5),
     };
     tracing::info!(coordinator = %url, advertise = %cfg.advertise, capacity, "coordinator link starting");
-    let mut link = Link::new(client, cfg, store, Some(trust))?;
+    let link = Link::new(client, cfg, store, Some(edge.trust.clone()))?;
+    let mut link = link.with_handoffs(edge);
     // The first exchange before the daemon says it is ready, so that its
     // readiness says whether the coordinator was reached.
     let first_step = link.step().err().map(|e| e.to_string());

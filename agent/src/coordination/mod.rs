@@ -6,11 +6,14 @@
 //!   pinning side takes too) before any chunk is deleted.
 //! - [`link`]: the agent daemon's background loop: register, full inventory
 //!   on (re)connect, deltas after, poll orders, carry out GC and prefetch.
+//! - [`handoff`]: handoffs the coordinator orders: this edge's running VMs
+//!   reported, each order run by the migration engine, its progress posted.
 //! - [`fetch`]: `edgeshift fetch --coordinator`: pin, ask for a plan, fetch
 //!   from the planned sources, report measured path rates, release the lease.
 
 pub mod client;
 pub mod fetch;
+pub mod handoff;
 pub mod link;
 pub mod pins;
 
@@ -51,6 +54,8 @@ pub enum CoordError {
     Pins { path: PathBuf, source: std::io::Error },
     #[error("pinned manifest {0} is not in the local store, so its chunks cannot be protected")]
     PinnedManifestMissing(ManifestId),
+    #[error("reading this edge's VM records: {0}")]
+    Vms(String),
     #[error("peer address {addr:?} from the coordinator: {reason}")]
     BadPeer { addr: String, reason: String },
 }

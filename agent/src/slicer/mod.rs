@@ -1,5 +1,6 @@
-//! The image chunks manager: slicing an image (raw file or block device) into
-//! BLAKE3-named chunks with io_uring ([`slice`]), rebuilding it from its
+//! The image chunks manager: slicing an image (raw file or block device, or
+//! any format QEMU reads through its raw view, [`view`]) into BLAKE3-named
+//! chunks with io_uring ([`slice`]), rebuilding it from its
 //! manifest ([`restore`]), and its figures ([`inspect`]).
 
 pub mod format;
@@ -12,6 +13,7 @@ mod segment;
 pub mod slice;
 #[cfg(test)]
 mod slice_tests;
+pub mod view;
 
 use std::path::{Path, PathBuf};
 
@@ -40,6 +42,22 @@ pub enum SlicerError {
          `qemu-nbd --connect /dev/nbd0 {path}` and slice /dev/nbd0"
     )]
     NotRaw { path: PathBuf, format: &'static str },
+    #[error("{path} ({format}) cannot be sliced: {reason}")]
+    BadImage {
+        path: PathBuf,
+        format: String,
+        reason: String,
+    },
+    #[error("{tool}: {reason}")]
+    Tool { tool: String, reason: String },
+    #[error(
+        "reading the raw view of {path} ({format}) failed; check it with `qemu-img check {path}`: {source}"
+    )]
+    ViewRead {
+        path: PathBuf,
+        format: String,
+        source: Box<SlicerError>,
+    },
     #[error("{path} ended at byte {got} while slicing, but it was {expected} bytes when opened")]
     ImageShrank { path: PathBuf, expected: u64, got: u64 },
     #[error("{op} {path}: {source}")]

@@ -18,6 +18,7 @@ use super::hash::{hash_mapped_segments, hash_read_segments, CopyBufs};
 use super::image::{ImageSource, ReadMode};
 use super::read::{read_segments, READS_IN_FLIGHT};
 use super::segment::Segment;
+use super::view::RawView;
 use super::{Progress, SlicerError};
 use crate::diskio::{AlignedBuf, MappedFile};
 use crate::store::{ChunkBatch, ChunkStore, LocalStore, StoreError};
@@ -59,14 +60,39 @@ pub struct SliceReport {
     /// "direct" (O_DIRECT) or "buffered".
     pub read_mode: &'static str,
     pub seconds: f64,
+    /// The image's format ("raw", or what QEMU read: "qcow2", ...) and the
+    /// images in its backing chain (1: none).
+    pub format: String,
+    pub backing_chain: usize,
 }
 
-/// Slices the image at `path` into `store`; stores its manifest too.
+/// Slices the image at `path` into `store`; stores its manifest too. A
+/// raw image or block device is read directly; an image in a format QEMU
+/// reads is sliced through its raw view ([`RawView`]), so its manifest is
+/// the one its raw conversion would get.
 pub fn slice_image(
     path: &Path,
     store: &LocalStore,
     opts: &SliceOptions<'_>,
 ) -> Result<SliceReport, SlicerError> {
+    let format = match slice_raw(path, store, opts) {
+        Err(SlicerError::NotRaw { format, .. }) => format,
+        other => return other,
+    };
+    let started = Instant::now();
+    let view = RawView::open(path, format)?;
+    let mut report = slice_raw(&view.path, store, opts).map_err(|e| SlicerError::ViewRead {
+        path: path.to_path_buf(),
+        format: view.format.clone(),
+        source: Box::new(e),
+    })?;
+    report.format = view.format.clone();
+    report.backing_chain = view.chain;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn slice_raw(path: &Path, store: &LocalStore, opts: &SliceOptions<'_>) -> Result<SliceReport, SlicerError> {
     let started = Instant::now();
     let src = ImageSource::open(path, opts.read_mode)?;
     let cs = opts.chunk_size.as_usize();
@@ -143,6 +169,8 @@ pub fn slice_image(
         present_chunks: stored.present_chunks,
         read_mode: if src.direct { "direct" } else { "buffered" },
         seconds: started.elapsed().as_secs_f64(),
+        format: "raw".to_string(),
+        backing_chain: 1,
     };
     metrics::counter!("edgeshift_slice_bytes_total").increment(src.size);
     metrics::counter!("edgeshift_slice_new_chunks_total").increment(stored.new_chunks);

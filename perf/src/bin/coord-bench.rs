@@ -14,9 +14,12 @@
 //! 2. Handoff: edges on a ring, users with VMs whose images are built from a
 //!    few shared base layers, moving to a neighbouring edge (mostly onward).
 //!    Hit ratio at the destination (share of the image's chunks already
-//!    there on arrival) per policy, without and with prefetch hints (a hint
-//!    for the edge the user is heading to, carried out through the
-//!    coordinator's prefetch orders), all in one run so the ratios compare.
+//!    there on arrival) per policy, without prefetch hints, with an oracle's
+//!    hints (the edge the user is heading to, right as often as users go
+//!    onward) and with the coordinator's own hints (its mobility model,
+//!    taught by each move as a finished handoff teaches it), carried out
+//!    through the coordinator's prefetch orders, all in one run so the
+//!    ratios compare.
 //!
 //! The fleet is fed in-process (1,000 × 200,000 fingerprints as JSON would be
 //! 13 GB); the HTTP figures use the same state served by the real router.
@@ -432,18 +435,34 @@ fn fleet(args: &Args) -> anyhow::Result<FleetReport> {
     })
 }
 
+/// Where a handoff run's prefetch hints come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Hints {
+    None,
+    /// The user's own heading (right as often as users go onward).
+    Oracle,
+    /// The coordinator's mobility model (`Coordinator::learn_move`).
+    Coordinator,
+}
+
 #[derive(Debug, Serialize, Clone)]
 struct HandoffRun {
     policy: String,
-    hints: bool,
+    hints: Hints,
     moves: usize,
     hit_ratio: f64,
+    /// Bytes the destination lacked on arrival (from the origin or another
+    /// edge), per move, MiB.
+    missed_mib_per_move: f64,
     /// Chunks pulled by prefetch orders, per move.
     prefetched_per_move: f64,
     /// Chunks dropped by GC orders, per move.
     dropped_per_move: f64,
     /// Hint predicted the edge the user actually went to.
     hint_accuracy: f64,
+    /// Moves the coordinator had a prediction for (its own hints only).
+    predicted_share: f64,
 }
 
 #[derive(Debug, Serialize, Clone)]
@@ -464,7 +483,7 @@ const HO_CHUNK: u64 = 256 << 10;
 fn handoff_run(
     setup: &HandoffSetup,
     policy: Policy,
-    hints: bool,
+    hints: Hints,
     moves: usize,
 ) -> anyhow::Result<HandoffRun> {
     let data = tempfile::tempdir().context("temp dir")?;
@@ -538,6 +557,8 @@ fn handoff_run(
     let (mut hits, mut wanted) = (0u64, 0u64);
     let (mut prefetched, mut dropped) = (0u64, 0u64);
     let (mut hint_right, mut hint_total) = (0u64, 0u64);
+    let mut missed = 0u64;
+    let mut stats_at_warmup = coord.predictions;
     let total_moves = setup.warmup_moves + moves;
     for mv in 0..total_moves {
         let ui = rng.below(users.len());
@@ -556,10 +577,14 @@ fn handoff_run(
             s.dedup();
             s.len() as u64
         };
+        if mv == setup.warmup_moves {
+            stats_at_warmup = coord.predictions;
+        }
         if mv >= setup.warmup_moves {
             hits += unique - missing.len() as u64;
             wanted += unique;
-            if hints {
+            missed += missing.len() as u64;
+            if hints == Hints::Oracle {
                 hint_total += 1;
                 if users[ui].hinted == Some(to) {
                     hint_right += 1;
@@ -587,8 +612,16 @@ fn handoff_run(
             let u0 = usage(&coord, &e)?;
             coord.ledger.apply_delta(&e, &[], &[], &sample, u0)?;
         }
-        // Hints: withdraw the user's old one, hint where they are heading.
-        if hints {
+        // The coordinator learns the move; its prediction is the user's hint.
+        let mut poll = vec![dst.clone(), src.clone()];
+        if hints == Hints::Coordinator {
+            if let Some(p) = coord.learn_move(&format!("user-{ui}"), Some(&id), &src, &dst)? {
+                poll.push(p.edge);
+            }
+        }
+        // Oracle hints: withdraw the user's old one, hint where they are heading.
+        if hints == Hints::Oracle {
+            poll.push(name(step(to, users[ui].dir)));
             if let Some(old) = users[ui].hinted.take() {
                 let k = (old, users[ui].image);
                 if let Some(n) = hint_refs.get_mut(&k) {
@@ -609,7 +642,7 @@ fn handoff_run(
             users[ui].hinted = Some(next);
         }
         // Agents poll: GC orders are carried out; prefetch orders pulled.
-        for e in [dst.clone(), src.clone(), name(step(to, users[ui].dir))] {
+        for e in poll {
             let o = coord.orders(&e)?;
             if !o.drop.is_empty() {
                 let u0 = usage(&coord, &e)?;
@@ -645,12 +678,20 @@ fn handoff_run(
         hints,
         moves,
         hit_ratio: hits as f64 / wanted.max(1) as f64,
+        missed_mib_per_move: missed as f64 * HO_CHUNK as f64 / (1 << 20) as f64 / moves as f64,
         prefetched_per_move: prefetched as f64 / moves as f64,
         dropped_per_move: dropped as f64 / moves as f64,
-        hint_accuracy: if hint_total > 0 {
-            hint_right as f64 / hint_total as f64
-        } else {
-            0.0
+        hint_accuracy: match hints {
+            Hints::Oracle if hint_total > 0 => hint_right as f64 / hint_total as f64,
+            // Moves without a prediction count as misses: no hint was given.
+            Hints::Coordinator => (coord.predictions.right - stats_at_warmup.right) as f64 / moves as f64,
+            _ => 0.0,
+        },
+        predicted_share: match hints {
+            Hints::Coordinator => {
+                (coord.predictions.predicted - stats_at_warmup.predicted) as f64 / moves as f64
+            }
+            _ => 0.0,
         },
     })
 }
@@ -739,22 +780,28 @@ fn markdown(r: &Report) -> String {
             "## Handoff hit ratio\n\n{} edges on a ring, capacity {} chunks each (GC at 90 %, down to 75 %); {} users, {} images ({} base layers of {} chunks + {} own chunks each, Zipf popularity); a random user moves to a neighbour each step, onward with probability {}; {} warm-up moves not counted. Hit ratio = share of the image's chunks already at the destination on arrival.\n\n",
             h.edges, h.capacity_chunks, h.users, h.images, h.base_layers, h.base_layer_chunks, h.image_own_chunks, h.onward_probability, h.warmup_moves
         ));
-        s.push_str("| policy | hints | hit ratio | prefetched chunks/move | GC-dropped chunks/move | hint accuracy |\n| --- | --- | --- | --- | --- | --- |\n");
+        s.push_str("| policy | hints | hit ratio | MiB missed (from origin or other edges)/move | prefetched chunks/move | GC-dropped chunks/move | hint accuracy |\n| --- | --- | --- | --- | --- | --- | --- |\n");
         for run in &r.handoff {
             s.push_str(&format!(
-                "| {} | {} | {:.3} | {:.1} | {:.1} | {} |\n",
+                "| {} | {} | {:.3} | {:.1} | {:.1} | {:.1} | {} |\n",
                 run.policy,
-                if run.hints { "yes" } else { "no" },
+                match run.hints {
+                    Hints::None => "none",
+                    Hints::Oracle => "oracle",
+                    Hints::Coordinator => "coordinator's own",
+                },
                 run.hit_ratio,
+                run.missed_mib_per_move,
                 run.prefetched_per_move,
                 run.dropped_per_move,
-                if run.hints {
-                    format!("{:.2}", run.hint_accuracy)
-                } else {
+                if run.hints == Hints::None {
                     "-".into()
+                } else {
+                    format!("{:.2}", run.hint_accuracy)
                 }
             ));
         }
+        s.push_str("\nHint accuracy: the share of counted moves that went where the hint pointed (for the coordinator, a move with no prediction counts as a miss).\n");
     }
     s
 }
@@ -787,10 +834,13 @@ fn main() -> anyhow::Result<()> {
         warmup_moves: 500,
     };
     if !args.skip_handoff {
-        for hints in [false, true] {
+        for hints in [Hints::None, Hints::Oracle, Hints::Coordinator] {
             for policy in [Policy::Lru, Policy::Lfu, Policy::Popularity] {
                 let r = handoff_run(&setup, policy, hints, args.moves)?;
-                eprintln!("handoff: {policy} hints={hints}: hit ratio {:.3}", r.hit_ratio);
+                eprintln!(
+                    "handoff: {policy} hints={hints:?}: hit ratio {:.3}, accuracy {:.3}",
+                    r.hit_ratio, r.hint_accuracy
+                );
                 handoff.push(r);
             }
         }

@@ -528,7 +528,7 @@ fn edgeshift_run(sc: &Scenario, a: &Args, bin: &Path, vm: &Vm) -> anyhow::Result
     std::fs::write(a.out.join(format!("{name}-migrate.log")), &out.stderr)?;
     // The destination's side of the handoff (its pulls), beside the source's.
     let _ = std::fs::copy(
-        b.dir.path().join("dst-vm.log"),
+        b.dir.path().join("dst-agent.log"),
         a.out.join(format!("{name}-dst.log")),
     );
     // The source's chunk server (what it was asked for, when).
@@ -766,9 +766,12 @@ fn markdown(rows: &[Row], a: &Args) -> String {
         "# Live migration: QEMU's NBD mirror against edgeshift\n\nOne run, test VM ({} MiB memory, 1 GiB disk, workload writing all the time), every link {} Mbit/s tbf. Reproduce: `sudo cargo run --release -p edgeshift-perf --bin migrate-bench`.\n\n",
         a.memory_mib, a.mbit
     ));
+    // Against QEMU's plain row, or its multifd + zstd row when only that ran
+    // (at 10 Mbit/s the plain one does not reach the switchover).
     let qemu = rows
         .iter()
         .find(|r| r.scenario == "qemu")
+        .or_else(|| rows.iter().find(|r| r.scenario == "qemu-zstd"))
         .map(|r| r.total_seconds);
     s.push_str("| scenario | method | total s | memory phase s | downtime ms | client gap ms | mirror phase s (MB) | wire MB | disk MB | memory MB | rounds | chunks re-sent | deltas (MB saved) | speed-up vs QEMU | path goodput Mbit/s (src, n1, n2) | disk limit s | physical limit s | total / limit | total / limit at nominal rate | disk throttle |\n");
     s.push_str(
