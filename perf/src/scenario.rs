@@ -228,7 +228,9 @@ fn copy_sparse(from: &Path, to: &Path) -> Result<(), ScenarioError> {
 impl Bench {
     /// Builds images (cached), the testbed, the cluster, slices images into
     /// the holders' stores and prepares the baselines' servers.
-    pub fn setup(tag: &str, work: &Path, log: &dyn Fn(&str)) -> Result<Self, ScenarioError> {
+    /// `rtt_ms` is the round-trip time between edges (the delay line's
+    /// one-way delay is half of it; links to the origin keep the topology's).
+    pub fn setup(tag: &str, work: &Path, rtt_ms: f64, log: &dyn Fn(&str)) -> Result<Self, ScenarioError> {
         log("images: build-debian-images.sh base nginx (cached after the first run)");
         let deb = DebianImages::ensure(&["base", "nginx"])?;
         let vm_dir = images::repo_root().join("target/images/perf");
@@ -240,7 +242,10 @@ impl Bench {
                 w,
             )?;
         }
-        let topo = Topology::edge3();
+        let mut topo = Topology::edge3();
+        if rtt_ms > 0.0 {
+            topo.set_edge_rtt_ms(rtt_ms);
+        }
         testbed::cleanup_stale(tag)?;
         signals::register(tag);
         log("testbed: namespaces, tbf links, agents and coordinator");
@@ -367,6 +372,7 @@ impl Bench {
         let edges = self.topo.hosts_with(crate::topology::Role::Edge);
         for (i, a) in edges.iter().enumerate() {
             for b in &edges[i + 1..] {
+                // The rate only: the links' delay lines stay.
                 self.tb.set_rate(a, b, LinkSpec::mbit(mbit))?;
             }
         }
@@ -544,6 +550,7 @@ impl Bench {
             scenario: scenario.into(),
             tool: "edgeshift".into(),
             rate_mbit: rate,
+            rtt_ms: 0.0,
             cache: cache.name().into(),
             sources: sources.iter().map(|s| s.to_string()).collect(),
             workload: workload.name().into(),
@@ -595,6 +602,7 @@ impl Bench {
             scenario: scenario.into(),
             tool: if whole { "rsync-whole" } else { "rsync-base" }.into(),
             rate_mbit: rate,
+            rtt_ms: 0.0,
             cache: if whole { "cold" } else { "warm" }.into(),
             sources: vec![SRC.into()],
             workload: workload.name().into(),
@@ -639,6 +647,7 @@ impl Bench {
             scenario: scenario.into(),
             tool: "casync-seed".into(),
             rate_mbit: rate,
+            rtt_ms: 0.0,
             cache: "warm".into(),
             sources: vec![SRC.into()],
             workload: workload.name().into(),

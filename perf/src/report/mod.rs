@@ -3,6 +3,7 @@
 //! the record, so a report can be regenerated from its JSON alone.
 
 pub mod plots;
+pub mod wan;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -166,11 +167,11 @@ pub fn live_table(set: &RunSet) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| scenario | tool | rate (Mbit/s) | guest writes | guest writes (KB/s) | destination | seconds | command (s) | downtime (ms) | rounds | chunks re-sent | disk MB lacked | memory MB | MB on the wire | limit (s) | time ÷ limit | guest disk check |"
+        "| scenario | tool | rate (Mbit/s) | RTT (ms) | guest writes | guest writes (KB/s) | destination | seconds | command (s) | downtime (ms) | rounds | chunks re-sent | disk MB lacked | memory MB | MB on the wire | limit (s) | time ÷ limit | guest disk check |"
     );
     let _ = writeln!(
         s,
-        "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        "|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     );
     for r in set
         .runs
@@ -181,10 +182,11 @@ pub fn live_table(set: &RunSet) -> String {
         let num = |k: &str| d[k].as_u64().map_or("–".to_string(), |v| v.to_string());
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} |",
             r.scenario,
             r.tool,
             r.rate_mbit,
+            r.rtt_ms,
             r.workload,
             d["guest_write_bytes_per_s"]
                 .as_f64()
@@ -351,7 +353,7 @@ pub fn write(set: &RunSet, dir: &Path) -> Result<PathBuf, ReportError> {
     );
     let _ = writeln!(
         md,
-        "The edge cloud is emulated with network namespaces: every pair of hosts is joined by a veth pair whose two egresses are limited by tbf. **Only bandwidth is emulated, not latency**: this kernel has no netem, so round trips are sub-millisecond and latency-bound protocols look better here than on a real WAN. Bytes on the wire are the destination's interface counters (both directions, headers included). The physical limit is the bytes the destination lacked divided by the summed rates of the paths the run used; a ratio of 1.00× would be a perfect transfer.\n"
+        "The edge cloud is emulated with network namespaces: every pair of hosts is joined by a veth pair whose two egresses are limited by tbf. Latency is emulated only where a run says so (its RTT, in ms, between edges: the testbed's user-space delay line, docs/wan.md, as this kernel has no netem); at RTT 0 round trips are sub-millisecond and latency-bound protocols look better than on a real WAN. Bytes on the wire are the destination's interface counters (both directions, headers included). The physical limit is the bytes the destination lacked divided by the summed rates of the paths the run used; a ratio of 1.00× would be a perfect transfer.\n"
     );
     if set.runs.iter().any(|r| r.tool == "edgeshift") {
         let _ = writeln!(
@@ -441,6 +443,7 @@ pub fn write(set: &RunSet, dir: &Path) -> Result<PathBuf, ReportError> {
             }
         }
     }
+    md.push_str(&wan::section(set, dir)?);
     let live: Vec<&Run> = set.runs.iter().filter(|r| r.scenario == "live-bench").collect();
     if !live.is_empty() {
         let _ = writeln!(

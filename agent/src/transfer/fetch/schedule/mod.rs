@@ -89,6 +89,10 @@ pub(crate) struct Sched {
     /// Wire bytes of the deltas stored so far, and the chunks' whole length.
     delta_wire: u64,
     delta_whole: u64,
+    /// The same for chunks sent whole (raw or zstd): the window and the
+    /// measured goodput are both in wire bytes.
+    whole_wire: u64,
+    whole_len: u64,
 }
 
 impl Sched {
@@ -160,6 +164,8 @@ impl Sched {
             window_secs: opts.window_time.as_secs_f64(),
             delta_wire: 0,
             delta_whole: 0,
+            whole_wire: 0,
+            whole_len: 0,
         };
         for c in ChunkIdx::all(n) {
             if s.chunks[c].allowed.is_empty() {
@@ -335,13 +341,21 @@ impl Sched {
 
     /// Bytes chunk `c` is expected to take on the wire: a chunk with a base
     /// may come as a delta, at the share of a whole chunk the deltas of this
-    /// fetch took so far (half before the first). Charging its whole length
-    /// against the window would leave the path idle between small answers
-    /// (`docs/wire.md`, deltas).
+    /// fetch took so far (half before the first); a chunk sent whole, at
+    /// the share zstd left of the whole chunks so far (all of it before the
+    /// first). Charging its whole length against a window sized in wire
+    /// bytes would leave the path idle between small answers, which only
+    /// shows once round trips are long (`docs/wire.md`, deltas;
+    /// `docs/wan.md`: at 60 ms, 2.5x compression held each 50 Mbit/s path
+    /// to ~20 Mbit/s).
     fn expected_wire(&self, p: PeerIdx, c: ChunkIdx) -> u64 {
         let w = &self.chunks[c];
         if self.base_at(p, c).is_none() {
-            return w.len;
+            if self.whole_len == 0 {
+                return w.len;
+            }
+            let share = (self.whole_wire as f64 / self.whole_len as f64).min(1.0);
+            return ((w.len as f64 * share) as u64).max(1);
         }
         let share = if self.delta_whole > 0 {
             self.delta_wire as f64 / self.delta_whole as f64
@@ -452,8 +466,15 @@ impl Sched {
         }
         peer.chunks += 1;
         match encoding {
-            Encoding::Raw => {}
-            Encoding::Zstd => peer.zstd_chunks += 1,
+            Encoding::Raw => {
+                self.whole_wire += wire_len;
+                self.whole_len += chunk.len;
+            }
+            Encoding::Zstd => {
+                peer.zstd_chunks += 1;
+                self.whole_wire += wire_len;
+                self.whole_len += chunk.len;
+            }
             Encoding::Delta => {
                 peer.delta_chunks += 1;
                 peer.delta_saved_bytes += chunk.len.saturating_sub(wire_len);

@@ -75,6 +75,25 @@ fn chunks_that_may_come_as_deltas_are_charged_at_the_measured_share() {
 }
 
 #[test]
+fn compressed_chunks_are_charged_at_the_measured_share() {
+    let mut s = Sched::new(&addrs(1), wants(20, 100), &opts());
+    // Before any chunk: whole lengths, 3 under the 300-byte window.
+    assert_eq!(s.take_batch(p(0), 32), cs(&[0, 1, 2]));
+    // One came zstd'd to 25 bytes of 100: the rest are charged 25 each,
+    // so the window (in wire bytes, like the goodput it is sized from)
+    // holds 4x as many chunks; before the fix it stayed at 3.
+    assert!(s.arrived(p(0), c(0)));
+    s.chunk_stored(p(0), c(0), 25, Encoding::Zstd);
+    assert_eq!(s.expected_wire(c(5)), 25);
+    // 2 in flight at 100: 200 charged; 4 more of 25 fit under 300.
+    assert_eq!(s.take_batch(p(0), 32).len(), 4);
+    // A raw chunk counts at its full length: the share never exceeds 1.
+    assert!(s.arrived(p(0), c(1)));
+    s.chunk_stored(p(0), c(1), 100, Encoding::Raw);
+    assert_eq!(s.expected_wire(c(10)), 62, "(25 + 100) / 200 of 100");
+}
+
+#[test]
 fn windows_follow_measured_rates_and_work_is_shared_in_order() {
     let mut s = Sched::new(&addrs(2), wants(20, 100), &opts());
     // Unmeasured: the initial window (3 chunks of 100 bytes).
