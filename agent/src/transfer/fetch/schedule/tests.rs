@@ -84,13 +84,13 @@ fn compressed_chunks_are_charged_at_the_measured_share() {
     // holds 4x as many chunks; before the fix it stayed at 3.
     assert!(s.arrived(p(0), c(0)));
     s.chunk_stored(p(0), c(0), 25, Encoding::Zstd);
-    assert_eq!(s.expected_wire(c(5)), 25);
+    assert_eq!(s.expected_wire(p(0), c(5)), 25);
     // 2 in flight at 100: 200 charged; 4 more of 25 fit under 300.
     assert_eq!(s.take_batch(p(0), 32).len(), 4);
     // A raw chunk counts at its full length: the share never exceeds 1.
     assert!(s.arrived(p(0), c(1)));
     s.chunk_stored(p(0), c(1), 100, Encoding::Raw);
-    assert_eq!(s.expected_wire(c(10)), 62, "(25 + 100) / 200 of 100");
+    assert_eq!(s.expected_wire(p(0), c(10)), 62, "(25 + 100) / 200 of 100");
 }
 
 #[test]
