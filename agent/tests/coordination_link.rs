@@ -136,7 +136,7 @@ fn start_server_noting(store: Arc<LocalStore>, trust: Trust, uses: Option<Arc<Ch
     let cfg = Arc::new(ServerConfig {
         trust,
         store,
-        zstd: ZstdPolicy { compress_rate: 0.0 },
+        zstd: ZstdPolicy::never(),
         uses,
     });
     rt.spawn(async move {

@@ -47,7 +47,7 @@ fn chunk_server(store: &Path, trust: Trust) -> (SocketAddr, tokio::runtime::Runt
     let cfg = Arc::new(ServerConfig {
         trust,
         store: Arc::new(LocalStore::open_or_create(store).expect("store")),
-        zstd: ZstdPolicy { compress_rate: 0.0 },
+        zstd: ZstdPolicy::never(),
         uses: None,
     });
     rt.spawn(async move {

@@ -6,6 +6,7 @@ mod transfer_support;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -419,7 +420,12 @@ async fn chunks_written_again_travel_as_deltas_and_bad_deltas_are_refused() {
             })
             .collect()
     };
-    let opts = FetchOptions::default;
+    // Raw deltas, so the bytes on the wire are exactly the changed blocks
+    // (compressed deltas: the test after this one).
+    let opts = || FetchOptions {
+        zstd: false,
+        ..FetchOptions::default()
+    };
     // The destination holds the earlier versions.
     let dst_with_bases = |name: &str| {
         let store = Arc::new(LocalStore::open_or_create(dir.path().join(name)).expect("dst store"));
@@ -498,6 +504,55 @@ async fn chunks_written_again_travel_as_deltas_and_bad_deltas_are_refused() {
         assert!(!dst4.has_chunk(fp).expect("has"), "no chunk from the liar");
     }
     drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_goes_compressed_on_a_slow_path_and_as_it_is_when_compression_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src_path = dir.path().join("src");
+    let src = LocalStore::open_or_create(&src_path).expect("src store");
+    let (bases, later) = two_versions(&src, 1);
+    drop(src);
+    let key_path = write_key(dir.path(), "key", 0x42);
+    let agent = Agent::local(&src_path, &key_path, false, &dir.path().join("agent.log"));
+    let (mut sock, _) = connect_authed(&trust_of(&key_path), agent.addr).await;
+    let ask = [wire::BasedAsk {
+        want: later[0].0,
+        base: bases[0],
+    }];
+    let base = LocalStore::open(&src_path)
+        .expect("src")
+        .get_chunk(&bases[0])
+        .expect("base");
+    // 1 MB/s, compression allowed; then the same with compression refused.
+    for (rid, zstd_ok) in [(1, true), (2, false)] {
+        sock.write_all(&wire::encode_delta_request(rid, zstd_ok, 1_000_000, &ask))
+            .await
+            .expect("ask");
+        sock.flush().await.expect("flush");
+        let f = read_frame(&mut sock, wire::MAX_FRAME_LEN, None)
+            .await
+            .expect("answer");
+        assert_eq!(f.kind, FrameKind::Delta);
+        let (head, tail) = wire::decode_delta_head(&f.body).expect("head");
+        let compressed = f.header.flags() & wire::FLAG_ZSTD != 0;
+        assert_eq!(compressed, zstd_ok, "compressed only where allowed");
+        let body = if compressed {
+            assert!(
+                tail.len() < 1024,
+                "a block of one byte value compresses: {}",
+                tail.len()
+            );
+            zstd::bulk::decompress(tail, wire::delta_body_bound(head.raw_len.get())).expect("zstd")
+        } else {
+            tail.to_vec()
+        };
+        let (bitmap, payload) = wire::split_delta(head.raw_len.get(), &body).expect("split");
+        assert_eq!(payload.len(), 4096, "one block changed");
+        let mut rebuilt = base.clone();
+        edgeshift_common::delta::apply(&mut rebuilt, bitmap, payload).expect("apply");
+        assert_eq!(rebuilt, later[0].1);
+    }
 }
 
 #[test]
@@ -1160,4 +1215,170 @@ fn a_trickling_peer_is_dropped_by_the_rate_floor() {
         "{r}"
     );
     assert_restores(&src.id, &dst2, &src.image);
+}
+
+/// `dir/v1.raw` (a test image) and `dir/v2.raw`, v1 with one 4 KiB block
+/// of every other data chunk written again; returns both paths and the
+/// number of chunks that changed.
+fn an_image_and_its_later_version(
+    dir: &Path,
+    chunks: usize,
+) -> (std::path::PathBuf, std::path::PathBuf, usize) {
+    let v1 = dir.join("v1.raw");
+    write_image(&v1, chunks, CHUNK, 11);
+    let mut bytes = std::fs::read(&v1).expect("read v1");
+    let mut changed = 0;
+    for i in (0..chunks).step_by(2) {
+        let at = i * CHUNK + (i % (CHUNK / 4096)) * 4096;
+        let block = &mut bytes[at..at + 4096];
+        if block.iter().all(|&b| b == 0) || i % 23 == 7 {
+            continue; // zero and repeated chunks stay as they are
+        }
+        block.fill(0x5a ^ i as u8);
+        changed += 1;
+    }
+    let v2 = dir.join("v2.raw");
+    std::fs::write(&v2, bytes).expect("write v2");
+    (v1, v2, changed)
+}
+
+#[test]
+fn a_fetch_asks_for_the_blocks_that_differ_from_the_earlier_version_held_here() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (v1, v2, changed) = an_image_and_its_later_version(dir.path(), 40);
+    let key = write_key(dir.path(), "key", 0x42);
+    // `both` holds the two versions, `later` only the later one.
+    let both = dir.path().join("both");
+    slice(&v1, &both, "64KiB");
+    let id = slice(&v2, &both, "64KiB");
+    let later = dir.path().join("later");
+    slice(&v2, &later, "64KiB");
+    let agent = Agent::local(&both, &key, false, &dir.path().join("agent.log"));
+    let only_later = Agent::local(&later, &key, false, &dir.path().join("later.log"));
+    let warm = |name: &str| {
+        let d = dir.path().join(name);
+        slice(&v1, &d, "64KiB");
+        d
+    };
+
+    // A peer holding both versions sends each changed chunk as its block.
+    let dst = warm("dst");
+    let r = report(&fetch(&id, &dst, &key, &[agent.addr]));
+    let peer = &peers_json(&r)[0];
+    assert_eq!(peer["delta_chunks"].as_u64(), Some(changed as u64), "{r}");
+    let bitmap = CHUNK.div_ceil(4096).div_ceil(8);
+    assert!(
+        r["bytes_received"].as_u64().expect("bytes") <= (changed * (4096 + bitmap)) as u64,
+        "only the changed blocks travel: {r}"
+    );
+    assert_restores(&id, &dst, &v2);
+
+    // A peer lacking the earlier version answers whole chunks (all but
+    // chunk 4: its earlier version is also chunk 7 of the later image,
+    // which `write_image` made a copy of chunk 4, so that peer holds it).
+    let dst = warm("dst-whole");
+    let r = report(&fetch(&id, &dst, &key, &[only_later.addr]));
+    let peer = &peers_json(&r)[0];
+    assert_eq!(peer["delta_chunks"].as_u64(), Some(1), "{r}");
+    assert!(
+        r["bytes_received"].as_u64().expect("bytes") > ((changed - 1) * CHUNK / 2) as u64,
+        "whole chunks (zstd takes off their rewritten block): {r}"
+    );
+    assert_eq!(r["chunks_fetched"].as_u64(), Some(changed as u64), "{r}");
+    assert!(peer["dropped"].is_null(), "it did nothing wrong: {r}");
+    assert_restores(&id, &dst, &v2);
+
+    // A peer whose deltas rebuild wrong bytes is dropped and its chunks
+    // come from the honest one (reached once the liar was asked).
+    let (liar, liar_asked) = spawn_liar_telling(&both, trust_of(&key), Lie::DeltaBytes);
+    let honest = behind_gate(agent.addr, liar_asked);
+    let dst = warm("dst-liar");
+    // The manifest is here already: the liar serves none, and the honest
+    // peer answers only once the liar was asked for chunks.
+    let m = LocalStore::open(&both)
+        .expect("both")
+        .get_manifest(&id.parse().expect("id"))
+        .expect("manifest");
+    LocalStore::open(&dst)
+        .expect("dst")
+        .put_manifest(&m)
+        .expect("put");
+    let r = report(&fetch(&id, &dst, &key, &[liar, honest]));
+    let lr = peers_json(&r)
+        .into_iter()
+        .find(|p| p["addr"] == liar.to_string())
+        .expect("liar in the report");
+    assert!(
+        lr["dropped"].as_str().unwrap_or("").contains("wrong bytes"),
+        "liar dropped for its lie: {lr}"
+    );
+    assert_restores(&id, &dst, &v2);
+}
+
+#[test]
+fn fetch_out_writes_the_image_restore_would_and_a_killed_fetch_leaves_no_image() {
+    let src = source(200, 12);
+    let agent = Agent::local(&src.store, &src.key, false, &src.dir.path().join("agent.log"));
+    let out_dir = src.dir.path().join("out");
+    std::fs::create_dir_all(&out_dir).expect("mkdir");
+    let image = out_dir.join("vm.raw");
+    let store = src.dir.path().join("dst");
+
+    // Through a peer that goes slow after 2 MB, killed (SIGKILL) mid-way.
+    let slow = trickling(agent.addr, 2 << 20);
+    let mut cmd = fetch_cmd(Command::new(BIN), &src.id, &store, &src.key, &[slow]);
+    let mut child = cmd
+        .arg("--out")
+        .arg(&image)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start fetch");
+    let stored_some = || chunk_files(&store) >= 8;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !stored_some() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(stored_some(), "the fetch got going");
+    assert!(
+        child.try_wait().expect("poll").is_none(),
+        "still fetching when killed"
+    );
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    assert!(!image.exists(), "a killed fetch leaves no image at its path");
+    for e in std::fs::read_dir(&out_dir).expect("ls").flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with('.'),
+            "only a hidden temp file may be left: {name}"
+        );
+    }
+
+    // Again, from the agent itself: the image is whole, byte for byte what
+    // `restore` writes.
+    let out = fetch_cmd(Command::new(BIN), &src.id, &store, &src.key, &[agent.addr])
+        .arg("--out")
+        .arg(&image)
+        .output()
+        .expect("run fetch");
+    report(&out);
+    let restored = out_dir.join("restored.raw");
+    let r = Command::new(BIN)
+        .args(["restore", &src.id, "--store"])
+        .arg(&store)
+        .arg("--out")
+        .arg(&restored)
+        .output()
+        .expect("run restore");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let written = std::fs::read(&image).expect("read image");
+    assert!(
+        written == std::fs::read(&restored).expect("read restored"),
+        "fetch --out equals restore"
+    );
+    assert!(
+        written == std::fs::read(&src.image).expect("read source"),
+        "and the source image"
+    );
 }

@@ -468,24 +468,72 @@ pub fn encode_delta(
     )
 }
 
-/// Splits a delta body into its head, bitmap and block bytes (the bitmap's
-/// length follows from `raw_len`; `crate::delta::apply` checks the rest).
-pub fn decode_delta(body: &[u8]) -> Result<(DeltaHead, &[u8], &[u8]), WireError> {
-    let bad = || WireError::BadBody {
+/// A whole delta frame whose bitmap and block bytes went through zstd as
+/// one frame (`FLAG_ZSTD`): `compressed` decompresses to the bitmap
+/// followed by the blocks, at most [`delta_body_bound`] bytes.
+pub fn encode_delta_zstd(
+    request_id: u64,
+    fp: &Fingerprint,
+    base: &Fingerprint,
+    raw_len: u32,
+    compressed: &[u8],
+) -> Vec<u8> {
+    let head = DeltaHead {
+        fingerprint: *fp,
+        base: *base,
+        raw_len: U32::new(raw_len),
+        reserved: U32::new(0),
+    };
+    encode(
+        FrameKind::Delta,
+        FLAG_ZSTD,
+        request_id,
+        &[head.as_bytes(), compressed],
+    )
+}
+
+/// Most bytes the bitmap and blocks of a delta of a `raw_len`-byte chunk
+/// take: a compressed delta may not decompress to more.
+pub fn delta_body_bound(raw_len: u32) -> usize {
+    crate::delta::bitmap_len(raw_len as usize) + raw_len as usize
+}
+
+/// Splits a delta body into its head and what follows it (compressed
+/// when the frame has `FLAG_ZSTD`), checking the announced length.
+pub fn decode_delta_head(body: &[u8]) -> Result<(DeltaHead, &[u8]), WireError> {
+    let (head, tail) = DeltaHead::ref_from_prefix(body).map_err(|_| WireError::BadBody {
         kind: FrameKind::Delta,
         len: body.len(),
-    };
-    let (head, tail) = DeltaHead::ref_from_prefix(body).map_err(|_| bad())?;
+    })?;
     let raw_len = head.raw_len.get();
     if raw_len > MAX_CHUNK_LEN {
         return Err(WireError::ChunkTooLong(raw_len));
     }
+    Ok((*head, tail))
+}
+
+/// Splits a delta's (decompressed) bitmap-and-blocks bytes of a
+/// `raw_len`-byte chunk.
+pub fn split_delta(raw_len: u32, tail: &[u8]) -> Result<(&[u8], &[u8]), WireError> {
     let n = crate::delta::bitmap_len(raw_len as usize);
     if tail.len() < n {
-        return Err(bad());
+        return Err(WireError::BadBody {
+            kind: FrameKind::Delta,
+            len: tail.len(),
+        });
     }
-    let (bitmap, payload) = tail.split_at(n);
-    Ok((*head, bitmap, payload))
+    Ok(tail.split_at(n))
+}
+
+/// Splits a delta body into its head, bitmap and block bytes (the bitmap's
+/// length follows from `raw_len`; `crate::delta::apply` checks the rest).
+pub fn decode_delta(body: &[u8]) -> Result<(DeltaHead, &[u8], &[u8]), WireError> {
+    let (head, tail) = decode_delta_head(body)?;
+    let (bitmap, payload) = split_delta(head.raw_len.get(), tail).map_err(|_| WireError::BadBody {
+        kind: FrameKind::Delta,
+        len: body.len(),
+    })?;
+    Ok((head, bitmap, payload))
 }
 
 /// Which of `fps` does the server hold? (1 ≤ len ≤ [`MAX_HAS`]).
@@ -730,6 +778,14 @@ mod tests {
             decode_delta(&huge[HEADER_LEN..]),
             Err(WireError::ChunkTooLong(_))
         ));
+        // A compressed delta: flagged, its head readable, the rest as sent.
+        let z = encode_delta_zstd(5, &asks[0].want, &asks[0].base, 3 * 4096, b"zstd bytes");
+        let (h, _) = FrameHeader::decode(&header_of(&z), MAX_FRAME_LEN).expect("header");
+        assert_eq!(h.flags(), FLAG_ZSTD);
+        let (head, tail) = decode_delta_head(&z[HEADER_LEN..]).expect("head");
+        assert_eq!((head.raw_len.get(), tail), (3 * 4096, &b"zstd bytes"[..]));
+        assert_eq!(delta_body_bound(3 * 4096), 1 + 3 * 4096);
+        assert!(split_delta(3 * 4096, &[]).is_err(), "no room for the bitmap");
     }
 
     #[test]

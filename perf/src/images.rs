@@ -96,6 +96,18 @@ impl Xorshift {
 /// existing `dst` is reused). Writes land in the image's used area (the
 /// first 60%), where a file system's hot files live.
 pub fn make_vm_disk(base: &Path, dst: &Path, workload: Workload) -> Result<(), ImageError> {
+    make_disk_after(base, dst, workload, workload.writes())
+}
+
+/// An earlier copy of `workload`'s VM disk, as an edge the VM ran on before
+/// holds it: `base` with only the first half of the workload's writes (the
+/// same bytes at the same places as in the VM disk).
+pub fn make_earlier_copy(base: &Path, dst: &Path, workload: Workload) -> Result<(), ImageError> {
+    make_disk_after(base, dst, workload, workload.writes() / 2)
+}
+
+/// `base` with the first `writes` of `workload`'s writes (cached).
+fn make_disk_after(base: &Path, dst: &Path, workload: Workload, writes: u64) -> Result<(), ImageError> {
     if dst.is_file() {
         return Ok(());
     }
@@ -120,7 +132,7 @@ pub fn make_vm_disk(base: &Path, dst: &Path, workload: Workload) -> Result<(), I
     let span = (size / 10 * 6) / 65536;
     let mut rng = Xorshift(0x9E37_79B9_7F4A_7C15 ^ workload.writes());
     let mut buf = vec![0u8; 65536];
-    for _ in 0..workload.writes() {
+    for _ in 0..writes {
         let block = rng.next() % span.max(1);
         for word in buf.chunks_mut(8) {
             word.copy_from_slice(&rng.next().to_le_bytes());

@@ -20,6 +20,7 @@ pub mod qemu_mirror;
 pub mod record;
 pub mod report;
 pub mod scenario;
+pub mod service_probe;
 pub mod signals;
 pub mod suite;
 pub mod topology;

@@ -11,7 +11,7 @@
 //! guest at the destination to check its disk (`es-check` on TCP 7001).
 
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,11 +24,14 @@ use crate::holdings;
 use crate::qemu_mirror::{self, SourceVm};
 use crate::record::{Run, Sample};
 use crate::scenario::{io, limit, must, sampled, wait_line, ScenarioError};
+use crate::service_probe;
 use crate::signals;
 use edgeshift_testbed::{LinkSpec, Testbed};
 
 const SRC: &str = "e1";
 const DST: &str = "e2";
+/// The VM's user: a host on the VM segment asking its HTTP server.
+const CLIENT: &str = "client";
 const SEGMENT: &str = "vmnet";
 /// Disk size of the VM variant the live runs use.
 pub const DISK_MIB: u32 = 192;
@@ -81,12 +84,15 @@ pub struct LiveBench {
     vm_ip: Ipv4Addr,
     agent: Option<Child>,
     rate: u32,
+    rtt_ms: f64,
     seq: u32,
 }
 
 impl LiveBench {
     /// Builds the small test VM (cached), the testbed and e1's agent.
-    pub fn setup(tag: &str, work: &Path, log: &dyn Fn(&str)) -> Result<Self, ScenarioError> {
+    /// `rtt_ms` is the e1–e2 link's round-trip time (the delay line's
+    /// one-way delay is half of it); 0 is no delay line.
+    pub fn setup(tag: &str, work: &Path, rtt_ms: f64, log: &dyn Fn(&str)) -> Result<Self, ScenarioError> {
         log(&format!(
             "live: test VM variant with a {DISK_MIB} MiB disk (perf/images/build-test-vm.sh, EDGESHIFT_VM_DISK_MIB={DISK_MIB}; cached)"
         ));
@@ -106,8 +112,9 @@ impl LiveBench {
         crate::boot_logs::ensure_bpffs();
         tb.add_host(SRC)?;
         tb.add_host(DST)?;
-        tb.link(SRC, DST, LinkSpec::mbit(100))?;
-        tb.l2_segment(SEGMENT, &[SRC, DST], LinkSpec::default())?;
+        tb.add_host(CLIENT)?;
+        tb.link(SRC, DST, LinkSpec::mbit(100).delay_ms(rtt_ms / 2.0))?;
+        tb.l2_segment(SEGMENT, &[SRC, DST, CLIENT], LinkSpec::default())?;
         let vm_ip = tb
             .segment(SEGMENT)?
             .guest_addr(0)
@@ -125,6 +132,7 @@ impl LiveBench {
             vm_ip,
             agent: None,
             rate: 100,
+            rtt_ms,
             seq: 0,
         };
         for host in [SRC, "seed"] {
@@ -156,7 +164,7 @@ impl LiveBench {
         Ok(me)
     }
 
-    /// Sets the e1–e2 link's rate.
+    /// Sets the e1–e2 link's rate (its delay stays).
     pub fn set_rate(&mut self, mbit: u32) -> Result<(), ScenarioError> {
         self.tb.set_rate(SRC, DST, LinkSpec::mbit(mbit))?;
         self.rate = mbit;
@@ -334,7 +342,6 @@ impl LiveBench {
             let src_addr = self.tb.addr_of(SRC, DST)?;
             let held = holdings::chunk_set(&store).map_err(store_error)?;
             let wire0 = self.wire()?;
-            let t = Instant::now();
             let mut migrate = self.tb.command(SRC, &self.bins.edgeshift);
             migrate
                 .args(["migrate", &name, "--to", &format!("{dst_addr}:{MIGRATE_PORT}")])
@@ -344,9 +351,15 @@ impl LiveBench {
                 .arg(self.state(SRC))
                 .args(["--id", SRC, "--json"])
                 .stdin(Stdio::null());
-            let (out, received) = self.sampling_rx(|| migrate.output())?;
+            let client = self.tb.host(CLIENT)?.netns.clone();
+            let http = SocketAddr::from((self.vm_ip, 80));
+            let (sampled, requests) = service_probe::around(&client, http, || {
+                let t = Instant::now();
+                self.sampling_rx(|| migrate.output())
+                    .map(|(out, received)| (out, received, t.elapsed().as_secs_f64()))
+            });
+            let (out, received, seconds) = sampled?;
             let out = out.map_err(io("edgeshift migrate"))?;
-            let seconds = t.elapsed().as_secs_f64();
             let wire = self.wire()?.saturating_sub(wire0);
             let _ = std::fs::write(self.work.join(format!("{name}-migrate.log")), &out.stderr);
             let _ = std::fs::write(self.work.join(format!("{name}-migrate.json")), &out.stdout);
@@ -384,6 +397,7 @@ impl LiveBench {
                 scenario: scenario.into(),
                 tool: "edgeshift migrate".into(),
                 rate_mbit: self.rate,
+                rtt_ms: self.rtt_ms,
                 cache: "warm".into(),
                 sources: vec![SRC.into()],
                 workload: rate.name().into(),
@@ -409,6 +423,8 @@ impl LiveBench {
                     "warmup_seconds": WARMUP_SECS,
                     "memory_mib": MEMORY_MIB,
                     "migrate": report,
+                    "rtt_ms": self.rtt_ms,
+                    "service": service_probe::detail(&requests),
                 }),
             };
             Ok(r)
@@ -434,11 +450,13 @@ impl LiveBench {
             let dst_ip = self.tb.addr_of(DST, SRC)?;
             let run_dir = self.work.join(DST).join(format!("qemu-{name}"));
             let wire0 = self.wire()?;
-            let (outcome, dest) =
+            let client = self.tb.host(CLIENT)?.netns.clone();
+            let http = SocketAddr::from((self.vm_ip, 80));
+            let (outcome, requests) = service_probe::around(&client, http, || {
                 qemu_mirror::mirror_and_migrate(&src, &dst_netns, dst_ip, &run_dir, Duration::from_secs(600))
-                    .map_err(|e| {
-                        ScenarioError::Output("QEMU blockdev-mirror + migrate".into(), e.to_string())
-                    })?;
+            });
+            let (outcome, dest) = outcome
+                .map_err(|e| ScenarioError::Output("QEMU blockdev-mirror + migrate".into(), e.to_string()))?;
             let wire = self.wire()?.saturating_sub(wire0);
             let check = self.guest_check();
             drop(dest);
@@ -476,6 +494,7 @@ impl LiveBench {
                 scenario: scenario.into(),
                 tool: "qemu-mirror".into(),
                 rate_mbit: self.rate,
+                rtt_ms: self.rtt_ms,
                 cache: "cold".into(),
                 sources: vec![SRC.into()],
                 workload: rate.name().into(),
@@ -493,6 +512,8 @@ impl LiveBench {
                     "disk_bytes": outcome.disk_size,
                     "missing_disk_bytes": nonzero,
                     "mirror_ready_seconds": outcome.mirror_ready_seconds,
+                    "rtt_ms": self.rtt_ms,
+                    "service": service_probe::detail(&requests),
                     "guest_write_bytes_per_s": write_rate,
                     "guest_check": check,
                     "disk_mib": DISK_MIB,

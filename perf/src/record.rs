@@ -12,6 +12,10 @@ pub struct Run {
     pub tool: String,
     /// Edge-to-edge link rate in Mbit/s.
     pub rate_mbit: u32,
+    /// Edge-to-edge round-trip time in ms (the testbed's delay line; 0 for
+    /// none, as in every run recorded before it existed).
+    #[serde(default)]
+    pub rtt_ms: f64,
     /// Destination cache: "cold", "warm" (base image held) or "prefetched"
     /// (an earlier copy of this VM's disk held).
     pub cache: String,

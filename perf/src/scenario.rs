@@ -228,7 +228,9 @@ fn copy_sparse(from: &Path, to: &Path) -> Result<(), ScenarioError> {
 impl Bench {
     /// Builds images (cached), the testbed, the cluster, slices images into
     /// the holders' stores and prepares the baselines' servers.
-    pub fn setup(tag: &str, work: &Path, log: &dyn Fn(&str)) -> Result<Self, ScenarioError> {
+    /// `rtt_ms` is the round-trip time between edges (the delay line's
+    /// one-way delay is half of it; links to the origin keep the topology's).
+    pub fn setup(tag: &str, work: &Path, rtt_ms: f64, log: &dyn Fn(&str)) -> Result<Self, ScenarioError> {
         log("images: build-debian-images.sh base nginx (cached after the first run)");
         let deb = DebianImages::ensure(&["base", "nginx"])?;
         let vm_dir = images::repo_root().join("target/images/perf");
@@ -240,7 +242,10 @@ impl Bench {
                 w,
             )?;
         }
-        let topo = Topology::edge3();
+        let mut topo = Topology::edge3();
+        if rtt_ms > 0.0 {
+            topo.set_edge_rtt_ms(rtt_ms);
+        }
         testbed::cleanup_stale(tag)?;
         signals::register(tag);
         log("testbed: namespaces, tbf links, agents and coordinator");
@@ -261,6 +266,9 @@ impl Bench {
             let id = slice(&bin, &path, &store(SRC)?)?;
             vm.insert(w, Sliced { path, id });
         }
+        // The source runs the VM from its boot image (nginx), whose chunks
+        // a running VM pins there: an edge holds the image its VM booted from.
+        slice(&bin, &deb.path("nginx"), &store(SRC)?)?;
         let mut base_id = String::new();
         let mut nginx_id = String::new();
         for h in ["e3", "origin"] {
@@ -364,6 +372,7 @@ impl Bench {
         let edges = self.topo.hosts_with(crate::topology::Role::Edge);
         for (i, a) in edges.iter().enumerate() {
             for b in &edges[i + 1..] {
+                // The rate only: the links' delay lines stay.
                 self.tb.set_rate(a, b, LinkSpec::mbit(mbit))?;
             }
         }
@@ -446,8 +455,35 @@ impl Bench {
         Ok((value, seconds, wire, timeline))
     }
 
+    /// A neighbour (e3) comes to hold an earlier copy of the low-write VM
+    /// disk (`images::make_earlier_copy`), as an edge the VM ran on before
+    /// would. For good: the runs after this one see it there.
+    pub fn give_neighbour_an_earlier_copy(&mut self) -> Result<(), ScenarioError> {
+        let vm_dir = images::repo_root().join("target/images/perf");
+        let earlier = vm_dir.join("vm-low-earlier.raw");
+        images::make_earlier_copy(&self.nginx.path, &earlier, Workload::Low)?;
+        let store = self
+            .cluster
+            .store("e3")
+            .map(Path::to_path_buf)
+            .ok_or_else(|| ScenarioError::Output("cluster".into(), "no agent on e3".into()))?;
+        slice(&self.cluster.bins.edgeshift, &earlier, &store)?;
+        Ok(())
+    }
+
+    /// Whether this build's `edgeshift fetch` writes the image itself
+    /// (`--out`); an older build is timed as fetch, then restore.
+    fn fetch_writes_image(&self) -> bool {
+        Command::new(&self.cluster.bins.edgeshift)
+            .args(["fetch", "--help"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--out"))
+    }
+
     /// edgeshift: fetch from `sources` at once into a store seeded per
-    /// `cache`, then restore the image; verified against the source image.
+    /// `cache`, writing the image as it arrives (`fetch --out`; with an
+    /// older build, a restore after the fetch); verified against the
+    /// source image.
     pub fn run_edgeshift(
         &mut self,
         scenario: &str,
@@ -476,6 +512,10 @@ impl Bench {
         fetch
             .args(self.cluster.creds.args(DST).map_err(ClusterError::from)?)
             .args(["--json", "--id", DST]);
+        let in_place = self.fetch_writes_image();
+        if in_place {
+            fetch.arg("--out").arg(&out);
+        }
         let mut restore = Command::new(&self.cluster.bins.edgeshift);
         restore
             .arg("restore")
@@ -495,7 +535,9 @@ impl Bench {
             let report = run_tool(&mut fetch)?;
             let fetch_s = t0.elapsed().as_secs_f64();
             *fetch_done.lock().unwrap_or_else(|p| p.into_inner()) = Some(fetch_s);
-            run_tool(&mut restore)?;
+            if !in_place {
+                run_tool(&mut restore)?;
+            }
             Ok((report, fetch_s, t0.elapsed().as_secs_f64() - fetch_s))
         })?;
         let report: serde_json::Value = serde_json::from_str(report.trim())
@@ -508,6 +550,7 @@ impl Bench {
             scenario: scenario.into(),
             tool: "edgeshift".into(),
             rate_mbit: rate,
+            rtt_ms: 0.0,
             cache: cache.name().into(),
             sources: sources.iter().map(|s| s.to_string()).collect(),
             workload: workload.name().into(),
@@ -559,6 +602,7 @@ impl Bench {
             scenario: scenario.into(),
             tool: if whole { "rsync-whole" } else { "rsync-base" }.into(),
             rate_mbit: rate,
+            rtt_ms: 0.0,
             cache: if whole { "cold" } else { "warm" }.into(),
             sources: vec![SRC.into()],
             workload: workload.name().into(),
@@ -603,6 +647,7 @@ impl Bench {
             scenario: scenario.into(),
             tool: "casync-seed".into(),
             rate_mbit: rate,
+            rtt_ms: 0.0,
             cache: "warm".into(),
             sources: vec![SRC.into()],
             workload: workload.name().into(),

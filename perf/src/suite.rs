@@ -10,10 +10,11 @@ use crate::record::{Run, RunSet};
 use crate::scenario::{Bench, Cache, ScenarioError, SRC};
 
 /// Scenario groups, in the order a full report runs them.
-pub const ALL: [&str; 7] = [
+pub const ALL: [&str; 8] = [
     "cache",
     "sources",
     "bandwidth",
+    "neighbour",
     "writes",
     "policies",
     "live",
@@ -23,28 +24,56 @@ pub const ALL: [&str; 7] = [
 /// Groups the full report runs (`writes`, the disk-only write volumes, is
 /// left to `edgeshift-perf scenario writes`: the live groups measure a VM
 /// really writing, and the report's 20-minute budget has no room for both).
-pub const REPORT: [&str; 6] = ["cache", "sources", "bandwidth", "policies", "live", "live-writes"];
+pub const REPORT: [&str; 7] = [
+    "cache",
+    "sources",
+    "bandwidth",
+    "neighbour",
+    "policies",
+    "live",
+    "live-writes",
+];
 
 /// Groups that need the disk scenarios' testbed ([`Bench`]).
-const DISK_GROUPS: [&str; 4] = ["cache", "sources", "bandwidth", "writes"];
+const DISK_GROUPS: [&str; 5] = ["cache", "sources", "bandwidth", "neighbour", "writes"];
+
+/// The tool name of the bandwidth rows fetching from the source alone.
+pub const ONE_PATH_TOOL: &str = "edgeshift, one path";
+
+/// The tool name of the neighbour group's rows.
+pub const NEIGHBOUR_TOOL: &str = "edgeshift, neighbour holds an earlier copy";
 
 /// Edge-to-edge rates of the bandwidth sweep.
 pub const RATES: [u32; 3] = [10, 50, 100];
 
-/// Runs `groups` and returns everything measured.
+/// The axes the bandwidth and live groups sweep.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sweep {
+    /// Edge-to-edge round-trip times (ms); each gets its own testbeds.
+    pub rtt_ms: Vec<f64>,
+    /// Edge-to-edge rates (Mbit/s), fastest first when run.
+    pub rates: Vec<u32>,
+}
+
+impl Default for Sweep {
+    fn default() -> Self {
+        Self {
+            rtt_ms: vec![0.0],
+            rates: RATES.to_vec(),
+        }
+    }
+}
+
+/// Runs `groups` once per round-trip time of `sweep` (the policy traces and
+/// the heat map only at the first) and returns everything measured.
 pub fn run(
     name: &str,
     groups: &[String],
+    sweep: &Sweep,
     tag: &str,
     work: &Path,
     log: &dyn Fn(&str),
 ) -> Result<RunSet, ScenarioError> {
-    if let Some(bad) = groups.iter().find(|g| !ALL.contains(&g.as_str())) {
-        return Err(ScenarioError::Output(
-            "scenario".into(),
-            format!("unknown scenario {bad:?} (known: {})", ALL.join(", ")),
-        ));
-    }
     let started = Instant::now();
     let mut set = RunSet {
         name: name.to_string(),
@@ -52,20 +81,54 @@ pub fn run(
         host: host_facts(),
         ..RunSet::default()
     };
+    for (i, &rtt) in sweep.rtt_ms.iter().enumerate() {
+        let groups: Vec<String> = groups
+            .iter()
+            .filter(|g| i == 0 || g.as_str() != "policies")
+            .cloned()
+            .collect();
+        if sweep.rtt_ms.len() > 1 {
+            log(&format!("round-trip time {rtt} ms between edges"));
+        }
+        run_at(&mut set, &groups, sweep, rtt, i == 0, tag, work, log)?;
+    }
+    set.wall_seconds = started.elapsed().as_secs_f64();
+    Ok(set)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_at(
+    set: &mut RunSet,
+    groups: &[String],
+    sweep: &Sweep,
+    rtt_ms: f64,
+    first: bool,
+    tag: &str,
+    work: &Path,
+    log: &dyn Fn(&str),
+) -> Result<(), ScenarioError> {
+    if let Some(bad) = groups.iter().find(|g| !ALL.contains(&g.as_str())) {
+        return Err(ScenarioError::Output(
+            "scenario".into(),
+            format!("unknown scenario {bad:?} (known: {})", ALL.join(", ")),
+        ));
+    }
     let mut bench = if groups.iter().any(|g| DISK_GROUPS.contains(&g.as_str())) {
-        let b = Bench::setup(tag, work, log)?;
+        let b = Bench::setup(tag, work, rtt_ms, log)?;
         set.images = b.images_json();
         Some(b)
     } else {
         None
     };
     let mut live: Option<crate::live::LiveBench> = None;
-    let push = |set: &mut RunSet, r: Run, log: &dyn Fn(&str)| {
+    let push = |set: &mut RunSet, mut r: Run, log: &dyn Fn(&str)| {
+        r.rtt_ms = rtt_ms;
         log(&format!(
-            "  {} {} {} Mbit/s {} cache from [{}]: {:.1} s, {:.1} MB on the wire, {:.2}x the limit, byte-exact: {}",
+            "  {} {} {} Mbit/s {} ms RTT {} cache from [{}]: {:.1} s, {:.1} MB on the wire, {:.2}x the limit, byte-exact: {}",
             r.scenario,
             r.tool,
             r.rate_mbit,
+            r.rtt_ms,
             r.cache,
             r.sources.join(","),
             r.seconds,
@@ -95,6 +158,7 @@ pub fn run(
                 live = Some(crate::live::LiveBench::setup(
                     &format!("{tag}l"),
                     &work.join("live"),
+                    rtt_ms,
                     log,
                 )?);
             }
@@ -108,22 +172,26 @@ pub fn run(
                 }
             };
             if g == "live" {
-                for rate in RATES.iter().rev() {
+                for rate in sweep.rates.iter().rev() {
                     lb.set_rate(*rate)?;
                     let r = lb.run_qemu("live", WriteRate::Default, log);
-                    keep(&mut set, format!("live QEMU migration at {rate} Mbit/s"), r);
+                    keep(
+                        set,
+                        format!("live QEMU migration at {rate} Mbit/s, {rtt_ms} ms RTT"),
+                        r,
+                    );
                     let r = lb.run_edgeshift("live", WriteRate::Default, log);
-                    keep(&mut set, format!("live edgeshift migrate at {rate} Mbit/s"), r);
+                    keep(
+                        set,
+                        format!("live edgeshift migrate at {rate} Mbit/s, {rtt_ms} ms RTT"),
+                        r,
+                    );
                 }
             } else {
                 lb.set_rate(100)?;
                 for w in [WriteRate::Low, WriteRate::High] {
                     let r = lb.run_edgeshift("live-writes", w, log);
-                    keep(
-                        &mut set,
-                        format!("live edgeshift migrate, {} write rate", w.name()),
-                        r,
-                    );
+                    keep(set, format!("live edgeshift migrate, {} write rate", w.name()), r);
                 }
             }
             log(&format!(
@@ -138,7 +206,7 @@ pub fn run(
                 bench.set_rate(100)?;
                 for cache in [Cache::Cold, Cache::Warm, Cache::Prefetched] {
                     let r = bench.run_edgeshift("cache", cache, &["e1", "e3", "origin"], Workload::Low)?;
-                    push(&mut set, r, log);
+                    push(set, r, log);
                 }
             }
             "sources" => {
@@ -146,23 +214,37 @@ pub fn run(
                 for n in 1..=3 {
                     let sources = &["e1", "e3", "origin"][..n];
                     let r = bench.run_edgeshift("sources", Cache::Cold, sources, Workload::Low)?;
-                    push(&mut set, r, log);
+                    push(set, r, log);
                 }
             }
             "bandwidth" => {
-                for rate in RATES.iter().rev() {
+                for rate in sweep.rates.iter().rev() {
                     bench.set_rate(*rate)?;
                     let es = bench.run_edgeshift("bandwidth", Cache::Warm, &[SRC, "e3"], Workload::Low)?;
                     let needed = es.needed_bytes;
-                    push(&mut set, es, log);
+                    push(set, es, log);
+                    // From the source alone, as rsync: the same paths.
+                    let mut one = bench.run_edgeshift("bandwidth", Cache::Warm, &[SRC], Workload::Low)?;
+                    one.tool = ONE_PATH_TOOL.into();
+                    push(set, one, log);
                     let r = bench.run_rsync("bandwidth", false, Workload::Low, needed)?;
-                    push(&mut set, r, log);
+                    push(set, r, log);
                     let r = bench.run_casync("bandwidth", Workload::Low, needed)?;
-                    push(&mut set, r, log);
+                    push(set, r, log);
                     // A whole copy must move every allocated block of the image.
                     let whole_needed = bench.vm_allocated(Workload::Low)?;
                     let r = bench.run_rsync("bandwidth", true, Workload::Low, whole_needed)?;
-                    push(&mut set, r, log);
+                    push(set, r, log);
+                }
+            }
+            "neighbour" => {
+                // After the bandwidth rows: e3 holds the earlier copy for good.
+                bench.give_neighbour_an_earlier_copy()?;
+                for rate in sweep.rates.iter().rev() {
+                    bench.set_rate(*rate)?;
+                    let mut r = bench.run_edgeshift("neighbour", Cache::Warm, &[SRC, "e3"], Workload::Low)?;
+                    r.tool = NEIGHBOUR_TOOL.into();
+                    push(set, r, log);
                 }
             }
             "writes" => {
@@ -170,11 +252,11 @@ pub fn run(
                 for w in [Workload::Low, Workload::High] {
                     let es = bench.run_edgeshift("writes", Cache::Warm, &[SRC, "e3"], w)?;
                     let needed = es.needed_bytes;
-                    push(&mut set, es, log);
+                    push(set, es, log);
                     let r = bench.run_rsync("writes", false, w, needed)?;
-                    push(&mut set, r, log);
+                    push(set, r, log);
                     let r = bench.run_casync("writes", w, needed)?;
-                    push(&mut set, r, log);
+                    push(set, r, log);
                 }
             }
             other => {
@@ -187,18 +269,25 @@ pub fn run(
     }
     drop(live);
     if let Some(bench) = bench.as_mut() {
-        set.storage = bench.storage()?;
+        if first {
+            set.storage = bench.storage()?;
+        }
         set.notes.append(&mut bench.notes);
     }
-    if set
-        .runs
-        .iter()
-        .any(|r| r.scenario != "live" && r.scenario != "live-writes")
+    if first
+        && set
+            .runs
+            .iter()
+            .any(|r| r.scenario != "live" && r.scenario != "live-writes")
     {
         match heatmap(8, &work.join("heat"), log) {
             Ok(h) => set.heatmap = Some(h),
             Err(e) => set.notes.push(format!("heat map not measured: {e}")),
         }
+    }
+    if !first {
+        drop(bench);
+        return Ok(());
     }
     set.notes.push(
         "Compression: edgeshift may zstd chunks per path, rsync runs with -z, casync's store holds compressed chunks; the physical limit counts uncompressed bytes, so a ratio under 1.00x means compression saved more than the protocol cost.".into(),
@@ -207,8 +296,7 @@ pub fn run(
         "Storage layouts: `image files` counts each held image's allocated blocks; `chunk store per edge` is each edge's edgeshift store (duplicate and zero chunks stored once per edge); `fleet-wide single copy` is the union of all stores' chunks, the floor a fleet-wide dedup could reach. These layouts hold no eviction pressure; the coordinator's LRU/LFU/popularity eviction is measured by the policy traces.".into(),
     );
     drop(bench);
-    set.wall_seconds = started.elapsed().as_secs_f64();
-    Ok(set)
+    Ok(())
 }
 
 /// Current UTC time as RFC 3339, from `date` (no time crate needed).
@@ -297,6 +385,7 @@ pub fn import_live(path: &Path) -> Result<Vec<Run>, String> {
                     format!("edgeshift ({scenario})")
                 },
                 rate_mbit: mbit,
+                rtt_ms: 0.0,
                 cache: scenario.into(),
                 sources: Vec::new(),
                 workload: "guest workload".into(),

@@ -1,6 +1,7 @@
 //! Topology descriptions (TOML in perf/topologies/): hosts with a role, the
-//! rate of each link, and which host runs the cache coordinator. Every pair
-//! of hosts is linked; pairs not listed get `default_rate_mbit`.
+//! rate, one-way delay, jitter and loss of each link, and which host runs
+//! the cache coordinator. Every pair of hosts is linked; pairs not listed
+//! get `default_rate_mbit` and `default_delay_ms`.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -41,17 +42,27 @@ pub struct HostSpec {
     pub role: Role,
 }
 
-/// One link's rate (both directions).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One link's properties (the same in both directions).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LinkRate {
     pub a: String,
     pub b: String,
     /// Mbit/s; absent means unlimited.
     pub rate_mbit: Option<u32>,
+    /// One-way delay in ms (RTT is twice this); absent means `default_delay_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<f64>,
+    /// Each frame's delay varies uniformly by up to this many ms (order kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jitter_ms: Option<f64>,
+    /// Fraction of frames lost on purpose, 0 to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
 }
 
 /// A whole topology.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Topology {
     pub name: String,
@@ -59,6 +70,9 @@ pub struct Topology {
     pub coordinator: Option<String>,
     /// Rate of every pair not listed in `link`; absent means unlimited.
     pub default_rate_mbit: Option<u32>,
+    /// One-way delay (ms) of every link that names none; absent means 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_delay_ms: Option<f64>,
     #[serde(rename = "host")]
     pub hosts: Vec<HostSpec>,
     #[serde(rename = "link", default)]
@@ -105,6 +119,12 @@ impl Topology {
         if self.default_rate_mbit == Some(0) {
             return bad("default_rate_mbit must be at least 1".into());
         }
+        if !self
+            .default_delay_ms
+            .is_none_or(|v| (0.0..=10_000.0).contains(&v))
+        {
+            return bad("default_delay_ms must be within 0..=10000".into());
+        }
         let mut pairs = BTreeSet::new();
         for l in &self.links {
             for end in [&l.a, &l.b] {
@@ -117,6 +137,22 @@ impl Topology {
             }
             if l.rate_mbit == Some(0) {
                 return bad(format!("link {}-{} has rate 0", l.a, l.b));
+            }
+            let ms_ok = |v: Option<f64>| v.is_none_or(|v| (0.0..=10_000.0).contains(&v));
+            if !ms_ok(l.delay_ms) || !ms_ok(l.jitter_ms) {
+                return bad(format!(
+                    "link {}-{}: delay_ms and jitter_ms must be within 0..=10000",
+                    l.a, l.b
+                ));
+            }
+            if l.jitter_ms.unwrap_or(0.0) > l.delay_ms.or(self.default_delay_ms).unwrap_or(0.0) {
+                return bad(format!("link {}-{}: jitter_ms larger than the delay", l.a, l.b));
+            }
+            if !l.loss.is_none_or(|p| (0.0..=1.0).contains(&p)) {
+                return bad(format!(
+                    "link {}-{}: loss must be a fraction within 0..=1",
+                    l.a, l.b
+                ));
             }
             let key = if l.a < l.b { (&l.a, &l.b) } else { (&l.b, &l.a) };
             if !pairs.insert(key) {
@@ -131,26 +167,61 @@ impl Topology {
         Ok(())
     }
 
-    /// The rate between `a` and `b`.
-    pub fn rate(&self, a: &str, b: &str) -> Option<u32> {
+    fn find(&self, a: &str, b: &str) -> Option<&LinkRate> {
         self.links
             .iter()
             .find(|l| (l.a == a && l.b == b) || (l.a == b && l.b == a))
-            .map_or(self.default_rate_mbit, |l| l.rate_mbit)
     }
 
-    /// Sets the rate of every edge-to-edge pair (the scenarios' variable).
+    /// The rate between `a` and `b`.
+    pub fn rate(&self, a: &str, b: &str) -> Option<u32> {
+        self.find(a, b).map_or(self.default_rate_mbit, |l| l.rate_mbit)
+    }
+
+    /// Everything about the link between `a` and `b`, as the testbed takes it.
+    pub fn link_spec(&self, a: &str, b: &str) -> LinkSpec {
+        let link = self.find(a, b);
+        let us = |ms: Option<f64>| (ms.unwrap_or(0.0) * 1000.0).round() as u32;
+        LinkSpec {
+            rate_mbit: self.rate(a, b),
+            delay_us: us(link.and_then(|l| l.delay_ms).or(self.default_delay_ms)),
+            jitter_us: us(link.and_then(|l| l.jitter_ms)),
+            loss_ppm: (link.and_then(|l| l.loss).unwrap_or(0.0) * 1e6).round() as u32,
+        }
+    }
+
+    /// Sets the rate of every edge-to-edge pair (the scenarios' variable);
+    /// their delay, jitter and loss are kept.
     pub fn set_edge_rate(&mut self, mbit: Option<u32>) {
+        self.set_edge_links(|l| l.rate_mbit = mbit);
+    }
+
+    /// Sets the round-trip time of every edge-to-edge pair (one-way delay
+    /// `rtt_ms / 2` each way); their rate, jitter and loss are kept.
+    pub fn set_edge_rtt_ms(&mut self, rtt_ms: f64) {
+        self.set_edge_links(|l| l.delay_ms = Some(rtt_ms / 2.0));
+    }
+
+    fn set_edge_links(&mut self, change: impl Fn(&mut LinkRate)) {
         let edges: Vec<String> = self.hosts_with(Role::Edge);
-        self.links
-            .retain(|l| !(edges.contains(&l.a) && edges.contains(&l.b)));
         for (i, a) in edges.iter().enumerate() {
             for b in &edges[i + 1..] {
-                self.links.push(LinkRate {
-                    a: a.clone(),
-                    b: b.clone(),
-                    rate_mbit: mbit,
-                });
+                if self.find(a, b).is_none() {
+                    let spec = self.link_spec(a, b);
+                    self.links.push(LinkRate {
+                        a: a.clone(),
+                        b: b.clone(),
+                        rate_mbit: spec.rate_mbit,
+                        delay_ms: self.default_delay_ms,
+                        jitter_ms: None,
+                        loss: None,
+                    });
+                }
+            }
+        }
+        for l in &mut self.links {
+            if edges.contains(&l.a) && edges.contains(&l.b) {
+                change(l);
             }
         }
     }
@@ -174,10 +245,7 @@ impl Topology {
         }
         for (i, a) in self.hosts.iter().enumerate() {
             for b in &self.hosts[i + 1..] {
-                let spec = LinkSpec {
-                    rate_mbit: self.rate(&a.name, &b.name),
-                };
-                tb.link(&a.name, &b.name, spec)?;
+                tb.link(&a.name, &b.name, self.link_spec(&a.name, &b.name))?;
             }
         }
         Ok(tb)
@@ -203,6 +271,32 @@ mod tests {
         assert_eq!(t.rate("e2", "e3"), Some(10));
         assert_eq!(t.rate("e3", "e1"), Some(10));
         assert_eq!(t.rate("origin", "e2"), Some(50));
+    }
+
+    #[test]
+    fn delays_come_from_the_link_or_the_default() {
+        let text = "name='t'\ndefault_delay_ms=5\n[[host]]\nname='a'\nrole='edge'\n[[host]]\nname='b'\nrole='edge'\n\
+                    [[host]]\nname='o'\nrole='origin'\n\
+                    [[link]]\na='a'\nb='o'\nrate_mbit=10\ndelay_ms=30\njitter_ms=2\nloss=0.01\n";
+        let mut t = Topology::from_toml(text).expect("parses");
+        assert_eq!(
+            t.link_spec("o", "a"),
+            LinkSpec {
+                rate_mbit: Some(10),
+                delay_us: 30_000,
+                jitter_us: 2_000,
+                loss_ppm: 10_000
+            }
+        );
+        assert_eq!(t.link_spec("a", "b").delay_us, 5_000);
+        t.set_edge_rtt_ms(60.0);
+        t.set_edge_rate(Some(50));
+        assert_eq!(t.link_spec("a", "b"), LinkSpec::mbit(50).delay_ms(30.0));
+        assert_eq!(t.link_spec("a", "o").delay_us, 30_000, "origin links keep theirs");
+        for extra in ["delay_ms=-1\n", "loss=1.5\n", "jitter_ms=40\n"] {
+            let text = format!("{text}[[link]]\na='a'\nb='b'\n{extra}");
+            assert!(Topology::from_toml(&text).is_err(), "accepted:\n{text}");
+        }
     }
 
     #[test]

@@ -95,6 +95,52 @@ pub fn coordinator() -> Result<PathBuf, BinariesError> {
 }
 
 fn build_coordinator() -> Result<PathBuf, BinariesError> {
+    match build_in_profile("edgeshift-coordinator", "edgeshift-coordinator")? {
+        Some(bin) => Ok(bin),
+        None => Ok(Binaries::locate()?.coordinator),
+    }
+}
+
+/// The delay line (`edgeshift-delayline`, this crate's program): built like
+/// [`coordinator`] under cargo, else $EDGESHIFT_BIN_DIR or next to the
+/// running program (target/release after `cargo build --release --workspace`).
+pub fn delayline() -> Result<PathBuf, BinariesError> {
+    const NAME: &str = "edgeshift-delayline";
+    static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(bin) = built.as_ref() {
+        return Ok(bin.clone());
+    }
+    let bin = match build_in_profile("edgeshift-testbed", NAME)? {
+        Some(bin) => bin,
+        None => {
+            let dir = match std::env::var_os("EDGESHIFT_BIN_DIR") {
+                Some(d) => PathBuf::from(d),
+                None => std::env::current_exe()
+                    .map_err(|source| BinariesError::Io {
+                        what: "locating this program".into(),
+                        source,
+                    })?
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default(),
+            };
+            [Some(dir.clone()), dir.parent().map(Path::to_path_buf)]
+                .into_iter()
+                .flatten()
+                .map(|d| d.join(NAME))
+                .find(|p| p.is_file())
+                .ok_or_else(|| BinariesError::Missing(NAME, dir.display().to_string()))?
+        }
+    };
+    *built = Some(bin.clone());
+    Ok(bin)
+}
+
+/// Under cargo, from a test binary in target/<profile>/deps (and without
+/// $EDGESHIFT_BIN_DIR): `cargo build -p package --bin bin` in that profile
+/// and the program's path. `None` elsewhere.
+fn build_in_profile(package: &str, bin: &'static str) -> Result<Option<PathBuf>, BinariesError> {
     let io = |what: &str| {
         let what = what.to_string();
         move |source| BinariesError::Io { what, source }
@@ -109,17 +155,10 @@ fn build_coordinator() -> Result<PathBuf, BinariesError> {
         profile_dir,
         std::env::var_os("EDGESHIFT_BIN_DIR"),
     ) else {
-        return Ok(Binaries::locate()?.coordinator);
+        return Ok(None);
     };
     let mut build = Command::new(cargo);
-    build.args([
-        "build",
-        "--quiet",
-        "-p",
-        "edgeshift-coordinator",
-        "--bin",
-        "edgeshift-coordinator",
-    ]);
+    build.args(["build", "--quiet", "-p", package, "--bin", bin]);
     match dir.file_name().and_then(|n| n.to_str()) {
         Some("debug") => {}
         Some("release") => {
@@ -136,18 +175,15 @@ fn build_coordinator() -> Result<PathBuf, BinariesError> {
         .map_err(io("running cargo build"))?;
     if !status.success() {
         return Err(BinariesError::Io {
-            what: "cargo build -p edgeshift-coordinator".into(),
+            what: format!("cargo build -p {package} --bin {bin}"),
             source: std::io::Error::other(status.to_string()),
         });
     }
-    let bin = dir.join("edgeshift-coordinator");
-    if bin.is_file() {
-        Ok(bin)
+    let path = dir.join(bin);
+    if path.is_file() {
+        Ok(Some(path))
     } else {
-        Err(BinariesError::Missing(
-            "edgeshift-coordinator",
-            dir.display().to_string(),
-        ))
+        Err(BinariesError::Missing(bin, dir.display().to_string()))
     }
 }
 

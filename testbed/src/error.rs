@@ -43,6 +43,9 @@ pub enum TestbedError {
         status: std::process::ExitStatus,
         stderr: String,
     },
+    /// A link's delay line could not start or report.
+    #[error("delay line of {link}: {reason}")]
+    DelayLine { link: String, reason: String },
     /// A command's output was not what we expected.
     #[error("unexpected output from {cmd}: {output:?}")]
     Parse { cmd: String, output: String },

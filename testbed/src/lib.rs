@@ -22,7 +22,9 @@
 //! 198.19.{segment}.0/24. Namespaces isolate testbeds from one another, so two
 //! testbeds may reuse the same addresses.
 //!
-//! Latency is not emulated (this kernel has no netem); bandwidth is.
+//! Bandwidth is emulated with tbf; latency, jitter and loss (this kernel has
+//! no netem) with a user-space delay line in a middle namespace per delayed
+//! link ([`delayline`], placed by `delay`; docs/wan.md has its validation).
 
 pub mod bins;
 pub mod caps;
@@ -30,6 +32,8 @@ mod cmd;
 pub mod coordinator;
 pub mod counters;
 pub mod daemon;
+mod delay;
+pub mod delayline;
 mod error;
 pub mod images;
 pub mod iperf;
@@ -41,6 +45,7 @@ mod testbed;
 pub use bins::{repo_root, Binaries};
 pub use cmd::run;
 pub use counters::{all_counters, iface_counters, IfaceCounters};
+pub use delay::DelayStats;
 pub use error::TestbedError;
 pub use link::{LinkEnd, LinkSpec};
 pub use netns::{cleanup_stale, list_netns, MAX_NAME_LEN, NETNS_PREFIX};

@@ -1,5 +1,6 @@
 //! Point-to-point WAN links: a veth pair between two hosts with a tbf rate
-//! limit on the egress of both ends.
+//! limit on the egress of both ends, and, when the link has a delay, a
+//! middle namespace with the delay line in it (see `delay`).
 
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -8,11 +9,19 @@ use crate::cmd::run;
 use crate::counters::{iface_counters, IfaceCounters};
 use crate::{Testbed, TestbedError};
 
-/// Properties of an emulated link; applied to the egress of both ends.
+/// Properties of an emulated link, the same in both directions: the rate
+/// (tbf on each end's egress), then the delay line's one-way delay, jitter
+/// and loss (as a bottleneck followed by propagation).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LinkSpec {
     /// Rate limit in Mbit/s per direction (tbf); `None` is an unlimited veth.
     pub rate_mbit: Option<u32>,
+    /// One-way delay in microseconds (0: no delay line).
+    pub delay_us: u32,
+    /// Each frame's delay varies uniformly by up to this much (no reordering).
+    pub jitter_us: u32,
+    /// Frames lost on purpose, in parts per million.
+    pub loss_ppm: u32,
 }
 
 impl LinkSpec {
@@ -20,7 +29,21 @@ impl LinkSpec {
     pub fn mbit(mbit: u32) -> Self {
         Self {
             rate_mbit: Some(mbit),
+            ..Self::default()
         }
+    }
+
+    /// This link with a one-way delay of `ms` milliseconds (RTT 2 × ms).
+    pub fn delay_ms(self, ms: f64) -> Self {
+        Self {
+            delay_us: (ms * 1000.0).round() as u32,
+            ..self
+        }
+    }
+
+    /// Whether frames cross a delay line (any delay, jitter or loss).
+    pub fn needs_delay_line(&self) -> bool {
+        self.delay_us > 0 || self.jitter_us > 0 || self.loss_ppm > 0
     }
 }
 
@@ -63,11 +86,17 @@ impl Testbed {
         let if_b = format!("to-{a}");
         let addr_a = Ipv4Addr::new(198, 18, n, 1);
         let addr_b = Ipv4Addr::new(198, 18, n, 2);
-        // Both ends are created straight inside their namespaces, so nothing
-        // ever exists in the root namespace and names cannot collide there.
-        run(Command::new("ip").args([
-            "link", "add", &if_a, "netns", &ns_a, "type", "veth", "peer", "name", &if_b, "netns", &ns_b,
-        ]))?;
+        if spec.needs_delay_line() {
+            // Two veth pairs through a middle namespace; the hosts see the
+            // same interface names and one /24, as without a delay.
+            self.delay_line(n, (a, &ns_a, &if_a), (b, &ns_b, &if_b), spec)?;
+        } else {
+            // Both ends are created straight inside their namespaces, so nothing
+            // ever exists in the root namespace and names cannot collide there.
+            run(Command::new("ip").args([
+                "link", "add", &if_a, "netns", &ns_a, "type", "veth", "peer", "name", &if_b, "netns", &ns_b,
+            ]))?;
+        }
         for (ns, ifname, addr) in [(&ns_a, &if_a, addr_a), (&ns_b, &if_b, addr_b)] {
             run(Command::new("ip").args(["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", ifname]))?;
             run(Command::new("ip").args(["-n", ns, "link", "set", ifname, "up"]))?;
@@ -117,7 +146,8 @@ impl Testbed {
             .ok_or_else(|| TestbedError::NoLink(a.into(), b.into()))
     }
 
-    /// Changes the rate of an existing link (both directions).
+    /// Changes the rate of an existing link (both directions); its delay,
+    /// jitter and loss stay as the link was made.
     pub fn set_rate(&mut self, a: &str, b: &str, spec: LinkSpec) -> Result<(), TestbedError> {
         if spec.rate_mbit == Some(0) {
             return Err(TestbedError::ZeroRate);
@@ -139,7 +169,7 @@ impl Testbed {
             .iter_mut()
             .find(|l| (l.a.host == a && l.b.host == b) || (l.a.host == b && l.b.host == a))
         {
-            l.spec = spec;
+            l.spec.rate_mbit = spec.rate_mbit;
         }
         Ok(())
     }

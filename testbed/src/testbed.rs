@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use std::process::Command;
 
 use crate::cmd::run;
+use crate::delay::DelayLine;
 use crate::link::Link;
 use crate::netns::{check_name, destroy_netns, list_netns, tag_namespaces, NETNS_ADD_LOCK, NETNS_PREFIX};
 use crate::segment::L2Segment;
@@ -32,6 +33,8 @@ pub struct Testbed {
     pub(crate) host_addrs: BTreeMap<String, Ipv4Addr>,
     /// Every namespace created, hosts and segment hubs, in creation order.
     pub(crate) namespaces: Vec<String>,
+    /// The delay lines of links with a delay (see `delay`).
+    pub(crate) delay_lines: Vec<DelayLine>,
     pub(crate) torn_down: bool,
 }
 
@@ -50,6 +53,7 @@ impl Testbed {
             segments: BTreeMap::new(),
             host_addrs: BTreeMap::new(),
             namespaces: Vec::new(),
+            delay_lines: Vec::new(),
             torn_down: false,
         })
     }
@@ -77,7 +81,8 @@ impl Testbed {
     /// Adds a host: a new namespace with loopback up.
     pub fn add_host(&mut self, name: &str) -> Result<HostHandle, TestbedError> {
         check_name("host", name)?;
-        if self.hosts.contains_key(name) || self.segments.contains_key(name) {
+        // Segment hubs and delay lines have namespaces of the same shape.
+        if self.hosts.contains_key(name) || self.namespaces.contains(&self.netns_name(name)) {
             return Err(TestbedError::DuplicateHost(name.to_string()));
         }
         let netns = self.create_netns(name)?;
@@ -183,6 +188,7 @@ impl Testbed {
                 first_err.get_or_insert(e);
             }
         }
+        self.reap_delay_lines();
         self.torn_down = true;
         self.namespaces.clear();
         match first_err {

@@ -163,7 +163,7 @@ async fn serve_until_stopped(
         tracing::info!(%addr, "metrics at /metrics");
     }
     let zstd = if args.no_zstd {
-        ZstdPolicy { compress_rate: 0.0 }
+        ZstdPolicy::never()
     } else {
         ZstdPolicy::calibrate()
     };
@@ -243,7 +243,7 @@ async fn serve_until_stopped(
         },
         _ => "no coordinator".to_string(),
     };
-    tracing::info!(%local, %id, store = %args.store.display(), zstd_mb_per_s = zstd.compress_rate / 1e6, "agent serving");
+    tracing::info!(%local, %id, store = %args.store.display(), zstd_mb_per_s = ?zstd.speeds.map(|s| (s / 1e6).round()), "agent serving");
     {
         let mut out = std::io::stdout().lock();
         if let Some((_, l)) = &incoming {

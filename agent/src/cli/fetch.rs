@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use edgeshift_agent::slicer::place::ImageInPlace;
 use edgeshift_agent::store::LocalStore;
 use edgeshift_agent::transfer::fetch::{FetchOptions, Fetcher};
 use edgeshift_common::ManifestId;
@@ -24,7 +25,17 @@ use crate::cli::args::{ClusterArgs, CoordinatorArgs};
 /// stored; a peer that sends wrong bytes is dropped for this fetch, and a peer
 /// that dies or stalls costs only its in-flight chunks. Stored chunks are
 /// durable, so running the same fetch again after an interruption fetches only
-/// what is still missing. Restore the image afterwards with `edgeshift restore`.
+/// what is still missing.
+///
+/// A chunk of which this store holds an earlier version (the chunk at its
+/// place in the nearest other manifest of the same size) is asked for as the
+/// 4 KiB blocks that differ, from peers holding both.
+///
+/// With --out IMAGE the image is written as the chunks arrive (those held
+/// here at once) under a hidden temp name beside IMAGE, renamed to IMAGE
+/// once complete and synced: byte-equal to `edgeshift restore`, and a failed
+/// or killed fetch leaves no IMAGE. Without it, restore the image afterwards
+/// with `edgeshift restore`.
 ///
 /// With --coordinator the sources come from the coordinator instead of
 /// --peer: the image is pinned here (edge --id), fetched from the planned
@@ -61,6 +72,10 @@ pub struct Args {
     /// Never ask peers for zstd-compressed chunks.
     #[arg(long)]
     no_zstd: bool,
+    /// Also write the image here as its chunks arrive (renamed into place
+    /// once complete and synced).
+    #[arg(long, value_name = "IMAGE")]
+    out: Option<PathBuf>,
     #[command(flatten)]
     coord: CoordinatorArgs,
 }
@@ -107,11 +122,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
     let peers = coordinated.as_ref().map(|c| c.peers.clone()).unwrap_or(peers);
-    let fetcher = Fetcher::with_options(Arc::new(store), peers, trust, opts);
+    let store = Arc::new(store);
+    let mut fetcher = Fetcher::with_options(Arc::clone(&store), peers, trust, opts);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let placing = match &args.out {
+        Some(out) => {
+            let manifest = rt
+                .block_on(fetcher.fetch_manifest(&args.manifest))
+                .with_context(|| format!("fetching the manifest {}", args.manifest))?;
+            let place = ImageInPlace::start(store, args.manifest, manifest, out)
+                .with_context(|| format!("starting the image {}", out.display()))?;
+            fetcher = fetcher.with_placement(place.sink());
+            Some(place)
+        }
+        None => None,
+    };
     let progress = fetcher.progress();
     let bar = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(0);
@@ -149,6 +177,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bar.finish_and_clear();
     }
     let report = report.with_context(|| format!("fetching {}", args.manifest))?;
+    drop(fetcher);
+    if let (Some(place), Some(out)) = (placing, &args.out) {
+        place
+            .finish()
+            .with_context(|| format!("writing the image {}", out.display()))?;
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

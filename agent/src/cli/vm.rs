@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use edgeshift_agent::coordination::fetch::pin_image;
 use edgeshift_agent::migrate::coord::release_source;
+use edgeshift_agent::slicer::place::ImageInPlace;
 use edgeshift_agent::store::{ChunkStore, LocalStore};
 use edgeshift_agent::transfer::fetch::Fetcher;
 use edgeshift_agent::vm::state::is_running;
@@ -182,6 +183,7 @@ fn run_vm(mut a: RunArgs) -> anyhow::Result<()> {
         LocalStore::open_or_create(&a.store)
             .with_context(|| format!("opening store {}", a.store.display()))?,
     );
+    let mut disk_written = false;
     if !a.peers.is_empty() {
         let trust = a
             .cluster
@@ -191,14 +193,29 @@ fn run_vm(mut a: RunArgs) -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        // The disk is written as its chunks arrive: no restore pass after.
+        let dir = sd.vm_dir(&a.name)?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut cleanup = DirGuard(Some(dir.clone()));
+        let manifest = rt
+            .block_on(fetcher.fetch_manifest(&id))
+            .context("fetching the image's manifest")?;
+        let place = ImageInPlace::start(Arc::clone(&store), id, manifest, &dir.join("disk.raw"))
+            .context("starting the disk image")?;
+        let fetcher = fetcher.with_placement(place.sink());
         let report = rt
             .block_on(fetcher.fetch(&id))
             .context("fetching the image's missing chunks")?;
+        drop(fetcher);
+        place.finish().context("writing the disk image")?;
         tracing::info!(
             chunks = report.chunks_fetched,
             bytes = report.bytes_received,
-            "fetched missing chunks"
+            "fetched missing chunks into the disk image"
         );
+        // start_vm owns the directory from here.
+        cleanup.0 = None;
+        disk_written = true;
     }
     let manifest = store.get_manifest(&id)?;
     let missing = manifest
@@ -221,7 +238,7 @@ fn run_vm(mut a: RunArgs) -> anyhow::Result<()> {
             .with_context(|| format!("pinning image {} at the coordinator {}", a.image, c.url))?;
     }
     let json = a.json;
-    let started = start_vm(a, &sd, &store, &manifest, id, memory);
+    let started = start_vm(a, &sd, &store, &manifest, id, memory, disk_written);
     if let (Err(_), Some(c)) = (&started, &coord) {
         // The VM did not start: its reference goes again.
         for left in release_source(c, &sd, store.root(), "", &id.to_hex()) {
@@ -248,7 +265,8 @@ fn print_started(rec: &VmRecord, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Restores the disk, attaches it and starts QEMU; records the VM.
+/// Restores the disk (unless `disk_written`: the fetch wrote it as its
+/// chunks arrived), attaches it and starts QEMU; records the VM.
 fn start_vm(
     a: RunArgs,
     sd: &StateDir,
@@ -256,14 +274,17 @@ fn start_vm(
     manifest: &edgeshift_common::Manifest,
     id: Fingerprint,
     memory: u64,
+    disk_written: bool,
 ) -> anyhow::Result<VmRecord> {
     let dir = sd.vm_dir(&a.name)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let cleanup = DirGuard(Some(dir.clone()));
     let image_path = dir.join("disk.raw");
-    // Through the I/O module, as `edgeshift restore` (io_uring writes).
-    edgeshift_agent::slicer::restore_image(store, &id, &image_path, None)
-        .context("restoring the disk image")?;
+    if !disk_written {
+        // Through the I/O module, as `edgeshift restore` (io_uring writes).
+        edgeshift_agent::slicer::restore_image(store, &id, &image_path, None)
+            .context("restoring the disk image")?;
+    }
     let dev = vm::loopdev::LoopDevice::attach(&image_path)?;
     // Counts the VM's writes from its first one, so that a migration need
     // not slice the disk to find what changed since this manifest.

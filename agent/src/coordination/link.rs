@@ -23,7 +23,7 @@ use super::handoff::{HandoffConfig, HandoffRunner};
 use super::pins::{GcOutcome, LocalPins};
 use super::CoordError;
 use crate::store::{ChunkStore, ChunkUses, LocalStore};
-use crate::transfer::fetch::{ChunkWant, FetchOptions, Fetcher};
+use crate::transfer::fetch::{basis, ChunkWant, FetchOptions, Fetcher};
 use crate::transfer::Trust;
 
 #[derive(Debug, Clone)]
@@ -276,6 +276,12 @@ impl Link {
         let mut peers: Vec<SocketAddr> = Vec::new();
         let mut wants = Vec::new();
         for o in &orders.prefetch {
+            // An earlier version of the image held here: its chunks come as
+            // deltas from a holder of both (`transfer::fetch::basis`).
+            let basis = match self.store.get_manifest(&o.manifest) {
+                Ok(m) => basis::basis_for(&self.store, &m).unwrap_or_default(),
+                Err(_) => basis::Basis::default(),
+            };
             for c in &o.chunks {
                 if self.store.has_chunk(&c.fp)? {
                     continue;
@@ -294,7 +300,7 @@ impl Link {
                 }
                 wants.push(ChunkWant {
                     optional: false,
-                    base: None,
+                    base: basis.base_of(&c.fp),
                     fp: c.fp,
                     len: c.bytes,
                     sources: Some(vec![addr]),

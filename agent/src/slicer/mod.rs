@@ -7,6 +7,7 @@ pub mod format;
 mod hash;
 pub mod image;
 pub mod inspect;
+pub mod place;
 mod read;
 pub mod restore;
 mod segment;

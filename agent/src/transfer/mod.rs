@@ -19,6 +19,7 @@
 //! The protocol and its choices are described in `docs/wire.md`.
 
 pub mod admission;
+pub mod compress;
 pub mod conn;
 pub mod dial;
 pub mod fetch;

@@ -44,54 +44,7 @@ pub struct ServerConfig {
     pub uses: Option<Arc<ChunkUses>>,
 }
 
-/// When to compress: zstd level 1 speed on this machine, measured once.
-#[derive(Debug, Clone, Copy)]
-pub struct ZstdPolicy {
-    /// Bytes per second zstd level 1 compresses on this machine (0 = never compress).
-    pub compress_rate: f64,
-}
-
-impl ZstdPolicy {
-    pub const LEVEL: i32 = 1;
-
-    /// Measures compression speed on 4 MiB of half-compressible bytes.
-    pub fn calibrate() -> Self {
-        let mut sample = vec![0u8; 4 << 20];
-        let mut x: u32 = 0x9e37_79b9;
-        for (i, b) in sample.iter_mut().enumerate() {
-            // Alternate random-looking and repetitive runs of 4 KiB.
-            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            *b = if (i / 4096) % 2 == 0 {
-                (x >> 24) as u8
-            } else {
-                (i % 7) as u8
-            };
-        }
-        let t = Instant::now();
-        match zstd::bulk::compress(&sample, Self::LEVEL) {
-            Ok(_) => {
-                let secs = t.elapsed().as_secs_f64().max(1e-6);
-                ZstdPolicy {
-                    compress_rate: sample.len() as f64 / secs,
-                }
-            }
-            Err(_) => ZstdPolicy { compress_rate: 0.0 },
-        }
-    }
-
-    /// Worth trying at all on a path of `path_rate` bytes/s: compressing must
-    /// be clearly faster than the path, or it only adds delay.
-    pub fn worth_trying(&self, path_rate: u64) -> bool {
-        path_rate > 0 && self.compress_rate > 4.0 * path_rate as f64
-    }
-
-    /// After compressing: does sending `compressed` bytes (having spent
-    /// `spent`) finish sooner than sending `raw` bytes at `path_rate`?
-    pub fn finishes_sooner(raw: usize, compressed: usize, spent: Duration, path_rate: u64) -> bool {
-        let rate = path_rate.max(1) as f64;
-        spent.as_secs_f64() + compressed as f64 / rate < raw as f64 / rate
-    }
-}
+pub use super::compress::ZstdPolicy;
 
 /// Accepts connections until the listener fails; one task per peer.
 ///
@@ -439,9 +392,14 @@ async fn send_chunk(
             .await
             .map_err(|e| TransferError::Io(std::io::Error::other(e)))??;
             if let Some((bitmap, payload)) = delta {
-                sock.write_all(&wire::encode_delta(rid, fp, base, len32, &bitmap, &payload))
-                    .await?;
-                let wire_bytes = (bitmap.len() + payload.len()) as u64;
+                let level = if zstd_ok {
+                    cfg.zstd.level_for(path_rate)
+                } else {
+                    None
+                };
+                let frame = delta_frame(rid, fp, base, len32, bitmap, payload, level, path_rate).await?;
+                sock.write_all(&frame).await?;
+                let wire_bytes = (frame.len() - wire::HEADER_LEN - wire::DELTA_HEAD_LEN) as u64;
                 metrics::counter!("edgeshift_chunks_delta_total", "peer" => peer.to_string()).increment(1);
                 metrics::counter!("edgeshift_delta_saved_bytes_total", "peer" => peer.to_string())
                     .increment(len.saturating_sub(wire_bytes));
@@ -452,7 +410,12 @@ async fn send_chunk(
         }
     }
 
-    let try_zstd = zstd_ok && cfg.zstd.worth_trying(path_rate) && {
+    let level = if zstd_ok {
+        cfg.zstd.level_for(path_rate)
+    } else {
+        None
+    };
+    let try_zstd = level.is_some() && {
         if zstate.misses >= 4 {
             zstate.skipped += 1;
             zstate.skipped.is_multiple_of(16)
@@ -460,7 +423,7 @@ async fn send_chunk(
             true
         }
     };
-    let wire_bytes = if try_zstd {
+    let wire_bytes = if let Some(level) = level.filter(|_| try_zstd) {
         // Compression needs the bytes in user space; this path is only taken
         // on links slow enough that the CPU is not the bottleneck.
         // Reading and compressing run off the async workers.
@@ -475,7 +438,7 @@ async fn send_chunk(
                 }
             };
             let t = Instant::now();
-            let compressed = zstd::bulk::compress(&raw, ZstdPolicy::LEVEL)?;
+            let compressed = zstd::bulk::compress(&raw, level)?;
             Ok((raw, compressed, t.elapsed()))
         })
         .await
@@ -522,6 +485,41 @@ async fn send_chunk(
     };
     served(cfg, peer, fp, wire_bytes);
     Ok(())
+}
+
+/// A delta's frame: its bitmap and blocks compressed at `level` as one zstd
+/// frame when that arrives sooner on a path of `path_rate` bytes/s
+/// (compressed off the async workers), else as they are.
+#[allow(clippy::too_many_arguments)]
+async fn delta_frame(
+    rid: u64,
+    fp: &Fingerprint,
+    base: &Fingerprint,
+    len: u32,
+    bitmap: Vec<u8>,
+    payload: Vec<u8>,
+    level: Option<i32>,
+    path_rate: u64,
+) -> Result<Vec<u8>, TransferError> {
+    let Some(level) = level.filter(|_| !payload.is_empty()) else {
+        return Ok(wire::encode_delta(rid, fp, base, len, &bitmap, &payload));
+    };
+    let (fp, base) = (*fp, *base);
+    tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+        let t = Instant::now();
+        let mut body = bitmap;
+        body.extend_from_slice(&payload);
+        let compressed = zstd::bulk::compress(&body, level)?;
+        if ZstdPolicy::finishes_sooner(body.len(), compressed.len(), t.elapsed(), path_rate) {
+            Ok(wire::encode_delta_zstd(rid, &fp, &base, len, &compressed))
+        } else {
+            let (bitmap, payload) = body.split_at(edgeshift_common::delta::bitmap_len(len as usize));
+            Ok(wire::encode_delta(rid, &fp, &base, len, bitmap, payload))
+        }
+    })
+    .await
+    .map_err(|e| TransferError::Io(std::io::Error::other(e)))?
+    .map_err(TransferError::Io)
 }
 
 /// Counts a chunk served to `peer` in `wire_bytes`, and its use.
@@ -601,25 +599,4 @@ async fn sendfile_all(sock: &TcpStream, file: &File, len: u64) -> Result<(), Tra
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zstd_policy_decisions() {
-        let p = ZstdPolicy { compress_rate: 400e6 };
-        // Unknown path rate: never.
-        assert!(!p.worth_trying(0));
-        // 20 Mbit/s path: compression is far faster than the wire.
-        assert!(p.worth_trying(2_500_000));
-        // 10 Gbit/s path: the CPU would be the bottleneck.
-        assert!(!p.worth_trying(1_250_000_000));
-        // Halving 256 KiB in 2 ms on a 2.5 MB/s path wins; shaving 1% in 2 ms does not.
-        let spent = Duration::from_millis(2);
-        assert!(ZstdPolicy::finishes_sooner(262_144, 131_072, spent, 2_500_000));
-        assert!(!ZstdPolicy::finishes_sooner(262_144, 259_500, spent, 2_500_000));
-        assert!(ZstdPolicy::calibrate().compress_rate > 0.0);
-    }
 }

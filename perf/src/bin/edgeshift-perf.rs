@@ -33,6 +33,18 @@ enum Cmd {
         /// Print the run records as one JSON object on stdout.
         #[arg(long)]
         json: bool,
+        /// Round-trip times between edges to run the groups at (ms; the
+        /// testbed's delay line), e.g. `0,20,60`.
+        #[arg(long, value_delimiter = ',', default_value = "0")]
+        rtt_ms: Vec<f64>,
+        /// Edge-to-edge rates of the bandwidth and live groups (Mbit/s).
+        #[arg(long, value_delimiter = ',', default_value = "10,50,100")]
+        rates: Vec<u32>,
+        /// Namespace tag (es-<tag>-<host>) and work directory name: two
+        /// runs on one machine need different tags, or the second one's
+        /// stale-namespace cleanup kills the first's processes.
+        #[arg(long, default_value = "scen")]
+        tag: String,
     },
     /// The full evaluation (cache, sources, bandwidth, policies, live, live-writes), then report.md with plots in perf/reports/full.
     Report {
@@ -101,10 +113,18 @@ fn main() -> anyhow::Result<()> {
     tracing_init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Scenario { names, out, json } => {
+        Cmd::Scenario {
+            names,
+            out,
+            json,
+            rtt_ms,
+            rates,
+            tag,
+        } => {
             let name = names.join("-");
             let out = out.unwrap_or_else(|| default_out(&name));
-            let set = suite::run(&name, &names, "scen", &work_dir("scen"), &log)?;
+            let sweep = suite::Sweep { rtt_ms, rates };
+            let set = suite::run(&name, &names, &sweep, &tag, &work_dir(&tag), &log)?;
             let runs = report::save(&set, &out)?;
             let md = report::write(&set, &out)?;
             if json {
@@ -128,7 +148,14 @@ fn main() -> anyhow::Result<()> {
                 Some(path) => report::load(&path)?,
                 None => {
                     let groups: Vec<String> = suite::REPORT.iter().map(|s| s.to_string()).collect();
-                    let mut set = suite::run("full", &groups, "full", &work_dir("full"), &log)?;
+                    let mut set = suite::run(
+                        "full",
+                        &groups,
+                        &suite::Sweep::default(),
+                        "full",
+                        &work_dir("full"),
+                        &log,
+                    )?;
                     if with_migrate_bench {
                         suite::add_live_migration(&mut set, &out.join("migrate"), &log);
                     }

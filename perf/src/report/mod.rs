@@ -3,6 +3,7 @@
 //! the record, so a report can be regenerated from its JSON alone.
 
 pub mod plots;
+pub mod wan;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -102,13 +103,13 @@ pub fn headline_table(set: &RunSet) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| rate (Mbit/s) | tool | handoff | seconds | MB on the wire | MB needed | paths (Mbit/s) | physical limit (s) | time ÷ limit | time ÷ edgeshift time | verified |"
+        "| rate (Mbit/s) | tool | handoff | seconds | MB on the wire | MB needed | paths (Mbit/s) | physical limit (s) | time ÷ limit | time ÷ edgeshift time | time ÷ rsync-base time | verified |"
     );
-    let _ = writeln!(s, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|:---:|");
+    let _ = writeln!(s, "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|");
     let mut runs: Vec<&Run> = set
         .runs
         .iter()
-        .filter(|r| r.scenario == "bandwidth" || r.scenario == "live")
+        .filter(|r| r.scenario == "bandwidth" || r.scenario == "neighbour" || r.scenario == "live")
         .collect();
     runs.sort_by(|a, b| {
         a.rate_mbit
@@ -122,17 +123,27 @@ pub fn headline_table(set: &RunSet) -> String {
         } else {
             "edgeshift"
         };
-        let es = runs
-            .iter()
-            .find(|x| x.tool == reference && x.rate_mbit == r.rate_mbit && x.scenario == r.scenario)
-            .map(|x| x.seconds);
-        let speedup = match es {
-            Some(e) if e > 0.0 && r.tool != reference => format!("{:.1}×", r.seconds / e),
+        // Disk rows (the neighbour's too) against the bandwidth sweep's.
+        let same_kind =
+            |x: &Run| x.rate_mbit == r.rate_mbit && kind(x) == kind(r) && x.scenario != "neighbour";
+        let seconds_of = |tool: &str| {
+            runs.iter()
+                .find(|x| x.tool == tool && same_kind(x))
+                .map(|x| x.seconds)
+        };
+        let against = |e: Option<f64>, tool: &str| match e {
+            Some(e) if e > 0.0 && r.tool != tool => format!("{:.2}×", r.seconds / e),
             _ => "–".into(),
+        };
+        let speedup = against(seconds_of(reference), reference);
+        let vs_rsync = if kind(r) == "disk" {
+            against(seconds_of("rsync-base"), "rsync-base")
+        } else {
+            "–".into()
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} |",
             r.rate_mbit,
             r.tool,
             kind(r),
@@ -143,6 +154,7 @@ pub fn headline_table(set: &RunSet) -> String {
             r.limit_seconds,
             ratio(r),
             speedup,
+            vs_rsync,
             ok(r)
         );
     }
@@ -155,11 +167,11 @@ pub fn live_table(set: &RunSet) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| scenario | tool | rate (Mbit/s) | guest writes | guest writes (KB/s) | destination | seconds | command (s) | downtime (ms) | rounds | chunks re-sent | disk MB lacked | memory MB | MB on the wire | limit (s) | time ÷ limit | guest disk check |"
+        "| scenario | tool | rate (Mbit/s) | RTT (ms) | guest writes | guest writes (KB/s) | destination | seconds | command (s) | downtime (ms) | rounds | chunks re-sent | disk MB lacked | memory MB | MB on the wire | limit (s) | time ÷ limit | guest disk check |"
     );
     let _ = writeln!(
         s,
-        "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        "|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     );
     for r in set
         .runs
@@ -170,10 +182,11 @@ pub fn live_table(set: &RunSet) -> String {
         let num = |k: &str| d[k].as_u64().map_or("–".to_string(), |v| v.to_string());
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} |",
             r.scenario,
             r.tool,
             r.rate_mbit,
+            r.rtt_ms,
             r.workload,
             d["guest_write_bytes_per_s"]
                 .as_f64()
@@ -340,12 +353,12 @@ pub fn write(set: &RunSet, dir: &Path) -> Result<PathBuf, ReportError> {
     );
     let _ = writeln!(
         md,
-        "The edge cloud is emulated with network namespaces: every pair of hosts is joined by a veth pair whose two egresses are limited by tbf. **Only bandwidth is emulated, not latency**: this kernel has no netem, so round trips are sub-millisecond and latency-bound protocols look better here than on a real WAN. Bytes on the wire are the destination's interface counters (both directions, headers included). The physical limit is the bytes the destination lacked divided by the summed rates of the paths the run used; a ratio of 1.00× would be a perfect transfer.\n"
+        "The edge cloud is emulated with network namespaces: every pair of hosts is joined by a veth pair whose two egresses are limited by tbf. Latency is emulated only where a run says so (its RTT, in ms, between edges: the testbed's user-space delay line, docs/wan.md, as this kernel has no netem); at RTT 0 round trips are sub-millisecond and latency-bound protocols look better than on a real WAN. Bytes on the wire are the destination's interface counters (both directions, headers included). The physical limit is the bytes the destination lacked divided by the summed rates of the paths the run used; a ratio of 1.00× would be a perfect transfer.\n"
     );
     if set.runs.iter().any(|r| r.tool == "edgeshift") {
         let _ = writeln!(
             md,
-            "An edgeshift run here is the disk part of a handoff: `edgeshift fetch` from all sources at once into the destination's store, then `edgeshift restore` of the image, timed end to end and checked byte for byte against the source. The VM disk is the Debian nginx image with 64 KiB writes on top (low: 16 MiB, high: 96 MiB) — what the VM changed since the earlier copy.\n"
+            "An edgeshift run here is the disk part of a handoff: `edgeshift fetch --out` from all sources at once into the destination's store, writing the image as its chunks arrive (a build without `--out`: fetch, then `edgeshift restore`), timed end to end and checked byte for byte against the source. The VM disk is the Debian nginx image with 64 KiB writes on top (low: 16 MiB, high: 96 MiB) — what the VM changed since the earlier copy. The source edge (e1) holds the VM's disk and the nginx image it booted from; the second edge (e3) and the origin hold the base and nginx images.\n"
         );
     }
     let _ = writeln!(
@@ -355,7 +368,7 @@ pub fn write(set: &RunSet, dir: &Path) -> Result<PathBuf, ReportError> {
     if set.runs.iter().any(|r| r.scenario == "live") {
         let _ = writeln!(
             md,
-            "Two kinds of rows. **disk**: the disk part of a handoff of the Debian nginx VM disk (1 GiB) to a warm destination (the base image held), edgeshift from two edges at once against rsync, casync and a whole copy from one. **live VM**: the whole handoff of the running test VM (a smaller disk, see *Live handoffs* below), `edgeshift migrate` to a warm destination against QEMU's shared-nothing migration (blockdev-mirror to NBD + migrate, empty destination); time until the VM runs at the destination. \"time ÷ edgeshift time\" compares each row with edgeshift's row of the same kind and rate; \"verified\" is the byte-for-byte check (disk) or the guest's own disk check after the switch (live).\n"
+            "Two kinds of rows. **disk**: the disk part of a handoff of the Debian nginx VM disk (1 GiB) to a warm destination (the base image held), edgeshift from two edges at once (and, \"edgeshift, one path\", from the source alone) against rsync, casync and a whole copy from one; the row \"edgeshift, neighbour holds an earlier copy\" is edgeshift's again with the second edge holding an earlier copy of the VM's disk (its first half of the writes), as an edge the VM ran on before would. **live VM**: the whole handoff of the running test VM (a smaller disk, see *Live handoffs* below), `edgeshift migrate` to a warm destination against QEMU's shared-nothing migration (blockdev-mirror to NBD + migrate, empty destination); time until the VM runs at the destination. \"time ÷ edgeshift time\" and \"time ÷ rsync-base time\" compare each row with edgeshift's (rsync's against the base) row of the same kind and rate; \"verified\" is the byte-for-byte check (disk) or the guest's own disk check after the switch (live).\n"
         );
     }
     md.push_str(&headline_table(set));
@@ -430,6 +443,7 @@ pub fn write(set: &RunSet, dir: &Path) -> Result<PathBuf, ReportError> {
             }
         }
     }
+    md.push_str(&wan::section(set, dir)?);
     let live: Vec<&Run> = set.runs.iter().filter(|r| r.scenario == "live-bench").collect();
     if !live.is_empty() {
         let _ = writeln!(

@@ -34,6 +34,10 @@ pub(super) struct Incoming {
     /// Pull does not look them up again (docs/migration.md, "The
     /// destination").
     pub(super) held_at_prepare: HashSet<Fingerprint>,
+    /// Per index, the chunk this edge held at that place in the nearest
+    /// earlier version of the image (`transfer::fetch::basis`; zero where
+    /// none): round 0's delta bases, while the image still holds nothing.
+    pub(super) basis: Vec<Fingerprint>,
     pub(super) image_path: PathBuf,
     pub(super) dir: PathBuf,
     pub(super) file: File,

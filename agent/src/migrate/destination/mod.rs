@@ -31,6 +31,8 @@ mod mirror;
 mod mirror_server;
 mod prepare;
 mod pull;
+#[cfg(test)]
+mod round0_tests;
 mod session;
 pub mod state;
 mod teardown;

@@ -14,6 +14,7 @@ use crate::migrate::image_writer::ImageWriter;
 use crate::migrate::proto::Response;
 use crate::migrate::MigrateError;
 use crate::store::ChunkStore;
+use crate::transfer::fetch::basis;
 use crate::transfer::pool::ConnPool;
 use crate::vm::{self, MemoryTransport, VmSpec};
 
@@ -78,6 +79,27 @@ pub(super) fn prepare(
         }
     }
     let local_chunks = held_at_prepare.len() as u64;
+    // What this edge holds of the disk's earlier versions (a warm
+    // destination): the chunks round 0 fetches are asked for as deltas
+    // against the boot image's chunk at their place where held here, else
+    // against the nearest other version's.
+    let near = match basis::nearest_manifest(&host.store, manifest) {
+        Ok(near) => near.map(|(_, m)| m.chunks),
+        Err(e) => {
+            tracing::warn!(vm = %spec.name, error = %e, "no other version as delta basis (the manifests could not be read)");
+            None
+        }
+    };
+    let basis: Vec<Fingerprint> = manifest
+        .chunks
+        .iter()
+        .enumerate()
+        .map(|(i, fp)| match &near {
+            _ if held_at_prepare.contains(fp) => *fp,
+            Some(near) => near[i],
+            None => Fingerprint::ZERO_CHUNK,
+        })
+        .collect();
     tracing::info!(vm = %spec.name, missing_chunks, missing_bytes, local_chunks, "prepared incoming VM");
     let writer = ImageWriter::new(
         file.try_clone().map_err(io("open", &image_path))?,
@@ -93,6 +115,7 @@ pub(super) fn prepare(
         image_size: manifest.image_size,
         current: vec![Fingerprint::ZERO_CHUNK; manifest.chunks.len()],
         held_at_prepare,
+        basis,
         spec,
         image_path,
         dir,

@@ -68,10 +68,11 @@ impl Incoming {
                     len: self.chunk_len(i),
                     // Set once every index that needs it is known.
                     optional: false,
-                    // What the image held where it goes: a peer holding both
-                    // sends only the blocks that differ (the fetcher ignores
-                    // a zero chunk as base).
-                    base: deltas.then_some(self.current[i]),
+                    // What the image held where it goes (before it held
+                    // anything there: what the nearest earlier version held
+                    // here has): a peer holding both sends only the blocks
+                    // that differ (the fetcher ignores a zero chunk as base).
+                    base: deltas.then(|| self.base_at(i)),
                 });
             }
             // What the image will hold once the writer is done: `verify`
@@ -124,6 +125,22 @@ impl Incoming {
         metrics::counter!("edgeshift_migrate_pulled_bytes_total")
             .increment(stats.holders.iter().map(|h| h.bytes).sum::<u64>());
         Ok(stats)
+    }
+
+    /// The delta base for index `i`: what the image holds there, else the
+    /// chunk the nearest earlier version held here has there (a zero chunk
+    /// when neither, which is no base).
+    fn base_at(&self, i: usize) -> Fingerprint {
+        let now = self.current[i];
+        if !now.is_zero_chunk() {
+            return now;
+        }
+        match self.basis.get(i) {
+            Some(b) if self.held_at_prepare.contains(b) || self.host.store.has_chunk(b).unwrap_or(false) => {
+                *b
+            }
+            _ => now,
+        }
     }
 
     /// Pulls the chunks in `order` from every holder at once with the

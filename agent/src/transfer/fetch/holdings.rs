@@ -1,6 +1,7 @@
 //! The holdings probe: before a fetch, ask every peer at once which of the
-//! wanted chunks it holds, so nobody is asked for a chunk it lacks and each
-//! peer takes first what only it holds.
+//! wanted chunks (and of their delta bases) it holds, so nobody is asked
+//! for a chunk it lacks, each peer takes first what only it holds, and a
+//! chunk is asked for as a delta only where its base is.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,23 +26,32 @@ use crate::transfer::{TransferError, Trust};
 /// want's sources to the peers that said yes (a peer that could not be
 /// asked stays a candidate; a chunk nobody claims keeps its sources, so
 /// the fetch itself reports it). Costs one connection and a query of 32
-/// bytes per chunk per peer; saves a `Missing` round trip per chunk a
-/// peer lacks and lets the scheduler put exclusive chunks first.
+/// bytes per chunk (and base) per peer; saves a `Missing` round trip per
+/// chunk a peer lacks and lets the scheduler put exclusive chunks first.
+/// Returns, per wanted chunk with a base, the peers that said they lack
+/// the base.
 pub(crate) async fn narrow_to_holders(
     peers: &[SocketAddr],
     trust: &Trust,
     opts: &FetchOptions,
     pool: Option<&Arc<ConnPool>>,
     wants: &mut [ChunkWant],
-) {
+) -> HashMap<Fingerprint, PeerSet> {
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     for (i, &addr) in peers.iter().enumerate() {
-        let fps: Vec<Fingerprint> = wants
+        let mut fps: Vec<Fingerprint> = wants
             .iter()
             .filter(|w| !w.fp.is_zero_chunk() && w.may_come_from(&addr))
             .map(|w| w.fp)
             .collect();
+        // The bases after the chunks: one answer per fingerprint, in order.
+        fps.extend(
+            wants
+                .iter()
+                .filter(|w| !w.fp.is_zero_chunk() && w.may_come_from(&addr))
+                .filter_map(|w| w.base),
+        );
         let trust = trust.clone();
         let dial = opts.dial();
         let pool = pool.cloned();
@@ -74,6 +84,13 @@ pub(crate) async fn narrow_to_holders(
             }
         }
     }
+    let mut base_lacking: HashMap<Fingerprint, PeerSet> = HashMap::new();
+    for w in wants.iter() {
+        let Some(base) = w.base else { continue };
+        if let Some(&lack) = lacks.get(&base) {
+            base_lacking.insert(w.fp, lack);
+        }
+    }
     let mut narrowed = 0;
     for w in wants.iter_mut() {
         let Some(&lack) = lacks.get(&w.fp) else { continue };
@@ -93,9 +110,11 @@ pub(crate) async fn narrow_to_holders(
         answered,
         chunks = wants.len(),
         narrowed,
+        bases_lacking = base_lacking.len(),
         seconds = started.elapsed().as_secs_f64(),
         "asked the peers what they hold"
     );
+    base_lacking
 }
 
 /// One holdings query: connects, asks about `fps` (in frames of at most

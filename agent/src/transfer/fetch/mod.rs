@@ -16,6 +16,8 @@
 //! chunks go back to the others, as do those of a peer that dies or stalls.
 //!
 //! The parts, in the order a fetch uses them:
+//! - `basis`: each missing chunk's earlier version held here (the chunk at
+//!   its place in the nearest manifest), asked for as a delta against it;
 //! - `holdings`: with several peers and many chunks, every peer is first
 //!   asked what it holds, and each chunk's sources narrowed to its holders;
 //! - `schedule`: the pure scheduler deciding which peer asks for what;
@@ -27,6 +29,7 @@
 //! - `writer`: a thread making verified chunks durable in batches;
 //! - `report`: live counters and the figures handed back.
 
+pub mod basis;
 mod holdings;
 mod options;
 mod peer_task;
@@ -42,7 +45,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use edgeshift_common::{Manifest, ManifestId};
+use edgeshift_common::{Fingerprint, Manifest, ManifestId};
 use tokio::task::JoinSet;
 use tracing::warn;
 
@@ -68,6 +71,8 @@ pub struct Fetcher {
     progress: Arc<FetchProgress>,
     /// Connections kept between fetches (see [`ConnPool`]).
     pool: Option<Arc<ConnPool>>,
+    /// Told each chunk stored (an image written as its chunks arrive).
+    placement: Option<std::sync::mpsc::Sender<Option<Fingerprint>>>,
 }
 
 impl Fetcher {
@@ -88,6 +93,7 @@ impl Fetcher {
             opts,
             progress: Arc::new(FetchProgress::default()),
             pool: None,
+            placement: None,
         }
     }
 
@@ -96,6 +102,13 @@ impl Fetcher {
     /// authenticates once per peer.
     pub fn with_pool(mut self, pool: Arc<ConnPool>) -> Self {
         self.pool = Some(pool);
+        self
+    }
+
+    /// Names each chunk on `sink` once it is verified and durable here
+    /// (`slicer::place`: the image is written as its chunks arrive).
+    pub fn with_placement(mut self, sink: std::sync::mpsc::Sender<Option<Fingerprint>>) -> Self {
+        self.placement = Some(sink);
         self
     }
 
@@ -141,8 +154,11 @@ impl Fetcher {
     }
 
     /// The chunks of `manifest` this store lacks, in manifest order, each once;
-    /// all-zero chunks are never fetched.
+    /// all-zero chunks are never fetched. Each has as base the chunk at its
+    /// place in the nearest earlier version of the image held here
+    /// ([`basis`]), so a peer holding both sends only the blocks that differ.
     pub fn missing_chunks(&self, manifest: &Manifest) -> Result<Vec<ChunkWant>, TransferError> {
+        let basis = basis::basis_for(&self.store, manifest)?;
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
         for (i, fp) in manifest.chunks.iter().enumerate() {
@@ -155,7 +171,7 @@ impl Fetcher {
                     fp: *fp,
                     len: manifest.chunk_len(i),
                     sources: None,
-                    base: None,
+                    base: basis.base_of(fp),
                 });
             }
         }
@@ -179,8 +195,9 @@ impl Fetcher {
             return Err(TransferError::TooManyChunks(wants.len()));
         }
         let started = Instant::now();
+        let mut bases_lacking = std::collections::HashMap::new();
         if n_peers > 1 && self.opts.probe_min_chunks > 0 && wants.len() >= self.opts.probe_min_chunks {
-            holdings::narrow_to_holders(
+            bases_lacking = holdings::narrow_to_holders(
                 &self.peers,
                 &self.trust,
                 &self.opts,
@@ -189,7 +206,11 @@ impl Fetcher {
             )
             .await;
         }
-        let sched = Arc::new(Shared::new(Sched::new(&self.peers, wants, &self.opts)));
+        let mut sched = Sched::new(&self.peers, wants, &self.opts);
+        if !bases_lacking.is_empty() {
+            sched.note_bases_lacking(&bases_lacking);
+        }
+        let sched = Arc::new(Shared::new(sched));
         {
             let s = sched.lock();
             let chunks = s.chunks();
@@ -215,6 +236,7 @@ impl Fetcher {
                 pool: pool.clone(),
                 store: self.store.clone(),
                 conns: self.pool.clone(),
+                placement: self.placement.clone(),
             };
             tasks.spawn(async move {
                 let reason = run_peer(&ctx).await;

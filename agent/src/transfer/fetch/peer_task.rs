@@ -61,6 +61,8 @@ pub(crate) struct PeerCtx {
     /// This fetch's store: where chunks are staged and the bases of deltas read.
     pub(crate) store: Arc<LocalStore>,
     pub(crate) conns: Option<Arc<ConnPool>>,
+    /// Told each chunk stored (`Fetcher::with_placement`).
+    pub(crate) placement: Option<Sender<Option<Fingerprint>>>,
 }
 
 /// Outcome of verifying and storing one received chunk.
@@ -133,10 +135,10 @@ pub(crate) async fn run_peer(ctx: &PeerCtx) -> Option<String> {
             let mut plain = Vec::new();
             let mut based = Vec::new();
             for &c in &batch {
-                let w = s.chunk(c);
-                match w.base {
-                    Some(base) => based.push(wire::BasedAsk { want: w.fp, base }),
-                    None => plain.push(w.fp),
+                let fp = s.chunk(c).fp;
+                match s.base_at(ctx.index, c) {
+                    Some(base) => based.push(wire::BasedAsk { want: fp, base }),
+                    None => plain.push(fp),
                 }
             }
             let peer = s.peer(ctx.index);
@@ -302,6 +304,10 @@ fn on_stored(ctx: &PeerCtx, label: &str, done: Stored) -> Result<(), String> {
             metrics::counter!("edgeshift_received_bytes_total", "peer" => label.to_string())
                 .increment(done.wire_len);
             if !was_done {
+                if let Some(sink) = &ctx.placement {
+                    // The image's writer gone means the fetch's caller gave up on it.
+                    let _ = sink.send(Some(ctx.sched.lock().chunk(done.c).fp));
+                }
                 metrics::counter!("edgeshift_received_chunks_total", "peer" => label.to_string())
                     .increment(1);
                 ctx.progress.bytes.fetch_add(len, Ordering::Relaxed);
@@ -375,8 +381,9 @@ fn on_frame(ctx: &PeerCtx, label: &str, got: Received, stores: &mut JoinSet<Stor
                 return Ok(());
             };
             let store = ctx.store.clone();
+            let zstd = frame.header.flags() & wire::FLAG_ZSTD != 0;
             spawn_store(ctx, stores, c, fp, wire_len, Encoding::Delta, move || {
-                rebuild(&store, &fp, want_len, &head.base, &frame.body)
+                rebuild(&store, &fp, want_len, &head.base, &frame.body, zstd)
             });
             Ok(())
         }

@@ -29,17 +29,28 @@ impl ChunkBytes {
 /// Rebuilds chunk `fp` from a delta body against `base`, read (and
 /// checked) from this store, then checks the result's fingerprint: a wrong
 /// delta is a bad chunk from the peer; a base this store cannot read is a
-/// local failure.
+/// local failure. A `zstd` delta is decompressed first, bounded by the
+/// most a delta of the chunk's length can take.
 pub(crate) fn rebuild(
     store: &LocalStore,
     fp: &Fingerprint,
     want_len: u64,
     base: &Fingerprint,
     body: &[u8],
+    zstd: bool,
 ) -> Result<ChunkBytes, TransferError> {
     let bad = |reason: String| TransferError::BadChunk { fp: *fp, reason };
-    let (head, bitmap, payload) = wire::decode_delta(body).map_err(|e| bad(e.to_string()))?;
+    let (head, tail) = wire::decode_delta_head(body).map_err(|e| bad(e.to_string()))?;
     check_announced(fp, head.raw_len.get(), want_len)?;
+    let inflated;
+    let tail = if zstd {
+        let bound = wire::delta_body_bound(head.raw_len.get());
+        inflated = zstd::bulk::decompress(tail, bound).map_err(|e| bad(format!("zstd: {e}")))?;
+        &inflated[..]
+    } else {
+        tail
+    };
+    let (bitmap, payload) = wire::split_delta(head.raw_len.get(), tail).map_err(|e| bad(e.to_string()))?;
     let mut buf = vec![0u8; want_len as usize];
     // A base whose length differs from the chunk's fails the read (its
     // length is checked), like a corrupt one.

@@ -52,6 +52,8 @@ pub(crate) struct Chunk {
     allowed: PeerSet,
     pub(crate) optional: bool,
     pub(crate) base: Option<Fingerprint>,
+    /// The peers known to lack `base`: asked for the chunk whole.
+    base_lacking: PeerSet,
     pub(crate) state: ChunkState,
     /// The peers it is in flight at.
     holders: PeerSet,
@@ -87,6 +89,10 @@ pub(crate) struct Sched {
     /// Wire bytes of the deltas stored so far, and the chunks' whole length.
     delta_wire: u64,
     delta_whole: u64,
+    /// The same for chunks sent whole (raw or zstd): the window and the
+    /// measured goodput are both in wire bytes.
+    whole_wire: u64,
+    whole_len: u64,
 }
 
 impl Sched {
@@ -119,6 +125,7 @@ impl Sched {
                 allowed,
                 optional: w.optional,
                 base: w.base.filter(|b| !b.is_zero_chunk() && *b != w.fp),
+                base_lacking: PeerSet::default(),
                 state: ChunkState::Queued,
                 holders: PeerSet::default(),
                 lacking: PeerSet::default(),
@@ -157,6 +164,8 @@ impl Sched {
             window_secs: opts.window_time.as_secs_f64(),
             delta_wire: 0,
             delta_whole: 0,
+            whole_wire: 0,
+            whole_len: 0,
         };
         for c in ChunkIdx::all(n) {
             if s.chunks[c].allowed.is_empty() {
@@ -165,6 +174,34 @@ impl Sched {
         }
         s.settle_fillers();
         s
+    }
+
+    /// Notes which peers lack which chunks' bases (`lacking`, by chunk),
+    /// from the holdings probe: those peers are asked for such a chunk
+    /// whole, and each peer's queue puts the chunks it can send as deltas
+    /// before the ones it would send whole (within the same number of
+    /// sources), so the holders of a base take its chunks first.
+    pub(crate) fn note_bases_lacking(&mut self, lacking: &HashMap<Fingerprint, PeerSet>) {
+        for c in &mut self.chunks {
+            if let Some(set) = c.base.and_then(|_| lacking.get(&c.fp)) {
+                c.base_lacking = *set;
+            }
+        }
+        for (i, peer) in self.peers.iter_mut().enumerate() {
+            let p = PeerIdx::new(i);
+            let chunks = &self.chunks;
+            peer.queue.make_contiguous().sort_by_key(|&c| {
+                let w = &chunks[c];
+                (w.allowed.len(), w.base.is_some() && w.base_lacking.contains(p))
+            });
+        }
+    }
+
+    /// The base chunk `c` should be asked against at peer `p`: None when it
+    /// has none or `p` is known to lack it.
+    pub(crate) fn base_at(&self, p: PeerIdx, c: ChunkIdx) -> Option<Fingerprint> {
+        let w = &self.chunks[c];
+        w.base.filter(|_| !w.base_lacking.contains(p))
     }
 
     pub(crate) fn finished(&self) -> bool {
@@ -297,20 +334,28 @@ impl Sched {
     fn assign(&mut self, p: PeerIdx, c: ChunkIdx) {
         self.chunks[c].state = ChunkState::InFlight;
         self.chunks[c].holders.insert(p);
-        let charged = self.expected_wire(c);
+        let charged = self.expected_wire(p, c);
         self.peers[p].inflight.push_back(Asked { chunk: c, charged });
         self.peers[p].inflight_bytes += charged;
     }
 
     /// Bytes chunk `c` is expected to take on the wire: a chunk with a base
     /// may come as a delta, at the share of a whole chunk the deltas of this
-    /// fetch took so far (half before the first). Charging its whole length
-    /// against the window would leave the path idle between small answers
-    /// (`docs/wire.md`, deltas).
-    fn expected_wire(&self, c: ChunkIdx) -> u64 {
+    /// fetch took so far (half before the first); a chunk sent whole, at
+    /// the share zstd left of the whole chunks so far (all of it before the
+    /// first). Charging its whole length against a window sized in wire
+    /// bytes would leave the path idle between small answers, which only
+    /// shows once round trips are long (`docs/wire.md`, deltas;
+    /// `docs/wan.md`: at 60 ms, 2.5x compression held each 50 Mbit/s path
+    /// to ~20 Mbit/s).
+    fn expected_wire(&self, p: PeerIdx, c: ChunkIdx) -> u64 {
         let w = &self.chunks[c];
-        if w.base.is_none() {
-            return w.len;
+        if self.base_at(p, c).is_none() {
+            if self.whole_len == 0 {
+                return w.len;
+            }
+            let share = (self.whole_wire as f64 / self.whole_len as f64).min(1.0);
+            return ((w.len as f64 * share) as u64).max(1);
         }
         let share = if self.delta_whole > 0 {
             self.delta_wire as f64 / self.delta_whole as f64
@@ -421,8 +466,15 @@ impl Sched {
         }
         peer.chunks += 1;
         match encoding {
-            Encoding::Raw => {}
-            Encoding::Zstd => peer.zstd_chunks += 1,
+            Encoding::Raw => {
+                self.whole_wire += wire_len;
+                self.whole_len += chunk.len;
+            }
+            Encoding::Zstd => {
+                peer.zstd_chunks += 1;
+                self.whole_wire += wire_len;
+                self.whole_len += chunk.len;
+            }
             Encoding::Delta => {
                 peer.delta_chunks += 1;
                 peer.delta_saved_bytes += chunk.len.saturating_sub(wire_len);

@@ -66,12 +66,31 @@ fn chunks_that_may_come_as_deltas_are_charged_at_the_measured_share() {
     s.chunk_stored(p(0), c(0), 10, Encoding::Delta);
     assert_eq!(s.peer(p(0)).delta_chunks, 1);
     assert_eq!(s.peer(p(0)).delta_saved_bytes, 90);
-    assert_eq!(s.expected_wire(c(6)), 10);
+    assert_eq!(s.expected_wire(p(0), c(6)), 10);
     // 5 still in flight at 50: 250 charged; 5 more fit under 300.
     assert_eq!(s.take_batch(p(0), 32).len(), 5);
     // A chunk without a base is charged whole.
     let plain = Sched::new(&addrs(1), wants(2, 100), &opts());
-    assert_eq!(plain.expected_wire(c(0)), 100);
+    assert_eq!(plain.expected_wire(p(0), c(0)), 100);
+}
+
+#[test]
+fn compressed_chunks_are_charged_at_the_measured_share() {
+    let mut s = Sched::new(&addrs(1), wants(20, 100), &opts());
+    // Before any chunk: whole lengths, 3 under the 300-byte window.
+    assert_eq!(s.take_batch(p(0), 32), cs(&[0, 1, 2]));
+    // One came zstd'd to 25 bytes of 100: the rest are charged 25 each,
+    // so the window (in wire bytes, like the goodput it is sized from)
+    // holds 4x as many chunks; before the fix it stayed at 3.
+    assert!(s.arrived(p(0), c(0)));
+    s.chunk_stored(p(0), c(0), 25, Encoding::Zstd);
+    assert_eq!(s.expected_wire(p(0), c(5)), 25);
+    // 2 in flight at 100: 200 charged; 4 more of 25 fit under 300.
+    assert_eq!(s.take_batch(p(0), 32).len(), 4);
+    // A raw chunk counts at its full length: the share never exceeds 1.
+    assert!(s.arrived(p(0), c(1)));
+    s.chunk_stored(p(0), c(1), 100, Encoding::Raw);
+    assert_eq!(s.expected_wire(p(0), c(10)), 62, "(25 + 100) / 200 of 100");
 }
 
 #[test]
@@ -325,5 +344,25 @@ fn a_base_that_cannot_be_read_sends_the_chunk_back_whole() {
     assert_eq!(s.chunk(c(0)).base, None);
     assert_eq!(s.peer(p(0)).bytes, 30, "the delta's bytes still count");
     assert_eq!(s.take_batch(p(0), 32), cs(&[0]), "asked again");
-    assert_eq!(s.expected_wire(c(0)), 100, "charged whole");
+    assert_eq!(s.expected_wire(p(0), c(0)), 100, "charged whole");
+}
+
+#[test]
+fn the_holders_of_a_base_take_its_chunks_first_and_the_others_ask_them_whole() {
+    // Chunks 0..4 have a base that peer 0 lacks and peer 1 holds; 4..8 none.
+    let mut w = wants(8, 100);
+    for x in &mut w[..4] {
+        x.base = Some(Fingerprint::of(b"earlier version"));
+    }
+    let lacking: HashMap<Fingerprint, PeerSet> = w[..4].iter().map(|x| (x.fp, PeerSet::only(p(0)))).collect();
+    let mut s = Sched::new(&addrs(2), w, &opts());
+    s.note_bases_lacking(&lacking);
+    // Peer 0 takes the chunks without a base first, peer 1 (which would
+    // send deltas) the based ones: half charged, so 6 fit its window.
+    assert_eq!(s.take_batch(p(0), 3), cs(&[4, 5, 6]));
+    assert_eq!(s.take_batch(p(1), 32), cs(&[0, 1, 2, 3, 7]));
+    assert_eq!(s.base_at(p(1), c(0)), s.chunk(c(0)).base);
+    assert_eq!(s.base_at(p(0), c(0)), None, "asked whole where the base is not");
+    assert_eq!(s.expected_wire(p(0), c(0)), 100);
+    assert_eq!(s.expected_wire(p(1), c(0)), 50);
 }
