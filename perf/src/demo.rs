@@ -449,3 +449,49 @@ fn guest_disk_check(tb: &testbed::Testbed, vm_ip: &str) -> String {
         Err(e) => format!("socat: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The summary reads the handoff's report as `GET /v1/vms/vm1/handoff`
+    /// returns it (the `migrate --json` fields) and the guest's disk check.
+    #[test]
+    fn summary_shows_the_get_report_and_the_disk_check() {
+        let get: serde_json::Value = serde_json::json!({
+            "id": 1, "vm": "vm1", "from": "e1", "to": "e2", "state": "done",
+            "phase": "pause", "bytes": 378752596u64, "rounds": 2,
+            "report": {
+                "downtime_ms": 90,
+                "phases": [{"phase": "precopy", "seconds": 14.7}, {"phase": "pause", "seconds": 0.1}],
+                "rounds": [{"round": 0}, {"round": 1}],
+                "bytes_by_source": {"198.19.250.2:7070": 178343496u64}
+            }
+        });
+        let rec = DemoRecord {
+            ok: true,
+            migrate_seconds: 22.3,
+            migrate: get["report"].clone(),
+            handoff_phases: vec!["plan".into(), "precopy".into(), "pause".into()],
+            disk_check: "check ok slots=55 counter=140".into(),
+            counter_before: Some(14),
+            counter_after: Some(139),
+            longest_gap_ms: 403,
+            connection_survived: true,
+            ..DemoRecord::default()
+        };
+        let s = summary(&rec);
+        for want in [
+            "handed off, client connected throughout",
+            "handoff over HTTP:   22.3 s wall",
+            "phases:              precopy 14.7 s, pause 0.1 s",
+            "downtime:            90 ms",
+            "pre-copy rounds:     2",
+            "198.19.250.2:7070: 178.3 MB",
+            "longest client gap:  403 ms; connection survived: true",
+            "guest disk at e2:    check ok slots=55 counter=140",
+        ] {
+            assert!(s.contains(want), "{want:?} missing from:\n{s}");
+        }
+    }
+}
