@@ -454,18 +454,7 @@ pub fn encode_delta(
     bitmap: &[u8],
     payload: &[u8],
 ) -> Vec<u8> {
-    let head = DeltaHead {
-        fingerprint: *fp,
-        base: *base,
-        raw_len: U32::new(raw_len),
-        reserved: U32::new(0),
-    };
-    encode(
-        FrameKind::Delta,
-        0,
-        request_id,
-        &[head.as_bytes(), bitmap, payload],
-    )
+    delta_frame(request_id, fp, base, raw_len, 0, &[bitmap, payload])
 }
 
 /// A whole delta frame whose bitmap and block bytes went through zstd as
@@ -478,18 +467,27 @@ pub fn encode_delta_zstd(
     raw_len: u32,
     compressed: &[u8],
 ) -> Vec<u8> {
+    delta_frame(request_id, fp, base, raw_len, FLAG_ZSTD, &[compressed])
+}
+
+fn delta_frame(
+    request_id: u64,
+    fp: &Fingerprint,
+    base: &Fingerprint,
+    raw_len: u32,
+    flags: u16,
+    body: &[&[u8]],
+) -> Vec<u8> {
     let head = DeltaHead {
         fingerprint: *fp,
         base: *base,
         raw_len: U32::new(raw_len),
         reserved: U32::new(0),
     };
-    encode(
-        FrameKind::Delta,
-        FLAG_ZSTD,
-        request_id,
-        &[head.as_bytes(), compressed],
-    )
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(1 + body.len());
+    parts.push(head.as_bytes());
+    parts.extend_from_slice(body);
+    encode(FrameKind::Delta, flags, request_id, &parts)
 }
 
 /// Most bytes the bitmap and blocks of a delta of a `raw_len`-byte chunk

@@ -38,28 +38,8 @@ impl Binaries {
     /// Finds both programs; under cargo (which sets $CARGO) a missing one is
     /// built first (`cargo build --release`), so a fresh checkout works.
     pub fn locate() -> Result<Self, BinariesError> {
-        let dir = match std::env::var_os("EDGESHIFT_BIN_DIR") {
-            Some(d) => PathBuf::from(d),
-            None => std::env::current_exe()
-                .map_err(|source| BinariesError::Io {
-                    what: "locating this program".into(),
-                    source,
-                })?
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_default(),
-        };
-        // Test binaries live in target/<profile>/deps; the programs one level up.
-        let dirs = [
-            dir.clone(),
-            dir.parent().map(Path::to_path_buf).unwrap_or_default(),
-        ];
-        let find = |name: &'static str| {
-            dirs.iter()
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-                .ok_or_else(|| BinariesError::Missing(name, dir.display().to_string()))
-        };
+        let dir = programs_dir()?;
+        let find = |name: &'static str| find_program(&dir, name);
         if let (Ok(edgeshift), Ok(coordinator)) = (find("edgeshift"), find("edgeshift-coordinator")) {
             return Ok(Self {
                 edgeshift,
@@ -94,6 +74,32 @@ pub fn coordinator() -> Result<PathBuf, BinariesError> {
     Ok(bin)
 }
 
+/// $EDGESHIFT_BIN_DIR, else the running program's directory.
+fn programs_dir() -> Result<PathBuf, BinariesError> {
+    Ok(match std::env::var_os("EDGESHIFT_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => std::env::current_exe()
+            .map_err(|source| BinariesError::Io {
+                what: "locating this program".into(),
+                source,
+            })?
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+    })
+}
+
+/// Program `name` in `dir` or one level up (test binaries live in
+/// target/<profile>/deps; the programs in target/<profile>).
+fn find_program(dir: &Path, name: &'static str) -> Result<PathBuf, BinariesError> {
+    [Some(dir.to_path_buf()), dir.parent().map(Path::to_path_buf)]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| BinariesError::Missing(name, dir.display().to_string()))
+}
+
 fn build_coordinator() -> Result<PathBuf, BinariesError> {
     match build_in_profile("edgeshift-coordinator", "edgeshift-coordinator")? {
         Some(bin) => Ok(bin),
@@ -113,25 +119,7 @@ pub fn delayline() -> Result<PathBuf, BinariesError> {
     }
     let bin = match build_in_profile("edgeshift-testbed", NAME)? {
         Some(bin) => bin,
-        None => {
-            let dir = match std::env::var_os("EDGESHIFT_BIN_DIR") {
-                Some(d) => PathBuf::from(d),
-                None => std::env::current_exe()
-                    .map_err(|source| BinariesError::Io {
-                        what: "locating this program".into(),
-                        source,
-                    })?
-                    .parent()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_default(),
-            };
-            [Some(dir.clone()), dir.parent().map(Path::to_path_buf)]
-                .into_iter()
-                .flatten()
-                .map(|d| d.join(NAME))
-                .find(|p| p.is_file())
-                .ok_or_else(|| BinariesError::Missing(NAME, dir.display().to_string()))?
-        }
+        None => find_program(&programs_dir()?, NAME)?,
     };
     *built = Some(bin.clone());
     Ok(bin)
