@@ -197,7 +197,7 @@ fn netns_interrupted_fetch_resumes_with_only_the_rest() {
 }
 
 #[test]
-fn netns_compressible_chunks_are_compressed_on_a_slow_path_only() {
+fn netns_compressible_chunks_are_compressed_on_a_slow_path() {
     if caps::skip_unless_root("netns transfer test") {
         return;
     }
@@ -228,13 +228,9 @@ fn netns_compressible_chunks_are_compressed_on_a_slow_path_only() {
     );
     assert!(r["bytes_received"].as_u64().unwrap_or(u64::MAX) < r["bytes_stored"].as_u64().unwrap_or(0));
     assert_restores(&id, &dst, &image);
-    // Same image over loopback (no rate limit, fast path): sent as is.
-    let agent = Agent::local(&src, &key, false, &dir.path().join("lo.log"));
-    let dst2 = dir.path().join("dst2");
-    let r = report(&fetch(&id, &dst2, &key, &[agent.addr]));
-    assert_eq!(
-        r["bytes_received"], r["bytes_stored"],
-        "no compression on a fast path: {r}"
-    );
-    assert_restores(&id, &dst2, &image);
+    // A fast path is no longer checked end to end here: a fetch's first
+    // window goes at zstd level 1 before its path is measured
+    // (docs/compression.md), and this whole image fits in it. That a
+    // measured fast path gets no compression is
+    // `compress::tests::slower_paths_get_stronger_levels_and_none_when_the_cpu_would_be_the_bottleneck`.
 }
