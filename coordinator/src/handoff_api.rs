@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::access::Caller;
-use crate::api::{ApiError, AppState, JsonBody};
+use crate::http::{ApiError, AppState, JsonBody};
 use crate::handoff::{Handoff, HandoffError};
 use crate::service::now_ms;
 

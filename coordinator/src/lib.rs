@@ -12,6 +12,7 @@ pub mod access;
 pub mod api;
 pub mod gc;
 pub mod handoff;
+pub mod http;
 pub mod handoff_api;
 pub mod ledger;
 pub mod mobility;
