@@ -551,6 +551,9 @@ async fn open_chunk_file(
         .await
         .unwrap_or(false);
     if !publishing {
+        // Where a migration's pull met `Missing` for a chunk its source had
+        // just read (seen once in CI), this says the chunk had no intent.
+        debug!(chunk = %fp, "answering Missing: no such chunk, and no publish in progress names it");
         return Err(ErrorKind::NotFound.into());
     }
     let waited = Instant::now();
