@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::access::Caller;
-use crate::http::{ApiError, AppState, JsonBody};
 use crate::handoff::{Handoff, HandoffError};
+use crate::http::{ApiError, AppState, JsonBody};
 use crate::service::now_ms;
 
 pub fn routes() -> Router<AppState> {
