@@ -53,7 +53,7 @@ fn report_tables_come_from_the_record() {
         .expect("a baseline at the same rate");
     let row = row_starting(&headline, &format!("| {} | {} |", other.rate_mbit, other.tool));
     assert!(
-        row.contains(&format!("{:.1}×", other.seconds / es.seconds)),
+        row.contains(&format!("{:.2}×", other.seconds / es.seconds)),
         "{row}"
     );
 
@@ -167,7 +167,7 @@ fn live_rows_come_from_the_record() {
                 .iter()
                 .find(|x| x.tool == "edgeshift migrate" && x.rate_mbit == r.rate_mbit)
                 .expect("edgeshift at the same rate");
-            assert!(row.contains(&format!("{:.1}×", r.seconds / es.seconds)), "{row}");
+            assert!(row.contains(&format!("{:.2}×", r.seconds / es.seconds)), "{row}");
         }
     }
     // The live table: downtime, rounds and re-sent chunks from the migration's report.
